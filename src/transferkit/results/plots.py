@@ -1,0 +1,224 @@
+"""PNG figures for a run: learning curves, confusion matrix, image grids, run comparisons.
+
+Each function writes one PNG, closes its figure (long training sessions call these every
+run, and open figures leak memory) and returns the Path it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on CI or servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+# Class names and paths are user text: a "$" in them must not start matplotlib mathtext,
+# which would garble the label or raise a parse error.
+_RC = {"text.parse_math": False} if "text.parse_math" in matplotlib.rcParams else {}
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(path, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+    log.debug("wrote %s", path)
+    return path
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) for `key`, skipping epochs where it is missing or not a number."""
+    xs, ys = [], []
+    for i, row in enumerate(history):
+        try:
+            value = float(row[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isnan(value):
+            continue
+        try:
+            epoch = float(row.get("epoch", i + 1))
+        except (TypeError, ValueError):
+            epoch = float(i + 1)
+        xs.append(epoch)
+        ys.append(value)
+    return xs, ys
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Two panels, loss and accuracy, with train and val lines against epoch."""
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, metric in zip(axes, ("loss", "acc")):
+            for split, style in (("train", "-o"), ("val", "-s")):
+                xs, ys = _series(history, f"{split}_{metric}")
+                if xs:
+                    ax.plot(xs, ys, style, markersize=3, label=split)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 2.5" ticks
+            ax.set_ylabel("accuracy" if metric == "acc" else "loss")
+            ax.set_title("accuracy" if metric == "acc" else "loss")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def _shorten(name: Any, limit: int = 20) -> str:
+    """Long class names would squeeze the heatmap to nothing; the report has the full names."""
+    text = str(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize: bool = True) -> Path:
+    """Annotated heatmap, rows = true class; each cell shows its count and row percentage.
+
+    With `normalize` the colour follows the row fraction, so a rare class's errors are as
+    visible as a frequent one's; otherwise it follows raw counts.
+    """
+    counts = np.asarray(cm, dtype=np.float64)
+    n = len(classes)
+    if counts.shape != (n, n):
+        raise ValueError(f"confusion matrix shape {counts.shape} does not match {n} classes")
+    row_sums = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+    shown = fractions if normalize else counts
+
+    side = min(max(4.0, 0.6 * n + 2.5), 20.0)
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(side, side))
+        image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        labels = [_shorten(c) for c in classes]
+        ax.set_xticks(range(n), labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        # A figure title stays centred and visible even when long labels squeeze the axes.
+        fig.suptitle("confusion matrix" + (" (colour = row %)" if normalize else ""))
+        if n <= 30:  # beyond that the annotations are unreadable anyway
+            threshold = shown.max() / 2 if shown.max() > 0 else 0.5
+            for i in range(n):
+                for j in range(n):
+                    colour = "white" if shown[i, j] > threshold else "black"
+                    text = f"{int(counts[i, j])}\n{100 * fractions[i, j]:.0f}%"
+                    ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=8)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def _to_numpy(images: Any) -> np.ndarray:
+    if hasattr(images, "detach"):  # torch tensor, possibly on GPU or requiring grad
+        images = images.detach().cpu().numpy()
+    return np.asarray(images, dtype=np.float32)
+
+
+def _denormalize(images: Any, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """(N, C, H, W) normalised batch -> (N, H, W, C) floats in [0, 1]."""
+    batch = _to_numpy(images)
+    if batch.ndim == 3:  # a single image
+        batch = batch[None]
+    if batch.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {batch.shape}")
+    mean_ = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std_ = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+    return np.clip(batch * std_ + mean_, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+def _grid(n: int, ncols: int, cell: float) -> tuple[plt.Figure, np.ndarray]:
+    ncols = max(1, min(ncols, n))
+    nrows = max(1, math.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols, cell * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def plot_image_grid(
+    images: Any,
+    titles: Sequence[str],
+    path: str | Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    ncols: int = 8,
+) -> Path:
+    """Show a normalised batch (e.g. a training batch) with one title per image."""
+    pictures = _denormalize(images, mean, std)
+    with plt.rc_context(_RC):
+        fig, axes = _grid(len(pictures), ncols, cell=2.0)
+        for ax, picture, title in zip(axes.flat, pictures, list(titles) + [""] * len(pictures)):
+            if picture.shape[-1] == 1:
+                ax.imshow(picture[..., 0], cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.imshow(picture)
+            ax.set_title(str(title), fontsize=9)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def _load_thumbnail(path: Any, size: int) -> np.ndarray | None:
+    """RGB thumbnail of an image file, or None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size))
+            return np.asarray(img)
+    except (OSError, ValueError, TypeError) as exc:  # missing, truncated, not an image
+        log.warning("top losses: skipping unreadable image %s (%s)", path, exc)
+        return None
+
+
+def plot_top_losses(items: Sequence[Mapping[str, Any]], path: str | Path, image_size: int = 160) -> Path:
+    """Gallery of the worst-predicted images, titled "true / pred p=0.93"."""
+    loaded = []
+    for item in items:
+        picture = _load_thumbnail(item.get("path"), image_size)
+        if picture is not None:
+            loaded.append((picture, item))
+    cell = max(image_size / DPI, 1.6) + 0.4
+    with plt.rc_context(_RC):
+        fig, axes = _grid(max(len(loaded), 1), 4, cell=cell)
+        if not loaded:
+            axes.flat[0].text(0.5, 0.5, "no readable images", ha="center", va="center")
+        for ax, (picture, item) in zip(axes.flat, loaded):
+            ax.imshow(picture)
+            probability = float(item.get("probability_of_predicted", float("nan")))
+            ax.set_title(f"{item.get('true')} / {item.get('predicted')} p={probability:.2f}", fontsize=9)
+        fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_compare(
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    ylabel: str = "validation accuracy",
+    title: str | None = None,
+) -> Path:
+    """One line per run against epoch (1-based), e.g. pretrained vs from scratch."""
+    with plt.rc_context(_RC):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, values in curves.items():
+            ys = [float(v) for v in values]
+            ax.plot(range(1, len(ys) + 1), ys, "-o", markersize=3, label=str(name))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.set_title(title if title is not None else f"{ylabel} per epoch")
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend()
+        fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,397 @@
+"""One self-contained HTML report for a run folder.
+
+The report must open anywhere, offline and from an e-mail attachment, so it has no external
+references at all: images are base64 data URIs, the CSS is inline, fonts are system fonts.
+Every file in the run folder is optional; a missing piece is shown as "not available".
+Every string that came from the user or the file system is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import logging
+from datetime import datetime
+from html import escape
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from PIL import Image
+
+from transferkit.errors import CheckpointError
+from transferkit.results import plots
+
+log = logging.getLogger(__name__)
+
+# Long problem lists and galleries would make the report huge and slow to open;
+# past these caps the report says how many more there are.
+MAX_PROBLEM_FILES = 200
+MAX_GALLERY_ITEMS = 32
+THUMBNAIL_SIZE = 160
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:1.5em;color:#1d2430;background:#fff;line-height:1.4}
+h1{margin-bottom:.2em}h2{border-bottom:2px solid #d5dbe5;padding-bottom:.2em;margin-top:1.8em}
+.sub{color:#5a6372;margin-top:0}
+.cards{display:flex;flex-wrap:wrap;gap:.8em}
+.card{border:1px solid #d5dbe5;border-radius:6px;padding:.6em 1em;min-width:8em;background:#f5f7fb}
+.card .v{font-size:1.5em;font-weight:600}.card .k{color:#5a6372;font-size:.85em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #d5dbe5;padding:.25em .6em;text-align:left}
+th{background:#eef1f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+img.fig{max-width:100%;height:auto;border:1px solid #eef1f6}
+.na{color:#8a93a3;font-style:italic}
+.gallery{display:flex;flex-wrap:wrap;gap:.8em}
+figure{margin:0;width:180px;font-size:.8em}figure img{display:block;margin-bottom:.2em}
+figcaption code{word-break:break-all}
+pre{background:#f5f7fb;padding:.8em;overflow:auto}
+details{margin:.3em 0}summary{cursor:pointer}
+"""
+
+
+# ---------------------------------------------------------------- loading the run folder
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("report: cannot read %s (%s)", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_config(path: Path) -> tuple[Any, str | None]:
+    """(parsed YAML or None, raw text or None); the raw text is the fallback display."""
+    if not path.is_file():
+        return None, None
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        import yaml  # local: only the report needs it
+
+        return yaml.safe_load(raw), raw
+    except Exception as exc:  # bad YAML or no PyYAML: still show the text
+        log.warning("report: cannot parse %s (%s)", path, exc)
+        return None, raw
+
+
+def _number(value: str) -> Any:
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+def _read_history(run: Path, metrics: dict | None) -> list[dict]:
+    """Per-epoch rows from history.csv, falling back to metrics.json's copy."""
+    path = run / "history.csv"
+    if path.is_file():
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                return [{k: _number(v) for k, v in row.items() if k} for row in csv.DictReader(f)]
+        except (OSError, csv.Error) as exc:
+            log.warning("report: cannot read %s (%s)", path, exc)
+    history = (metrics or {}).get("history")
+    return [dict(row) for row in history if isinstance(row, dict)] if isinstance(history, list) else []
+
+
+def _ensure_figures(run: Path, history: list[dict], evaluation: dict | None, classes: Sequence[str]) -> None:
+    """Draw curves.png / confusion.png from the data when the engine did not write them."""
+    if history and not (run / "curves.png").is_file():
+        plots.plot_history(history, run / "curves.png")
+    cm = (evaluation or {}).get("confusion_matrix")
+    if cm and classes and len(cm) == len(classes) and not (run / "confusion.png").is_file():
+        try:
+            plots.plot_confusion(cm, classes, run / "confusion.png")
+        except ValueError as exc:  # malformed matrix: report it as unavailable
+            log.warning("report: cannot draw confusion matrix (%s)", exc)
+
+
+# ---------------------------------------------------------------- small HTML helpers
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+def _na(what: str = "not available") -> str:
+    return f'<p class="na">{_e(what)}</p>'
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        # Small numbers such as learning rates would print as 0.0000 in fixed point.
+        return f"{value:.{digits}f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * float(value):.2f}%" if isinstance(value, (int, float)) else "n/a"
+
+
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            numeric = isinstance(cell, (int, float)) and not isinstance(cell, bool)
+            cells.append(f'<td class="num">{_e(_fmt(cell))}</td>' if numeric else f"<td>{_e(_fmt(cell))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _data_uri(png_bytes: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes).decode("ascii")
+
+
+def _image(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return _na(f"{path.name}: not available")
+    return f'<img class="fig" alt="{_e(alt)}" src="{_data_uri(path.read_bytes())}">'
+
+
+def _thumbnail_uri(path: Any) -> str | None:
+    """A small PNG data URI of an image file, or None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG")
+    except (OSError, ValueError, TypeError):
+        return None
+    return _data_uri(buffer.getvalue())
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _run_date(run: Path, metrics: dict | None) -> str:
+    for key in ("date", "finished_at", "started_at"):
+        if (metrics or {}).get(key):
+            return str(metrics[key])
+    for name in ("metrics.json", "history.csv", "config.yaml"):
+        if (run / name).is_file():
+            return datetime.fromtimestamp((run / name).stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    return "unknown date"
+
+
+def _title(run: Path, metrics: dict | None) -> str:
+    m = metrics or {}
+    model, mode = m.get("model", "unknown model"), m.get("mode", "unknown mode")
+    params = ""
+    if isinstance(m.get("trainable_params"), int) and isinstance(m.get("total_params"), int):
+        params = f" · {m['trainable_params']:,} of {m['total_params']:,} parameters trainable"
+    return (
+        f"<h1>{_e(model)} — {_e(mode)}</h1>"
+        f'<p class="sub">run <code>{_e(run.name)}</code> · {_e(_run_date(run, metrics))}{_e(params)}</p>'
+    )
+
+
+def _headline(metrics: dict | None, evaluation: dict | None) -> str:
+    m, ev = metrics or {}, evaluation or {}
+    cards = [
+        ("best val accuracy", _pct(m.get("best_val_acc"))),
+        ("best epoch", _fmt(m.get("best_epoch")) if m.get("best_epoch") is not None else "n/a"),
+        ("wall time", _duration(m.get("wall_seconds"))),
+    ]
+    if evaluation is not None:
+        cards += [
+            ("accuracy", _pct(ev.get("accuracy"))),
+            ("balanced accuracy", _pct(ev.get("balanced_accuracy"))),
+            ("macro F1", _fmt(ev.get("macro_f1"), 3) if ev.get("macro_f1") is not None else "n/a"),
+            ("ROC-AUC", _fmt(ev.get("roc_auc"), 3) if ev.get("roc_auc") is not None else "n/a"),
+            ("ECE", _fmt(ev.get("ece"), 3) if ev.get("ece") is not None else "n/a"),
+        ]
+    html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>' for k, v in cards)
+    note = "" if evaluation is not None else _na("evaluation: not available")
+    split = f'<p class="sub">evaluated on split: {_e(ev["split"])}</p>' if ev.get("split") else ""
+    return f'<h2>Headline</h2><div class="cards">{html}</div>{split}{note}'
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping) and value:
+        out: list[tuple[str, Any]] = []
+        for key, sub in value.items():
+            out += _flatten(sub, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(value, (list, tuple, Mapping)):
+        return [(prefix, json.dumps(value, default=str))]
+    return [(prefix, value)]
+
+
+def _config(parsed: Any, raw: str | None) -> str:
+    if isinstance(parsed, Mapping):
+        # Values as strings: the config is shown exactly as written, not rounded like metrics.
+        return "<h2>Config</h2>" + _table(["key", "value"], [(k, str(v)) for k, v in _flatten(parsed)])
+    if raw is not None:
+        return f"<h2>Config</h2><pre>{_e(raw)}</pre>"
+    return "<h2>Config</h2>" + _na()
+
+
+def _problems(problems: Any) -> str:
+    if not isinstance(problems, Mapping) or not any(problems.values()):
+        return "<p>No data problems found.</p>"
+    parts = ["<h3>Problems</h3>"]
+    for kind, entries in problems.items():
+        if not entries or not isinstance(entries, list):
+            continue
+        items = []
+        for entry in entries[:MAX_PROBLEM_FILES]:
+            entry = entry if isinstance(entry, Mapping) else {"path": entry}
+            detail = f" — {_e(entry['detail'])}" if entry.get("detail") else ""
+            items.append(f"<li><code>{_e(entry.get('path', '?'))}</code>{detail}</li>")
+        if len(entries) > MAX_PROBLEM_FILES:
+            items.append(f"<li>… and {len(entries) - MAX_PROBLEM_FILES} more</li>")
+        parts.append(
+            f"<details><summary>{_e(kind)}: {len(entries)} file(s)</summary><ul>{''.join(items)}</ul></details>"
+        )
+    return "".join(parts)
+
+
+def _data_summary(run: Path, report: dict | None) -> str:
+    if report is None:
+        return "<h2>Data</h2>" + _na()
+    counts = report.get("counts") if isinstance(report.get("counts"), Mapping) else {}
+    splits = list(counts)
+    classes = list(report.get("classes") or [])
+    for split_counts in counts.values():  # classes seen in counts but not listed
+        classes += [c for c in split_counts if c not in classes]
+    rows = [[c, *(counts[s].get(c, 0) for s in splits), sum(counts[s].get(c, 0) for s in splits)] for c in classes]
+    totals = [sum(counts[s].values()) for s in splits]
+    rows.append(["total", *totals, sum(totals)])
+    source = f"<p>Split source: {_e(report['split_source'])}</p>" if report.get("split_source") else ""
+    batch = ""
+    if (run / "batch_grid.png").is_file():
+        batch = "<h3>A training batch</h3>" + _image(run / "batch_grid.png", "training batch")
+    table = _table(["class", *splits, "all"], rows) if splits else _na("class counts: not available")
+    return f"<h2>Data</h2>{source}{table}{_problems(report.get('problems'))}{batch}"
+
+
+def _curves(run: Path, history: list[dict]) -> str:
+    html = "<h2>Training curves</h2>" + _image(run / "curves.png", "training curves")
+    if not history:
+        return html + "<h3>History</h3>" + _na()
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    rows = [[row.get(c) for c in columns] for row in history]
+    return html + "<h3>History</h3>" + _table(columns, rows)
+
+
+def _confusion(run: Path, evaluation: dict | None) -> str:
+    html = "<h2>Confusion matrix</h2>" + _image(run / "confusion.png", "confusion matrix")
+    per_class = (evaluation or {}).get("per_class")
+    if not per_class:
+        return html + _na("per-class metrics: not available")
+    rows = [[r.get("class"), r.get("precision"), r.get("recall"), r.get("f1"), r.get("support")] for r in per_class]
+    return html + _table(["class", "precision", "recall", "F1", "support"], rows)
+
+
+def _top_losses(run: Path, evaluation: dict | None) -> str:
+    """Inline thumbnails with text captions when the images are readable, else top_losses.png."""
+    head = "<h2>Top losses</h2>"
+    figures = []
+    for item in ((evaluation or {}).get("top_losses") or [])[:MAX_GALLERY_ITEMS]:
+        uri = _thumbnail_uri(item.get("path"))
+        if uri is None:
+            continue
+        prob = item.get("probability_of_predicted")
+        caption = (
+            f"{_e(item.get('true'))} / {_e(item.get('predicted'))} "
+            f"p={_e(_fmt(prob, 2))} · loss {_e(_fmt(item.get('loss'), 2))}<br><code>{_e(item.get('path'))}</code>"
+        )
+        figures.append(f'<figure><img alt="{_e(item.get("path"))}" src="{uri}"><figcaption>{caption}</figcaption></figure>')
+    if figures:
+        return head + "<p>true / predicted, probability of the prediction</p>" + f'<div class="gallery">{"".join(figures)}</div>'
+    if (run / "top_losses.png").is_file():
+        return head + _image(run / "top_losses.png", "top losses")
+    return head + _na()
+
+
+def _timing(metrics: dict | None, history: list[dict]) -> str:
+    seconds = [row["seconds"] for row in history if isinstance(row.get("seconds"), (int, float))]
+    rows = [["wall time", _duration((metrics or {}).get("wall_seconds"))], ["epochs", str(len(history))]]
+    if seconds:
+        rows += [
+            ["training time (sum of epochs)", _duration(sum(seconds))],
+            ["mean per epoch", _duration(sum(seconds) / len(seconds))],
+            ["slowest epoch", _duration(max(seconds))],
+        ]
+    return "<h2>Timing</h2>" + _table(["", "value"], rows)
+
+
+def _environment(metrics: dict | None) -> str:
+    env = (metrics or {}).get("environment")
+    if not isinstance(env, Mapping) or not env:
+        return "<h2>Environment</h2>" + _na()
+    return "<h2>Environment</h2>" + _table(["", "value"], _flatten(env))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.html from whatever the run folder holds and return its path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {run} does not exist; pass the folder a training run wrote")
+    metrics = _read_json(run / "metrics.json")
+    evaluation = _read_json(run / "evaluation.json")
+    data_report = _read_json(run / "data_report.json")
+    parsed_config, raw_config = _read_config(run / "config.yaml")
+    history = _read_history(run, metrics)
+    classes = [
+        str(c)
+        for c in ((evaluation or {}).get("classes") or (metrics or {}).get("classes") or (data_report or {}).get("classes") or [])
+    ]
+    _ensure_figures(run, history, evaluation, classes)
+
+    title = f"{(metrics or {}).get('model', 'run')} — {run.name}"
+    body = "".join(
+        [
+            _title(run, metrics),
+            _headline(metrics, evaluation),
+            _config(parsed_config, raw_config),
+            _data_summary(run, data_report),
+            _curves(run, history),
+            _confusion(run, evaluation),
+            _top_losses(run, evaluation),
+            _timing(metrics, history),
+            _environment(metrics),
+        ]
+    )
+    html = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>{body}"
+        f'<p class="sub">report written {_e(datetime.now().strftime("%Y-%m-%d %H:%M"))} by transferkit</p>'
+        "</body></html>"
+    )
+    out = run / "report.html"
+    out.write_text(html, encoding="utf-8")
+    log.info("wrote %s", out)
+    return out

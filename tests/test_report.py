@@ -1,0 +1,164 @@
+import csv
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.errors import CheckpointError
+from transferkit.results.metrics import evaluation_summary
+from transferkit.results.report import write_report
+
+EVIL = "<script>alert('x')</script>"
+CLASSES = ["cat", "dog", EVIL]
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "lr"]
+# A src/href attribute pointing off the page: http(s) or protocol-relative.
+EXTERNAL_REF = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:|//)""", re.IGNORECASE)
+
+
+def make_history(epochs=4):
+    return [
+        {
+            "epoch": e,
+            "train_loss": round(1.0 / e, 4),
+            "train_acc": round(1 - 0.4 / e, 4),
+            "val_loss": round(1.1 / e, 4),
+            "val_acc": round(1 - 0.5 / e, 4),
+            "seconds": 10.0 + e,
+            "lr": 0.001,
+        }
+        for e in range(1, epochs + 1)
+    ]
+
+
+def write_images(folder, n):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        path = folder / f"img_{i}&<b>.png"  # hostile file name too
+        Image.fromarray(rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run-001"
+    run.mkdir()
+    history = make_history()
+    (run / "config.yaml").write_text("model: resnet18\nmode: finetune\nepochs: 4\noptim:\n  lr: 0.001\n")
+    with (run / "history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+    metrics = {
+        "best_val_acc": 0.875,
+        "best_epoch": 4,
+        "wall_seconds": 75.5,
+        "classes": CLASSES,
+        "history": history,
+        "model": "resnet18",
+        "mode": "finetune",
+        "trainable_params": 1000,
+        "total_params": 11_000_000,
+        "environment": {"python": "3.11", "torch": "2.x", "platform": "Linux", "cpu": "x86", "cores": 2, "device": "cpu"},
+    }
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    data_report = {
+        "classes": CLASSES,
+        "counts": {"train": {"cat": 10, "dog": 12, EVIL: 3}, "val": {"cat": 3, "dog": 4, EVIL: 1}},
+        "problems": {"unreadable": [{"path": "data/cat/<broken>.jpg", "detail": "cannot identify image"}], "duplicate": []},
+        "split_source": "folders",
+    }
+    (run / "data_report.json").write_text(json.dumps(data_report))
+    paths = write_images(tmp_path / "images", 6)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
+    (run / "evaluation.json").write_text(json.dumps(evaluation_summary(y, probs, CLASSES, paths=paths, split="val")))
+    return run
+
+
+def test_report_is_self_contained_and_escaped(run_dir):
+    out = write_report(run_dir)
+    assert out == run_dir / "report.html"
+    html = out.read_text(encoding="utf-8")
+
+    assert (run_dir / "curves.png").is_file()  # generated from history because it was missing
+    assert (run_dir / "confusion.png").is_file()
+    assert not EXTERNAL_REF.search(html)
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html.lower()
+    assert "&lt;script&gt;" in html
+    assert "&lt;broken&gt;.jpg" in html and "img_0&amp;&lt;b&gt;.png" in html
+    for heading in ("Headline", "Config", "Data", "Training curves", "History", "Confusion matrix", "Top losses", "Timing", "Environment"):
+        assert heading in html
+    assert "87.50%" in html  # best val acc
+    assert "<details>" in html and "unreadable: 1 file(s)" in html
+    assert html.count("data:image/png;base64,") >= 2 + 6  # curves + confusion + thumbnails
+    assert "resnet18" in html and "finetune" in html
+    assert "not available" not in html
+
+
+def test_report_copes_with_an_empty_run_folder(tmp_path):
+    html = write_report(tmp_path).read_text(encoding="utf-8")
+    assert html.count("not available") >= 6
+    assert not EXTERNAL_REF.search(html)
+
+
+def test_report_falls_back_to_metrics_history_and_top_losses_png(run_dir):
+    (run_dir / "history.csv").unlink()
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    for item in evaluation["top_losses"]:
+        item["path"] = str(run_dir / "gone.png")  # images moved away since evaluation
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(run_dir / "top_losses.png")
+    (run_dir / "config.yaml").write_text("model: [unclosed\n")  # bad YAML is shown raw
+
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert (run_dir / "curves.png").is_file()
+    assert "<pre>model: [unclosed" in html
+    assert 'alt="top losses"' in html
+    assert "train_loss" in html  # history table from metrics.json
+
+
+def test_report_missing_run_folder_is_a_user_error(tmp_path):
+    with pytest.raises(CheckpointError):
+        write_report(tmp_path / "nope")
+
+
+def find_chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (install the Debian package 'chromium' to run this test)")
+    report = write_report(run_dir)
+    shot = tmp_path / "shot.png"
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,1600",
+        report.resolve().as_uri(),
+    ]
+    result = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    assert shot.is_file(), f"chromium wrote no screenshot (rc={result.returncode}): {result.stderr[-2000:]!r}"
+    with Image.open(shot) as img:
+        assert img.size == (1200, 1600)
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.std() > 10, "screenshot is blank"
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
