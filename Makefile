@@ -1,0 +1,39 @@
+# Two commands do all the setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA ?= data/elpv
+DEMO_RUN ?= runs/demo-elpv
+
+.PHONY: install demo test test-fast browser clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Reinstall only when the dependency list changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Headless Chromium renders report.html in a test; install it where apt is available (CI, fresh boxes).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: the report rendering test will be skipped"; }
+
+demo: install
+	$(PY) -m transferkit data elpv $(DEMO_DATA) --classes 2
+	$(PY) -m transferkit train $(DEMO_DATA) --model efficientnet_lite0 --mode feature-extract \
+		--views 8 --view-kind dihedral --optimizer adamw --lr 0.001 --weight-decay 0.05 \
+		--scheduler cosine --epochs 30 --batch-size 64 --out $(DEMO_RUN)
+	$(PY) -m transferkit report $(DEMO_RUN)
+
+test: install browser
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

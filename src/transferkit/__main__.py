@@ -1,0 +1,5 @@
+"""`python -m transferkit` (and `torchrun -m transferkit`) runs the CLI."""
+
+from .cli import main
+
+raise SystemExit(main())

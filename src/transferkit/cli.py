@@ -1,0 +1,212 @@
+"""The command line: parse, call the library, print. User mistakes become one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from dataclasses import fields
+
+from .errors import TransferkitError
+
+log = logging.getLogger("transferkit")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+TRAIN_HELP = {
+    "model": "backbone (see `transferkit models`)",
+    "mode": "feature-extract (only the new head trains), finetune (everything), partial (top --unfreeze groups)",
+    "unfreeze": "partial mode: number of top layer groups that train with the head",
+    "lr": "learning rate (seed tutorial: 0.001 with SGD)",
+    "scheduler": "step (StepLR, --step-size/--gamma), cosine (with --warmup-epochs), onecycle, none",
+    "lower_lr_factor": "each layer group below the head trains at this × the lr of the group above",
+    "views": "feature-extract: cached views per training image (1 = the eval crop only)",
+    "view_kind": "extra views: dihedral (flips/rotations, for rotation-safe data) or random augmentations",
+    "image_size": "input resolution (default: the backbone's own)",
+    "weights": "a .safetensors or .pth file of backbone weights to start from",
+    "best_metric": "metric that picks the best epoch",
+    "patience": "early stopping after this many epochs without improvement (0 = off)",
+    "class_weights": "auto = weight the loss by inverse class frequency",
+    "engine": "runtime for the frozen part during feature extraction",
+    "out": "run folder (default runs/<timestamp>-<model>-<mode>)",
+}
+BOOLEAN_OFF = {"pretrained": "train from scratch (random weights)", "cache": "do not cache features",
+               "channels_last": "keep NCHW memory layout on CPU"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line naming the option and what is valid, exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"transferkit: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return value
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .config import (BEST_METRICS, ENGINES, OPTIMIZERS, SCHEDULERS, TrainConfig)
+    from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
+    from .models.adapt import MODES
+
+    choices = {"mode": MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
+               "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
+               "class_weights": ("none", "auto")}
+    for f in fields(TrainConfig):
+        if f.name == "data":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in BOOLEAN_OFF:
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                           help=BOOLEAN_OFF[f.name])
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action="store_true", help=TRAIN_HELP.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name),
+                           default=argparse.SUPPRESS, help=TRAIN_HELP.get(f.name))
+    p.set_defaults(**{name: argparse.SUPPRESS for name in BOOLEAN_OFF})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="transferkit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    p = sub.add_parser("train", help="train a classifier on an image folder")
+    p.add_argument("data", nargs="?", help="DATA/train/<class>/*, DATA/val/<class>/* (or DATA/<class>/*)")
+    p.add_argument("--config", help="YAML config (command-line options override it)")
+    _add_train_options(p)
+
+    sub.add_parser("models", help="list the backbones, their size, input and weights availability")
+
+    p = sub.add_parser("predict", help="classify images or folders with a trained run or checkpoint")
+    p.add_argument("checkpoint", help="run folder or .safetensors (or .onnx with --engine onnx)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch")
+
+    p = sub.add_parser("data", help="materialize built-in datasets as image folders")
+    dsub = p.add_subparsers(dest="dataset", required=True, parser_class=OneLineParser)
+    e = dsub.add_parser("elpv", help="ELPV solar cells (installed PyPI elpv-dataset)")
+    e.add_argument("out")
+    e.add_argument("--classes", type=int, choices=(2, 4), default=2)
+    e.add_argument("--seed", type=int, default=0)
+    h = dsub.add_parser("hymenoptera", help="the seed tutorials' bees/ants (downloads)")
+    h.add_argument("out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(message)s" if args.verbose else "%(message)s",
+                        stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except TransferkitError as exc:
+        sys.stderr.write(f"transferkit: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("transferkit: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+def cmd_train(args) -> int:
+    from .config import TrainConfig
+    from .engine.fit import fit
+    from .errors import UsageError
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config", "data")}
+    if args.config:
+        cfg = TrainConfig.from_yaml(args.config)
+        for key, value in options.items():
+            setattr(cfg, key, value)
+        cfg.data = args.data or cfg.data
+    else:
+        if not args.data:
+            raise UsageError("train needs a DATA folder (or --config FILE)")
+        cfg = TrainConfig(data=args.data, **options)
+    metrics = fit(cfg)
+    _print_train_summary(metrics)
+    return 0
+
+
+def _print_train_summary(m: dict) -> None:
+    wall = m["wall_seconds"]
+    print(f"Training complete in {int(wall // 60)}m {wall % 60:.0f}s")
+    print(f"Best val Acc: {m['best_val_acc']:.4f} (epoch {m['best_epoch']} of {m['epochs_run']}; "
+          f"balanced acc {m['best_val_balanced_accuracy']:.4f}, macro-F1 {m['best_val_macro_f1']:.4f})")
+    print(f"params to learn: {m['trainable_params']:,} of {m['total_params']:,} "
+          f"({', '.join(m['trainable_groups'])})")
+    if m.get("skipped_during_training"):
+        print(f"skipped {m['skipped_during_training']} unreadable files during training")
+    print(f"run folder: {m['run_dir']}")
+
+
+def cmd_models(args) -> int:
+    from .models.registry import list_specs
+    from .models.weights import weights_available
+    from .models.zoo import DEFAULT_MODEL
+
+    print(f"{'model':<20}{'params':>10}  {'input':>7}  {'pretrained weights here?'}")
+    for spec in list_specs():
+        import torch
+
+        with torch.device("meta"):  # count parameters without allocating them
+            n = sum(p.numel() for p in spec.build().parameters())
+        ok, where = weights_available(spec)
+        mark = " (default)" if spec.name == DEFAULT_MODEL else ""
+        print(f"{spec.name:<20}{n / 1e6:>9.1f}M  {spec.preprocessing.input_size:>7}  "
+              f"{'yes' if ok else 'no '} {where}{mark}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    if args.engine == "onnx":
+        from . import onnx_predict
+
+        rows = onnx_predict.predict_rows(args.checkpoint, args.paths, top_k=args.top_k)
+    else:
+        from .predict import Predictor, expand_inputs
+
+        rows = Predictor(args.checkpoint).predict_rows(expand_inputs(args.paths), top_k=args.top_k)
+    _print_rows(rows, args.format)
+    return 0 if all(r["error"] is None for r in rows) else 1
+
+
+def _print_rows(rows: list[dict], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    writer = csv.writer(sys.stdout)
+    writer.writerow(["path", "label", "probability", "top_k", "error"])
+    for r in rows:
+        top = ";".join(f"{t['label']}:{t['probability']:.4f}" for t in r["top_k"])
+        prob = f"{r['probability']:.4f}" if r["probability"] is not None else ""
+        writer.writerow([r["path"], r["label"] or "", prob, top, r["error"] or ""])
+
+
+def cmd_data(args) -> int:
+    from .data import builtin
+
+    if args.dataset == "elpv":
+        summary = builtin.materialize_elpv(args.out, classes=args.classes, seed=args.seed)
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        path = builtin.download_hymenoptera(args.out)
+        print(f"bees/ants data in {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "data": cmd_data}

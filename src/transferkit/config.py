@@ -1,0 +1,124 @@
+"""The run configuration: one typed dataclass, validated once, saved as YAML beside the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
+from .errors import UsageError
+from .models.adapt import MODES
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("step", "cosine", "onecycle", "none")
+BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "loss")
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str = "efficientnet_lite0"
+    mode: str = "feature-extract"
+    unfreeze: int = 2  # partial mode: how many top layer groups train
+    epochs: int = 15
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.001  # the seeds' SGD learning rate
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "step"
+    step_size: int = 7  # the seeds' StepLR(step_size=7, gamma=0.1)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    lower_lr_factor: float = 1.0  # each group below the head trains at this × the one above it
+    label_smoothing: float = 0.0
+    augment: str = "standard"
+    views: int = 1  # feature-extract: cached views per training image (view 0 is the eval crop)
+    view_kind: str = "dihedral"  # extra views: the square's symmetries, or random train augmentations
+    image_size: int | None = None  # override the backbone's input size (keeps its crop fraction)
+    cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
+    val_fraction: float = 0.2
+    seed: int = 0
+    pretrained: bool = True
+    weights: str | None = None
+    best_metric: str = "accuracy"
+    patience: int = 0  # early stopping: epochs without improvement (0 = off)
+    class_weights: str = "none"  # none | auto
+    balanced_sampler: bool = False
+    strict: bool = False
+    workers: int | None = None  # DataLoader workers (None = chosen for the core count)
+    device: str = "auto"
+    engine: str = "auto"  # frozen-part runtime for feature extraction
+    channels_last: bool = True
+    compile: bool = False
+    tensorboard: bool = False
+    out: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        _choice("mode", self.mode, MODES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("augment", self.augment, AUGMENT_PRESETS)
+        _choice("view-kind", self.view_kind, VIEW_KINDS)
+        _choice("best-metric", self.best_metric, BEST_METRICS)
+        _choice("class-weights", self.class_weights, ("none", "auto"))
+        _choice("engine", self.engine, ENGINES)
+        _at_least("epochs", self.epochs, 1)
+        _at_least("batch-size", self.batch_size, 1)
+        _at_least("views", self.views, 1)
+        _at_least("step-size", self.step_size, 1)
+        _at_least("patience", self.patience, 0)
+        _at_least("unfreeze", self.unfreeze, 0)
+        if self.view_kind == "dihedral" and self.views > 8:
+            raise UsageError("--views must be between 1 and 8 with --view-kind dihedral (a square has 8 symmetries)")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be > 0, not {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction}")
+        if not 0 < self.lower_lr_factor <= 1:
+            raise UsageError(f"--lower-lr-factor must be in (0, 1], not {self.lower_lr_factor}")
+        if not 0 <= self.label_smoothing < 1:
+            raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
+            raise UsageError("--weight-decay, --momentum and --warmup-epochs must be ≥ 0")
+        if self.image_size is not None and self.image_size < 32:
+            raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown config keys: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
+        return cls(**d)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        try:
+            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(d, dict):
+            raise UsageError(f"config {path} must be a mapping of option: value")
+        return cls.from_dict(d)
+
+
+def _choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"--{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _at_least(option: str, value: int, low: int) -> None:
+    if value is None or value < low:
+        raise UsageError(f"--{option} must be ≥ {low}, not {value}")

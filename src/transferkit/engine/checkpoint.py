@@ -1,0 +1,74 @@
+"""Checkpoints: weights as safetensors, metadata as JSON (inside the safetensors header and beside it).
+
+Loading never unpickles: a checkpoint is tensors plus text. Everything needed to rebuild the model and
+its preprocessing is in the metadata, so evaluate/predict/export never guess.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..errors import CheckpointError
+from ..io import atomic_write, atomic_write_json
+from ..models.adapt import build_model
+from ..models.registry import Preprocessing, get_spec
+
+FORMAT = "transferkit-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
+    path = Path(path)
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    # Shared/non-contiguous tensors are not allowed in safetensors; clone to be safe.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"transferkit": json.dumps(meta)}))
+    atomic_write_json(path.with_suffix(".json"), meta)
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder means its best checkpoint; a file is taken as is."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path} (pass a run folder or a .safetensors file)")
+    return path
+
+
+def read_meta(path: str | Path) -> dict:
+    path = resolve_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("transferkit")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors checkpoint ({exc})") from None
+    if not raw:
+        raise CheckpointError(f"{path} has no transferkit metadata; was it written by transferkit?")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a transferkit checkpoint")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model (no pretrained download: the checkpoint has every weight) in eval mode."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    spec = get_spec(meta["architecture"])
+    model = build_model(spec, len(meta["classes"]), pretrained=False)
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match {spec.name}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), meta
+
+
+def preprocessing_of(meta: dict) -> Preprocessing:
+    return Preprocessing.from_dict(meta["preprocessing"])

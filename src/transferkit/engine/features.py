@@ -1,0 +1,222 @@
+"""Cached features: the frozen backbone runs once per image (per view), not once per epoch.
+
+Features are keyed by what determines them: the backbone and its weights, the preprocessing, the
+point in the network they are taken from, the view, and the image file's content (sha256). A second
+run, a new head or a new learning rate costs no backbone time; a changed file is recomputed alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.images import load_rgb
+from ..data.transforms import dihedral, eval_transform, train_transform
+from ..io import atomic_write, atomic_write_json
+from ..models.registry import Preprocessing
+from ..models.weights import cache_dir
+from .progress import progress
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class View:
+    """One deterministic way of presenting an image: 0 is the eval crop; k > 0 a symmetry or a seeded
+    random augmentation of it."""
+
+    index: int
+    kind: str = "dihedral"
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.index == 0:
+            return "eval"
+        return f"d{self.index}" if self.kind == "dihedral" else f"r{self.index}s{self.seed}"
+
+
+def file_digest(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ViewDataset(Dataset):
+    def __init__(self, entries: list[tuple[str, View]], pre: Preprocessing):
+        self.entries = entries
+        self.eval_tf = eval_transform(pre)
+        self.train_tf = train_transform(pre, "standard")
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        path, view = self.entries[i]
+        try:
+            image = load_rgb(path)
+        except Exception as exc:  # noqa: BLE001 - a file that broke after the scan is skipped, not fatal
+            log.warning("skipping %s during feature extraction: %s", path, exc)
+            return None
+        if view.index == 0 or view.kind == "dihedral":
+            return dihedral(self.eval_tf(image), view.index), i
+        # Seed from the view and the path so a random view is the same every time it is recomputed.
+        seed = int(hashlib.sha256(f"{path}|{view.key}".encode()).hexdigest()[:8], 16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.train_tf(image), i
+
+
+def _collate(batch):
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good])
+
+
+class FeatureStore:
+    """Append-only shards of (key → feature) in safetensors, one folder per backbone configuration."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.index: dict[str, tuple[str, int]] = {}
+        self._shards: dict[str, torch.Tensor] = {}
+        for meta in sorted(self.root.glob("shard-*.json")):
+            shard = meta.stem
+            if not (self.root / f"{shard}.safetensors").exists():
+                continue  # an interrupted write; its json never pointed at data
+            for row, key in enumerate(json.loads(meta.read_text())["keys"]):
+                self.index[key] = (shard, row)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def get(self, keys: list[str]) -> torch.Tensor:
+        rows = []
+        for key in keys:
+            shard, row = self.index[key]
+            if shard not in self._shards:
+                self._shards[shard] = load_file(str(self.root / f"{shard}.safetensors"))["features"]
+            rows.append(self._shards[shard][row])
+        return torch.stack(rows)
+
+    def put(self, keys: list[str], features: torch.Tensor) -> None:
+        if not keys:
+            return
+        shard = f"shard-{uuid.uuid4().hex[:12]}"
+        tensor = features.detach().cpu().contiguous()
+        # Data first, then the json that makes it visible: a crash in between leaves no dangling keys.
+        atomic_write(self.root / f"{shard}.safetensors", lambda tmp: save_file({"features": tensor}, tmp))
+        atomic_write_json(self.root / f"{shard}.json", {"keys": keys})
+        for row, key in enumerate(keys):
+            self.index[key] = (shard, row)
+        self._shards[shard] = tensor
+
+
+class HookedExtractor:
+    """Runs the frozen network in eval mode and returns the input of `point` (the trainable part)."""
+
+    def __init__(self, model: nn.Module, point: str, device: torch.device, channels_last: bool = True):
+        self.model, self.device = model, device
+        self.channels_last = channels_last and device.type == "cpu"
+        self._captured = None
+        self._handle = model.get_submodule(point).register_forward_hook(self._hook)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def _hook(self, module, inputs, output):
+        self._captured = inputs[0]
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.model(x)
+        return self._captured.float().cpu().contiguous()
+
+
+def store_for(identity: dict) -> FeatureStore:
+    digest = hashlib.sha256(json.dumps({**identity, "v": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()
+    base = os.environ.get("TRANSFERKIT_FEATURE_CACHE") or cache_dir() / "features"
+    root = Path(base) / digest[:20]
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "identity.json", identity)
+    return FeatureStore(root)
+
+
+def cached_features(
+    extract,
+    store: FeatureStore,
+    paths: list[str],
+    views: list[View],
+    pre: Preprocessing,
+    batch_size: int = 64,
+    workers: int = 0,
+    desc: str = "features",
+) -> tuple[torch.Tensor | None, list[bool], dict]:
+    """Features of every (path, view): a tensor (len(paths), len(views), ...) and which paths worked.
+
+    Only what is not in the store is computed. Returns stats: hits, computed, skipped, seconds."""
+    import time
+
+    digests = []
+    for p in paths:
+        try:
+            digests.append(file_digest(p))
+        except OSError:
+            digests.append(None)
+    keys = [[f"{d}|{v.key}" if d else None for v in views] for d in digests]
+    todo = [(p, v, k) for p, row in zip(paths, keys) for v, k in zip(views, row) if k and k not in store]
+    stats = {"hits": sum(1 for row in keys for k in row if k and k in store), "computed": 0, "seconds": 0.0}
+    t0 = time.perf_counter()
+    if todo:
+        _extract_missing(extract, store, todo, pre, batch_size, workers, desc)
+    stats["seconds"] = time.perf_counter() - t0
+    stats["computed"] = len(todo)
+    ok = [all(k is not None and k in store for k in row) for row in keys]
+    stats["skipped"] = ok.count(False)
+    good_keys = [row for row, good in zip(keys, ok) if good]
+    if not good_keys:
+        return None, ok, stats
+    flat = store.get([k for row in good_keys for k in row])
+    features = flat.reshape(len(good_keys), len(views), *flat.shape[1:])
+    return features, ok, stats
+
+
+def _extract_missing(extract, store, todo, pre, batch_size, workers, desc) -> None:
+    dataset = ViewDataset([(p, v) for p, v, _ in todo], pre)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        persistent_workers=False)
+    pending_keys, pending = [], []
+    for batch in progress(loader, desc=desc, total=len(loader)):
+        if batch is None:
+            continue
+        x, idx = batch
+        pending.append(extract(x))
+        pending_keys += [todo[i][2] for i in idx.tolist()]
+        # Write every few thousand rows so an interrupted extraction keeps what it did.
+        if len(pending_keys) >= 2048:
+            store.put(pending_keys, torch.cat(pending))
+            pending_keys, pending = [], []
+    if pending_keys:
+        store.put(pending_keys, torch.cat(pending))
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,265 @@
+"""The train/val loop: a plain loop over epochs that keeps the best weights, as in the seed tutorials,
+fed either by cached features (feature-extract: only the head runs per epoch) or by image batches."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, f1_score
+
+from ..config import TrainConfig
+from ..data.folders import DataScan, scan_dataset, write_manifest
+from ..data.transforms import eval_transform, train_transform
+from ..errors import TrainingError
+from ..io import atomic_write_json, atomic_write_text
+from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
+from ..models.registry import BackboneSpec, Preprocessing, get_spec
+from .checkpoint import save_checkpoint
+from .environment import describe_environment, pick_device
+from .optim import make_optimizer, make_schedule
+from .progress import progress
+from .sources import BatchSource, CachedFeatureSource, ImageBatchSource
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_accuracy",
+                  "val_macro_f1", "lr", "seconds"]
+
+
+@dataclass
+class RunState:
+    """What the loop needs, built once from the config."""
+
+    cfg: TrainConfig
+    spec: BackboneSpec
+    pre: Preprocessing
+    scan: DataScan
+    model: nn.Module
+    plan: ParamPlan
+    device: torch.device
+    out: Path
+    history: list[dict] = field(default_factory=list)
+    skipped_in_training: int = 0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.model}-{cfg.mode}"
+
+
+def prepare(cfg: TrainConfig) -> RunState:
+    cfg.validate()
+    set_seed(cfg.seed)
+    spec = get_spec(cfg.model)
+    pre = spec.preprocessing.at_size(cfg.image_size) if cfg.image_size else spec.preprocessing
+    scan = scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+    for line in scan.summary_lines():
+        log.warning(line)
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    cfg.out = str(out)
+    atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    write_manifest(scan, out / "split.csv")
+    scan.write_report(out / "data_report.json")
+    device = pick_device(cfg.device)
+    model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
+    plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
+    log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
+             ", ".join(plan.trainable_groups()))
+    model.to(device)
+    if device.type == "cpu" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return RunState(cfg, spec, pre, scan, model, plan, device, out)
+
+
+def make_source(state: RunState) -> BatchSource:
+    if state.cfg.mode == "feature-extract" and state.cfg.cache:
+        return CachedFeatureSource(state)
+    return ImageBatchSource(state, train_transform(state.pre, state.cfg.augment), eval_transform(state.pre))
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train as configured; write the run folder; return metrics.json's content."""
+    t_start = time.perf_counter()
+    state = prepare(cfg)
+    source = make_source(state)
+    source.prepare()
+    params = [p for p in source.trainable_module().parameters() if p.requires_grad]
+    optimizer = make_optimizer(state.plan, cfg)
+    schedule = make_schedule(optimizer, cfg, max(1, source.steps_per_epoch()))
+    criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
+    best = {"score": None, "epoch": 0, "weights": None, "val": None}
+    for epoch in range(1, cfg.epochs + 1):
+        row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, params, epoch)
+        state.history.append(row)
+        _write_history(state)
+        score = _score(row, cfg.best_metric)
+        if best["score"] is None or score > best["score"]:
+            best.update(score=score, epoch=epoch, val=val_out,
+                        weights=copy.deepcopy(state.model.state_dict()))
+            save_checkpoint(state.out / "best.safetensors", state.model, _meta(state, epoch, row))
+        save_checkpoint(state.out / "last.safetensors", state.model, _meta(state, epoch, row))
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)", epoch, cfg.epochs,
+                 row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"])
+        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+            log.info("early stopping: no improvement in %s for %d epochs", cfg.best_metric, cfg.patience)
+            break
+    state.model.load_state_dict(best["weights"])
+    return _finish(state, source, best, time.perf_counter() - t_start)
+
+
+def _run_epoch(state, source, optimizer, schedule, criterion, params, epoch):
+    t0 = time.perf_counter()
+    train_loss, train_acc = _train_phase(state, source, optimizer, schedule, criterion, params, epoch)
+    val = evaluate_source(source, criterion)
+    schedule.epoch_end()
+    row = {
+        "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+        "val_loss": val["loss"], "val_acc": val["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
+        "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0,
+    }
+    return row, val
+
+
+def _train_phase(state, source, optimizer, schedule, criterion, params, epoch):
+    source.set_train_mode()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch_idx, (x, y) in enumerate(progress(source.train_batches(epoch), desc=f"epoch {epoch} train",
+                                                total=source.steps_per_epoch())):
+        optimizer.zero_grad(set_to_none=True)
+        logits, loss = _loss(source.forward(x), y, criterion, state.spec)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at epoch {epoch}, batch {batch_idx + 1}; try a lower --lr "
+                f"(now {state.cfg.lr}); the best checkpoint so far is in {state.out}"
+            )
+        loss.backward()
+        optimizer.step()
+        schedule.batch_end()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    state.skipped_in_training += source.take_skipped()
+    return total_loss / max(seen, 1), correct / max(seen, 1)
+
+
+def _loss(output, y, criterion, spec: BackboneSpec):
+    # inception_v3 in training mode returns (logits, aux_logits): the seed's loss1 + 0.4 * loss2.
+    if isinstance(output, tuple):
+        logits, aux = output[0], output[1]
+        return logits, criterion(logits, y) + spec.aux_loss_weight * criterion(aux, y)
+    return output, criterion(output, y)
+
+
+@torch.inference_mode()
+def evaluate_source(source: BatchSource, criterion=None) -> dict:
+    """Loss, accuracy, balanced accuracy, macro-F1 and per-sample probabilities on the val split."""
+    source.set_eval_mode()
+    probs, labels, indices, loss_sum = [], [], [], 0.0
+    for x, y, idx in source.val_batches():
+        logits = source.forward(x)
+        if criterion is not None:
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        probs.append(F.softmax(logits.float(), dim=1).cpu())
+        labels.append(y.cpu())
+        indices.append(idx.cpu())
+    p = torch.cat(probs).numpy()
+    y = torch.cat(labels).numpy()
+    pred = p.argmax(1)
+    return {
+        "loss": loss_sum / max(len(y), 1),
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=range(p.shape[1]), zero_division=0)),
+        "probs": p, "labels": y, "indices": torch.cat(indices).numpy(),
+    }
+
+
+def _score(row: dict, metric: str) -> float:
+    if metric == "loss":
+        return -row["val_loss"]
+    return row["val_acc"] if metric == "accuracy" else row[f"val_{metric}"]
+
+
+def _class_weights(state: RunState) -> torch.Tensor | None:
+    if state.cfg.class_weights != "auto":
+        return None
+    counts = np.bincount([label for _, label in state.scan.train], minlength=len(state.scan.classes))
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32, device=state.device)
+
+
+def _meta(state: RunState, epoch: int, row: dict) -> dict:
+    return {
+        "architecture": state.spec.name,
+        "classes": state.scan.classes,
+        "preprocessing": state.pre.to_dict(),
+        "mode": state.cfg.mode,
+        "epoch": epoch,
+        "val": {k: row[k] for k in ("val_loss", "val_acc", "val_balanced_accuracy", "val_macro_f1")},
+        "config": state.cfg.to_dict(),
+    }
+
+
+def _write_history(state: RunState) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(state.history)
+    atomic_write_text(state.out / "history.csv", buf.getvalue())
+
+
+def _finish(state: RunState, source: BatchSource, best: dict, wall: float) -> dict:
+    best_row = state.history[best["epoch"] - 1]
+    metrics = {
+        "model": state.spec.name,
+        "mode": state.cfg.mode,
+        "classes": state.scan.classes,
+        "best_metric": state.cfg.best_metric,
+        "best_epoch": best["epoch"],
+        "best_val_acc": best_row["val_acc"],
+        "best_val_balanced_accuracy": best_row["val_balanced_accuracy"],
+        "best_val_macro_f1": best_row["val_macro_f1"],
+        "epochs_run": len(state.history),
+        "wall_seconds": wall,
+        "trainable_params": state.plan.count(),
+        "total_params": state.plan.count(trainable_only=False),
+        "trainable_groups": state.plan.trainable_groups(),
+        "train_images": len(state.scan.train),
+        "val_images": len(state.scan.val),
+        "skipped_during_training": state.skipped_in_training,
+        "source": source.describe(),
+        "environment": describe_environment(state.device),
+        "run_dir": str(state.out),
+        "history": state.history,
+    }
+    atomic_write_json(state.out / "metrics.json", metrics)
+    _write_evaluation(state, source, best["val"])
+    return metrics
+
+
+def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> None:
+    """The best epoch's validation predictions, summarised for reports (no extra forward pass)."""
+    from ..results.metrics import classification_metrics
+
+    paths = [source.val_items[i][0] for i in val["indices"]]
+    ev = classification_metrics(val["labels"], val["probs"], state.scan.classes, paths=paths)
+    atomic_write_json(state.out / "evaluation.json", ev)

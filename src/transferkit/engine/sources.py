@@ -1,0 +1,210 @@
+"""Where batches come from. The loop in fit.py does not care whether it trains the head on cached
+features or the network on decoded images; each source knows which modules train and how to run them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from ..data.dataset import ImageListDataset, skip_broken_collate
+from ..errors import DataError
+from ..models.adapt import set_train_mode
+from .features import HookedExtractor, View, cached_features, default_workers, file_digest, store_for
+
+log = logging.getLogger(__name__)
+
+
+class BatchSource:
+    """Interface: prepare(), train_batches(epoch), val_batches(), forward(x), modes, bookkeeping."""
+
+    def __init__(self, state):
+        self.state = state
+        self.train_items = list(state.scan.train)
+        self.val_items = list(state.scan.val)
+        self._skipped = 0
+
+    def prepare(self) -> None: ...
+
+    def take_skipped(self) -> int:
+        n, self._skipped = self._skipped, 0
+        return n
+
+    def describe(self) -> dict:
+        return {"kind": type(self).__name__}
+
+    def _balanced_weights(self, labels: list[int]) -> np.ndarray:
+        counts = np.bincount(labels, minlength=len(self.state.scan.classes))
+        return 1.0 / np.maximum(counts[labels], 1)
+
+
+class CachedFeatureSource(BatchSource):
+    """feature-extract: the frozen network runs once per (image, view); epochs train the head only."""
+
+    def prepare(self) -> None:
+        st = self.state
+        self.head = st.model.get_submodule(st.spec.cache_point)
+        views = [View(k, st.cfg.view_kind, st.cfg.seed) for k in range(st.cfg.views)]
+        store = store_for(self._identity())
+        extractor = HookedExtractor(st.model, st.spec.cache_point, st.device, st.cfg.channels_last)
+        workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(self.train_items))
+        try:
+            train_x, train_ok, s1 = cached_features(extractor, store, [p for p, _ in self.train_items], views,
+                                                    st.pre, workers=workers, desc="train features")
+            val_x, val_ok, s2 = cached_features(extractor, store, [p for p, _ in self.val_items], views[:1],
+                                                st.pre, workers=workers, desc="val features")
+        finally:
+            extractor.close()
+        if train_x is None or val_x is None:
+            raise DataError("no image could be read during feature extraction")
+        self._skipped += train_ok.count(False) + val_ok.count(False)
+        self.train_items = [it for it, ok in zip(self.train_items, train_ok) if ok]
+        self.val_items = [it for it, ok in zip(self.val_items, val_ok) if ok]
+        self.train_x, self.val_x = train_x, val_x[:, 0]
+        self.train_y = torch.tensor([y for _, y in self.train_items])
+        self.val_y = torch.tensor([y for _, y in self.val_items])
+        self.stats = {"train": s1, "val": s2, "views": len(views), "feature_shape": list(train_x.shape[2:])}
+        log.info("features: %d cached, %d computed in %.1fs", s1["hits"] + s2["hits"],
+                 s1["computed"] + s2["computed"], s1["seconds"] + s2["seconds"])
+
+    def _identity(self) -> dict:
+        st = self.state
+        if st.cfg.weights:
+            weights = f"file:{file_digest(st.cfg.weights)}"
+        elif st.cfg.pretrained:
+            weights = f"pretrained:{st.spec.weights.url or st.spec.weights.package}"
+        else:
+            weights = f"scratch:seed{st.cfg.seed}"  # random weights differ by seed
+        return {"model": st.spec.name, "weights": weights, "preprocessing": st.pre.to_dict(),
+                "point": st.spec.cache_point}
+
+    def trainable_module(self) -> nn.Module:
+        return self.head
+
+    def steps_per_epoch(self) -> int:
+        return (len(self.train_items) + self.state.cfg.batch_size - 1) // self.state.cfg.batch_size
+
+    def set_train_mode(self) -> None:
+        self.head.train()
+
+    def set_eval_mode(self) -> None:
+        self.head.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).flatten(1)
+
+    def train_batches(self, epoch: int):
+        cfg, n = self.state.cfg, len(self.train_items)
+        # Each epoch sees every image once, through one of its cached views picked at random:
+        # the cached equivalent of on-the-fly augmentation.
+        rng = np.random.default_rng(cfg.seed * 100003 + epoch)
+        if cfg.balanced_sampler:
+            w = self._balanced_weights(self.train_y.tolist())
+            order = rng.choice(n, size=n, replace=True, p=w / w.sum())
+        else:
+            order = rng.permutation(n)
+        view = rng.integers(0, self.train_x.shape[1], size=n)
+        for start in range(0, n, cfg.batch_size):
+            idx = torch.from_numpy(order[start:start + cfg.batch_size])
+            v = torch.from_numpy(view[start:start + cfg.batch_size])
+            yield self.train_x[idx, v].to(self.state.device), self.train_y[idx].to(self.state.device)
+
+    def val_batches(self):
+        bs = max(256, self.state.cfg.batch_size)
+        for start in range(0, len(self.val_items), bs):
+            idx = torch.arange(start, min(start + bs, len(self.val_items)))
+            yield self.val_x[idx].to(self.state.device), self.val_y[idx].to(self.state.device), idx
+
+    def describe(self) -> dict:
+        return {"kind": "cached-features", **self.stats}
+
+
+class ImageBatchSource(BatchSource):
+    """Decoded image batches through the network (finetune, partial, or feature-extract without cache)."""
+
+    def __init__(self, state, train_tf, eval_tf):
+        super().__init__(state)
+        self.train_tf, self.eval_tf = train_tf, eval_tf
+        self.cuda = state.device.type == "cuda"
+
+    def prepare(self) -> None:
+        cfg = self.state.cfg
+        workers = cfg.workers if cfg.workers is not None else _auto_workers(len(self.train_items))
+        common = dict(num_workers=workers, collate_fn=skip_broken_collate, pin_memory=self.cuda,
+                      persistent_workers=workers > 0)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        train_ds = ImageListDataset(self.train_items, self.train_tf)
+        if cfg.balanced_sampler:
+            w = self._balanced_weights([y for _, y in self.train_items])
+            sampler = WeightedRandomSampler(torch.as_tensor(w), len(w), generator=generator)
+            self.train_loader = DataLoader(train_ds, cfg.batch_size, sampler=sampler,
+                                           worker_init_fn=_seed_worker, **common)
+        else:
+            self.train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=generator,
+                                           worker_init_fn=_seed_worker, **common)
+        self.val_loader = DataLoader(ImageListDataset(self.val_items, self.eval_tf), cfg.batch_size, **common)
+
+    def trainable_module(self) -> nn.Module:
+        return self.state.model
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def set_train_mode(self) -> None:
+        st = self.state
+        if st.cfg.mode == "feature-extract" and not st.spec.aux_head:
+            # Only the head learns: the frozen part (dropout included) behaves as at inference.
+            st.model.eval()
+            st.model.get_submodule(st.spec.head).train()
+        else:
+            set_train_mode(st.model)
+
+    def set_eval_mode(self) -> None:
+        self.state.model.eval()
+
+    def forward(self, x: torch.Tensor):
+        if self.state.device.type == "cpu" and self.state.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+        with amp:
+            out = self.state.model(x)
+        if isinstance(out, tuple):  # inception's (logits, aux_logits) while training
+            return tuple(o.float() for o in out[:2])
+        return out.float()
+
+    def _batches(self, loader, with_index: bool):
+        dev = self.state.device
+        for batch, skipped in loader:
+            self._skipped += skipped
+            if batch is None:
+                continue
+            x, y, idx = batch
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            yield (x, y, idx) if with_index else (x, y)
+
+    def train_batches(self, epoch: int):
+        return self._batches(self.train_loader, with_index=False)
+
+    def val_batches(self):
+        return self._batches(self.val_loader, with_index=True)
+
+    def describe(self) -> dict:
+        return {"kind": "image-batches", "workers": self.train_loader.num_workers}
+
+
+def _auto_workers(n_images: int) -> int:
+    # Worker start-up costs more than it saves on tiny folders.
+    return 0 if n_images < 200 else default_workers()
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)

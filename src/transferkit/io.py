@@ -1,0 +1,60 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then rename. A crash, a full disk or a
+read-only folder never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import TransferkitError
+
+
+class RunFolderError(TransferkitError):
+    exit_code = 8
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` to produce the file, then move it into place atomically."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise RunFolderError(f"cannot write in {path.parent}: {exc.strerror or exc}") from None
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise RunFolderError(f"could not write {path}: {why}; nothing was left half-written") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write)
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _remove(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass

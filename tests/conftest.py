@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny image folders made on the fly (no network, no downloads)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRANSFERKIT_QUIET", "1")
+
+
+def make_image_folder(root: Path, n_train: int = 8, n_val: int = 4, size: int = 40,
+                      classes=("ants", "bees"), seed: int = 0, with_val: bool = True) -> Path:
+    """Classes are told apart by colour and a stripe pattern, with noise, so a head can learn them."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": n_train, "val": n_val} if with_val else {"train": n_train + n_val}
+    for split, n in splits.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 60, size=(size, size, 3)).astype(np.uint8)
+                img[..., c % 3] += 150
+                if c % 2:
+                    img[::4] = 255
+                Image.fromarray(img).save(folder / f"{name}_{split}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Feature caches go to a per-test folder; converted pretrained weights are shared (read-only use)."""
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(tmp_path / "feature-cache"))
