@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import logging
 import random
 import time
@@ -253,7 +254,43 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float) -> di
     }
     atomic_write_json(state.out / "metrics.json", metrics)
     _write_evaluation(state, source, best["val"])
+    _write_figures(state)
     return metrics
+
+
+def _write_figures(state: RunState) -> None:
+    """Curves, confusion matrix, a grid of augmented training images (the seeds' imshow), the report."""
+    from ..results import plots
+    from ..results.report import write_report
+
+    plots.plot_history(state.history, state.out / "curves.png")
+    ev = json.loads((state.out / "evaluation.json").read_text())
+    plots.plot_confusion(ev["confusion_matrix"], state.scan.classes, state.out / "confusion.png")
+    if ev.get("top_losses"):
+        plots.plot_top_losses(ev["top_losses"][:16], state.out / "top_losses.png")
+    sample = _training_sample(state, 16)
+    if sample is not None:
+        images, labels = sample
+        plots.plot_image_grid(images, [state.scan.classes[y] for y in labels], state.out / "batch_grid.png",
+                              state.pre.mean, state.pre.std)
+    write_report(state.out)
+
+
+def _training_sample(state: RunState, n: int):
+    """A seeded, augmented sample of training images, spread over the classes."""
+    from ..data.images import load_rgb
+
+    rng = random.Random(state.cfg.seed)
+    items = rng.sample(state.scan.train, min(n, len(state.scan.train)))
+    tf = train_transform(state.pre, state.cfg.augment)
+    images, labels = [], []
+    for path, label in items:
+        try:
+            images.append(tf(load_rgb(path)))
+            labels.append(label)
+        except Exception:  # noqa: BLE001 - a sample picture is not worth failing the run
+            continue
+    return (torch.stack(images), labels) if images else None
 
 
 def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> None:
