@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import subprocess
 import sys
 from dataclasses import fields
 
@@ -30,8 +31,10 @@ TRAIN_HELP = {
     "best_metric": "metric that picks the best epoch",
     "patience": "early stopping after this many epochs without improvement (0 = off)",
     "class_weights": "auto = weight the loss by inverse class frequency",
-    "engine": "runtime for the frozen part during feature extraction",
+    "engine": "runtime for the frozen part when it is cached: auto (ONNX Runtime if installed and in parity), torch, onnxruntime",
+    "cache_dtype": "partial mode: dtype of the cached activations of the frozen groups",
     "out": "run folder (default runs/<timestamp>-<model>-<mode>)",
+    "scale_lr": "several processes: linear = lr × number of data-parallel processes, none = lr as given",
 }
 BOOLEAN_OFF = {"pretrained": "train from scratch (random weights)", "cache": "do not cache features",
                "channels_last": "keep NCHW memory layout on CPU"}
@@ -59,7 +62,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
     choices = {"mode": MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
                "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
-               "class_weights": ("none", "auto")}
+               "cache_dtype": ("float16", "float32"),
+               "class_weights": ("none", "auto"), "scale_lr": ("none", "linear")}
     for f in fields(TrainConfig):
         if f.name == "data":
             continue
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="DATA/train/<class>/*, DATA/val/<class>/* (or DATA/<class>/*)")
     p.add_argument("--config", help="YAML config (command-line options override it)")
     _add_train_options(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (one per GPU, or CPU): re-launches itself under torchrun")
 
     sub.add_parser("models", help="list the backbones, their size, input and weights availability")
 
@@ -109,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for re-launching under torchrun
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
@@ -127,7 +134,14 @@ def cmd_train(args) -> int:
     from .engine.fit import fit
     from .errors import UsageError
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config", "data")}
+    from .engine import distributed
+
+    if args.nproc != 1 and not distributed.launched():
+        return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
+    if not distributed.is_main():  # one rank speaks; errors still print on every rank
+        logging.getLogger().setLevel(logging.ERROR)
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "verbose", "config", "data", "nproc", "argv")}
     if args.config:
         cfg = TrainConfig.from_yaml(args.config)
         for key, value in options.items():
@@ -138,7 +152,8 @@ def cmd_train(args) -> int:
             raise UsageError("train needs a DATA folder (or --config FILE)")
         cfg = TrainConfig(data=args.data, **options)
     metrics = fit(cfg)
-    _print_train_summary(metrics)
+    if metrics.get("written", True):
+        _print_train_summary(metrics)
     return 0
 
 

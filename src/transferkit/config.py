@@ -16,6 +16,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "loss")
 ENGINES = ("auto", "torch", "onnxruntime")
+SCALE_LR = ("none", "linear")
+CACHE_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class TrainConfig:
     view_kind: str = "dihedral"  # extra views: the square's symmetries, or random train augmentations
     image_size: int | None = None  # override the backbone's input size (keeps its crop fraction)
     cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
+    cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = 0.2
     seed: int = 0
     pretrained: bool = True
@@ -52,6 +55,7 @@ class TrainConfig:
     strict: bool = False
     workers: int | None = None  # DataLoader workers (None = chosen for the core count)
     device: str = "auto"
+    scale_lr: str = "none"  # several processes: linear = lr × number of data-parallel ranks
     engine: str = "auto"  # frozen-part runtime for feature extraction
     channels_last: bool = True
     compile: bool = False
@@ -67,6 +71,8 @@ class TrainConfig:
         _choice("best-metric", self.best_metric, BEST_METRICS)
         _choice("class-weights", self.class_weights, ("none", "auto"))
         _choice("engine", self.engine, ENGINES)
+        _choice("scale-lr", self.scale_lr, SCALE_LR)
+        _choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _at_least("epochs", self.epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("views", self.views, 1)

@@ -169,10 +169,13 @@ def cached_features(
     batch_size: int = 64,
     workers: int = 0,
     desc: str = "features",
+    sharding=None,
 ) -> tuple[torch.Tensor | None, list[bool], dict]:
     """Features of every (path, view): a tensor (len(paths), len(views), ...) and which paths worked.
 
-    Only what is not in the store is computed. Returns stats: hits, computed, skipped, seconds."""
+    Only what is not in the store is computed. Returns stats: hits, computed, skipped, seconds.
+    With `sharding` (engine/distributed.py) each rank computes its share of what is missing, then
+    sees every rank's."""
     import time
 
     digests = []
@@ -185,10 +188,13 @@ def cached_features(
     todo = [(p, v, k) for p, row in zip(paths, keys) for v, k in zip(views, row) if k and k not in store]
     stats = {"hits": sum(1 for row in keys for k in row if k and k in store), "computed": 0, "seconds": 0.0}
     t0 = time.perf_counter()
-    if todo:
-        _extract_missing(extract, store, todo, pre, batch_size, workers, desc)
+    mine = sharding.take(todo) if sharding else todo
+    if mine:
+        _extract_missing(extract, store, mine, pre, batch_size, workers, desc)
+    if sharding:
+        sharding.sync(store)
     stats["seconds"] = time.perf_counter() - t0
-    stats["computed"] = len(todo)
+    stats["computed"] = len(mine)
     ok = [all(k is not None and k in store for k in row) for row in keys]
     stats["skipped"] = ok.count(False)
     good_keys = [row for row, good in zip(keys, ok) if good]

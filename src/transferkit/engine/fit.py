@@ -27,6 +27,7 @@ from ..errors import TrainingError
 from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
 from ..models.registry import BackboneSpec, Preprocessing, get_spec
+from . import distributed
 from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
 from .optim import make_optimizer, make_schedule
@@ -71,15 +72,18 @@ def prepare(cfg: TrainConfig) -> RunState:
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
     pre = spec.preprocessing.at_size(cfg.image_size) if cfg.image_size else spec.preprocessing
-    scan = scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+    # Under torchrun rank 0 scans and names the run folder; every rank gets the same split and folder.
+    scan = distributed.share_from_main(
+        lambda: scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict))
     for line in scan.summary_lines():
         log.warning(line)
-    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
     cfg.out = str(out)
-    atomic_write_text(out / "config.yaml", cfg.to_yaml())
-    write_manifest(scan, out / "split.csv")
-    scan.write_report(out / "data_report.json")
-    device = pick_device(cfg.device)
+    if distributed.is_main():
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        write_manifest(scan, out / "split.csv")
+        scan.write_report(out / "data_report.json")
+    device = distributed.device_for(pick_device(cfg.device))
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
     log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
@@ -93,36 +97,49 @@ def prepare(cfg: TrainConfig) -> RunState:
 def make_source(state: RunState) -> BatchSource:
     if state.cfg.mode == "feature-extract" and state.cfg.cache:
         return CachedFeatureSource(state)
+    from .activations import CachedActivationSource, supports_cached_activations
+
+    if supports_cached_activations(state):
+        return CachedActivationSource(state)
     return ImageBatchSource(state, train_transform(state.pre, state.cfg.augment), eval_transform(state.pre))
 
 
+@distributed.session
 def fit(cfg: TrainConfig) -> dict:
     """Train as configured; write the run folder; return metrics.json's content."""
     t_start = time.perf_counter()
     state = prepare(cfg)
     source = make_source(state)
     source.prepare()
+    if distributed.leave_training_to_main(source):  # cached features: rank 0 alone trains the head
+        return distributed.worker_result(state)
     params = [p for p in source.trainable_module().parameters() if p.requires_grad]
-    optimizer = make_optimizer(state.plan, cfg)
-    schedule = make_schedule(optimizer, cfg, max(1, source.steps_per_epoch()))
+    optimizer = make_optimizer(state.plan, distributed.scaled(cfg))
+    schedule = make_schedule(optimizer, distributed.scaled(cfg), max(1, source.steps_per_epoch()))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
     best = {"score": None, "epoch": 0, "weights": None, "val": None}
     for epoch in range(1, cfg.epochs + 1):
         row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, params, epoch)
         state.history.append(row)
-        _write_history(state)
+        main = distributed.is_main()  # only rank 0 writes run files
+        if main:
+            _write_history(state)
         score = _score(row, cfg.best_metric)
         if best["score"] is None or score > best["score"]:
             best.update(score=score, epoch=epoch, val=val_out,
                         weights=copy.deepcopy(state.model.state_dict()))
-            save_checkpoint(state.out / "best.safetensors", state.model, _meta(state, epoch, row))
-        save_checkpoint(state.out / "last.safetensors", state.model, _meta(state, epoch, row))
+            if main:
+                save_checkpoint(state.out / "best.safetensors", state.model, _meta(state, epoch, row))
+        if main:
+            save_checkpoint(state.out / "last.safetensors", state.model, _meta(state, epoch, row))
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)", epoch, cfg.epochs,
                  row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"])
-        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+        if distributed.main_decides(cfg.patience and epoch - best["epoch"] >= cfg.patience):
             log.info("early stopping: no improvement in %s for %d epochs", cfg.best_metric, cfg.patience)
             break
     state.model.load_state_dict(best["weights"])
+    if not distributed.is_main():
+        return distributed.worker_result(state)
     return _finish(state, source, best, time.perf_counter() - t_start)
 
 
@@ -147,7 +164,7 @@ def _train_phase(state, source, optimizer, schedule, criterion, params, epoch):
                                                 total=source.steps_per_epoch())):
         optimizer.zero_grad(set_to_none=True)
         logits, loss = _loss(source.forward(x), y, criterion, state.spec)
-        if not torch.isfinite(loss):
+        if not distributed.all_true(bool(torch.isfinite(loss))):  # one rank's nan stops every rank
             raise TrainingError(
                 f"loss became {loss.item()} at epoch {epoch}, batch {batch_idx + 1}; try a lower --lr "
                 f"(now {state.cfg.lr}); the best checkpoint so far is in {state.out}"
@@ -159,6 +176,7 @@ def _train_phase(state, source, optimizer, schedule, criterion, params, epoch):
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     state.skipped_in_training += source.take_skipped()
+    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
@@ -174,23 +192,22 @@ def _loss(output, y, criterion, spec: BackboneSpec):
 def evaluate_source(source: BatchSource, criterion=None) -> dict:
     """Loss, accuracy, balanced accuracy, macro-F1 and per-sample probabilities on the val split."""
     source.set_eval_mode()
-    probs, labels, indices, loss_sum = [], [], [], 0.0
+    probs, labels, indices, losses = [], [], [], []
     for x, y, idx in source.val_batches():
         logits = source.forward(x)
-        if criterion is not None:
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        losses.append(F.cross_entropy(logits.float(), y, reduction="none").cpu())
         probs.append(F.softmax(logits.float(), dim=1).cpu())
         labels.append(y.cpu())
         indices.append(idx.cpu())
-    p = torch.cat(probs).numpy()
-    y = torch.cat(labels).numpy()
+    # Several ranks: every rank's predictions, padding dropped; one process: as is.
+    p, y, idx, loss = distributed.gather_eval(*(torch.cat(t) for t in (probs, labels, indices, losses)))
     pred = p.argmax(1)
     return {
-        "loss": loss_sum / max(len(y), 1),
+        "loss": float(loss.sum()) / max(len(y), 1) if criterion is not None else 0.0,
         "accuracy": float((pred == y).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=range(p.shape[1]), zero_division=0)),
-        "probs": p, "labels": y, "indices": torch.cat(indices).numpy(),
+        "probs": p, "labels": y, "indices": idx,
     }
 
 

@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from ..data.dataset import ImageListDataset, skip_broken_collate
 from ..errors import DataError
 from ..models.adapt import set_train_mode
-from .features import HookedExtractor, View, cached_features, default_workers, file_digest, store_for
+from . import distributed
+from .features import View, cached_features, default_workers, file_digest, store_for
+from .runtime import FrozenEngine, FrozenPart
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,15 @@ class CachedFeatureSource(BatchSource):
         self.head = st.model.get_submodule(st.spec.cache_point)
         views = [View(k, st.cfg.view_kind, st.cfg.seed) for k in range(st.cfg.views)]
         store = store_for(self._identity())
-        extractor = HookedExtractor(st.model, st.spec.cache_point, st.device, st.cfg.channels_last)
+        extractor = self._extractor(store)
         workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(self.train_items))
         try:
             train_x, train_ok, s1 = cached_features(extractor, store, [p for p, _ in self.train_items], views,
-                                                    st.pre, workers=workers, desc="train features")
+                                                    st.pre, workers=workers, desc="train features",
+                                                    sharding=distributed.sharding())
             val_x, val_ok, s2 = cached_features(extractor, store, [p for p, _ in self.val_items], views[:1],
-                                                st.pre, workers=workers, desc="val features")
+                                                st.pre, workers=workers, desc="val features",
+                                                sharding=distributed.sharding())
         finally:
             extractor.close()
         if train_x is None or val_x is None:
@@ -68,9 +72,16 @@ class CachedFeatureSource(BatchSource):
         self.train_x, self.val_x = train_x, val_x[:, 0]
         self.train_y = torch.tensor([y for _, y in self.train_items])
         self.val_y = torch.tensor([y for _, y in self.val_items])
-        self.stats = {"train": s1, "val": s2, "views": len(views), "feature_shape": list(train_x.shape[2:])}
+        self.stats = {"train": s1, "val": s2, "views": len(views), "feature_shape": list(train_x.shape[2:]),
+                      **extractor.info}
         log.info("features: %d cached, %d computed in %.1fs", s1["hits"] + s2["hits"],
                  s1["computed"] + s2["computed"], s1["seconds"] + s2["seconds"])
+
+    def _extractor(self, store) -> FrozenEngine:
+        # The network up to the cache point, on ONNX Runtime when usable (engine/runtime.py).
+        st = self.state
+        frozen = FrozenPart(st.model, st.spec.cache_point)
+        return FrozenEngine(frozen, st.device, st.cfg.engine, store.root / "frozen.onnx", st.cfg.channels_last)
 
     def _identity(self) -> dict:
         st = self.state
@@ -137,7 +148,8 @@ class ImageBatchSource(BatchSource):
         workers = cfg.workers if cfg.workers is not None else _auto_workers(len(self.train_items))
         common = dict(num_workers=workers, collate_fn=skip_broken_collate, pin_memory=self.cuda,
                       persistent_workers=workers > 0)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        # Re-seeded per epoch in train_batches, so a resumed run shuffles exactly as an uninterrupted one.
+        self.generator = generator = torch.Generator().manual_seed(cfg.seed)
         train_ds = ImageListDataset(self.train_items, self.train_tf)
         if cfg.balanced_sampler:
             w = self._balanced_weights([y for _, y in self.train_items])
@@ -148,6 +160,11 @@ class ImageBatchSource(BatchSource):
             self.train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=generator,
                                            worker_init_fn=_seed_worker, **common)
         self.val_loader = DataLoader(ImageListDataset(self.val_items, self.eval_tf), cfg.batch_size, **common)
+        self.data_parallel = distributed.active()
+        if self.data_parallel:  # torchrun: each rank reads its shard, DDP averages the gradients
+            self.train_loader, self.val_loader = distributed.sharded_loaders(
+                train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator)
+        self.net = distributed.wrap_model(self.state.model, self.state.device, self.state.spec)
 
     def trainable_module(self) -> nn.Module:
         return self.state.model
@@ -172,7 +189,8 @@ class ImageBatchSource(BatchSource):
             x = x.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
         with amp:
-            out = self.state.model(x)
+            # DDP only where gradients flow; evaluation needs no synchronisation.
+            out = (self.net if torch.is_grad_enabled() else self.state.model)(x)
         if isinstance(out, tuple):  # inception's (logits, aux_logits) while training
             return tuple(o.float() for o in out[:2])
         return out.float()
@@ -188,6 +206,8 @@ class ImageBatchSource(BatchSource):
             yield (x, y, idx) if with_index else (x, y)
 
     def train_batches(self, epoch: int):
+        self.generator.manual_seed(self.state.cfg.seed * 100003 + epoch)
+        distributed.set_epoch(self.train_loader, epoch)
         return self._batches(self.train_loader, with_index=False)
 
     def val_batches(self):

@@ -54,6 +54,10 @@ class Preprocessing:
 # A group is a list of module names (dotted, as in `model.named_modules()`); a parameter belongs to
 # the group whose name is the longest prefix of the parameter's name.
 GroupsFn = Callable[[nn.Module], list[list[str]]]
+# The forward of each layer group, bottom to top, then the head part (pooling + classifier), as modules
+# sharing the model's parameters; composed in order they equal the model's forward in eval mode. With
+# them partial mode caches the output of the frozen groups and runs only the top ones each epoch.
+StagesFn = Callable[[nn.Module], list[nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class BackboneSpec:
     description: str = ""
     extra: str | None = None  # the pip extra that provides the weights, if not a core dependency
     tags: tuple[str, ...] = field(default_factory=tuple)
+    stages: StagesFn | None = None  # optional; without it partial mode runs the whole network per batch
 
     @property
     def cache_point(self) -> str:

