@@ -135,11 +135,13 @@ def make_torture_folder(root) -> dict:
 
     locked = _write(a / "locked.jpg", encode(random_rgb(26), "JPEG"))
     locked.chmod(0)
-    # root can read any file, so there it stays a good image and the test skips that check.
+    # root can read any file, so there it stays a good image.
     if os.geteuid() == 0:
         good["train"][ALPHA].append(str(locked))
     else:
         problems.setdefault("unreadable", []).append(str(locked))
+    os.mkfifo(root / "train" / BETA / "pipe.jpg")  # opening it would block forever
+    problems.setdefault("unreadable", []).append(str(root / "train" / BETA / "pipe.jpg"))
 
     os.symlink("self_loop.jpg", a / "self_loop.jpg")
     problems.setdefault("symlink_loop", []).append(str(a / "self_loop.jpg"))

@@ -1,0 +1,567 @@
+"""Find the images of a dataset folder, check each one, and decide the train/val split.
+
+Layouts: ROOT/train/<class>/ + ROOT/val/<class>/ (split given), ROOT/train/<class>/ alone or
+ROOT/<class>/ (stratified random split made here). Files in subfolders of a class folder
+belong to that class. Every file that is skipped is recorded in `DataScan.problems`
+(except the contents of hidden folders, which are recorded once per folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import stat
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from PIL import Image
+from sklearn.model_selection import train_test_split
+
+from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from transferkit.errors import DataError, UsageError
+
+logger = logging.getLogger(__name__)
+
+VAL_DIR_NAMES = ("val", "valid", "validation")
+OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini"})
+MIN_SIDE = 8  # below this a side carries no usable detail even after resizing
+IMBALANCE_WARN_RATIO = 3.0
+MANIFEST_COLUMNS = ("path", "class", "split")
+
+# Kinds that skip nothing the user meant to train on; strict mode does not stop on them.
+INFORMATIONAL_KINDS = frozenset({"no_extension", "hidden", "os_junk", "outside_class_folder", "unused_folder"})
+
+# Summary wording per kind, in report order; "{n}" is the count, the other fields are
+# nouns that agree with it.
+_KIND_TEXT = {
+    "corrupt": "skipped {n} corrupt or truncated {images}",
+    "not_an_image": "skipped {n} {files} with an image extension that {are} not images",
+    "non_image": "skipped {n} {files} that {are} not images",
+    "empty_file": "skipped {n} empty (0-byte) {files}",
+    "unreadable": "skipped {n} unreadable {files} (permission denied or not a regular file)",
+    "missing": "skipped {n} {files} listed in the manifest that no longer exist",
+    "symlink_loop": "skipped {n} symlink {loops}",
+    "broken_symlink": "skipped {n} broken {symlinks}",
+    "decompression_bomb": "skipped {n} {images} over Pillow's pixel limit (decompression bomb guard)",
+    "too_small": "skipped {n} {images} with a side under 8 pixels",
+    "image_outside_class_folder": "skipped {n} {images} that {are} not inside a class folder",
+    "empty_class": "dropped {n} class {folders} with no usable images",
+    "val_class_not_in_train": "skipped {n} validation {images} whose class has no train folder",
+    "no_val_images": "{n} {classes} {have} no validation images",
+    "duplicate_across_splits": "found {n} validation {images} identical to a training image (leakage; kept)",
+    "duplicate_within_split": "found {n} duplicate {images} within a split (kept)",
+    "no_extension": "used {n} {images} that {have} no file extension",
+    "hidden": "ignored {n} hidden {entries} (files or folders)",
+    "os_junk": "ignored {n} OS metadata {files} (.DS_Store, Thumbs.db, desktop.ini)",
+    "outside_class_folder": "ignored {n} non-image {files} outside class folders",
+    "unused_folder": "ignored {n} {folders} that {are} neither train nor val",
+}
+
+
+def _kind_text(kind: str, n: int) -> str:
+    one = n == 1
+    singular = {"images": "image", "files": "file", "loops": "loop", "symlinks": "symlink",
+                "folders": "folder", "classes": "class", "entries": "entry"}
+    nouns = {plural: one_word if one else plural for plural, one_word in singular.items()}
+    template = _KIND_TEXT.get(kind, "{n} problems of kind " + kind)
+    return template.format(n=n, are="is" if one else "are", have="has" if one else "have", **nouns)
+
+
+@dataclass
+class DataScan:
+    root: Path
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    problems: dict[str, list[dict]] = field(default_factory=dict)
+    split_source: str = "folders"  # "folders", "random" or "manifest"
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        counts = {}
+        for split, samples in (("train", self.train), ("val", self.val)):
+            per_class = dict.fromkeys(self.classes, 0)
+            for _, index in samples:
+                per_class[self.classes[index]] += 1
+            counts[split] = per_class
+        return counts
+
+    def imbalance_ratio(self) -> float:
+        counts = [n for n in self.class_counts()["train"].values() if n > 0]
+        return max(counts) / min(counts) if counts else 1.0
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        kinds = list(_KIND_TEXT) + sorted(set(self.problems) - set(_KIND_TEXT))
+        for kind in kinds:
+            n = len(self.problems.get(kind, ()))
+            if n:
+                lines.append(_kind_text(kind, n) + " (see data_report.json)")
+        ratio = self.imbalance_ratio()
+        if ratio > IMBALANCE_WARN_RATIO:
+            train = self.class_counts()["train"]
+            big, small = max(train, key=train.get), min(train, key=train.get)
+            lines.append(
+                f"classes are imbalanced: largest/smallest training class = {ratio:.1f} "
+                f"({big}: {train[big]}, {small}: {train[small]})"
+            )
+        return lines
+
+    def write_report(self, path) -> None:
+        report = {
+            "root": str(self.root),
+            "classes": self.classes,
+            "counts": self.class_counts(),
+            "split_source": self.split_source,
+            "imbalance": round(self.imbalance_ratio(), 4),
+            "summary": self.summary_lines(),
+            "problems": self.problems,
+        }
+        Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class _Problems:
+    """Collects problems by kind; in strict mode the first real problem is fatal."""
+
+    def __init__(self, root: Path, strict: bool):
+        self.root = root
+        self.strict = strict
+        self.items: dict[str, list[dict]] = defaultdict(list)
+
+    def add(self, kind: str, path, detail: str) -> None:
+        rel = _relative(path, self.root)
+        self.items[kind].append({"path": rel, "detail": detail})
+        logger.debug("%s: %s: %s", kind, rel, detail)
+        if self.strict and kind not in INFORMATIONAL_KINDS:
+            raise DataError(
+                f"{kind}: {rel}: {detail} (strict data checking stops at the first problem; "
+                "fix or remove the file, or turn strict checking off)"
+            )
+
+
+def _relative(path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=True) -> DataScan:
+    """Scan `root`, check every candidate image and return the usable train/val samples."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    root = _check_root(root)
+    problems = _Problems(root, strict)
+    split_dirs = _find_split_dirs(root, problems)
+    found: dict[str, dict[str, list[tuple[str, str | None]]]] = {}
+    for split, split_dir in split_dirs.items():
+        found[split] = {}
+        for name, class_dir in _class_dirs(split_dir, problems):
+            found[split][name] = _check_files(_walk_class(class_dir, problems), problems, verify_images)
+    if "val" in found:
+        scan = _assemble_given_split(root, found["train"], found["val"], problems, split_dirs)
+    else:
+        scan = _assemble_random_split(root, found["train"], problems, split_dirs["train"], val_fraction, seed)
+    _report_duplicates(scan, _hashes(found), problems)
+    scan.problems = dict(problems.items)
+    _log_summary(scan)
+    return scan
+
+
+def _check_root(root) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data folder {path} does not exist; pass the folder that holds one subfolder of images per class")
+    if not path.is_dir():
+        raise DataError(f"{path} is a file, not a folder; pass the folder that holds one subfolder of images per class")
+    return path.resolve()
+
+
+def _find_split_dirs(root: Path, problems: _Problems) -> dict[str, Path]:
+    """Return {"train": dir} or {"train": dir, "val": dir}; flat layouts use root as "train"."""
+    entries = _sorted_entries(root)
+    dirs = {name: path for name, path in entries if path.is_dir()}
+    val_name = next((name for name in VAL_DIR_NAMES if name in dirs), None)
+    if "train" not in dirs:
+        # "valid"/"validation" may be real class names (valid/invalid); a lone "val" is a split.
+        if val_name == "val":
+            raise DataError(f"{root} has a {val_name}/ folder but no train/ folder; add train/<class>/ folders next to it")
+        return {"train": root}
+    for name, path in entries:
+        if name in ("train", val_name):
+            continue
+        if _skip_special(name, path, problems):
+            continue
+        if path.is_dir():
+            problems.add("unused_folder", path, "only train/ and val/ are read when a train/ folder exists")
+        else:
+            _outside_class_folder(path, problems)
+    split_dirs = {"train": dirs["train"]}
+    if val_name is not None:
+        split_dirs["val"] = dirs[val_name]
+    return split_dirs
+
+
+def _sorted_entries(folder: Path) -> list[tuple[str, Path]]:
+    try:
+        return sorted((entry.name, Path(entry.path)) for entry in os.scandir(folder))
+    except OSError as exc:
+        raise DataError(f"cannot list {folder}: {exc.strerror or exc}; check its permissions") from None
+
+
+def _skip_special(name: str, path: Path, problems: _Problems) -> bool:
+    """Record hidden entries, OS junk and bad symlinks; True when the entry is to be skipped."""
+    if name.lower() in OS_JUNK_NAMES:
+        problems.add("os_junk", path, "operating system metadata file")
+        return True
+    if name.startswith("."):
+        problems.add("hidden", path, "hidden folder (contents not read)" if path.is_dir() else "hidden file")
+        return True
+    if path.is_symlink():
+        kind = _bad_symlink_kind(path)
+        if kind:
+            what = "loops back on itself" if kind == "symlink_loop" else "points to nothing"
+            problems.add(kind, path, f"symlink to {os.readlink(path)} {what}")
+            return True
+    return False
+
+
+def _bad_symlink_kind(path: Path) -> str | None:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return "symlink_loop" if exc.errno == errno.ELOOP else "broken_symlink"
+    return None
+
+
+def _outside_class_folder(path: Path, problems: _Problems) -> None:
+    if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+        problems.add("image_outside_class_folder", path, "images must sit inside a class folder to get a label")
+    else:
+        problems.add("outside_class_folder", path, "not inside a class folder")
+
+
+def _class_dirs(split_dir: Path, problems: _Problems) -> list[tuple[str, Path]]:
+    classes = []
+    for name, path in _sorted_entries(split_dir):
+        if _skip_special(name, path, problems):
+            continue
+        if path.is_dir():
+            classes.append((name, path))
+        else:
+            _outside_class_folder(path, problems)
+    return classes
+
+
+def _walk_class(class_dir: Path, problems: _Problems) -> list[tuple[str, bool]]:
+    """Candidate image files under a class folder as (path, has_no_extension), sorted."""
+    candidates = []
+    visited: set[tuple[int, int]] = set()
+
+    def on_error(exc: OSError) -> None:
+        problems.add("unreadable", exc.filename or class_dir, f"cannot list folder: {exc.strerror or exc}")
+
+    # Following symlinked folders lets class folders be links into other disks; the checks
+    # in _keep_dir and the `visited` set keep loops from making this walk endless.
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=on_error, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError as exc:  # removed while scanning, or a permission change
+            problems.add("unreadable", dirpath, f"cannot read folder: {exc.strerror or exc}")
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in visited:
+            problems.add("symlink_loop", dirpath, "folder reached twice through symlinks; skipped")
+            dirnames[:] = []
+            continue
+        visited.add((info.st_dev, info.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if _keep_dir(Path(dirpath), d, problems))
+        for name in sorted(filenames):
+            candidate = _classify_file(Path(dirpath) / name, problems)
+            if candidate is not None:
+                candidates.append(candidate)
+    return sorted(candidates)
+
+
+def _keep_dir(parent: Path, name: str, problems: _Problems) -> bool:
+    path = parent / name
+    if name.startswith("."):
+        problems.add("hidden", path, "hidden folder (contents not read)")
+        return False
+    if path.is_symlink():
+        target = os.path.realpath(path)
+        here = os.path.realpath(parent)
+        if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+            problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
+            return False
+    return True
+
+
+def _classify_file(path: Path, problems: _Problems) -> tuple[str, bool] | None:
+    name = path.name
+    if _skip_special(name, path, problems):
+        return None
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        problems.add("unreadable", path, f"cannot stat file: {exc.strerror or exc}")
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        problems.add("unreadable", path, "not a regular file (device, pipe or socket)")
+        return None
+    if info.st_size == 0:
+        problems.add("empty_file", path, "empty file (0 bytes)")
+        return None
+    ext = path.suffix.lower().lstrip(".")
+    if ext and ext not in IMAGE_EXTENSIONS:
+        problems.add("non_image", path, f"extension .{ext} is not an image type read here")
+        return None
+    return str(path), not ext
+
+
+def _check_files(candidates, problems: _Problems, verify: bool) -> list[tuple[str, str | None]]:
+    """Decode (or sniff) each candidate; return the usable ones as (path, sha256 or None)."""
+    check = _verify_one if verify else _sniff_one
+    # Pillow releases the GIL while decoding, so a few threads use both cores.
+    pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    usable = []
+    try:
+        for (path, no_ext), (kind, detail, sha) in zip(candidates, pool.map(lambda c: check(*c), candidates)):
+            if kind is not None:
+                problems.add(kind, path, detail)
+                continue
+            if no_ext:
+                problems.add("no_extension", path, "no file extension, but a readable image; used")
+            usable.append((path, sha))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return usable
+
+
+def _verify_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None]:
+    try:
+        img = load_rgb(path)
+    except ImageDecodeError as exc:
+        if no_ext and exc.kind == "not_an_image":
+            return "non_image", "no file extension and not an image", None
+        return exc.kind, exc.reason, None
+    width, height = img.size
+    if min(width, height) < MIN_SIDE:
+        return "too_small", f"{width}×{height} pixels; a side under {MIN_SIDE} pixels carries no usable detail", None
+    try:
+        return None, "", file_sha256(path)
+    except OSError as exc:
+        return "unreadable", f"cannot read file: {exc.strerror or exc}", None
+
+
+def _sniff_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None]:
+    """Without verification only extension-less files are opened, to see if they are images."""
+    if not no_ext:
+        return None, "", None
+    try:
+        with Image.open(path):
+            return None, "", None
+    except Exception:  # anything Pillow cannot even identify is not an image for us
+        return "non_image", "no file extension and not an image", None
+
+
+# ---------------------------------------------------------------- classes and splits
+
+
+def _assemble_given_split(root: Path, train: dict, val: dict, problems: _Problems, split_dirs: dict) -> DataScan:
+    train_dir, val_dir = split_dirs["train"], split_dirs["val"]
+    for name in sorted(train):
+        if not train[name]:
+            if val.get(name):
+                raise DataError(
+                    f"class {name!r} has validation images but no usable training images; "
+                    f"add images to {train_dir.name}/{name}/ or remove {val_dir.name}/{name}/"
+                )
+            problems.add("empty_class", train_dir / name, "no usable images; class dropped")
+    classes = sorted(name for name in train if train[name])
+    for name in sorted(val):
+        if name not in train:
+            for path, _ in val[name]:
+                problems.add("val_class_not_in_train", path, f"class {name!r} has no {train_dir.name}/{name}/ folder; skipped")
+    _require_two_classes(root, classes)
+    for name in classes:
+        if not val.get(name):
+            problems.add("no_val_images", val_dir / name, f"class {name!r} has no validation images")
+    index = {name: i for i, name in enumerate(classes)}
+    train_samples = [(path, index[name]) for name in classes for path, _ in train[name]]
+    val_samples = [(path, index[name]) for name in classes for path, _ in val.get(name, [])]
+    if not val_samples:
+        raise DataError(f"the validation folder {val_dir} has no usable images; put some images in {val_dir.name}/<class>/ folders")
+    return DataScan(root, classes, train_samples, val_samples, split_source="folders")
+
+
+def _assemble_random_split(
+    root: Path, train: dict, problems: _Problems, train_dir: Path, val_fraction: float, seed: int
+) -> DataScan:
+    for name in sorted(train):
+        if not train[name]:
+            problems.add("empty_class", train_dir / name, "no usable images; class dropped")
+    classes = sorted(name for name in train if train[name])
+    _require_two_classes(root, classes)
+    for name in classes:
+        if len(train[name]) < 2:
+            raise DataError(
+                f"class {name!r} has only 1 usable image; a random train/val split needs at least 2 per class "
+                "(add images, or give train/ and val/ folders)"
+            )
+    paths = [path for name in classes for path, _ in train[name]]
+    labels = [i for i, name in enumerate(classes) for _ in train[name]]
+    train_samples, val_samples = _stratified_split(paths, labels, len(classes), val_fraction, seed)
+    return DataScan(root, classes, train_samples, val_samples, split_source="random")
+
+
+def _stratified_split(paths, labels, n_classes, val_fraction, seed):
+    n = len(paths)
+    # Every class needs at least one val and one train image, so the val count has a floor.
+    n_val = max(n_classes, math.ceil(val_fraction * n))
+    if n - n_val < n_classes:
+        raise DataError(
+            f"only {n} usable images for {n_classes} classes: too few to split into train and val; add images"
+        )
+    train_p, val_p, train_y, val_y = train_test_split(
+        paths, labels, test_size=n_val, random_state=seed, stratify=labels
+    )
+    return sorted(zip(train_p, train_y), key=_sample_key), sorted(zip(val_p, val_y), key=_sample_key)
+
+
+def _sample_key(sample: tuple[str, int]) -> tuple[int, str]:
+    return sample[1], sample[0]
+
+
+def _require_two_classes(root: Path, classes: list[str]) -> None:
+    if len(classes) < 2:
+        found = ", ".join(classes) if classes else "none"
+        raise DataError(
+            f"found {len(classes)} class with usable images in {root} ({found}); need at least 2: "
+            "put each class's images in its own subfolder, e.g. cats/ and dogs/"
+        )
+
+
+# ---------------------------------------------------------------- duplicates and logging
+
+
+def _hashes(found: dict) -> dict[str, str]:
+    return {path: sha for classes in found.values() for files in classes.values() for path, sha in files if sha}
+
+
+def _report_duplicates(scan: DataScan, hashes: dict[str, str], problems: _Problems) -> None:
+    if not hashes:
+        return  # not verified, so not hashed
+    first_seen: dict[tuple[str, str], tuple[str, int]] = {}
+    train_by_hash: dict[str, str] = {}
+    for split, samples in (("train", scan.train), ("val", scan.val)):
+        for path, label in samples:
+            sha = hashes.get(path)
+            if sha is None:
+                continue
+            if split == "val" and sha in train_by_hash:
+                problems.add(
+                    "duplicate_across_splits", path,
+                    f"same content as {_relative(train_by_hash[sha], scan.root)} (train/val leakage)",
+                )
+            earlier = first_seen.get((split, sha))
+            if earlier is None:
+                first_seen[(split, sha)] = (path, label)
+                if split == "train":
+                    train_by_hash[sha] = path
+                continue
+            clash = "" if earlier[1] == label else f" but labelled {scan.classes[earlier[1]]!r}"
+            problems.add("duplicate_within_split", path, f"same content as {_relative(earlier[0], scan.root)}{clash}")
+
+
+def _log_summary(scan: DataScan) -> None:
+    counts = scan.class_counts()
+    logger.info(
+        "scanned %s: %d classes, %d train / %d val images (split: %s)",
+        scan.root, len(scan.classes), sum(counts["train"].values()), sum(counts["val"].values()), scan.split_source,
+    )
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def write_manifest(scan: DataScan, path) -> None:
+    """CSV of every sample: path relative to the data root (posix), class name, split."""
+    with open(path, "w", newline="", encoding="utf-8") as fp:
+        writer = csv.writer(fp)
+        writer.writerow(MANIFEST_COLUMNS)
+        for split, samples in (("train", scan.train), ("val", scan.val)):
+            for sample_path, label in samples:
+                writer.writerow([_relative(sample_path, scan.root), scan.classes[label], split])
+
+
+def read_manifest(path, root, *, verify_images=False) -> DataScan:
+    """Rebuild a run's exact split from its manifest; rows may not point outside `root`."""
+    root = _check_root(root)
+    problems = _Problems(root, strict=False)
+    by_split: dict[str, dict[str, list[tuple[str, None]]]] = {"train": {}, "val": {}}
+    for line, rel, name, split in _manifest_rows(path, root):
+        full = root.joinpath(*PurePosixPath(rel).parts)
+        by_split[split].setdefault(name, [])
+        if not full.is_file():
+            problems.add("missing", full, "listed in the manifest but not found")
+            continue
+        if verify_images:
+            kind, detail, _ = _verify_one(str(full), not full.suffix)
+            if kind is not None:
+                problems.add(kind, full, detail)
+                continue
+        by_split[split][name].append((str(full), None))
+    split_dirs = {"train": root / "train", "val": root / "val"}  # only used to word messages
+    scan = _assemble_given_split(root, by_split["train"], by_split["val"], problems, split_dirs)
+    scan.split_source = "manifest"
+    scan.problems = dict(problems.items)
+    return scan
+
+
+def _manifest_rows(path, root: Path):
+    try:
+        fp = open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    with fp:
+        reader = csv.DictReader(fp)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"manifest {path} lacks column(s) {', '.join(missing)}; expected a header path,class,split")
+        for row in reader:
+            line = reader.line_num
+            rel, name, split = (row.get(c) or "" for c in MANIFEST_COLUMNS)
+            if split not in ("train", "val"):
+                raise DataError(f"manifest {path} line {line}: split must be train or val, got {split!r}")
+            if not rel or not name:
+                raise DataError(f"manifest {path} line {line}: empty path or class")
+            _refuse_escape(path, line, rel, root)
+            yield line, rel, name, split
+
+
+def _refuse_escape(manifest, line: int, rel: str, root: Path) -> None:
+    """Lexical check: a manifest may only name files under the data root."""
+    escapes = (
+        PurePosixPath(rel).is_absolute()
+        or PureWindowsPath(rel).drive != ""
+        or ".." in PurePosixPath(rel.replace("\\", "/")).parts
+    )
+    if escapes:
+        raise DataError(
+            f"manifest {manifest} line {line}: path {rel!r} points outside the data folder {root}; refusing it"
+        )

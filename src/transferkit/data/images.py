@@ -1,0 +1,171 @@
+"""Decode any image file Pillow can read into 8-bit RGB, or say clearly why not.
+
+Every image that reaches a model goes through `load_rgb`, so the scanner (which calls it
+once per file before training) and the training loader agree on what is usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from transferkit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm"})
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class ImageDecodeError(DataError):
+    """One file cannot be used as an image; `kind` names the problem for the data report."""
+
+    def __init__(self, path, kind: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.kind = kind
+        self.reason = reason
+
+
+def load_rgb(path) -> Image.Image:
+    """Open `path`, apply its EXIF orientation and return a fully decoded 8-bit RGB image.
+
+    Raises ImageDecodeError with `kind` one of: empty_file, unreadable, not_an_image,
+    decompression_bomb, corrupt.
+    """
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            # Opening a FIFO or device would block or read forever.
+            raise ImageDecodeError(path, "unreadable", "not a regular file")
+        if info.st_size == 0:
+            raise ImageDecodeError(path, "empty_file", "empty file (0 bytes)")
+        with open(path, "rb") as fp:
+            # Orient and convert while the file is open: some plugins read EXIF lazily.
+            return to_rgb(_decode(fp, path), path)
+    except PermissionError as exc:
+        raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror}") from None
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "unreadable", "file not found (deleted or broken symlink)") from None
+    except OSError as exc:  # ELOOP, EIO, a FIFO that vanished, ...
+        raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _decode(fp, path) -> Image.Image:
+    try:
+        # Pillow only warns between 1x and 2x its pixel limit; we refuse all of it below with
+        # the real size, so silence the warning here instead of letting it reach the user.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not_an_image", "not an image file (Pillow cannot identify it)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(path, "decompression_bomb", f"decompression bomb: {exc}") from None
+    except Exception as exc:  # a malformed header can raise almost anything inside a Pillow plugin
+        raise ImageDecodeError(path, "corrupt", f"corrupt image header: {_reason(exc)}") from None
+    _refuse_bomb(img, path)
+    try:
+        # Full decode now, so truncated or damaged files fail here and not mid-training.
+        img.load()
+    except Exception as exc:  # decoder errors are OSError, SyntaxError, ValueError, zlib.error, ...
+        raise ImageDecodeError(path, "corrupt", f"corrupt or truncated image: {_reason(exc)}") from None
+    return img
+
+
+def _refuse_bomb(img: Image.Image, path) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        raise ImageDecodeError(
+            path,
+            "decompression_bomb",
+            f"decompression bomb: {width}×{height} pixels exceeds Pillow's limit of {limit} pixels "
+            "(Image.MAX_IMAGE_PIXELS); downscale the image if it is genuine",
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def to_rgb(img: Image.Image, path="<image>") -> Image.Image:
+    """EXIF-orient and convert a decoded image of any mode to 8-bit RGB."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # broken EXIF blocks should not cost the user the image
+        logger.debug("ignoring unusable EXIF orientation in %s: %s", path, exc)
+    try:
+        return _convert(img)
+    except (ValueError, OSError) as exc:
+        raise ImageDecodeError(path, "corrupt", f"cannot convert mode {img.mode} to RGB: {_reason(exc)}") from None
+
+
+def _convert(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        return _gray_array_to_rgb(np.asarray(img).astype(np.float64) / 257.0)
+    if mode == "I":
+        return _gray_array_to_rgb(_scale_int32(np.asarray(img)))
+    if mode == "F":
+        return _gray_array_to_rgb(_scale_float(np.asarray(img)))
+    if mode == "P":
+        # Palette transparency only survives through RGBA; straight to RGB would show the key colour.
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in _ALPHA_MODES:
+        return _composite_on_white(img)
+    if mode == "L" and "transparency" in img.info:
+        return _composite_on_white(img.convert("RGBA"))
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV and RGB with a transparency key
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    # Transparent areas are undefined colour; white matches how viewers display them.
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scale_int32(arr: np.ndarray) -> np.ndarray:
+    """Mode "I" carries no bit depth: values within 0..255 are 8-bit, within 0..65535 are
+    16-bit (PNG/TIFF), anything else is stretched over its own range."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi <= 255:
+        return arr.astype(np.float64)
+    if lo >= 0 and hi <= 65535:
+        return arr.astype(np.float64) / 257.0
+    return _stretch(arr.astype(np.float64))
+
+
+def _scale_float(arr: np.ndarray) -> np.ndarray:
+    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return arr * 255.0
+    if lo >= 0.0 and hi <= 255.0:
+        return arr
+    return _stretch(arr)
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi <= lo:
+        return np.zeros_like(arr)
+    return (arr - lo) * (255.0 / (hi - lo))
+
+
+def _gray_array_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")  # a 2-D uint8 array is mode "L"

@@ -1,0 +1,334 @@
+import csv
+import json
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from transferkit.data import images
+from transferkit.data.folders import (
+    INFORMATIONAL_KINDS,
+    DataScan,
+    file_sha256,
+    read_manifest,
+    scan_dataset,
+    write_manifest,
+)
+from transferkit.errors import DataError, UsageError
+from torture import encode, make_torture_folder, random_rgb
+
+
+@pytest.fixture(scope="module")
+def torture(tmp_path_factory):
+    info = make_torture_folder(tmp_path_factory.mktemp("torture") / "data")
+    return info, scan_dataset(info["root"])
+
+
+def _paths(samples):
+    return sorted(path for path, _ in samples)
+
+
+def _problem_paths(scan: DataScan, kind: str, root: Path) -> list[str]:
+    return sorted(str(root / entry["path"]) for entry in scan.problems.get(kind, []))
+
+
+def _flat(root: Path, counts: dict[str, int], size=(16, 16)) -> Path:
+    for c, (name, n) in enumerate(counts.items()):
+        for i in range(n):
+            path = root / name / f"{name}_{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            random_rgb(c * 1000 + i, size).save(path)
+    return root
+
+
+def _split(root: Path, train: dict[str, int], val: dict[str, int]) -> Path:
+    _flat(root / "train", train)
+    for name, n in val.items():
+        for i in range(n):
+            path = root / "val" / name / f"v_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            random_rgb(zlib.crc32(f"val/{name}/{i}".encode())).save(path)
+    return root
+
+
+# ---------------------------------------------------------------- torture folder
+
+
+def test_good_images_are_kept_with_their_classes(torture):
+    info, scan = torture
+    assert scan.classes == info["classes"]
+    assert scan.split_source == "folders"
+    for split, samples in (("train", scan.train), ("val", scan.val)):
+        expected = sorted(p for paths in info["good"][split].values() for p in paths)
+        assert _paths(samples) == expected
+        for path, label in samples:
+            assert Path(path).is_absolute()
+            assert path in info["good"][split][scan.classes[label]]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "corrupt", "empty_file", "non_image", "not_an_image", "os_junk", "too_small", "decompression_bomb",
+        "hidden", "outside_class_folder", "symlink_loop", "broken_symlink", "empty_class",
+        "val_class_not_in_train", "duplicate_across_splits", "no_extension", "unreadable",
+    ],
+)
+def test_each_problem_kind_is_reported(torture, kind):
+    info, scan = torture
+    assert _problem_paths(scan, kind, info["root"]) == sorted(info["problems"][kind])
+    for entry in scan.problems[kind]:
+        assert entry["detail"] and "\n" not in entry["detail"]
+
+
+def test_no_unexpected_problems(torture):
+    info, scan = torture
+    assert set(scan.problems) == set(info["problems"])
+
+
+def test_every_file_is_either_used_or_reported(torture):
+    info, scan = torture
+    root = info["root"]
+    accounted = set(_paths(scan.train) + _paths(scan.val))
+    reported = {str(root / e["path"]) for entries in scan.problems.values() for e in entries}
+    for dirpath, dirnames, filenames in os.walk(root):
+        hidden = [d for d in dirnames if d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames + hidden:
+            path = os.path.join(dirpath, name)
+            assert path in accounted or path in reported, path
+
+
+def test_permission_denied_file_is_reported(tmp_path, monkeypatch):
+    root = _flat(tmp_path, {"a": 3, "b": 3})
+    locked = root / "a" / "locked.png"
+    random_rgb(9).save(locked)
+    locked.chmod(0)
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        # Simulated when running as root, which can read a chmod 000 file anyway.
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(images, "open", fake_open, raising=False)
+    scan = scan_dataset(root)
+    assert [e["path"] for e in scan.problems["unreadable"]] == ["a/locked.png"]
+    assert "Permission denied" in scan.problems["unreadable"][0]["detail"]
+
+
+def test_summary_and_report(torture, tmp_path):
+    info, scan = torture
+    lines = scan.summary_lines()
+    assert "skipped 3 corrupt or truncated images (see data_report.json)" in lines
+    assert any(line.startswith("found 1 validation image identical") for line in lines)
+    scan.write_report(tmp_path / "data_report.json")
+    report = json.loads((tmp_path / "data_report.json").read_text(encoding="utf-8"))
+    assert report["classes"] == info["classes"]
+    assert report["split_source"] == "folders"
+    assert report["counts"] == scan.class_counts()
+    assert report["problems"]["corrupt"] == scan.problems["corrupt"]
+    assert report["imbalance"] == pytest.approx(scan.imbalance_ratio(), rel=1e-3)
+
+
+def test_strict_mode_stops_at_the_first_problem(torture):
+    info, _ = torture
+    with pytest.raises(DataError) as err:
+        scan_dataset(info["root"], strict=True)
+    message = str(err.value)
+    assert "\n" not in message and "strict" in message
+    assert message.split(":")[0] not in INFORMATIONAL_KINDS
+
+
+def test_strict_mode_passes_a_clean_folder(tmp_path):
+    scan = scan_dataset(_split(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1}), strict=True)
+    assert scan.class_counts() == {"train": {"a": 3, "b": 3}, "val": {"a": 1, "b": 1}}
+    assert scan.problems == {}
+
+
+# ---------------------------------------------------------------- fatal cases
+
+
+def _fatal(root, **kwargs) -> str:
+    with pytest.raises(DataError) as err:
+        scan_dataset(root, **kwargs)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_root(tmp_path):
+    assert "does not exist" in _fatal(tmp_path / "nope")
+
+
+def test_file_as_root(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"")
+    assert "is a file, not a folder" in _fatal(tmp_path / "x.jpg")
+
+
+def test_single_class(tmp_path):
+    assert "need at least 2" in _fatal(_flat(tmp_path, {"only": 5}))
+
+
+def test_no_images_at_all(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert "found 0 class" in _fatal(tmp_path)
+
+
+def test_empty_val_split(tmp_path):
+    _split(tmp_path, {"a": 3, "b": 3}, {})
+    (tmp_path / "val" / "a").mkdir(parents=True)
+    (tmp_path / "val" / "a" / "notes.txt").write_text("x")
+    assert "has no usable images" in _fatal(tmp_path)
+
+
+def test_class_missing_from_train(tmp_path):
+    _split(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1, "c": 1})
+    (tmp_path / "train" / "c").mkdir()
+    message = _fatal(tmp_path)
+    assert "class 'c'" in message and "no usable training images" in message
+
+
+def test_val_without_train(tmp_path):
+    _flat(tmp_path / "val", {"a": 2, "b": 2})
+    assert "no train/ folder" in _fatal(tmp_path)
+
+
+def test_class_with_one_image_cannot_be_split_randomly(tmp_path):
+    assert "only 1 usable image" in _fatal(_flat(tmp_path, {"a": 5, "b": 1}))
+
+
+def test_bad_val_fraction(tmp_path):
+    with pytest.raises(UsageError):
+        scan_dataset(_flat(tmp_path, {"a": 5, "b": 5}), val_fraction=1.5)
+
+
+# ---------------------------------------------------------------- layouts, splits, manifest
+
+
+def test_random_split_is_stratified_and_seeded(tmp_path):
+    root = _flat(tmp_path / "data", {"cats": 20, "dogs": 10})
+    first = scan_dataset(root, seed=3)
+    again = scan_dataset(root, seed=3)
+    other = scan_dataset(root, seed=4)
+    assert first.split_source == "random"
+    assert first.train == again.train and first.val == again.val
+    assert first.val != other.val
+    assert first.class_counts() == {"train": {"cats": 16, "dogs": 8}, "val": {"cats": 4, "dogs": 2}}
+    assert not set(_paths(first.train)) & set(_paths(first.val))
+
+
+def test_train_folder_without_val_is_split_randomly(tmp_path):
+    root = _flat(tmp_path / "train", {"a": 5, "b": 5}).parent
+    (root / "test").mkdir()
+    scan = scan_dataset(root, val_fraction=0.4)
+    assert scan.split_source == "random"
+    assert scan.class_counts()["val"] == {"a": 2, "b": 2}
+    assert [e["path"] for e in scan.problems["unused_folder"]] == ["test"]
+
+
+def test_tiny_classes_still_get_a_val_image(tmp_path):
+    scan = scan_dataset(_flat(tmp_path, {"a": 2, "b": 2, "c": 2}), val_fraction=0.1)
+    assert scan.class_counts()["val"] == {"a": 1, "b": 1, "c": 1}
+
+
+def test_manifest_round_trip(tmp_path):
+    root = _flat(tmp_path / "data", {"é spaced": 8, "b": 6})
+    scan = scan_dataset(root, seed=1)
+    write_manifest(scan, tmp_path / "split.csv")
+    rows = list(csv.DictReader(open(tmp_path / "split.csv", newline="", encoding="utf-8")))
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert all(not r["path"].startswith("/") for r in rows)
+    again = read_manifest(tmp_path / "split.csv", root)
+    assert (again.classes, again.train, again.val) == (scan.classes, scan.train, scan.val)
+    assert again.split_source == "manifest"
+
+
+def test_manifest_missing_files_become_problems(tmp_path):
+    root = _flat(tmp_path / "data", {"a": 6, "b": 6})
+    scan = scan_dataset(root)
+    write_manifest(scan, tmp_path / "split.csv")
+    gone = Path(scan.train[0][0])
+    gone.unlink()
+    again = read_manifest(tmp_path / "split.csv", root)
+    assert len(again.train) == len(scan.train) - 1
+    assert again.problems["missing"][0]["path"] == gone.relative_to(root).as_posix()
+
+
+@pytest.mark.parametrize("bad_path", ["../outside.png", "a/../../outside.png", "/etc/passwd", "C:\\x.png"])
+def test_manifest_refuses_paths_outside_root(tmp_path, bad_path):
+    root = _flat(tmp_path / "data", {"a": 2, "b": 2})
+    (tmp_path / "outside.png").write_bytes(encode(random_rgb(1), "PNG"))
+    manifest = tmp_path / "split.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fp:
+        writer = csv.writer(fp)
+        writer.writerows([["path", "class", "split"], ["a/a_000.png", "a", "train"], [bad_path, "b", "val"]])
+    with pytest.raises(DataError) as err:
+        read_manifest(manifest, root)
+    assert "line 3" in str(err.value) and "outside the data folder" in str(err.value)
+
+
+def test_manifest_needs_its_columns(tmp_path):
+    (tmp_path / "m.csv").write_text("file,label\nx.png,a\n", encoding="utf-8")
+    with pytest.raises(DataError, match="lacks column"):
+        read_manifest(tmp_path / "m.csv", tmp_path)
+
+
+def test_duplicates_within_a_split_and_imbalance(tmp_path):
+    root = _flat(tmp_path, {"a": 16, "b": 3})
+    (root / "b" / "copy.png").write_bytes((root / "a" / "a_000.png").read_bytes())
+    scan = scan_dataset(root, seed=0)
+    dups = scan.problems.get("duplicate_within_split", []) + scan.problems.get("duplicate_across_splits", [])
+    assert len(dups) == 1
+    assert scan.imbalance_ratio() > 3
+    assert any(line.startswith("classes are imbalanced") for line in scan.summary_lines())
+
+
+def test_symlinked_class_folder_is_followed(tmp_path):
+    elsewhere = _flat(tmp_path / "elsewhere", {"b": 3})
+    root = _flat(tmp_path / "data", {"a": 3})
+    os.symlink(elsewhere / "b", root / "b")
+    scan = scan_dataset(root)
+    assert scan.classes == ["a", "b"]
+    assert sum(scan.class_counts()["train"].values()) + sum(scan.class_counts()["val"].values()) == 6
+
+
+def test_verify_off_skips_decoding_but_sniffs_extensionless_files(tmp_path):
+    root = _flat(tmp_path, {"a": 3, "b": 3})
+    (root / "a" / "broken.png").write_bytes(b"garbage")
+    (root / "a" / "noext").write_bytes(encode(random_rgb(2), "PNG"))
+    (root / "b" / "text").write_bytes(b"hello")
+    scan = scan_dataset(root, verify_images=False)
+    kept = _paths(scan.train) + _paths(scan.val)
+    assert str(root / "a" / "broken.png") in kept  # not decoded, so not caught
+    assert str(root / "a" / "noext") in kept
+    assert [e["path"] for e in scan.problems["non_image"]] == ["b/text"]
+
+
+def test_file_sha256(tmp_path):
+    (tmp_path / "x").write_bytes(b"abc")
+    assert file_sha256(tmp_path / "x") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_big_thin_images_are_kept(tmp_path):
+    root = _flat(tmp_path, {"a": 3, "b": 3})
+    Image.new("RGB", (8, 500)).save(root / "a" / "thin.png")
+    scan = scan_dataset(root)
+    assert str(root / "a" / "thin.png") in _paths(scan.train) + _paths(scan.val)
+
+
+def test_valid_is_a_class_name_in_a_flat_layout(tmp_path):
+    scan = scan_dataset(_flat(tmp_path, {"valid": 4, "invalid": 4}))
+    assert scan.classes == ["invalid", "valid"] and scan.split_source == "random"
+
+
+def test_valid_folder_is_the_val_split_next_to_train(tmp_path):
+    root = _split(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
+    (root / "val").rename(root / "valid")
+    scan = scan_dataset(root)
+    assert scan.split_source == "folders" and scan.class_counts()["val"] == {"a": 1, "b": 1}

@@ -1,0 +1,158 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.data import images
+from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from transferkit.errors import DataError
+from torture import bomb_png, encode, exif_rotated_jpeg, random_rgb
+
+
+def _save(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_extensions_cover_the_usual_formats():
+    assert {"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm"} <= IMAGE_EXTENSIONS
+
+
+def test_rgb_stays_rgb(tmp_path):
+    img = load_rgb(_save(tmp_path, "a.png", encode(random_rgb(1), "PNG")))
+    assert img.mode == "RGB" and img.size == (32, 32)
+    assert np.array_equal(np.asarray(img), np.asarray(random_rgb(1)))
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    red = Image.new("RGB", (16, 16), (220, 30, 30)).convert("CMYK")
+    img = load_rgb(_save(tmp_path, "cmyk.jpg", encode(red, "JPEG", quality=95)))
+    assert img.mode == "RGB"
+    r, g, b = np.asarray(img).reshape(-1, 3).mean(axis=0)
+    assert r > 180 and g < 80 and b < 80
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    path = _save(tmp_path, "g16.png", encode(Image.fromarray(values), "PNG"))
+    assert Image.open(path).mode.startswith("I")
+    img = load_rgb(path)
+    assert img.mode == "RGB"
+    assert np.asarray(img)[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_mode_i_and_f_are_scaled():
+    as_i = Image.fromarray(np.array([[0, 1000, 65535]], dtype=np.int32))
+    assert as_i.mode == "I"
+    assert np.asarray(images.to_rgb(as_i))[0, :, 1].tolist() == [0, 4, 255]
+    as_f = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert as_f.mode == "F"
+    assert np.asarray(images.to_rgb(as_f))[0, :, 2].tolist() == [0, 128, 255]
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (255, 0, 0, 128))
+    img = load_rgb(_save(tmp_path, "rgba.png", encode(rgba, "PNG")))
+    px = np.asarray(img)
+    assert px[0, 0].tolist() == [255, 0, 0]
+    assert px[5, 5].tolist() == [255, 255, 255]  # fully transparent -> white, not red or black
+    assert px[0, 1, 0] == 255 and 120 <= px[0, 1, 1] <= 135
+
+
+def test_la_palette_and_bilevel_modes(tmp_path):
+    la = Image.new("LA", (8, 8), (0, 0))
+    pal = Image.new("P", (8, 8), 0)
+    pal.putpalette([0, 0, 0] + [0, 255, 0] * 255)
+    for name, img, params in (
+        ("la.png", la, {}),
+        ("pal.png", pal, {"transparency": 0}),
+        ("bilevel.png", Image.new("1", (8, 8), 1), {}),
+        ("gray.png", Image.new("L", (8, 8), 77), {}),
+    ):
+        out = load_rgb(_save(tmp_path, name, encode(img, "PNG", **params)))
+        assert out.mode == "RGB", name
+    assert np.asarray(load_rgb(tmp_path / "la.png"))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(load_rgb(tmp_path / "pal.png"))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(load_rgb(tmp_path / "gray.png"))[0, 0].tolist() == [77, 77, 77]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = _save(tmp_path, "rot.jpg", exif_rotated_jpeg(40, 24))
+    assert Image.open(path).size == (40, 24)
+    assert load_rgb(path).size == (24, 40)
+
+
+@pytest.mark.parametrize(
+    "name, data, kind",
+    [
+        ("empty.jpg", b"", "empty_file"),
+        ("text.jpg", b"plain text", "not_an_image"),
+        ("cut.png", encode(random_rgb(3, (64, 64)), "PNG")[:300], "corrupt"),
+        ("cut.jpg", encode(random_rgb(3, (64, 64)), "JPEG")[:600], "corrupt"),
+    ],
+)
+def test_unusable_files_raise_with_a_kind(tmp_path, name, data, kind):
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(_save(tmp_path, name, data))
+    assert info.value.kind == kind
+    assert isinstance(info.value, DataError)
+    assert "\n" not in str(info.value)
+
+
+def test_decompression_bomb_is_refused_with_its_size(tmp_path):
+    path = _save(tmp_path, "bomb.png", bomb_png(12000, 8000))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(path)
+    assert info.value.kind == "decompression_bomb"
+    assert "decompression bomb: 12000×8000 pixels exceeds Pillow's limit" in str(info.value)
+
+
+def test_bomb_beyond_twice_the_limit_is_refused(tmp_path, monkeypatch):
+    # Over 2× the limit Pillow raises inside Image.open instead of warning.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(_save(tmp_path, "big.png", encode(random_rgb(4, (64, 64)), "PNG")))
+    assert info.value.kind == "decompression_bomb"
+
+
+def test_truncated_images_setting_is_left_alone(tmp_path):
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    with pytest.raises(ImageDecodeError):
+        load_rgb(_save(tmp_path, "cut.jpg", encode(random_rgb(5, (64, 64)), "JPEG")[:600]))
+    assert ImageFile.LOAD_TRUNCATED_IMAGES == before
+
+
+def test_permission_denied_is_unreadable(tmp_path, monkeypatch):
+    path = _save(tmp_path, "a.png", encode(random_rgb(6), "PNG"))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # Simulated, because the test may run as root, which can read a chmod 000 file.
+    monkeypatch.setattr(images, "open", denied, raising=False)
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(path)
+    assert info.value.kind == "unreadable"
+
+
+def test_directory_and_missing_file(tmp_path):
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(tmp_path)
+    assert info.value.kind == "unreadable"
+    with pytest.raises(ImageDecodeError) as info:
+        load_rgb(tmp_path / "nope.png")
+    assert info.value.kind == "unreadable"
+
+
+def test_animated_gif_gives_first_frame(tmp_path):
+    frames = [Image.new("P", (10, 10), i) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    assert load_rgb(_save(tmp_path, "anim.gif", buf.getvalue())).size == (10, 10)
