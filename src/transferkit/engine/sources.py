@@ -183,6 +183,8 @@ class ImageBatchSource(BatchSource):
 
     def set_eval_mode(self) -> None:
         self.state.model.eval()
+        # BatchNorm statistics drift apart per rank during an epoch; evaluate (and save) rank 0's.
+        distributed.sync_buffers(self.state.model)
 
     def forward(self, x: torch.Tensor):
         if self.state.device.type == "cpu" and self.state.cfg.channels_last:
