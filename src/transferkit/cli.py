@@ -70,14 +70,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.name in BOOLEAN_OFF:
             p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                           help=BOOLEAN_OFF[f.name])
-        elif f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action="store_true", help=TRAIN_HELP.get(f.name))
+                           default=argparse.SUPPRESS, help=BOOLEAN_OFF[f.name])
+        elif f.type in ("bool", bool):  # SUPPRESS: an absent flag must not override --config/--resume
+            p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                           help=TRAIN_HELP.get(f.name))
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name),
                            default=argparse.SUPPRESS, help=TRAIN_HELP.get(f.name))
-    p.set_defaults(**{name: argparse.SUPPRESS for name in BOOLEAN_OFF})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a classifier on an image folder")
     p.add_argument("data", nargs="?", help="DATA/train/<class>/*, DATA/val/<class>/* (or DATA/<class>/*)")
     p.add_argument("--config", help="YAML config (command-line options override it)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.safetensors with "
+                   "the options saved in RUN/config.yaml (other options given must equal the saved ones)")
     _add_train_options(p)
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (one per GPU, or CPU): re-launches itself under torchrun")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TransferkitError as exc:
-        sys.stderr.write(f"transferkit: error: {exc}\n")
+        sys.stderr.write(f"transferkit: {getattr(exc, 'prefix', 'error: ')}{exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("transferkit: interrupted\n")
@@ -141,8 +143,10 @@ def cmd_train(args) -> int:
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
         logging.getLogger().setLevel(logging.ERROR)
     options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "verbose", "config", "data", "nproc", "argv")}
-    if args.config:
+               if k not in ("command", "verbose", "config", "data", "nproc", "argv", "resume")}
+    if args.resume:
+        cfg = _resume_config(args, options)
+    elif args.config:
         cfg = TrainConfig.from_yaml(args.config)
         for key, value in options.items():
             setattr(cfg, key, value)
@@ -151,10 +155,59 @@ def cmd_train(args) -> int:
         if not args.data:
             raise UsageError("train needs a DATA folder (or --config FILE)")
         cfg = TrainConfig(data=args.data, **options)
-    metrics = fit(cfg)
+    _check_paths(cfg)
+    from .engine.signals import stop_on_signals
+
+    with stop_on_signals():  # Ctrl-C/SIGTERM: finish the batch, keep `last`, exit 130/143
+        metrics = fit(cfg, resume=bool(args.resume))
     if metrics.get("written", True):
         _print_train_summary(metrics)
     return 0
+
+
+def _resume_config(args, options: dict):
+    """RUN/config.yaml; options given beside --resume must equal the saved ones (a run is one config)."""
+    from .config import TrainConfig
+    from .engine.resume import resume_config_path
+    from .errors import UsageError
+
+    cfg = TrainConfig.from_yaml(resume_config_path(args.resume))
+    given = {**options, **({"data": args.data} if args.data else {})}
+    saved = cfg.to_dict()
+    differ = [k for k, v in given.items() if not _same_option(k, v, saved[k])]
+    if args.config:
+        differ.append("config")
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)})" for k in differ)
+        raise UsageError(f"--resume continues {args.resume} with the options in its config.yaml; "
+                         f"drop or match {shown}")
+    cfg.out = args.resume  # the folder may have moved since
+    return cfg
+
+
+def _same_option(key: str, given, saved) -> bool:
+    from pathlib import Path
+
+    if key in ("data", "out", "weights") and given and saved:
+        return Path(given).resolve() == Path(saved).resolve()
+    return given == saved
+
+
+def _check_paths(cfg) -> None:
+    """Folders and files named on the command line exist and are of the right kind (exit code 2)."""
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    data = Path(cfg.data)
+    if not data.exists():
+        raise UsageError(f"DATA folder {data} does not exist")
+    if not data.is_dir():
+        raise UsageError(f"DATA {data} is a file; expected a folder of class folders (DATA/<class>/*.jpg)")
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UsageError(f"--out {cfg.out} is a file; expected a run folder (new or existing)")
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise UsageError(f"--weights {cfg.weights} is not a file (expected a .safetensors or .pth file)")
 
 
 def _print_train_summary(m: dict) -> None:

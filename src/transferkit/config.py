@@ -81,8 +81,13 @@ class TrainConfig:
         _at_least("unfreeze", self.unfreeze, 0)
         if self.view_kind == "dihedral" and self.views > 8:
             raise UsageError("--views must be between 1 and 8 with --view-kind dihedral (a square has 8 symmetries)")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, not {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise UsageError(f"--lr must be > 0 (and finite), not {self.lr}")
+        bad = [f.name for f in fields(self) if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool)]
+        if bad:
+            raise UsageError(f"{', '.join(bad)} must be true or false")
+        if self.workers is not None:
+            _at_least("workers", self.workers, 0)
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction}")
         if not 0 < self.lower_lr_factor <= 1:

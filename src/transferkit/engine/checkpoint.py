@@ -20,13 +20,16 @@ from ..models.registry import Preprocessing, get_spec
 
 FORMAT = "transferkit-checkpoint"
 VERSION = 1
+RESUME_PREFIX = "resume."  # `last` also holds optimizer/RNG tensors under this prefix (engine/resume.py)
+REQUIRED_META = {"architecture": str, "classes": list, "preprocessing": dict}
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, extra: dict | None = None) -> Path:
     path = Path(path)
     meta = {"format": FORMAT, "version": VERSION, **meta}
     # Shared/non-contiguous tensors are not allowed in safetensors; clone to be safe.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"transferkit": json.dumps(meta)}))
     atomic_write_json(path.with_suffix(".json"), meta)
     return path
@@ -51,9 +54,15 @@ def read_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a safetensors checkpoint ({exc})") from None
     if not raw:
         raise CheckpointError(f"{path} has no transferkit metadata; was it written by transferkit?")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a transferkit checkpoint")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a transferkit checkpoint (its metadata is not transferkit's)")
+    wrong = [k for k, kind in REQUIRED_META.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise CheckpointError(f"{path} has broken metadata ({', '.join(wrong)} missing or of the wrong type)")
     return meta
 
 
@@ -64,7 +73,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     spec = get_spec(meta["architecture"])
     model = build_model(spec, len(meta["classes"]), pretrained=False)
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
+        state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(RESUME_PREFIX)}
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match {spec.name}: {str(exc).splitlines()[0]}") from None
     return model.eval(), meta

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from ..config import TrainConfig
-from ..data.folders import DataScan, scan_dataset, write_manifest
+from ..data.folders import IMBALANCE_WARN_RATIO, DataScan, read_manifest, scan_dataset, write_manifest
 from ..data.transforms import eval_transform, train_transform
 from ..errors import TrainingError
 from ..io import atomic_write_json, atomic_write_text
@@ -32,6 +32,8 @@ from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
 from .optim import make_optimizer, make_schedule
 from .progress import progress
+from .resume import file_sha256, fresh_best, restore_last, save_last
+from .signals import after_batch, oom_as_training_error
 from .sources import BatchSource, CachedFeatureSource, ImageBatchSource
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class RunState:
     out: Path
     history: list[dict] = field(default_factory=list)
     skipped_in_training: int = 0
+    split_sha256: str = ""  # of RUN/split.csv, recorded in `last` so a resume uses the same split
+    elapsed_before: float = 0.0  # seconds trained before a resume
 
 
 def set_seed(seed: int) -> None:
@@ -67,19 +71,23 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.model}-{cfg.mode}"
 
 
-def prepare(cfg: TrainConfig) -> RunState:
+def prepare(cfg: TrainConfig, resume: bool = False) -> RunState:
     cfg.validate()
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
     pre = spec.preprocessing.at_size(cfg.image_size) if cfg.image_size else spec.preprocessing
     # Under torchrun rank 0 scans and names the run folder; every rank gets the same split and folder.
     scan = distributed.share_from_main(
-        lambda: scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict))
+        lambda: read_manifest(Path(cfg.out) / "split.csv", cfg.data) if resume  # the run's own split
+        else scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict))
     for line in scan.summary_lines():
         log.warning(line)
+    if scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":
+        log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
+                    "(and --class-weights auto or --balanced-sampler)")
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
     cfg.out = str(out)
-    if distributed.is_main():
+    if distributed.is_main() and not resume:
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         write_manifest(scan, out / "split.csv")
         scan.write_report(out / "data_report.json")
@@ -105,10 +113,11 @@ def make_source(state: RunState) -> BatchSource:
 
 
 @distributed.session
-def fit(cfg: TrainConfig) -> dict:
-    """Train as configured; write the run folder; return metrics.json's content."""
+def fit(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train as configured; write the run folder; return metrics.json's content.
+    resume=True continues the run in cfg.out from its `last` checkpoint (engine/resume.py)."""
     t_start = time.perf_counter()
-    state = prepare(cfg)
+    state = prepare(cfg, resume)
     source = make_source(state)
     source.prepare()
     if distributed.leave_training_to_main(source):  # cached features: rank 0 alone trains the head
@@ -117,9 +126,11 @@ def fit(cfg: TrainConfig) -> dict:
     optimizer = make_optimizer(state.plan, distributed.scaled(cfg))
     schedule = make_schedule(optimizer, distributed.scaled(cfg), max(1, source.steps_per_epoch()))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
-    best = {"score": None, "epoch": 0, "weights": None, "val": None}
-    for epoch in range(1, cfg.epochs + 1):
-        row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, params, epoch)
+    start, best = _start(state, optimizer, schedule, source, resume)
+    t_start -= state.elapsed_before
+    for epoch in range(start, cfg.epochs + 1):
+        with oom_as_training_error(cfg, epoch, state.out):
+            row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, params, epoch)
         state.history.append(row)
         main = distributed.is_main()  # only rank 0 writes run files
         if main:
@@ -131,7 +142,8 @@ def fit(cfg: TrainConfig) -> dict:
             if main:
                 save_checkpoint(state.out / "best.safetensors", state.model, _meta(state, epoch, row))
         if main:
-            save_checkpoint(state.out / "last.safetensors", state.model, _meta(state, epoch, row))
+            save_last(state, _meta(state, epoch, row), optimizer, schedule, best, source,
+                      time.perf_counter() - t_start)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)", epoch, cfg.epochs,
                  row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"])
         if distributed.main_decides(cfg.patience and epoch - best["epoch"] >= cfg.patience):
@@ -141,6 +153,20 @@ def fit(cfg: TrainConfig) -> dict:
     if not distributed.is_main():
         return distributed.worker_result(state)
     return _finish(state, source, best, time.perf_counter() - t_start)
+
+
+def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[int, dict]:
+    """First epoch to run and the best so far: restored from `last`, or fresh with an epoch-0 `last`
+    (so a run killed during its first epoch can resume too)."""
+    if distributed.is_main():
+        state.split_sha256 = file_sha256(state.out / "split.csv")
+    if resume:
+        start, best, state.elapsed_before = restore_last(state, optimizer, schedule, source)
+        return start, best
+    best = fresh_best()
+    if distributed.is_main():
+        save_last(state, _meta(state, 0, dict.fromkeys(HISTORY_FIELDS)), optimizer, schedule, best, source, 0.0)
+    return 1, best
 
 
 def _run_epoch(state, source, optimizer, schedule, criterion, params, epoch):
@@ -167,7 +193,7 @@ def _train_phase(state, source, optimizer, schedule, criterion, params, epoch):
         if not distributed.all_true(bool(torch.isfinite(loss))):  # one rank's nan stops every rank
             raise TrainingError(
                 f"loss became {loss.item()} at epoch {epoch}, batch {batch_idx + 1}; try a lower --lr "
-                f"(now {state.cfg.lr}); the best checkpoint so far is in {state.out}"
+                f"(now {state.cfg.lr}); checkpoints of finished epochs are kept in {state.out}"
             )
         loss.backward()
         optimizer.step()
@@ -175,6 +201,7 @@ def _train_phase(state, source, optimizer, schedule, criterion, params, epoch):
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
+        after_batch(epoch, state.out)  # SIGINT/SIGTERM stop here, between batches
     state.skipped_in_training += source.take_skipped()
     total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
     return total_loss / max(seen, 1), correct / max(seen, 1)
