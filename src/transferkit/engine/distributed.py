@@ -231,6 +231,15 @@ def wrap_model(model: torch.nn.Module, device: torch.device, spec) -> torch.nn.M
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=bool(spec.aux_head))
 
 
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if not active():
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def scaled(cfg):
     """The config the optimizer sees: with --scale-lr linear, lr × the number of data-parallel ranks
     (the global batch grew by that factor). config.yaml keeps the lr as given."""

@@ -158,7 +158,7 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
 def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[int, dict]:
     """First epoch to run and the best so far: restored from `last`, or fresh with an epoch-0 `last`
     (so a run killed during its first epoch can resume too)."""
-    if distributed.is_main():
+    if distributed.is_main() or resume:  # every rank checks a resumed split; rank 0 writes a new one
         state.split_sha256 = file_sha256(state.out / "split.csv")
     if resume:
         start, best, state.elapsed_before = restore_last(state, optimizer, schedule, source)
