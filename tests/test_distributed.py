@@ -1,0 +1,120 @@
+"""Several processes under torchrun (gloo on CPU): one run folder, metrics equal to a single-process
+evaluation of the saved checkpoint, and sharded feature extraction equal to a single-process one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_image_folder
+from transferkit.config import TrainConfig
+from transferkit.data.folders import read_manifest
+from transferkit.data.images import load_rgb
+from transferkit.data.transforms import eval_transform
+from transferkit.engine import distributed
+from transferkit.engine.checkpoint import load_checkpoint, preprocessing_of
+from transferkit.engine.features import FeatureStore
+from transferkit.engine.fit import fit
+
+# 3 classes × 3 val images = 9: two ranks get 5 each, one of them a padding repeat of sample 0.
+CLASSES = ("ants", "bees", "wasps")
+
+
+@pytest.fixture
+def odd_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data", n_train=4, n_val=3, size=32, classes=CLASSES)
+
+
+def _run(args: list[str], cwd: Path, cache: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_DIST_TIMEOUT_MIN": "2"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _evaluate_single_process(run: Path, data: Path) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of RUN/best.safetensors on RUN/split.csv's val rows, one process."""
+    model, meta = load_checkpoint(run)
+    tf = eval_transform(preprocessing_of(meta))
+    scan = read_manifest(run / "split.csv", data)
+    x = torch.stack([tf(load_rgb(path)) for path, _ in scan.val])
+    y = torch.tensor([meta["classes"].index(scan.classes[label]) for _, label in scan.val])
+    with torch.inference_mode():
+        logits = model(x)
+    return int((logits.argmax(1) == y).sum()) / len(y), float(F.cross_entropy(logits, y))
+
+
+@pytest.mark.slow  # two torch processes plus torchrun start up: ~25 s of CPU each
+def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(odd_folder, tmp_path):
+    args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--mode", "finetune", "--epochs", "1",
+            "--no-pretrained", "--batch-size", "4", "--lr", "0.01", "--out", "run", "--nproc", "2"]
+    proc = _run(args, tmp_path, tmp_path / "feature-cache")
+    assert proc.stdout.count("Best val Acc") == 1  # one rank speaks
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data", "run"]
+    run = tmp_path / "run"
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert [h["epoch"] for h in history] == ["1"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val_images"] == 9
+    acc, loss = _evaluate_single_process(run, odd_folder)
+    assert metrics["best_val_acc"] == pytest.approx(acc, abs=1e-9)
+    assert float(history[0]["val_loss"]) == pytest.approx(loss, rel=1e-4)
+    # Padding dropped: the report covers each val image exactly once.
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert int(np.sum(ev["confusion_matrix"])) == 9
+
+
+@pytest.mark.slow  # two torch processes plus torchrun start up: ~25 s of CPU each
+def test_torchrun_sharded_extraction_equals_single_process_cache(odd_folder, tmp_path, monkeypatch):
+    dist_cache, single_cache = tmp_path / "cache-2proc", tmp_path / "cache-1proc"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "transferkit", "train", str(odd_folder), "--epochs", "2", "--views", "2", "--engine", "torch",
+            "--out", "run"]
+    _run(args, tmp_path, dist_cache)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["source"]["kind"] == "cached-features"
+    # Each rank computed its half of the 12 train × 2 views + 9 val items.
+    assert metrics["source"]["train"]["computed"] == 12 and metrics["source"]["val"]["computed"] == 5
+
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(single_cache))
+    fit(TrainConfig(data=str(odd_folder), epochs=1, views=2, engine="torch", out=str(tmp_path / "single")))
+    (two,), (one,) = list(dist_cache.iterdir()), list(single_cache.iterdir())
+    assert two.name == one.name  # same backbone identity
+    a, b = FeatureStore(two), FeatureStore(one)
+    assert set(a.index) == set(b.index) and len(a.index) == 12 * 2 + 9
+    keys = sorted(a.index)
+    torch.testing.assert_close(a.get(keys), b.get(keys), rtol=1e-4, atol=1e-5)
+    assert len(list(two.glob("shard-*.safetensors"))) == 4  # 2 ranks × (train, val), uniquely named
+
+
+def test_gather_eval_in_one_process_sorts_and_drops_repeats():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.9, 0.1]])
+    labels, indices = torch.tensor([0, 1, 0, 0]), torch.tensor([2, 0, 1, 2])
+    p, y, idx, loss = distributed.gather_eval(probs, labels, indices, torch.tensor([0.1, 0.2, 0.3, 0.1]))
+    assert idx.tolist() == [0, 1, 2] and y.tolist() == [1, 0, 0]
+    np.testing.assert_allclose(p[:, 0], [0.2, 0.6, 0.9])
+    np.testing.assert_allclose(loss, [0.2, 0.3, 0.1])
+
+
+def test_torchrun_command_drops_nproc_and_checks_it():
+    cmd = distributed.torchrun_command(3, ["-v", "train", "D", "--nproc", "3", "--epochs", "2", "--nproc=3"])
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    assert cmd[6:] == ["-m", "transferkit", "-v", "train", "D", "--epochs", "2"]
+    with pytest.raises(distributed.UsageError):
+        distributed.torchrun_command(0, [])
+
+
+def test_linear_lr_scaling_only_with_several_data_parallel_ranks():
+    cfg = TrainConfig(data="d", lr=0.01, scale_lr="linear")
+    assert distributed.scaled(cfg).lr == 0.01  # one process: nothing to scale
+    with pytest.raises(Exception, match="scale-lr"):
+        TrainConfig(data="d", scale_lr="sqrt").validate()
