@@ -28,6 +28,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
 from ..models.registry import BackboneSpec, Preprocessing, get_spec
 from . import distributed
+from . import tensorboard
 from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
 from .optim import make_optimizer, make_schedule
@@ -76,6 +77,7 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> RunState:
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
     pre = spec.preprocessing.at_size(cfg.image_size) if cfg.image_size else spec.preprocessing
+    device = distributed.device_for(pick_device(cfg.device))  # a bad --device fails before any file is written
     # Under torchrun rank 0 scans and names the run folder; every rank gets the same split and folder.
     scan = distributed.share_from_main(
         lambda: read_manifest(Path(cfg.out) / "split.csv", cfg.data) if resume  # the run's own split
@@ -91,7 +93,6 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> RunState:
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         write_manifest(scan, out / "split.csv")
         scan.write_report(out / "data_report.json")
-    device = distributed.device_for(pick_device(cfg.device))
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
     log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
@@ -135,6 +136,8 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
         main = distributed.is_main()  # only rank 0 writes run files
         if main:
             _write_history(state)
+            if cfg.tensorboard:
+                tensorboard.log_epoch(state.out, row)
         score = _score(row, cfg.best_metric)
         if best["score"] is None or score > best["score"]:
             best.update(score=score, epoch=epoch, val=val_out,

@@ -1,0 +1,160 @@
+"""Resumable runs: a killed or interrupted run continues from `last` and ends exactly like an
+uninterrupted one with the same seed (CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from transferkit import cli
+from transferkit.config import TrainConfig
+from transferkit.engine import fit as fit_module
+from transferkit.engine import signals
+from transferkit.engine.checkpoint import read_meta
+from transferkit.engine.fit import fit
+
+FE = dict(epochs=4, batch_size=4, optimizer="adam", scheduler="cosine", seed=3)
+FINETUNE = dict(model="resnet18", pretrained=False, image_size=32, mode="finetune", epochs=2, batch_size=4,
+                optimizer="sgd", scheduler="step", step_size=1, seed=5)
+COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_accuracy", "val_macro_f1", "lr")
+
+
+def _cli_args(data: Path, out: Path, opts: dict) -> list[str]:
+    args = ["train", str(data), "--out", str(out)]
+    for key, value in opts.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _history_epochs(run: Path) -> list[int]:
+    with open(run / "history.csv", newline="") as fh:
+        return [int(row["epoch"]) for row in csv.DictReader(fh)]
+
+
+def _assert_same_run(resumed: dict, reference: dict, run: Path) -> None:
+    epochs = list(range(1, len(reference["history"]) + 1))
+    assert [r["epoch"] for r in resumed["history"]] == epochs
+    assert _history_epochs(run) == epochs
+    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())["history"]] == epochs
+    for got, want in zip(resumed["history"], reference["history"]):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (got["epoch"], key)
+    for key in ("best_epoch", "best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
+def _wait_for_epoch(run: Path, proc: subprocess.Popen, epoch: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if json.loads((run / "last.json").read_text())["epoch"] >= epoch:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no last checkpoint for epoch {epoch} within {timeout}s")
+
+
+def _start_cli(data: Path, run: Path, opts: dict) -> subprocess.Popen:
+    env = {**os.environ, signals.BATCH_DELAY_ENV: "0.4"}  # test-only: makes mid-epoch kills observable
+    return subprocess.Popen([sys.executable, "-m", "transferkit", *_cli_args(data, run, opts)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _resume(run: Path) -> dict:
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    return json.loads((run / "metrics.json").read_text())
+
+
+def test_killed_and_terminated_runs_resume_exactly(tiny_folder, tmp_path, capsys):
+    reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
+
+    killed = tmp_path / "killed"
+    proc = _start_cli(tiny_folder, killed, FE)
+    _wait_for_epoch(killed, proc, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = read_meta(killed / "last.safetensors")["epoch"]
+    assert 1 <= done < FE["epochs"] and not (killed / "metrics.json").exists()
+    _assert_same_run(_resume(killed), reference, killed)
+
+    stopped = tmp_path / "stopped"
+    proc = _start_cli(tiny_folder, stopped, FE)
+    _wait_for_epoch(stopped, proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("transferkit: interrupted at epoch ")
+    assert last_line.endswith(f"resume with: transferkit train --resume {stopped}")
+    assert "Traceback" not in err
+    _assert_same_run(_resume(stopped), reference, stopped)
+
+
+def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+    reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FINETUNE))
+    run = tmp_path / "run"
+    real_after_batch = fit_module.after_batch
+    calls = []
+
+    def interrupt_mid_epoch_2(epoch, run_dir):
+        calls.append(epoch)
+        if calls.count(2) == 2:  # as if Ctrl-C arrived during the second batch of epoch 2
+            signals._requested.append(signal.SIGINT)
+        real_after_batch(epoch, run_dir)
+
+    monkeypatch.setattr(fit_module, "after_batch", interrupt_mid_epoch_2)
+    with pytest.raises(signals.Interrupted, match="interrupted at epoch 2; resume with") as info:
+        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FINETUNE))
+    assert info.value.exit_code == 130
+    signals._requested.clear()
+    monkeypatch.setattr(fit_module, "after_batch", real_after_batch)
+    assert read_meta(run / "last.safetensors")["epoch"] == 1
+    _assert_same_run(_resume(run), reference, run)
+
+
+def test_last_checkpoint_holds_resume_state_without_pickle(tiny_folder, tmp_path):
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(tiny_folder), out=str(run), **{**FE, "epochs": 1}))
+    meta = read_meta(run / "last.safetensors")
+    resume = meta["resume"]
+    assert meta["epoch"] == 1 and resume["best"]["epoch"] == 1
+    assert resume["freeze"]["mode"] == "feature-extract" and resume["freeze"]["trainable_groups"] == ["head"]
+    assert resume["scheduler"]["last_epoch"] > 0 and len(resume["history"]) == 1
+    tensors = load_file(str(run / "last.safetensors"))
+    assert {"resume.rng.torch", "resume.rng.numpy", "resume.best.val.probs"} <= set(tensors)
+    assert any(k.startswith("resume.optim.state.0.exp_avg") for k in tensors)
+    import hashlib
+
+    assert resume["split_sha256"] == hashlib.sha256((run / "split.csv").read_bytes()).hexdigest()
+    # `last` still loads as a plain model checkpoint (predict/evaluate ignore the resume tensors).
+    from transferkit.engine.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(run / "last.safetensors")
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(tiny_folder), out=str(run), **{**FE, "epochs": 1}))
+    (run / "metrics.json").unlink()  # pretend it was interrupted
+    assert cli.main(["train", "--resume", str(run), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr (saved: 0.001)" in err and len(err.strip().splitlines()) == 1
+    with open(run / "split.csv", "a") as fh:
+        fh.write("train/ants/ants_train_0.png,ants,train\n")  # a duplicate row: another split
+    assert cli.main(["train", "--resume", str(run)]) == 5
+    assert "split.csv changed" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
