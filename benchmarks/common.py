@@ -1,0 +1,66 @@
+"""Shared by the benchmarks: the ELPV folders they run on and the RESULTS.md they write to."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from datetime import datetime
+from pathlib import Path
+
+from transferkit.data.builtin import materialize_elpv
+from transferkit.engine.environment import describe_environment
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def elpv(out: Path, classes: int = 2) -> Path:
+    materialize_elpv(out, classes=classes, seed=0)
+    return out
+
+
+def stratified_subset(src: Path, dst: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
+    """A smaller copy of an ImageFolder split (hard links), each class keeping its share."""
+    if (dst / "train").is_dir():
+        return dst
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        by_class = {c.name: sorted(p for p in c.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                    for c in sorted((src / split).iterdir()) if c.is_dir()}
+        total = sum(len(v) for v in by_class.values())
+        for name, files in by_class.items():
+            (dst / split / name).mkdir(parents=True, exist_ok=True)
+            for f in rng.sample(files, round(n * len(files) / total)):
+                os.link(f, dst / split / name / f.name)
+    return dst
+
+
+def environment_line() -> str:
+    env = describe_environment()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{env['cpu']}, {env['cores']} cores (torch threads {env['torch_threads']}), torch {env['torch']}, "
+            f"load average at start {load:.1f}; {datetime.now():%Y-%m-%d %H:%M}")
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) one benchmark's section of RESULTS.md, leaving the others alone."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# transferkit benchmarks\n"
+    block = f"{begin}\n{markdown.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text, encoding="utf-8")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)

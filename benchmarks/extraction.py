@@ -1,0 +1,74 @@
+"""Feature-extraction throughput vs the bare ONNX Runtime forward, in the same run.
+
+    python benchmarks/extraction.py [--work DIR] [--images 244] [--batch 64]
+
+Extraction = transferkit's cached_features over real ELPV files with a cold store (decode, resize,
+normalize, ONNX Runtime forward, store write). Bare = the same ONNX Runtime session on random
+tensors of the same shape and batch size. Reports extraction images/s as a fraction of bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+
+from transferkit.engine.features import FeatureStore, View, cached_features, default_workers  # noqa: E402
+from transferkit.engine.runtime import FrozenEngine, FrozenPart  # noqa: E402
+from transferkit.models.adapt import build_model  # noqa: E402
+from transferkit.models.registry import get_spec  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--batch", type=int, default=64)
+    args = ap.parse_args()
+    work = Path(args.work)
+    data = stratified_subset(elpv(work / "elpv2", 2), work / "elpv2-seed-sized", 244, 153)
+    paths = sorted(str(p) for p in (data / "train").rglob("*.png"))
+    spec = get_spec(args.model)
+    model = build_model(spec, 2, pretrained=True).eval()
+    pre = spec.preprocessing
+    tmp = Path(tempfile.mkdtemp(prefix="tk-extract-"))
+    engine = FrozenEngine(FrozenPart(model, spec.cache_point), torch.device("cpu"), "onnxruntime",
+                          tmp / "frozen.onnx")
+    engine(torch.randn(2, 3, pre.input_size, pre.input_size))  # export + parity outside the timing
+    assert engine.info["engine"] == "onnxruntime", engine.info
+    ort = engine.active
+    x = torch.randn(args.batch, 3, pre.input_size, pre.input_size)
+    ort(x)  # warm-up
+    rows = []
+    for rep in range(2):  # interleaved, twice: the box is shared, so the load drifts
+        t0 = time.perf_counter()
+        for start in range(0, len(paths), args.batch):
+            ort(x[: min(args.batch, len(paths) - start)])
+        bare = len(paths) / (time.perf_counter() - t0)
+        store = FeatureStore(tmp / f"store{rep}")
+        t0 = time.perf_counter()
+        cached_features(engine, store, paths, [View(0)], pre, batch_size=args.batch, workers=default_workers())
+        real = len(paths) / (time.perf_counter() - t0)
+        rows.append({"repeat": rep + 1, "bare ORT images/s": bare, "extraction images/s": real,
+                     "fraction": real / bare})
+        print(rows[-1], flush=True)
+    text = (f"## Extraction throughput vs bare ONNX Runtime\n\n{environment_line()}. {args.model}, "
+            f"{len(paths)} ELPV images at {pre.input_size}px, batch {args.batch}, "
+            f"{default_workers()} decode workers, ORT intra-op threads = {os.cpu_count()}. "
+            f"Parity max abs diff {engine.info['parity_max_abs_diff']:.2g}. "
+            f"Command: `python benchmarks/extraction.py`. Target: fraction ≥ 0.70.\n\n"
+            + table(rows, ["repeat", "bare ORT images/s", "extraction images/s", "fraction"]))
+    print(text)
+    write_section("extraction", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""transferkit vs the seed tutorial's `train_model` loop, on the same seed-sized ELPV subset.
+
+    python benchmarks/vs_tutorial.py [--work DIR] [--views 2] [--fe-epochs 15] [--ft-epochs 2]
+
+The tutorial side re-implements the seed loop faithfully (ImageFolder, batch 8, 4 workers, SGD 0.001/0.9,
+StepLR(7, 0.1), RandomResizedCrop(224)+flip / Resize(256)+CenterCrop(224), model.train() in the train
+phase, the whole frozen network run every epoch); its model is transferkit's efficientnet_lite0 with
+the classifier replaced, normalised with lite0's own mean = std = 0.5. The transferkit side is one
+`transferkit.api.train` call with a cold feature cache. Both sides run back to back in this process.
+Prints, and writes its section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torchvision import datasets, transforms
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+
+from transferkit.api import train  # noqa: E402
+from transferkit.models.adapt import build_model  # noqa: E402
+from transferkit.models.registry import get_spec  # noqa: E402
+
+MODEL = "efficientnet_lite0"
+LITE_MEAN = LITE_STD = [0.5, 0.5, 0.5]
+
+
+def tutorial_loaders(data: Path) -> dict:
+    tf = {
+        "train": transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                     transforms.ToTensor(), transforms.Normalize(LITE_MEAN, LITE_STD)]),
+        "val": transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                   transforms.ToTensor(), transforms.Normalize(LITE_MEAN, LITE_STD)]),
+    }
+    sets = {x: datasets.ImageFolder(str(data / x), tf[x]) for x in ("train", "val")}
+    return {x: torch.utils.data.DataLoader(sets[x], batch_size=8, shuffle=True, num_workers=4) for x in sets}
+
+
+def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, num_epochs):
+    """The seed's train_model, minus its prints: returns (model with best weights, best val acc)."""
+    best_model_wts = copy.deepcopy(model.state_dict())
+    best_acc = 0.0
+    for _ in range(num_epochs):
+        for phase in ["train", "val"]:
+            model.train() if phase == "train" else model.eval()
+            running_corrects = 0
+            for inputs, labels in dataloaders[phase]:
+                optimizer.zero_grad()
+                with torch.set_grad_enabled(phase == "train"):
+                    outputs = model(inputs)
+                    loss = criterion(outputs, labels)
+                    _, preds = torch.max(outputs, 1)
+                    if phase == "train":
+                        loss.backward()
+                        optimizer.step()
+                running_corrects += torch.sum(preds == labels.data)
+            if phase == "train":
+                scheduler.step()
+            epoch_acc = running_corrects.double() / len(dataloaders[phase].dataset)
+            if phase == "val" and epoch_acc > best_acc:
+                best_acc = epoch_acc.item()
+                best_model_wts = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_model_wts)
+    return model, best_acc
+
+
+def run_tutorial(data: Path, mode: str, epochs: int) -> dict:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    loaders = tutorial_loaders(data)
+    model = build_model(get_spec(MODEL), len(loaders["train"].dataset.classes), pretrained=True)
+    if mode == "feature-extract":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("classifier.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    _, best = tutorial_train_model(model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler, epochs)
+    return {"wall_s": time.perf_counter() - t0, "best_val_acc": best}
+
+
+def run_transferkit(data: Path, out: Path, mode: str, epochs: int, recipe: dict) -> dict:
+    # A cold cache: feature extraction (and the ONNX export) is part of the measured time.
+    os.environ["TRANSFERKIT_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="tk-bench-cache-")
+    t0 = time.perf_counter()
+    clf = train(data, model=MODEL, mode=mode, epochs=epochs, out=str(out), **recipe)
+    m = clf.metrics_
+    return {"wall_s": time.perf_counter() - t0, "best_val_acc": m["best_val_acc"],
+            "engine": m["source"].get("engine", "torch (image batches)"), "run": str(out)}
+
+
+def recipes(views: int) -> dict:
+    return {
+        "feature-extract": dict(views=views, optimizer="adamw", lr=3e-3, weight_decay=1e-2, scheduler="cosine",
+                                batch_size=32, label_smoothing=0.1),
+        "finetune": dict(optimizer="adamw", lr=3e-4, weight_decay=1e-2, scheduler="cosine", batch_size=32),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--fe-epochs", type=int, default=15)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--modes", default="feature-extract,finetune")
+    args = ap.parse_args()
+    work = Path(args.work)
+    data = stratified_subset(elpv(work / "elpv2", 2), work / "elpv2-seed-sized", 244, 153)
+    n_train = sum(1 for _ in (data / "train").rglob("*.png"))
+    env = environment_line()
+    rows = []
+    for mode in args.modes.split(","):
+        epochs = args.fe_epochs if mode == "feature-extract" else args.ft_epochs
+        recipe = recipes(args.views)[mode]
+        tut = run_tutorial(data, mode, epochs)
+        print(f"tutorial    {mode}: {tut}", flush=True)
+        tk = run_transferkit(data, work / f"run-{mode}", mode, epochs, recipe)
+        print(f"transferkit {mode}: {tk}", flush=True)
+        for side, r in (("tutorial loop", tut), ("transferkit", tk)):
+            rows.append({"mode": mode, "side": side, "epochs": epochs, "wall s": r["wall_s"],
+                         "images/s": n_train * epochs / r["wall_s"], "best val acc": r["best_val_acc"],
+                         "engine": r.get("engine", "torch eager")})
+        rows.append({"mode": mode, "side": "ratio (transferkit / tutorial)", "wall s": tk["wall_s"] / tut["wall_s"],
+                     "images/s": tut["wall_s"] / tk["wall_s"],
+                     "best val acc": f"{100 * (tk['best_val_acc'] - tut['best_val_acc']):+.1f} points",
+                     "engine": "recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items())})
+    text = (f"## transferkit vs the tutorial loop\n\n{env}. Data: seed-sized stratified ELPV subset "
+            f"({n_train} train / {sum(1 for _ in (data / 'val').rglob('*.png'))} val, 2 classes). "
+            f"Command: `python benchmarks/vs_tutorial.py --views {args.views}`.\n\n"
+            + table(rows, ["mode", "side", "epochs", "wall s", "images/s", "best val acc", "engine"]))
+    print(text)
+    write_section("vs_tutorial", text)
+
+
+if __name__ == "__main__":
+    main()

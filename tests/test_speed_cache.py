@@ -1,0 +1,47 @@
+"""The feature cache: a rerun recomputes nothing, a changed file or preprocessing is recomputed, and
+training on cached features gives what the uncached path gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from transferkit.config import TrainConfig
+from transferkit.engine.fit import fit
+
+FAST = dict(model="efficientnet_lite0", epochs=1, engine="torch", workers=0)
+
+
+def _stats(metrics: dict) -> tuple[int, int]:
+    src = metrics["source"]
+    return src["train"]["hits"] + src["val"]["hits"], src["train"]["computed"] + src["val"]["computed"]
+
+
+def test_rerun_hits_and_changes_miss(tiny_folder: Path, tmp_path: Path):
+    run = lambda name, **kw: fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / name), **{**FAST, **kw}))
+    assert _stats(run("a")) == (0, 24)
+    assert _stats(run("b", lr=0.01)) == (24, 0)  # a new head or learning rate costs no backbone time
+    changed = next((tiny_folder / "train" / "ants").glob("*.png"))
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(changed)
+    assert _stats(run("c")) == (23, 1)
+    assert _stats(run("d", image_size=64)) == (0, 24)  # preprocessing is part of the key
+
+
+def test_cached_training_equals_uncached(tiny_folder: Path, tmp_path: Path):
+    # views=1, no augmentation and one batch per epoch: the two paths see the same inputs in each step.
+    common = dict(FAST, epochs=2, views=1, augment="none", batch_size=16, optimizer="adam", lr=0.01)
+    outs = {}
+    for cache in (True, False):
+        m = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / f"c{cache}"), cache=cache, **common))
+        outs[cache] = (m, load_file(str(tmp_path / f"c{cache}" / "last.safetensors")))
+    assert outs[True][0]["source"]["kind"] == "cached-features"
+    assert outs[False][0]["source"]["kind"] == "image-batches"
+    for name in ("classifier.weight", "classifier.bias"):
+        assert torch.allclose(outs[True][1][name], outs[False][1][name], atol=1e-4), name
+    ev = [json.loads((tmp_path / f"c{c}" / "evaluation.json").read_text()) for c in (True, False)]
+    assert ev[0]["accuracy"] == ev[1]["accuracy"]

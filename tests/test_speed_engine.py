@@ -1,0 +1,83 @@
+"""ONNX Runtime for the frozen part: parity is checked and reported, torch takes over when it must."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from transferkit.engine import runtime
+from transferkit.engine.runtime import FrozenEngine, FrozenPart
+
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.bn(self.conv(x)))), 1))
+
+
+@pytest.fixture
+def frozen():
+    torch.manual_seed(0)
+    return FrozenPart(TinyNet().eval(), "fc")
+
+
+def test_frozen_part_returns_the_input_of_the_point(frozen):
+    x = torch.randn(3, 3, 16, 16)
+    net = frozen.model
+    expected = torch.flatten(net.pool(torch.relu(net.bn(net.conv(x)))), 1)
+    assert torch.allclose(frozen(x), expected)
+
+
+def test_onnxruntime_is_used_when_in_parity_and_the_diff_is_reported(frozen, tmp_path):
+    engine = FrozenEngine(frozen, CPU, "auto", tmp_path / "frozen.onnx")
+    x = torch.randn(4, 3, 16, 16)
+    first = engine(x)
+    assert engine.info["engine"] == "onnxruntime"
+    assert 0 <= engine.info["parity_max_abs_diff"] < 1e-4
+    assert (tmp_path / "frozen.onnx").exists()
+    # Later batches (another batch size too) come from ONNX Runtime and still match eager torch.
+    y = torch.randn(7, 3, 16, 16)
+    assert torch.allclose(engine(y), frozen(y), atol=1e-4)
+    assert torch.allclose(first, frozen(x), atol=1e-5)
+
+
+def test_falls_back_to_torch_when_onnxruntime_cannot_be_imported(frozen, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    engine = FrozenEngine(frozen, CPU, "auto", tmp_path / "frozen.onnx")
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(engine(x), frozen(x))
+    assert engine.info["engine"] == "torch"
+    assert "not installed" in engine.info["fallback_reason"]
+    assert not (tmp_path / "frozen.onnx").exists()
+
+
+def test_falls_back_to_torch_when_parity_fails(frozen, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "PARITY_RTOL", -1.0)  # no difference can pass
+    engine = FrozenEngine(frozen, CPU, "onnxruntime", tmp_path / "frozen.onnx")
+    x = torch.randn(2, 3, 16, 16)
+    engine(x)
+    assert engine.info["engine"] == "torch"
+    assert "parity" in engine.info["fallback_reason"]
+    assert engine.active is engine.torch_engine
+
+
+def test_torch_engine_exports_nothing(frozen, tmp_path):
+    engine = FrozenEngine(frozen, CPU, "torch", tmp_path / "frozen.onnx")
+    engine(torch.randn(2, 3, 16, 16))
+    assert engine.info["engine"] == "torch" and not (tmp_path / "frozen.onnx").exists()
+
+
+def test_out_dtype_is_applied(frozen, tmp_path):
+    engine = FrozenEngine(frozen, CPU, "torch", None, out_dtype=torch.float16)
+    assert engine(torch.randn(2, 3, 16, 16)).dtype == torch.float16
