@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -124,31 +123,6 @@ class FeatureStore:
         for row, key in enumerate(keys):
             self.index[key] = (shard, row)
         self._shards[shard] = tensor
-
-
-class HookedExtractor:
-    """Runs the frozen network in eval mode and returns the input of `point` (the trainable part)."""
-
-    def __init__(self, model: nn.Module, point: str, device: torch.device, channels_last: bool = True):
-        self.model, self.device = model, device
-        self.channels_last = channels_last and device.type == "cpu"
-        self._captured = None
-        self._handle = model.get_submodule(point).register_forward_hook(self._hook)
-
-    def close(self) -> None:
-        self._handle.remove()
-
-    def _hook(self, module, inputs, output):
-        self._captured = inputs[0]
-
-    @torch.inference_mode()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.model(x)
-        return self._captured.float().cpu().contiguous()
 
 
 def store_for(identity: dict) -> FeatureStore:

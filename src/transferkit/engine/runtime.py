@@ -2,7 +2,7 @@
 
 The frozen part is any module whose forward maps an image batch to what the trainable part consumes
 (the input of the registry's cache point, or the output of a prefix of layer groups). `make_engine`
-returns a callable with the HookedExtractor contract (batch in, float CPU tensor out). With
+returns a callable: image batch in, CPU tensor out. With
 `engine="auto"` or `"onnxruntime"` the first batch runs through both eager PyTorch and ONNX Runtime;
 ONNX Runtime is kept only if the outputs agree within a tolerance, otherwise the run falls back to
 eager PyTorch with a warning. The .onnx file is cached beside the feature store it feeds.
@@ -192,4 +192,4 @@ class FrozenEngine:
         return None
 
     def close(self) -> None:
-        """Nothing to release; present so FrozenEngine can stand in for HookedExtractor."""
+        """Nothing to release; present for the extractor interface cached_features callers close."""
