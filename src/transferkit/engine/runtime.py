@@ -1,9 +1,8 @@
 """A fast runtime for the frozen part: export it to ONNX once, run it with ONNX Runtime.
 
 The frozen part is any module whose forward maps an image batch to what the trainable part consumes
-(the input of the registry's cache point, or the output of a prefix of layer groups). `make_engine`
-returns a callable: image batch in, CPU tensor out. With
-`engine="auto"` or `"onnxruntime"` the first batch runs through both eager PyTorch and ONNX Runtime;
+(the input of the registry's cache point, or the output of a prefix of layer groups). `FrozenEngine`
+is a callable: image batch in, CPU tensor out. With `engine="auto"` or `"onnxruntime"` the first batch runs through both eager PyTorch and ONNX Runtime;
 ONNX Runtime is kept only if the outputs agree within a tolerance, otherwise the run falls back to
 eager PyTorch with a warning. The .onnx file is cached beside the feature store it feeds.
 """
