@@ -1,0 +1,91 @@
+"""Every bad command line ends in one line on stderr naming the option, exit code 2, no traceback,
+and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transferkit import cli
+
+# (arguments after `train DATA`, words the one line must contain)
+BAD_TRAIN_OPTIONS = [
+    (["--epochs", "-1"], ["--epochs", "≥ 1"]),
+    (["--epochs", "0"], ["--epochs", "≥ 1"]),
+    (["--epochs", "abc"], ["--epochs", "invalid int"]),
+    (["--lr", "0"], ["--lr", "> 0"]),
+    (["--lr", "-0.1"], ["--lr", "> 0"]),
+    (["--lr", "nan"], ["--lr", "> 0"]),
+    (["--lr", "inf"], ["--lr", "finite"]),
+    (["--batch-size", "0"], ["--batch-size", "≥ 1"]),
+    (["--val-fraction", "1.5"], ["--val-fraction", "between 0 and 1"]),
+    (["--workers", "-2"], ["--workers", "≥ 0"]),
+    (["--views", "9"], ["--views", "between 1 and 8"]),
+    (["--image-size", "8"], ["--image-size", "≥ 32"]),
+    (["--patience", "-3"], ["--patience", "≥ 0"]),
+    (["--label-smoothing", "1"], ["--label-smoothing", "[0, 1)"]),
+    (["--mode", "bogus"], ["--mode", "invalid choice", "finetune"]),
+    (["--optimizer", "rmsprop"], ["--optimizer", "invalid choice", "adamw"]),
+    (["--best-metric", "f2"], ["--best-metric", "balanced_accuracy"]),
+    (["--class-weights", "balanced"], ["--class-weights", "auto"]),
+    (["--model", "resnt18"], ["unknown model", "did you mean resnet18"]),
+    (["--device", "tpu"], ["--device"]),
+    (["--no-such-option"], ["unrecognized arguments", "--no-such-option"]),
+]
+
+
+def _run(argv) -> int:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors leave through OneLineParser.error
+        code = exc.code
+    return code
+
+
+def _check_one_line(capsys, code, words) -> None:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("options, words", BAD_TRAIN_OPTIONS, ids=[" ".join(o) for o, _ in BAD_TRAIN_OPTIONS])
+def test_bad_train_option(tiny_folder, tmp_path, capsys, options, words):
+    run = tmp_path / "run"
+    code = _run(["train", str(tiny_folder), "--out", str(run), *options])
+    _check_one_line(capsys, code, words)
+    assert not run.exists()  # refused before anything was written
+
+
+def test_bad_paths(tiny_folder, tmp_path, capsys):
+    a_file = tiny_folder / "train" / "ants" / "ants_train_0.png"
+    cases = [
+        (["train", str(tmp_path / "missing")], ["DATA folder", "does not exist"]),
+        (["train", str(a_file)], ["is a file", "expected a folder"]),
+        (["train", str(tiny_folder), "--out", str(a_file)], ["--out", "is a file"]),
+        (["train", str(tiny_folder), "--weights", str(tmp_path / "none.pth")], ["--weights", "not a file"]),
+        (["train", str(tiny_folder), "--config", str(tmp_path / "none.yaml")], ["cannot read config"]),
+        (["train"], ["needs a DATA folder"]),
+        (["train", "--resume", str(tmp_path / "gone")], ["--resume", "not a folder"]),
+        (["predict"], ["the following arguments are required"]),
+        (["frobnicate"], ["invalid choice", "train"]),
+    ]
+    for argv, words in cases:
+        _check_one_line(capsys, _run(argv), words)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_gpu(tiny_folder, tmp_path, capsys):
+    code = _run(["train", str(tiny_folder), "--out", str(tmp_path / "run"), "--device", "cuda"])
+    _check_one_line(capsys, code, ["--device cuda", "no CUDA GPU"])
+
+
+def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"data: {tiny_folder}\nepochs: -5\nlearning_rate: 3\n")
+    _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["unknown config keys", "learning_rate"])
+    bad.write_text(f"data: {tiny_folder}\nepochs: -5\n")
+    _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs", "≥ 1"])

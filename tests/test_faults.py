@@ -1,0 +1,119 @@
+"""Faults in the loop: non-finite loss, CUDA out-of-memory, full disk, read-only run folder.
+Each ends in one line and an exit code, and leaves the checkpoints of finished epochs intact."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from transferkit import cli, io
+from transferkit.engine import fit as fit_module
+from transferkit.engine.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from transferkit.engine.signals import oom_as_training_error
+from transferkit.errors import TrainingError
+
+FAST = ["--epochs", "3", "--batch-size", "4"]  # 16 training images: 4 batches per epoch
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def _leftovers(folder) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_non_finite_loss_stops_with_epoch_batch_and_keeps_checkpoints(tiny_folder, tmp_path, monkeypatch, capsys):
+    real_loss, calls = fit_module._loss, []
+
+    def explode_in_epoch_2(output, y, criterion, spec):
+        calls.append(1)
+        logits, loss = real_loss(output, y, criterion, spec)
+        # The 5th training batch is epoch 2, batch 1: what a far too high lr does to the loss.
+        return logits, loss * float("inf") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(fit_module, "_loss", explode_in_epoch_2)
+    run = tmp_path / "run"
+    assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == TrainingError.exit_code
+    line = _one_line(capsys)
+    assert "loss became inf at epoch 2, batch 1" in line and "lower --lr" in line
+    assert read_meta(run / "best.safetensors")["epoch"] == 1
+    assert read_meta(run / "last.safetensors")["epoch"] == 1
+    load_checkpoint(run)  # the best checkpoint still loads
+    assert not (run / "metrics.json").exists() and not _leftovers(run)
+
+
+def test_cuda_out_of_memory_names_the_batch_size_and_suggests_half(tiny_folder, tmp_path, monkeypatch, capsys):
+    from transferkit.engine.sources import CachedFeatureSource
+
+    def oom(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CachedFeatureSource, "forward", oom)
+    run = tmp_path / "run"
+    assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == TrainingError.exit_code
+    line = _one_line(capsys)
+    assert "out of GPU memory in epoch 1 with --batch-size 4; try --batch-size 2" in line
+    assert (run / "last.safetensors").exists()  # the epoch-0 state: --resume still works
+
+
+def test_oom_translation_for_batch_size_one():
+    cfg = type("Cfg", (), {"batch_size": 1})()
+    with pytest.raises(TrainingError, match="--batch-size 1; try a smaller --image-size"):
+        with oom_as_training_error(cfg, 3, "run"):
+            raise torch.cuda.OutOfMemoryError("boom")
+
+
+def _refuse_replace(real, folder):
+    """os.replace that fails like a full disk for checkpoints written into `folder`."""
+
+    def replace(src, dst):
+        if str(dst).startswith(str(folder)) and str(dst).endswith(".safetensors"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    return replace
+
+
+def test_disk_full_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(io.os, "replace", _refuse_replace(os.replace, tmp_path))
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(io.RunFolderError, match="the disk is full; nothing was left half-written"):
+        save_checkpoint(tmp_path / "best.safetensors", model, {"architecture": "x"})
+    assert not (tmp_path / "best.safetensors").exists() and not _leftovers(tmp_path)
+
+
+def test_disk_full_during_training_is_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setattr(io.os, "replace", _refuse_replace(os.replace, run))
+    assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == io.RunFolderError.exit_code
+    line = _one_line(capsys)
+    assert "last.safetensors: the disk is full" in line
+    assert not list(run.glob("*.safetensors")) and not _leftovers(run)
+    assert json.loads((run / "data_report.json").read_text())["classes"] == ["ants", "bees"]
+
+
+def test_read_only_run_folder_is_one_line(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    try:
+        probe = run / "probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.skip("this user can write to read-only folders (root); the disk-full tests cover it")
+        assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == io.RunFolderError.exit_code
+        assert "cannot write in" in _one_line(capsys)
+        assert not list(run.iterdir())
+    finally:
+        run.chmod(0o755)
