@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     h = dsub.add_parser("hymenoptera", help="the seed tutorials' bees/ants (downloads)")
     h.add_argument("out")
+    _add_results_commands(sub)
     return parser
 
 
@@ -278,3 +279,85 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "data": cmd_data}
+
+
+def _add_results_commands(sub) -> None:
+    """evaluate, compare, export, report: looking at a trained run and shipping it."""
+    from .evaluate import TTA_CHOICES  # torch-free; export's choices are checked by export_run (it imports torch)
+
+    p = sub.add_parser("evaluate", help="metrics, confusion matrix and worst mistakes of a run on labelled images")
+    p.add_argument("run", help="run folder or .safetensors checkpoint")
+    p.add_argument("data", help="folder of class folders, a data root with val/, or a run's split.csv (val)")
+    p.add_argument("--tta", nargs="?", const="auto", choices=TTA_CHOICES,
+                   help="average over flips (auto: all 8 dihedral views if the run trained on them)")
+    p.add_argument("--out", help="folder for evaluation.json and figures (default: the run folder)")
+
+    p = sub.add_parser("compare", help="pretrained feature-extract vs finetune vs scratch on the same split")
+    p.add_argument("data")
+    p.add_argument("--model", default=None, help="backbone (see `transferkit models`)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--image-size", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--out", help="folder for the three runs, compare.json and compare.png")
+
+    p = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against the eager model")
+    p.add_argument("run", help="run folder or .safetensors checkpoint (its split.csv gives the check images)")
+    p.add_argument("--format", default="onnx", help="onnx or torchscript")
+    p.add_argument("--quantize", help="int8: also write an int8 ONNX model (static, QDQ, per-channel)")
+    p.add_argument("--out", help="folder (default RUN/export)")
+
+    p = sub.add_parser("report", help="(re)write RUN/report.html from the run folder")
+    p.add_argument("run")
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+    from .results.metrics import format_metrics_table
+
+    ev = evaluate_run(args.run, args.data, tta=args.tta, out=args.out)
+    print(f"evaluated {ev['n']} images from {ev['split']}")
+    print(format_metrics_table(ev))
+    tta = ev["tta"]
+    if tta["kind"] != "none":
+        print(f"TTA ({tta['kind']}, {tta['views']} views): accuracy {tta['accuracy_with']:.4f} vs "
+              f"{tta['accuracy_without']:.4f} without ({tta['gain']:+.4f})")
+    for row in ev.get("top_losses", [])[:5]:
+        print(f"worst: {row['path']}  true {row['true']}  predicted {row['predicted']} "
+              f"({row['probability_of_predicted']:.3f})")
+    if ev["skipped"]:
+        print(f"skipped {len(ev['skipped'])} unreadable files")
+    print(f"wrote {ev['written_to']}/evaluation.json, confusion.png, top_losses.png")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from datetime import datetime
+
+    from .compare import compare, format_compare_table
+    from .models.zoo import DEFAULT_MODEL
+
+    model = args.model or DEFAULT_MODEL
+    out = args.out or f"runs/compare-{model}-{datetime.now():%Y%m%d-%H%M%S}"
+    options = {k: getattr(args, k) for k in ("batch_size", "image_size") if hasattr(args, k)}
+    result = compare(args.data, model, out, epochs=args.epochs, **options)
+    print(format_compare_table(result))
+    print(f"figure: {result['figure']}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_run, format_export
+
+    print(format_export(export_run(args.run, args.format, quantize=args.quantize, out=args.out)))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .engine.checkpoint import resolve_checkpoint
+    from .results.report import write_report
+
+    print(write_report(resolve_checkpoint(args.run).parent))
+    return 0
+
+
+COMMANDS.update(evaluate=cmd_evaluate, compare=cmd_compare, export=cmd_export, report=cmd_report)

@@ -79,6 +79,10 @@ class TrainConfig:
         _at_least("step-size", self.step_size, 1)
         _at_least("patience", self.patience, 0)
         _at_least("unfreeze", self.unfreeze, 0)
+        if self.tensorboard:
+            from .engine.tensorboard import require_tensorboard
+
+            require_tensorboard()  # before any training time is spent
         if self.view_kind == "dihedral" and self.views > 8:
             raise UsageError("--views must be between 1 and 8 with --view-kind dihedral (a square has 8 symmetries)")
         if not 0 < self.lr < float("inf"):

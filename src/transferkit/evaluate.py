@@ -1,0 +1,148 @@
+"""Evaluate a trained run on labelled images: a class-folder tree, a data root's val/, or a run's
+split.csv. Writes evaluation.json (metrics, top losses with paths), confusion.png and top_losses.png.
+
+Test-time augmentation averages softmax over views of each image: the horizontal flip, or all eight
+symmetries of the square when the run declared them safe for its data (dihedral views in training).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, UsageError
+from .io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+TTA_CHOICES = ("auto", "flip", "dihedral")
+# Indices into data.transforms.dihedral: 0 is the image itself, 4 its horizontal mirror.
+TTA_VIEWS = {"none": (0,), "flip": (0, 4), "dihedral": tuple(range(8))}
+
+
+def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order."""
+    from .predict_common import expand_inputs
+
+    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not subdirs:
+        raise DataError(f"{folder} has no class subfolders; evaluation needs {folder}/<class>/<image>")
+    extra = [name for name in subdirs if name not in classes]
+    if extra:
+        raise DataError(f"class folder(s) {', '.join(extra)} in {folder} are not classes of this model "
+                        f"({', '.join(classes)})")
+    items = []
+    for name in subdirs:
+        try:
+            items += [(path, classes.index(name)) for path in expand_inputs([str(folder / name)])]
+        except DataError:
+            log.warning("class folder %s has no images", folder / name)
+    if not items:
+        raise DataError(f"no images found under {folder}")
+    return items
+
+
+def manifest_items(manifest: Path, classes: list[str], split: str = "val",
+                   data_root: str | None = None) -> list[tuple[str, int]]:
+    """The samples of one split of a run's split.csv, relative to the data root that run trained on."""
+    from .config import TrainConfig
+    from .data.folders import read_manifest
+
+    config = manifest.parent / "config.yaml"
+    root = TrainConfig.from_yaml(config).data if config.is_file() else data_root
+    if root is None:
+        raise DataError(f"cannot tell which data folder {manifest} refers to (no config.yaml beside it)")
+    scan = read_manifest(manifest, root)
+    extra = sorted(set(scan.classes) - set(classes))
+    if extra:
+        raise DataError(f"{manifest} names class(es) {', '.join(extra)} that this model does not know")
+    samples = scan.val if split == "val" else scan.train
+    if scan.problems.get("missing"):
+        log.warning("%d files listed in %s are missing", len(scan.problems["missing"]), manifest)
+    return [(path, classes.index(scan.classes[label])) for path, label in samples]
+
+
+def resolve_items(target: str | Path, classes: list[str], meta: dict) -> tuple[list[tuple[str, int]], str]:
+    """What DATA_OR_SPLIT means: a split.csv (its val split), a data root with val/, or class folders."""
+    target = Path(target)
+    if target.is_file() and target.suffix.lower() == ".csv":
+        return manifest_items(target, classes, "val", meta.get("config", {}).get("data")), f"{target} (val)"
+    if target.is_dir():
+        folder = target / "val" if (target / "val").is_dir() else target
+        return folder_items(folder, classes), str(folder)
+    raise UsageError(f"{target} is neither an image folder nor a split.csv")
+
+
+def view_probs(predictor, paths: list[str], views: tuple[int, ...], batch_size: int = 32):
+    """Softmax per view, shape (V, N, C), and per-path read errors (NaN rows)."""
+    import torch
+
+    from .data.transforms import dihedral
+    from .predict_common import batched_proba
+
+    n_classes = len(predictor.classes)
+
+    def infer(tensors):
+        x = torch.stack(tensors)
+        return np.concatenate([predictor.probs_of(list(dihedral(x, k))) for k in views], axis=1)
+
+    with torch.inference_mode():
+        flat, errors = batched_proba(paths, n_classes * len(views), predictor.preprocess, infer, batch_size)
+    return flat.reshape(len(paths), len(views), n_classes).transpose(1, 0, 2), errors
+
+
+def tta_kind(tta: str | None, config: dict) -> str:
+    """`auto` takes all eight symmetries only where the run trained on dihedral views, else the flip."""
+    if tta in (None, "none"):
+        return "none"
+    if tta not in TTA_CHOICES:
+        raise UsageError(f"--tta must be one of {', '.join(TTA_CHOICES)}, not {tta!r}")
+    if tta == "auto":
+        declared = config.get("view_kind") == "dihedral" and int(config.get("views", 1)) > 1
+        return "dihedral" if declared else "flip"
+    return tta
+
+
+def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, out: str | Path | None = None,
+                 batch_size: int = 32) -> dict:
+    """Metrics of RUN's best checkpoint on TARGET; written to OUT (default: the run folder)."""
+    from .engine.checkpoint import resolve_checkpoint
+    from .predict import Predictor
+    from .results.metrics import classification_metrics, evaluation_summary
+
+    checkpoint = resolve_checkpoint(run)
+    predictor = Predictor(checkpoint)
+    classes = predictor.classes
+    items, source = resolve_items(target, classes, predictor.meta)
+    kind = tta_kind(tta, predictor.meta.get("config", {}))
+    paths = [p for p, _ in items]
+    per_view, errors = view_probs(predictor, paths, TTA_VIEWS[kind], batch_size)
+    ok = np.array([e is None for e in errors])
+    if not ok.any():
+        raise DataError(f"none of the {len(paths)} images in {source} could be read")
+    y = np.array([label for _, label in items])[ok]
+    kept = [p for p, good in zip(paths, ok) if good]
+    ev = evaluation_summary(y, per_view[:, ok].mean(axis=0), classes, paths=kept, split=source)
+    ev["checkpoint"] = str(checkpoint)
+    ev["skipped"] = [{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None]
+    ev["tta"] = {"kind": kind, "views": len(TTA_VIEWS[kind])}
+    if kind != "none":
+        plain = classification_metrics(y, per_view[0, ok], classes)
+        ev["tta"].update(accuracy_without=plain["accuracy"], accuracy_with=ev["accuracy"],
+                         gain=ev["accuracy"] - plain["accuracy"],
+                         balanced_accuracy_without=plain["balanced_accuracy"])
+    _write(ev, classes, Path(out) if out else checkpoint.parent)
+    return ev
+
+
+def _write(ev: dict, classes: list[str], folder: Path) -> None:
+    from .results import plots
+
+    atomic_write_json(folder / "evaluation.json", ev)
+    plots.plot_confusion(ev["confusion_matrix"], classes, folder / "confusion.png")
+    if ev.get("top_losses"):
+        plots.plot_top_losses(ev["top_losses"][:16], folder / "top_losses.png")
+    ev["written_to"] = str(folder)

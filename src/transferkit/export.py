@@ -1,0 +1,262 @@
+"""Export a run for deployment (ONNX or TorchScript, optionally int8 ONNX) and prove it agrees with the
+eager model on real validation images before anyone ships it.
+
+Every export is run on up to `check_images` images of the run's validation split and compared with the
+eager checkpoint; a float export must match the probabilities to `PROB_TOLERANCE` and every top-1 label
+(except true near-ties), an int8 model must agree on at least `INT8_MIN_AGREEMENT` of the whole split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ExportError, UsageError
+from .io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+QUANTIZATIONS = ("int8",)
+OPSET = 17
+PROB_TOLERANCE = 1e-3
+INT8_MIN_AGREEMENT = 0.98
+CALIBRATION_IMAGES = 64
+
+
+def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, out: str | Path | None = None,
+               check_images: int = 64) -> dict:
+    """Write RUN/export/model.{onnx,pt} (+ model.int8.onnx) and export.json with the parity numbers."""
+    from .engine.checkpoint import load_checkpoint, resolve_checkpoint
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if quantize is not None and (quantize not in QUANTIZATIONS or fmt != "onnx"):
+        raise UsageError("--quantize int8 works with --format onnx only")
+    checkpoint = resolve_checkpoint(run)
+    model, meta = load_checkpoint(checkpoint)
+    out = Path(out) if out else checkpoint.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    val = _split_items(checkpoint, meta, "val")
+    x = _load_batch(_spread(val, check_images), meta)
+    with torch.inference_mode():
+        eager = model(x).float().numpy()
+    if fmt == "onnx":
+        path = export_onnx(model, meta, out / "model.onnx", x[:1])
+        exported = _onnx_logits(path, x.numpy())
+    else:
+        path = export_torchscript(model, meta, out / "model.pt", x[:1])
+        with torch.inference_mode():
+            exported = torch.jit.load(str(path))(x).float().numpy()
+    result = {"format": fmt, "path": str(path), "checkpoint": str(checkpoint), "bytes": path.stat().st_size,
+              "parity": parity(eager, exported)}
+    _require_parity(result["parity"], fmt)
+    if quantize:
+        result["int8"] = quantize_int8(path, out / "model.int8.onnx", checkpoint, meta, val)
+    atomic_write_json(out / "export.json", result)
+    return result
+
+
+# ---- the two formats ---------------------------------------------------------------------------
+
+
+def export_onnx(model: torch.nn.Module, meta: dict, path: Path, example: torch.Tensor) -> Path:
+    """ONNX with a dynamic batch axis; classes, preprocessing and architecture in metadata_props."""
+    try:
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          opset_version=OPSET, dynamo=True, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types; say which model failed
+        raise ExportError(f"ONNX export of {meta['architecture']} failed: {str(exc).splitlines()[0]}") from exc
+    set_onnx_metadata(path, _metadata(meta))
+    return path
+
+
+def set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    existing = {p.key: p for p in proto.metadata_props}
+    for key, value in metadata.items():
+        entry = existing.get(key) or proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def export_torchscript(model: torch.nn.Module, meta: dict, path: Path, example: torch.Tensor) -> Path:
+    """torch.jit.trace in eval mode; the metadata travels as _extra_files (read with torch.jit.load)."""
+    with torch.inference_mode(False), torch.no_grad():
+        traced = torch.jit.trace(model.eval(), example.clone(), check_trace=False)
+    extra = {f"{key}.json": value for key, value in _metadata(meta).items()}
+    torch.jit.save(traced, str(path), _extra_files=extra)
+    return path
+
+
+def _metadata(meta: dict) -> dict[str, str]:
+    return {"classes": json.dumps(meta["classes"]), "preprocessing": json.dumps(meta["preprocessing"]),
+            "architecture": meta["architecture"]}
+
+
+# ---- checking ----------------------------------------------------------------------------------
+
+
+def parity(reference_logits: np.ndarray, logits: np.ndarray) -> dict:
+    """Max abs differences of logits and probabilities, top-1 agreement, and the disagreements that
+    are not near-ties (the eager top-2 margin exceeds the probability tolerance)."""
+    from .onnx_predict import softmax
+
+    p_ref, p = softmax(reference_logits.astype(np.float64)), softmax(logits.astype(np.float64))
+    top_ref, top = p_ref.argmax(1), p.argmax(1)
+    ranked = np.sort(p_ref, axis=1)
+    margin = ranked[:, -1] - ranked[:, -2] if p_ref.shape[1] > 1 else np.ones(len(p_ref))
+    return {
+        "images": int(len(p)),
+        "max_abs_logit_diff": float(np.abs(reference_logits - logits).max()),
+        "max_abs_prob_diff": float(np.abs(p_ref - p).max()),
+        "top1_agreement": float((top_ref == top).mean()),
+        "clear_disagreements": int(((top_ref != top) & (margin > 2 * PROB_TOLERANCE)).sum()),
+    }
+
+
+def _require_parity(result: dict, fmt: str) -> None:
+    if result["max_abs_prob_diff"] > PROB_TOLERANCE or result["clear_disagreements"]:
+        raise ExportError(
+            f"the {fmt} export disagrees with the eager model on {result['images']} validation images: "
+            f"max prob diff {result['max_abs_prob_diff']:.2e} (tolerance {PROB_TOLERANCE:.0e}), "
+            f"top-1 agreement {result['top1_agreement']:.4f}"
+        )
+
+
+def _split_items(checkpoint: Path, meta: dict, split: str) -> list[tuple[str, int]]:
+    from .errors import DataError
+    from .evaluate import manifest_items
+
+    manifest = checkpoint.parent / "split.csv"
+    if not manifest.is_file():
+        raise ExportError(f"cannot check the export: no split.csv beside {checkpoint} (export a run folder)")
+    try:
+        items = manifest_items(manifest, meta["classes"], split, meta.get("config", {}).get("data"))
+    except DataError as exc:
+        raise ExportError(f"cannot check the export against real images: {exc}") from None
+    if not items:
+        raise ExportError(f"cannot check the export: the run's {split} split lists no readable images")
+    return items
+
+
+def _spread(items: list, n: int) -> list:
+    """Up to n items spread evenly over the list (which is grouped by class)."""
+    if len(items) <= n:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def _load_batch(items: list[tuple[str, int]], meta: dict) -> torch.Tensor:
+    from .data.images import load_rgb
+    from .data.transforms import eval_transform
+    from .engine.checkpoint import preprocessing_of
+
+    transform = eval_transform(preprocessing_of(meta))
+    tensors = []
+    for path, _ in items:
+        try:
+            tensors.append(transform(load_rgb(path)))
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is skipped, not fatal
+            log.warning("skipping %s: %s", path, exc)
+    if not tensors:
+        raise ExportError("cannot check the export: none of the validation images could be read")
+    return torch.stack(tensors)
+
+
+def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    from .onnx_predict import OnnxClassifier
+
+    return OnnxClassifier(path).logits(x)
+
+
+# ---- int8 --------------------------------------------------------------------------------------
+
+
+def quantize_int8(fp32: Path, path: Path, checkpoint: Path, meta: dict, val: list) -> dict:
+    """Static QDQ int8 (per-channel weights, activations calibrated on training images), then accuracy,
+    agreement, size and speed against the float model on the whole validation split."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_name("model.prepared.onnx")
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+    calibration = _spread(_split_items(checkpoint, meta, "train"), CALIBRATION_IMAGES)
+    reader = _CalibrationReader(_load_batch(calibration, meta).numpy())
+    quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    prepared.unlink(missing_ok=True)
+    set_onnx_metadata(path, _metadata(meta))
+    report = compare_onnx(fp32, path, val, meta)
+    if report["top1_agreement"] < INT8_MIN_AGREEMENT:
+        raise ExportError(f"int8 model agrees with float on only {report['top1_agreement']:.4f} of "
+                          f"{report['images']} validation images (need ≥ {INT8_MIN_AGREEMENT}); "
+                          f"ship {fp32} instead")
+    return report
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol over preprocessed images, a few per batch."""
+
+    def __init__(self, images: np.ndarray, batch: int = 8):
+        self._batches = iter([images[i:i + batch] for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        batch = next(self._batches, None)
+        return None if batch is None else {"image": batch}
+
+
+def compare_onnx(fp32: Path, int8: Path, items: list[tuple[str, int]], meta: dict, batch: int = 32) -> dict:
+    """Accuracy of both models, their agreement, file size ratio and time ratio on the same batches."""
+    from .onnx_predict import OnnxClassifier
+
+    models = {"fp32": OnnxClassifier(fp32), "int8": OnnxClassifier(int8)}
+    logits = {k: [] for k in models}
+    seconds = dict.fromkeys(models, 0.0)
+    labels = []
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        x = _load_batch(chunk, meta).numpy()  # unreadable files were already dropped at training time
+        labels += [label for _, label in chunk][: len(x)]
+        for name, clf in models.items():
+            clf.logits(x[:1])  # warm-up so the first batch does not count session setup
+            t0 = time.perf_counter()
+            logits[name].append(clf.logits(x))
+            seconds[name] += time.perf_counter() - t0
+    y = np.array(labels)
+    fp, q = np.concatenate(logits["fp32"]), np.concatenate(logits["int8"])
+    acc_fp, acc_q = float((fp.argmax(1) == y).mean()), float((q.argmax(1) == y).mean())
+    return {
+        **parity(fp, q),
+        "accuracy_fp32": acc_fp,
+        "accuracy_int8": acc_q,
+        "accuracy_change": acc_q - acc_fp,
+        "bytes_fp32": fp32.stat().st_size,
+        "bytes_int8": int8.stat().st_size,
+        "size_ratio": int8.stat().st_size / fp32.stat().st_size,
+        "seconds_fp32": seconds["fp32"],
+        "seconds_int8": seconds["int8"],
+        "speed_ratio": seconds["fp32"] / max(seconds["int8"], 1e-9),
+        "path": str(int8),
+    }
+
+
+def format_export(result: dict) -> str:
+    p = result["parity"]
+    lines = [f"exported {result['format']} to {result['path']} ({result['bytes'] / 1e6:.1f} MB)",
+             f"check on {p['images']} validation images: max |logit diff| {p['max_abs_logit_diff']:.2e}, "
+             f"max |prob diff| {p['max_abs_prob_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f}"]
+    q = result.get("int8")
+    if q:
+        lines += [f"int8 model {q['path']}: accuracy {q['accuracy_int8']:.4f} vs {q['accuracy_fp32']:.4f} float "
+                  f"({q['accuracy_change']:+.4f}), top-1 agreement {q['top1_agreement']:.4f} on {q['images']} "
+                  f"validation images, size ×{q['size_ratio']:.2f}, speed ×{q['speed_ratio']:.2f}"]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Deployment without torch: classify images with an exported .onnx model using only onnxruntime,
+numpy and Pillow. Importing this module must never import torch (a test checks `sys.modules`).
+
+The eval preprocessing is re-implemented from the recipe stored in the model's metadata, following
+torchvision's steps on PIL images exactly: resize the shorter side to `resize_size` (longer side
+truncated, as torchvision does), center crop `input_size` (offsets rounded as torchvision does),
+scale to [0, 1], normalize.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from .data.images import load_rgb
+from .errors import CheckpointError
+from .predict_common import batched_proba, expand_inputs, rows_from_probs
+
+log = logging.getLogger(__name__)
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+METADATA_KEYS = ("classes", "preprocessing", "architecture")
+
+
+def preprocess_pil(img: Image.Image, pre: dict) -> np.ndarray:
+    """RGB PIL image -> float32 (3, H, W), as torchvision's eval transform would produce it."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = pre["resize_size"], int(pre["resize_size"] * long / short)
+    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    img = img.resize(size, _RESAMPLE[pre["interpolation"]])
+    crop = pre["input_size"]
+    left = int(round((img.width - crop) / 2.0))
+    top = int(round((img.height - crop) / 2.0))
+    img = img.crop((left, top, left + crop, top + crop))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(pre["mean"], dtype=np.float32)) / np.asarray(pre["std"], dtype=np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def read_metadata(session: ort.InferenceSession, path) -> dict:
+    props = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in METADATA_KEYS if k not in props]
+    if missing:
+        raise CheckpointError(f"{path} lacks transferkit metadata ({', '.join(missing)}); "
+                              "export it with `transferkit export RUN --format onnx`")
+    return {"classes": json.loads(props["classes"]), "preprocessing": json.loads(props["preprocessing"]),
+            "architecture": props["architecture"]}
+
+
+class OnnxClassifier:
+    """An exported model and the preprocessing it declares."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"no ONNX model at {path} (make one with `transferkit export RUN --format onnx`)")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise CheckpointError(f"{path} is not a loadable ONNX model ({exc})") from None
+        meta = read_metadata(self.session, path)
+        self.classes: list[str] = meta["classes"]
+        self.preprocessing: dict = meta["preprocessing"]
+        self.architecture: str = meta["architecture"]
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
+
+    def preprocess(self, path: str) -> np.ndarray:
+        return preprocess_pil(load_rgb(path), self.preprocessing)
+
+    def probs_of(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return softmax(self.logits(np.stack(arrays)))
+
+    def predict_proba(self, paths: list[str], batch_size: int = 32):
+        return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
+
+
+def predict_rows(model_path: str | Path, paths: list[str], top_k: int = 3) -> list[dict]:
+    """Rows like `transferkit.predict.rows_from_probs` (path, label, probability, top_k, error)."""
+    clf = OnnxClassifier(model_path)
+    files = expand_inputs(paths)
+    probs, errors = clf.predict_proba(files)
+    return rows_from_probs(files, probs, errors, clf.classes, top_k)

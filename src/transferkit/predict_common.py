@@ -1,0 +1,72 @@
+"""The torch-free half of prediction, shared by the torch path (`predict.py`) and the ONNX deployment
+path (`onnx_predict.py`): which files to classify, and how probabilities become output rows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data.images import IMAGE_EXTENSIONS
+from .errors import DataError, UsageError
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given; folders walked (sorted) for image files. Missing paths are an error."""
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out += [str(Path(root) / f) for f in sorted(files)
+                        if Path(f).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not f.startswith(".")]
+        elif path.exists():
+            out.append(str(path))
+        else:
+            raise UsageError(f"no such file or folder: {item}")
+    if not out:
+        raise DataError(f"no images found in {', '.join(inputs)}")
+    return out
+
+
+
+def rows_from_probs(paths, probs, errors, classes, top_k: int) -> list[dict]:
+    rows = []
+    k = max(1, min(top_k, len(classes)))
+    for path, p, err in zip(paths, probs, errors):
+        if err is not None:
+            rows.append({"path": path, "label": None, "probability": None, "top_k": [], "error": err})
+            continue
+        order = np.argsort(-p)[:k]
+        rows.append({
+            "path": path,
+            "label": classes[order[0]],
+            "probability": float(p[order[0]]),
+            "top_k": [{"label": classes[j], "probability": float(p[j])} for j in order],
+            "error": None,
+        })
+    return rows
+
+
+def batched_proba(paths, n_classes: int, preprocess, infer, batch_size: int = 32):
+    """Probabilities (N, C) and per-path errors, for any runtime.
+
+    `preprocess(path)` decodes one image into the runtime's input (raising on an unreadable file);
+    `infer(list of inputs)` returns their (n, C) probabilities. A file that cannot be read gets a
+    NaN row and its error message instead of stopping the others.
+    """
+    probs = np.full((len(paths), n_classes), np.nan, dtype=np.float32)
+    errors: list[str | None] = [None] * len(paths)
+    for start in range(0, len(paths), batch_size):
+        inputs, rows = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                inputs.append(preprocess(paths[i]))
+                rows.append(i)
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+                errors[i] = str(exc)
+        if inputs:
+            probs[rows] = infer(inputs)
+    return probs, errors
