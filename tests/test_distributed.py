@@ -118,3 +118,20 @@ def test_linear_lr_scaling_only_with_several_data_parallel_ranks():
     assert distributed.scaled(cfg).lr == 0.01  # one process: nothing to scale
     with pytest.raises(Exception, match="scale-lr"):
         TrainConfig(data="d", scale_lr="sqrt").validate()
+
+
+def test_a_lost_or_stalled_peer_is_one_clear_training_error():
+    @distributed.session
+    def stalled(cfg):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                           "6000ms for recv operation to complete")
+
+    with pytest.raises(distributed.TrainingError, match="lost contact with the other processes"):
+        stalled(TrainConfig(data="d"))
+
+    @distributed.session
+    def bug(cfg):
+        raise RuntimeError("shape mismatch")  # not a communication failure: left alone
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bug(TrainConfig(data="d"))

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_ENV = "TRANSFERKIT_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 30.0
+COMM_FAILURE_MARKERS = ("gloo/transport", "timed out waiting", "connection closed by peer",
+                        "connection reset by peer", "nccl error", "watchdog caught collective")
 # While the head trains on cached features on rank 0 alone, the loop runs as a single process.
 _detached = False
 
@@ -127,17 +129,26 @@ def session(fit):
         joined = init(cfg.device)
         try:
             return fit(cfg, *args, **kwargs)
-        except dist.DistError as exc:
+        except RuntimeError as exc:
+            if not _lost_peer(exc):
+                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            minutes = timeout().total_seconds() / 60
             raise TrainingError(
                 f"rank {rank()}: lost contact with the other processes ({first}); another rank probably "
-                f"failed (see its message) or stalled longer than {TIMEOUT_ENV}={timeout().total_seconds() / 60:g}"
+                f"failed (see its message) or stalled longer than {TIMEOUT_ENV}={minutes:g} minutes"
             ) from None
         finally:
             if joined:
                 shutdown()
 
     return wrapper
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    # gloo reports a timeout or a vanished peer as a plain RuntimeError naming its transport.
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(m in text for m in COMM_FAILURE_MARKERS)
 
 
 def device_for(device: torch.device) -> torch.device:
