@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from transferkit.config import TrainConfig
-from transferkit.engine.fit import fit
+from transferkit.engine.activations import CachedActivationSource
+from transferkit.engine.fit import fit, make_source, prepare
+from transferkit.engine.sources import ImageBatchSource
 from transferkit.models.adapt import build_model
 from transferkit.models.registry import get_spec
 
@@ -50,7 +52,12 @@ def test_cached_partial_trains_the_right_params_and_matches_uncached(tiny_folder
     assert any(n.startswith("blocks.6.") for n in changed) and "classifier.weight" in changed
 
 
-def test_partial_without_stages_uses_image_batches(tiny_folder: Path, tmp_path: Path):
-    cfg = TrainConfig(data=str(tiny_folder), model="squeezenet1_0", mode="partial", unfreeze=1, epochs=1,
+@pytest.mark.parametrize("model, cache, expected", [
+    ("squeezenet1_0", True, ImageBatchSource),  # no stages in the registry
+    ("resnet18", False, ImageBatchSource),  # --no-cache
+    ("resnet18", True, CachedActivationSource),
+])
+def test_partial_source_choice(tiny_folder: Path, tmp_path: Path, model, cache, expected):
+    cfg = TrainConfig(data=str(tiny_folder), model=model, mode="partial", unfreeze=1, cache=cache,
                       pretrained=False, workers=0, out=str(tmp_path / "s"))
-    assert fit(cfg)["source"]["kind"] == "image-batches"
+    assert type(make_source(prepare(cfg))) is expected
