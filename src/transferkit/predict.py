@@ -36,6 +36,7 @@ class Predictor:
     def preprocess(self, path: str) -> torch.Tensor:
         return self.transform(load_rgb(path))
 
+    @torch.inference_mode()
     def probs_of(self, tensors: list[torch.Tensor]) -> np.ndarray:
         logits = self.model(torch.stack(tensors).to(self.device))
         return F.softmax(logits.float(), dim=1).cpu().numpy()

@@ -1,0 +1,115 @@
+"""Export: ONNX and TorchScript parity with the eager model, int8 agreement, torch-free ONNX prediction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+from tiny_run import train_tiny
+
+from transferkit import export as ex
+from transferkit.cli import main
+from transferkit.data.transforms import eval_transform
+from transferkit.errors import ExportError
+from transferkit.models.registry import Preprocessing
+from transferkit.onnx_predict import preprocess_pil
+from transferkit.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_run, tmp_path_factory):
+    return ex.export_run(tiny_run[1], "onnx", quantize="int8", out=tmp_path_factory.mktemp("onnx"))
+
+
+def test_onnx_matches_eager_and_carries_its_metadata(onnx_export, tiny_run):
+    p = onnx_export["parity"]
+    assert p["images"] == 12  # 6 val images × 2 classes, all of them
+    assert p["max_abs_prob_diff"] <= ex.PROB_TOLERANCE and p["top1_agreement"] == 1.0
+    model = onnx.load(onnx_export["path"])
+    props = {e.key: e.value for e in model.metadata_props}
+    assert json.loads(props["classes"]) == ["ants", "bees"]
+    assert json.loads(props["preprocessing"])["input_size"] == 96
+    assert props["architecture"] == "efficientnet_lite0"
+    assert model.opset_import[0].version >= ex.OPSET
+    session = ort.InferenceSession(onnx_export["path"], providers=["CPUExecutionProvider"])
+    for batch in (1, 5):  # the batch axis is dynamic
+        out = session.run(None, {"image": np.zeros((batch, 3, 96, 96), np.float32)})[0]
+        assert out.shape == (batch, 2)
+    saved = json.loads((Path(onnx_export["path"]).parent / "export.json").read_text())
+    assert saved["parity"] == p and saved["int8"]["top1_agreement"] == onnx_export["int8"]["top1_agreement"]
+
+
+def test_int8_agrees_with_float_on_the_tiny_set(onnx_export):
+    q = onnx_export["int8"]
+    assert q["top1_agreement"] >= 0.98
+    assert q["size_ratio"] < 0.5  # weights went from 4 bytes to 1
+    assert q["images"] == 12 and abs(q["accuracy_change"]) <= 0.02 + 1e-9
+    assert ort.InferenceSession(q["path"]).get_modelmeta().custom_metadata_map["architecture"]
+
+
+def test_torchscript_matches_eager_and_keeps_classes(tiny_run, tmp_path):
+    result = ex.export_run(tiny_run[1], "torchscript", out=tmp_path)
+    assert result["parity"]["max_abs_prob_diff"] <= ex.PROB_TOLERANCE
+    assert result["parity"]["top1_agreement"] == 1.0
+    extra = {"classes.json": "", "preprocessing.json": ""}
+    loaded = torch.jit.load(result["path"], _extra_files=extra)
+    assert json.loads(extra["classes.json"]) == ["ants", "bees"]
+    assert loaded(torch.zeros(3, 3, 96, 96)).shape == (3, 2)
+    assert json.loads((tmp_path / "export.json").read_text())["format"] == "torchscript"
+
+
+def test_an_export_that_disagrees_is_refused():
+    logits = np.array([[2.0, -1.0], [0.3, 0.1], [-1.0, 1.0]])
+    ex._require_parity(ex.parity(logits, logits + 1e-6), "onnx")  # within tolerance: accepted
+    with pytest.raises(ExportError, match="disagrees with the eager model"):
+        ex._require_parity(ex.parity(logits, logits + np.array([[0.0, 0.5]])), "onnx")
+
+
+def test_cli_rejects_bad_format_and_quantized_torchscript(tiny_run, capsys):
+    assert main(["export", str(tiny_run[1]), "--format", "tflite"]) == 2
+    assert main(["export", str(tiny_run[1]), "--format", "torchscript", "--quantize", "int8"]) == 2
+    assert "onnx only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(61, 37), (37, 61), (50, 50)])
+def test_numpy_preprocessing_matches_torchvision(interpolation, size):
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    pre = Preprocessing(32, 37, interpolation, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    ours = preprocess_pil(img, pre.to_dict())
+    theirs = eval_transform(pre)(img).numpy()
+    assert ours.shape == theirs.shape == (3, 32, 32)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_onnx_prediction_runs_without_torch_and_matches_torch_labels(onnx_export, tiny_run):
+    data, run = tiny_run
+    code = (
+        "import json, sys\n"
+        "from transferkit.onnx_predict import predict_rows\n"
+        f"rows = predict_rows({onnx_export['path']!r}, [{str(data / 'val')!r}], top_k=2)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(json.dumps(rows))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    onnx_rows = json.loads(proc.stdout)
+    torch_rows = Predictor(run).predict_rows([r["path"] for r in onnx_rows], top_k=2)
+    assert len(onnx_rows) == 12
+    assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(onnx_rows, torch_rows)) < 1e-3
+    assert set(onnx_rows[0]) == set(torch_rows[0])

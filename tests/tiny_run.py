@@ -1,0 +1,26 @@
+"""A tiny trained run shared by the evaluate/export tests (module-scoped: trained once per module)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import make_image_folder
+
+from transferkit.config import TrainConfig
+from transferkit.engine.fit import fit
+
+IMAGE_SIZE = 96  # small input keeps export, quantization and TTA fast
+
+
+def train_tiny(root: Path, **options) -> tuple[Path, Path]:
+    """(data folder, run folder): efficientnet_lite0, pretrained, feature-extract, 2 epochs."""
+    data = make_image_folder(root / "data", n_train=8, n_val=6, size=48)
+    run = root / "run"
+    cfg = {"epochs": 2, "lr": 0.01, "image_size": IMAGE_SIZE, **options}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERKIT_FEATURE_CACHE", str(root / "feature-cache"))
+        fit(TrainConfig(data=str(data), out=str(run), **cfg))
+    assert (run / "best.safetensors").is_file(), os.listdir(run)
+    return data, run
