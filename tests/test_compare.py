@@ -1,0 +1,31 @@
+"""compare: three runs on one split and epochs, the table and the figure."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import make_image_folder
+
+from transferkit.cli import main
+from transferkit.compare import VARIANTS
+
+
+def test_compare_writes_three_runs_a_table_and_the_figure(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=40)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(data), "--model", "efficientnet_lite0", "--epochs", "1", "--image-size", "64",
+                 "--batch-size", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "compare.json").read_text())
+    assert list(result["runs"]) == list(VARIANTS)
+    for name, run in result["runs"].items():
+        assert (out / name / "best.safetensors").is_file() and name in printed
+        assert len(run["val_acc"]) == 1
+        config = (out / name / "config.yaml").read_text()
+        assert "epochs: 1" in config and f"pretrained: {str(VARIANTS[name]['pretrained']).lower()}" in config
+    runs = result["runs"]
+    assert runs["pretrained-feature-extract"]["trainable_params"] == 1280 * 2 + 2
+    assert runs["pretrained-finetune"]["trainable_params"] == runs["scratch-finetune"]["trainable_params"] > 10**6
+    splits = {(out / name / "split.csv").read_text() for name in VARIANTS}
+    assert len(splits) == 1  # the same split for every run
+    assert (out / "compare.png").stat().st_size > 5000

@@ -1,0 +1,94 @@
+"""evaluate: metrics equal scikit-learn's on the same predictions, TTA, inputs, figures, CLI; --tensorboard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from tiny_run import train_tiny
+
+from transferkit.cli import main
+from transferkit.errors import DataError
+from transferkit.evaluate import TTA_VIEWS, evaluate_run, tta_kind, view_probs
+from transferkit.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("evaluate"), tensorboard=True)
+
+
+def test_metrics_equal_sklearn_on_the_same_predictions(tiny_run, tmp_path):
+    data, run = tiny_run
+    ev = evaluate_run(run, data, out=tmp_path)
+    paths = [r["path"] for r in ev["top_losses"]]  # all 12 images (fewer than 16 top losses)
+    assert ev["n"] == 12 and sorted(paths) == sorted(str(p) for p in (data / "val").rglob("*.png"))
+    probs, _ = Predictor(run).predict_proba(paths)
+    y = np.array([0 if "/ants/" in p else 1 for p in paths])
+    pred = probs.argmax(1)
+    assert ev["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert ev["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert ev["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert ev["roc_auc"] == pytest.approx(roc_auc_score(y, probs[:, 1]), abs=1e-6)
+    assert ev["confusion_matrix"] == confusion_matrix(y, pred).tolist()
+    assert ev["tta"] == {"kind": "none", "views": 1}
+    for name in ("evaluation.json", "confusion.png", "top_losses.png"):
+        assert (tmp_path / name).stat().st_size > 1000 or name == "evaluation.json"
+    assert json.loads((tmp_path / "evaluation.json").read_text())["accuracy"] == ev["accuracy"]
+
+
+def test_tta_averages_the_views_and_reports_the_gain(tiny_run, tmp_path):
+    data, run = tiny_run
+    ev = evaluate_run(run, data / "val", tta="dihedral", out=tmp_path)
+    plain = evaluate_run(run, data / "val", out=tmp_path)
+    tta = ev["tta"]
+    assert tta["kind"] == "dihedral" and tta["views"] == 8
+    assert tta["accuracy_without"] == pytest.approx(plain["accuracy"])
+    assert tta["gain"] == pytest.approx(ev["accuracy"] - plain["accuracy"])
+    predictor = Predictor(run)
+    paths = sorted(str(p) for p in (data / "val").rglob("*.png"))[:3]
+    per_view, _ = view_probs(predictor, paths, TTA_VIEWS["flip"])
+    flipped = [predictor.probs_of([predictor.preprocess(p).flip(-1)])[0] for p in paths]
+    np.testing.assert_allclose(per_view[1], np.stack(flipped), atol=1e-5)
+
+
+def test_auto_tta_uses_dihedral_views_only_where_the_run_declared_them():
+    assert tta_kind("auto", {"view_kind": "dihedral", "views": 4}) == "dihedral"
+    assert tta_kind("auto", {"view_kind": "dihedral", "views": 1}) == "flip"
+    assert tta_kind("auto", {"view_kind": "random", "views": 4}) == "flip"
+    assert tta_kind(None, {}) == "none"
+
+
+def test_split_csv_and_class_checks(tiny_run, tmp_path):
+    data, run = tiny_run
+    ev = evaluate_run(run, run / "split.csv", out=tmp_path)
+    assert ev["n"] == 12 and "split.csv" in ev["split"]
+    odd = tmp_path / "odd"
+    shutil.copytree(data / "val", odd)
+    (odd / "wasps").mkdir()
+    shutil.copy(next((odd / "ants").iterdir()), odd / "wasps" / "w.png")
+    with pytest.raises(DataError, match="wasps"):
+        evaluate_run(run, odd, out=tmp_path)
+    shutil.rmtree(odd / "wasps")
+    shutil.rmtree(odd / "bees")  # a subset of the classes is fine
+    assert evaluate_run(run, odd, out=tmp_path)["per_class"][1]["support"] == 0
+
+
+def test_cli_prints_the_table_and_the_tta_gain(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    assert main(["evaluate", str(run), str(data), "--tta", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "balanced accuracy" in out and "TTA (flip, 2 views)" in out
+    assert main(["evaluate", str(run), str(tmp_path / "missing")]) == 2
+
+
+def test_tensorboard_gets_one_scalar_per_epoch(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny_run[1] / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+    assert len(acc.Scalars("loss/train")) == 2
