@@ -27,6 +27,7 @@ TRAIN_HELP = {
     "views": "feature-extract: cached views per training image (1 = the eval crop only)",
     "view_kind": "extra views: dihedral (flips/rotations, for rotation-safe data) or random augmentations",
     "image_size": "input resolution (default: the backbone's own)",
+    "crop_fraction": "eval crop as a fraction of the resize (default: the backbone's; 1.0 keeps the whole frame)",
     "weights": "a .safetensors or .pth file of backbone weights to start from",
     "best_metric": "metric that picks the best epoch",
     "patience": "early stopping after this many epochs without improvement (0 = off)",

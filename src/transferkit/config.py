@@ -42,6 +42,7 @@ class TrainConfig:
     views: int = 1  # feature-extract: cached views per training image (view 0 is the eval crop)
     view_kind: str = "dihedral"  # extra views: the square's symmetries, or random train augmentations
     image_size: int | None = None  # override the backbone's input size (keeps its crop fraction)
+    crop_fraction: float | None = None  # eval crop / resize (1.0 = no crop, for objects filling the frame)
     cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = 0.2
@@ -100,6 +101,8 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
             raise UsageError("--weight-decay, --momentum and --warmup-epochs must be ≥ 0")
+        if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
+            raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
         if self.image_size is not None and self.image_size < 32:
             raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
         return self

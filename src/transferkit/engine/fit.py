@@ -76,7 +76,7 @@ def prepare(cfg: TrainConfig, resume: bool = False) -> RunState:
     cfg.validate()
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
-    pre = spec.preprocessing.at_size(cfg.image_size) if cfg.image_size else spec.preprocessing
+    pre = spec.preprocessing.at_size(cfg.image_size, cfg.crop_fraction)
     device = distributed.device_for(pick_device(cfg.device))  # a bad --device fails before any file is written
     # Under torchrun rank 0 scans and names the run folder; every rank gets the same split and folder.
     scan = distributed.share_from_main(

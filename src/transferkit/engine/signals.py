@@ -65,9 +65,13 @@ def after_batch(epoch: int, run_dir) -> None:
     delay = os.environ.get(BATCH_DELAY_ENV)
     if delay:
         time.sleep(float(delay))
-    if _requested:
+    # Under torchrun every rank must stop after the same batch, or the others wait on a collective.
+    from . import distributed
+
+    if not distributed.all_true(not _requested):
+        code = _requested[0] if _requested else 128 + signal.SIGTERM
         raise Interrupted(f"interrupted at epoch {epoch}; resume with: transferkit train --resume {run_dir}",
-                          _requested[0])
+                          code)
 
 
 @contextmanager

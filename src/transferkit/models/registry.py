@@ -45,9 +45,10 @@ class Preprocessing:
             std=tuple(float(x) for x in d["std"]),
         )
 
-    def at_size(self, input_size: int) -> "Preprocessing":
-        """Same recipe at another input resolution, keeping the crop fraction."""
-        resize = int(math.floor(input_size / self.crop_fraction))
+    def at_size(self, input_size: int | None = None, crop_fraction: float | None = None) -> "Preprocessing":
+        """Same recipe at another input resolution and/or crop fraction (default: keep both)."""
+        input_size = input_size or self.input_size
+        resize = int(math.floor(input_size / (crop_fraction or self.crop_fraction)))
         return Preprocessing(input_size, resize, self.interpolation, self.mean, self.std)
 
 
