@@ -142,7 +142,5 @@ def _write(ev: dict, classes: list[str], folder: Path) -> None:
     from .results import plots
 
     atomic_write_json(folder / "evaluation.json", ev)
-    plots.plot_confusion(ev["confusion_matrix"], classes, folder / "confusion.png")
-    if ev.get("top_losses"):
-        plots.plot_top_losses(ev["top_losses"][:16], folder / "top_losses.png")
+    plots.plot_evaluation(ev, classes, folder)
     ev["written_to"] = str(folder)

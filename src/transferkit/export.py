@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import ExportError, UsageError
+from .engine.runtime import onnx_export
 from .io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -68,28 +69,11 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
 def export_onnx(model: torch.nn.Module, meta: dict, path: Path, example: torch.Tensor) -> Path:
     """ONNX with a dynamic batch axis; classes, preprocessing and architecture in metadata_props."""
     try:
-        _torch_onnx_export(model, example, path)
+        onnx_export(model, example, path, input_name="image", output_name="logits", opset=OPSET)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types; say which model failed
         raise ExportError(f"ONNX export of {meta['architecture']} failed: {str(exc).splitlines()[0]}") from exc
     set_onnx_metadata(path, _metadata(meta))
     return path
-
-
-def _torch_onnx_export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """The TorchScript-based exporter first: on a 2-core CPU it takes ~16 s for efficientnet_lite0 where the
-    torch.export-based one takes ~150 s. Where a torch release has removed it, use the new one."""
-    import warnings
-
-    names = {"input_names": ["image"], "output_names": ["logits"], "opset_version": OPSET}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
-            torch.onnx.export(model, (example,), str(path), dynamo=False,
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, **names)
-    except (TypeError, NotImplementedError, RuntimeError) as exc:
-        log.info("legacy ONNX exporter unavailable (%s); using torch.export", str(exc).splitlines()[0])
-        torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **names)
 
 
 def set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:

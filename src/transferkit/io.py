@@ -50,7 +50,7 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
 
 
 def _remove(tmp: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ from sklearn.model_selection import train_test_split
 
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from transferkit.errors import DataError, UsageError
+from transferkit.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class DataScan:
     val: list[tuple[str, int]]
     problems: dict[str, list[dict]] = field(default_factory=dict)
     split_source: str = "folders"  # "folders", "random" or "manifest"
+    # sha256 of each usable file, from the verifying scan (empty without it); the feature cache keys on it.
+    digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
@@ -123,7 +125,7 @@ class DataScan:
             "summary": self.summary_lines(),
             "problems": self.problems,
         }
-        Path(path).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        atomic_write_json(path, report)
 
 
 class _Problems:
@@ -176,7 +178,8 @@ def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=
         scan = _assemble_given_split(root, found["train"], found["val"], problems, split_dirs)
     else:
         scan = _assemble_random_split(root, found["train"], problems, split_dirs["train"], val_fraction, seed)
-    _report_duplicates(scan, _hashes(found), problems)
+    scan.digests = _hashes(found)
+    _report_duplicates(scan, scan.digests, problems)
     scan.problems = dict(problems.items)
     _log_summary(scan)
     return scan

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.folders import file_sha256
 from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_transform, train_transform
 from ..io import atomic_write, atomic_write_json
@@ -46,16 +48,11 @@ class View:
         return f"d{self.index}" if self.kind == "dihedral" else f"r{self.index}s{self.seed}"
 
 
-def file_digest(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ViewDataset(Dataset):
-    def __init__(self, entries: list[tuple[str, View]], pre: Preprocessing):
+    """One item per image: decoded once, then turned into every view asked of it (views of the eval
+    crop share one resize; only seeded random views run the train transform)."""
+
+    def __init__(self, entries: list[tuple[str, list[View]]], pre: Preprocessing):
         self.entries = entries
         self.eval_tf = eval_transform(pre)
         self.train_tf = train_transform(pre, "standard")
@@ -64,26 +61,35 @@ class ViewDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i):
-        path, view = self.entries[i]
+        path, views = self.entries[i]
         try:
             image = load_rgb(path)
         except Exception as exc:  # noqa: BLE001 - a file that broke after the scan is skipped, not fatal
             log.warning("skipping %s during feature extraction: %s", path, exc)
             return None
-        if view.index == 0 or view.kind == "dihedral":
-            return dihedral(self.eval_tf(image), view.index), i
+        crop = None
+        tensors = []
+        for view in views:
+            if view.index == 0 or view.kind == "dihedral":
+                crop = self.eval_tf(image) if crop is None else crop
+                tensors.append(dihedral(crop, view.index))
+            else:
+                tensors.append(self._random_view(image, path, view))
+        return torch.stack(tensors), i
+
+    def _random_view(self, image, path: str, view: View) -> torch.Tensor:
         # Seed from the view and the path so a random view is the same every time it is recomputed.
         seed = int(hashlib.sha256(f"{path}|{view.key}".encode()).hexdigest()[:8], 16)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.train_tf(image), i
+            return self.train_tf(image)
 
 
 def _collate(batch):
     good = [b for b in batch if b is not None]
     if not good:
         return None
-    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good])
+    return torch.cat([b[0] for b in good]), [b[1] for b in good]
 
 
 class FeatureStore:
@@ -144,23 +150,18 @@ def cached_features(
     workers: int = 0,
     desc: str = "features",
     sharding=None,
+    digests: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor | None, list[bool], dict]:
     """Features of every (path, view): a tensor (len(paths), len(views), ...) and which paths worked.
 
-    Only what is not in the store is computed. Returns stats: hits, computed, skipped, seconds.
-    With `sharding` (engine/distributed.py) each rank computes its share of what is missing, then
-    sees every rank's."""
-    import time
-
-    digests = []
-    for p in paths:
-        try:
-            digests.append(file_digest(p))
-        except OSError:
-            digests.append(None)
-    keys = [[f"{d}|{v.key}" if d else None for v in views] for d in digests]
-    todo = [(p, v, k) for p, row in zip(paths, keys) for v, k in zip(views, row) if k and k not in store]
-    stats = {"hits": sum(1 for row in keys for k in row if k and k in store), "computed": 0, "seconds": 0.0}
+    Only what is not in the store is computed. `digests` are the files' sha256 where the caller already
+    has them (the data scan hashes every file); others are hashed here. Returns stats: hits, computed,
+    skipped, seconds. With `sharding` (engine/distributed.py) each rank computes its share of the
+    missing images, then sees every rank's."""
+    keys = [_view_keys(p, views, digests) for p in paths]
+    todo = [(p, [(v, k) for v, k in zip(views, row) if k not in store]) for p, row in zip(paths, keys) if row]
+    todo = [(p, missing) for p, missing in todo if missing]
+    stats = {"hits": sum(1 for row in keys for k in row if k in store), "computed": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     mine = sharding.take(todo) if sharding else todo
     if mine:
@@ -168,8 +169,8 @@ def cached_features(
     if sharding:
         sharding.sync(store)
     stats["seconds"] = time.perf_counter() - t0
-    stats["computed"] = len(mine)
-    ok = [all(k is not None and k in store for k in row) for row in keys]
+    stats["computed"] = sum(len(missing) for _, missing in mine)
+    ok = [bool(row) and all(k in store for k in row) for row in keys]
     stats["skipped"] = ok.count(False)
     good_keys = [row for row, good in zip(keys, ok) if good]
     if not good_keys:
@@ -179,17 +180,31 @@ def cached_features(
     return features, ok, stats
 
 
+def _view_keys(path: str, views: list[View], digests: dict[str, str] | None) -> list[str]:
+    """Store keys of a file's views (content hash + view), or [] when the file cannot be read."""
+    digest = (digests or {}).get(path)
+    if digest is None:
+        try:
+            digest = file_sha256(path)
+        except OSError:
+            return []
+    return [f"{digest}|{v.key}" for v in views]
+
+
 def _extract_missing(extract, store, todo, pre, batch_size, workers, desc) -> None:
-    dataset = ViewDataset([(p, v) for p, v, _ in todo], pre)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    """todo: (path, [(view, key), ...]) per image; each image is decoded once for all its views."""
+    dataset = ViewDataset([(p, [v for v, _ in missing]) for p, missing in todo], pre)
+    # Batches hold every view of each image; keep the tensor batch near `batch_size` rows.
+    per_batch = max(1, batch_size // max(len(missing) for _, missing in todo))
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=_collate,
                         persistent_workers=False)
     pending_keys, pending = [], []
     for batch in progress(loader, desc=desc, total=len(loader)):
         if batch is None:
             continue
-        x, idx = batch
+        x, items = batch
         pending.append(extract(x))
-        pending_keys += [todo[i][2] for i in idx.tolist()]
+        pending_keys += [k for i in items for _, k in todo[i][1]]
         # Write every few thousand rows so an interrupted extraction keeps what it did.
         if len(pending_keys) >= 2048:
             store.put(pending_keys, torch.cat(pending))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import logging
 import random
 import time
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
 from ..config import TrainConfig
-from ..data.folders import IMBALANCE_WARN_RATIO, DataScan, read_manifest, scan_dataset, write_manifest
+from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, file_sha256, read_manifest, scan_dataset,
+                            write_manifest)
 from ..data.transforms import eval_transform, train_transform
 from ..errors import TrainingError
 from ..io import atomic_write_json, atomic_write_text
@@ -33,7 +33,7 @@ from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
 from .optim import make_optimizer, make_schedule
 from .progress import progress
-from .resume import file_sha256, fresh_best, restore_last, save_last
+from .resume import fresh_best, restore_last, save_last
 from .signals import after_batch, oom_as_training_error
 from .sources import BatchSource, CachedFeatureSource, ImageBatchSource
 
@@ -123,7 +123,6 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
     source.prepare()
     if distributed.leave_training_to_main(source):  # cached features: rank 0 alone trains the head
         return distributed.worker_result(state)
-    params = [p for p in source.trainable_module().parameters() if p.requires_grad]
     optimizer = make_optimizer(state.plan, distributed.scaled(cfg))
     schedule = make_schedule(optimizer, distributed.scaled(cfg), max(1, source.steps_per_epoch()))
     criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
@@ -131,7 +130,7 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
     t_start -= state.elapsed_before
     for epoch in range(start, cfg.epochs + 1):
         with oom_as_training_error(cfg, epoch, state.out):
-            row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, params, epoch)
+            row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, epoch)
         state.history.append(row)
         main = distributed.is_main()  # only rank 0 writes run files
         if main:
@@ -172,9 +171,9 @@ def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[
     return 1, best
 
 
-def _run_epoch(state, source, optimizer, schedule, criterion, params, epoch):
+def _run_epoch(state, source, optimizer, schedule, criterion, epoch):
     t0 = time.perf_counter()
-    train_loss, train_acc = _train_phase(state, source, optimizer, schedule, criterion, params, epoch)
+    train_loss, train_acc = _train_phase(state, source, optimizer, schedule, criterion, epoch)
     val = evaluate_source(source, criterion)
     schedule.epoch_end()
     row = {
@@ -186,7 +185,7 @@ def _run_epoch(state, source, optimizer, schedule, criterion, params, epoch):
     return row, val
 
 
-def _train_phase(state, source, optimizer, schedule, criterion, params, epoch):
+def _train_phase(state, source, optimizer, schedule, criterion, epoch):
     source.set_train_mode()
     total_loss, correct, seen = 0.0, 0, 0
     for batch_idx, (x, y) in enumerate(progress(source.train_batches(epoch), desc=f"epoch {epoch} train",
@@ -300,21 +299,18 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float) -> di
         "history": state.history,
     }
     atomic_write_json(state.out / "metrics.json", metrics)
-    _write_evaluation(state, source, best["val"])
-    _write_figures(state)
+    _write_figures(state, _write_evaluation(state, source, best["val"]))
     return metrics
 
 
-def _write_figures(state: RunState) -> None:
-    """Curves, confusion matrix, a grid of augmented training images (the seeds' imshow), the report."""
+def _write_figures(state: RunState, evaluation: dict) -> None:
+    """Curves, confusion matrix, top losses, a grid of augmented training images (the seeds' imshow),
+    the report."""
     from ..results import plots
     from ..results.report import write_report
 
     plots.plot_history(state.history, state.out / "curves.png")
-    ev = json.loads((state.out / "evaluation.json").read_text())
-    plots.plot_confusion(ev["confusion_matrix"], state.scan.classes, state.out / "confusion.png")
-    if ev.get("top_losses"):
-        plots.plot_top_losses(ev["top_losses"][:16], state.out / "top_losses.png")
+    plots.plot_evaluation(evaluation, state.scan.classes, state.out)
     sample = _training_sample(state, 16)
     if sample is not None:
         images, labels = sample
@@ -340,10 +336,11 @@ def _training_sample(state: RunState, n: int):
     return (torch.stack(images), labels) if images else None
 
 
-def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> None:
+def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> dict:
     """The best epoch's validation predictions, summarised for reports (no extra forward pass)."""
     from ..results.metrics import classification_metrics
 
     paths = [source.val_items[i][0] for i in val["indices"]]
     ev = classification_metrics(val["labels"], val["probs"], state.scan.classes, paths=paths)
     atomic_write_json(state.out / "evaluation.json", ev)
+    return ev

@@ -18,7 +18,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, UsageError
-from ..data.folders import file_sha256  # noqa: F401 - re-exported for fit.py
 from .checkpoint import RESUME_PREFIX, read_meta, save_checkpoint
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from ..data.dataset import ImageListDataset, skip_broken_collate
 from ..errors import DataError
 from ..models.adapt import set_train_mode
 from . import distributed
-from .features import View, cached_features, default_workers, file_digest, store_for
+from ..data.folders import file_sha256
+from .features import View, cached_features, default_workers, store_for
 from .runtime import FrozenEngine, FrozenPart
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,11 @@ class CachedFeatureSource(BatchSource):
         store = store_for(self._identity())
         extractor = self._extractor(store)
         workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(self.train_items))
-        try:
-            train_x, train_ok, s1 = cached_features(extractor, store, [p for p, _ in self.train_items], views,
-                                                    st.pre, workers=workers, desc="train features",
-                                                    sharding=distributed.sharding())
-            val_x, val_ok, s2 = cached_features(extractor, store, [p for p, _ in self.val_items], views[:1],
-                                                st.pre, workers=workers, desc="val features",
-                                                sharding=distributed.sharding())
-        finally:
-            extractor.close()
+        common = dict(workers=workers, sharding=distributed.sharding(), digests=st.scan.digests)
+        train_x, train_ok, s1 = cached_features(extractor, store, [p for p, _ in self.train_items], views,
+                                                st.pre, desc="train features", **common)
+        val_x, val_ok, s2 = cached_features(extractor, store, [p for p, _ in self.val_items], views[:1],
+                                            st.pre, desc="val features", **common)
         if train_x is None or val_x is None:
             raise DataError("no image could be read during feature extraction")
         self._skipped += train_ok.count(False) + val_ok.count(False)
@@ -86,7 +83,7 @@ class CachedFeatureSource(BatchSource):
     def _identity(self) -> dict:
         st = self.state
         if st.cfg.weights:
-            weights = f"file:{file_digest(st.cfg.weights)}"
+            weights = f"file:{file_sha256(st.cfg.weights)}"
         elif st.cfg.pretrained:
             weights = f"pretrained:{st.spec.weights.url or st.spec.weights.package}"
         else:

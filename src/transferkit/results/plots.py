@@ -222,3 +222,13 @@ def plot_compare(
             ax.legend()
         fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_evaluation(evaluation: Mapping[str, Any], classes: Sequence[str], folder: str | Path,
+                    top_losses: int = 16) -> None:
+    """The figures of an evaluation (classification_metrics' output): confusion.png and, when it lists
+    mistakes with their paths, top_losses.png."""
+    folder = Path(folder)
+    plot_confusion(evaluation["confusion_matrix"], classes, folder / "confusion.png")
+    if evaluation.get("top_losses"):
+        plot_top_losses(evaluation["top_losses"][:top_losses], folder / "top_losses.png")
