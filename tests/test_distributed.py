@@ -59,7 +59,8 @@ def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(od
             "--no-pretrained", "--batch-size", "4", "--lr", "0.01", "--out", "run", "--nproc", "2"]
     proc = _run(args, tmp_path, tmp_path / "feature-cache")
     assert proc.stdout.count("Best val Acc") == 1  # one rank speaks
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data", "run"]
+    # One run folder; the decoded-image cache went to the cache folder the test gave.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data", "feature-cache", "run"]
     run = tmp_path / "run"
     history = list(csv.DictReader(open(run / "history.csv")))
     assert [h["epoch"] for h in history] == ["1"]

@@ -38,6 +38,7 @@ TRAIN_HELP = {
     "scale_lr": "several processes: linear = lr × number of data-parallel processes, none = lr as given",
 }
 BOOLEAN_OFF = {"pretrained": "train from scratch (random weights)", "cache": "do not cache features",
+               "decoded_cache": "decode images every epoch instead of once into the decoded-image cache",
                "channels_last": "keep NCHW memory layout on CPU"}
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     image_size: int | None = None  # override the backbone's input size (keeps its crop fraction)
     crop_fraction: float | None = None  # eval crop / resize (1.0 = no crop, for objects filling the frame)
     cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
+    decoded_cache: bool = True  # image training: decode + resize each image once into a memory-mapped store
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = 0.2
     seed: int = 0

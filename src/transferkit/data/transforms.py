@@ -19,12 +19,14 @@ def _to_tensor(pre: Preprocessing) -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pre.mean, pre.std)]
 
 
+def resize_shorter(pre: Preprocessing) -> T.Resize:
+    """Shorter side to pre.resize_size, aspect kept: the eval transform's first step, and what the
+    decoded-image cache (data/decoded.py) stores, so both give the same pixels."""
+    return T.Resize(pre.resize_size, interpolation=_INTERPOLATION[pre.interpolation], antialias=True)
+
+
 def eval_transform(pre: Preprocessing) -> T.Compose:
-    interp = _INTERPOLATION[pre.interpolation]
-    return T.Compose(
-        [T.Resize(pre.resize_size, interpolation=interp, antialias=True), T.CenterCrop(pre.input_size)]
-        + _to_tensor(pre)
-    )
+    return T.Compose([resize_shorter(pre), T.CenterCrop(pre.input_size)] + _to_tensor(pre))
 
 
 def train_transform(pre: Preprocessing, augment: str = "standard") -> T.Compose:

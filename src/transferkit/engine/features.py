@@ -131,10 +131,14 @@ class FeatureStore:
         self._shards[shard] = tensor
 
 
+def cache_root() -> Path:
+    """Where feature stores live (and the decoded-image store, under decoded/)."""
+    return Path(os.environ.get("TRANSFERKIT_FEATURE_CACHE") or cache_dir() / "features")
+
+
 def store_for(identity: dict) -> FeatureStore:
     digest = hashlib.sha256(json.dumps({**identity, "v": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()
-    base = os.environ.get("TRANSFERKIT_FEATURE_CACHE") or cache_dir() / "features"
-    root = Path(base) / digest[:20]
+    root = cache_root() / digest[:20]
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "identity.json", identity)
     return FeatureStore(root)

@@ -13,11 +13,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ..data.dataset import ImageListDataset, skip_broken_collate
+from ..data.decoded import DecodedDataset, decode_missing, open_store
 from ..errors import DataError
+from ..io import RunFolderError
 from ..models.adapt import set_train_mode
 from . import distributed
 from ..data.folders import file_sha256
-from .features import View, cached_features, default_workers, store_for
+from .features import View, cache_root, cached_features, default_workers, store_for
 from .runtime import FrozenEngine, FrozenPart
 
 log = logging.getLogger(__name__)
@@ -139,15 +141,21 @@ class ImageBatchSource(BatchSource):
         super().__init__(state)
         self.train_tf, self.eval_tf = train_tf, eval_tf
         self.cuda = state.device.type == "cuda"
+        self.decode_stats = None
 
     def prepare(self) -> None:
         cfg = self.state.cfg
-        workers = cfg.workers if cfg.workers is not None else _auto_workers(len(self.train_items))
+        store = self._decoded_store() if cfg.decoded_cache else None
+        if cfg.workers is not None:
+            workers = cfg.workers
+        else:
+            workers = _auto_workers(len(self.train_items), decoded=store is not None,
+                                    cpu=self.state.device.type == "cpu")
         common = dict(num_workers=workers, collate_fn=skip_broken_collate, pin_memory=self.cuda,
                       persistent_workers=workers > 0)
         # Re-seeded per epoch in train_batches, so a resumed run shuffles exactly as an uninterrupted one.
         self.generator = generator = torch.Generator().manual_seed(cfg.seed)
-        train_ds = ImageListDataset(self.train_items, self.train_tf)
+        train_ds = self._dataset(self.train_items, self.train_tf, store)
         if cfg.balanced_sampler:
             w = self._balanced_weights([y for _, y in self.train_items])
             sampler = WeightedRandomSampler(torch.as_tensor(w), len(w), generator=generator)
@@ -156,12 +164,38 @@ class ImageBatchSource(BatchSource):
         else:
             self.train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=generator,
                                            worker_init_fn=_seed_worker, **common)
-        self.val_loader = DataLoader(ImageListDataset(self.val_items, self.eval_tf), cfg.batch_size, **common)
+        self.val_loader = DataLoader(self._dataset(self.val_items, self.eval_tf, store), cfg.batch_size, **common)
         self.data_parallel = distributed.active()
         if self.data_parallel:  # torchrun: each rank reads its shard, DDP averages the gradients
             self.train_loader, self.val_loader = distributed.sharded_loaders(
                 train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator)
         self.net = distributed.wrap_model(self.state.model, self.state.device, self.state.spec)
+
+    def _decoded_store(self):
+        """Decode every image once into the decoded-image store (data/decoded.py); images that cannot
+        be decoded are dropped and counted as skipped. None where the cache folder cannot be written."""
+        st = self.state
+        paths = [p for p, _ in self.train_items + self.val_items]
+        workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(paths))
+        try:
+            store = open_store(cache_root(), st.pre)
+            keys, self.decode_stats = decode_missing(store, paths, st.scan.digests, st.pre, workers=workers,
+                                                     sharding=distributed.sharding())
+        except (OSError, RunFolderError) as exc:  # a full or read-only cache folder costs speed, not the run
+            log.warning("decoded-image cache not used (%s); images are decoded every epoch", exc)
+            return None
+        self.keys = dict(zip(paths, keys))
+        self._skipped += self.decode_stats["failed"]
+        self.train_items = [it for it in self.train_items if self.keys[it[0]] is not None]
+        self.val_items = [it for it in self.val_items if self.keys[it[0]] is not None]
+        if not self.train_items or not self.val_items:
+            raise DataError("no image could be decoded in the train or val split")
+        return store
+
+    def _dataset(self, items, transform, store):
+        if store is None:
+            return ImageListDataset(items, transform)
+        return DecodedDataset(items, [self.keys[p] for p, _ in items], store, transform)
 
     def trainable_module(self) -> nn.Module:
         return self.state.model
@@ -213,12 +247,21 @@ class ImageBatchSource(BatchSource):
         return self._batches(self.val_loader, with_index=True)
 
     def describe(self) -> dict:
-        return {"kind": "image-batches", "workers": self.train_loader.num_workers}
+        return {"kind": "image-batches", "workers": self.train_loader.num_workers,
+                "decoded_cache": self.decode_stats}
 
 
-def _auto_workers(n_images: int) -> int:
+def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> int:
     # Worker start-up costs more than it saves on tiny folders.
-    return 0 if n_images < 200 else default_workers()
+    if n_images < 200:
+        return 0
+    if decoded and cpu:
+        # From the decoded-image store an image costs ~2-3 ms in one single-threaded worker (300-500
+        # images/s, benchmarks/decoded_cache.py), far more than a CPU training step eats, so one worker
+        # is enough and leaves the cores to the model. Not 0: in the main process the transform runs on
+        # the model's intra-op threads, which collapse to ~20 images/s when another process shares the cores.
+        return 1
+    return default_workers()  # decoding files, or feeding an accelerator
 
 
 def _seed_worker(worker_id: int) -> None:

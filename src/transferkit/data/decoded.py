@@ -1,0 +1,222 @@
+"""Decoded-image cache for image training: each file is decoded and resized once, not once per epoch.
+
+finetune and partial (without cached activations) run the train transform on every image every epoch;
+for photos, decoding the file is most of that cost. Here each image is decoded once with `load_rgb`,
+its shorter side resized to the preprocessing's resize size by the eval transform's own Resize
+(transforms.resize_shorter), and kept as uint8 HWC pixels in raw shard files read through memory maps.
+Epochs then crop and augment those pixels (DecodedDataset).
+
+Layout: BASE/decoded/<key>/shard-<id>.u8 (pixels back to back) + shard-<id>.json ({sha256: [offset,
+height, width]}). <key> hashes the resize size and interpolation, so other preprocessing gets its own
+folder; images are keyed by their file's sha256, so a changed file is decoded again alone. A shard's
+pixels are renamed into place before its json names them: an interrupted build leaves no dangling keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..engine.progress import progress
+from ..io import atomic_write_json
+from ..models.registry import Preprocessing
+from .folders import file_sha256
+from .images import load_rgb
+from .transforms import resize_shorter
+
+log = logging.getLogger(__name__)
+STORE_VERSION = 1
+SHARD_BYTES = 1 << 30  # a new shard every GiB: an interrupted build keeps the shards it finished
+MAX_LISTED = 20  # failed files named in the warning
+
+
+class DecodedStore:
+    """uint8 pixels by file sha256, in append-only shards of one folder (one resize size + interpolation)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.index: dict[str, tuple[str, int, int, int]] = {}  # sha256 -> (shard, offset, height, width)
+        self._maps: dict[str, np.memmap] = {}
+        self.decoded = 0  # images this object decoded and stored (a rerun on the same files: 0)
+        self.errors: dict[str, str] = {}  # path -> why it could not be decoded, in this process
+        for meta in sorted(self.root.glob("shard-*.json")):
+            if not meta.with_suffix(".u8").exists():
+                continue
+            for digest, (offset, height, width) in json.loads(meta.read_text())["images"].items():
+                self.index[digest] = (meta.stem, offset, height, width)
+
+    def __contains__(self, digest) -> bool:
+        return digest in self.index
+
+    def get(self, digest: str) -> torch.Tensor:
+        """uint8 CHW; a channels-last view of the stored HWC pixels, the layout torchvision's uint8
+        resize kernels are fastest on."""
+        shard, offset, height, width = self.index[digest]
+        if shard not in self._maps:
+            # Copy-on-write: a transform writing in place could never reach the file, and torch does
+            # not warn about wrapping a read-only array.
+            self._maps[shard] = np.memmap(self.root / f"{shard}.u8", dtype=np.uint8, mode="c")
+        pixels = self._maps[shard][offset:offset + height * width * 3].reshape(height, width, 3)
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+
+    def __getstate__(self):
+        # DataLoader workers started by spawn get the index, not a pickled copy of every mapped shard.
+        return {**self.__dict__, "_maps": {}}
+
+
+def open_store(base, pre: Preprocessing) -> DecodedStore:
+    identity = {"resize_size": pre.resize_size, "interpolation": pre.interpolation, "v": STORE_VERSION}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(base) / "decoded" / key
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "identity.json").exists():
+        atomic_write_json(root / "identity.json", identity)
+    return DecodedStore(root)
+
+
+class DecodedDataset(Dataset):
+    """(tensor, label, index) like ImageListDataset, the transform applied to the stored uint8 pixels.
+
+    Evaluation gives the PIL path's output: the stored image is the eval Resize's own result, so that
+    Resize is a no-op here and the center crop and normalisation see the same pixels. Training:
+    RandomResizedCrop picks the same fractions of the image, but resamples them from the stored copy
+    (shorter side = resize size) instead of the full-resolution file, so small crops of large photos are
+    a little softer (and images smaller than the resize size were upsampled once before cropping). timm
+    and FFCV make the same trade for the same speed-up."""
+
+    def __init__(self, items, keys: list[str], store: DecodedStore, transform):
+        self.items = list(items)
+        self.keys = list(keys)
+        self.store = store
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.store.get(self.keys[index])), self.items[index][1], index
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, paths: list[str], pre: Preprocessing):
+        self.paths = paths
+        self.resize = resize_shorter(pre)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            pixels = np.array(self.resize(load_rgb(self.paths[i])))  # HWC uint8
+        except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
+            return i, None, getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        return i, torch.from_numpy(pixels), ""  # a tensor crosses from the worker in shared memory
+
+
+class _ShardWriter:
+    """Appends pixels to a temp file that becomes a shard every SHARD_BYTES and at the end."""
+
+    def __init__(self, store: DecodedStore):
+        self.store = store
+        self._open()
+
+    def _open(self) -> None:
+        self.name = f"shard-{uuid.uuid4().hex[:12]}"
+        self.tmp = self.store.root / f".{self.name}.u8.tmp"
+        self.fh = open(self.tmp, "wb")
+        self.images: dict[str, list[int]] = {}
+        self.offset = 0
+
+    def add(self, digest: str, pixels: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(pixels).data)
+        self.images[digest] = [self.offset, pixels.shape[0], pixels.shape[1]]
+        self.offset += pixels.nbytes
+        if self.offset >= SHARD_BYTES:
+            self.close()
+            self._open()
+
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        if not self.images:
+            os.unlink(self.tmp)
+            return
+        os.replace(self.tmp, self.store.root / f"{self.name}.u8")
+        atomic_write_json(self.store.root / f"{self.name}.json", {"images": self.images})
+        for digest, (offset, height, width) in self.images.items():
+            self.store.index[digest] = (self.name, offset, height, width)
+
+    def abort(self) -> None:
+        self.fh.close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str] | None, pre: Preprocessing,
+                   workers: int = 0, sharding=None, desc: str = "decoding images") -> tuple[list, dict]:
+    """The store key (file sha256) of each path, None where it could not be decoded; decodes only
+    what the store lacks. `digests`: sha256 by path where the caller has them (the data scan). With
+    `sharding` (engine/distributed.py) each rank decodes its share, then sees every rank's shards.
+    Stats: hits, decoded, failed, seconds."""
+    t0 = time.perf_counter()
+    keys = [_digest(p, digests) for p in paths]
+    hits = sum(1 for k in keys if k in store)
+    todo = list({k: p for p, k in zip(paths, keys) if k is not None and k not in store}.items())
+    mine = sharding.take(todo) if sharding else todo
+    if mine:
+        _decode(store, mine, pre, workers, desc)
+    if sharding:
+        sharding.sync(store)
+    keys = [k if k in store else None for k in keys]
+    failed = [p for p, k in zip(paths, keys) if k is None]
+    if failed:
+        listed = "\n  ".join(f"{p}: {store.errors.get(p, 'cannot be read')}" for p in failed[:MAX_LISTED])
+        if len(failed) > MAX_LISTED:
+            listed += f"\n  ... and {len(failed) - MAX_LISTED} more"
+        log.warning("%d image(s) could not be decoded and are left out of training:\n  %s", len(failed), listed)
+    stats = {"hits": hits, "decoded": store.decoded, "failed": len(failed),
+             "seconds": round(time.perf_counter() - t0, 3)}
+    return keys, stats
+
+
+def _digest(path: str, digests: dict[str, str] | None) -> str | None:
+    digest = (digests or {}).get(path)
+    if digest is None:
+        try:
+            digest = file_sha256(path)
+        except OSError:
+            return None
+    return digest
+
+
+def _decode(store: DecodedStore, todo: list[tuple[str, str]], pre: Preprocessing, workers: int, desc: str) -> None:
+    """todo: (sha256, path). Decoding is the slow part, so it runs in DataLoader workers; this process
+    only appends the pixels to the shard."""
+    # Its own generator: a DataLoader draws a seed when iterated, and a run that builds the store must
+    # leave the global RNG (and so its training) exactly as a run that finds it built.
+    loader = DataLoader(_DecodeDataset([p for _, p in todo], pre), batch_size=None, num_workers=workers,
+                        generator=torch.Generator())
+    writer = _ShardWriter(store)
+    try:
+        for i, pixels, error in progress(loader, desc=desc, total=len(todo)):
+            if pixels is None:
+                store.errors[todo[i][1]] = error
+                continue
+            writer.add(todo[i][0], pixels.numpy())
+            store.decoded += 1
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
