@@ -35,6 +35,8 @@ TRAIN_HELP = {
     "engine": "runtime for the frozen part when it is cached: auto (ONNX Runtime if installed and in parity), torch, onnxruntime",
     "cache_dtype": "partial mode: dtype of the cached activations of the frozen groups",
     "out": "run folder (default runs/<timestamp>-<model>-<mode>)",
+    "batchnorm": "train (batch statistics, as the seeds) or frozen (ImageNet statistics; γ, β still learn; "
+                 "folded into the convolutions: faster on CPU)",
     "scale_lr": "several processes: linear = lr × number of data-parallel processes, none = lr as given",
 }
 BOOLEAN_OFF = {"pretrained": "train from scratch (random weights)", "cache": "do not cache features",
@@ -61,10 +63,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .config import (BEST_METRICS, ENGINES, OPTIMIZERS, SCHEDULERS, TrainConfig)
     from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
     from .models.adapt import MODES
+    from .models.batchnorm import BATCHNORM_MODES
 
     choices = {"mode": MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
                "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
-               "cache_dtype": ("float16", "float32"),
+               "cache_dtype": ("float16", "float32"), "batchnorm": BATCHNORM_MODES,
                "class_weights": ("none", "auto"), "scale_lr": ("none", "linear")}
     for f in fields(TrainConfig):
         if f.name == "data":

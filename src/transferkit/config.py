@@ -11,6 +11,7 @@ import yaml
 from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
 from .errors import UsageError
 from .models.adapt import MODES
+from .models.batchnorm import BATCHNORM_MODES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
@@ -60,6 +61,7 @@ class TrainConfig:
     scale_lr: str = "none"  # several processes: linear = lr × number of data-parallel ranks
     engine: str = "auto"  # frozen-part runtime for feature extraction
     channels_last: bool = True
+    batchnorm: str = "train"  # frozen: BN keeps ImageNet statistics (γ, β learn) and folds into convs
     compile: bool = False
     tensorboard: bool = False
     out: str | None = None
@@ -75,6 +77,7 @@ class TrainConfig:
         _choice("engine", self.engine, ENGINES)
         _choice("scale-lr", self.scale_lr, SCALE_LR)
         _choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
+        _choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
         _at_least("epochs", self.epochs, 1)
         _at_least("batch-size", self.batch_size, 1)
         _at_least("views", self.views, 1)

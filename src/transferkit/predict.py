@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .data.images import load_rgb
 from .data.transforms import eval_transform
 from .engine.checkpoint import load_checkpoint, preprocessing_of
+from .models.batchnorm import Folding
 from .predict_common import batched_proba, expand_inputs, rows_from_probs  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Predictor:
         self.classes: list[str] = self.meta["classes"]
         self.preprocessing = preprocessing_of(self.meta)
         self.transform = eval_transform(self.preprocessing)
+        self._folding = Folding(self.model)
 
     @torch.inference_mode()
     def predict_proba(self, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
@@ -38,7 +40,13 @@ class Predictor:
 
     @torch.inference_mode()
     def probs_of(self, tensors: list[torch.Tensor]) -> np.ndarray:
-        logits = self.model(torch.stack(tensors).to(self.device))
+        # BatchNorm folded into the convs for the call only (same outputs, faster); the model itself
+        # stays as loaded for whoever exports it.
+        self._folding.fold()
+        try:
+            logits = self.model(torch.stack(tensors).to(self.device))
+        finally:
+            self._folding.unfold()
         return F.softmax(logits.float(), dim=1).cpu().numpy()
 
     def predict_rows(self, paths: list[str], top_k: int = 3) -> list[dict]:

@@ -9,7 +9,7 @@ from torchvision.transforms.functional import InterpolationMode
 from ..errors import UsageError
 from ..models.registry import Preprocessing
 
-AUGMENT_PRESETS = ("none", "light", "standard", "strong")
+AUGMENT_PRESETS = ("none", "light", "standard", "strong", "dihedral")
 VIEW_KINDS = ("dihedral", "random")
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -31,18 +31,30 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
 
 def train_transform(pre: Preprocessing, augment: str = "standard") -> T.Compose:
     """none: the eval transform; light: mild crops + flip; standard: the seeds' RandomResizedCrop + flip;
-    strong: standard + colour jitter and small rotations."""
+    strong: standard + colour jitter and small rotations; dihedral: mild near-square crops + any of the
+    square's 8 symmetries (for rotation-safe images: cells, tiles, micrographs, aerial views)."""
     if augment not in AUGMENT_PRESETS:
         raise UsageError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}, not {augment!r}")
     if augment == "none":
         return eval_transform(pre)
     interp = _INTERPOLATION[pre.interpolation]
+    if augment == "dihedral":
+        crop = T.RandomResizedCrop(pre.input_size, scale=(0.64, 1.0), ratio=(0.9, 1.1), interpolation=interp,
+                                   antialias=True)
+        return T.Compose([crop, T.ToImage(), RandomDihedral()] + _to_tensor(pre)[1:])
     scale = (0.5, 1.0) if augment == "light" else (0.08, 1.0)
     steps = [T.RandomResizedCrop(pre.input_size, scale=scale, interpolation=interp, antialias=True),
              T.RandomHorizontalFlip()]
     if augment == "strong":
         steps += [T.ColorJitter(0.3, 0.3, 0.3), T.RandomRotation(10)]
     return T.Compose(steps + _to_tensor(pre))
+
+
+class RandomDihedral(torch.nn.Module):
+    """One of the square's 8 symmetries, uniformly (on a CHW tensor)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dihedral(x, int(torch.randint(8, ())))
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -59,6 +59,7 @@ class CachedActivationSource(CachedFeatureSource):
 
     def set_train_mode(self) -> None:
         set_train_mode(self.head)
+        self._after_mode_switch(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()

@@ -151,6 +151,7 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
         if distributed.main_decides(cfg.patience and epoch - best["epoch"] >= cfg.patience):
             log.info("early stopping: no improvement in %s for %d epochs", cfg.best_metric, cfg.patience)
             break
+    source.finish()
     state.model.load_state_dict(best["weights"])
     if not distributed.is_main():
         return distributed.worker_result(state)

@@ -17,6 +17,7 @@ from ..data.decoded import DecodedDataset, decode_missing, open_store
 from ..errors import DataError
 from ..io import RunFolderError
 from ..models.adapt import set_train_mode
+from ..models.batchnorm import Folding, freeze_statistics
 from . import distributed
 from ..data.folders import file_sha256
 from .features import View, cache_root, cached_features, default_workers, store_for
@@ -33,8 +34,23 @@ class BatchSource:
         self.train_items = list(state.scan.train)
         self.val_items = list(state.scan.val)
         self._skipped = 0
+        self._folding = None
 
     def prepare(self) -> None: ...
+
+    def _after_mode_switch(self, module: nn.Module) -> None:
+        """--batchnorm frozen keeps BN on its statistics in training too; every BN in eval mode then runs
+        folded into its conv (models/batchnorm.py: same outputs, less work)."""
+        if self.state.cfg.batchnorm == "frozen":
+            freeze_statistics(module)
+        if self._folding is None:
+            self._folding = Folding(module)
+        self._folding.fold()
+
+    def finish(self) -> None:
+        """After the last epoch: the model's modules run their own forward again (predict, export)."""
+        if self._folding is not None:
+            self._folding.unfold()
 
     def take_skipped(self) -> int:
         n, self._skipped = self._skipped, 0
@@ -101,9 +117,11 @@ class CachedFeatureSource(BatchSource):
 
     def set_train_mode(self) -> None:
         self.head.train()
+        self._after_mode_switch(self.head)
 
     def set_eval_mode(self) -> None:
         self.head.eval()
+        self._after_mode_switch(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x).flatten(1)
@@ -211,11 +229,13 @@ class ImageBatchSource(BatchSource):
             st.model.get_submodule(st.spec.head).train()
         else:
             set_train_mode(st.model)
+        self._after_mode_switch(st.model)
 
     def set_eval_mode(self) -> None:
         self.state.model.eval()
         # BatchNorm statistics drift apart per rank during an epoch; evaluate (and save) rank 0's.
         distributed.sync_buffers(self.state.model)
+        self._after_mode_switch(self.state.model)
 
     def forward(self, x: torch.Tensor):
         if self.state.device.type == "cpu" and self.state.cfg.channels_last:
