@@ -198,3 +198,13 @@ def test_loader_workers_with_the_store():
     assert _auto_workers(100, decoded=True, cpu=True) == 0  # tiny folder: start-up costs more than it saves
     assert _auto_workers(5000, decoded=True, cpu=True) == 1  # cheap crops: one single-threaded worker
     assert _auto_workers(5000, decoded=True, cpu=False) == _auto_workers(5000) >= 1  # an accelerator: all
+
+
+def test_feature_extraction_decodes_into_the_store_that_finetune_reuses(tmp_path):
+    # Extraction decodes every image once (all cores), then runs the network; the pixels stay for later.
+    data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
+    fe = {**FINETUNE, "mode": "feature-extract", "views": 2}
+    m = fit(TrainConfig(data=str(data), out=str(tmp_path / "fe"), **fe))
+    assert m["source"]["kind"] == "cached-features" and m["source"]["train"]["computed"] == 12 * 2
+    m = fit(TrainConfig(data=str(data), out=str(tmp_path / "ft"), **FINETUNE))
+    assert m["source"]["decoded_cache"]["decoded"] == 0 and m["source"]["decoded_cache"]["hits"] == 18

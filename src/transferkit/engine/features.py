@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.decoded import DecodedStore, decode_missing, open_store
 from ..data.folders import file_sha256
-from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_transform, train_transform
 from ..io import atomic_write, atomic_write_json
 from ..models.registry import Preprocessing
@@ -29,7 +29,7 @@ from ..models.weights import cache_dir
 from .progress import progress
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: random views are cropped from the decoded-image store
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,12 @@ class View:
 
 
 class ViewDataset(Dataset):
-    """One item per image: decoded once, then turned into every view asked of it (views of the eval
-    crop share one resize; only seeded random views run the train transform)."""
+    """One item per image: its decoded pixels (data/decoded.py) turned into every view asked of it
+    (views of the eval crop share one crop; only seeded random views run the train transform)."""
 
-    def __init__(self, entries: list[tuple[str, list[View]]], pre: Preprocessing):
-        self.entries = entries
+    def __init__(self, entries: list[tuple[str | None, list[View]]], pixels: DecodedStore, pre: Preprocessing):
+        self.entries = entries  # (decoded-store key or None where the file could not be decoded, views)
+        self.pixels = pixels
         self.eval_tf = eval_transform(pre)
         self.train_tf = train_transform(pre, "standard")
 
@@ -61,12 +62,10 @@ class ViewDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i):
-        path, views = self.entries[i]
-        try:
-            image = load_rgb(path)
-        except Exception as exc:  # noqa: BLE001 - a file that broke after the scan is skipped, not fatal
-            log.warning("skipping %s during feature extraction: %s", path, exc)
+        key, views = self.entries[i]
+        if key is None:
             return None
+        image = self.pixels.get(key)
         crop = None
         tensors = []
         for view in views:
@@ -74,12 +73,12 @@ class ViewDataset(Dataset):
                 crop = self.eval_tf(image) if crop is None else crop
                 tensors.append(dihedral(crop, view.index))
             else:
-                tensors.append(self._random_view(image, path, view))
+                tensors.append(self._random_view(image, key, view))
         return torch.stack(tensors), i
 
-    def _random_view(self, image, path: str, view: View) -> torch.Tensor:
-        # Seed from the view and the path so a random view is the same every time it is recomputed.
-        seed = int(hashlib.sha256(f"{path}|{view.key}".encode()).hexdigest()[:8], 16)
+    def _random_view(self, image, key: str, view: View) -> torch.Tensor:
+        # Seeded by the view and the content so a random view is the same every time it is recomputed.
+        seed = int(hashlib.sha256(f"{key}|{view.key}".encode()).hexdigest()[:8], 16)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.train_tf(image)
@@ -196,12 +195,19 @@ def _view_keys(path: str, views: list[View], digests: dict[str, str] | None) -> 
 
 
 def _extract_missing(extract, store, todo, pre, batch_size, workers, desc) -> None:
-    """todo: (path, [(view, key), ...]) per image; each image is decoded once for all its views."""
-    dataset = ViewDataset([(p, [v for v, _ in missing]) for p, missing in todo], pre)
+    """todo: (path, [(view, key), ...]) per image. Two phases, each with every core: the images are
+    decoded into the decoded-image store by `workers` processes, then cropped, normalised and run through
+    the network here. Overlapped, decode workers and the runtime's threads would share the cores, and a
+    runtime's parallel kernels slow down more when a core is taken from them than decoding costs. The
+    decoded pixels are kept for later runs (finetune reads the same store)."""
+    pixels = open_store(cache_root(), pre)
+    paths = [p for p, _ in todo]
+    digests = {p: missing[0][1].split("|")[0] for p, missing in todo}  # keys are "<sha256>|<view>"
+    pixel_keys, _ = decode_missing(pixels, paths, digests, pre, workers=workers, desc=f"{desc}: decoding")
+    dataset = ViewDataset([(k, [v for v, _ in missing]) for k, (_, missing) in zip(pixel_keys, todo)], pixels, pre)
     # Batches hold every view of each image; keep the tensor batch near `batch_size` rows.
     per_batch = max(1, batch_size // max(len(missing) for _, missing in todo))
-    loader = DataLoader(dataset, batch_size=per_batch, num_workers=workers, collate_fn=_collate,
-                        persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=per_batch, num_workers=0, collate_fn=_collate)
     pending_keys, pending = [], []
     for batch in progress(loader, desc=desc, total=len(loader)):
         if batch is None:
