@@ -171,7 +171,7 @@ def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str
     `sharding` (engine/distributed.py) each rank decodes its share, then sees every rank's shards.
     Stats: hits, decoded, failed, seconds."""
     t0 = time.perf_counter()
-    keys = [_digest(p, digests) for p in paths]
+    keys = [content_sha256(p, digests) for p in paths]
     hits = sum(1 for k in keys if k in store)
     todo = list({k: p for p, k in zip(paths, keys) if k is not None and k not in store}.items())
     mine = sharding.take(todo) if sharding else todo
@@ -191,7 +191,8 @@ def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str
     return keys, stats
 
 
-def _digest(path: str, digests: dict[str, str] | None) -> str | None:
+def content_sha256(path: str, digests: dict[str, str] | None) -> str | None:
+    """The file's sha256: from `digests` (the data scan's) where known, else hashed; None if unreadable."""
     digest = (digests or {}).get(path)
     if digest is None:
         try:

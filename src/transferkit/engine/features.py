@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.decoded import DecodedStore, decode_missing, open_store
-from ..data.folders import file_sha256
+from ..data.decoded import DecodedStore, content_sha256, decode_missing, open_store
 from ..data.transforms import dihedral, eval_transform, train_transform
 from ..io import atomic_write, atomic_write_json
 from ..models.registry import Preprocessing
@@ -161,14 +160,15 @@ def cached_features(
     has them (the data scan hashes every file); others are hashed here. Returns stats: hits, computed,
     skipped, seconds. With `sharding` (engine/distributed.py) each rank computes its share of the
     missing images, then sees every rank's."""
-    keys = [_view_keys(p, views, digests) for p in paths]
+    sha = {p: content_sha256(p, digests) for p in paths}  # None: the file cannot be read any more
+    keys = [[f"{sha[p]}|{v.key}" for v in views] if sha[p] else [] for p in paths]
     todo = [(p, [(v, k) for v, k in zip(views, row) if k not in store]) for p, row in zip(paths, keys) if row]
     todo = [(p, missing) for p, missing in todo if missing]
     stats = {"hits": sum(1 for row in keys for k in row if k in store), "computed": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     mine = sharding.take(todo) if sharding else todo
     if mine:
-        _extract_missing(extract, store, mine, pre, batch_size, workers, desc)
+        _extract_missing(extract, store, mine, sha, pre, batch_size, workers, desc)
     if sharding:
         sharding.sync(store)
     stats["seconds"] = time.perf_counter() - t0
@@ -183,18 +183,7 @@ def cached_features(
     return features, ok, stats
 
 
-def _view_keys(path: str, views: list[View], digests: dict[str, str] | None) -> list[str]:
-    """Store keys of a file's views (content hash + view), or [] when the file cannot be read."""
-    digest = (digests or {}).get(path)
-    if digest is None:
-        try:
-            digest = file_sha256(path)
-        except OSError:
-            return []
-    return [f"{digest}|{v.key}" for v in views]
-
-
-def _extract_missing(extract, store, todo, pre, batch_size, workers, desc) -> None:
+def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) -> None:
     """todo: (path, [(view, key), ...]) per image. Two phases, each with every core: the images are
     decoded into the decoded-image store by `workers` processes, then cropped, normalised and run through
     the network here. Overlapped, decode workers and the runtime's threads would share the cores, and a
@@ -202,8 +191,7 @@ def _extract_missing(extract, store, todo, pre, batch_size, workers, desc) -> No
     decoded pixels are kept for later runs (finetune reads the same store)."""
     pixels = open_store(cache_root(), pre)
     paths = [p for p, _ in todo]
-    digests = {p: missing[0][1].split("|")[0] for p, missing in todo}  # keys are "<sha256>|<view>"
-    pixel_keys, _ = decode_missing(pixels, paths, digests, pre, workers=workers, desc=f"{desc}: decoding")
+    pixel_keys, _ = decode_missing(pixels, paths, sha, pre, workers=workers, desc=f"{desc}: decoding")
     dataset = ViewDataset([(k, [v for v, _ in missing]) for k, (_, missing) in zip(pixel_keys, todo)], pixels, pre)
     # Batches hold every view of each image; keep the tensor batch near `batch_size` rows.
     per_batch = max(1, batch_size // max(len(missing) for _, missing in todo))
