@@ -196,7 +196,7 @@ def test_loader_workers_with_the_store():
     from transferkit.engine.sources import _auto_workers
 
     assert _auto_workers(100, decoded=True, cpu=True) == 0  # tiny folder: start-up costs more than it saves
-    assert _auto_workers(5000, decoded=True, cpu=True) == 1  # cheap crops: one single-threaded worker
+    assert _auto_workers(5000, decoded=True, cpu=True) == 0  # cheap crops: made in this process
     assert _auto_workers(5000, decoded=True, cpu=False) == _auto_workers(5000) >= 1  # an accelerator: all
 
 
@@ -208,3 +208,30 @@ def test_feature_extraction_decodes_into_the_store_that_finetune_reuses(tmp_path
     assert m["source"]["kind"] == "cached-features" and m["source"]["train"]["computed"] == 12 * 2
     m = fit(TrainConfig(data=str(data), out=str(tmp_path / "ft"), **FINETUNE))
     assert m["source"]["decoded_cache"]["decoded"] == 0 and m["source"]["decoded_cache"]["hits"] == 18
+
+
+def test_batches_made_in_this_process_use_one_thread_and_give_the_threads_back(tmp_path):
+    # With the model on all cores, a transform on several intra-op threads stalls whenever another process
+    # runs; the main-process loader makes each batch on one thread and then restores the model's count.
+    data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
+    state = prepare(TrainConfig(data=str(data), out=str(tmp_path / "run"), **FINETUNE))
+    source = make_source(state)
+    seen = []
+    recording = source.train_tf
+
+    def transform(image):
+        seen.append(torch.get_num_threads())
+        return recording(image)
+
+    source.train_tf = transform
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        source.prepare()
+        assert source.train_loader.num_workers == 0
+        batches = list(source.train_batches(1))
+        assert sum(len(y) for _, y in batches) == len(source.train_items)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -250,7 +250,15 @@ class ImageBatchSource(BatchSource):
 
     def _batches(self, loader, with_index: bool):
         dev = self.state.device
-        for batch, skipped in loader:
+        # Batches made in this process: on one intra-op thread (see _one_thread).
+        fetching = _one_thread if loader.num_workers == 0 and dev.type == "cpu" else nullcontext
+        batches = iter(loader)
+        while True:
+            with fetching():
+                fetched = next(batches, None)
+            if fetched is None:
+                return
+            batch, skipped = fetched
             self._skipped += skipped
             if batch is None:
                 continue
@@ -276,12 +284,25 @@ def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> in
     if n_images < 200:
         return 0
     if decoded and cpu:
-        # From the decoded-image store an image costs ~2-3 ms in one single-threaded worker (300-500
-        # images/s, benchmarks/decoded_cache.py), far more than a CPU training step eats, so one worker
-        # is enough and leaves the cores to the model. Not 0: in the main process the transform runs on
-        # the model's intra-op threads, which collapse to ~20 images/s when another process shares the cores.
-        return 1
+        # From the decoded-image store a crop costs ~1.5 ms (~700 images/s in this process), against
+        # ~80 ms per image for a CPU training step. A worker process would hide that 2%, but it competes
+        # with the model's threads for the cores: a 2-epoch lite0 finetune on 244 + 153 images took
+        # 50-52 s of epochs with one worker, 46-47 s with none (2-core CPU, RESULTS.md notes3).
+        return 0
     return default_workers()  # decoding files, or feeding an accelerator
+
+
+@contextmanager
+def _one_thread():
+    """Make a batch on one intra-op thread. The transforms' tensor ops would otherwise use all of the
+    model's threads, and when anything else shares the cores those threads wait on each other: crops
+    from the decoded store fell from ~680 to ~160 images/s beside one busy process (2-core CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _seed_worker(worker_id: int) -> None:
