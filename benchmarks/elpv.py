@@ -1,10 +1,12 @@
 """ELPV accuracy benchmark through transferkit's public CLI, beside the published numbers.
 
-    python benchmarks/elpv.py --classes 2 --out RUN [--data DIR] [-- extra `transferkit train` flags]
+    python benchmarks/elpv.py --classes 2 --out RUN [--data DIR] [--no-tta] [-- extra `transferkit train` flags]
 
 Materializes ELPV with `transferkit data elpv` (if needed), trains with one `transferkit train` command
-(leaving a normal run folder in RUN that `transferkit evaluate RUN DATA/val` re-checks), and records
-accuracy, balanced accuracy, macro-F1, wall time and the recipe in benchmarks/RESULTS.md.
+(leaving a normal run folder in RUN that `transferkit evaluate RUN DATA/val` re-checks), then runs
+`transferkit evaluate RUN DATA/val --tta` (the eight symmetries of the square, which the recipe's
+dihedral augmentation declares safe; written to RUN/tta), and records accuracy, balanced accuracy,
+macro-F1, wall time (training, and training + TTA) and the recipe in benchmarks/RESULTS.md.
 Flags after `--` are appended to the recipe (later flags win).
 """
 
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--classes", type=int, choices=(2, 4), default=2)
     ap.add_argument("--out", required=True, help="run folder to write")
     ap.add_argument("--data", help="ELPV folder (made with `transferkit data elpv` if missing)")
+    ap.add_argument("--no-tta", action="store_true", help="skip the test-time-augmentation evaluation")
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     data = Path(args.data or Path(tempfile.gettempdir()) / f"elpv{args.classes}")
     if not (data / "train").is_dir():
@@ -52,14 +55,26 @@ def main() -> None:
     transferkit("train", str(data), "--out", args.out, *recipe)
     wall = time.perf_counter() - t0
     m = json.loads((Path(args.out) / "metrics.json").read_text())
+    tta = None
+    if not args.no_tta:
+        transferkit("evaluate", args.out, str(data / "val"), "--tta", "--out", str(Path(args.out) / "tta"))
+        tta = json.loads((Path(args.out) / "tta" / "evaluation.json").read_text())
+        tta_wall = time.perf_counter() - t0
     last = m["history"][-1]
     rows = [{"method": f"transferkit ({m['model']}, {m['mode']}), best epoch {m['best_epoch']} on val",
              "accuracy": m["best_val_acc"], "balanced accuracy": m["best_val_balanced_accuracy"],
              "macro-F1": m["best_val_macro_f1"], "wall s (CPU)": wall},
             {"method": f"transferkit, last epoch ({last['epoch']})", "accuracy": last["val_acc"],
              "balanced accuracy": last["val_balanced_accuracy"], "macro-F1": last["val_macro_f1"]}]
+    scored = rows[:1]  # the rows that count for the target: the best epoch, alone and with TTA
+    if tta:
+        scored.append({"method": f"transferkit, best epoch + TTA ({tta['tta']['kind']}, {tta['tta']['views']} views)",
+                     "accuracy": tta["accuracy"], "balanced accuracy": tta["balanced_accuracy"],
+                     "macro-F1": tta["macro_f1"], "wall s (CPU)": tta_wall})
+        rows.append(scored[-1])
     rows += [{"method": f"Deitsch et al. 2019: {name}", "accuracy": acc} for name, acc in PUBLISHED[args.classes]]
     target = 0.90 if args.classes == 2 else 0.85
+    met = any(r["accuracy"] >= target and r["wall s (CPU)"] < 1200 for r in scored)
     text = (f"## ELPV, {args.classes} classes\n\n{environment_line()}. Data: `transferkit data elpv --classes "
             f"{args.classes}` ({m['train_images']} train / {m['val_images']} val). Engine: "
             f"{m['source'].get('engine', 'torch')}; source {m['source'].get('kind')}.\n\n"
@@ -67,8 +82,7 @@ def main() -> None:
             + (f" -- {' '.join(extra)}" if extra else "") + "`\n\n"
             f"Recipe: `transferkit train DATA {' '.join(recipe)}`\n\n"
             + table(rows, ["method", "accuracy", "balanced accuracy", "macro-F1", "wall s (CPU)"])
-            + f"\n\nTarget: accuracy ≥ {target} in < 1200 s: "
-            + ("met" if m["best_val_acc"] >= target and wall < 1200 else "not met") + ". The published numbers "
+            + f"\n\nTarget: accuracy ≥ {target} in < 1200 s: " + ("met" if met else "not met") + ". The published numbers "
             "are on the paper's own test split; ours on a stratified 25% split, the epoch chosen on it.")
     print(text)
     write_section(f"elpv{args.classes}", text)

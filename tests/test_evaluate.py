@@ -59,6 +59,8 @@ def test_auto_tta_uses_dihedral_views_only_where_the_run_declared_them():
     assert tta_kind("auto", {"view_kind": "dihedral", "views": 4}) == "dihedral"
     assert tta_kind("auto", {"view_kind": "dihedral", "views": 1}) == "flip"
     assert tta_kind("auto", {"view_kind": "random", "views": 4}) == "flip"
+    assert tta_kind("auto", {"views": 1, "augment": "dihedral"}) == "dihedral"  # finetune on dihedral crops
+    assert tta_kind("auto", {"views": 1, "augment": "standard"}) == "flip"
     assert tta_kind(None, {}) == "none"
 
 

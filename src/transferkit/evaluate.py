@@ -95,13 +95,15 @@ def view_probs(predictor, paths: list[str], views: tuple[int, ...], batch_size: 
 
 
 def tta_kind(tta: str | None, config: dict) -> str:
-    """`auto` takes all eight symmetries only where the run trained on dihedral views, else the flip."""
+    """`auto` takes all eight symmetries only where the run declared them safe for its data (cached dihedral
+    views, or the dihedral augmentation), else the flip."""
     if tta in (None, "none"):
         return "none"
     if tta not in TTA_CHOICES:
         raise UsageError(f"--tta must be one of {', '.join(TTA_CHOICES)}, not {tta!r}")
     if tta == "auto":
-        declared = config.get("view_kind") == "dihedral" and int(config.get("views", 1)) > 1
+        declared = ((config.get("view_kind") == "dihedral" and int(config.get("views", 1)) > 1)
+                    or config.get("augment") == "dihedral")
         return "dihedral" if declared else "flip"
     return tta
 

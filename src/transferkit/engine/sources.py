@@ -250,8 +250,8 @@ class ImageBatchSource(BatchSource):
 
     def _batches(self, loader, with_index: bool):
         dev = self.state.device
-        # Batches made in this process: on one intra-op thread (see _one_thread).
-        fetching = _one_thread if loader.num_workers == 0 and dev.type == "cpu" else nullcontext
+        # Batches made in this process: on one intra-op thread (see one_thread).
+        fetching = one_thread if loader.num_workers == 0 and dev.type == "cpu" else nullcontext
         batches = iter(loader)
         while True:
             with fetching():
@@ -293,7 +293,7 @@ def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> in
 
 
 @contextmanager
-def _one_thread():
+def one_thread():
     """Make a batch on one intra-op thread. The transforms' tensor ops would otherwise use all of the
     model's threads, and when anything else shares the cores those threads wait on each other: crops
     from the decoded store fell from ~680 to ~160 images/s beside one busy process (2-core CPU)."""
