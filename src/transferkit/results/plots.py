@@ -159,7 +159,7 @@ def _mosaic(pictures: Sequence[np.ndarray], titles: Sequence[str], path: str | P
     picture plus tight_layout took 1-2 s per 16-image figure on a 2-core CPU, longer than the rest of a
     run's report; one imshow and N texts take a fraction of that."""
     fitted = [_fit_picture(p, cell_px) for p in pictures]
-    cell_px = max([cell_px if not fitted else 0] + [max(p.shape[:2]) for p in fitted])
+    cell_px = max((max(p.shape[:2]) for p in fitted), default=cell_px)  # no wider than the largest picture
     n = max(len(fitted), 1)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
