@@ -16,10 +16,10 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -30,7 +30,7 @@ from transferkit.data.dataset import ImageListDataset, skip_broken_collate  # no
 from transferkit.data.decoded import DecodedDataset, decode_missing, open_store  # noqa: E402
 from transferkit.data.transforms import train_transform  # noqa: E402
 from transferkit.engine.features import default_workers  # noqa: E402
-from transferkit.engine.sources import one_thread  # noqa: E402
+from transferkit.engine.sources import loader_batches  # noqa: E402
 from transferkit.models.registry import get_spec  # noqa: E402
 
 
@@ -52,14 +52,11 @@ def make_photos(folder: Path, n: int, size=(2000, 1500)) -> Path:
 
 def epoch_seconds(dataset, workers: int, batch: int) -> float:
     loader = DataLoader(dataset, batch, shuffle=True, num_workers=workers, collate_fn=skip_broken_collate)
-    # As a CPU run fetches batches: in this process on one intra-op thread, or from the workers.
-    fetching = one_thread if workers == 0 else nullcontext
     t0 = time.perf_counter()
-    batches = iter(loader)  # worker start-up is inside the timing, as in a run's first epoch
-    while True:
-        with fetching():
-            if next(batches, None) is None:
-                break
+    # As a CPU run fetches them (in this process on one intra-op thread, or from the workers); worker
+    # start-up is inside the timing, as in a run's first epoch.
+    for _ in loader_batches(loader, torch.device("cpu")):
+        pass
     return time.perf_counter() - t0
 
 
@@ -111,7 +108,7 @@ def main() -> None:
             f"{args.batch}, no model: the train DataLoader alone, best of {args.repeats} interleaved runs, worker "
             f"start-up included. Store built once with {default_workers()} workers beforehand. Workers 0 makes "
             f"each batch in this process on one intra-op thread, as a CPU run with the store does "
-            f"(engine/sources.one_thread); a worker process also uses one thread. "
+            f"(engine/sources.loader_batches); a worker process also uses one thread. "
             f"Command: `python benchmarks/decoded_cache.py`.\n\n"
             + table(rows, ["data", "images", "workers", "decode every epoch, images/s", "decoded cache, images/s",
                            "ratio", "store build s (once)"]))

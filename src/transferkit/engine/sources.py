@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -18,8 +18,8 @@ from ..errors import DataError
 from ..io import RunFolderError
 from ..models.adapt import set_train_mode
 from ..models.batchnorm import Folding, freeze_statistics
-from . import distributed
 from ..data.folders import file_sha256
+from . import distributed
 from .features import View, cache_root, cached_features, default_workers, store_for
 from .runtime import FrozenEngine, FrozenPart
 
@@ -250,15 +250,7 @@ class ImageBatchSource(BatchSource):
 
     def _batches(self, loader, with_index: bool):
         dev = self.state.device
-        # Batches made in this process: on one intra-op thread (see one_thread).
-        fetching = one_thread if loader.num_workers == 0 and dev.type == "cpu" else nullcontext
-        batches = iter(loader)
-        while True:
-            with fetching():
-                fetched = next(batches, None)
-            if fetched is None:
-                return
-            batch, skipped = fetched
+        for batch, skipped in loader_batches(loader, dev):
             self._skipped += skipped
             if batch is None:
                 continue
@@ -292,17 +284,27 @@ def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> in
     return default_workers()  # decoding files, or feeding an accelerator
 
 
-@contextmanager
-def one_thread():
-    """Make a batch on one intra-op thread. The transforms' tensor ops would otherwise use all of the
-    model's threads, and when anything else shares the cores those threads wait on each other: crops
-    from the decoded store fell from ~680 to ~160 images/s beside one busy process (2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def loader_batches(loader: DataLoader, device: torch.device):
+    """The loader's batches. On a CPU without workers each batch is made on one intra-op thread: the
+    transforms' tensor ops would otherwise use all of the model's threads, and when anything else shares
+    the cores those threads wait on each other (crops from the decoded store fell from ~680 to ~160
+    images/s beside one busy process, 2-core CPU). The model's thread count is restored for its step."""
+    if loader.num_workers or device.type != "cpu":
+        yield from loader
+        return
+    batches, threads = iter(loader), torch.get_num_threads()
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches, _END)
+        finally:
+            torch.set_num_threads(threads)
+        if batch is _END:
+            return
+        yield batch
+
+
+_END = object()
 
 
 def _seed_worker(worker_id: int) -> None:
