@@ -6,9 +6,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import TransferkitError
 
@@ -51,6 +54,23 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield a staging folder next to OUT (an empty or missing folder) that replaces OUT when the
+    block ends, or is deleted if it raises: an interrupted run leaves no half-filled OUT."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the final folder
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # the caller has checked that it is empty
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _remove(tmp: str) -> None:

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 import http.client
@@ -25,6 +24,7 @@ from pathlib import Path
 from sklearn.model_selection import train_test_split
 
 from transferkit.errors import DataError, UsageError
+from transferkit.io import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -122,11 +122,8 @@ def _write_elpv(out: Path, data_dir: Path, records: list[dict], wanted: dict) ->
         list(range(len(records))), test_size=ELPV_VAL_FRACTION, random_state=wanted["seed"], stratify=strata
     )
     splits = {i: "train" for i in train_idx} | {i: "val" for i in val_idx}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to OUT and rename at the end, so an interrupted run leaves no half dataset in OUT.
-    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-    staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the final folder
-    try:
+    # Built next to OUT and renamed at the end, so an interrupted run leaves no half dataset in OUT.
+    with staged_folder(out) as staging:
         methods = Counter()
         files = []
         for i, record in enumerate(records):
@@ -137,12 +134,6 @@ def _write_elpv(out: Path, data_dir: Path, records: list[dict], wanted: dict) ->
             files.append({**record, "split": splits[i], "class": name})
         summary = _elpv_summary(out, files, wanted, methods)
         (staging / ELPV_MANIFEST).write_text(json.dumps({**summary, "files": files}, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # known to be empty here
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return {**summary, "created": True}
 
 
