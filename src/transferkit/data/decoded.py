@@ -7,9 +7,11 @@ its shorter side resized to the preprocessing's resize size by the eval transfor
 Epochs then crop and augment those pixels (DecodedDataset).
 
 Layout: BASE/decoded/<key>/shard-<id>.u8 (pixels back to back) + shard-<id>.json ({sha256: [offset,
-height, width]}). <key> hashes the resize size and interpolation, so other preprocessing gets its own
-folder; images are keyed by their file's sha256, so a changed file is decoded again alone. A shard's
-pixels are renamed into place before its json names them: an interrupted build leaves no dangling keys.
+height, width, crc32]}, the shard's size). <key> hashes the resize size and interpolation, so other
+preprocessing gets its own folder; images are keyed by their file's sha256, so a changed file is decoded
+again alone. Shards are written and checked as in shards.py: a shard of the wrong size, without its json,
+or holding an image whose crc32 differs from the one recorded at write time is dropped and its images
+are decoded again (decode_missing verifies every image a run asks for before it decides what to decode).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import logging
 import os
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import shards
 from ..engine.progress import progress
 from ..io import atomic_write_json
 from ..models.registry import Preprocessing
@@ -34,7 +38,8 @@ from .images import load_rgb
 from .transforms import resize_shorter
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: checksummed shards
+SUFFIX = ".u8"
 SHARD_BYTES = 1 << 30  # a new shard every GiB: an interrupted build keeps the shards it finished
 MAX_LISTED = 20  # failed files named in the warning
 
@@ -45,14 +50,52 @@ class DecodedStore:
     def __init__(self, root):
         self.root = Path(root)
         self.index: dict[str, tuple[str, int, int, int]] = {}  # sha256 -> (shard, offset, height, width)
+        self.crc: dict[str, int] = {}  # sha256 -> crc32 of its pixels, recorded when they were written
         self._maps: dict[str, np.memmap] = {}
         self.decoded = 0  # images this object decoded and stored (a rerun on the same files: 0)
         self.errors: dict[str, str] = {}  # path -> why it could not be decoded, in this process
-        for meta in sorted(self.root.glob("shard-*.json")):
-            if not meta.with_suffix(".u8").exists():
-                continue
-            for digest, (offset, height, width) in json.loads(meta.read_text())["images"].items():
-                self.index[digest] = (meta.stem, offset, height, width)
+        self._entries, self.damaged = shards.list_shards(self.root, SUFFIX)
+        for name, _ in self.damaged:
+            shards.drop(self.root, name, SUFFIX)
+        for name, entry in list(self._entries.items()):
+            try:
+                self._add(name, entry)
+            except (AttributeError, KeyError, TypeError, ValueError):
+                self._drop(name, "foreign index entry")
+
+    def _add(self, name: str, entry: dict) -> None:
+        self._entries[name] = entry
+        for digest, (offset, height, width, crc) in entry["images"].items():
+            self.index[digest] = (name, offset, height, width)
+            self.crc[digest] = crc
+
+    def refresh(self) -> None:
+        """Take in the shards other processes wrote since this store was opened."""
+        fresh = DecodedStore(self.root)
+        self._entries.update(fresh._entries)
+        self.index.update(fresh.index)
+        self.crc.update(fresh.crc)
+        self.damaged += fresh.damaged
+
+    def verify(self, digests) -> None:
+        """Check the pixels of `digests` against their crc32; drop every shard holding a damaged one
+        (its images then read as missing) and warn once about what was dropped."""
+        bad = {}
+        for digest in digests:
+            if digest in self.index and zlib.crc32(self._pixels(digest)) != self.crc[digest]:
+                bad.setdefault(self.index[digest][0], "checksum mismatch")
+        for name, why in bad.items():
+            self._drop(name, why)
+        shards.warn_dropped("decoded-image cache", self.root, self.damaged)
+        self.damaged = []
+
+    def _drop(self, name: str, why: str) -> None:
+        self.damaged.append((name, why))
+        self._maps.pop(name, None)
+        self._entries.pop(name, None)
+        shards.drop(self.root, name, SUFFIX)
+        for digest in [d for d, (shard, *_) in self.index.items() if shard == name]:
+            del self.index[digest]
 
     def __contains__(self, digest) -> bool:
         return digest in self.index
@@ -60,13 +103,17 @@ class DecodedStore:
     def get(self, digest: str) -> torch.Tensor:
         """uint8 CHW; a channels-last view of the stored HWC pixels, the layout torchvision's uint8
         resize kernels are fastest on."""
+        _, _, height, width = self.index[digest]
+        return torch.from_numpy(self._pixels(digest).reshape(height, width, 3)).permute(2, 0, 1)
+
+    def _pixels(self, digest: str) -> np.ndarray:
+        """The stored bytes of one image, flat."""
         shard, offset, height, width = self.index[digest]
         if shard not in self._maps:
             # Copy-on-write: a transform writing in place could never reach the file, and torch does
             # not warn about wrapping a read-only array.
-            self._maps[shard] = np.memmap(self.root / f"{shard}.u8", dtype=np.uint8, mode="c")
-        pixels = self._maps[shard][offset:offset + height * width * 3].reshape(height, width, 3)
-        return torch.from_numpy(pixels).permute(2, 0, 1)
+            self._maps[shard] = np.memmap(self.root / f"{shard}{SUFFIX}", dtype=np.uint8, mode="c")
+        return self._maps[shard][offset:offset + height * width * 3]
 
     def __getstate__(self):
         # DataLoader workers started by spawn get the index, not a pickled copy of every mapped shard.
@@ -137,8 +184,9 @@ class _ShardWriter:
         self.offset = 0
 
     def add(self, digest: str, pixels: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(pixels).data)
-        self.images[digest] = [self.offset, pixels.shape[0], pixels.shape[1]]
+        data = np.ascontiguousarray(pixels).data
+        self.fh.write(data)
+        self.images[digest] = [self.offset, pixels.shape[0], pixels.shape[1], zlib.crc32(data)]
         self.offset += pixels.nbytes
         if self.offset >= SHARD_BYTES:
             self.close()
@@ -151,10 +199,11 @@ class _ShardWriter:
         if not self.images:
             os.unlink(self.tmp)
             return
-        os.replace(self.tmp, self.store.root / f"{self.name}.u8")
-        atomic_write_json(self.store.root / f"{self.name}.json", {"images": self.images})
-        for digest, (offset, height, width) in self.images.items():
-            self.store.index[digest] = (self.name, offset, height, width)
+        # Index entry first, then the pixels (shards.py): an interrupted build leaves no dangling keys.
+        entry = shards.new_entry(self.store.root, self.offset, images=self.images)
+        atomic_write_json(self.store.root / f"{self.name}.json", entry)
+        os.replace(self.tmp, self.store.root / f"{self.name}{SUFFIX}")
+        self.store._add(self.name, entry)
 
     def abort(self) -> None:
         self.fh.close()
@@ -172,6 +221,7 @@ def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str
     Stats: hits, decoded, failed, seconds."""
     t0 = time.perf_counter()
     keys = [content_sha256(p, digests) for p in paths]
+    store.verify(k for k in keys if k is not None)  # damaged shards drop out here and are decoded again
     hits = sum(1 for k in keys if k in store)
     todo = list({k: p for p, k in zip(paths, keys) if k is not None and k not in store}.items())
     mine = sharding.take(todo) if sharding else todo

@@ -272,7 +272,7 @@ class Sharding:
 
     def sync(self, store) -> None:
         barrier()
-        store.index.update(type(store)(store.root).index)
+        store.refresh()
 
 
 def sharding() -> Sharding | None:

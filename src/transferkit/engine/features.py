@@ -17,18 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.decoded import DecodedStore, content_sha256, decode_missing, open_store
 from ..data.transforms import dihedral, eval_transform, train_transform
+from .. import shards
 from ..io import atomic_write, atomic_write_json
 from ..models.registry import Preprocessing
 from ..models.weights import cache_dir
 from .progress import progress
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: random views are cropped from the decoded-image store
+CACHE_VERSION = 3  # 2: random views are cropped from the decoded-image store; 3: checksummed shards
+SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -91,42 +93,96 @@ def _collate(batch):
 
 
 class FeatureStore:
-    """Append-only shards of (key → feature) in safetensors, one folder per backbone configuration."""
+    """Append-only shards of (key → feature) in safetensors, one folder per backbone configuration.
+
+    Each shard's json index entry records its keys, size and sha256 (shards.py); a shard is checked when
+    it is first read, and a damaged or foreign one is dropped, so its keys read as missing and the caller
+    recomputes them. `verify(keys)` does that for the shards holding `keys` and warns once about what it
+    dropped; cached_features calls it before deciding what to compute."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.index: dict[str, tuple[str, int]] = {}
         self._shards: dict[str, torch.Tensor] = {}
-        for meta in sorted(self.root.glob("shard-*.json")):
-            shard = meta.stem
-            if not (self.root / f"{shard}.safetensors").exists():
-                continue  # an interrupted write; its json never pointed at data
-            for row, key in enumerate(json.loads(meta.read_text())["keys"]):
-                self.index[key] = (shard, row)
+        self._entries, self.damaged = shards.list_shards(self.root, SUFFIX)
+        for name, _ in self.damaged:
+            shards.drop(self.root, name, SUFFIX)
+        for name, entry in list(self._entries.items()):
+            if not isinstance(entry.get("keys"), list) or not all(isinstance(k, str) for k in entry["keys"]):
+                self._drop(name, "foreign index entry")
+                continue
+            for row, key in enumerate(entry["keys"]):
+                self.index[key] = (name, row)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index
 
+    def refresh(self) -> None:
+        """Take in the shards other processes wrote since this store was opened."""
+        fresh = FeatureStore(self.root)
+        self._entries.update(fresh._entries)
+        self.index.update(fresh.index)
+        self.damaged += fresh.damaged
+
+    def verify(self, keys) -> None:
+        """Read (and check) every shard holding one of `keys`; drop damaged ones with one warning."""
+        for name in {self.index[k][0] for k in keys if k in self.index}:
+            self._load(name)
+        shards.warn_dropped("feature cache", self.root, self.damaged)
+        self.damaged = []
+
     def get(self, keys: list[str]) -> torch.Tensor:
+        """The rows of `keys`; KeyError for a key that is missing or whose shard proved damaged."""
         rows = []
         for key in keys:
             shard, row = self.index[key]
-            if shard not in self._shards:
-                self._shards[shard] = load_file(str(self.root / f"{shard}.safetensors"))["features"]
-            rows.append(self._shards[shard][row])
+            tensor = self._load(shard)
+            if tensor is None:
+                raise KeyError(f"{key}: its shard {shard} was damaged and dropped")
+            rows.append(tensor[row])
         return torch.stack(rows)
+
+    def _load(self, name: str) -> torch.Tensor | None:
+        if name in self._shards:
+            return self._shards[name]
+        entry = self._entries[name]
+        try:
+            blob = (self.root / f"{name}{SUFFIX}").read_bytes()
+        except OSError as exc:
+            return self._drop(name, f"unreadable ({exc.strerror or exc})")
+        if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
+            return self._drop(name, "checksum mismatch")
+        try:
+            tensor = load(blob)["features"]
+        except Exception as exc:  # noqa: BLE001 - any unreadable content is damage, never a traceback
+            return self._drop(name, f"bad content ({type(exc).__name__})")
+        if tensor.shape[0] != len(entry["keys"]):
+            return self._drop(name, f"{tensor.shape[0]} rows for {len(entry['keys'])} keys")
+        self._shards[name] = tensor
+        return tensor
+
+    def _drop(self, name: str, why: str) -> None:
+        self.damaged.append((name, why))
+        shards.drop(self.root, name, SUFFIX)
+        for key in self._entries.pop(name)["keys"]:
+            if self.index.get(key, (None,))[0] == name:
+                del self.index[key]
+        return None
 
     def put(self, keys: list[str], features: torch.Tensor) -> None:
         if not keys:
             return
-        shard = f"shard-{uuid.uuid4().hex[:12]}"
+        name = f"shard-{uuid.uuid4().hex[:12]}"
         tensor = features.detach().cpu().contiguous()
-        # Data first, then the json that makes it visible: a crash in between leaves no dangling keys.
-        atomic_write(self.root / f"{shard}.safetensors", lambda tmp: save_file({"features": tensor}, tmp))
-        atomic_write_json(self.root / f"{shard}.json", {"keys": keys})
+        blob = save({"features": tensor})
+        entry = shards.new_entry(self.root, len(blob), keys=list(keys), sha256=hashlib.sha256(blob).hexdigest())
+        # Index entry first, then the data (shards.py): a crash in between leaves no dangling keys.
+        atomic_write_json(self.root / f"{name}.json", entry)
+        atomic_write(self.root / f"{name}{SUFFIX}", lambda tmp: Path(tmp).write_bytes(blob))
+        self._entries[name] = entry
         for row, key in enumerate(keys):
-            self.index[key] = (shard, row)
-        self._shards[shard] = tensor
+            self.index[key] = (name, row)
+        self._shards[name] = tensor
 
 
 def cache_root() -> Path:
@@ -162,6 +218,7 @@ def cached_features(
     missing images, then sees every rank's."""
     sha = {p: content_sha256(p, digests) for p in paths}  # None: the file cannot be read any more
     keys = [[f"{sha[p]}|{v.key}" for v in views] if sha[p] else [] for p in paths]
+    store.verify([k for row in keys for k in row])  # damaged shards drop out here and are recomputed
     todo = [(p, [(v, k) for v, k in zip(views, row) if k not in store]) for p, row in zip(paths, keys) if row]
     todo = [(p, missing) for p, missing in todo if missing]
     stats = {"hits": sum(1 for row in keys for k in row if k in store), "computed": 0, "seconds": 0.0}
