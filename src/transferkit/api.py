@@ -14,7 +14,6 @@ import numpy as np
 
 from .config import TrainConfig
 from .engine.checkpoint import resolve_checkpoint
-from .engine.fit import fit
 from .predict import Predictor, expand_inputs
 
 
@@ -45,9 +44,13 @@ class Classifier:
 
 
 def train(data: str | Path, config: TrainConfig | None = None, **options) -> Classifier:
-    """Train on an image folder; options are TrainConfig's fields (e.g. model=, mode=, epochs=, out=)."""
+    """Train on an image folder; options are TrainConfig's fields (e.g. time_budget="5m", recipe="tutorial",
+    model=, mode=, epochs=, out=). With the default recipe="auto" the options given fix their pieces of the
+    recipe and the search chooses the rest on the training images (search.py)."""
+    from .search import train as train_run
+
     cfg = config or TrainConfig(data=str(data), **options)
-    metrics = fit(cfg)
+    metrics = train_run(cfg, given=options)
     clf = Classifier(Path(metrics["run_dir"]))
     clf.metrics_ = metrics
     return clf

@@ -18,6 +18,15 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 TRAIN_HELP = {
+    "recipe": "auto: search for the best recipe within --time-budget, choosing on training images only "
+              "(flags given fix their piece); tutorial: no search, the seed tutorials' values for what is not given",
+    "time_budget": "auto recipe: the whole run's time, e.g. 90s, 10m, 1h",
+    "rotation_safe": "the images have no 'up' (cells, tiles, micrographs): the search may use all 8 dihedral views",
+    "head_init": "probe: start the head from a CV-tuned linear probe before fine-tuning (LP-FT)",
+    "probe_stages": "linear-probe: pool the top N stages (default: every stage the backbone taps)",
+    "probe_pooling": "linear-probe: channel means, or means and maxima",
+    "probe_views": "linear-probe: train on and average over no extra view, the mirror, or all 8 dihedral views",
+    "probe_c": "linear-probe: inverse L2 strength of the logistic regression (default: 3-fold CV on train)",
     "model": "backbone (see `transferkit models`)",
     "mode": "feature-extract (only the new head trains), finetune (everything), partial (top --unfreeze groups)",
     "unfreeze": "partial mode: number of top layer groups that train with the head",
@@ -60,7 +69,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .config import (BEST_METRICS, ENGINES, OPTIMIZERS, SCHEDULERS, TrainConfig)
+    from .config import (BEST_METRICS, ENGINES, HEAD_INITS, OPTIMIZERS, POOLINGS, PROBE_VIEWS, RECIPES, SCHEDULERS,
+                         TrainConfig)
     from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
     from .models.adapt import MODES
     from .models.batchnorm import BATCHNORM_MODES
@@ -68,7 +78,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     choices = {"mode": MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
                "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
                "cache_dtype": ("float16", "float32"), "batchnorm": BATCHNORM_MODES,
-               "class_weights": ("none", "auto"), "scale_lr": ("none", "linear")}
+               "class_weights": ("none", "auto"), "scale_lr": ("none", "linear"), "recipe": RECIPES,
+               "head_init": HEAD_INITS, "probe_pooling": POOLINGS, "probe_views": PROBE_VIEWS}
     for f in fields(TrainConfig):
         if f.name == "data":
             continue
@@ -139,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from .config import TrainConfig
-    from .engine.fit import fit
     from .errors import UsageError
+    from .search import train
 
     from .engine import distributed
 
@@ -165,7 +176,7 @@ def cmd_train(args) -> int:
     from .engine.signals import stop_on_signals
 
     with stop_on_signals():  # Ctrl-C/SIGTERM: finish the batch, keep `last`, exit 130/143
-        metrics = fit(cfg, resume=bool(args.resume))
+        metrics = train(cfg, given=options, resume=bool(args.resume))
     if metrics.get("written", True):
         _print_train_summary(metrics)
     return 0
@@ -217,7 +228,7 @@ def _check_paths(cfg) -> None:
 
 
 def _print_train_summary(m: dict) -> None:
-    wall = m["wall_seconds"]
+    wall = m["search"]["wall_seconds"] if m.get("search") else m["wall_seconds"]
     print(f"Training complete in {int(wall // 60)}m {wall % 60:.0f}s")
     print(f"Best val Acc: {m['best_val_acc']:.4f} (epoch {m['best_epoch']} of {m['epochs_run']}; "
           f"balanced acc {m['best_val_balanced_accuracy']:.4f}, macro-F1 {m['best_val_macro_f1']:.4f})")
@@ -225,6 +236,10 @@ def _print_train_summary(m: dict) -> None:
           f"({', '.join(m['trainable_groups'])})")
     if m.get("skipped_during_training"):
         print(f"skipped {m['skipped_during_training']} unreadable files during training")
+    if m.get("search"):
+        print(f"recipe search: chose {m['search']['chosen']} ({m['search']['wall_seconds']:.0f}s in all; "
+              f"every candidate in search.json); the same run without the search:")
+        print(f"  {m['search']['reproduce']}")
     print(f"run folder: {m['run_dir']}")
 
 

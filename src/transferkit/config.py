@@ -15,7 +15,12 @@ from .models.batchnorm import BATCHNORM_MODES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
-BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "loss")
+BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "loss", "last")  # last: no selection on val
+RECIPES = ("auto", "tutorial")
+HEAD_INITS = ("random", "probe")
+POOLINGS = ("mean", "meanmax")
+PROBE_VIEWS = ("none", "flip", "dihedral")
+DEFAULT_TIME_BUDGET = "4m"  # keeps a no-flag ELPV run (2,624 images) within 5 minutes on a 2-core CPU
 ENGINES = ("auto", "torch", "onnxruntime")
 SCALE_LR = ("none", "linear")
 CACHE_DTYPES = ("float16", "float32")
@@ -24,6 +29,11 @@ CACHE_DTYPES = ("float16", "float32")
 @dataclass
 class TrainConfig:
     data: str
+    # auto: search for the best recipe within --time-budget (search.py), choosing on training images only;
+    # tutorial: train exactly as configured, the seed tutorials' values where nothing is given.
+    recipe: str = "auto"
+    time_budget: str = DEFAULT_TIME_BUDGET
+    rotation_safe: bool = False  # the images have no "up": the search may use all 8 dihedral views
     model: str = "efficientnet_lite0"
     mode: str = "feature-extract"
     unfreeze: int = 2  # partial mode: how many top layer groups train
@@ -63,11 +73,21 @@ class TrainConfig:
     channels_last: bool = True
     batchnorm: str = "train"  # frozen: BN keeps ImageNet statistics (γ, β learn) and folds into convs
     compile: bool = False
+    head_init: str = "random"  # probe: start the head from a CV-tuned linear probe (LP-FT, Kumar et al. 2022)
+    probe_stages: int | None = None  # linear-probe: pooled features of the top N stages (default: all tapped)
+    probe_pooling: str = "meanmax"  # linear-probe: channel means, or means and maxima
+    probe_views: str = "none"  # linear-probe: train on and average over none, flip, or all 8 dihedral views
+    probe_c: float | None = None  # linear-probe: inverse L2 strength (default: chosen by 3-fold CV on train)
     tensorboard: bool = False
     out: str | None = None
 
     def validate(self) -> "TrainConfig":
+        _choice("recipe", self.recipe, RECIPES)
         _choice("mode", self.mode, MODES)
+        _choice("head-init", self.head_init, HEAD_INITS)
+        _choice("probe-pooling", self.probe_pooling, POOLINGS)
+        _choice("probe-views", self.probe_views, PROBE_VIEWS)
+        parse_duration(self.time_budget)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("augment", self.augment, AUGMENT_PRESETS)
@@ -107,6 +127,10 @@ class TrainConfig:
             raise UsageError("--weight-decay, --momentum and --warmup-epochs must be ≥ 0")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
             raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
+        if self.probe_c is not None and not 0 < self.probe_c < float("inf"):
+            raise UsageError(f"--probe-c must be > 0, not {self.probe_c}")
+        if self.probe_stages is not None:
+            _at_least("probe-stages", self.probe_stages, 1)
         if self.image_size is not None and self.image_size < 32:
             raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
         return self
@@ -134,6 +158,21 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise UsageError(f"config {path} must be a mapping of option: value")
         return cls.from_dict(d)
+
+
+def parse_duration(text) -> float:
+    """'90s', '10m', '1h', '1h30m' or a number of seconds → seconds."""
+    import re
+
+    spec = str(text).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", spec)
+    if not spec or parts is None or not any(parts.groups()):
+        raise UsageError(f"--time-budget must be a duration such as 90s, 10m or 1h, not {text!r}")
+    h, m, s = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = 3600 * h + 60 * m + s
+    if seconds < 1:
+        raise UsageError(f"--time-budget must be at least 1s, not {text!r}")
+    return seconds
 
 
 def _choice(option: str, value, choices) -> None:

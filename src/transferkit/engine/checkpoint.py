@@ -72,6 +72,10 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     meta = read_meta(path)
     spec = get_spec(meta["architecture"])
     model = build_model(spec, len(meta["classes"]), pretrained=False)
+    if isinstance(meta.get("probe"), dict):  # --mode linear-probe: the probe around the backbone
+        from .probe import rebuild_probe
+
+        model = rebuild_probe(model, spec, meta["probe"], len(meta["classes"]))
     try:
         state = {k: v for k, v in load_file(str(path)).items() if not k.startswith(RESUME_PREFIX)}
         model.load_state_dict(state, strict=True)

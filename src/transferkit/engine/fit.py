@@ -59,6 +59,7 @@ class RunState:
     skipped_in_training: int = 0
     split_sha256: str = ""  # of RUN/split.csv, recorded in `last` so a resume uses the same split
     elapsed_before: float = 0.0  # seconds trained before a resume
+    probe_init: dict | None = None  # --head-init probe: the probe's C and CV accuracy
 
 
 def set_seed(seed: int) -> None:
@@ -72,17 +73,21 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.model}-{cfg.mode}"
 
 
-def prepare(cfg: TrainConfig, resume: bool = False) -> RunState:
+def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None) -> RunState:
+    """Validate, scan (or take the given split), write the run's config and split, build the model.
+    `scan`: a split made by the caller (the recipe search's inner hold-out)."""
     cfg.validate()
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
     pre = spec.preprocessing.at_size(cfg.image_size, cfg.crop_fraction)
     device = distributed.device_for(pick_device(cfg.device))  # a bad --device fails before any file is written
     # Under torchrun rank 0 scans and names the run folder; every rank gets the same split and folder.
+    given = scan
     scan = distributed.share_from_main(
-        lambda: read_manifest(Path(cfg.out) / "split.csv", cfg.data) if resume  # the run's own split
+        lambda: given if given is not None
+        else read_manifest(Path(cfg.out) / "split.csv", cfg.data) if resume  # the run's own split
         else scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict))
-    for line in scan.summary_lines():
+    for line in scan.summary_lines() if given is None else []:
         log.warning(line)
     if scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":
         log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
@@ -114,11 +119,21 @@ def make_source(state: RunState) -> BatchSource:
 
 
 @distributed.session
-def fit(cfg: TrainConfig, resume: bool = False) -> dict:
+def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, deadline: float | None = None,
+        figures: bool = True) -> dict:
     """Train as configured; write the run folder; return metrics.json's content.
-    resume=True continues the run in cfg.out from its `last` checkpoint (engine/resume.py)."""
+    resume=True continues the run in cfg.out from its `last` checkpoint (engine/resume.py).
+    scan: the split to use instead of scanning cfg.data. deadline (time.perf_counter() value): no epoch
+    is started that would end after it (the recipe search's budget). figures=False skips figures and
+    the report (the search's inner runs)."""
     t_start = time.perf_counter()
-    state = prepare(cfg, resume)
+    state = prepare(cfg, resume, scan)
+    if cfg.mode == "linear-probe":
+        return _linear_probe_run(state, t_start, figures)
+    if cfg.head_init == "probe" and not resume:
+        from .probe_train import init_head_from_probe
+
+        state.probe_init = init_head_from_probe(state)
     source = make_source(state)
     source.prepare()
     if distributed.leave_training_to_main(source):  # cached features: rank 0 alone trains the head
@@ -129,8 +144,10 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
     start, best = _start(state, optimizer, schedule, source, resume)
     t_start -= state.elapsed_before
     for epoch in range(start, cfg.epochs + 1):
+        final = epoch == cfg.epochs or _last_before(deadline, state.history)
         with oom_as_training_error(cfg, epoch, state.out):
-            row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, epoch)
+            row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, epoch,
+                                      with_val=final or cfg.best_metric != "last")
         state.history.append(row)
         main = distributed.is_main()  # only rank 0 writes run files
         if main:
@@ -146,16 +163,59 @@ def fit(cfg: TrainConfig, resume: bool = False) -> dict:
         if main:
             save_last(state, _meta(state, epoch, row), optimizer, schedule, best, source,
                       time.perf_counter() - t_start)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  (%.1fs)", epoch, cfg.epochs,
-                 row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"])
+        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %s acc %s  (%.1fs)", epoch, cfg.epochs,
+                 row["train_loss"], row["train_acc"], _fmt(row["val_loss"]), _fmt(row["val_acc"]), row["seconds"])
         if distributed.main_decides(cfg.patience and epoch - best["epoch"] >= cfg.patience):
             log.info("early stopping: no improvement in %s for %d epochs", cfg.best_metric, cfg.patience)
+            break
+        if final and epoch < cfg.epochs:
+            log.info("stopping after epoch %d: another epoch would end past the time budget", epoch)
             break
     source.finish()
     state.model.load_state_dict(best["weights"])
     if not distributed.is_main():
         return distributed.worker_result(state)
     return _finish(state, source, best, time.perf_counter() - t_start)
+
+
+def _linear_probe_run(state: RunState, t_start: float, figures: bool) -> dict:
+    """--mode linear-probe: one fit of the probe (engine/probe_train.py), written as an ordinary run:
+    best.safetensors (a ProbeClassifier), history.csv (one row), metrics, evaluation, figures, report."""
+    from .probe_train import train_linear_probe
+
+    t0 = time.perf_counter()
+    result = train_linear_probe(state)
+    (p_train, y_train), (p_val, y_val) = result["train"], result["val"]
+    val = _summarize(p_val, y_val)
+    row = {"epoch": 1, "train_loss": _nll(p_train, y_train), "train_acc": float((p_train.argmax(1) == y_train).mean()),
+           "val_loss": val["loss"], "val_acc": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+           "val_macro_f1": val["macro_f1"], "lr": None, "seconds": time.perf_counter() - t0}
+    state.history.append(row)
+    state.model = result["model"]
+    state.skipped_in_training = result["skipped"]
+    if distributed.is_main():
+        _write_history(state)
+        meta = {**_meta(state, 1, row), "probe": result["meta"]}
+        save_checkpoint(state.out / "best.safetensors", state.model, meta)
+    log.info("linear probe: %d features, C=%g, views %s: train acc %.4f, val acc %.4f", result["record"]["features"],
+             result["meta"]["C"], result["meta"]["views"], row["train_acc"], row["val_acc"])
+    best = {"epoch": 1, "val": {**val, "indices": np.arange(len(y_val))}}
+    source = _ProbeRecord(result)
+    return _finish(state, source, best, time.perf_counter() - t_start, figures)
+
+
+class _ProbeRecord:
+    """What _finish asks of a batch source, for a probe run."""
+
+    def __init__(self, result: dict):
+        self.val_items, self.record = result["val_items"], result["record"]
+
+    def describe(self) -> dict:
+        return {"kind": "linear-probe", **self.record}
+
+
+def _nll(p: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
 
 
 def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[int, dict]:
@@ -172,10 +232,24 @@ def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[
     return 1, best
 
 
-def _run_epoch(state, source, optimizer, schedule, criterion, epoch):
+def _last_before(deadline: float | None, history: list[dict]) -> bool:
+    """Whether the coming epoch must be the last: one more after it would end past the deadline
+    (epochs are assumed to take as long as the slowest so far)."""
+    if deadline is None or not history:
+        return False
+    return time.perf_counter() + 2 * max(row["seconds"] for row in history) > deadline
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _run_epoch(state, source, optimizer, schedule, criterion, epoch, with_val: bool = True):
     t0 = time.perf_counter()
     train_loss, train_acc = _train_phase(state, source, optimizer, schedule, criterion, epoch)
-    val = evaluate_source(source, criterion)
+    # --best-metric last chooses nothing on val: it is scored once, after the last epoch.
+    val = evaluate_source(source, criterion) if with_val else dict.fromkeys(
+        ("loss", "accuracy", "balanced_accuracy", "macro_f1"))
     schedule.epoch_end()
     row = {
         "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
@@ -231,17 +305,27 @@ def evaluate_source(source: BatchSource, criterion=None) -> dict:
         indices.append(idx.cpu())
     # Several ranks: every rank's predictions, padding dropped; one process: as is.
     p, y, idx, loss = distributed.gather_eval(*(torch.cat(t) for t in (probs, labels, indices, losses)))
+    out = _summarize(p, y, float(loss.sum()) / max(len(y), 1) if criterion is not None else 0.0)
+    return {**out, "indices": idx}
+
+
+def _summarize(p: np.ndarray, y: np.ndarray, loss: float | None = None) -> dict:
+    """Loss, accuracy, balanced accuracy and macro-F1 of probabilities p (N, C) against labels y."""
     pred = p.argmax(1)
+    if loss is None:
+        loss = _nll(p, y)
     return {
-        "loss": float(loss.sum()) / max(len(y), 1) if criterion is not None else 0.0,
+        "loss": loss,
         "accuracy": float((pred == y).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=range(p.shape[1]), zero_division=0)),
-        "probs": p, "labels": y, "indices": idx,
+        "probs": p, "labels": y,
     }
 
 
 def _score(row: dict, metric: str) -> float:
+    if metric == "last":
+        return row["epoch"]
     if metric == "loss":
         return -row["val_loss"]
     return row["val_acc"] if metric == "accuracy" else row[f"val_{metric}"]
@@ -275,7 +359,7 @@ def _write_history(state: RunState) -> None:
     atomic_write_text(state.out / "history.csv", buf.getvalue())
 
 
-def _finish(state: RunState, source: BatchSource, best: dict, wall: float) -> dict:
+def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figures: bool = True) -> dict:
     best_row = state.history[best["epoch"] - 1]
     metrics = {
         "model": state.spec.name,
@@ -295,12 +379,15 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float) -> di
         "val_images": len(state.scan.val),
         "skipped_during_training": state.skipped_in_training,
         "source": source.describe(),
+        "probe_head_init": state.probe_init,
         "environment": describe_environment(state.device),
         "run_dir": str(state.out),
         "history": state.history,
     }
     atomic_write_json(state.out / "metrics.json", metrics)
-    _write_figures(state, _write_evaluation(state, source, best["val"]))
+    evaluation = _write_evaluation(state, source, best["val"])
+    if figures:
+        _write_figures(state, evaluation)
     return metrics
 
 

@@ -14,7 +14,9 @@ from .weights import load_pretrained_state
 
 log = logging.getLogger(__name__)
 
-MODES = ("feature-extract", "finetune", "partial")
+# linear-probe: the frozen backbone's pooled multi-stage features and a CV-tuned logistic regression
+# (engine/probe.py); the backbone itself is frozen as in feature-extract.
+MODES = ("feature-extract", "finetune", "partial", "linear-probe")
 
 
 def build_model(
@@ -117,7 +119,8 @@ def apply_freeze(model: nn.Module, spec: BackboneSpec, mode: str, unfreeze: int 
     n_groups = len(plan.names) - 1
     if mode == "partial" and not 1 <= unfreeze <= n_groups:
         raise UsageError(f"--unfreeze must be between 1 and {n_groups} for {spec.name} (it has {n_groups} layer groups)")
-    first_trainable = {"feature-extract": n_groups, "finetune": 0, "partial": n_groups - unfreeze}[mode]
+    first_trainable = {"feature-extract": n_groups, "linear-probe": n_groups, "finetune": 0,
+                       "partial": n_groups - unfreeze}[mode]
     for i, params in enumerate(plan.params):
         for _, p in params:
             p.requires_grad_(i >= first_trainable)

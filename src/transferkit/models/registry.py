@@ -93,6 +93,9 @@ class BackboneSpec:
     extra: str | None = None  # the pip extra that provides the weights, if not a core dependency
     tags: tuple[str, ...] = field(default_factory=tuple)
     stages: StagesFn | None = None  # optional; without it partial mode runs the whole network per batch
+    # Linear probes pool the outputs of this many top stages (Head2Toe-style intermediate features);
+    # 1 = the head's input only (also what a backbone without `stages` offers).
+    probe_taps: int = 1
 
     @property
     def cache_point(self) -> str:

@@ -65,6 +65,7 @@ for _name, _builder, _weights, _params in [
             head="fc",
             groups=_RESNET_GROUPS,
             stages=_resnet_stages,
+            probe_taps=3,  # layer2..layer4
             preprocessing=TV_224,
             description=f"ResNet, {_params} params (seed tutorial default: resnet18)",
         )
@@ -183,6 +184,7 @@ for _variant, _size, _resize, _extra in [
             head="classifier",
             groups=_LITE_GROUPS,
             stages=_lite_stages,
+            probe_taps=6,  # blocks.2..blocks.6 and the head convolution
             preprocessing=Preprocessing(_size, _resize, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
             family="timm",
             description=f"EfficientNet-Lite{_variant} (timm tf_efficientnet_lite{_variant}), "

@@ -1,0 +1,236 @@
+"""Linear probes done right: pooled features of the last stages of a frozen backbone, standardized, and a
+multinomial L2 logistic regression whose strength is chosen by k-fold cross-validation on training images.
+
+`TapPooler` runs the backbone's stages (registry `stages`) once per image and returns, for each of the
+top `taps` stage outputs, the channel means and the channel maxima, concatenated (Head2Toe, Evci et al.
+2022, in its simplest form). Which columns a probe uses (how many stages, mean or mean+max) is a slice
+of that one cached vector, so the search tries them all for one extraction.
+
+`ProbeClassifier` is the deployed model: backbone stages → pooling → standardization → linear head, an
+ordinary nn.Module (checkpoint, predict, evaluate, ONNX export, fine-tuning all take it as it is).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "meanmax")
+
+
+def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() == 2:  # already pooled (the cache point of a backbone without stages)
+        return x, x
+    return x.mean((2, 3)), x.amax((2, 3))
+
+
+class TapPooler(nn.Module):
+    """Image batch → [mean(tap_1), max(tap_1), mean(tap_2), max(tap_2), ...] over the top `taps` stages."""
+
+    def __init__(self, body: list[nn.Module], taps: int):
+        super().__init__()
+        self.body = nn.ModuleList(body)
+        self.taps = max(1, min(taps, len(body)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = []
+        first_tap = len(self.body) - self.taps
+        for i, stage in enumerate(self.body):
+            x = stage(x)
+            if i >= first_tap:
+                pooled += list(_pool(x))
+        return torch.cat(pooled, 1)
+
+
+def tap_body(model: nn.Module, spec) -> list[nn.Module]:
+    """The modules whose outputs can be tapped, bottom to top: the registry's stages without the head
+    stage; for a backbone without stages, the whole network up to its cache point as one stage."""
+    if spec.stages is not None:
+        return list(spec.stages(model))[:-1]
+    from .runtime import FrozenPart
+
+    return [FrozenPart(model, spec.cache_point)]
+
+
+def tap_widths(pooler: TapPooler, example: torch.Tensor) -> list[int]:
+    """Channels of each tap (same order as TapPooler's output), from one forward of a small example."""
+    widths, first_tap = [], len(pooler.body) - pooler.taps
+    x = example
+    with torch.inference_mode():
+        for i, stage in enumerate(pooler.body):
+            x = stage(x)
+            if i >= first_tap:
+                widths.append(int(x.shape[1]))
+    return widths
+
+
+def feature_columns(widths: list[int], stages: int, pooling: str) -> np.ndarray:
+    """Columns of the TapPooler vector for the top `stages` taps and the pooling asked for."""
+    cols, start = [], 0
+    for i, w in enumerate(widths):
+        if i >= len(widths) - stages:
+            cols.append(np.arange(start, start + w))  # means
+            if pooling == "meanmax":
+                cols.append(np.arange(start + w, start + 2 * w))  # maxima
+        start += 2 * w
+    return np.concatenate(cols)
+
+
+# ---- fitting -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeFit:
+    """A fitted probe: which columns, the standardization and the linear head (numpy, float32)."""
+
+    columns: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray  # (classes, features)
+    bias: np.ndarray
+    C: float
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        z = (x[..., self.columns] - self.mean) / self.scale
+        return z @ self.weight.T + self.bias
+
+
+def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0)
+    scale = x.std(0)
+    return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 300):
+    """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d). Returns (weight, bias)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-4, warm_start=warm is not None)
+    if warm is not None:
+        clf.coef_, clf.intercept_ = warm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # tol is loose enough; max_iter bounds the time
+        clf.fit(x, y)
+    weight, bias = clf.coef_, clf.intercept_
+    if n_classes == 2 and weight.shape[0] == 1:  # sklearn's binary form: one row for class 1
+        weight = np.concatenate([-weight / 2, weight / 2])
+        bias = np.concatenate([-bias / 2, bias / 2])
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float, n_classes: int) -> ProbeFit:
+    """x: (n, views, d) training features; every view of an image is a training row."""
+    rows = x[:, :, columns].reshape(-1, len(columns))
+    labels = np.repeat(y, x.shape[1])
+    mean, scale = standardizer(rows)
+    weight, bias = fit_logistic((rows - mean) / scale, labels, C, n_classes)
+    return ProbeFit(columns, mean, scale, weight, bias, C)
+
+
+def predict_proba(fit: ProbeFit, x: np.ndarray) -> np.ndarray:
+    """x: (n, views, d) → class probabilities of the logits averaged over the views (test-time
+    augmentation, as ProbeClassifier does it)."""
+    logits = fit.logits(x).mean(1)
+    logits = logits - logits.max(-1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(-1, keepdims=True)
+
+
+@dataclass
+class CVResult:
+    C: float
+    accuracy: float
+    per_C: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
+                   folds: int = 3, seed: int = 0, deadline: float | None = None) -> CVResult:
+    """Stratified k-fold accuracy of the probe for each C of the grid (all views of an image stay in one
+    fold; held-out images are scored on the average over their views). Stops early past `deadline`."""
+    from sklearn.model_selection import StratifiedKFold
+
+    t0 = time.perf_counter()
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    prepared = []
+    for train_idx, test_idx in splits:
+        rows = x[train_idx][:, :, columns].reshape(-1, len(columns))
+        mean, scale = standardizer(rows)
+        prepared.append(((rows - mean) / scale, np.repeat(y[train_idx], x.shape[1]),
+                         (x[test_idx][:, :, columns] - mean) / scale, y[test_idx]))
+    per_C, warm = {}, [None] * folds
+    for C in sorted(grid):  # strong to weak regularization, each fold warm-started from the last C
+        correct = 0
+        for f, (xtr, ytr, xte, yte) in enumerate(prepared):
+            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=_sk_warm(warm[f], n_classes))
+            logits = xte @ warm[f][0].T + warm[f][1]
+            correct += int((logits.mean(1).argmax(-1) == yte).sum())
+        per_C[C] = correct / len(y)
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+    best = max(per_C, key=lambda c: (per_C[c], -c))  # ties: the stronger regularization
+    return CVResult(best, per_C[best], per_C, time.perf_counter() - t0)
+
+
+def _sk_warm(wb, n_classes):
+    """Our (classes, d) weights back into sklearn's shape for warm starts (binary: one row)."""
+    if wb is None:
+        return None
+    weight, bias = wb
+    if n_classes == 2:
+        return (weight[1:2] * 2, bias[1:2] * 2)
+    return wb
+
+
+# ---- the deployed model ------------------------------------------------------------------------
+
+
+class ProbeClassifier(nn.Module):
+    """Backbone stages → pooled taps → the probe's columns → standardize → linear head; optionally the
+    mean of the logits over dihedral views of the input (the probe's test-time augmentation)."""
+
+    def __init__(self, pooler: TapPooler, n_features: int, n_classes: int, views=(0,)):
+        super().__init__()
+        self.pooler = pooler
+        self.register_buffer("columns", torch.arange(n_features))  # which pooled values the probe reads
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_scale", torch.ones(n_features))
+        self.head = nn.Linear(n_features, n_classes)
+        self.views = tuple(int(v) for v in views)
+
+    def load_fit(self, fit: ProbeFit) -> "ProbeClassifier":
+        with torch.no_grad():
+            self.columns.copy_(torch.as_tensor(fit.columns))
+            self.feature_mean.copy_(torch.as_tensor(fit.mean))
+            self.feature_scale.copy_(torch.as_tensor(fit.scale))
+            self.head.weight.copy_(torch.as_tensor(fit.weight))
+            self.head.bias.copy_(torch.as_tensor(fit.bias))
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.pooler(x).index_select(1, self.columns)
+        return (z - self.feature_mean) / self.feature_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..data.transforms import dihedral
+
+        if len(self.views) == 1 and self.views[0] == 0:
+            return self.head(self.features(x))
+        logits = [self.head(self.features(dihedral(x, k))) for k in self.views]
+        return torch.stack(logits).mean(0)
+
+
+def rebuild_probe(model: nn.Module, spec, probe: dict, n_classes: int) -> ProbeClassifier:
+    """The ProbeClassifier a checkpoint's `probe` metadata describes, around a freshly built backbone."""
+    pooler = TapPooler(tap_body(model, spec), int(probe["taps"]))
+    return ProbeClassifier(pooler, int(probe["n_features"]), n_classes, probe.get("views", (0,)))

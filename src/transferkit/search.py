@@ -1,0 +1,483 @@
+"""`--recipe auto`: the best recipe this tool can find within a time budget, chosen on training images only.
+
+A ladder of candidates from cheap to expensive, each reusing the caches of the ones before it:
+  1. linear probes (engine/probe.py) on pooled multi-stage features: the backbone's eval crop, then the
+     whole frame; then the mirror view, then the 8 dihedral views (where --rotation-safe says so, or where
+     the CV on two rotated views shows they help); pooling, stages and C by 3-fold CV on train;
+  2. partial fine-tuning of the top groups on cached activations, from the probe's head (LP-FT);
+  3. full fine-tuning with frozen BatchNorm, from the probe's head (LP-FT).
+Costs are measured (extraction rate on the first images, a training step's rate on two batches) and a
+candidate runs only when it and the final refit fit in what is left of the budget. Fine-tuning candidates
+are scored on an inner hold-out of the training split, against the best probe scored on the same images.
+The val split is read once: by the final run, which refits the winner on all training images and is an
+ordinary run folder, plus search.json (every candidate, its score, time and why it stopped) and the one
+command that reproduces the choice without the search.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .config import TrainConfig, parse_duration
+from .io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FIXED_OVERHEAD_S = 8.0  # the final run's model build, checkpoint, figures and report (measured: 4-7 s)
+INNER_FRACTION = 0.2  # share of the training images held out to score fine-tuning candidates
+FT_EPOCHS = (2, 8)  # fewest worth trying, most worth paying for
+# Pieces of the recipe the search chooses; given explicitly, each stays as given.
+PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c")
+POOLING_STAGES = (("mean", 1), ("meanmax", None))  # (pooling, top stages; None = every tap)
+
+
+@dataclass
+class Candidate:
+    name: str
+    kind: str  # probe | partial | finetune
+    settings: dict
+    estimate_s: float = 0.0
+    score: float | None = None  # 3-fold CV accuracy (probes) or inner hold-out accuracy (fine-tuning)
+    holdout: float | None = None  # probes: accuracy on the fine-tuning candidates' inner hold-out
+    seconds: float = 0.0
+    status: str = "planned"  # ran | skipped: <why> | failed: <why>
+
+    def record(self) -> dict:
+        return {k: getattr(self, k) for k in ("name", "kind", "settings", "estimate_s", "score", "holdout",
+                                               "seconds", "status")}
+
+
+@dataclass
+class Search:
+    cfg: TrainConfig
+    given: set
+    deadline: float
+    t0: float
+    candidates: list[Candidate] = field(default_factory=list)
+    rate: float = 0.0  # feature views per second, measured
+    feats: dict = field(default_factory=dict)  # crop key → {view: (n, d) array}
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
+    """The one entry for training: the search for --recipe auto, else the configured run (engine/fit.py).
+    `given`: the options set explicitly (each fixes its piece of the recipe)."""
+    if cfg.recipe == "auto" and not resume:
+        return run(cfg, set(given))
+    from .engine.fit import fit
+
+    return fit(cfg, resume=resume)
+
+
+def run(cfg: TrainConfig, given: set[str]) -> dict:
+    """Search, refit the winner on all training images, evaluate it once on val; return its metrics."""
+    from .data.folders import scan_dataset
+    from .engine.fit import default_run_dir
+
+    cfg = copy.deepcopy(cfg)  # the caller's config is not changed
+    cfg.validate()
+    t0 = time.perf_counter()
+    search = Search(cfg, set(given), t0 + parse_duration(cfg.time_budget), t0)
+    scan = scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+    for line in scan.summary_lines():
+        log.warning(line)
+    out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
+    context = _Context.build(cfg, scan)
+    winner = _search_probes(search, context)
+    winner = _search_finetuning(search, context, winner) or winner
+    final = _final_config(search, winner, out)
+    metrics = _refit(search, final, scan)
+    _write_search(search, winner, final, metrics, out)
+    return metrics
+
+
+# ---- what every candidate shares ------------------------------------------------------------------
+
+
+@dataclass
+class _Context:
+    cfg: TrainConfig
+    scan: object
+    spec: object
+    model: object
+    device: object
+    y: np.ndarray
+    inner: tuple[np.ndarray, np.ndarray]  # train-split indices: inner-train, inner hold-out
+    taps: dict = field(default_factory=dict)  # crop key → Taps
+
+    @classmethod
+    def build(cls, cfg, scan):
+        import torch
+        from sklearn.model_selection import train_test_split
+
+        from .engine.environment import pick_device
+        from .engine.fit import set_seed
+        from .models.adapt import build_model
+        from .models.registry import get_spec
+
+        set_seed(cfg.seed)
+        spec = get_spec(cfg.model)
+        device = pick_device(cfg.device)
+        model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights).eval()
+        model.to(device)
+        if device.type == "cpu" and cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        y = np.array([label for _, label in scan.train])
+        counts = np.bincount(y)
+        stratify = y if counts.min() >= 2 and len(y) * INNER_FRACTION >= len(counts) else None
+        inner = train_test_split(np.arange(len(y)), test_size=INNER_FRACTION, random_state=cfg.seed, stratify=stratify)
+        return cls(cfg, scan, spec, model, device, y, (np.sort(inner[0]), np.sort(inner[1])))
+
+    def pre(self, crop):
+        return self.spec.preprocessing.at_size(self.cfg.image_size, crop)
+
+    def taps_for(self, crop):
+        from .engine.probe_train import make_taps
+
+        if crop not in self.taps:
+            self.taps[crop] = make_taps(self.model, self.spec, self.cfg, self.pre(crop), self.device)
+        return self.taps[crop]
+
+
+# ---- 1. linear probes -------------------------------------------------------------------------------
+
+
+def _search_probes(search: Search, ctx: _Context) -> Candidate:
+    cfg, given = search.cfg, search.given
+    crops = [cfg.crop_fraction] if "crop_fraction" in given else _crop_options(ctx)
+    views = [cfg.probe_views] if "probe_views" in given else ["none", "flip", "dihedral"]
+    _measure_rate(search, ctx, crops[0])
+    best = None
+    for crop in crops:  # eval crop, then the whole frame, on view 0
+        best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
+    crop = best.settings["crop_fraction"]
+    for view_set in views[1:]:  # then more views of the better crop, while they pay
+        if view_set == "dihedral" and not cfg.rotation_safe and not _rotations_help(search, ctx, crop, best):
+            continue
+        best = _better(best, _probe_candidate(search, ctx, crop, view_set))
+    return best
+
+
+def _crop_options(ctx: _Context) -> list:
+    own = ctx.spec.preprocessing.crop_fraction
+    return [None, 1.0] if own < 0.999 else [None]
+
+
+def _measure_rate(search: Search, ctx: _Context, crop) -> None:
+    """Extraction rate (views/s, decoding included) on the first training images, for the plan."""
+    paths = [p for p, _ in ctx.scan.train]
+    t = time.perf_counter()
+    first = paths[: min(64, len(paths))]
+    ctx.taps_for(crop).features(first, (0,), ctx.scan.digests, desc="timing")
+    search.rate = len(first) / max(time.perf_counter() - t, 1e-3)
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
+    log.info("plan: %d train / %d val images, extraction %.0f images/s measured; budget %.0fs, %.0fs left",
+             n, m, search.rate, search.deadline - search.t0, search.left())
+    log.info("plan: probes (crop, then views) ~%.0fs per view of the train split; val scored once at the end "
+             "(~%.0fs per view); fine-tuning only if it and its refit fit in what is left",
+             n / search.rate, m / search.rate)
+
+
+def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Candidate:
+    from .engine.probe_train import PROBE_VIEWS
+
+    views = PROBE_VIEWS[view_set]
+    name = f"probe crop={'own' if crop is None else crop} views={view_set}"
+    cand = Candidate(name, "probe", {"crop_fraction": crop, "probe_views": view_set})
+    search.candidates.append(cand)
+    missing = [v for v in views if v not in search.feats.get(crop, {})]
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
+    cand.estimate_s = len(missing) * n / search.rate + _cv_seconds(ctx, len(views))
+    reserve = len(views) * m / search.rate + FIXED_OVERHEAD_S  # the final run's val pass and write-up
+    if view_set != "none" and cand.estimate_s + reserve > search.left():
+        cand.status = f"skipped: needs ~{cand.estimate_s + reserve:.0f}s with the final run, {search.left():.0f}s left"
+        log.info("search: %s %s", name, cand.status)
+        return cand
+    t = time.perf_counter()
+    x = _train_features(search, ctx, crop, views)
+    _score_probe(search, ctx, cand, x)
+    cand.seconds = time.perf_counter() - t
+    cand.status = "ran"
+    log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", name, cand.score, _probe_text(cand.settings), cand.seconds)
+    return cand
+
+
+def _cv_seconds(ctx: _Context, views: int) -> float:
+    # Measured: ~3 s per view for 2,000 images × 4,048 features (6 C values × 3 folds, 2-core CPU).
+    return 3.0 * views * max(len(ctx.scan.train), 200) / 2000 * len(POOLING_STAGES)
+
+
+def _train_features(search: Search, ctx: _Context, crop, views) -> np.ndarray:
+    from .errors import DataError
+
+    have = search.feats.setdefault(crop, {})
+    todo = [v for v in views if v not in have]
+    if todo:
+        x, ok, _ = ctx.taps_for(crop).features([p for p, _ in ctx.scan.train], todo, ctx.scan.digests,
+                                               desc="search features")
+        if x is None or not all(ok):
+            raise DataError("some training images could not be read during the search; run `transferkit train "
+                            "--recipe tutorial` to see which (or remove them)")
+        for i, v in enumerate(todo):
+            have[v] = x[:, i]
+    return np.stack([have[v] for v in views], 1)
+
+
+def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) -> None:
+    """Pooling/stages and C by 3-fold CV on train; then the inner hold-out score for fine-tuning's sake."""
+    from .engine.probe import cross_validate, fit_probe, predict_proba
+    from .engine.probe_train import C_GRID
+
+    cfg, given, taps = search.cfg, search.given, ctx.taps_for(cand.settings["crop_fraction"])
+    options = [(cfg.probe_pooling, cfg.probe_stages)] if {"probe_pooling", "probe_stages"} & given else POOLING_STAGES
+    grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
+    n_classes = len(ctx.scan.classes)
+    for pooling, stages in options:
+        columns = taps.columns(stages, pooling)
+        cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed)
+        if cand.score is None or cv.accuracy > cand.score:
+            cand.score = cv.accuracy
+            cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
+                                 cv_per_C=cv.per_C)
+    s = cand.settings
+    inner_train, inner_test = ctx.inner
+    fit = fit_probe(x[inner_train], ctx.y[inner_train], taps.columns(s["probe_stages"], s["probe_pooling"]),
+                    s["probe_c"], n_classes)
+    cand.holdout = float((predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test]).mean())
+
+
+def _rotations_help(search: Search, ctx: _Context, crop, best: Candidate) -> bool:
+    """Whether rotated views help, from the CV of a probe on 4 views (the image, its mirror, both turned
+    by 90°) against the best so far: the cheap question before paying for all 8."""
+    probe = Candidate(f"probe crop={'own' if crop is None else crop} views=rot90 test", "probe",
+                      {"crop_fraction": crop, "probe_views": "rot90 test"})
+    search.candidates.append(probe)
+    n = len(ctx.scan.train)
+    probe.estimate_s = 2 * n / search.rate + _cv_seconds(ctx, 4)
+    if probe.estimate_s + 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S > search.left():
+        probe.status = "skipped: not enough budget left to test rotations"
+        return False
+    t = time.perf_counter()
+    _score_probe(search, ctx, probe, _train_features(search, ctx, crop, (0, 4, 1, 5)))
+    probe.seconds, probe.status = time.perf_counter() - t, "ran (decides whether to try all 8 views)"
+    log.info("search: rotated views: CV accuracy %.4f against %.4f", probe.score, best.score)
+    return probe.score > best.score
+
+
+def _better(best: Candidate | None, cand: Candidate) -> Candidate:
+    if cand.score is None:
+        return best
+    return cand if best is None or cand.score > best.score else best
+
+
+def _probe_text(s: dict) -> str:
+    return f"{s['probe_pooling']} pooling of {s['probe_stages']} stages, C={s['probe_c']:g}"
+
+
+# ---- 2-3. fine-tuning from the probe's head ----------------------------------------------------------
+
+
+def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candidate | None:
+    """LP-FT candidates scored on the inner hold-out; the winner if one beats the probe there."""
+    cfg, given = search.cfg, search.given
+    if "mode" in given and cfg.mode in ("feature-extract", "linear-probe"):
+        return None
+    kinds = [cfg.mode] if "mode" in given else ["partial", "finetune"]
+    if not ctx.spec.stages:
+        return None  # LP-FT needs the backbone's stages (engine/probe_train.py)
+    best = None
+    for kind in kinds:
+        cand = _finetune_candidate(search, ctx, probe, kind)
+        if cand.score is not None and cand.score > (best.score if best else probe.holdout):
+            best = cand
+    return best
+
+
+def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
+    """A fine-tuning recipe that holds across data sets (fastai/timm-style defaults): AdamW, cosine with a
+    short warm-up, label smoothing, BatchNorm on its ImageNet statistics, the probe's crop and the
+    augmentation its views showed to be safe; pieces given on the command line win."""
+    dihedral = probe.settings.get("probe_views") == "dihedral" or search.cfg.rotation_safe
+    settings = {"mode": kind, "head_init": "probe", "batchnorm": "frozen", "optimizer": "adamw",
+                "lr": 5e-4 if kind == "finetune" else 1e-3, "weight_decay": 0.05, "scheduler": "cosine",
+                "warmup_epochs": 0.3, "label_smoothing": 0.1, "batch_size": 32,
+                "augment": "dihedral" if dihedral else "light", "crop_fraction": probe.settings["crop_fraction"]}
+    if kind == "partial":
+        settings.update(unfreeze=2, views=8 if dihedral else 4, view_kind="dihedral" if dihedral else "random")
+    for key in list(settings):
+        if key in search.given:
+            settings[key] = getattr(search.cfg, key)
+    return settings
+
+
+def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: str) -> Candidate:
+    from .engine.fit import fit
+
+    settings = _finetune_settings(search, probe, kind)
+    cand = Candidate(f"{kind} from the probe's head", kind, settings)
+    search.candidates.append(cand)
+    step_s = _step_seconds(ctx, settings)
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
+    per_epoch = step_s * n
+    epochs = _affordable_epochs(search, per_epoch, m * step_s / 3)
+    if "epochs" in search.given:
+        epochs = search.cfg.epochs if epochs >= FT_EPOCHS[0] else 0
+    cand.estimate_s = (1 - INNER_FRACTION) * per_epoch * epochs + (1 + 2 * INNER_FRACTION) * per_epoch * epochs / 2
+    if epochs < FT_EPOCHS[0]:
+        cand.status = f"skipped: {FT_EPOCHS[0]} epochs (~{per_epoch:.0f}s each) and a refit do not fit in {search.left():.0f}s"
+        log.info("search: %s %s", cand.name, cand.status)
+        return cand
+    settings["epochs"] = epochs
+    t = time.perf_counter()
+    inner_cfg = _candidate_config(search.cfg, settings, Path(_inner_dir(search, kind)), best_metric="accuracy")
+    try:
+        metrics = fit(inner_cfg, scan=_inner_scan(ctx), deadline=search.t0 + _inner_share(search), figures=False)
+    except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded; the probe still stands
+        cand.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning("search: %s %s", cand.name, cand.status)
+        return cand
+    cand.score = metrics["best_val_acc"]  # the inner hold-out, carved from the training images
+    settings["epochs"] = metrics["best_epoch"]
+    cand.seconds, cand.status = time.perf_counter() - t, "ran"
+    log.info("search: %s: inner hold-out accuracy %.4f at epoch %d (probe %.4f), %.0fs", cand.name, cand.score,
+             metrics["best_epoch"], probe.holdout, cand.seconds)
+    return cand
+
+
+def _step_seconds(ctx: _Context, settings: dict) -> float:
+    """Seconds per training image, timed on two small batches of a throwaway copy of the model."""
+    import torch
+
+    model = copy.deepcopy(ctx.model).train()
+    if settings["mode"] == "partial":  # only the top groups and the head run per step (cached below)
+        from .engine.activations import split_stages
+
+        _, model, _ = split_stages(model, ctx.spec, settings.get("unfreeze", 2))
+        x = torch.randn(16, *_activation_shape(ctx))
+    else:
+        size = ctx.pre(settings["crop_fraction"]).input_size
+        x = torch.randn(16, 3, size, size)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        out = model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+        (out[0] if isinstance(out, tuple) else out).float().logsumexp(1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - t)
+    return times[-1] / len(x) * 1.15  # + data loading and the per-epoch evaluation share
+
+
+def _activation_shape(ctx: _Context) -> tuple:
+    import torch
+
+    from .engine.activations import split_stages
+
+    prefix, _, _ = split_stages(ctx.model, ctx.spec, 2)
+    size = ctx.pre(None).input_size
+    with torch.inference_mode():
+        return tuple(prefix(torch.zeros(1, 3, size, size)).shape[1:])
+
+
+def _affordable_epochs(search: Search, per_epoch: float, val_pass: float) -> int:
+    """Epochs E such that the inner run (80% of train) and the refit (100%) both fit, with the final
+    val pass and write-up, in what is left."""
+    spare = search.left() - FIXED_OVERHEAD_S - 2 * val_pass
+    return int(min(FT_EPOCHS[1], max(0.0, spare / (per_epoch * (2 - INNER_FRACTION)))))
+
+
+def _inner_share(search: Search) -> float:
+    # The inner run may use the part of the budget that leaves the same time again for the refit.
+    now = time.perf_counter() - search.t0
+    return now + (search.deadline - search.t0 - now - FIXED_OVERHEAD_S) * (1 - INNER_FRACTION) / (2 - INNER_FRACTION)
+
+
+def _inner_dir(search: Search, kind: str) -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=f"transferkit-inner-{kind}-")
+
+
+def _inner_scan(ctx: _Context):
+    """The training split cut in two: inner-train (80%) and an inner hold-out (20%) that plays val."""
+    inner_train, inner_test = ctx.inner
+    scan = copy.copy(ctx.scan)
+    scan.train = [ctx.scan.train[i] for i in inner_train]
+    scan.val = [ctx.scan.train[i] for i in inner_test]
+    scan.split_source = "inner hold-out of train"
+    return scan
+
+
+# ---- the final run -----------------------------------------------------------------------------------
+
+
+def _candidate_config(base: TrainConfig, settings: dict, out: Path, **extra) -> TrainConfig:
+    cfg = copy.deepcopy(base)
+    known = {f.name for f in fields(TrainConfig)}
+    for key, value in {**settings, **extra}.items():
+        if key in known:
+            setattr(cfg, key, value)
+    cfg.recipe, cfg.out = "tutorial", str(out)
+    return cfg
+
+
+def _final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
+    if winner.kind == "probe":
+        settings = {k: winner.settings[k] for k in PROBE_PIECES}
+        return _candidate_config(search.cfg, settings, out, mode="linear-probe")
+    return _candidate_config(search.cfg, winner.settings, out, best_metric="last")
+
+
+def _refit(search: Search, final: TrainConfig, scan) -> dict:
+    from .engine.fit import fit
+
+    log.info("search: refitting the chosen recipe on all %d training images; val is scored once, now", len(scan.train))
+    return fit(final, scan=scan, deadline=search.deadline - FIXED_OVERHEAD_S)
+
+
+def reproduce_command(cfg: TrainConfig) -> str:
+    """`transferkit train` with every piece that differs from the tutorial defaults: no search."""
+    defaults = TrainConfig(data=cfg.data)
+    args = ["transferkit", "train", cfg.data, "--recipe", "tutorial"]
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("data", "recipe", "time_budget", "out") or value == getattr(defaults, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return shlex.join(args + ["--out", cfg.out + "-reproduced"])
+
+
+def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict, out: Path) -> None:
+    wall = time.perf_counter() - search.t0
+    record = {
+        "budget_seconds": search.deadline - search.t0,
+        "wall_seconds": wall,
+        "extraction_images_per_second": search.rate,
+        "selection": "3-fold CV on train (probes); an inner 20% hold-out of train (fine-tuning); val read once, "
+                     "by the final run",
+        "candidates": [c.record() for c in search.candidates],
+        "chosen": winner.name,
+        "chosen_settings": winner.settings,
+        "reproduce": reproduce_command(final),
+        "val": {k: metrics.get(k) for k in ("best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1")},
+    }
+    atomic_write_json(out / "search.json", record)
+    metrics["search"] = {"chosen": winner.name, "reproduce": record["reproduce"], "wall_seconds": wall}
+    from .results.report import write_report
+
+    write_report(out)  # again, now with the Search section
+    log.info("search: chose %s; reproduce without the search: %s", winner.name, record["reproduce"])
