@@ -55,7 +55,7 @@ def _check_one_line(capsys, code, words) -> None:
 @pytest.mark.parametrize("options, words", BAD_TRAIN_OPTIONS, ids=[" ".join(o) for o, _ in BAD_TRAIN_OPTIONS])
 def test_bad_train_option(tiny_folder, tmp_path, capsys, options, words):
     run = tmp_path / "run"
-    code = _run(["train", str(tiny_folder), "--out", str(run), *options])
+    code = _run(["train", str(tiny_folder), "--recipe", "tutorial", "--out", str(run), *options])
     _check_one_line(capsys, code, words)
     assert not run.exists()  # refused before anything was written
 
@@ -79,7 +79,7 @@ def test_bad_paths(tiny_folder, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_gpu(tiny_folder, tmp_path, capsys):
-    code = _run(["train", str(tiny_folder), "--out", str(tmp_path / "run"), "--device", "cuda"])
+    code = _run(["train", str(tiny_folder), "--recipe", "tutorial", "--out", str(tmp_path / "run"), "--device", "cuda"])
     _check_one_line(capsys, code, ["--device cuda", "no CUDA GPU"])
 
 

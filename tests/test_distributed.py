@@ -56,7 +56,7 @@ def _evaluate_single_process(run: Path, data: Path) -> tuple[float, float]:
 
 @pytest.mark.slow  # two torch processes plus torchrun start up: ~25 s of CPU each
 def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(odd_folder, tmp_path):
-    args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--mode", "finetune", "--epochs", "1",
+    args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--mode", "finetune", "--epochs", "1",
             "--no-pretrained", "--batch-size", "4", "--lr", "0.01", "--out", "run", "--nproc", "2"]
     proc = _run(args, tmp_path, tmp_path / "feature-cache")
     assert proc.stdout.count("Best val Acc") == 1  # one rank speaks
@@ -79,7 +79,7 @@ def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(od
 def test_torchrun_sharded_extraction_equals_single_process_cache(odd_folder, tmp_path, monkeypatch):
     dist_cache, single_cache = tmp_path / "cache-2proc", tmp_path / "cache-1proc"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "transferkit", "train", str(odd_folder), "--epochs", "2", "--views", "2", "--engine", "torch",
+            "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--epochs", "2", "--views", "2", "--engine", "torch",
             "--out", "run"]
     _run(args, tmp_path, dist_cache)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -76,7 +76,7 @@ def test_same_seed_same_result_on_cpu(tiny_folder, tmp_path):
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tiny_folder, tmp_path):
-    clf = tk.train(tiny_folder, out=str(tmp_path / "run"), epochs=2, lr=0.01)
+    clf = tk.train(tiny_folder, recipe="tutorial", out=str(tmp_path / "run"), epochs=2, lr=0.01)
     images = sorted(str(p) for p in (tiny_folder / "val").rglob("*.png"))
     again = tk.load(tmp_path / "run" / "best.safetensors")
     assert np.array_equal(clf.predict_proba(images), again.predict_proba(images))

@@ -26,7 +26,7 @@ def test_torture_folder_trains_and_summarises_every_problem_kind(tmp_path, capsy
     made = make_torture_folder(tmp_path / "torture")
     run = tmp_path / "run"
     with caplog.at_level("WARNING"):
-        assert cli.main(["train", str(made["root"]), "--out", str(run), "--epochs", "1", "--batch-size", "8"]) == 0
+        assert cli.main(["train", str(made["root"]), "--recipe", "tutorial", "--out", str(run), "--epochs", "1", "--batch-size", "8"]) == 0
     assert "Traceback" not in capsys.readouterr().err
     err = caplog.text  # the CLI logs to stderr; caplog sees it however often logging was configured
     report = json.loads((run / "data_report.json").read_text())

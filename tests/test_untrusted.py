@@ -54,7 +54,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, tiny_folder, capsy
         with pytest.raises(WeightsError, match="never unpickles code"):
             load_state_file(path)
         run = tmp_path / f"run-{path.stem}"
-        code = cli.main(["train", str(tiny_folder), "--weights", str(path), "--out", str(run), "--epochs", "1"])
+        code = cli.main(["train", str(tiny_folder), "--recipe", "tutorial", "--weights", str(path), "--out", str(run), "--epochs", "1"])
         assert code == WeightsError.exit_code == 4
         assert _last_line(capsys).startswith(f"transferkit: error: refusing to load {path}")
         assert cli.main(["predict", str(path), str(tiny_folder)]) == CheckpointError.exit_code

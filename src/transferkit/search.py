@@ -47,11 +47,12 @@ class Candidate:
     score: float | None = None  # 3-fold CV accuracy (probes) or inner hold-out accuracy (fine-tuning)
     holdout: float | None = None  # probes: accuracy on the fine-tuning candidates' inner hold-out
     seconds: float = 0.0
+    started_at: float | None = None  # seconds into the search
     status: str = "planned"  # ran | skipped: <why> | failed: <why>
 
     def record(self) -> dict:
         return {k: getattr(self, k) for k in ("name", "kind", "settings", "estimate_s", "score", "holdout",
-                                               "seconds", "status")}
+                                               "seconds", "started_at", "status")}
 
 
 @dataclass
@@ -66,6 +67,20 @@ class Search:
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
+
+    def add(self, cand: Candidate) -> Candidate:
+        cand.started_at = time.perf_counter() - self.t0
+        self.candidates.append(cand)
+        return cand
+
+    def affords(self, cand: Candidate, reserve: float) -> bool:
+        """Whether the candidate's estimate and the final run's `reserve` fit in what is left; if not,
+        the candidate is marked skipped with the numbers."""
+        if cand.estimate_s + reserve <= self.left():
+            return True
+        cand.status = f"skipped: needs ~{cand.estimate_s + reserve:.0f}s with the final run, {self.left():.0f}s left"
+        log.info("search: %s %s", cand.name, cand.status)
+        return False
 
 
 def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
@@ -95,6 +110,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     winner = _search_probes(search, context)
     winner = _search_finetuning(search, context, winner) or winner
     final = _final_config(search, winner, out)
+    del context  # its model and runtimes: the final run builds its own
     metrics = _refit(search, final, scan)
     _write_search(search, winner, final, metrics, out)
     return metrics
@@ -173,18 +189,22 @@ def _crop_options(ctx: _Context) -> list:
 
 
 def _measure_rate(search: Search, ctx: _Context, crop) -> None:
-    """Extraction rate (views/s, decoding included) on the first training images, for the plan."""
+    """Extraction rate (views/s, decoding included), timed on training images after a warm-up batch
+    (the first batch also pays for the ONNX export and the parity check), for the plan."""
     paths = [p for p, _ in ctx.scan.train]
+    taps = ctx.taps_for(crop)
+    taps.features(paths[:16], (0,), ctx.scan.digests, desc="warm-up")
+    timed = paths[16:16 + 64] or paths[:16]
     t = time.perf_counter()
-    first = paths[: min(64, len(paths))]
-    ctx.taps_for(crop).features(first, (0,), ctx.scan.digests, desc="timing")
-    search.rate = len(first) / max(time.perf_counter() - t, 1e-3)
+    taps.features(timed, (0,), ctx.scan.digests, desc="timing")
+    search.rate = len(timed) / max(time.perf_counter() - t, 1e-3)
     n, m = len(ctx.scan.train), len(ctx.scan.val)
-    log.info("plan: %d train / %d val images, extraction %.0f images/s measured; budget %.0fs, %.0fs left",
+    log.info("plan: %d train / %d val images; extraction %.0f images/s (measured); budget %.0fs, %.0fs left",
              n, m, search.rate, search.deadline - search.t0, search.left())
-    log.info("plan: probes (crop, then views) ~%.0fs per view of the train split; val scored once at the end "
-             "(~%.0fs per view); fine-tuning only if it and its refit fit in what is left",
-             n / search.rate, m / search.rate)
+    log.info("plan: probes on pooled features, ~%.0fs per view of the train split: eval crop%s, then the mirror "
+             "view, then rotations if they pay; val scored once at the end (~%.0fs per view); fine-tuning "
+             "(partial, then full, from the probe's head) only if it and its refit fit in what is left",
+             n / search.rate, " and whole frame" if len(_crop_options(ctx)) > 1 else "", m / search.rate)
 
 
 def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Candidate:
@@ -192,15 +212,13 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
 
     views = PROBE_VIEWS[view_set]
     name = f"probe crop={'own' if crop is None else crop} views={view_set}"
-    cand = Candidate(name, "probe", {"crop_fraction": crop, "probe_views": view_set})
-    search.candidates.append(cand)
+    cand = search.add(Candidate(name, "probe", {"crop_fraction": crop, "probe_views": view_set}))
     missing = [v for v in views if v not in search.feats.get(crop, {})]
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     cand.estimate_s = len(missing) * n / search.rate + _cv_seconds(ctx, len(views))
     reserve = len(views) * m / search.rate + FIXED_OVERHEAD_S  # the final run's val pass and write-up
-    if view_set != "none" and cand.estimate_s + reserve > search.left():
-        cand.status = f"skipped: needs ~{cand.estimate_s + reserve:.0f}s with the final run, {search.left():.0f}s left"
-        log.info("search: %s %s", name, cand.status)
+    first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
+    if not first and not search.affords(cand, reserve):
         return cand
     t = time.perf_counter()
     x = _train_features(search, ctx, crop, views)
@@ -258,13 +276,12 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) 
 def _rotations_help(search: Search, ctx: _Context, crop, best: Candidate) -> bool:
     """Whether rotated views help, from the CV of a probe on 4 views (the image, its mirror, both turned
     by 90°) against the best so far: the cheap question before paying for all 8."""
-    probe = Candidate(f"probe crop={'own' if crop is None else crop} views=rot90 test", "probe",
-                      {"crop_fraction": crop, "probe_views": "rot90 test"})
-    search.candidates.append(probe)
+    probe = search.add(Candidate(f"probe crop={'own' if crop is None else crop} views=rot90 test", "probe",
+                                 {"crop_fraction": crop, "probe_views": "rot90 test"}))
     n = len(ctx.scan.train)
     probe.estimate_s = 2 * n / search.rate + _cv_seconds(ctx, 4)
-    if probe.estimate_s + 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S > search.left():
-        probe.status = "skipped: not enough budget left to test rotations"
+    # Worth it only if all 8 views could follow: 4 more over train, 8 over val in the final run.
+    if not search.affords(probe, 4 * n / search.rate + 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S):
         return False
     t = time.perf_counter()
     _score_probe(search, ctx, probe, _train_features(search, ctx, crop, (0, 4, 1, 5)))
@@ -323,11 +340,17 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
     from .engine.fit import fit
 
     settings = _finetune_settings(search, probe, kind)
-    cand = Candidate(f"{kind} from the probe's head", kind, settings)
-    search.candidates.append(cand)
+    cand = search.add(Candidate(f"{kind} from the probe's head", kind, settings))
+    n = len(ctx.scan.train)
+    # A training step costs at least ~3 forward passes: if even that cannot fit, don't spend time timing one.
+    cand.estimate_s = (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n / search.rate * (0.3 if kind == "partial" else 1)
+    if not search.affords(cand, FIXED_OVERHEAD_S):
+        return cand
     step_s = _step_seconds(ctx, settings)
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_epoch = step_s * n
+    if kind == "partial":  # the frozen groups run once per (image, view) first
+        per_epoch += settings["views"] * (n + m) / search.rate / FT_EPOCHS[0]
     epochs = _affordable_epochs(search, per_epoch, m * step_s / 3)
     if "epochs" in search.given:
         epochs = search.cfg.epochs if epochs >= FT_EPOCHS[0] else 0
@@ -368,14 +391,14 @@ def _step_seconds(ctx: _Context, settings: dict) -> float:
         x = torch.randn(16, 3, size, size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
-    for _ in range(2):
+    for _ in range(3):  # the first call also builds oneDNN's kernels: take the fastest of the rest
         t = time.perf_counter()
         out = model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
         (out[0] if isinstance(out, tuple) else out).float().logsumexp(1).mean().backward()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - t)
-    return times[-1] / len(x) * 1.15  # + data loading and the per-epoch evaluation share
+    return min(times[1:]) / len(x) * 1.15  # + data loading and the per-epoch evaluation share
 
 
 def _activation_shape(ctx: _Context) -> tuple:

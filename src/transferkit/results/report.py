@@ -344,6 +344,29 @@ def _timing(metrics: dict | None, history: list[dict]) -> str:
     return "<h2>Timing</h2>" + _table(["", "value"], rows)
 
 
+def _search(search: dict | None) -> str:
+    """The recipe search (search.py): every candidate, its inner score and time, why it stopped, the choice."""
+    if not isinstance(search, Mapping) or not isinstance(search.get("candidates"), list):
+        return ""
+    rows = []
+    for c in search["candidates"]:
+        if not isinstance(c, Mapping):
+            continue
+        settings = {k: v for k, v in (c.get("settings") or {}).items() if k != "cv_per_C"}
+        score = c.get("score")
+        rows.append([("→ " if c.get("name") == search.get("chosen") else "") + str(c.get("name")),
+                     "" if score is None else f"{score:.4f}",
+                     "" if c.get("holdout") is None else f"{c['holdout']:.4f}",
+                     _duration(c.get("estimate_s")), _duration(c.get("seconds")), str(c.get("status")),
+                     ", ".join(f"{k}={v}" for k, v in settings.items())])
+    head = (f"<h2>Search</h2><p>Budget {_duration(search.get('budget_seconds'))}, used "
+            f"{_duration(search.get('wall_seconds'))}. {_e(str(search.get('selection', '')))}. "
+            f"Chosen: <b>{_e(str(search.get('chosen')))}</b>. The same run without the search:</p>"
+            f"<pre>{_e(str(search.get('reproduce', '')))}</pre>")
+    return head + _table(["candidate", "CV / inner score", "probe on inner hold-out", "estimate", "took", "status",
+                          "settings"], rows)
+
+
 def _environment(metrics: dict | None) -> str:
     env = (metrics or {}).get("environment")
     if not isinstance(env, Mapping) or not env:
@@ -381,6 +404,7 @@ def write_report(run_dir: str | Path) -> Path:
             _confusion(run, evaluation),
             _top_losses(run, evaluation),
             _timing(metrics, history),
+            _search(_read_json(run / "search.json")),
             _environment(metrics),
         ]
     )

@@ -1,0 +1,136 @@
+"""The recipe search (--recipe auto): honest selection, the budget, reproducibility, export of its probes."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image_folder
+
+from transferkit import cli
+from transferkit.config import TrainConfig, parse_duration
+from transferkit.errors import UsageError
+from transferkit.search import train
+
+SMALL = {"image_size": 64}  # small inputs keep every candidate, fine-tuning included, to seconds
+
+
+def _folder(root: Path, seed: int = 0) -> Path:
+    return make_image_folder(root, n_train=12, n_val=6, size=40, seed=seed)
+
+
+def _search(data: Path, out: Path, budget: str = "60s", **options) -> tuple[dict, dict]:
+    cfg = TrainConfig(data=str(data), out=str(out), time_budget=budget, **SMALL, **options)
+    metrics = train(cfg, given={"image_size", *options})
+    return metrics, json.loads((out / "search.json").read_text())
+
+
+def test_selection_never_reads_val(tmp_path):
+    """Permuting the val labels (moving val images between class folders) leaves every choice unchanged.
+    (Fine-tuning epochs are fixed here: planned from measured step times they could differ run to run.)"""
+    data = _folder(tmp_path / "data")
+    _, first = _search(data, tmp_path / "a", epochs=2)
+    ants, bees = data / "val" / "ants", data / "val" / "bees"
+    for i, path in enumerate(sorted(ants.glob("*.png"))[:3]):
+        path.rename(bees / f"moved_{i}.png")
+    for i, path in enumerate(sorted(bees.glob("bees_*.png"))[:2]):
+        path.rename(ants / f"moved_{i}.png")
+    _, second = _search(data, tmp_path / "b", epochs=2)
+    strip = lambda s: [{k: v for k, v in c.items() if k not in ("seconds", "estimate_s", "started_at")} for c in s["candidates"]]
+    assert strip(first) == strip(second)
+    assert first["chosen"] == second["chosen"] and first["chosen_settings"] == second["chosen_settings"]
+    assert first["val"] != second["val"]  # val itself did change: the test would see a leak
+
+
+def test_tiny_budget_returns_a_probe_on_time(tmp_path):
+    data = _folder(tmp_path / "data")
+    metrics, search = _search(data, tmp_path / "run", budget="8s")
+    assert search["wall_seconds"] <= 8 * 1.1
+    assert search["chosen"].startswith("probe")
+    kinds = {c["kind"]: c["status"] for c in search["candidates"]}
+    assert kinds["finetune"].startswith("skipped")  # no time for fine-tuning and its refit
+    assert (tmp_path / "run" / "best.safetensors").is_file() and metrics["best_val_acc"] is not None
+
+
+def test_reproduce_command_gives_the_same_metrics(tmp_path):
+    data = _folder(tmp_path / "data")
+    metrics, search = _search(data, tmp_path / "run", mode="linear-probe")
+    command = shlex.split(search["reproduce"])
+    assert command[:2] == ["transferkit", "train"] and "--recipe" in command
+    subprocess.run([sys.executable, "-m", "transferkit", *command[1:]], check=True, capture_output=True)
+    again = json.loads(Path(command[command.index("--out") + 1], "metrics.json").read_text())
+    assert again["best_val_acc"] == metrics["best_val_acc"]
+    ev1 = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    ev2 = json.loads(Path(command[command.index("--out") + 1], "evaluation.json").read_text())
+    assert ev1 == ev2
+    assert not (Path(command[command.index("--out") + 1]) / "search.json").exists()  # no search ran
+
+
+def test_mode_given_limits_the_search(tmp_path):
+    data = _folder(tmp_path / "data")
+    _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none")
+    assert {c["kind"] for c in search["candidates"]} == {"probe"}
+    assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
+
+
+def test_multi_stage_probe_exports_to_onnx_in_parity(tmp_path):
+    from transferkit.engine.checkpoint import read_meta
+    from transferkit.engine.fit import fit
+    from transferkit.export import export_run
+
+    data = _folder(tmp_path / "data")
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(data), out=str(run), recipe="tutorial", mode="linear-probe", probe_views="flip",
+                    **SMALL))
+    meta = read_meta(run)
+    assert meta["probe"]["taps"] == 6 and meta["probe"]["views"] == [0, 4]
+    result = export_run(run, "onnx")
+    assert result["parity"]["top1_agreement"] == 1.0
+    assert result["parity"]["max_abs_prob_diff"] < 1e-3
+
+
+def test_probe_run_predicts_what_it_scored(tmp_path):
+    """The saved ProbeClassifier (backbone, taps, pooling, standardization, head, flip views) gives, through
+    the ordinary predictor, the val accuracy the run reported from its cached features."""
+    import transferkit as tk
+    from transferkit.engine.fit import fit
+
+    data = _folder(tmp_path / "data", seed=3)
+    run = tmp_path / "run"
+    metrics = fit(TrainConfig(data=str(data), out=str(run), recipe="tutorial", mode="linear-probe",
+                              probe_views="flip", probe_c=0.001, engine="torch", **SMALL))
+    clf = tk.load(run)
+    val = sorted((data / "val").glob("*/*.png"))
+    predicted = clf.predict(val)
+    accuracy = np.mean([label == path.parent.name for label, path in zip(predicted, val)])
+    assert accuracy == pytest.approx(metrics["best_val_acc"])
+
+
+def test_recipe_tutorial_is_the_seed_defaults(tmp_path):
+    """--recipe tutorial trains exactly as the seeds (SGD 0.001, StepLR 7/0.1, 15 epochs, one view)."""
+    data = _folder(tmp_path / "data")
+    assert cli.main(["train", str(data), "--recipe", "tutorial", "--out", str(tmp_path / "run")]) == 0
+    cfg = TrainConfig.from_yaml(tmp_path / "run" / "config.yaml")
+    seeds = {"mode": "feature-extract", "optimizer": "sgd", "lr": 0.001, "momentum": 0.9, "scheduler": "step",
+             "step_size": 7, "gamma": 0.1, "epochs": 15, "views": 1, "batch_size": 32, "head_init": "random",
+             "best_metric": "accuracy"}
+    assert {k: getattr(cfg, k) for k in seeds} == seeds
+    assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 15
+    assert not (tmp_path / "run" / "search.json").exists()
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "0s", "5x"])
+def test_bad_durations_are_one_line_errors(text, tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path), "--time-budget", text]) == UsageError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert "--time-budget" in err and len(err.splitlines()) == 1
