@@ -27,9 +27,7 @@ browser:
 
 demo: install
 	$(PY) -m transferkit data elpv $(DEMO_DATA) --classes 2
-	$(PY) -m transferkit train $(DEMO_DATA) --model efficientnet_lite0 --mode feature-extract \
-		--views 4 --view-kind dihedral --optimizer adamw --lr 0.001 --weight-decay 0.05 \
-		--scheduler cosine --epochs 30 --batch-size 64 --out $(DEMO_RUN)
+	$(PY) -m transferkit train $(DEMO_DATA) --out $(DEMO_RUN)
 
 test: install browser
 	$(PY) -m pytest -q

@@ -63,6 +63,10 @@ class Search:
     t0: float
     candidates: list[Candidate] = field(default_factory=list)
     rate: float = 0.0  # feature views per second, measured
+    cv_row_s: float | None = None  # seconds of probe cross-validation per (image, view), measured
+    bar: object = None  # engine/progress.time_bar over the budget
+    feats_done: bool = False  # the first extraction (which never stops) is behind us
+    subsample: int | None = None  # training images the budget allowed, where fewer than all
     feats: dict = field(default_factory=dict)  # crop key → {view: (n, d) array}
 
     def left(self) -> float:
@@ -71,6 +75,9 @@ class Search:
     def add(self, cand: Candidate) -> Candidate:
         cand.started_at = time.perf_counter() - self.t0
         self.candidates.append(cand)
+        if self.bar is not None:
+            self.bar.n = min(cand.started_at, self.bar.total)
+            self.bar.set_description(f"search: {cand.name}")
         return cand
 
     def affords(self, cand: Candidate, reserve: float) -> bool:
@@ -101,7 +108,10 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     cfg = copy.deepcopy(cfg)  # the caller's config is not changed
     cfg.validate()
     t0 = time.perf_counter()
-    search = Search(cfg, set(given), t0 + parse_duration(cfg.time_budget), t0)
+    from .engine.progress import time_bar
+
+    budget = parse_duration(cfg.time_budget)
+    search = Search(cfg, set(given), t0 + budget, t0, bar=time_bar(budget, "search"))
     scan = scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
     for line in scan.summary_lines():
         log.warning(line)
@@ -110,7 +120,9 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     winner = _search_probes(search, context)
     winner = _search_finetuning(search, context, winner) or winner
     final = _final_config(search, winner, out)
+    scan = context.scan  # all training images, or the subsample the budget allowed
     del context  # its model and runtimes: the final run builds its own
+    search.bar.close()
     metrics = _refit(search, final, scan)
     _write_search(search, winner, final, metrics, out)
     return metrics
@@ -128,12 +140,12 @@ class _Context:
     device: object
     y: np.ndarray
     inner: tuple[np.ndarray, np.ndarray]  # train-split indices: inner-train, inner hold-out
+    order: np.ndarray  # a seeded permutation of the training images
     taps: dict = field(default_factory=dict)  # crop key → Taps
 
     @classmethod
     def build(cls, cfg, scan):
         import torch
-        from sklearn.model_selection import train_test_split
 
         from .engine.environment import pick_device
         from .engine.fit import set_seed
@@ -148,12 +160,10 @@ class _Context:
         if device.type == "cpu" and cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         y = np.array([label for _, label in scan.train])
-        counts = np.bincount(y)
-        stratify = y if counts.min() >= 2 and len(y) * INNER_FRACTION >= len(counts) else None
-        inner = train_test_split(np.arange(len(y)), test_size=INNER_FRACTION, random_state=cfg.seed, stratify=stratify)
-        return cls(cfg, scan, spec, model, device, y, (np.sort(inner[0]), np.sort(inner[1])))
+        order = np.random.default_rng(cfg.seed).permutation(len(y))  # extraction order: any prefix is random
+        return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order)
 
-    def pre(self, crop):
+    def pre(self, crop):  # noqa: D102
         return self.spec.preprocessing.at_size(self.cfg.image_size, crop)
 
     def taps_for(self, crop):
@@ -162,6 +172,16 @@ class _Context:
         if crop not in self.taps:
             self.taps[crop] = make_taps(self.model, self.spec, self.cfg, self.pre(crop), self.device)
         return self.taps[crop]
+
+
+def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of inner-train and the inner hold-out (stratified where every class can give one)."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    stratify = y if counts.min() >= 2 and len(y) * INNER_FRACTION >= len(counts) else None
+    inner = train_test_split(np.arange(len(y)), test_size=INNER_FRACTION, random_state=seed, stratify=stratify)
+    return np.sort(inner[0]), np.sort(inner[1])
 
 
 # ---- 1. linear probes -------------------------------------------------------------------------------
@@ -198,13 +218,25 @@ def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     t = time.perf_counter()
     taps.features(timed, (0,), ctx.scan.digests, desc="timing")
     search.rate = len(timed) / max(time.perf_counter() - t, 1e-3)
+    _log_plan(search, ctx)
+
+
+def _log_plan(search: Search, ctx: _Context) -> None:
+    """The ladder with an estimate for each step, from the measured rate (steps run while they fit)."""
     n, m = len(ctx.scan.train), len(ctx.scan.val)
+    per_view = n / search.rate
+    cv = _cv_seconds(search, ctx, 1)
     log.info("plan: %d train / %d val images; extraction %.0f images/s (measured); budget %.0fs, %.0fs left",
              n, m, search.rate, search.deadline - search.t0, search.left())
-    log.info("plan: probes on pooled features, ~%.0fs per view of the train split: eval crop%s, then the mirror "
-             "view, then rotations if they pay; val scored once at the end (~%.0fs per view); fine-tuning "
-             "(partial, then full, from the probe's head) only if it and its refit fit in what is left",
-             n / search.rate, " and whole frame" if len(_crop_options(ctx)) > 1 else "", m / search.rate)
+    steps = [(f"probe, crop {'own' if c is None else c}, 1 view", per_view + cv) for c in _crop_options(ctx)]
+    steps += [("probe + mirror view", per_view + 2 * cv), ("rotation test (2 more views)", 2 * per_view + 4 * cv),
+              ("probe, 8 dihedral views", 4 * per_view + 8 * cv)]
+    if ctx.spec.stages is not None:
+        steps += [("partial fine-tuning from the probe, inner hold-out + refit", (2 - INNER_FRACTION) * 2 * n / search.rate),
+                  ("full fine-tuning from the probe, inner hold-out + refit", (2 - INNER_FRACTION) * 2 * 3 * n / search.rate)]
+    for i, (name, seconds) in enumerate(steps, 1):
+        log.info("plan: %d. %-60s ~%4.0fs%s", i, name, seconds, " and up (timed before it runs)" if "fine" in name else "")
+    log.info("plan: then the final run on all training images, val scored once (~%.0fs per view)", m / search.rate)
 
 
 def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Candidate:
@@ -215,13 +247,17 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
     cand = search.add(Candidate(name, "probe", {"crop_fraction": crop, "probe_views": view_set}))
     missing = [v for v in views if v not in search.feats.get(crop, {})]
     n, m = len(ctx.scan.train), len(ctx.scan.val)
-    cand.estimate_s = len(missing) * n / search.rate + _cv_seconds(ctx, len(views))
+    cand.estimate_s = len(missing) * n / search.rate + _cv_seconds(search, ctx, len(views))
     reserve = len(views) * m / search.rate + FIXED_OVERHEAD_S  # the final run's val pass and write-up
     first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
     if not first and not search.affords(cand, reserve):
         return cand
     t = time.perf_counter()
-    x = _train_features(search, ctx, crop, views)
+    x = _train_features(search, ctx, crop, views, reserve)
+    if x is None:
+        cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
+        log.info("search: %s %s", name, cand.status)
+        return cand
     _score_probe(search, ctx, cand, x)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
@@ -229,25 +265,70 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
     return cand
 
 
-def _cv_seconds(ctx: _Context, views: int) -> float:
-    # Measured: ~3 s per view for 2,000 images × 4,048 features (6 C values × 3 folds, 2-core CPU).
-    return 3.0 * views * max(len(ctx.scan.train), 200) / 2000 * len(POOLING_STAGES)
+def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
+    rows = views * max(len(ctx.scan.train), 200)
+    if search.cv_row_s is not None:
+        return search.cv_row_s * rows
+    # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features (2-core CPU).
+    return 3.0 * rows / 2000 * len(POOLING_STAGES)
 
 
-def _train_features(search: Search, ctx: _Context, crop, views) -> np.ndarray:
-    from .errors import DataError
-
+def _train_features(search: Search, ctx: _Context, crop, views, reserve: float) -> np.ndarray | None:
+    """(n, views, d) features of the training images, extracted in chunks (a random order) while the
+    projected end of the extraction leaves `reserve` seconds; None where it had to stop. The first probe
+    never stops: it keeps the chunks done in time and the search goes on with that subsample."""
     have = search.feats.setdefault(crop, {})
     todo = [v for v in views if v not in have]
     if todo:
-        x, ok, _ = ctx.taps_for(crop).features([p for p, _ in ctx.scan.train], todo, ctx.scan.digests,
-                                               desc="search features")
+        first = not search.feats_done
+        got = _extract_chunks(search, ctx, crop, todo, reserve, keep_partial=first)
+        if got is None:
+            return None
+        if first and len(got[todo[0]]) < len(ctx.scan.train):
+            _keep_subsample(search, ctx, len(got[todo[0]]))
+        have.update(got)
+        search.feats_done = True
+    return np.stack([have[v] for v in views], 1)
+
+
+def _extract_chunks(search: Search, ctx: _Context, crop, todo, reserve: float, keep_partial: bool):
+    from .engine.features import default_workers
+    from .errors import DataError
+
+    paths = [ctx.scan.train[i][0] for i in ctx.order]
+    size = max(128, -(-len(paths) // 8))
+    parts, t0 = [], time.perf_counter()
+    for start in range(0, len(paths), size):
+        if parts:  # project the rest from the rate seen so far (a busy machine, a new decode)
+            search.rate = start * len(todo) / max(time.perf_counter() - t0, 1e-3)
+            rest = (len(paths) - start) * len(todo) / search.rate
+            if rest + _cv_seconds(search, ctx, len(todo)) + reserve > search.left():
+                if not keep_partial:
+                    return None
+                break
+        chunk = paths[start:start + size]
+        x, ok, _ = ctx.taps_for(crop).features(chunk, todo, ctx.scan.digests, default_workers(), "search features")
         if x is None or not all(ok):
             raise DataError("some training images could not be read during the search; run `transferkit train "
                             "--recipe tutorial` to see which (or remove them)")
-        for i, v in enumerate(todo):
-            have[v] = x[:, i]
-    return np.stack([have[v] for v in views], 1)
+        parts.append(x)
+    x = np.concatenate(parts)
+    inverse = np.argsort(ctx.order[: len(x)])  # back to the scan's order (of the images done)
+    return {v: x[inverse, i] for i, v in enumerate(todo)}
+
+
+def _keep_subsample(search: Search, ctx: _Context, n: int) -> None:
+    """The budget allowed features of only the first n training images (in the search's random order):
+    the search and the final run go on with those, and say so."""
+    keep = np.sort(ctx.order[:n])
+    log.warning("search: the budget allows features of %d of %d training images; the search and the final model "
+                "use that random subsample (a larger --time-budget uses them all)", n, len(ctx.scan.train))
+    ctx.scan = copy.copy(ctx.scan)
+    ctx.scan.train = [ctx.scan.train[i] for i in keep]
+    ctx.y = ctx.y[keep]
+    ctx.order = np.arange(n)
+    ctx.inner = _inner_split(ctx.y, ctx.cfg.seed)
+    search.subsample = n
 
 
 def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) -> None:
@@ -259,6 +340,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) 
     options = [(cfg.probe_pooling, cfg.probe_stages)] if {"probe_pooling", "probe_stages"} & given else POOLING_STAGES
     grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
     n_classes = len(ctx.scan.classes)
+    t = time.perf_counter()
     for pooling, stages in options:
         columns = taps.columns(stages, pooling)
         cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed)
@@ -266,6 +348,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) 
             cand.score = cv.accuracy
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
                                  cv_per_C=cv.per_C)
+    search.cv_row_s = (time.perf_counter() - t) / (x.shape[0] * x.shape[1])
     s = cand.settings
     inner_train, inner_test = ctx.inner
     fit = fit_probe(x[inner_train], ctx.y[inner_train], taps.columns(s["probe_stages"], s["probe_pooling"]),
@@ -279,12 +362,16 @@ def _rotations_help(search: Search, ctx: _Context, crop, best: Candidate) -> boo
     probe = search.add(Candidate(f"probe crop={'own' if crop is None else crop} views=rot90 test", "probe",
                                  {"crop_fraction": crop, "probe_views": "rot90 test"}))
     n = len(ctx.scan.train)
-    probe.estimate_s = 2 * n / search.rate + _cv_seconds(ctx, 4)
+    probe.estimate_s = 2 * n / search.rate + _cv_seconds(search, ctx, 4)
     # Worth it only if all 8 views could follow: 4 more over train, 8 over val in the final run.
     if not search.affords(probe, 4 * n / search.rate + 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S):
         return False
     t = time.perf_counter()
-    _score_probe(search, ctx, probe, _train_features(search, ctx, crop, (0, 4, 1, 5)))
+    x = _train_features(search, ctx, crop, (0, 4, 1, 5), 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S)
+    if x is None:
+        probe.seconds, probe.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
+        return False
+    _score_probe(search, ctx, probe, x)
     probe.seconds, probe.status = time.perf_counter() - t, "ran (decides whether to try all 8 views)"
     log.info("search: rotated views: CV accuracy %.4f against %.4f", probe.score, best.score)
     return probe.score > best.score
@@ -490,6 +577,7 @@ def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics
         "budget_seconds": search.deadline - search.t0,
         "wall_seconds": wall,
         "extraction_images_per_second": search.rate,
+        "train_subsample": search.subsample,
         "selection": "3-fold CV on train (probes); an inner 20% hold-out of train (fine-tuning); val read once, "
                      "by the final run",
         "candidates": [c.record() for c in search.candidates],

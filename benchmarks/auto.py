@@ -1,0 +1,133 @@
+"""The default recipe (`transferkit train DATA`: the recipe search, default budget) against the seed tutorials'
+recipe (`--recipe tutorial`) and a raw-pixel SVM, on real labelled image sets that install from PyPI.
+
+    python benchmarks/auto.py --work DIR [--sets elpv2,elpv4,elpv2-seed-sized,digits,lfw_faces,textures]
+                              [--budget 4m] [--long elpv2,elpv4 --long-budget 20m]
+
+Every transferkit run starts with an empty feature cache (cold, as a new user's first run), through the
+public CLI, and is timed as a whole command. The SVM: images resized to 32x32 grey, standardized, an RBF SVC
+with C chosen by 3-fold CV on train (scikit-learn), scored once on val. Each set's row goes to its own
+section of benchmarks/RESULTS.md as soon as it is done, with the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+
+SETS = ("elpv2", "elpv4", "elpv2-seed-sized", "digits", "lfw_faces", "textures")
+
+
+def materialize(name: str, work: Path) -> Path:
+    if name == "elpv2":
+        return elpv(work / "elpv2", 2)
+    if name == "elpv4":
+        return elpv(work / "elpv4", 4)
+    if name == "elpv2-seed-sized":  # the size of the tutorials' bees/ants (244 train / 153 val)
+        return stratified_subset(elpv(work / "elpv2", 2), work / "elpv2-seed-sized", 244, 153)
+    import datasets  # benchmarks/datasets.py: packaged real sets
+
+    getattr(datasets, f"materialize_{name}")(work / name)
+    return work / name
+
+
+def transferkit_run(data: Path, out: Path, cache: Path, *flags: str) -> dict:
+    """One cold `transferkit train` command: its metrics, search record and wall time."""
+    env = {**__import__("os").environ, "TRANSFERKIT_FEATURE_CACHE": str(cache)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out), *flags],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    metrics = json.loads((out / "metrics.json").read_text())
+    search = json.loads((out / "search.json").read_text()) if (out / "search.json").exists() else None
+    return {"acc": metrics["best_val_acc"], "balanced": metrics["best_val_balanced_accuracy"], "wall_s": wall,
+            "search": search}
+
+
+def image_matrix(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).iterdir()):
+            with Image.open(path) as img:
+                xs.append(np.asarray(img.convert("L").resize((32, 32), Image.BILINEAR), np.float32).ravel() / 255)
+            ys.append(label)
+    return np.stack(xs), np.array(ys)
+
+
+def svm_baseline(data: Path) -> dict:
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
+    t0 = time.perf_counter()
+    xtr, ytr = image_matrix(data / "train", classes)
+    xva, yva = image_matrix(data / "val", classes)
+    search = GridSearchCV(make_pipeline(StandardScaler(), SVC()), {"svc__C": [0.1, 1, 10, 100]}, cv=3)
+    search.fit(xtr, ytr)
+    acc = float((search.predict(xva) == yva).mean())
+    return {"acc": acc, "wall_s": time.perf_counter() - t0, "C": search.best_params_["svc__C"],
+            "n_train": len(ytr), "n_val": len(yva), "classes": len(classes)}
+
+
+def chosen_text(search: dict | None) -> str:
+    if not search:
+        return ""
+    s = {k: v for k, v in search["chosen_settings"].items() if k != "cv_per_C"}
+    return f"{search['chosen']} ({', '.join(f'{k}={v}' for k, v in s.items())})"
+
+
+def bench_set(name: str, work: Path, budgets: list[str]) -> None:
+    data = materialize(name, work)
+    env = environment_line()
+    svm = svm_baseline(data)
+    rows = [{"recipe": "raw-pixel SVM (32x32 grey, RBF, C by 3-fold CV)", "val_acc": svm["acc"],
+             "wall_s": svm["wall_s"]}]
+    tut = transferkit_run(data, work / "runs" / f"{name}-tutorial", work / "cache" / f"{name}-tutorial",
+                          "--recipe", "tutorial")
+    rows.append({"recipe": "`--recipe tutorial` (seeds: SGD 0.001, StepLR 7/0.1, 15 epochs)", "val_acc": tut["acc"],
+                 "balanced": tut["balanced"], "wall_s": tut["wall_s"]})
+    for budget in budgets:
+        auto = transferkit_run(data, work / "runs" / f"{name}-auto-{budget}", work / "cache" / f"{name}-auto-{budget}",
+                               "--time-budget", budget)
+        rows.append({"recipe": f"auto, `--time-budget {budget}`" + (" (the default)" if budget == budgets[0] else ""),
+                     "val_acc": auto["acc"], "balanced": auto["balanced"], "wall_s": auto["wall_s"],
+                     "chosen": chosen_text(auto["search"])})
+    best_auto = max(r["val_acc"] for r in rows[2:])
+    verdict = (f"auto - tutorial = {100 * (rows[2]['val_acc'] - tut['acc']):+.1f} points, auto - SVM = "
+               f"{100 * (rows[2]['val_acc'] - svm['acc']):+.1f} points (default budget); best auto {best_auto:.4f}")
+    text = (f"## Recipe search: {name}\n\n{env}. `python benchmarks/auto.py --sets {name}` "
+            f"({svm['n_train']} train / {svm['n_val']} val images, {svm['classes']} classes; cold feature cache "
+            f"for every transferkit run; wall = the whole command).\n\n"
+            + table(rows, ["recipe", "val_acc", "balanced", "wall_s", "chosen"]) + f"\n\n{verdict}.\n")
+    print(text, flush=True)
+    write_section(f"auto-{name}", text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--budget", default="4m", help="the default budget (as TrainConfig's)")
+    ap.add_argument("--long", default="", help="sets that also run with --long-budget")
+    ap.add_argument("--long-budget", default="20m")
+    args = ap.parse_args()
+    long = set(filter(None, args.long.split(",")))
+    for name in args.sets.split(","):
+        bench_set(name, args.work, [args.budget] + ([args.long_budget] if name in long else []))
+
+
+if __name__ == "__main__":
+    main()
