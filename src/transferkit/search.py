@@ -105,8 +105,11 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     from .data.folders import scan_dataset
     from .engine.fit import default_run_dir
 
+    from .models.registry import get_spec
+
     cfg = copy.deepcopy(cfg)  # the caller's config is not changed
     cfg.validate()
+    get_spec(cfg.model)  # an unknown model fails before any scanning
     t0 = time.perf_counter()
     from .engine.progress import time_bar
 
