@@ -69,11 +69,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .config import (BEST_METRICS, ENGINES, HEAD_INITS, OPTIMIZERS, POOLINGS, PROBE_VIEWS, RECIPES, SCHEDULERS,
-                         TrainConfig)
-    from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
-    from .models.adapt import MODES
-    from .models.batchnorm import BATCHNORM_MODES
+    from .config import (AUGMENT_PRESETS, BATCHNORM_MODES, BEST_METRICS, ENGINES, HEAD_INITS, MODES, OPTIMIZERS,
+                         POOLINGS, PROBE_VIEWS, RECIPES, SCHEDULERS, VIEW_KINDS, TrainConfig)
 
     choices = {"mode": MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
                "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,

@@ -1,4 +1,9 @@
-"""The run configuration: one typed dataclass, validated once, saved as YAML beside the run."""
+"""The run configuration: one typed dataclass, validated once, saved as YAML beside the run.
+
+Torch-free on purpose: the CLI builds its parser from these fields and choices, and the deployment path
+(`predict`/`serve` with ONNX Runtime) must start on a box without torch. The modules that implement
+a choice import its names from here.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from .data.transforms import AUGMENT_PRESETS, VIEW_KINDS
 from .errors import UsageError
-from .models.adapt import MODES
-from .models.batchnorm import BATCHNORM_MODES
 
+# linear-probe: the frozen backbone's pooled multi-stage features and a CV-tuned logistic regression
+# (engine/probe.py); the backbone itself is frozen as in feature-extract.
+MODES = ("feature-extract", "finetune", "partial", "linear-probe")  # models/adapt.py
+AUGMENT_PRESETS = ("none", "light", "standard", "strong", "dihedral")  # data/transforms.py
+VIEW_KINDS = ("dihedral", "random")
+BATCHNORM_MODES = ("train", "frozen")  # models/batchnorm.py
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "cosine", "onecycle", "none")
 BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "loss", "last")  # last: no selection on val

@@ -6,11 +6,9 @@ import torch
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
+from ..config import AUGMENT_PRESETS
 from ..errors import UsageError
 from ..models.registry import Preprocessing
-
-AUGMENT_PRESETS = ("none", "light", "standard", "strong", "dihedral")
-VIEW_KINDS = ("dihedral", "random")
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 

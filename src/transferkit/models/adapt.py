@@ -8,15 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..config import MODES
 from ..errors import UsageError, WeightsError
 from .registry import BackboneSpec
 from .weights import load_pretrained_state
 
 log = logging.getLogger(__name__)
-
-# linear-probe: the frozen backbone's pooled multi-stage features and a CV-tuned logistic regression
-# (engine/probe.py); the backbone itself is frozen as in feature-extract.
-MODES = ("feature-extract", "finetune", "partial", "linear-probe")
 
 
 def build_model(

@@ -21,8 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BATCHNORM_MODES = ("train", "frozen")
-
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
     """Conv → BN pairs: a plain (or timm 'same'-padded) Conv2d registered directly before the BatchNorm2d
