@@ -83,7 +83,11 @@ class OnnxClassifier:
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
 
     def preprocess(self, path: str) -> np.ndarray:
-        return preprocess_pil(load_rgb(path), self.preprocessing)
+        return self.preprocess_image(load_rgb(path))
+
+    def preprocess_image(self, img: Image.Image) -> np.ndarray:
+        """A decoded RGB PIL image -> the model's input (also for images that are not files: uploads)."""
+        return preprocess_pil(img, self.preprocessing)
 
     def probs_of(self, arrays: list[np.ndarray]) -> np.ndarray:
         return softmax(self.logits(np.stack(arrays)))

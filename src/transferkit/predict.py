@@ -36,7 +36,11 @@ class Predictor:
         return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
 
     def preprocess(self, path: str) -> torch.Tensor:
-        return self.transform(load_rgb(path))
+        return self.preprocess_image(load_rgb(path))
+
+    def preprocess_image(self, img) -> torch.Tensor:
+        """A decoded RGB PIL image -> the model's input (also for images that are not files: uploads)."""
+        return self.transform(img)
 
     @torch.inference_mode()
     def probs_of(self, tensors: list[torch.Tensor]) -> np.ndarray:

@@ -6,6 +6,7 @@ once per file before training) and the training loader agree on what is usable.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -57,6 +58,14 @@ def load_rgb(path) -> Image.Image:
         raise ImageDecodeError(path, "unreadable", "file not found (deleted or broken symlink)") from None
     except OSError as exc:  # ELOOP, EIO, a FIFO that vanished, ...
         raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror or exc}") from None
+
+
+def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
+    """`load_rgb` for an image held in memory (an upload), with the same checks and error kinds."""
+    if not data:
+        raise ImageDecodeError(name, "empty_file", "empty file (0 bytes)")
+    with io.BytesIO(data) as fp:
+        return to_rgb(_decode(fp, name), name)
 
 
 def _decode(fp, path) -> Image.Image:

@@ -1,0 +1,97 @@
+"""The Starlette application: routes, the batcher's lifetime, and errors as one-line JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Route
+
+from ..data.images import load_rgb_bytes
+from ..predict_common import batched_proba, rows_from_probs
+from . import ServeOptions
+from .batching import DynamicBatcher
+from .model import ServedModel
+from .uploads import RequestError, Upload, read_uploads
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 3  # as `transferkit predict`
+
+
+def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
+    batcher = DynamicBatcher(served.classifier.probs_of, options.max_batch, options.max_wait_ms / 1000)
+    page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    async def predict(request: Request) -> JSONResponse:
+        top_k = _top_k(request)
+        uploads = await read_uploads(request, options)
+        rows = await run_in_threadpool(classify, served, batcher, uploads, top_k)
+        if all(row["error"] for row in rows):
+            first = rows[0]["error"]
+            more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+            return JSONResponse({"error": f"no image could be read: {first}{more}", "predictions": rows}, 422)
+        return JSONResponse({"predictions": rows})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "engine": served.engine, "queued": batcher.queued, **batcher.stats})
+
+    async def model(request: Request) -> JSONResponse:
+        limits = {"max_files": options.max_files, "max_image_bytes": options.max_image_bytes,
+                  "max_image_pixels": options.max_image_pixels, "max_batch": options.max_batch,
+                  "max_wait_ms": options.max_wait_ms}
+        return JSONResponse({**served.card, "limits": limits})
+
+    async def index(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    routes = [Route("/", index), Route("/health", health), Route("/model", model),
+              Route("/predict", predict, methods=["POST"])]
+    handlers = {RequestError: _refused, HTTPException: _http_error, Exception: _bug}
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+
+
+def classify(served: ServedModel, batcher: DynamicBatcher, uploads: list[Upload], top_k: int) -> list[dict]:
+    """The rows `transferkit predict --format json` gives, named by upload; runs in a worker thread
+    (decoding and preprocessing), while the forward pass is shared with other requests."""
+    clf = served.classifier
+
+    def preprocess(upload: Upload):
+        return clf.preprocess_image(load_rgb_bytes(upload.data, upload.name))
+
+    probs, errors = batched_proba(uploads, len(clf.classes), preprocess, batcher.infer_from_thread,
+                                  batch_size=len(uploads))
+    return rows_from_probs([u.name for u in uploads], probs, errors, clf.classes, top_k)
+
+
+def _top_k(request: Request) -> int:
+    text = request.query_params.get("top_k", str(DEFAULT_TOP_K))
+    if not text.isdigit() or int(text) < 1:
+        raise RequestError(400, f"top_k must be a whole number ≥ 1, not {text!r}")
+    return int(text)  # more than there are classes: all of them, as `predict --top-k`
+
+
+async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse({"error": exc.reason}, exc.status)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code,
+                        headers=exc.headers)
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, 500)

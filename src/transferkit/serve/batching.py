@@ -1,0 +1,100 @@
+"""Dynamic batching: images from concurrent requests share one forward pass.
+
+A forward pass over 16 images costs far less than 16 passes over one, so the server queues every image
+it has decoded and runs them together: the first queued image opens a batch, which closes when
+`max_batch` images are waiting or `max_wait_s` after it opened, whichever comes first (TorchServe's
+batch size / max batch delay). One inference thread runs the batches in turn, so a model is never
+called from two threads at once (the torch engine folds BatchNorm in place for the call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class DynamicBatcher:
+    """`await submit(inputs)` -> their (n, C) probabilities, computed in batches shared with other callers.
+
+    `infer(list of inputs)` returns (len, C) probabilities; it runs in the batcher's own thread.
+    """
+
+    def __init__(self, infer: Callable[[list], np.ndarray], max_batch: int = 16, max_wait_s: float = 0.005):
+        self.infer, self.max_batch, self.max_wait_s = infer, max_batch, max_wait_s
+        self.stats = {"batches": 0, "images": 0, "largest_batch": 0}
+        self._pending: deque[tuple[object, asyncio.Future]] = deque()
+        self._arrived = asyncio.Event()  # something is pending
+        self._full = asyncio.Event()  # a whole batch is pending
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transferkit-infer")
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._serve_batches())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, inputs: list) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in inputs]
+        self._pending.extend(zip(inputs, futures))
+        self._update_events()
+        return np.stack(await asyncio.gather(*futures))
+
+    def infer_from_thread(self, inputs: list) -> np.ndarray:
+        """`submit` for code running in a worker thread (blocks that thread, not the event loop)."""
+        return asyncio.run_coroutine_threadsafe(self.submit(inputs), self._loop).result()
+
+    async def _serve_batches(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                probs = await self._loop.run_in_executor(self._executor, self.infer, [x for x, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - the callers get the error; the batcher keeps serving
+                log.exception("inference failed on a batch of %d", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self._count(len(batch))
+            for (_, future), p in zip(batch, probs):
+                if not future.done():  # a client that went away cancelled its request
+                    future.set_result(p)
+
+    async def _next_batch(self) -> list:
+        await self._arrived.wait()
+        if len(self._pending) < self.max_batch:  # give concurrent requests a moment to join
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.max_wait_s)
+        batch = [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+        self._update_events()
+        return [(x, future) for x, future in batch if not future.done()]  # skip requests given up
+
+    def _update_events(self) -> None:
+        for event, is_set in ((self._arrived, bool(self._pending)), (self._full, len(self._pending) >= self.max_batch)):
+            event.set() if is_set else event.clear()
+
+    def _count(self, n: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["images"] += n
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], n)

@@ -1,0 +1,111 @@
+"""The model a server holds, and its card (GET /model and the page).
+
+The ONNX engine needs only onnxruntime, numpy and Pillow; the torch engine (a run folder or a
+checkpoint) imports torch when it loads. The card reads what the run left beside the model: the
+export's parity check (export.json) and the training metrics (metrics.json). A model copied alone to a
+deployment box still serves; its card then says only what the ONNX file itself carries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import CheckpointError, UsageError
+
+log = logging.getLogger(__name__)
+
+TRAINING_KEYS = ("mode", "best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1", "best_epoch",
+                 "epochs_run", "train_images", "val_images")
+
+
+@dataclass
+class ServedModel:
+    classifier: object  # OnnxClassifier or Predictor: .classes, .preprocess_image(img), .probs_of(inputs)
+    engine: str
+    path: Path
+    card: dict
+
+
+def load_served_model(model: str | Path, engine: str | None = None, threads: int | None = None) -> ServedModel:
+    path = Path(model)
+    engine = engine or ("onnx" if path.suffix == ".onnx" else "torch")
+    if engine == "onnx":
+        from ..onnx_predict import OnnxClassifier
+
+        path = onnx_model_path(path)
+        clf = OnnxClassifier(path, threads=threads)
+        facts = {"architecture": clf.architecture, "classes": clf.classes, "preprocessing": clf.preprocessing}
+        run, export = _run_of_onnx(path)
+    else:
+        if path.suffix == ".onnx":
+            raise UsageError(f"--engine torch needs a run folder or .safetensors checkpoint, not {path}")
+        from ..engine.checkpoint import resolve_checkpoint
+        from ..predict import Predictor
+
+        path = resolve_checkpoint(path)
+        clf = Predictor(path)
+        facts = {k: clf.meta[k] for k in ("architecture", "classes", "preprocessing")}
+        run = path.parent
+        export = _read_json(run / "export" / "export.json")
+    card = {**facts, "engine": engine, "model": str(path), "model_date": _date_of(path),
+            "export": _parity_of(export, path), **_training(run)}
+    return ServedModel(clf, engine, path, card)
+
+
+def onnx_model_path(path: Path) -> Path:
+    """An .onnx file as given; a run folder means the model `transferkit export RUN` wrote into it."""
+    if path.is_dir():
+        exported = path / "export" / "model.onnx"
+        if not exported.is_file():
+            raise CheckpointError(f"no exported model at {exported}; run `transferkit export {path}` first")
+        return exported
+    return path
+
+
+def _run_of_onnx(path: Path) -> tuple[Path | None, dict | None]:
+    """(run folder, export.json) for RUN/export/model.onnx; either may be gone on a deployment box."""
+    export = _read_json(path.parent / "export.json")
+    checkpoint = Path(export["checkpoint"]) if export and export.get("checkpoint") else None
+    for run in ([checkpoint.parent] if checkpoint else []) + [path.parent.parent]:
+        if (run / "metrics.json").is_file():
+            return run, export
+    return None, export
+
+
+def _parity_of(export: dict | None, model: Path) -> dict | None:
+    """The export check of this very file: the float model's parity or the int8 model's agreement."""
+    if not export:
+        return None
+    if Path(export.get("path", "")).name == model.name:
+        return {"format": export.get("format"), **export.get("parity", {})}
+    int8 = export.get("int8") or {}
+    if Path(int8.get("path", "")).name == model.name:
+        return {"format": "onnx int8", **int8}
+    return None
+
+
+def _training(run: Path | None) -> dict:
+    metrics = _read_json(run / "metrics.json") if run else None
+    if not metrics:
+        return {"training": None, "trained_date": None}
+    return {"training": {k: metrics[k] for k in TRAINING_KEYS if k in metrics},
+            "trained_date": _date_of(run / "metrics.json")}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("model card: ignoring %s (%s)", path, exc)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _date_of(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
