@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("csv", "json"), default="csv")
     p.add_argument("--engine", choices=("torch", "onnx"), default="torch")
 
+    _add_serve_command(sub)
+
     p = sub.add_parser("data", help="materialize built-in datasets as image folders")
     dsub = p.add_subparsers(dest="dataset", required=True, parser_class=OneLineParser)
     e = dsub.add_parser("elpv", help="ELPV solar cells (installed PyPI elpv-dataset)")
@@ -283,6 +285,36 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
         writer.writerow([r["path"], r["label"] or "", prob, top, r["error"] or ""])
 
 
+def _add_serve_command(sub) -> None:
+    from .serve import ENGINES, ServeOptions
+
+    d = ServeOptions()
+    p = sub.add_parser("serve", help="serve a run or an exported .onnx model over HTTP: predictions API and a page")
+    p.add_argument("model", help="run folder, .safetensors checkpoint or exported .onnx model")
+    p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (the printed URL names it)")
+    p.add_argument("--engine", choices=ENGINES, default=d.engine,
+                   help="onnx (no torch; a run folder means RUN/export/model.onnx) or torch "
+                        "(default: onnx for an .onnx file, torch otherwise)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images in one forward pass")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long a batch waits for images from other requests")
+    p.add_argument("--max-files", type=int, default=d.max_files, help="images in one request")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes, help="bytes per image")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="bytes per request body")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
+                   help="width × height per image, read from its header (decompression bombs)")
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads (default: all cores)")
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeOptions, run_server
+
+    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+    run_server(args.model, options, announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def cmd_data(args) -> int:
     from .data import builtin
 
@@ -295,7 +327,7 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "serve": cmd_serve, "data": cmd_data}
 
 
 def _add_results_commands(sub) -> None:

@@ -35,20 +35,16 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long an open batch waits for more images
     max_files: int = 16  # images in one request
     max_image_bytes: int = 10 * 2**20
+    max_request_bytes: int = 32 * 2**20  # the whole body, multipart or JSON (base64 adds a third)
     max_image_pixels: int = 40_000_000  # width × height, read from the header before decoding
     threads: int | None = None  # ONNX Runtime intra-op threads (None: all cores)
-
-    @property
-    def max_request_bytes(self) -> int:
-        """Every image at its byte limit, as base64 in JSON (4/3 of the bytes), plus 1 MiB of framing."""
-        return self.max_files * self.max_image_bytes * 4 // 3 + 2**20
 
     def validate(self) -> "ServeOptions":
         from PIL import Image
 
         if self.engine not in (None, *ENGINES):
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
-        for name in ("max_batch", "max_files", "max_image_bytes", "max_image_pixels"):
+        for name in ("max_batch", "max_files", "max_image_bytes", "max_request_bytes", "max_image_pixels"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be ≥ 1, not {getattr(self, name)}")
         if not 0 <= self.max_wait_ms <= 10_000:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from importlib import resources
 
@@ -49,9 +50,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
         return JSONResponse({"status": "ok", "engine": served.engine, "queued": batcher.queued, **batcher.stats})
 
     async def model(request: Request) -> JSONResponse:
-        limits = {"max_files": options.max_files, "max_image_bytes": options.max_image_bytes,
-                  "max_image_pixels": options.max_image_pixels, "max_batch": options.max_batch,
-                  "max_wait_ms": options.max_wait_ms}
+        limits = {k: v for k, v in dataclasses.asdict(options).items() if k.startswith("max_")}
         return JSONResponse({**served.card, "limits": limits})
 
     async def index(request: Request) -> HTMLResponse:

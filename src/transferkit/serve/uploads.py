@@ -58,8 +58,7 @@ async def read_uploads(request: Request, options: ServeOptions) -> list[Upload]:
 def capped(request: Request, limit: int) -> Request:
     """The request, but reading more than `limit` body bytes raises 413 (Content-Length is not trusted:
     a chunked body has none, and a client may lie)."""
-    too_large = RequestError(413, f"request body exceeds the server's limit of {limit} bytes "
-                                  "(--max-files × --max-image-bytes)")
+    too_large = RequestError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large

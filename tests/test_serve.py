@@ -1,0 +1,296 @@
+"""`transferkit serve`: the real server on a free 127.0.0.1 port, checked against `transferkit predict`,
+fed every kind of bad input, and its dynamic batcher on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("multipart")
+
+from serve_client import ServerProcess, multipart, post_files, request  # noqa: E402
+from tiny_run import train_tiny  # noqa: E402
+
+from transferkit.export import export_run  # noqa: E402
+from transferkit.serve.batching import DynamicBatcher  # noqa: E402
+
+# Small limits so that each one is cheap to cross.
+LIMITS = ["--max-files", "12", "--max-image-bytes", "300000", "--max-request-bytes", "2000000",
+          "--max-image-pixels", "1000000", "--max-batch", "8", "--max-wait-ms", "20"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    data, run = train_tiny(root)
+    export_run(run, "onnx")
+    return data, run, run / "export" / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    proc = ServerProcess.transferkit(exported[2], *LIMITS, log_dir=tmp_path_factory.mktemp("logs"))
+    yield proc
+    assert proc.stop(), proc.log.read_text()  # SIGTERM: a clean shutdown
+    assert "Traceback" not in proc.log.read_text()
+
+
+def val_images(data: Path) -> list[Path]:
+    return sorted((data / "val").rglob("*.png"))
+
+
+def cli_rows(model, paths, *options) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "transferkit", "predict", str(model), *map(str, paths),
+                           "--format", "json", *options], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def assert_same_rows(http_rows: list[dict], rows: list[dict]) -> None:
+    """Same keys, labels, top-k order and probabilities; the path is the uploaded file's name."""
+    assert len(http_rows) == len(rows)
+    for got, want in zip(http_rows, rows):
+        assert set(got) == set(want)
+        assert got["path"] == Path(want["path"]).name
+        assert got["label"] == want["label"] and got["error"] is None
+        assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
+        assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
+        assert [t["probability"] for t in got["top_k"]] == pytest.approx([t["probability"] for t in want["top_k"]],
+                                                                          abs=1e-5)
+
+
+def test_predictions_over_http_equal_transferkit_predict(server, exported):
+    data, _, model = exported
+    paths = val_images(data)
+    status, body = post_files(server.url, [(p.name, p.read_bytes()) for p in paths], "?top_k=2")
+    assert status == 200, body
+    assert_same_rows(body["predictions"], cli_rows(model, paths, "--engine", "onnx", "--top-k", "2"))
+    assert {r["label"] for r in body["predictions"]} == {"ants", "bees"}  # not one label for everything
+
+
+def test_json_base64_gives_the_same_rows_as_multipart(server, exported):
+    paths = val_images(exported[0])[:3]
+    images = [{"name": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p in paths]
+    status, body = request(server.url + "predict", json.dumps({"images": images}).encode(),
+                           {"Content-Type": "application/json"})
+    assert status == 200, body
+    assert body["predictions"] == post_files(server.url, [(p.name, p.read_bytes()) for p in paths])[1]["predictions"]
+
+
+def test_concurrent_requests_each_get_their_own_image_back(server, exported):
+    """Requests batched together are answered with their own rows (nothing shifted between them)."""
+    paths = val_images(exported[0])
+    alone = {p.name: post_files(server.url, [(p.name, p.read_bytes())])[1]["predictions"][0] for p in paths}
+    with ThreadPoolExecutor(len(paths)) as pool:
+        together = list(pool.map(lambda p: post_files(server.url, [(p.name, p.read_bytes())]), paths * 2))
+    for p, (status, body) in zip(paths * 2, together):
+        assert status == 200
+        row = body["predictions"][0]
+        assert row["path"] == p.name and row["label"] == alone[p.name]["label"]
+        assert row["probability"] == pytest.approx(alone[p.name]["probability"], abs=1e-5)
+    status, health = request(server.url + "health")
+    assert status == 200 and health["images"] >= 3 * len(paths) and health["largest_batch"] <= 8
+
+
+def test_an_unreadable_image_gets_its_error_row_in_input_order(server, exported):
+    good = val_images(exported[0])[:2]
+    files = [(good[0].name, good[0].read_bytes()), ("notes.png", b"not an image"), (good[1].name, good[1].read_bytes())]
+    status, body = post_files(server.url, files)
+    assert status == 200
+    rows = body["predictions"]
+    assert [r["path"] for r in rows] == [good[0].name, "notes.png", good[1].name]
+    assert rows[1]["label"] is None and "not an image" in rows[1]["error"]
+    assert rows[0]["label"] and rows[2]["label"]
+
+
+def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bad_requests(good: bytes) -> dict:
+    """name -> (body, headers, query, expected status, words the reason must contain)."""
+    files = lambda *items: multipart(list(items))  # noqa: E731
+    json_body = lambda obj: (json.dumps(obj).encode(), {"Content-Type": "application/json"})  # noqa: E731
+    return {
+        "not an image": (*files(("a.png", b"hello, not pixels")), "", 422, ["a.png", "not an image"]),
+        "truncated": (*files(("t.png", good[: len(good) // 2])), "", 422, ["t.png", "truncated"]),
+        "empty": (*files(("e.png", b"")), "", 422, ["e.png", "empty"]),
+        "too many bytes": (*files(("big.png", good + b"\0" * 300_001)), "", 413, ["big.png", "--max-image-bytes"]),
+        "too many pixels": (*files(("bomb.png", _png((2000, 2000), "L"))), "", 413, ["bomb.png", "2000×2000"]),
+        "body too large": (b"x" * 2_000_001, {"Content-Type": "application/json"}, "", 413, ["--max-request-bytes"]),
+        "too many files": (*files(*[(f"{i}.png", good) for i in range(13)]), "", 400, ["Too many files"]),
+        "wrong content type": (b"abc", {"Content-Type": "text/plain"}, "", 415, ["Content-Type", "text/plain"]),
+        "no content type": (b"abc", {}, "", 415, ["Content-Type"]),
+        "malformed JSON": (b'{"images": [', {"Content-Type": "application/json"}, "", 400, ["malformed JSON"]),
+        "JSON not UTF-8": (b"\xff\xfe{", {"Content-Type": "application/json"}, "", 400, ["malformed JSON"]),
+        "JSON of the wrong shape": (*json_body({"image": "abc"}), "", 400, ['{"images"']),
+        "JSON item without data": (*json_body({"images": [{"name": "a"}]}), "", 400, ["images[0]"]),
+        "JSON bad base64": (*json_body({"images": [{"data": "%%%"}]}), "", 400, ["images[0].data", "base64"]),
+        "JSON too many images": (*json_body({"images": [{"data": ""}] * 13}), "", 400, ["too many images", "13"]),
+        "no images": (*files(), "", 400, ["no images"]),
+        "malformed multipart": (b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=y"}, "", 400,
+                                ["multipart"]),
+        "bad top_k": (*files(("a.png", good)), "?top_k=zero", 400, ["top_k"]),
+    }
+
+
+BAD = list(_bad_requests(b""))
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_gets_a_4xx_with_one_line_and_the_server_keeps_answering(server, exported, case):
+    good = val_images(exported[0])[0].read_bytes()
+    body, headers, query, expected, words = _bad_requests(good)[case]
+    status, answer = request(server.url + "predict" + query, body, headers)
+    assert status == expected, answer
+    reason = answer["error"]
+    assert reason and "\n" not in reason and "Traceback" not in reason
+    for word in words:
+        assert word in reason, (word, reason)
+    assert post_files(server.url, [("ok.png", good)])[0] == 200  # still answering, and correctly
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "predict", 405), ("GET", "nowhere", 404),
+                                                  ("DELETE", "model", 405)])
+def test_wrong_routes_are_one_line_json_errors(server, method, path, status):
+    code, body = request(server.url + path, method=method)
+    assert code == status and "\n" not in body["error"]
+
+
+def test_health_model_card_and_page(server, exported):
+    status, health = request(server.url + "health")
+    assert status == 200 and health["status"] == "ok" and health["engine"] == "onnx"
+    status, card = request(server.url + "model")
+    assert status == 200
+    assert card["classes"] == ["ants", "bees"] and card["architecture"] == "efficientnet_lite0"
+    assert card["preprocessing"]["input_size"] == 96
+    assert card["export"]["top1_agreement"] == 1.0  # from the run's export.json
+    metrics = json.loads((exported[1] / "metrics.json").read_text())
+    assert card["training"]["best_val_acc"] == metrics["best_val_acc"]
+    assert card["limits"]["max_files"] == 12 and card["trained_date"]
+    import urllib.request
+
+    page = urllib.request.urlopen(server.url).read().decode()
+    assert 'type="file"' in page and "fetch(\"predict" in page
+    assert "http://" not in page and "https://" not in page  # nothing from the network
+
+
+def test_torch_engine_serves_a_run_like_predict(exported, tmp_path):
+    data, run, _ = exported
+    paths = val_images(data)[:4]
+    proc = ServerProcess.transferkit(run, "--max-wait-ms", "1", log_dir=tmp_path)
+    try:
+        status, body = post_files(proc.url, [(p.name, p.read_bytes()) for p in paths])
+        _, health = request(proc.url + "health")
+    finally:
+        assert proc.stop(), proc.log.read_text()
+    assert status == 200 and health["engine"] == "torch"
+    assert_same_rows(body["predictions"], cli_rows(run, paths))
+
+
+def test_serving_the_onnx_model_imports_no_torch(exported):
+    code = (
+        "import sys\n"
+        "from transferkit.serve import ServeOptions\n"
+        "from transferkit.serve.app import create_app\n"
+        "from transferkit.serve.model import load_served_model\n"
+        f"app = create_app(load_served_model({str(exported[2])!r}), ServeOptions())\n"
+        "from transferkit.cli import build_parser\n"
+        "build_parser().parse_args(['serve', 'model.onnx'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--max-batch", "0"], ["--max-batch", "≥ 1"]),
+    (["--max-wait-ms", "-1"], ["--max-wait-ms"]),
+    (["--port", "70000"], ["--port"]),
+    (["--max-image-pixels", "10000000000"], ["--max-image-pixels", "Pillow"]),
+    (["--engine", "torch"], ["--engine torch", ".onnx"]),
+])
+def test_bad_serve_options_are_one_line_errors(exported, capsys, options, words):
+    from transferkit import cli
+
+    code = cli.main(["serve", str(exported[2]), *options])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert all(w in err for w in words), err
+
+
+def test_a_busy_port_is_one_line_error(exported, capsys):
+    import socket
+
+    from transferkit import cli
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        code = cli.main(["serve", str(exported[2]), "--port", str(busy.getsockname()[1])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot listen on 127.0.0.1" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_run_without_an_export_cannot_be_served_by_onnx(tmp_path, capsys):
+    from transferkit import cli
+
+    (tmp_path / "run").mkdir()
+    assert cli.main(["serve", str(tmp_path / "run"), "--engine", "onnx"]) == 5
+    assert "transferkit export" in capsys.readouterr().err
+
+
+# ---- the batcher alone -------------------------------------------------------------------------
+
+
+def _echo_batcher(max_batch: int, max_wait_s: float, sizes: list[int]) -> DynamicBatcher:
+    def infer(inputs):
+        sizes.append(len(inputs))
+        return np.array(inputs, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+
+    return DynamicBatcher(infer, max_batch=max_batch, max_wait_s=max_wait_s)
+
+
+def test_batcher_gathers_concurrent_requests_and_answers_each_its_own():
+    async def scenario():
+        sizes: list[int] = []
+        batcher = _echo_batcher(4, 30.0, sizes)  # a long wait: only a full batch may run early ...
+        batcher.start()
+        results = await asyncio.wait_for(asyncio.gather(*(batcher.submit([i]) for i in range(8))), 10)
+        await batcher.stop()
+        return sizes, results
+
+    sizes, results = asyncio.run(scenario())
+    assert sizes == [4, 4]  # ... and two did
+    assert [float(r[0, 0]) for r in results] == list(range(8))
+
+
+def test_batcher_runs_a_partial_batch_after_max_wait_and_survives_an_error():
+    async def scenario():
+        sizes: list[int] = []
+        batcher = _echo_batcher(16, 0.01, sizes)
+        batcher.start()
+        first = await asyncio.wait_for(asyncio.gather(batcher.submit([1, 2]), batcher.submit([3])), 10)
+        batcher.infer = lambda inputs: 1 / 0
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.wait_for(batcher.submit([4]), 10)
+        batcher.infer = lambda inputs: np.zeros((len(inputs), 2))
+        after = await asyncio.wait_for(batcher.submit([5]), 10)
+        await batcher.stop()
+        return sizes, first, after, batcher.stats
+
+    sizes, first, after, stats = asyncio.run(scenario())
+    assert sizes == [3] and [r[:, 0].tolist() for r in first] == [[1, 2], [3]]
+    assert after.shape == (1, 2) and stats["batches"] == 2 and stats["images"] == 4
