@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Headless Chromium renders report.html in a test; install it where apt is available (CI, fresh boxes).
+# Headless Chromium renders report.html in a test, and chromium-driver lets selenium drive the serve page;
+# install them where apt is available (CI, fresh boxes).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
-		echo "chromium not installed: the report rendering test will be skipped"; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+		echo "chromium/chromium-driver not installed: the browser tests will be skipped"; }
 
 demo: install
 	$(PY) -m transferkit data elpv $(DEMO_DATA) --classes 2

@@ -17,10 +17,10 @@ from pathlib import Path
 class ServerProcess:
     """`transferkit serve MODEL --port 0 ...`; the URL is read from the line it prints when listening."""
 
-    def __init__(self, command: list[str], log_dir: Path, timeout: float = 120):
+    def __init__(self, command: list[str], log_dir: Path, timeout: float = 120, env: dict | None = None):
         self.log = log_dir / f"serve-{uuid.uuid4().hex[:8]}.log"
         with open(self.log, "w") as out:  # a file, not a pipe: uvicorn's access log must never block
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         self.url = self._wait_for_url(timeout)
 
     @classmethod

@@ -21,9 +21,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
 
 from serve_client import ServerProcess, multipart, post_files, request  # noqa: E402
-from tiny_run import train_tiny  # noqa: E402
+from tiny_run import export_tiny  # noqa: E402
 
-from transferkit.export import export_run  # noqa: E402
 from transferkit.serve.batching import DynamicBatcher  # noqa: E402
 
 # Small limits so that each one is cheap to cross.
@@ -33,10 +32,7 @@ LIMITS = ["--max-files", "12", "--max-image-bytes", "300000", "--max-request-byt
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    data, run = train_tiny(root)
-    export_run(run, "onnx")
-    return data, run, run / "export" / "model.onnx"
+    return export_tiny(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -24,3 +24,11 @@ def train_tiny(root: Path, **options) -> tuple[Path, Path]:
         fit(TrainConfig(data=str(data), out=str(run), **cfg))
     assert (run / "best.safetensors").is_file(), os.listdir(run)
     return data, run
+
+
+def export_tiny(root: Path) -> tuple[Path, Path, Path]:
+    """(data folder, run folder, RUN/export/model.onnx): the tiny run, exported for deployment."""
+    from transferkit.export import export_run
+
+    data, run = train_tiny(root)
+    return data, run, Path(export_run(run, "onnx")["path"])

@@ -16,6 +16,9 @@ log = logging.getLogger("transferkit")
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# Installed by the `train` extra only (pyproject.toml); the base install predicts with ONNX Runtime.
+TRAIN_EXTRA_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "tqdm", "onnx",
+                       "onnxscript"}
 
 TRAIN_HELP = {
     "recipe": "auto: search for the best recipe within --time-budget, choosing on training images only "
@@ -145,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("transferkit: interrupted\n")
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:  # a deployment install (no torch) asked for a training command
+        if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        sys.stderr.write(f"transferkit: error: `transferkit {args.command}` needs the train extra ({exc.name} is "
+                         "not installed): pip install 'transferkit[train]' (a .onnx model predicts without it: "
+                         "--engine onnx)\n")
+        return EXIT_USAGE
 
 
 def cmd_train(args) -> int:
