@@ -58,15 +58,22 @@ def batched_proba(paths, n_classes: int, preprocess, infer, batch_size: int = 32
     NaN row and its error message instead of stopping the others.
     """
     probs = np.full((len(paths), n_classes), np.nan, dtype=np.float32)
-    errors: list[str | None] = [None] * len(paths)
+    errors: list[str | None] = []
     for start in range(0, len(paths), batch_size):
-        inputs, rows = [], []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                inputs.append(preprocess(paths[i]))
-                rows.append(i)
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-                errors[i] = str(exc)
+        inputs, rows, chunk_errors = preprocess_each(paths[start:start + batch_size], preprocess)
         if inputs:
-            probs[rows] = infer(inputs)
+            probs[[start + i for i in rows]] = infer(inputs)
+        errors += chunk_errors
     return probs, errors
+
+
+def preprocess_each(items, preprocess) -> tuple[list, list[int], list[str | None]]:
+    """(inputs, the indices they came from, per item an error message or None)."""
+    inputs, rows, errors = [], [], [None] * len(items)
+    for i, item in enumerate(items):
+        try:
+            inputs.append(preprocess(item))
+            rows.append(i)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+            errors[i] = str(exc)
+    return inputs, rows, errors

@@ -31,7 +31,9 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the announced URL names it)
     engine: str | None = None  # None: onnx for an .onnx file, torch for a run folder or checkpoint
-    max_batch: int = 16  # images in one forward pass
+    # Images in one forward pass. On a CPU, batches past a few images stop paying: the activations
+    # leave the cache (benchmarks/serve.py prints the engine's rate by batch size; raise it on a GPU).
+    max_batch: int = 4
     max_wait_ms: float = 5.0  # how long an open batch waits for more images
     max_files: int = 16  # images in one request
     max_image_bytes: int = 10 * 2**20

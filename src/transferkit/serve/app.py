@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
+import numpy as np
+
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from ..data.images import load_rgb_bytes
-from ..predict_common import batched_proba, rows_from_probs
+from ..predict_common import preprocess_each, rows_from_probs
 from . import ServeOptions
 from .batching import DynamicBatcher
 from .model import ServedModel
@@ -28,6 +32,9 @@ DEFAULT_TOP_K = 3  # as `transferkit predict`
 
 def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
     batcher = DynamicBatcher(served.classifier.probs_of, options.max_batch, options.max_wait_ms / 1000)
+    # Decoding gets half the cores: more decoding threads than that only preempt the inference threads
+    # (a parallel forward pass waits for its slowest thread) without making images arrive sooner.
+    decoder = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="transferkit-decode")
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
@@ -35,11 +42,12 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
         batcher.start()
         yield
         await batcher.stop()
+        decoder.shutdown(wait=True)
 
     async def predict(request: Request) -> JSONResponse:
         top_k = _top_k(request)
         uploads = await read_uploads(request, options)
-        rows = await run_in_threadpool(classify, served, batcher, uploads, top_k)
+        rows = await classify(served, batcher, decoder, uploads, top_k)
         if all(row["error"] for row in rows):
             first = rows[0]["error"]
             more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
@@ -62,16 +70,20 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
-def classify(served: ServedModel, batcher: DynamicBatcher, uploads: list[Upload], top_k: int) -> list[dict]:
-    """The rows `transferkit predict --format json` gives, named by upload; runs in a worker thread
-    (decoding and preprocessing), while the forward pass is shared with other requests."""
+async def classify(served: ServedModel, batcher: DynamicBatcher, decoder: ThreadPoolExecutor,
+                   uploads: list[Upload], top_k: int) -> list[dict]:
+    """The rows `transferkit predict --format json` gives, named by upload: decoded in the decoding
+    threads, then one forward pass shared with other requests."""
     clf = served.classifier
 
     def preprocess(upload: Upload):
         return clf.preprocess_image(load_rgb_bytes(upload.data, upload.name))
 
-    probs, errors = batched_proba(uploads, len(clf.classes), preprocess, batcher.infer_from_thread,
-                                  batch_size=len(uploads))
+    loop = asyncio.get_running_loop()
+    inputs, rows, errors = await loop.run_in_executor(decoder, preprocess_each, uploads, preprocess)
+    probs = np.full((len(uploads), len(clf.classes)), np.nan, dtype=np.float32)
+    if inputs:
+        probs[rows] = await batcher.submit(inputs)
     return rows_from_probs([u.name for u in uploads], probs, errors, clf.classes, top_k)
 
 

@@ -59,10 +59,6 @@ class DynamicBatcher:
         self._update_events()
         return np.stack(await asyncio.gather(*futures))
 
-    def infer_from_thread(self, inputs: list) -> np.ndarray:
-        """`submit` for code running in a worker thread (blocks that thread, not the event loop)."""
-        return asyncio.run_coroutine_threadsafe(self.submit(inputs), self._loop).result()
-
     async def _serve_batches(self) -> None:
         while True:
             batch = await self._next_batch()

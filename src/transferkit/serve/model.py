@@ -37,7 +37,9 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
         from ..onnx_predict import OnnxClassifier
 
         path = onnx_model_path(path)
-        clf = OnnxClassifier(path, threads=threads)
+        # No spinning: decoding and HTTP threads share the cores with inference (measured in
+        # benchmarks/serve.py: with spinning, 16 clients got about 0.6x the throughput on a loaded 2-core box).
+        clf = OnnxClassifier(path, threads=threads, spinning=False)
         facts = {"architecture": clf.architecture, "classes": clf.classes, "preprocessing": clf.preprocessing}
         run, export = _run_of_onnx(path)
     else:

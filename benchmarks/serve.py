@@ -1,0 +1,250 @@
+"""`transferkit serve` under load on loopback: 1, 4 and 16 concurrent clients, each sending single images.
+
+    python benchmarks/serve.py [--work DIR] [--requests 300] [--seconds 60] [--repeats 3] [--max-batch N]
+
+The server is the real CLI (`transferkit serve MODEL.onnx --port 0`, ONNX engine) in its own process. The
+model is efficientnet_lite0 (ImageNet weights, a 2-class head; the head's values do not change the cost)
+exported to ONNX at its own 224 px; the images are real ELPV cells (300×300 PNG) sent as multipart files.
+Each phase is bounded by a number of requests and by time, and the script stops the server itself.
+
+Reported per phase: throughput, p50/p99 latency, errors (must be 0), the mean batch the server formed
+(from /health) and the server's RSS. The engine's bare rate is the same ONNX model and session options run
+in this process on already preprocessed batches (no decoding, no HTTP), by batch size; the target (16
+clients at >= 80% of the bare rate at --max-batch) alternates the two so each ratio compares neighbours.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import elpv, environment_line, table, write_section  # noqa: E402
+
+CLIENTS = (1, 4, 16)
+
+
+def main() -> None:
+    from transferkit.serve import ServeOptions
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--requests", type=int, default=300, help="requests per phase (at most)")
+    ap.add_argument("--seconds", type=float, default=60, help="seconds per phase (at most)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternations of bare engine / 16 clients")
+    ap.add_argument("--max-batch", type=int, default=ServeOptions.max_batch)
+    ap.add_argument("--max-wait-ms", type=float, default=ServeOptions.max_wait_ms)
+    ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
+    args = ap.parse_args()
+    work = Path(args.work)
+    model = export_model(args.model, work / f"serve-{args.model}.onnx")
+    images = [(p.name, p.read_bytes()) for p in sorted((elpv(work / "elpv2", 2) / "val").rglob("*.png"))[:64]]
+    by_batch = {n: bare_rate(model, images, n, seconds=4) for n in (1, 2, 4, 8, 16)}
+    print("bare images/s by batch size:", by_batch, flush=True)
+    server = start_server(model, work, args.max_batch, args.max_wait_ms)
+    try:
+        rows = serve_phases(server, images, args)
+        pairs = alternate(server, model, images, args)
+    finally:
+        server["proc"].terminate()
+        server["proc"].wait(timeout=60)
+    report(args, rows, pairs, by_batch, len(images))
+
+
+def export_model(name: str, path: Path) -> Path:
+    """The backbone with ImageNet weights and a 2-class head, exported once with transferkit's metadata."""
+    if path.is_file():
+        return path
+    import torch
+
+    from transferkit.export import export_onnx
+    from transferkit.models.adapt import build_model
+    from transferkit.models.registry import get_spec
+
+    spec = get_spec(name)
+    model = build_model(spec, 2, pretrained=True).eval()
+    meta = {"classes": ["functional", "defective"], "architecture": name,
+            "preprocessing": spec.preprocessing.to_dict()}
+    size = spec.preprocessing.input_size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_onnx(model, meta, path, torch.randn(1, 3, size, size))
+
+
+def bare_rate(model: Path, images: list, batch: int, seconds: float = 10) -> float:
+    """Images/s of the ONNX engine alone on preprocessed batches (the best a server could do)."""
+    from transferkit.data.images import load_rgb_bytes
+    from transferkit.onnx_predict import OnnxClassifier
+
+    clf = OnnxClassifier(model, spinning=False)  # configured as the server configures it
+    inputs = [clf.preprocess_image(load_rgb_bytes(data, name)) for name, data in images[:batch]]
+    clf.probs_of(inputs)  # warm-up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        clf.probs_of(inputs)
+        done += len(inputs)
+    return done / (time.perf_counter() - t0)
+
+
+def start_server(model: Path, work: Path, max_batch: int, max_wait_ms: float) -> dict:
+    log = work / "serve-benchmark.log"
+    command = [sys.executable, "-m", "transferkit", "serve", str(model), "--port", "0", "--host", "127.0.0.1",
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for word in log.read_text().split():
+            if word.startswith("http://127.0.0.1:"):
+                return {"proc": proc, "url": urlsplit(word)}
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the server did not start:\n{log.read_text()}")
+
+
+def serve_phases(server: dict, images: list, args) -> list[dict]:
+    """One phase per client count; the server's RSS after a warm-up and after each phase."""
+    bodies = bodies_of(images)
+    run_clients(server["url"], bodies[:4], clients=2, requests=8, seconds=30)  # warm-up (first batches)
+    rows = [{"clients": "warm-up", "server RSS MB": rss_mb(server["proc"].pid)}]
+    for clients in CLIENTS:
+        rows.append(phase(server, bodies, clients, args.requests, args.seconds))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def phase(server: dict, bodies: list, clients: int, requests: int, seconds: float) -> dict:
+    before = health(server["url"])
+    latencies, errors, wall = run_clients(server["url"], bodies, clients, requests, seconds)
+    after = health(server["url"])
+    batches = after["batches"] - before["batches"]
+    return {"clients": clients, "requests": len(latencies) + errors, "errors": errors,
+            "images/s": len(latencies) / wall, "p50 ms": 1000 * percentile(latencies, 50),
+            "p99 ms": 1000 * percentile(latencies, 99),
+            "mean batch": (after["images"] - before["images"]) / batches if batches else 0.0,
+            "server RSS MB": rss_mb(server["proc"].pid)}
+
+
+def alternate(server: dict, model: Path, images: list, args) -> list[dict]:
+    """Bare engine rate at --max-batch, then 16 clients, `repeats` times: the box may be shared, so each
+    ratio is taken between neighbours in time."""
+    bodies, pairs = bodies_of(images), []
+    for rep in range(args.repeats):
+        bare = bare_rate(model, images, args.max_batch)
+        served = phase(server, bodies, CLIENTS[-1], args.requests, args.seconds)
+        pairs.append({"repeat": rep + 1, "bare images/s": bare, "16 clients images/s": served["images/s"],
+                      "errors": served["errors"], "fraction": served["images/s"] / bare})
+        print(pairs[-1], flush=True)
+    return pairs
+
+
+def bodies_of(images: list) -> list[tuple[bytes, str]]:
+    return [multipart(name, data) for name, data in images]
+
+
+def run_clients(url, bodies: list, clients: int, requests: int, seconds: float) -> tuple[list[float], int, float]:
+    """`clients` threads, each on its own keep-alive connection, sending one image per request until
+    `requests` were sent in all or `seconds` passed. Returns (latencies of the 200s, errors, wall)."""
+    lock = threading.Lock()
+    sent, latencies, errors = [0], [], [0]
+    deadline = time.perf_counter() + seconds
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+        i = k
+        while time.perf_counter() < deadline:
+            with lock:
+                if sent[0] >= requests:
+                    break
+                sent[0] += 1
+            body, content_type = bodies[i % len(bodies)]
+            i += clients
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/predict", body, {"Content-Type": content_type})
+                response = conn.getresponse()
+                ok = response.status == 200 and json.loads(response.read())["predictions"][0]["error"] is None
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+            with lock:
+                latencies.append(time.perf_counter() - t0) if ok else None
+                errors[0] += 0 if ok else 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors[0], time.perf_counter() - t0
+
+
+def multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def health(url) -> dict:
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("GET", "/health")
+    answer = json.loads(conn.getresponse().read())
+    conn.close()
+    return answer
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, n_images: int) -> None:
+    median = statistics.median(p["fraction"] for p in pairs)
+    errors = sum(r.get("errors", 0) for r in rows) + sum(p["errors"] for p in pairs)
+    verdict = "met" if median >= 0.8 and errors == 0 else "NOT met"
+    text = (f"## Serving: `transferkit serve` on loopback\n\n{environment_line()}. "
+            f"Command: `python benchmarks/serve.py --requests {args.requests} --seconds {args.seconds:g} "
+            f"--repeats {args.repeats}`. {args.model} exported to ONNX (224 px), ONNX engine, "
+            f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; {n_images} ELPV val images "
+            "(300×300 PNG), one per request as multipart, each client on a keep-alive connection; clients and "
+            "server share the same cores.\n\n"
+            + table(rows, ["clients", "requests", "errors", "images/s", "p50 ms", "p99 ms", "mean batch",
+                           "server RSS MB"])
+            + "\n\nBare engine rate (the same ONNX model and session options in the benchmark's process, on "
+              "preprocessed batches: no decoding, no HTTP), images/s by batch size: "
+            + ", ".join(f"{n}: {rate:.1f}" for n, rate in by_batch.items())
+            + f".\n\nTarget: 16 clients reach ≥ 80% of the bare rate at --max-batch {args.max_batch}, "
+              "alternating the two:\n\n"
+            + table(pairs, ["repeat", "bare images/s", "16 clients images/s", "errors", "fraction"])
+            + f"\n\nMedian fraction **{median:.2f}**, {errors} errors in all ({verdict}).")
+    print(text)
+    if not args.no_record:
+        write_section("serve", text)
+
+
+if __name__ == "__main__":
+    main()
