@@ -26,21 +26,32 @@ def _val(data: Path) -> list[str]:
     return [str(p) for p in sorted((data / "val").rglob("*.png"))]
 
 
+def _torch_free(code: str) -> str:
+    """stdout of `code` run in a fresh interpreter, which must not have imported torch by its end."""
+    check = "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    proc = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_cli_predict_with_the_onnx_engine_imports_no_torch(exported):
     data, _, model = exported
-    code = (
-        "import contextlib, io, json, sys\n"
+    stdout = _torch_free(
         "from transferkit.cli import main\n"
-        "out = io.StringIO()\n"
-        "with contextlib.redirect_stdout(out):\n"
-        f"    code = main(['predict', {str(model)!r}, {str(data / 'val')!r}, '--engine', 'onnx', '--format', 'json'])\n"
-        "assert code == 0, code\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "print(len(json.loads(out.getvalue())))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(len(_val(data)))
+        f"code = main(['predict', {str(model)!r}, {str(data / 'val')!r}, '--engine', 'onnx', '--format', 'json'])\n"
+        "assert code == 0, code\n")
+    assert len(json.loads(stdout)) == len(_val(data))
+
+
+def test_serving_the_onnx_model_imports_no_torch(exported):
+    pytest.importorskip("starlette")
+    _torch_free(
+        "from transferkit.cli import build_parser\n"
+        "from transferkit.serve import ServeOptions\n"
+        "from transferkit.serve.app import create_app\n"
+        "from transferkit.serve.model import load_served_model\n"
+        "build_parser().parse_args(['serve', 'model.onnx'])\n"
+        f"app = create_app(load_served_model({str(exported[2])!r}), ServeOptions())\n")
 
 
 def test_a_training_command_without_torch_names_the_extra_to_install(tiny_folder):

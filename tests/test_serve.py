@@ -198,21 +198,6 @@ def test_torch_engine_serves_a_run_like_predict(exported, tmp_path):
     assert_same_rows(body["predictions"], cli_rows(run, paths))
 
 
-def test_serving_the_onnx_model_imports_no_torch(exported):
-    code = (
-        "import sys\n"
-        "from transferkit.serve import ServeOptions\n"
-        "from transferkit.serve.app import create_app\n"
-        "from transferkit.serve.model import load_served_model\n"
-        f"app = create_app(load_served_model({str(exported[2])!r}), ServeOptions())\n"
-        "from transferkit.cli import build_parser\n"
-        "build_parser().parse_args(['serve', 'model.onnx'])\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-
-
 @pytest.mark.parametrize("options, words", [
     (["--max-batch", "0"], ["--max-batch", "≥ 1"]),
     (["--max-wait-ms", "-1"], ["--max-wait-ms"]),
