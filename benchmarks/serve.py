@@ -1,6 +1,6 @@
 """`transferkit serve` under load on loopback: 1, 4 and 16 concurrent clients, each sending single images.
 
-    python benchmarks/serve.py [--work DIR] [--requests 300] [--seconds 60] [--repeats 3] [--max-batch N]
+    python benchmarks/serve.py [--work DIR] [--requests 300] [--seconds 60] [--repeats 5] [--max-batch N]
 
 The server is the real CLI (`transferkit serve MODEL.onnx --port 0`, ONNX engine) in its own process. The
 model is efficientnet_lite0 (ImageNet weights, a 2-class head; the head's values do not change the cost)
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--requests", type=int, default=300, help="requests per phase (at most)")
     ap.add_argument("--seconds", type=float, default=60, help="seconds per phase (at most)")
-    ap.add_argument("--repeats", type=int, default=3, help="alternations of bare engine / 16 clients")
+    ap.add_argument("--repeats", type=int, default=5, help="alternations of bare engine / 16 clients")
     ap.add_argument("--max-batch", type=int, default=ServeOptions.max_batch)
     ap.add_argument("--max-wait-ms", type=float, default=ServeOptions.max_wait_ms)
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
@@ -142,10 +142,12 @@ def alternate(server: dict, model: Path, images: list, args) -> list[dict]:
     ratio is taken between neighbours in time."""
     bodies, pairs = bodies_of(images), []
     for rep in range(args.repeats):
-        bare = bare_rate(model, images, args.max_batch)
+        load = os.getloadavg()[0]
+        bare = bare_rate(model, images, args.max_batch, seconds=5)
         served = phase(server, bodies, CLIENTS[-1], args.requests, args.seconds)
-        pairs.append({"repeat": rep + 1, "bare images/s": bare, "16 clients images/s": served["images/s"],
-                      "errors": served["errors"], "fraction": served["images/s"] / bare})
+        pairs.append({"repeat": rep + 1, "load": load, "bare images/s": bare,
+                      "16 clients images/s": served["images/s"], "errors": served["errors"],
+                      "fraction": served["images/s"] / bare})
         print(pairs[-1], flush=True)
     return pairs
 
@@ -238,8 +240,8 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, n_images: 
               "preprocessed batches: no decoding, no HTTP), images/s by batch size: "
             + ", ".join(f"{n}: {rate:.1f}" for n, rate in by_batch.items())
             + f".\n\nTarget: 16 clients reach ≥ 80% of the bare rate at --max-batch {args.max_batch}, "
-              "alternating the two:\n\n"
-            + table(pairs, ["repeat", "bare images/s", "16 clients images/s", "errors", "fraction"])
+              "alternating the two (load: the 1-minute load average when the pair started):\n\n"
+            + table(pairs, ["repeat", "load", "bare images/s", "16 clients images/s", "errors", "fraction"])
             + f"\n\nMedian fraction **{median:.2f}**, {errors} errors in all ({verdict}).")
     print(text)
     if not args.no_record:
