@@ -160,6 +160,27 @@ def test_bad_input_gets_a_4xx_with_one_line_and_the_server_keeps_answering(serve
     assert post_files(server.url, [("ok.png", good)])[0] == 200  # still answering, and correctly
 
 
+def test_a_chunked_body_is_cut_off_at_the_limit_without_content_length(server):
+    """No Content-Length to trust: the server counts the bytes as they arrive and stops at the limit."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n\r\n'
+        for _ in range(40):  # 2.6 MB, over the 2 MB --max-request-bytes
+            yield b"\0" * 65536
+        yield b"\r\n--b--\r\n"
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/predict", body=chunks(), headers={"Content-Type": "multipart/form-data; boundary=b"},
+                 encode_chunked=True)
+    response = conn.getresponse()
+    assert response.status == 413 and "--max-request-bytes" in json.loads(response.read())["error"]
+    conn.close()
+    assert request(server.url + "health")[0] == 200
+
+
 @pytest.mark.parametrize("method, path, status", [("GET", "predict", 405), ("GET", "nowhere", 404),
                                                   ("DELETE", "model", 405)])
 def test_wrong_routes_are_one_line_json_errors(server, method, path, status):
