@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
-
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
