@@ -65,6 +65,8 @@ def assert_same_rows(http_rows: list[dict], rows: list[dict]) -> None:
         assert got["probability"] == pytest.approx(want["probability"], abs=1e-5)
         assert [t["probability"] for t in got["top_k"]] == pytest.approx([t["probability"] for t in want["top_k"]],
                                                                           abs=1e-5)
+        for key in set(want) - {"path", "label", "error", "probability", "top_k"}:  # e.g. a novelty score
+            assert got[key] == (pytest.approx(want[key], abs=1e-4) if isinstance(want[key], float) else want[key])
 
 
 def test_predictions_over_http_equal_transferkit_predict(server, exported):
