@@ -57,7 +57,8 @@ def _evaluate_single_process(run: Path, data: Path) -> tuple[float, float]:
 @pytest.mark.slow  # two torch processes plus torchrun start up: ~25 s of CPU each
 def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(odd_folder, tmp_path):
     args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--mode", "finetune", "--epochs", "1",
-            "--no-pretrained", "--batch-size", "4", "--lr", "0.01", "--out", "run", "--nproc", "2"]
+            "--no-pretrained", "--batch-size", "4", "--lr", "0.01", "--out", "run", "--nproc", "2",
+            "--precision", "fp32"]  # compared with an fp32 evaluation to 1e-4
     proc = _run(args, tmp_path, tmp_path / "feature-cache")
     assert proc.stdout.count("Best val Acc") == 1  # one rank speaks
     # One run folder; the decoded-image cache went to the cache folder the test gave.
@@ -80,7 +81,7 @@ def test_torchrun_sharded_extraction_equals_single_process_cache(odd_folder, tmp
     dist_cache, single_cache = tmp_path / "cache-2proc", tmp_path / "cache-1proc"
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--epochs", "2", "--views", "2", "--engine", "torch",
-            "--out", "run"]
+            "--precision", "fp32", "--out", "run"]
     _run(args, tmp_path, dist_cache)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["source"]["kind"] == "cached-features"
@@ -88,7 +89,8 @@ def test_torchrun_sharded_extraction_equals_single_process_cache(odd_folder, tmp
     assert metrics["source"]["train"]["computed"] == 12 and metrics["source"]["val"]["computed"] == 5
 
     monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(single_cache))
-    fit(TrainConfig(data=str(odd_folder), epochs=1, views=2, engine="torch", out=str(tmp_path / "single")))
+    fit(TrainConfig(data=str(odd_folder), epochs=1, views=2, engine="torch", precision="fp32",
+                    out=str(tmp_path / "single")))
     # The feature store's folder (the decoded-image store, decoded/, sits beside it).
     (two,), (one,) = ([d for d in cache.iterdir() if d.name != "decoded"] for cache in (dist_cache, single_cache))
     assert two.name == one.name  # same backbone identity

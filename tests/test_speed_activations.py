@@ -34,7 +34,8 @@ def test_stages_compose_to_the_model(name):
 
 def test_cached_partial_trains_the_right_params_and_matches_uncached(tiny_folder: Path, tmp_path: Path):
     common = dict(model="efficientnet_lite0", mode="partial", unfreeze=2, epochs=2, views=1, augment="none",
-                  batch_size=16, optimizer="sgd", lr=0.01, engine="torch", workers=0, cache_dtype="float32")
+                  batch_size=16, optimizer="sgd", lr=0.01, engine="torch", workers=0, cache_dtype="float32",
+                  precision="fp32")  # compared to 1e-4
     weights = {}
     for cache in (True, False):
         m = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / f"p{cache}"), cache=cache, **common))

@@ -32,6 +32,7 @@ DEFAULT_TIME_BUDGET = "4m"  # keeps a no-flag ELPV run (2,624 images) within 5 m
 ENGINES = ("auto", "torch", "onnxruntime")
 SCALE_LR = ("none", "linear")
 CACHE_DTYPES = ("float16", "float32")
+PRECISIONS = ("auto", "fp32", "bf16")  # engine/precision.py
 
 
 @dataclass
@@ -78,6 +79,7 @@ class TrainConfig:
     device: str = "auto"
     scale_lr: str = "none"  # several processes: linear = lr × number of data-parallel ranks
     engine: str = "auto"  # frozen-part runtime for feature extraction
+    precision: str = "auto"  # auto: bf16 autocast where the device has native bf16, else fp32
     channels_last: bool = True
     batchnorm: str = "train"  # frozen: BN keeps ImageNet statistics (γ, β learn) and folds into convs
     compile: bool = False
@@ -103,6 +105,7 @@ class TrainConfig:
         _choice("best-metric", self.best_metric, BEST_METRICS)
         _choice("class-weights", self.class_weights, ("none", "auto"))
         _choice("engine", self.engine, ENGINES)
+        _choice("precision", self.precision, PRECISIONS)
         _choice("scale-lr", self.scale_lr, SCALE_LR)
         _choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
         _choice("batchnorm", self.batchnorm, BATCHNORM_MODES)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .data.images import load_rgb
 from .data.transforms import eval_transform
+from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of
 from .models.batchnorm import Folding
 from .predict_common import batched_proba, expand_inputs, rows_from_probs  # noqa: F401  (re-exported)
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 class Predictor:
     """A checkpoint ready to classify images, with the preprocessing it was trained with."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32"):
         self.model, self.meta = load_checkpoint(checkpoint)
         self.device = torch.device(device)
+        self.precision = precisions.resolve(precision, self.device)  # engine/precision.py
         self.model.to(self.device)
         self.classes: list[str] = self.meta["classes"]
         self.preprocessing = preprocessing_of(self.meta)
@@ -52,7 +54,8 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         self._folding.fold()
         try:
-            logits = self.model(x)
+            with precisions.autocast(self.device, self.precision):
+                logits = self.model(x)
         finally:
             self._folding.unfold()
         return F.softmax(logits.float(), dim=1).cpu().numpy()

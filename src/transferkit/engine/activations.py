@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..models.adapt import set_train_mode
+from . import precision as precisions
 from .runtime import FrozenEngine
 from .sources import CachedFeatureSource
 
@@ -45,14 +46,15 @@ class CachedActivationSource(CachedFeatureSource):
         frozen = [n for n, p in self.prefix.named_parameters() if p.requires_grad]
         if frozen:  # the registry's groups and stages disagree: caching would silently freeze these
             raise RuntimeError(f"{st.spec.name}: stages and groups disagree ({frozen[:2]} would be cached)")
-        self.stats.update(frozen_groups=self.cut, cache_dtype=st.cfg.cache_dtype)
+        self.precision = precisions.resolve(st.cfg.precision, st.device)
+        self.stats.update(frozen_groups=self.cut, cache_dtype=st.cfg.cache_dtype, training_precision=self.precision)
         log.info("partial: %d frozen groups cached as %s %s", self.cut, st.cfg.cache_dtype,
                  self.stats["feature_shape"])
 
     def _extractor(self, store) -> FrozenEngine:
         st = self.state
         return FrozenEngine(self.prefix, st.device, st.cfg.engine, store.root / "frozen.onnx",
-                            st.cfg.channels_last, out_dtype=DTYPES[st.cfg.cache_dtype])
+                            st.cfg.channels_last, out_dtype=DTYPES[st.cfg.cache_dtype], precision=st.cfg.precision)
 
     def _identity(self) -> dict:
         return {**super()._identity(), "point": f"stages[:{self.cut}]", "dtype": self.state.cfg.cache_dtype}
@@ -65,7 +67,8 @@ class CachedActivationSource(CachedFeatureSource):
         x = x.float()
         if self.state.device.type == "cpu" and self.state.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(x)
+        with precisions.autocast(self.state.device, self.precision):  # the unfrozen groups; weights stay fp32
+            return self.head(x).float()
 
     def describe(self) -> dict:
         return {**super().describe(), "kind": "cached-activations"}

@@ -28,6 +28,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
 from ..models.registry import BackboneSpec, Preprocessing, get_spec
 from . import distributed
+from . import precision as precisions
 from . import tensorboard
 from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
@@ -380,6 +381,7 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figur
         "skipped_during_training": state.skipped_in_training,
         "source": source.describe(),
         "probe_head_init": state.probe_init,
+        "precision": precisions.describe(state.cfg.precision, state.device),
         "environment": describe_environment(state.device),
         "run_dir": str(state.out),
         "history": state.history,

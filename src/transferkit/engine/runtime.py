@@ -1,14 +1,17 @@
-"""A fast runtime for the frozen part: export it to ONNX once, run it with ONNX Runtime.
+"""The fastest runtime for the frozen part, chosen by measurement on this machine.
 
 The frozen part is any module whose forward maps an image batch to what the trainable part consumes
 (the input of the registry's cache point, or the output of a prefix of layer groups). `FrozenEngine`
-is a callable: image batch in, CPU tensor out. With `engine="auto"` or `"onnxruntime"` the first batch runs through both eager PyTorch and ONNX Runtime;
-ONNX Runtime is kept only if the outputs agree within a tolerance, otherwise the run falls back to
-eager PyTorch with a warning. The .onnx file is cached beside the feature store it feeds.
+is a callable: image batch in, CPU tensor out. On the first batch it times each candidate the options
+allow (eager torch fp32; torch with bf16 autocast where the device has native bf16; ONNX Runtime fp32 on
+the exported part), checks each against fp32 eager torch (PARITY_RTOL, or precision.BF16_PARITY_RTOL
+for bf16), and keeps the fastest that passes. The decision is cached beside the .onnx file (one folder
+per backbone configuration) under this machine's key and the input size, so later runs measure nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,7 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_json
+from . import precision as precisions
+from .environment import machine_key
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +61,22 @@ class FrozenPart(nn.Module):
 
 
 class TorchEngine:
-    """Eager PyTorch in eval mode (channels_last on CPU, inference_mode)."""
+    """Eager PyTorch in eval mode (channels_last on CPU, inference_mode), fp32 or under bf16 autocast."""
 
-    name = "torch"
-
-    def __init__(self, module: nn.Module, device: torch.device, channels_last: bool = True):
-        self.module, self.device = module.eval(), device
+    def __init__(self, module: nn.Module, device: torch.device, channels_last: bool = True,
+                 precision: str = "fp32"):
+        self.module, self.device, self.precision = module.eval(), device, precision
         self.channels_last = channels_last and device.type == "cpu"
+        self.name = "torch" if precision == "fp32" else f"torch-{precision}"
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.module(x).float().cpu().contiguous()
+        with precisions.autocast(self.device, self.precision):
+            out = self.module(x)
+        return out.float().cpu().contiguous()
 
 
 class OrtEngine:
@@ -121,13 +128,13 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def parity(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, bool]:
-    """Max abs difference, and whether it is within PARITY_RTOL of the reference's scale."""
+def parity(reference: torch.Tensor, candidate: torch.Tensor, rtol: float | None = None) -> tuple[float, bool]:
+    """Max abs difference, and whether it is within `rtol` (default PARITY_RTOL) of the reference's scale."""
     if reference.shape != candidate.shape:
         return float("inf"), False
     diff = (reference.float() - candidate.float()).abs().max().item()
     scale = max(1.0, reference.abs().max().item())
-    return diff, diff <= PARITY_RTOL * scale
+    return diff, diff <= (PARITY_RTOL if rtol is None else rtol) * scale
 
 
 def onnxruntime_available() -> bool:
@@ -139,18 +146,26 @@ def onnxruntime_available() -> bool:
 
 
 class FrozenEngine:
-    """Runs the frozen part with the configured engine; decides ONNX Runtime vs torch on the first batch.
+    """Runs the frozen part on the fastest engine that passes parity; decides on the first batch.
 
-    Nothing is exported until a batch actually needs computing, so a fully cached rerun costs nothing.
-    `info` records the decision for the run's metrics.json."""
+    `engine`: auto (measure every candidate), torch, or onnxruntime (ONNX Runtime unless unusable).
+    `precision`: auto (bf16 candidates where the device has native bf16), fp32, or bf16. Nothing is
+    exported or timed until a batch actually needs computing, so a fully cached rerun costs nothing.
+    `info` records the decision, the rates and the parity for the run's metrics.json."""
+
+    TIMED_ROWS = 32  # rows of the first batch each candidate is timed on
 
     def __init__(self, module: nn.Module, device: torch.device, engine: str = "auto",
-                 onnx_path: Path | None = None, channels_last: bool = True, out_dtype=None):
+                 onnx_path: Path | None = None, channels_last: bool = True, out_dtype=None,
+                 precision: str = "fp32"):
+        self.precision = precisions.resolve(precision, device)
         self.torch_engine = TorchEngine(module, device, channels_last)
         self.module, self.device, self.requested = module, device, engine
+        self.channels_last = channels_last
         self.onnx_path, self.out_dtype = onnx_path, out_dtype
         self.active = None
-        self.info: dict = {"engine": "none (all cached)", "requested": engine}
+        self._engines: dict = {}  # candidates that passed parity, by name
+        self.info: dict = {"engine": "none (all cached)", "requested": engine, "precision": precision}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None:
@@ -160,36 +175,124 @@ class FrozenEngine:
         return out if self.out_dtype is None else out.to(self.out_dtype)
 
     def _choose(self, x: torch.Tensor) -> torch.Tensor:
+        """Sets `active` to the engine kept (fp32 torch where no candidate can run or pass parity) and
+        returns its output for the first batch: a row's features do not depend on where it fell."""
         reference = self.torch_engine(x)
-        self.active = self.torch_engine
-        self.info["engine"] = "torch"
-        reason = self._ort_unusable()
+        self.active, self.info["engine"] = self.torch_engine, "torch"
+        self._outputs = {"torch": reference}
+        names = self._candidates()
+        if len(names) == 1 and names != ["torch"]:  # asked for by name: no measurement
+            self._keep(names[0], x, reference, timed=False)
+        elif len(names) > 1:
+            self._pick(names, x, reference)
+        out = self._outputs.get(self.info["engine"], reference)
+        self._outputs, self._engines = {}, {}  # the candidates not kept are freed
+        return out
+
+    def _pick(self, names: list[str], x: torch.Tensor, reference: torch.Tensor) -> None:
+        key = self._choice_key(x)
+        cached = self._cached_choice(key)
+        if cached in names and (cached == "torch" or self._keep(cached, x, reference, timed=False)):
+            self.info["choice"] = "cached"
+            return
+        rates = self.info["rates"] = {"torch": self._rate(self.torch_engine, x)}
+        kept = [name for name in names[1:] if self._keep(name, x, reference, timed=True)]
+        best = max(["torch", *kept], key=rates.get)
+        self.active, self.info["engine"], self.info["choice"] = self._engines.get(best, self.torch_engine), best, \
+            "measured"
+        log.info("frozen part runs on %s (%s)", best, ", ".join(f"{n} {r:.0f} images/s" for n, r in rates.items()))
+        self._save_choice(key, best, rates)
+
+    def _candidates(self) -> list[str]:
+        """Engines the options allow; "torch" (fp32, the parity reference) first where allowed."""
+        asked = self.info["precision"]
+        if asked == "bf16":
+            torch_names = ["torch-bf16"]
+        else:  # fp32, or auto: bf16 joins where the device has it natively
+            torch_names = ["torch", "torch-bf16"] if self.precision == "bf16" else ["torch"]
+        if self.requested == "torch":
+            return torch_names
+        reason = "ONNX Runtime runs fp32 and --precision bf16 was asked for" if asked == "bf16" else \
+            self._ort_unusable()
         if reason:
             if self.requested == "onnxruntime":
                 log.warning("--engine onnxruntime: %s; using torch", reason)
             self.info["fallback_reason"] = reason
-            return reference
+            return torch_names
+        return ["onnxruntime"] if self.requested == "onnxruntime" else [*torch_names, "onnxruntime"]
+
+    def _keep(self, name: str, x: torch.Tensor, reference: torch.Tensor, timed: bool) -> bool:
+        """Build candidate `name` and check its parity on the first batch: True if usable. timed: its
+        rate goes to info["rates"]; else it becomes the active engine."""
         try:
-            ort_engine = OrtEngine(export_onnx(self.module, x, self.onnx_path))
-            candidate = ort_engine(x)
-        except Exception as exc:  # noqa: BLE001 - any export/runtime failure falls back to torch
-            log.warning("ONNX Runtime could not run the frozen part (%s); using torch", exc)
-            self.info["fallback_reason"] = f"export or session failed: {type(exc).__name__}"
-            return reference
-        diff, ok = parity(reference, candidate)
-        self.info["parity_max_abs_diff"] = diff
+            engine = self._build(name, x)
+            candidate = engine(x)  # also the warm-up: sessions and kernels are set up on the first call
+        except Exception as exc:  # noqa: BLE001 - any export/runtime failure leaves the other engines
+            log.warning("%s could not run the frozen part (%s); not used", name, exc)
+            self.info["fallback_reason"] = f"{name}: export or session failed: {type(exc).__name__}"
+            return False
+        rtol = precisions.BF16_PARITY_RTOL if name.endswith("bf16") else None
+        diff, ok = parity(reference, candidate, rtol)
+        self.info.setdefault("parity_max_abs_diff_by_engine", {})[name] = diff
+        if name == "onnxruntime":
+            self.info["parity_max_abs_diff"] = diff
         if not ok:
-            log.warning("ONNX Runtime differs from torch by %.3g (max abs) on the first batch; using torch", diff)
-            self.info["fallback_reason"] = f"parity {diff:.3g} above tolerance"
-            return reference
-        log.info("frozen part runs on ONNX Runtime (parity max abs diff %.2g)", diff)
-        self.active = ort_engine
-        self.info["engine"] = "onnxruntime"
-        return reference
+            log.warning("%s differs from fp32 torch by %.3g (max abs) on the first batch; not used", name, diff)
+            self.info["fallback_reason"] = f"{name}: parity {diff:.3g} above tolerance"
+            return False
+        self._engines[name], self._outputs[name] = engine, candidate
+        if timed:
+            self.info["rates"][name] = self._rate(engine, x)
+        else:
+            self.active, self.info["engine"] = engine, name
+        return True
+
+    def _build(self, name: str, x: torch.Tensor):
+        if name == "onnxruntime":
+            # One file per input size: the export fixes the spatial size, which lets ONNX Runtime plan for it.
+            sized = self.onnx_path.with_name(f"{self.onnx_path.stem}-{'x'.join(map(str, x.shape[2:]))}.onnx")
+            return OrtEngine(export_onnx(self.module, x, sized))
+        if name == "torch-bf16":
+            return TorchEngine(self.module, self.device, self.channels_last, "bf16")
+        return self.torch_engine
+
+    def _rate(self, engine, x: torch.Tensor) -> float:
+        """Images/s of one timed call on the first rows of the batch (after a warm-up call)."""
+        rows = x[: self.TIMED_ROWS]
+        engine(rows)
+        t0 = time.perf_counter()
+        engine(rows)
+        return round(len(rows) / max(time.perf_counter() - t0, 1e-9), 1)
+
+    def _choice_key(self, x: torch.Tensor) -> str:
+        return f"{machine_key(self.device)} | input={list(x.shape[1:])} | {self.requested}/{self.info['precision']}"
+
+    def _choice_file(self) -> Path | None:
+        return self.onnx_path.with_name("engine-choice.json") if self.onnx_path is not None else None
+
+    def _cached_choice(self, key: str) -> str | None:
+        path = self._choice_file()
+        try:
+            return json.loads(path.read_text())[key]["engine"] if path else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_choice(self, key: str, engine: str, rates: dict) -> None:
+        path = self._choice_file()
+        if path is None:
+            return
+        try:
+            known = json.loads(path.read_text())
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = {"engine": engine, "rates": rates, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            atomic_write_json(path, known)
+        except Exception as exc:  # noqa: BLE001 - a read-only cache costs a measurement next time, no more
+            log.debug("engine choice not saved: %s", exc)
 
     def _ort_unusable(self) -> str | None:
-        if self.requested == "torch":
-            return "torch requested"
         if self.device.type != "cpu":
             return f"device is {self.device.type}; ONNX Runtime is used for CPU runs"
         if self.onnx_path is None:
@@ -197,4 +300,3 @@ class FrozenEngine:
         if not onnxruntime_available():
             return "onnxruntime is not installed"
         return None
-

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from ..models.adapt import set_train_mode
 from ..models.batchnorm import Folding, freeze_statistics
 from ..data.folders import file_sha256
 from . import distributed
+from . import precision as precisions
 from .features import View, cache_root, cached_features, default_workers, store_for
 from .runtime import FrozenEngine, FrozenPart
 
@@ -96,7 +96,8 @@ class CachedFeatureSource(BatchSource):
         # The network up to the cache point, on ONNX Runtime when usable (engine/runtime.py).
         st = self.state
         frozen = FrozenPart(st.model, st.spec.cache_point)
-        return FrozenEngine(frozen, st.device, st.cfg.engine, store.root / "frozen.onnx", st.cfg.channels_last)
+        return FrozenEngine(frozen, st.device, st.cfg.engine, store.root / "frozen.onnx", st.cfg.channels_last,
+                            precision=st.cfg.precision)
 
     def _identity(self) -> dict:
         st = self.state
@@ -159,6 +160,7 @@ class ImageBatchSource(BatchSource):
         super().__init__(state)
         self.train_tf, self.eval_tf = train_tf, eval_tf
         self.cuda = state.device.type == "cuda"
+        self.precision = precisions.resolve(state.cfg.precision, state.device)
         self.decode_stats = None
 
     def prepare(self) -> None:
@@ -240,8 +242,7 @@ class ImageBatchSource(BatchSource):
     def forward(self, x: torch.Tensor):
         if self.state.device.type == "cpu" and self.state.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
-        with amp:
+        with precisions.autocast(self.state.device, self.precision):  # weights stay fp32
             # DDP only where gradients flow; evaluation needs no synchronisation.
             out = (self.net if torch.is_grad_enabled() else self.state.model)(x)
         if isinstance(out, tuple):  # inception's (logits, aux_logits) while training
@@ -268,7 +269,7 @@ class ImageBatchSource(BatchSource):
 
     def describe(self) -> dict:
         return {"kind": "image-batches", "workers": self.train_loader.num_workers,
-                "decoded_cache": self.decode_stats}
+                "decoded_cache": self.decode_stats, "precision": self.precision}
 
 
 def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> int:

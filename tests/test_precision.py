@@ -1,0 +1,116 @@
+"""--precision and the measured engine choice: bf16 only where asked or native, within its stated bound of
+fp32 eager; the fastest engine in parity is kept, recorded and reused on the same machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_image_folder
+from safetensors.torch import load_file
+
+from transferkit.cli import build_parser
+from transferkit.config import TrainConfig
+from transferkit.engine import precision, runtime
+from transferkit.engine.fit import fit
+from transferkit.engine.runtime import FrozenEngine, FrozenPart
+from transferkit.errors import UsageError
+from transferkit.models.adapt import build_model
+from transferkit.models.registry import get_spec
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def lite0_frozen():
+    spec = get_spec("efficientnet_lite0")
+    model = build_model(spec, 2, pretrained=True).eval().to(memory_format=torch.channels_last)
+    return FrozenPart(model, spec.cache_point)
+
+
+def test_auto_resolves_to_bf16_only_where_the_device_has_it(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve("auto", CPU) == "fp32" and precision.resolve("bf16", CPU) == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve("auto", CPU) == "bf16" and precision.resolve("fp32", CPU) == "fp32"
+    assert precision.autocast(CPU, "fp32").__class__.__name__ == "nullcontext"
+
+
+def test_precision_option_is_validated_and_parsed():
+    with pytest.raises(UsageError, match="--precision must be one of auto, fp32, bf16"):
+        TrainConfig(data="d", precision="fp16").validate()
+    assert build_parser().parse_args(["train", "d", "--precision", "bf16"]).precision == "bf16"
+    assert build_parser().parse_args(["predict", "run", "x.png"]).precision == "auto"
+
+
+def test_bf16_features_are_within_the_stated_bound_of_fp32(lite0_frozen):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 96, 96)
+    fp32 = runtime.TorchEngine(lite0_frozen, CPU)(x)
+    bf16 = runtime.TorchEngine(lite0_frozen, CPU, precision="bf16")(x)
+    diff, ok = runtime.parity(fp32, bf16, precision.BF16_PARITY_RTOL)
+    assert ok and diff > 0  # it did run in bf16, and stayed within the bound
+    assert not runtime.parity(fp32, bf16)[1]  # the fp32 engines' bound would (rightly) reject it
+
+
+def _fake_rates(monkeypatch, rates: dict):
+    monkeypatch.setattr(FrozenEngine, "_rate", lambda self, engine, x: rates[engine.name])
+
+
+def test_the_fastest_engine_in_parity_is_kept_recorded_and_reused(lite0_frozen, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 180.0, "onnxruntime": 150.0})
+    x = torch.randn(4, 3, 64, 64)
+    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    first = engine(x)
+    assert engine.info["engine"] == "torch-bf16" and engine.info["choice"] == "measured"
+    assert engine.info["rates"] == {"torch": 50.0, "torch-bf16": 180.0, "onnxruntime": 150.0}
+    assert set(engine.info["parity_max_abs_diff_by_engine"]) == {"torch-bf16", "onnxruntime"}
+    # The first batch is the kept engine's output too: a row's features do not depend on its batch.
+    torch.testing.assert_close(first, engine(x))
+    saved = json.loads((tmp_path / "engine-choice.json").read_text())
+    assert [v["engine"] for v in saved.values()] == ["torch-bf16"]
+
+    monkeypatch.setattr(FrozenEngine, "_rate", lambda *a: pytest.fail("a cached choice is not measured again"))
+    again = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    again(x)
+    assert again.info["engine"] == "torch-bf16" and again.info["choice"] == "cached"
+    # Another input size is another decision.
+    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 80.0, "onnxruntime": 150.0})
+    other = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    other(torch.randn(2, 3, 96, 96))
+    assert other.info["engine"] == "onnxruntime" and other.info["choice"] == "measured"
+
+
+def test_a_faster_engine_out_of_parity_is_not_kept(lite0_frozen, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "BF16_PARITY_RTOL", -1.0)  # no bf16 output can pass
+    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 180.0, "onnxruntime": 40.0})
+    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    engine(torch.randn(2, 3, 64, 64))
+    assert engine.info["engine"] == "torch" and "torch-bf16: parity" in engine.info["fallback_reason"]
+    assert "torch-bf16" not in engine.info["rates"]
+
+
+def test_fp32_precision_never_tries_bf16_and_bf16_never_tries_onnxruntime(lite0_frozen, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 180.0, "onnxruntime": 40.0})
+    fp32 = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="fp32")
+    fp32(torch.randn(2, 3, 64, 64))
+    assert set(fp32.info["rates"]) == {"torch", "onnxruntime"} and fp32.info["engine"] == "torch"
+    bf16 = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "other.onnx", precision="bf16")
+    bf16(torch.randn(2, 3, 64, 64))
+    assert bf16.info["engine"] == "torch-bf16" and "rates" not in bf16.info
+    assert not list(tmp_path.glob("other*.onnx"))
+
+
+def test_bf16_finetune_keeps_fp32_master_weights_and_records_the_precision(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=32)
+    m = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), model="resnet18", pretrained=False,
+                        image_size=32, mode="finetune", epochs=1, batch_size=4, workers=0, precision="bf16"))
+    assert m["precision"]["requested"] == "bf16" and m["precision"]["resolved"] == "bf16"
+    assert m["source"]["precision"] == "bf16"
+    weights = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"]["resolved"] == "bf16"
