@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import http.server
+import sys
 import threading
 import urllib.error
 
@@ -150,3 +151,44 @@ def test_torchvision_weights_download_from_a_local_server(torch_home, tmp_path):
         server.shutdown()
     assert torch.equal(model.conv1.weight, reference["conv1.weight"])
     assert weights_mod.torchvision_file(local).exists()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_listed_parameter_count_and_weights_url_are_the_built_models(name):
+    spec = get_spec(name)
+    with torch.device("meta"):
+        assert spec.params == sum(p.numel() for p in spec.build().parameters())
+    if spec.weights.kind == "torchvision":
+        import torchvision.models as tvm
+
+        urls = {w.IMAGENET1K_V1.url for n in dir(tvm) if n.endswith("_Weights")
+                for w in [getattr(tvm, n)] if hasattr(w, "IMAGENET1K_V1")}
+        assert spec.weights.url in urls
+
+
+def test_models_listing_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib; from transferkit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out: main(['models'])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print(out.getvalue())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "efficientnet_lite0" in proc.stdout and "4.7M" in proc.stdout
+
+
+def test_hub_dir_without_torch_follows_torchs_rule(monkeypatch, tmp_path):
+    from transferkit.models import weights
+
+    for env in ({"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}, {}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        expected = torch.hub.get_dir()
+        monkeypatch.delitem(sys.modules, "torch")  # as in a process that has not imported torch
+        try:
+            assert str(weights._hub_dir()) == expected
+        finally:
+            sys.modules["torch"] = torch

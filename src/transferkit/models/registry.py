@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported only when a network is built: `transferkit models` needs none
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,11 @@ class Preprocessing:
 
 # A group is a list of module names (dotted, as in `model.named_modules()`); a parameter belongs to
 # the group whose name is the longest prefix of the parameter's name.
-GroupsFn = Callable[[nn.Module], list[list[str]]]
+GroupsFn = Callable[["nn.Module"], list[list[str]]]
 # The forward of each layer group, bottom to top, then the head part (pooling + classifier), as modules
 # sharing the model's parameters; composed in order they equal the model's forward in eval mode. With
 # them partial mode caches the output of the frozen groups and runs only the top ones each epoch.
-StagesFn = Callable[[nn.Module], list[nn.Module]]
+StagesFn = Callable[["nn.Module"], list["nn.Module"]]
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class WeightsSource:
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    build: Callable[[], nn.Module]  # architecture with random weights and its ImageNet head
+    build: Callable[[], "nn.Module"]  # architecture with random weights and its ImageNet head
     weights: WeightsSource
     head: str  # the classifier layer replaced by a new one with `num_classes` outputs
     groups: GroupsFn  # layer groups, bottom to top, excluding the head
@@ -96,6 +97,7 @@ class BackboneSpec:
     # Linear probes pool the outputs of this many top stages (Head2Toe-style intermediate features);
     # 1 = the head's input only (also what a backbone without `stages` offers).
     probe_taps: int = 1
+    params: int | None = None  # of the ImageNet model, for `transferkit models` (tests check it against build())
 
     @property
     def cache_point(self) -> str:
@@ -152,6 +154,8 @@ def split_at_pools(sequential: str, then: Sequence[Sequence[str]] = ()) -> Group
     end at each max-pool, then append fixed groups (e.g. the hidden classifier layers)."""
 
     def groups(model: nn.Module) -> list[list[str]]:
+        import torch.nn as nn
+
         seq = model.get_submodule(sequential)
         out: list[list[str]] = [[]]
         for idx, child in seq.named_children():

