@@ -59,9 +59,9 @@ def test_rerun_hits_the_store_and_decodes_nothing(tmp_path, counted_decodes):
     store = open_store(tmp_path / "cache", PRE)  # a new process: the index is read from disk
     again, stats = decode_missing(store, paths, None, PRE)
     assert again == keys and stats["decoded"] == 0 and stats["hits"] == 3 and len(counted_decodes) == 3
-    # Shorter side at the resize size, aspect kept, uint8 CHW.
+    # Shorter side reduced to the resize size, aspect kept, uint8 CHW; a smaller image stays as it is.
     shapes = [tuple(store.get(k).shape) for k in keys]
-    assert shapes == [(3, 256, 256), (3, 384, 256), (3, 256, 393)]
+    assert shapes == [(3, 256, 256), (3, 120, 80), (3, 256, 393)]
     assert store.get(keys[0]).dtype == torch.uint8
     assert not list(store.root.glob(".*.tmp"))  # temp files renamed into place
 
@@ -93,7 +93,7 @@ def test_other_resize_size_or_interpolation_is_another_store(tmp_path, counted_d
         store = open_store(tmp_path / "cache", pre)
         keys, stats = decode_missing(store, paths, None, pre)
         assert stats["decoded"] == 2 and len(counted_decodes) == 2
-        assert min(store.get(keys[0]).shape[1:]) == pre.resize_size
+        assert min(store.get(keys[0]).shape[1:]) == min(pre.resize_size, 200)  # never enlarged
     assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 3
 
 
@@ -200,14 +200,20 @@ def test_loader_workers_with_the_store():
     assert _auto_workers(5000, decoded=True, cpu=False) == _auto_workers(5000) >= 1  # an accelerator: all
 
 
-def test_feature_extraction_decodes_into_the_store_that_finetune_reuses(tmp_path):
-    # Extraction decodes every image once (all cores), then runs the network; the pixels stay for later.
+def test_eval_crops_stream_from_the_files_and_random_views_fill_the_store_that_finetune_reuses(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
+    decoded_root = Path(os.environ["TRANSFERKIT_FEATURE_CACHE"]) / "decoded"
+    # Eval crops and their symmetries are cut once: nothing is kept but the features.
     fe = {**FINETUNE, "mode": "feature-extract", "views": 2}
     m = fit(TrainConfig(data=str(data), out=str(tmp_path / "fe"), **fe))
     assert m["source"]["kind"] == "cached-features" and m["source"]["train"]["computed"] == 12 * 2
+    assert not list(decoded_root.glob("*/shard-*"))
+    # Random views re-crop the image: its pixels are stored, and finetune reads them again.
+    m = fit(TrainConfig(data=str(data), out=str(tmp_path / "fr"), **fe, view_kind="random"))
+    assert m["source"]["train"]["computed"] == 12  # view 0 was cached by the first run
+    assert len(list(decoded_root.glob("*/shard-*.u8"))) == 1
     m = fit(TrainConfig(data=str(data), out=str(tmp_path / "ft"), **FINETUNE))
-    assert m["source"]["decoded_cache"]["decoded"] == 0 and m["source"]["decoded_cache"]["hits"] == 18
+    assert m["source"]["decoded_cache"]["decoded"] == 6 and m["source"]["decoded_cache"]["hits"] == 12
 
 
 def test_batches_made_in_this_process_use_one_thread_and_give_the_threads_back(tmp_path):
@@ -235,3 +241,40 @@ def test_batches_made_in_this_process_use_one_thread_and_give_the_threads_back(t
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_small_and_grey_images_are_stored_at_their_own_size_and_crop_as_the_file_does(tmp_path):
+    folder = tmp_path / "img"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / "grey.png")  # mode L
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(folder / "colour.png")
+    paths = [str(folder / "grey.png"), str(folder / "colour.png")]
+    store = open_store(tmp_path / "cache", PRE)
+    keys, stats = decode_missing(store, paths, None, PRE)
+    assert stats["store_bytes"] == 28 * 28 + 30 * 20 * 3  # the decoded source pixels, nothing more
+    grey = store.get(keys[0])
+    assert grey.shape == (3, 28, 28) and torch.equal(grey[0], grey[2])
+    items = [(p, 0) for p in paths]
+    for transform in (eval_transform(PRE),):
+        from_store = DecodedDataset(items, keys, store, transform)
+        from_file = ImageListDataset(items, transform)
+        for i in range(2):
+            torch.testing.assert_close(from_store[i][0], from_file[i][0], atol=1e-6, rtol=0)
+
+
+def test_the_size_cap_evicts_least_recently_used_shards_but_never_this_runs(tmp_path, monkeypatch, caplog):
+    paths = _images(tmp_path / "img", [(64, 64)] * 4)
+    old = open_store(tmp_path / "cache", PRE.at_size(32))
+    decode_missing(old, paths, None, PRE.at_size(32))
+    for shard in old.root.glob("shard-*.u8"):  # last used an hour ago
+        os.utime(shard, (shard.stat().st_atime - 3600, shard.stat().st_mtime - 3600))
+    monkeypatch.setenv("TRANSFERKIT_CACHE_MAX", "20K")  # room for one store of 4 × 64×64×3, not two
+    new = open_store(tmp_path / "cache", PRE)
+    keys, stats = decode_missing(new, paths, None, PRE)
+    assert stats["evicted_shards"] == 1 and not list(old.root.glob("shard-*"))
+    assert stats["cache_bytes"] == stats["store_bytes"] == 4 * 64 * 64 * 3 and stats["cache_cap_bytes"] == 20 * 1024
+    monkeypatch.setenv("TRANSFERKIT_CACHE_MAX", "1K")  # smaller than this run's own images: kept, said
+    with caplog.at_level(logging.WARNING):
+        _, stats = decode_missing(open_store(tmp_path / "cache", PRE), paths, None, PRE)
+    assert stats["evicted_shards"] == 0 and stats["hits"] == 4 and "over its cap" in caplog.text

@@ -7,7 +7,7 @@ its shorter side resized to the preprocessing's resize size by the eval transfor
 Epochs then crop and augment those pixels (DecodedDataset).
 
 Layout: BASE/decoded/<key>/shard-<id>.u8 (pixels back to back) + shard-<id>.json ({sha256: [offset,
-height, width, crc32]}, the shard's size). <key> hashes the resize size and interpolation, so other
+height, width, crc32, channels]}, the shard's size). <key> hashes the resize size and interpolation, so other
 preprocessing gets its own folder; images are keyed by their file's sha256, so a changed file is decoded
 again alone. Shards are written and checked as in shards.py: a shard of the wrong size, without its json,
 or holding an image whose crc32 differs from the one recorded at write time is dropped and its images
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 import zlib
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import shards
@@ -38,18 +40,22 @@ from .images import load_rgb
 from .transforms import resize_shorter
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 2  # 2: checksummed shards
+STORE_VERSION = 3  # 2: checksummed shards; 3: own resolution when smaller, grey as one channel
 SUFFIX = ".u8"
-SHARD_BYTES = 1 << 30  # a new shard every GiB: an interrupted build keeps the shards it finished
+SHARD_BYTES = 1 << 28  # a new shard every 256 MiB: the unit an interrupted build keeps and eviction drops
+CAP_ENV = "TRANSFERKIT_CACHE_MAX"
+DEFAULT_CAP_FRACTION = 0.25  # of the space the store may use: its own size + the free disk
+RECENT_SECONDS = 600  # shards used this recently are never evicted: another run may be about to read them
 MAX_LISTED = 20  # failed files named in the warning
 
 
 class DecodedStore:
     """uint8 pixels by file sha256, in append-only shards of one folder (one resize size + interpolation)."""
 
-    def __init__(self, root):
+    def __init__(self, root, resize_size: int | None = None):
         self.root = Path(root)
-        self.index: dict[str, tuple[str, int, int, int]] = {}  # sha256 -> (shard, offset, height, width)
+        self.resize_size = resize_size  # the preprocessing's: images stored below it are enlarged when cut
+        self.index: dict[str, tuple[str, int, int, int, int]] = {}  # sha256 -> (shard, offset, h, w, channels)
         self.crc: dict[str, int] = {}  # sha256 -> crc32 of its pixels, recorded when they were written
         self._maps: dict[str, np.memmap] = {}
         self.decoded = 0  # images this object decoded and stored (a rerun on the same files: 0)
@@ -65,8 +71,8 @@ class DecodedStore:
 
     def _add(self, name: str, entry: dict) -> None:
         self._entries[name] = entry
-        for digest, (offset, height, width, crc) in entry["images"].items():
-            self.index[digest] = (name, offset, height, width)
+        for digest, (offset, height, width, crc, channels) in entry["images"].items():
+            self.index[digest] = (name, offset, height, width, channels)
             self.crc[digest] = crc
 
     def refresh(self) -> None:
@@ -103,17 +109,32 @@ class DecodedStore:
     def get(self, digest: str) -> torch.Tensor:
         """uint8 CHW; a channels-last view of the stored HWC pixels, the layout torchvision's uint8
         resize kernels are fastest on."""
-        _, _, height, width = self.index[digest]
-        return torch.from_numpy(self._pixels(digest).reshape(height, width, 3)).permute(2, 0, 1)
+        _, _, height, width, channels = self.index[digest]
+        image = torch.from_numpy(self._pixels(digest).reshape(height, width, channels)).permute(2, 0, 1)
+        return image.expand(3, -1, -1) if channels == 1 else image
+
+    def image(self, digest: str):
+        """What a transform is given: the stored tensor, or for an image stored below the resize size a
+        PIL image of its pixels (the file's own), so the eval Resize enlarges it with the very kernels
+        it applies to the file: training crops equal prediction's. Cheap: such images are small."""
+        image = self.get(digest)
+        if self.resize_size and min(image.shape[1:]) < self.resize_size:
+            return Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+        return image
 
     def _pixels(self, digest: str) -> np.ndarray:
         """The stored bytes of one image, flat."""
-        shard, offset, height, width = self.index[digest]
+        shard, offset, height, width, channels = self.index[digest]
         if shard not in self._maps:
+            path = self.root / f"{shard}{SUFFIX}"
             # Copy-on-write: a transform writing in place could never reach the file, and torch does
             # not warn about wrapping a read-only array.
-            self._maps[shard] = np.memmap(self.root / f"{shard}{SUFFIX}", dtype=np.uint8, mode="c")
-        return self._maps[shard][offset:offset + height * width * 3]
+            self._maps[shard] = np.memmap(path, dtype=np.uint8, mode="c")
+            _touch(path)  # least recently used shards are evicted first
+        return self._maps[shard][offset:offset + height * width * channels]
+
+    def nbytes(self) -> int:
+        return sum(entry["bytes"] for entry in self._entries.values())
 
     def __getstate__(self):
         # DataLoader workers started by spawn get the index, not a pickled copy of every mapped shard.
@@ -127,7 +148,7 @@ def open_store(base, pre: Preprocessing) -> DecodedStore:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "identity.json").exists():
         atomic_write_json(root / "identity.json", identity)
-    return DecodedStore(root)
+    return DecodedStore(root, pre.resize_size)
 
 
 class DecodedDataset(Dataset):
@@ -150,12 +171,13 @@ class DecodedDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
-        return self.transform(self.store.get(self.keys[index])), self.items[index][1], index
+        return self.transform(self.store.image(self.keys[index])), self.items[index][1], index
 
 
 class _DecodeDataset(Dataset):
     def __init__(self, paths: list[str], pre: Preprocessing):
         self.paths = paths
+        self.pre = pre
         self.resize = resize_shorter(pre)
 
     def __len__(self) -> int:
@@ -163,10 +185,25 @@ class _DecodeDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            pixels = np.array(self.resize(load_rgb(self.paths[i])))  # HWC uint8
+            pixels = stored_pixels(load_rgb(self.paths[i]), self.pre.resize_size, self.resize)
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
-            return i, None, getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            return i, None, failure_reason(exc)
         return i, torch.from_numpy(pixels), ""  # a tensor crosses from the worker in shared memory
+
+
+def stored_pixels(image, resize_size: int, resize) -> np.ndarray:
+    """HWC uint8 as stored: shorter side reduced to `resize_size` where larger (never enlarged: the
+    crop's Resize does that when it is cut), one channel where the three are equal (a grey image)."""
+    if min(image.size) > resize_size:
+        image = resize(image)
+    pixels = np.asarray(image)
+    if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all():
+        return np.ascontiguousarray(pixels[..., :1])
+    return pixels
+
+
+def failure_reason(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
 class _ShardWriter:
@@ -186,7 +223,7 @@ class _ShardWriter:
     def add(self, digest: str, pixels: np.ndarray) -> None:
         data = np.ascontiguousarray(pixels).data
         self.fh.write(data)
-        self.images[digest] = [self.offset, pixels.shape[0], pixels.shape[1], zlib.crc32(data)]
+        self.images[digest] = [self.offset, pixels.shape[0], pixels.shape[1], zlib.crc32(data), pixels.shape[2]]
         self.offset += pixels.nbytes
         if self.offset >= SHARD_BYTES:
             self.close()
@@ -231,14 +268,77 @@ def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str
         sharding.sync(store)
     keys = [k if k in store else None for k in keys]
     failed = [p for p, k in zip(paths, keys) if k is None]
-    if failed:
-        listed = "\n  ".join(f"{p}: {store.errors.get(p, 'cannot be read')}" for p in failed[:MAX_LISTED])
-        if len(failed) > MAX_LISTED:
-            listed += f"\n  ... and {len(failed) - MAX_LISTED} more"
-        log.warning("%d image(s) could not be decoded and are left out of training:\n  %s", len(failed), listed)
+    warn_undecodable({p: store.errors.get(p, "cannot be read") for p in failed})
+    evicted = evict_to_cap(store.root.parent, keep={store.index[k][0] for k in keys if k is not None})
     stats = {"hits": hits, "decoded": store.decoded, "failed": len(failed),
-             "seconds": round(time.perf_counter() - t0, 3)}
+             "seconds": round(time.perf_counter() - t0, 3), "store_bytes": store.nbytes(), **evicted}
+    log.info("decoded-image cache: %.1f MB for %d images here (%s)", stats["store_bytes"] / 1e6, len(store.index),
+             store.root)
     return keys, stats
+
+
+def warn_undecodable(failed: dict[str, str]) -> None:
+    """One warning naming the files (path -> why) that could not be decoded."""
+    if not failed:
+        return
+    listed = "\n  ".join(f"{p}: {why}" for p, why in list(failed.items())[:MAX_LISTED])
+    if len(failed) > MAX_LISTED:
+        listed += f"\n  ... and {len(failed) - MAX_LISTED} more"
+    log.warning("%d image(s) could not be decoded and are left out of training:\n  %s", len(failed), listed)
+
+
+def cache_cap(base: Path, used: int) -> int:
+    """The decoded store's size cap in bytes: TRANSFERKIT_CACHE_MAX (bytes, or with K/M/G/T), else
+    DEFAULT_CAP_FRACTION of what the store may use (its size now + the disk's free space)."""
+    text = os.environ.get(CAP_ENV, "").strip()
+    if text:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        scale = units.get(text[-1].upper(), 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            from ..errors import UsageError
+
+            raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}") from None
+    try:
+        free = shutil.disk_usage(base).free
+    except OSError:
+        return 1 << 62  # unknown: no cap
+    return int(DEFAULT_CAP_FRACTION * (used + free))
+
+
+def evict_to_cap(base: Path, keep: set[str]) -> dict:
+    """Delete the least recently used shards under BASE/decoded/* (any preprocessing) until the total is
+    under the cap; never those in `keep` (this run's) or used in the last RECENT_SECONDS."""
+    shards_now = []
+    for path in Path(base).glob(f"*/shard-*{SUFFIX}"):
+        try:
+            info = path.stat()
+        except OSError:  # evicted by another run meanwhile
+            continue
+        shards_now.append((info.st_mtime, info.st_size, path))
+    used = sum(size for _, size, _ in shards_now)
+    cap = cache_cap(Path(base), used)
+    evicted, freed = 0, 0
+    now = time.time()
+    for mtime, size, path in sorted(shards_now):
+        if used - freed <= cap:
+            break
+        if path.stem in keep or now - mtime < RECENT_SECONDS:
+            continue
+        shards.drop(path.parent, path.stem, SUFFIX)
+        evicted, freed = evicted + 1, freed + size
+    if used - freed > cap:
+        log.warning("decoded-image cache %s holds %.1f MB, over its cap of %.1f MB (%s), in shards in use",
+                    base, (used - freed) / 1e6, cap / 1e6, CAP_ENV)
+    return {"cache_bytes": used - freed, "cache_cap_bytes": cap, "evicted_shards": evicted}
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: it is simply not evicted by recency
+        pass
 
 
 def content_sha256(path: str, digests: dict[str, str] | None) -> str | None:

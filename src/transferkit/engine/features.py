@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import load, save
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.decoded import DecodedStore, content_sha256, decode_missing, open_store
+from ..data.decoded import (DecodedStore, content_sha256, decode_missing, failure_reason, open_store,
+                            warn_undecodable)
+from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_transform, train_transform
 from .. import shards
 from ..io import atomic_write, atomic_write_json
@@ -66,7 +68,7 @@ class ViewDataset(Dataset):
         key, views = self.entries[i]
         if key is None:
             return None
-        image = self.pixels.get(key)
+        image = self.pixels.image(key)
         crop = None
         tensors = []
         for view in views:
@@ -86,10 +88,12 @@ class ViewDataset(Dataset):
 
 
 def _collate(batch):
-    good = [b for b in batch if b is not None]
+    """(views of the readable images, their item numbers, {path: why} for the unreadable ones)."""
+    good = [b for b in batch if isinstance(b, tuple)]
+    errors = {path: why for b in batch if isinstance(b, dict) for path, why in b.items()}
     if not good:
-        return None
-    return torch.cat([b[0] for b in good]), [b[1] for b in good]
+        return (None, [], errors) if errors else None
+    return torch.cat([b[0] for b in good]), [b[1] for b in good], errors
 
 
 class FeatureStore:
@@ -103,7 +107,6 @@ class FeatureStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.index: dict[str, tuple[str, int]] = {}
-        self._shards: dict[str, torch.Tensor] = {}
         self._entries, self.damaged = shards.list_shards(self.root, SUFFIX)
         for name, _ in self.damaged:
             shards.drop(self.root, name, SUFFIX)
@@ -132,19 +135,24 @@ class FeatureStore:
         self.damaged = []
 
     def get(self, keys: list[str]) -> torch.Tensor:
-        """The rows of `keys`; KeyError for a key that is missing or whose shard proved damaged."""
-        rows = []
-        for key in keys:
+        """The rows of `keys`; KeyError for a key that is missing or whose shard proved damaged. Each
+        shard is read once and let go: memory holds the result and one shard, not the whole store."""
+        rows_by_shard: dict[str, list[tuple[int, int]]] = {}
+        for pos, key in enumerate(keys):
             shard, row = self.index[key]
+            rows_by_shard.setdefault(shard, []).append((pos, row))
+        out = None
+        for shard, rows in rows_by_shard.items():
             tensor = self._load(shard)
             if tensor is None:
-                raise KeyError(f"{key}: its shard {shard} was damaged and dropped")
-            rows.append(tensor[row])
-        return torch.stack(rows)
+                raise KeyError(f"{keys[rows[0][0]]}: its shard {shard} was damaged and dropped")
+            if out is None:
+                out = torch.empty((len(keys), *tensor.shape[1:]), dtype=tensor.dtype)
+            out[[pos for pos, _ in rows]] = tensor[[row for _, row in rows]]
+        return out if out is not None else torch.empty(0)
 
     def _load(self, name: str) -> torch.Tensor | None:
-        if name in self._shards:
-            return self._shards[name]
+        """The shard's tensor, read and checked; None (and dropped) where damaged."""
         entry = self._entries[name]
         try:
             blob = (self.root / f"{name}{SUFFIX}").read_bytes()
@@ -158,7 +166,6 @@ class FeatureStore:
             return self._drop(name, f"bad content ({type(exc).__name__})")
         if tensor.shape[0] != len(entry["keys"]):
             return self._drop(name, f"{tensor.shape[0]} rows for {len(entry['keys'])} keys")
-        self._shards[name] = tensor
         return tensor
 
     def _drop(self, name: str, why: str) -> None:
@@ -182,7 +189,6 @@ class FeatureStore:
         self._entries[name] = entry
         for row, key in enumerate(keys):
             self.index[key] = (name, row)
-        self._shards[name] = tensor
 
 
 def cache_root() -> Path:
@@ -241,23 +247,29 @@ def cached_features(
 
 
 def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) -> None:
-    """todo: (path, [(view, key), ...]) per image. Two phases, each with every core: the images are
-    decoded into the decoded-image store by `workers` processes, then cropped, normalised and run through
-    the network here. Overlapped, decode workers and the runtime's threads would share the cores, and a
-    runtime's parallel kernels slow down more when a core is taken from them than decoding costs. The
-    decoded pixels are kept for later runs (finetune reads the same store)."""
-    pixels = open_store(cache_root(), pre)
-    paths = [p for p, _ in todo]
-    pixel_keys, _ = decode_missing(pixels, paths, sha, pre, workers=workers, desc=f"{desc}: decoding")
-    dataset = ViewDataset([(k, [v for v, _ in missing]) for k, (_, missing) in zip(pixel_keys, todo)], pixels, pre)
+    """todo: (path, [(view, key), ...]) per image. Views of the eval crop (its symmetries included) are
+    computed once and never re-cropped, so their images stream from the files: decoded and cropped by
+    `workers` processes while the network runs here, nothing kept but the features. Seeded random views
+    re-crop the full image, so those images go through the decoded-image store (data/decoded.py), which
+    later runs (finetune, other views) read again."""
+    if any(v.index and v.kind != "dihedral" for _, missing in todo for v, _ in missing):
+        dataset = _stored_views(todo, sha, pre, workers, desc)  # undecodable files are reported there
+    else:
+        dataset = FileViewDataset([(p, [v for v, _ in missing]) for p, missing in todo], pre)
+    failed = {}
     # Batches hold every view of each image; keep the tensor batch near `batch_size` rows.
     per_batch = max(1, batch_size // max(len(missing) for _, missing in todo))
-    loader = DataLoader(dataset, batch_size=per_batch, num_workers=0, collate_fn=_collate)
+    # Streamed, the workers decode while the network runs; from the store, crops are cheap and made here.
+    loader = DataLoader(dataset, batch_size=per_batch, collate_fn=_collate, generator=torch.Generator(),
+                        num_workers=workers if isinstance(dataset, FileViewDataset) else 0)
     pending_keys, pending = [], []
     for batch in progress(loader, desc=desc, total=len(loader)):
         if batch is None:
             continue
-        x, items = batch
+        x, items, errors = batch
+        failed.update(errors)
+        if x is None:
+            continue
         pending.append(extract(x))
         pending_keys += [k for i in items for _, k in todo[i][1]]
         # Write every few thousand rows so an interrupted extraction keeps what it did.
@@ -266,6 +278,34 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
             pending_keys, pending = [], []
     if pending_keys:
         store.put(pending_keys, torch.cat(pending))
+    warn_undecodable(failed)
+
+
+def _stored_views(todo, sha, pre, workers, desc) -> "ViewDataset":
+    pixels = open_store(cache_root(), pre)
+    pixel_keys, _ = decode_missing(pixels, [p for p, _ in todo], sha, pre, workers=workers,
+                                   desc=f"{desc}: decoding")
+    return ViewDataset([(k, [v for v, _ in missing]) for k, (_, missing) in zip(pixel_keys, todo)], pixels, pre)
+
+
+class FileViewDataset(Dataset):
+    """One item per image: the file decoded (load_rgb) and eval-cropped, then each asked-for symmetry of
+    that crop. An unreadable file gives its error instead, reported once by the caller."""
+
+    def __init__(self, entries: list[tuple[str, list[View]]], pre: Preprocessing):
+        self.entries = entries
+        self.eval_tf = eval_transform(pre)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        path, views = self.entries[i]
+        try:
+            crop = self.eval_tf(load_rgb(path))
+        except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
+            return {path: failure_reason(exc)}
+        return torch.stack([dihedral(crop, v.index) for v in views]), i
 
 
 def default_workers() -> int:
