@@ -1,13 +1,14 @@
 """transferkit vs the seed tutorial's `train_model` loop, on the same seed-sized ELPV subset.
 
-    python benchmarks/vs_tutorial.py [--work DIR] [--views 2] [--fe-epochs 15] [--ft-epochs 2]
+    python benchmarks/vs_tutorial.py [--work DIR] [--views 2] [--fe-epochs 15] [--ft-epochs 2] [--precisions bf16,fp32]
 
 The tutorial side re-implements the seed loop faithfully (ImageFolder, batch 8, 4 workers, SGD 0.001/0.9,
 StepLR(7, 0.1), RandomResizedCrop(224)+flip / Resize(256)+CenterCrop(224), model.train() in the train
 phase, the whole frozen network run every epoch); its model is transferkit's efficientnet_lite0 with
 the classifier replaced, normalised with lite0's own mean = std = 0.5. The transferkit side is one
-`transferkit.api.train` call with a cold feature cache. Both sides run back to back in this process.
-Prints, and writes its section of benchmarks/RESULTS.md.
+`transferkit.api.train` call with a cold feature cache, once per --precisions entry (bf16 and fp32
+side by side; bf16 is left out where the CPU has no native bf16). Both sides run back to back in this
+process. Prints, and writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -101,11 +102,11 @@ def run_tutorial(data: Path, mode: str, epochs: int) -> dict:
     return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loop_s": loop_s, "best_val_acc": best}
 
 
-def run_transferkit(data: Path, out: Path, mode: str, epochs: int, recipe: dict) -> dict:
-    # A cold cache: feature extraction (and the ONNX export) is part of the measured time.
+def run_transferkit(data: Path, out: Path, mode: str, epochs: int, recipe: dict, precision: str) -> dict:
+    # A cold cache: feature extraction (and the engine choice, the ONNX export) is part of the measured time.
     os.environ["TRANSFERKIT_FEATURE_CACHE"] = tempfile.mkdtemp(prefix="tk-bench-cache-")
     t0, c0 = time.perf_counter(), cpu_seconds()
-    clf = train(data, model=MODEL, mode=mode, epochs=epochs, out=str(out), **recipe)
+    clf = train(data, model=MODEL, mode=mode, epochs=epochs, out=str(out), precision=precision, **recipe)
     m = clf.metrics_
     return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0,
             "loop_s": sum(row["seconds"] for row in m["history"]), "best_val_acc": m["best_val_acc"],
@@ -124,6 +125,26 @@ def recipes(views: int) -> list[tuple[str, dict]]:
     ]
 
 
+def result_rows(mode, epochs, n_train, tut, tk, recipe, precision, rows) -> list[dict]:
+    """The tutorial's row (once per mode), transferkit's, and their ratio."""
+    out = []
+    for side, r in (("tutorial loop", tut), ("transferkit", tk)):
+        if side == "tutorial loop" and any(row["mode"] == mode and row["side"] == side for row in rows):
+            continue
+        out.append({"mode": mode, "side": side, "precision": precision if side == "transferkit" else "fp32",
+                    "epochs": epochs, "wall s": r["wall_s"], "cpu s": r["cpu_s"],
+                    "images/s": n_train * epochs / r["wall_s"], "loop s": r["loop_s"],
+                    "loop images/s": n_train * epochs / r["loop_s"], "best val acc": r["best_val_acc"],
+                    "engine": r.get("engine", "torch eager")})
+    out.append({"mode": mode, "side": "ratio (transferkit / tutorial)", "precision": precision,
+                "wall s": tk["wall_s"] / tut["wall_s"], "cpu s": tk["cpu_s"] / tut["cpu_s"],
+                "images/s": tut["wall_s"] / tk["wall_s"], "loop s": tk["loop_s"] / tut["loop_s"],
+                "loop images/s": tut["loop_s"] / tk["loop_s"],
+                "best val acc": f"{100 * (tk['best_val_acc'] - tut['best_val_acc']):+.1f} points",
+                "engine": "recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items())})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
@@ -131,7 +152,11 @@ def main() -> None:
     ap.add_argument("--fe-epochs", type=int, default=15)
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--modes", default="feature-extract,finetune")
+    ap.add_argument("--precisions", default="bf16,fp32")
     args = ap.parse_args()
+    from transferkit.engine.precision import native_bf16
+
+    precisions = [p for p in args.precisions.split(",") if p != "bf16" or native_bf16(torch.device("cpu"))]
     work = Path(args.work)
     data = stratified_subset(elpv(work / "elpv2", 2), work / "elpv2-seed-sized", 244, 153)
     n_train = sum(1 for _ in (data / "train").rglob("*.png"))
@@ -143,30 +168,19 @@ def main() -> None:
             tutorial[mode] = run_tutorial(data, mode, epochs)
             print(f"tutorial    {mode}: {tutorial[mode]}", flush=True)
         tut = tutorial[mode]
-        tk = run_transferkit(data, work / f"run-{i}-{mode}", mode, epochs, recipe)
-        print(f"transferkit {mode}: {tk}", flush=True)
-        for side, r in (("tutorial loop", tut), ("transferkit", tk)):
-            if side == "tutorial loop" and any(row["mode"] == mode and row["side"] == side for row in rows):
-                continue
-            rows.append({"mode": mode, "side": side, "epochs": epochs, "wall s": r["wall_s"], "cpu s": r["cpu_s"],
-                         "images/s": n_train * epochs / r["wall_s"], "loop s": r["loop_s"],
-                         "loop images/s": n_train * epochs / r["loop_s"], "best val acc": r["best_val_acc"],
-                         "engine": r.get("engine", "torch eager")})
-        rows.append({"mode": mode, "side": "ratio (transferkit / tutorial)", "wall s": tk["wall_s"] / tut["wall_s"],
-                     "cpu s": tk["cpu_s"] / tut["cpu_s"],
-                     "images/s": tut["wall_s"] / tk["wall_s"], "loop s": tk["loop_s"] / tut["loop_s"],
-                     "loop images/s": tut["loop_s"] / tk["loop_s"],
-                     "best val acc": f"{100 * (tk['best_val_acc'] - tut['best_val_acc']):+.1f} points",
-                     "engine": "recipe: " + ", ".join(f"{k}={v}" for k, v in recipe.items())})
+        for precision in precisions:
+            tk = run_transferkit(data, work / f"run-{i}-{mode}-{precision}", mode, epochs, recipe, precision)
+            print(f"transferkit {mode} {precision}: {tk}", flush=True)
+            rows += result_rows(mode, epochs, n_train, tut, tk, recipe, precision, rows)
     text = (f"## transferkit vs the tutorial loop\n\n{env}. Data: seed-sized stratified ELPV subset "
             f"({n_train} train / {sum(1 for _ in (data / 'val').rglob('*.png'))} val, 2 classes). "
-            f"Command: `python benchmarks/vs_tutorial.py --views {args.views}"
+            f"Command: `python benchmarks/vs_tutorial.py --views {args.views} --precisions {','.join(precisions)}"
             + (f" --modes {args.modes}" if args.modes != "feature-extract,finetune" else "") + "`.\n\n"
             + "wall s: the whole call (transferkit: data scan, caches, training, report and figures; tutorial: "
             "loaders, model, its loop). loop s: the epochs alone (tutorial: its train_model loop; transferkit: "
             "the epoch times in history.csv, train + val). images/s = train images × epochs / seconds.\n\n"
-            + table(rows, ["mode", "side", "epochs", "wall s", "cpu s", "images/s", "loop s", "loop images/s",
-                           "best val acc", "engine"]))
+            + table(rows, ["mode", "side", "precision", "epochs", "wall s", "cpu s", "images/s", "loop s",
+                           "loop images/s", "best val acc", "engine"]))
     print(text)
     write_section("vs_tutorial" + ("" if args.modes == "feature-extract,finetune" else "_" + args.modes.replace(",", "_")),
                   text)

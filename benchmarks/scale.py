@@ -1,0 +1,114 @@
+"""Feature-extract at scale: folders of 10k, 30k and 70k small generated images, as a user would run it.
+
+    python benchmarks/scale.py [--work DIR] [--sizes 10000,30000,70000] [--epochs 1]
+
+Each size is a folder of 28×28 grey PNGs in 10 classes (a digit-like stroke pattern per class, with
+noise and jitter), generated once. Each run is `python -m transferkit train DIR --mode feature-extract`
+in a fresh process with cold caches (a new TRANSFERKIT_FEATURE_CACHE), the default recipe otherwise.
+Reports wall seconds, extraction images/s (from the run's metrics.json), peak RSS of that process
+(os.wait4), and the cache's bytes on disk per image (feature store and decoded-image store apart),
+against the decoded source pixels (28 × 28 = 784 bytes per image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import environment_line, table, write_section  # noqa: E402
+
+SIDE = 28
+CLASSES = 10
+
+
+def generate(root: Path, n: int, seed: int = 0) -> Path:
+    """n images, 80% train / 20% val, classes balanced; idempotent (a finished folder has a marker)."""
+    if (root / ".complete").exists():
+        return root
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    for i in range(n):
+        label = i % CLASSES
+        angle = np.pi * label / CLASSES + rng.normal(0, 0.08)
+        offset = rng.normal(0, 1.5)
+        stroke = np.abs((xx - SIDE / 2) * np.sin(angle) - (yy - SIDE / 2) * np.cos(angle) - offset) < 2.0
+        ring = np.abs(np.hypot(xx - SIDE / 2, yy - SIDE / 2) - 4 - label) < 1.0
+        pixels = np.clip(220 * (stroke | ring) + rng.normal(0, 20, (SIDE, SIDE)), 0, 255).astype(np.uint8)
+        split = "val" if i % 5 == 0 else "train"
+        folder = root / split / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.png")  # mode L: one channel
+    (root / ".complete").touch()
+    return root
+
+
+def folder_bytes(root: Path, pattern: str = "**/*") -> int:
+    return sum(p.stat().st_size for p in root.glob(pattern) if p.is_file())
+
+
+def run(data: Path, out: Path, cache: Path, extra: list[str]) -> dict:
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1"}
+    cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--mode", "feature-extract",
+           "--out", str(out), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stderr = proc.stderr.read().decode(errors="replace")
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    src = metrics["source"]
+    computed = src["train"]["computed"] + src["val"]["computed"]
+    seconds = src["train"]["seconds"] + src["val"]["seconds"]
+    decoded = folder_bytes(cache / "decoded") if (cache / "decoded").exists() else 0
+    return {"wall_s": wall, "extraction_rate": computed / seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "feature_bytes": folder_bytes(cache) - decoded, "decoded_bytes": decoded,
+            "val_acc": metrics["best_val_acc"], "engine": src.get("engine"), "precision": metrics.get("precision")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap.add_argument("--sizes", default="10000,30000,70000")
+    ap.add_argument("--extra", default="", help="more `transferkit train` options, e.g. '--epochs 5'")
+    args = ap.parse_args()
+    work = Path(args.work)
+    env_line = environment_line()
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        data = generate(work / f"scale-{n}", n)
+        cache = Path(tempfile.mkdtemp(prefix=f"tk-scale-{n}-"))
+        r = run(data, work / f"scale-run-{n}-{int(time.time())}", cache, args.extra.split())
+        rows.append({"images": n, "wall s": r["wall_s"], "extraction images/s": r["extraction_rate"],
+                     "peak RSS MB": r["peak_rss_mb"], "feature cache bytes/image": r["feature_bytes"] / n,
+                     "decoded store bytes/image": r["decoded_bytes"] / n,
+                     "decoded / source pixels": r["decoded_bytes"] / (n * SIDE * SIDE),
+                     "val acc": r["val_acc"], "engine": r["engine"]})
+        print(rows[-1], flush=True)
+    first, last = rows[0], rows[-1]
+    growth = last["peak RSS MB"] / first["peak RSS MB"] - 1
+    text = (f"## Feature-extract at scale\n\n{env_line}. Generated 28×28 grey PNGs, 10 classes, 80/20 split; "
+            f"`transferkit train DIR --mode feature-extract {args.extra}` in a fresh process, cold caches. "
+            f"Command: `python benchmarks/scale.py --sizes {args.sizes}"
+            + (f" --extra '{args.extra}'" if args.extra else "") + "`.\n\n"
+            + table(rows, ["images", "wall s", "extraction images/s", "peak RSS MB", "feature cache bytes/image",
+                           "decoded store bytes/image", "decoded / source pixels", "val acc", "engine"])
+            + f"\n\nPeak RSS from {first['images']} to {last['images']} images: {100 * growth:+.0f}% "
+            f"(target: within 25%). Source pixels: {SIDE * SIDE} bytes per image.")
+    print(text)
+    write_section("scale", text)
+
+
+if __name__ == "__main__":
+    main()
