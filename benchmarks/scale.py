@@ -58,7 +58,7 @@ def folder_bytes(root: Path, pattern: str = "**/*") -> int:
 
 def run(data: Path, out: Path, cache: Path, extra: list[str]) -> dict:
     env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1"}
-    cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--mode", "feature-extract",
+    cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--recipe", "tutorial", "--mode", "feature-extract",
            "--out", str(out), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -102,7 +102,7 @@ def main() -> None:
     first, last = rows[0], rows[-1]
     growth = last["peak RSS MB"] / first["peak RSS MB"] - 1
     text = (f"## Feature-extract at scale\n\n{env_line}. Generated 28×28 grey PNGs, 10 classes, 80/20 split; "
-            f"`transferkit train DIR --mode feature-extract {args.extra}` in a fresh process, cold caches. "
+            f"`transferkit train DIR --recipe tutorial --mode feature-extract {args.extra}` in a fresh process, cold caches. "
             f"Command: `python benchmarks/scale.py --sizes {args.sizes}"
             + (f" --extra '{args.extra}'" if args.extra else "") + "`.\n\n"
             + table(rows, ["images", "wall s", "extraction images/s", "peak RSS MB", "feature cache bytes/image",
