@@ -295,7 +295,6 @@ def _loss(output, y, criterion, spec: BackboneSpec):
 @torch.inference_mode()
 def evaluate_source(source: BatchSource, criterion=None) -> dict:
     """Loss, accuracy, balanced accuracy, macro-F1 and per-sample probabilities on the val split."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score  # ~0.5 s to import: not before it is used
     source.set_eval_mode()
     probs, labels, indices, losses = [], [], [], []
     for x, y, idx in source.val_batches():
@@ -312,6 +311,8 @@ def evaluate_source(source: BatchSource, criterion=None) -> dict:
 
 def _summarize(p: np.ndarray, y: np.ndarray, loss: float | None = None) -> dict:
     """Loss, accuracy, balanced accuracy and macro-F1 of probabilities p (N, C) against labels y."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score  # ~0.5 s to import: not before it is used
+
     pred = p.argmax(1)
     if loss is None:
         loss = _nll(p, y)
