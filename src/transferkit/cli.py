@@ -301,7 +301,7 @@ def _print_rows(rows: list[dict], fmt: str) -> None:
 
 
 def _add_serve_command(sub) -> None:
-    from .serve import ENGINES, ServeOptions
+    from .serve import ENGINES, PRECISIONS, ServeOptions
 
     d = ServeOptions()
     p = sub.add_parser("serve", help="serve a run or an exported .onnx model over HTTP: predictions API and a page",
@@ -321,6 +321,8 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="width × height per image, read from its header (decompression bombs)")
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="torch engine: as `transferkit predict --precision` (auto: bf16 where the CPU/GPU has it)")
 
 
 def cmd_serve(args) -> int:

@@ -24,6 +24,7 @@ from ..errors import UsageError
 log = logging.getLogger(__name__)
 
 ENGINES = ("onnx", "torch")
+PRECISIONS = ("auto", "fp32", "bf16")  # engine/precision.py, which imports torch
 
 
 @dataclass
@@ -40,10 +41,13 @@ class ServeOptions:
     max_request_bytes: int = 32 * 2**20  # the whole body, multipart or JSON (base64 adds a third)
     max_image_pixels: int = 40_000_000  # width × height, read from the header before decoding
     threads: int | None = None  # ONNX Runtime intra-op threads (None: all cores)
+    precision: str = "auto"  # torch engine: as `transferkit predict --precision` (engine/precision.py)
 
     def validate(self) -> "ServeOptions":
         from PIL import Image
 
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.engine not in (None, *ENGINES):
             raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         for name in ("max_batch", "max_files", "max_image_bytes", "max_request_bytes", "max_image_pixels"):
@@ -73,7 +77,7 @@ def run_server(model: str, options: ServeOptions, announce: Callable[[str], None
                          "pip install 'transferkit[serve]'") from None
     from .model import load_served_model
 
-    served = load_served_model(model, options.engine, options.threads)
+    served = load_served_model(model, options.engine, options.threads, options.precision)
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(served, options), log_level="info", server_header=False))

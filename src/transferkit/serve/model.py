@@ -30,7 +30,8 @@ class ServedModel:
     card: dict
 
 
-def load_served_model(model: str | Path, engine: str | None = None, threads: int | None = None) -> ServedModel:
+def load_served_model(model: str | Path, engine: str | None = None, threads: int | None = None,
+                      precision: str = "auto") -> ServedModel:
     path = Path(model)
     engine = engine or ("onnx" if path.suffix == ".onnx" else "torch")
     if engine == "onnx":
@@ -49,10 +50,12 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
         from ..predict import Predictor
 
         path = resolve_checkpoint(path)
-        clf = Predictor(path)
+        clf = Predictor(path, precision=precision)
         facts = {k: clf.meta[k] for k in ("architecture", "classes", "preprocessing")}
         run = path.parent
         export = _read_json(run / "export" / "export.json")
+    if engine == "torch":
+        facts["precision"] = clf.precision
     card = {**facts, "engine": engine, "model": str(path), "model_date": _date_of(path),
             "export": _parity_of(export, path), **_training(run)}
     return ServedModel(clf, engine, path, card)
