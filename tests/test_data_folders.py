@@ -216,7 +216,7 @@ def test_random_split_is_stratified_and_seeded(tmp_path):
     first = scan_dataset(root, seed=3)
     again = scan_dataset(root, seed=3)
     other = scan_dataset(root, seed=4)
-    assert first.split_source == "random"
+    assert first.split_source == "stratified"
     assert first.train == again.train and first.val == again.val
     assert first.val != other.val
     assert first.class_counts() == {"train": {"cats": 16, "dogs": 8}, "val": {"cats": 4, "dogs": 2}}
@@ -227,7 +227,7 @@ def test_train_folder_without_val_is_split_randomly(tmp_path):
     root = _flat(tmp_path / "train", {"a": 5, "b": 5}).parent
     (root / "test").mkdir()
     scan = scan_dataset(root, val_fraction=0.4)
-    assert scan.split_source == "random"
+    assert scan.split_source == "stratified"
     assert scan.class_counts()["val"] == {"a": 2, "b": 2}
     assert [e["path"] for e in scan.problems["unused_folder"]] == ["test"]
 
@@ -324,7 +324,7 @@ def test_big_thin_images_are_kept(tmp_path):
 
 def test_valid_is_a_class_name_in_a_flat_layout(tmp_path):
     scan = scan_dataset(_flat(tmp_path, {"valid": 4, "invalid": 4}))
-    assert scan.classes == ["invalid", "valid"] and scan.split_source == "random"
+    assert scan.classes == ["invalid", "valid"] and scan.split_source == "stratified"
 
 
 def test_valid_folder_is_the_val_split_next_to_train(tmp_path):

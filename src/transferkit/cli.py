@@ -49,6 +49,7 @@ TRAIN_HELP = {
     "precision": "auto (bf16 autocast where the CPU/GPU has native bf16, else fp32), fp32, bf16; weights stay fp32",
     "cache_dtype": "partial mode: dtype of the cached activations of the frozen groups",
     "out": "run folder (default runs/<timestamp>-<model>-<mode>)",
+    "overwrite": "replace the run already in --out (without it, a finished run is never overwritten)",
     "batchnorm": "train (batch statistics, as the seeds) or frozen (ImageNet statistics; γ, β still learn; "
                  "folded into the convolutions: faster on CPU)",
     "scale_lr": "several processes: linear = lr × number of data-parallel processes, none = lr as given",

@@ -90,6 +90,7 @@ class TrainConfig:
     probe_c: float | None = None  # linear-probe: inverse L2 strength (default: chosen by 3-fold CV on train)
     tensorboard: bool = False
     out: str | None = None
+    overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
 
     def validate(self) -> "TrainConfig":
         _choice("recipe", self.recipe, RECIPES)

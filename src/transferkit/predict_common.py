@@ -31,21 +31,34 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
+def check_top_k(top_k: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UsageError(f"--top-k must be ≥ 1, not {top_k!r}")
+    return top_k
 
-def rows_from_probs(paths, probs, errors, classes, top_k: int) -> list[dict]:
+
+def rows_from_probs(paths, probs, errors, classes, top_k: int, novelty=None, threshold: float | None = None
+                    ) -> list[dict]:
+    """One row per image, the same for every consumer (CLI csv/json, API, serving): path, label,
+    probability, top_k, error, and novelty (score, novelty.py) and novel (score > threshold), both None
+    where the model has no novelty reference or the file could not be read."""
     rows = []
-    k = max(1, min(top_k, len(classes)))
-    for path, p, err in zip(paths, probs, errors):
+    k = min(check_top_k(top_k), len(classes))
+    for i, (path, p, err) in enumerate(zip(paths, probs, errors)):
         if err is not None:
-            rows.append({"path": path, "label": None, "probability": None, "top_k": [], "error": err})
+            rows.append({"path": path, "label": None, "probability": None, "top_k": [], "error": err,
+                         "novelty": None, "novel": None})
             continue
         order = np.argsort(-p)[:k]
+        score = None if novelty is None else float(novelty[i])
         rows.append({
             "path": path,
             "label": classes[order[0]],
             "probability": float(p[order[0]]),
             "top_k": [{"label": classes[j], "probability": float(p[j])} for j in order],
             "error": None,
+            "novelty": score,
+            "novel": None if score is None else bool(score > threshold),
         })
     return rows
 

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import shards
+from ..engine import signals
 from ..engine.progress import progress
 from ..io import atomic_write_json
 from ..models.registry import Preprocessing
@@ -367,7 +368,10 @@ def _decode(store: DecodedStore, todo: list[tuple[str, str]], pre: Preprocessing
                 continue
             writer.add(todo[i][0], pixels.numpy())
             store.decoded += 1
+            if signals.stop_requested():
+                break  # Ctrl-C: keep what was decoded (the shard is closed below), then stop
     except BaseException:
         writer.abort()
         raise
     writer.close()
+    signals.check_stop(desc)

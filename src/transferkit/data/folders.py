@@ -81,7 +81,7 @@ class DataScan:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     problems: dict[str, list[dict]] = field(default_factory=dict)
-    split_source: str = "folders"  # "folders", "random" or "manifest"
+    split_source: str = "folders"  # "folders", "stratified" (made here) or "manifest"
     # sha256 of each usable file, from the verifying scan (empty without it); the feature cache keys on it.
     digests: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -429,7 +429,7 @@ def _assemble_random_split(
     paths = [path for name in classes for path, _ in train[name]]
     labels = [i for i, name in enumerate(classes) for _ in train[name]]
     train_samples, val_samples = _stratified_split(paths, labels, len(classes), val_fraction, seed)
-    return DataScan(root, classes, train_samples, val_samples, split_source="random")
+    return DataScan(root, classes, train_samples, val_samples, split_source="stratified")
 
 
 def _stratified_split(paths, labels, n_classes, val_fraction, seed):

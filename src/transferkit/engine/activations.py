@@ -72,3 +72,6 @@ class CachedActivationSource(CachedFeatureSource):
 
     def describe(self) -> dict:
         return {**super().describe(), "kind": "cached-activations"}
+
+    def head_inputs(self):
+        return None  # the cache holds a frozen group's output; the head's input changes as the top trains

@@ -28,6 +28,7 @@ from .. import shards
 from ..io import atomic_write, atomic_write_json
 from ..models.registry import Preprocessing
 from ..models.weights import cache_dir
+from . import signals
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -272,10 +273,12 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
             continue
         pending.append(extract(x))
         pending_keys += [k for i in items for _, k in todo[i][1]]
-        # Write every few thousand rows so an interrupted extraction keeps what it did.
-        if len(pending_keys) >= 2048:
+        # Write every few thousand rows, and before a requested stop, so an interrupted extraction keeps
+        # what it did.
+        if len(pending_keys) >= 2048 or signals.stop_requested():
             store.put(pending_keys, torch.cat(pending))
             pending_keys, pending = [], []
+        signals.check_stop(desc, pause=True)
     if pending_keys:
         store.put(pending_keys, torch.cat(pending))
     warn_undecodable(failed)

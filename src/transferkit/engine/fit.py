@@ -22,7 +22,7 @@ from ..config import TrainConfig
 from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, file_sha256, read_manifest, scan_dataset,
                             write_manifest)
 from ..data.transforms import eval_transform, train_transform
-from ..errors import TrainingError
+from ..errors import TrainingError, UsageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
 from ..models.registry import BackboneSpec, Preprocessing, get_spec
@@ -33,7 +33,8 @@ from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
 from .optim import make_optimizer, make_schedule
 from .progress import progress
-from .resume import fresh_best, restore_last, save_last
+from .resume import LAST, fresh_best, restore_last, save_last
+from . import signals
 from .signals import after_batch, oom_as_training_error
 from .sources import BatchSource, CachedFeatureSource, ImageBatchSource
 
@@ -94,18 +95,39 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
                     "(and --class-weights auto or --balanced-sampler)")
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
     cfg.out = str(out)
+    if not resume:
+        refuse_to_overwrite(out, cfg.overwrite)
+    model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
+    plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
+    # Only now, with every option checked, does the run folder get its first files.
     if distributed.is_main() and not resume:
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
         write_manifest(scan, out / "split.csv")
         scan.write_report(out / "data_report.json")
-    model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
-    plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
+    signals.note_run_dir(out)
+    log.info("run folder: %s", out)
     log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
              ", ".join(plan.trainable_groups()))
     model.to(device)
     if device.type == "cpu" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return RunState(cfg, spec, pre, scan, model, plan, device, out)
+
+
+def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
+    """A run folder that holds a run (finished, or resumable) is replaced only when asked to."""
+    finished, started = (out / "metrics.json").is_file(), (out / "last.safetensors").is_file()
+    if not (finished or started):
+        return
+    if not overwrite:
+        if finished:
+            raise UsageError(f"--out {out} holds a finished run; pass --overwrite to replace it, "
+                             "or choose another --out")
+        raise UsageError(f"--out {out} holds an interrupted run; continue it with `transferkit train --resume "
+                         f"{out}`, or pass --overwrite to replace it")
+    log.warning("replacing the run in %s (--overwrite)", out)
+    if distributed.is_main():  # until the new run finishes, the folder must not look finished
+        (out / "metrics.json").unlink(missing_ok=True)
 
 
 def make_source(state: RunState) -> BatchSource:
@@ -213,6 +235,9 @@ class _ProbeRecord:
     def describe(self) -> dict:
         return {"kind": "linear-probe", **self.record}
 
+    def head_inputs(self):
+        return None  # no novelty reference for probe runs (novelty.py)
+
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
@@ -223,7 +248,7 @@ def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[
     (so a run killed during its first epoch can resume too)."""
     if distributed.is_main() or resume:  # every rank checks a resumed split; rank 0 writes a new one
         state.split_sha256 = file_sha256(state.out / "split.csv")
-    if resume:
+    if resume and (state.out / LAST).is_file():  # no `last`: stopped before training began, start afresh
         start, best, state.elapsed_before = restore_last(state, optimizer, schedule, source)
         return start, best
     best = fresh_best()
@@ -298,6 +323,7 @@ def evaluate_source(source: BatchSource, criterion=None) -> dict:
     source.set_eval_mode()
     probs, labels, indices, losses = [], [], [], []
     for x, y, idx in source.val_batches():
+        signals.check_stop("evaluation")
         logits = source.forward(x)
         losses.append(F.cross_entropy(logits.float(), y, reduction="none").cpu())
         probs.append(F.softmax(logits.float(), dim=1).cpu())
@@ -362,6 +388,7 @@ def _write_history(state: RunState) -> None:
 
 
 def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figures: bool = True) -> dict:
+    signals.check_stop("finishing the run")  # before metrics.json: `--resume` still finishes the run
     best_row = state.history[best["epoch"] - 1]
     metrics = {
         "model": state.spec.name,
@@ -387,22 +414,39 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figur
         "run_dir": str(state.out),
         "history": state.history,
     }
+    _write_novelty(state, source)
     atomic_write_json(state.out / "metrics.json", metrics)
     evaluation = _write_evaluation(state, source, best["val"])
     if figures:
-        _write_figures(state, evaluation)
+        _write_figures(state, source, evaluation)
     return metrics
 
 
-def _write_figures(state: RunState, evaluation: dict) -> None:
-    """Curves, confusion matrix, top losses, a grid of augmented training images (the seeds' imshow),
-    the report."""
+def _write_novelty(state: RunState, source: BatchSource) -> None:
+    """RUN/novelty.safetensors from the cached head inputs (novelty.py); runs without them get none."""
+    from ..novelty import FILE, NoveltyReference
+
+    inputs = source.head_inputs()
+    if inputs is None:
+        log.info("novelty scores: available for feature-extract runs with cached features only")
+        return
+    train, val = (t.float().numpy() for t in inputs)
+    ref = NoveltyReference.calibrate(train, val, seed=state.cfg.seed)
+    ref.save(state.out / FILE)
+    log.info("novelty threshold %.4f (%s)", ref.threshold, ref.info["threshold"])
+
+
+def _write_figures(state: RunState, source: BatchSource, evaluation: dict) -> None:
+    """Curves, confusion matrix, top losses, a grid of training images as training saw them (the seeds'
+    imshow), the report."""
     from ..results import plots
     from ..results.report import write_report
 
+    signals.check_stop("the figures", next_step=f"the run is saved; write its report with: transferkit report "
+                                                f"{state.out}")
     plots.plot_history(state.history, state.out / "curves.png")
     plots.plot_evaluation(evaluation, state.scan.classes, state.out)
-    sample = _training_sample(state, 16)
+    sample = _training_sample(state, source, 16)
     if sample is not None:
         images, labels = sample
         plots.plot_image_grid(images, [state.scan.classes[y] for y in labels], state.out / "batch_grid.png",
@@ -410,21 +454,39 @@ def _write_figures(state: RunState, evaluation: dict) -> None:
     write_report(state.out)
 
 
-def _training_sample(state: RunState, n: int):
-    """A seeded, augmented sample of training images, spread over the classes."""
+def _training_sample(state: RunState, source: BatchSource, n: int):
+    """A seeded sample of training images, spread over the classes, as training saw them."""
     from ..data.images import load_rgb
 
     rng = random.Random(state.cfg.seed)
     items = rng.sample(state.scan.train, min(n, len(state.scan.train)))
-    tf = train_transform(state.pre, state.cfg.augment)
+    seen = _as_seen_in_training(state, source, rng)
     images, labels = [], []
     for path, label in items:
         try:
-            images.append(tf(load_rgb(path)))
+            images.append(seen(load_rgb(path)))
             labels.append(label)
         except Exception:  # noqa: BLE001 - a sample picture is not worth failing the run
             continue
     return (torch.stack(images), labels) if images else None
+
+
+def _as_seen_in_training(state: RunState, source: BatchSource, rng: random.Random):
+    """Image -> tensor as the training batches held it: sources that cache features train on their cached
+    views (the eval crop, its symmetries, or seeded augmentations: engine/features.View); the others on
+    the train transform."""
+    from ..data.transforms import dihedral
+
+    if not isinstance(source, CachedFeatureSource):
+        return train_transform(state.pre, state.cfg.augment)
+    crop, augment = eval_transform(state.pre), train_transform(state.pre, "standard")
+
+    def view(image):
+        k = rng.randrange(state.cfg.views)  # each epoch picks one cached view per image
+        if k and state.cfg.view_kind != "dihedral":
+            return augment(image)
+        return dihedral(crop(image), k)
+    return view
 
 
 def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> dict:

@@ -171,7 +171,7 @@ def resume_config_path(run: str | Path) -> Path:
     run = Path(run)
     if not run.is_dir():
         raise UsageError(f"--resume: {run} is not a folder (pass the run folder of an interrupted run)")
-    for name in ("config.yaml", SPLIT, LAST):
+    for name in ("config.yaml", SPLIT):  # no LAST: stopped before the first epoch; it starts afresh
         if not (run / name).is_file():
             raise CheckpointError(f"--resume: {run} has no {name}; it is not a resumable transferkit run")
     if (run / "metrics.json").exists():

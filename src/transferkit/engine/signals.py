@@ -1,6 +1,7 @@
 """Interruptions and faults inside the training loop.
 
-SIGINT/SIGTERM set a flag; the loop finishes the batch in progress, then stops with `Interrupted`.
+SIGINT/SIGTERM set a flag; every phase of a run (decoding, feature extraction, epochs, evaluation,
+the report) checks it after each batch and stops with `Interrupted`; what was computed stays in the caches.
 The run's `last` checkpoint (written atomically at the end of every epoch) is what `--resume` continues
 from, so an interruption loses at most the epoch in progress. A second Ctrl-C stops at once.
 CUDA out-of-memory becomes a `TrainingError` that names the batch size and suggests a smaller one.
@@ -21,10 +22,13 @@ from ..errors import TrainingError, TransferkitError
 
 log = logging.getLogger(__name__)
 
-# Test-only: seconds to sleep after every training batch, so tests can kill a run mid-epoch.
+# Test-only: seconds to sleep after every training and feature-extraction batch, so tests can stop a run
+# in the middle of a phase.
 BATCH_DELAY_ENV = "TRANSFERKIT_TEST_BATCH_DELAY"
 
 _requested: list[int] = []  # signal numbers received while a run is guarded
+# The run folder of the run being guarded, for the resume command (set by fit once the folder is named).
+_run_dir: list[str] = []
 
 
 class Interrupted(TransferkitError):
@@ -41,13 +45,15 @@ def _on_signal(signum, frame) -> None:
     if signum == signal.SIGINT and _requested:
         raise KeyboardInterrupt  # second Ctrl-C: the user does not want to wait for the batch
     _requested.append(signum)
-    log.warning("%s received: stopping after the current batch", signal.Signals(signum).name)
+    log.warning("%s received: stopping after the current batch (Ctrl-C again stops at once)",
+                signal.Signals(signum).name)
 
 
 @contextmanager
 def stop_on_signals():
     """While training, turn SIGINT/SIGTERM into a stop request (main thread only: signal's rule)."""
     _requested.clear()
+    _run_dir.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -60,11 +66,38 @@ def stop_on_signals():
         _requested.clear()
 
 
-def after_batch(epoch: int, run_dir) -> None:
-    """Called after each training batch: stop here if a signal asked for it."""
+def note_run_dir(run_dir) -> None:
+    """The folder that `--resume` would continue, named in the message of a stop outside the epochs."""
+    _run_dir[:] = [str(run_dir)]
+
+
+def stop_requested() -> bool:
+    return bool(_requested)
+
+
+def check_stop(phase: str, pause: bool = False, next_step: str | None = None) -> None:
+    """Called after each batch of decoding, feature extraction, evaluation and before the report: stop
+    here if a signal asked for it (training batches use `after_batch`). pause: the test-only delay
+    applies (feature extraction batches). next_step: what to tell the user instead of the resume command."""
+    if pause:
+        _test_delay()
+    if _requested:
+        if next_step is None:
+            next_step = "what was computed is kept in the cache"
+            if _run_dir:
+                next_step += f"; resume with: transferkit train --resume {_run_dir[0]}"
+        raise Interrupted(f"interrupted during {phase}; {next_step}", _requested[0])
+
+
+def _test_delay() -> None:
     delay = os.environ.get(BATCH_DELAY_ENV)
     if delay:
         time.sleep(float(delay))
+
+
+def after_batch(epoch: int, run_dir) -> None:
+    """Called after each training batch: stop here if a signal asked for it."""
+    _test_delay()
     # Under torchrun every rank must stop after the same batch, or the others wait on a collective.
     from . import distributed
 

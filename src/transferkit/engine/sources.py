@@ -59,6 +59,11 @@ class BatchSource:
     def describe(self) -> dict:
         return {"kind": type(self).__name__}
 
+    def head_inputs(self):
+        """(train, val) inputs of the classifier head (eval view) where this source has them at no cost,
+        for the novelty reference (novelty.py); None elsewhere."""
+        return None
+
     def _balanced_weights(self, labels: list[int]) -> np.ndarray:
         counts = np.bincount(labels, minlength=len(self.state.scan.classes))
         return 1.0 / np.maximum(counts[labels], 1)
@@ -151,6 +156,9 @@ class CachedFeatureSource(BatchSource):
 
     def describe(self) -> dict:
         return {"kind": "cached-features", **self.stats}
+
+    def head_inputs(self):
+        return self.train_x[:, 0], self.val_x
 
 
 class ImageBatchSource(BatchSource):
