@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
+from . import __version__
 from .errors import TransferkitError
 
 log = logging.getLogger("transferkit")
@@ -59,8 +60,24 @@ BOOLEAN_OFF = {"pretrained": "train from scratch (random weights)", "cache": "do
                "channels_last": "keep NCHW memory layout on CPU"}
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is None or default is False
+                or default is True or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad value is one line naming the option and what is valid, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         sys.stderr.write(f"transferkit: error: {message} (see `{self.prog} --help`)\n")
@@ -72,6 +89,20 @@ def _positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, not {text}")
+    return value
+
+
+def _with_default(help_text: str | None, default) -> str:
+    """Train options keep argparse's default SUPPRESSed (see below), so --help names TrainConfig's."""
+    if default is None or isinstance(default, bool):
+        return help_text or ""
+    return f"{help_text or ''} (default: {default})".strip()
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -99,12 +130,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name),
-                           default=argparse.SUPPRESS, help=TRAIN_HELP.get(f.name))
+                           default=argparse.SUPPRESS, help=_with_default(TRAIN_HELP.get(f.name), f.default))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="transferkit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("train", help="train a classifier on an image folder")
@@ -119,13 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the backbones, their size, input and weights availability")
 
     p = sub.add_parser("predict", help="classify images or folders with a trained run or checkpoint")
-    p.add_argument("checkpoint", help="run folder or .safetensors (or .onnx with --engine onnx)")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--format", choices=("csv", "json"), default="csv")
-    p.add_argument("--engine", choices=("torch", "onnx"), default="torch")
+    p.add_argument("checkpoint", help="run folder, .safetensors checkpoint or exported .onnx model")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="labels listed per image")
+    p.add_argument("--format", choices=("csv", "json"), default="csv", help="output format")
+    p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: onnx for an .onnx model, torch for a run folder or .safetensors (told by content)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="torch engine: auto = bf16 autocast where the CPU/GPU has native bf16")
+    p.add_argument("--out", metavar="FILE", help="write the rows to FILE instead of standard output")
 
     _add_serve_command(sub)
 
@@ -276,7 +310,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    if args.engine == "onnx":
+    engine = _predict_engine(args.checkpoint, args.engine)
+    if engine == "onnx":
         from . import onnx_predict
 
         rows = onnx_predict.predict_rows(args.checkpoint, args.paths, top_k=args.top_k)
@@ -285,20 +320,56 @@ def cmd_predict(args) -> int:
 
         predictor = Predictor(args.checkpoint, precision=args.precision)
         rows = predictor.predict_rows(expand_inputs(args.paths), top_k=args.top_k)
-    _print_rows(rows, args.format)
-    return 0 if all(r["error"] is None for r in rows) else 1
+    text = _format_rows(rows, args.format)
+    if args.out:
+        from .io import atomic_write_text
+
+        atomic_write_text(args.out, text)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    else:
+        sys.stdout.write(text)
+    unreadable = sum(r["error"] is not None for r in rows)
+    if unreadable:
+        log.warning("%d of %d files could not be read (their rows carry the error; exit code 1)",
+                    unreadable, len(rows))
+    return 0 if not unreadable else 1
 
 
-def _print_rows(rows: list[dict], fmt: str) -> None:
+def _predict_engine(checkpoint: str, engine: str) -> str:
+    """auto: told by the file's content, not its name; a TorchScript file gets a pointer to what works."""
+    from pathlib import Path
+
+    from .errors import CheckpointError, UsageError
+    from .predict_common import model_kind
+
+    if not Path(checkpoint).exists():
+        raise UsageError(f"no such model: {checkpoint} (a run folder, .safetensors checkpoint or .onnx model)")
+    kind = model_kind(checkpoint)
+    if kind == "torchscript":
+        raise CheckpointError(f"{checkpoint} is a TorchScript model; predict takes a run folder, a .safetensors "
+                              f"checkpoint or an .onnx model (`transferkit export RUN --format onnx`)")
+    if engine == "auto":
+        return "onnx" if kind == "onnx" else "torch"
+    if engine == "torch" and kind == "onnx":
+        raise UsageError(f"{checkpoint} is an ONNX model; use --engine onnx (or leave --engine out)")
+    return engine
+
+
+def _format_rows(rows: list[dict], fmt: str) -> str:
     if fmt == "json":
-        print(json.dumps(rows, indent=2))
-        return
-    writer = csv.writer(sys.stdout)
-    writer.writerow(["path", "label", "probability", "top_k", "error"])
+        return json.dumps(rows, indent=2) + "\n"
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "probability", "top_k", "error", "novelty", "novel"])
     for r in rows:
         top = ";".join(f"{t['label']}:{t['probability']:.4f}" for t in r["top_k"])
         prob = f"{r['probability']:.4f}" if r["probability"] is not None else ""
-        writer.writerow([r["path"], r["label"] or "", prob, top, r["error"] or ""])
+        novelty = f"{r['novelty']:.4f}" if r.get("novelty") is not None else ""
+        novel = "" if r.get("novel") is None else str(r["novel"]).lower()
+        writer.writerow([r["path"], r["label"] or "", prob, top, r["error"] or "", novelty, novel])
+    return buf.getvalue()
 
 
 def _add_serve_command(sub) -> None:
@@ -349,6 +420,16 @@ def cmd_data(args) -> int:
 COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "serve": cmd_serve, "data": cmd_data}
 
 
+COMPARE_OPTIONS = {"batch_size": int, "image_size": int, "lr": float, "optimizer": str, "seed": int,
+                   "val_fraction": float}
+
+
+def _train_default(name: str):
+    from .config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 def _add_results_commands(sub) -> None:
     """evaluate, compare, export, report: looking at a trained run and shipping it."""
     from .evaluate import TTA_CHOICES  # torch-free; export's choices are checked by export_run (it imports torch)
@@ -359,13 +440,16 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--tta", nargs="?", const="auto", choices=TTA_CHOICES,
                    help="average over flips (auto: all 8 dihedral views if the run trained on them)")
     p.add_argument("--out", help="folder for evaluation.json and figures (default: the run folder)")
+    p.add_argument("--include-train", action="store_true",
+                   help="also score images the run trained on (left out by default: they flatter the model)")
 
     p = sub.add_parser("compare", help="pretrained feature-extract vs finetune vs scratch on the same split")
     p.add_argument("data")
     p.add_argument("--model", default=None, help="backbone (see `transferkit models`)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--image-size", type=int, default=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, default=15, help="epochs per run")
+    for name, kind in COMPARE_OPTIONS.items():  # shared by the three runs; defaults as for `train`
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                       help=_with_default(TRAIN_HELP.get(name), _train_default(name)))
     p.add_argument("--out", help="folder for the three runs, compare.json and compare.png")
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against the eager model")
@@ -382,8 +466,14 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
     from .results.metrics import format_metrics_table
 
-    ev = evaluate_run(args.run, args.data, tta=args.tta, out=args.out)
+    ev = evaluate_run(args.run, args.data, tta=args.tta, out=args.out, include_train=args.include_train)
+    if ev["trained_on"]["left_out"]:
+        print(f"left out {ev['trained_on']['left_out']} images the run trained on (--include-train scores them)")
+    elif ev["trained_on"]["included"]:
+        print(f"included {ev['trained_on']['included']} images the run trained on (--include-train)")
     print(f"evaluated {ev['n']} images from {ev['split']}")
+    if ev["features"]:
+        print(f"features: {ev['features']['cached']} from the cache, {ev['features']['computed']} computed")
     print(format_metrics_table(ev))
     tta = ev["tta"]
     if tta["kind"] != "none":
@@ -406,7 +496,7 @@ def cmd_compare(args) -> int:
 
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/compare-{model}-{datetime.now():%Y%m%d-%H%M%S}"
-    options = {k: getattr(args, k) for k in ("batch_size", "image_size") if hasattr(args, k)}
+    options = {k: getattr(args, k) for k in COMPARE_OPTIONS if hasattr(args, k)}
     result = compare(args.data, model, out, epochs=args.epochs, **options)
     print(format_compare_table(result))
     print(f"figure: {result['figure']}")

@@ -109,8 +109,9 @@ def tta_kind(tta: str | None, config: dict) -> str:
 
 
 def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, out: str | Path | None = None,
-                 batch_size: int = 32) -> dict:
-    """Metrics of RUN's best checkpoint on TARGET; written to OUT (default: the run folder)."""
+                 batch_size: int = 32, include_train: bool = False) -> dict:
+    """Metrics of RUN's best checkpoint on TARGET; written to OUT (default: the run folder).
+    Images the run trained on are left out unless include_train (ev["trained_on"] says how many)."""
     from .engine.checkpoint import resolve_checkpoint
     from .predict import Predictor
     from .results.metrics import classification_metrics, evaluation_summary
@@ -119,9 +120,14 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
     predictor = Predictor(checkpoint)
     classes = predictor.classes
     items, source = resolve_items(target, classes, predictor.meta)
+    items, trained_on = _without_training_images(items, checkpoint, predictor.meta, include_train)
+    if not items:
+        raise DataError(f"every image in {source} was used to train this run; evaluate on other images "
+                        "(e.g. RUN/split.csv for its val split) or pass --include-train")
     kind = tta_kind(tta, predictor.meta.get("config", {}))
     paths = [p for p, _ in items]
-    per_view, errors = view_probs(predictor, paths, TTA_VIEWS[kind], batch_size)
+    cached = cached_view_probs(predictor, paths, TTA_VIEWS[kind])
+    per_view, errors, features = cached or (*view_probs(predictor, paths, TTA_VIEWS[kind], batch_size), None)
     ok = np.array([e is None for e in errors])
     if not ok.any():
         raise DataError(f"none of the {len(paths)} images in {source} could be read")
@@ -129,6 +135,8 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
     kept = [p for p, good in zip(paths, ok) if good]
     ev = evaluation_summary(y, per_view[:, ok].mean(axis=0), classes, paths=kept, split=source)
     ev["checkpoint"] = str(checkpoint)
+    ev["trained_on"] = trained_on
+    ev["features"] = features
     ev["skipped"] = [{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None]
     ev["tta"] = {"kind": kind, "views": len(TTA_VIEWS[kind])}
     if kind != "none":
@@ -138,6 +146,55 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
                          balanced_accuracy_without=plain["balanced_accuracy"])
     _write(ev, classes, Path(out) if out else checkpoint.parent)
     return ev
+
+
+def _without_training_images(items, checkpoint: Path, meta: dict, include_train: bool):
+    """Items minus those the run trained on (its split.csv's train rows, matched by resolved path):
+    scoring them would flatter the model. Returns the items kept and the counts for the report."""
+    manifest = checkpoint.parent / "split.csv"
+    trained = set()
+    if manifest.is_file():
+        try:
+            trained = {os.path.realpath(p) for p, _ in
+                       manifest_items(manifest, meta["classes"], "train", meta.get("config", {}).get("data"))}
+        except DataError as exc:
+            log.warning("cannot tell which images the run trained on (%s); none are left out", exc)
+    seen = [os.path.realpath(p) in trained for p, _ in items]
+    n = sum(seen)
+    if include_train or not n:
+        return items, {"left_out": 0, "included": n, "known": bool(trained)}
+    return [it for it, s in zip(items, seen) if not s], {"left_out": n, "included": 0, "known": True}
+
+
+def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
+    """view_probs from the feature cache, for a feature-extract run that cached its features: its backbone
+    is the cached one, untouched by training, so only the head runs on what is cached, and missing features
+    are computed once and cached. None where that does not hold (the caller runs the whole network)."""
+    import torch
+
+    from .engine.features import View, cached_features, store_for
+    from .engine.runtime import FrozenPart
+    from .engine.sources import feature_identity
+    from .models.registry import get_spec
+
+    meta, config = predictor.meta, predictor.meta.get("config", {})
+    weights = config.get("weights")
+    if meta.get("mode") != "feature-extract" or not config.get("cache") or (weights and not Path(weights).is_file()):
+        return None
+    spec = get_spec(meta["architecture"])
+    store = store_for(feature_identity(spec, meta["preprocessing"], weights, config.get("pretrained", True),
+                                       config.get("seed", 0)))
+    head, frozen = predictor.model.get_submodule(spec.cache_point), FrozenPart(predictor.model, spec.cache_point)
+    with torch.inference_mode():
+        features, ok, stats = cached_features(frozen, store, paths, [View(k) for k in views],
+                                              predictor.preprocessing, desc="evaluation features")
+        per_view = np.full((len(views), len(paths), len(predictor.classes)), np.nan, dtype=np.float32)
+        if features is not None:
+            for v in range(len(views)):
+                logits = head(features[:, v].float()).flatten(1)
+                per_view[v, np.flatnonzero(ok)] = torch.softmax(logits.float(), dim=1).numpy()
+    errors = [None if good else "cannot be read" for good in ok]
+    return per_view, errors, {"cached": stats["hits"], "computed": stats["computed"]}
 
 
 def _write(ev: dict, classes: list[str], folder: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     _require_parity(result["parity"], fmt)
     if quantize:
         result["int8"] = quantize_int8(path, out / "model.int8.onnx", checkpoint, meta, val)
-    atomic_write_json(out / "export.json", result)
+    atomic_write_json(out / "export.json", result)  # a refused int8 attempt is recorded too
+    if quantize and result["int8"]["refused"]:
+        raise ExportError(result["int8"]["refused"])
     return result
 
 
@@ -187,19 +190,39 @@ def quantize_int8(fp32: Path, path: Path, checkpoint: Path, meta: dict, val: lis
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = path.with_name("model.prepared.onnx")
-    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     calibration = _spread(_split_items(checkpoint, meta, "train"), CALIBRATION_IMAGES)
     reader = _CalibrationReader(_load_batch(calibration, meta).numpy())
-    quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    with _quiet_root_logging():
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     prepared.unlink(missing_ok=True)
     set_onnx_metadata(path, _metadata(meta))
-    report = compare_onnx(fp32, path, val, meta)
+    report = {**compare_onnx(fp32, path, val, meta), "refused": None}
     if report["top1_agreement"] < INT8_MIN_AGREEMENT:
-        raise ExportError(f"int8 model agrees with float on only {report['top1_agreement']:.4f} of "
-                          f"{report['images']} validation images (need ≥ {INT8_MIN_AGREEMENT}); "
-                          f"ship {fp32} instead")
+        path.unlink()  # a model that was refused must not sit beside the good one looking shippable
+        report["path"] = None
+        report["refused"] = (f"int8 model agrees with float on only {report['top1_agreement']:.4f} of "
+                             f"{report['images']} validation images (need ≥ {INT8_MIN_AGREEMENT}); it was "
+                             f"removed (attempt recorded in export.json); ship {fp32} instead")
     return report
+
+
+@contextmanager
+def _quiet_root_logging():
+    """onnxruntime.quantization logs through the root logger (84 "Increased scale[...]" lines for a lite0);
+    below ERROR those are dropped while it runs. A logger's filter sees only records logged on it, so
+    transferkit's own loggers, which propagate to the root's handlers, are not affected."""
+    root = logging.getLogger()
+
+    def errors_only(record):
+        return record.levelno >= logging.ERROR
+
+    root.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        root.removeFilter(errors_only)
 
 
 class _CalibrationReader:

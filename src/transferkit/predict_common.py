@@ -31,6 +31,30 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
+def model_kind(path: str | Path) -> str:
+    """What a model file is, by its content: "run" (a folder), "safetensors", "onnx" or "torchscript"."""
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        return "run"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return "unknown"
+    # safetensors: an 8-byte little-endian header length, then the JSON header.
+    if len(head) > 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:  # TorchScript archives hold compiled code; torch.save zips do not
+            return "torchscript" if any("/code/" in n or n.startswith("code/") for n in zf.namelist()) else "zip"
+    # ONNX: a protobuf ModelProto, which starts with field 1 (ir_version, a varint): tag byte 0x08.
+    if head[:1] == b"\x08":
+        return "onnx"
+    return "unknown"
+
+
 def check_top_k(top_k: int) -> int:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k must be ≥ 1, not {top_k!r}")

@@ -26,6 +26,7 @@ from ..errors import TrainingError, UsageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
 from ..models.registry import BackboneSpec, Preprocessing, get_spec
+from ..novelty import FILE as NOVELTY_FILE
 from . import distributed
 from . import precision as precisions
 from . import tensorboard
@@ -78,6 +79,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     """Validate, scan (or take the given split), write the run's config and split, build the model.
     `scan`: a split made by the caller (the recipe search's inner hold-out)."""
     cfg.validate()
+    if cfg.out and not resume:
+        refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
     pre = spec.preprocessing.at_size(cfg.image_size, cfg.crop_fraction)
@@ -95,8 +98,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
                     "(and --class-weights auto or --balanced-sampler)")
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
     cfg.out = str(out)
-    if not resume:
-        refuse_to_overwrite(out, cfg.overwrite)
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
     # Only now, with every option checked, does the run folder get its first files.
@@ -127,7 +128,8 @@ def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
                          f"{out}`, or pass --overwrite to replace it")
     log.warning("replacing the run in %s (--overwrite)", out)
     if distributed.is_main():  # until the new run finishes, the folder must not look finished
-        (out / "metrics.json").unlink(missing_ok=True)
+        for name in ("metrics.json", "last.safetensors", "last.json", NOVELTY_FILE):
+            (out / name).unlink(missing_ok=True)
 
 
 def make_source(state: RunState) -> BatchSource:
@@ -424,7 +426,7 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figur
 
 def _write_novelty(state: RunState, source: BatchSource) -> None:
     """RUN/novelty.safetensors from the cached head inputs (novelty.py); runs without them get none."""
-    from ..novelty import FILE, NoveltyReference
+    from ..novelty import NoveltyReference
 
     inputs = source.head_inputs()
     if inputs is None:
@@ -432,7 +434,7 @@ def _write_novelty(state: RunState, source: BatchSource) -> None:
         return
     train, val = (t.float().numpy() for t in inputs)
     ref = NoveltyReference.calibrate(train, val, seed=state.cfg.seed)
-    ref.save(state.out / FILE)
+    ref.save(state.out / NOVELTY_FILE)
     log.info("novelty threshold %.4f (%s)", ref.threshold, ref.info["threshold"])
 
 

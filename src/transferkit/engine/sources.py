@@ -69,6 +69,17 @@ class BatchSource:
         return 1.0 / np.maximum(counts[labels], 1)
 
 
+def feature_identity(spec, preprocessing: dict, weights_file: str | None, pretrained: bool, seed: int) -> dict:
+    """What the cached features of a feature-extract run depend on (features.store_for keys on it)."""
+    if weights_file:
+        weights = f"file:{file_sha256(weights_file)}"
+    elif pretrained:
+        weights = f"pretrained:{spec.weights.url or spec.weights.package}"
+    else:
+        weights = f"scratch:seed{seed}"  # random weights differ by seed
+    return {"model": spec.name, "weights": weights, "preprocessing": preprocessing, "point": spec.cache_point}
+
+
 class CachedFeatureSource(BatchSource):
     """feature-extract: the frozen network runs once per (image, view); epochs train the head only."""
 
@@ -106,14 +117,7 @@ class CachedFeatureSource(BatchSource):
 
     def _identity(self) -> dict:
         st = self.state
-        if st.cfg.weights:
-            weights = f"file:{file_sha256(st.cfg.weights)}"
-        elif st.cfg.pretrained:
-            weights = f"pretrained:{st.spec.weights.url or st.spec.weights.package}"
-        else:
-            weights = f"scratch:seed{st.cfg.seed}"  # random weights differ by seed
-        return {"model": st.spec.name, "weights": weights, "preprocessing": st.pre.to_dict(),
-                "point": st.spec.cache_point}
+        return feature_identity(st.spec, st.pre.to_dict(), st.cfg.weights, st.cfg.pretrained, st.cfg.seed)
 
     def trainable_module(self) -> nn.Module:
         return self.head
