@@ -1,0 +1,292 @@
+"""What a newcomer trips over in the first hour (issue 16), each checked the way a user meets it: the
+command line as a subprocess (one line, exit code, no traceback), the API as called from Python."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image_folder
+from PIL import Image
+
+import transferkit as tk
+from transferkit import cli
+from transferkit.config import TrainConfig
+from transferkit.engine import signals
+from transferkit.engine.fit import fit
+from transferkit.errors import UsageError
+from transferkit.predict import Predictor
+
+SMALL = ["--epochs", "2", "--lr", "0.01", "--image-size", "96"]
+
+
+@pytest.fixture(scope="module")
+def flat_run(tmp_path_factory):
+    """A run trained on a flat class-folder tree (the split is made by transferkit), and its cache."""
+    root = tmp_path_factory.mktemp("first-hour")
+    data = make_image_folder(root / "made", n_train=6, n_val=4, size=48, with_val=False) / "train"
+    cache = root / "feature-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERKIT_FEATURE_CACHE", str(cache))
+        metrics = fit(TrainConfig(data=str(data), out=str(root / "run"), epochs=2, lr=0.01, image_size=96))
+    return SimpleNamespace(data=data, run=root / "run", cache=cache, metrics=metrics, root=root)
+
+
+def tk_cli(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transferkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def foreign_image(path: Path) -> Path:
+    """Nothing like the training images (noisy colour blocks with stripes): a dark digit-like stroke on white."""
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[14:50, 28:36] = 0
+    img[14:20, 20:36] = 0
+    Image.fromarray(img).save(path)
+    return path
+
+
+# ---- 1, 9: evaluate leaves out what the run trained on, and reads cached features ----------------------
+
+
+def test_evaluate_leaves_out_the_training_images_and_uses_the_feature_cache(flat_run):
+    env = {"TRANSFERKIT_FEATURE_CACHE": str(flat_run.cache)}
+    n_train, n_val = flat_run.metrics["train_images"], flat_run.metrics["val_images"]
+    proc = tk_cli("evaluate", flat_run.run, flat_run.data, "--out", flat_run.root / "ev1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"left out {n_train} images the run trained on (--include-train scores them)" in proc.stdout
+    assert f"evaluated {n_val} images" in proc.stdout
+    # The val images' features were cached in training: only the head runs.
+    assert f"features: {n_val} from the cache, 0 computed" in proc.stdout
+    ev = json.loads((flat_run.root / "ev1" / "evaluation.json").read_text())
+    assert ev["n"] == n_val and ev["trained_on"] == {"left_out": n_train, "included": 0, "known": True}
+    # The cached path gives what the whole network gives.
+    full = Predictor(flat_run.run).predict_proba([r["path"] for r in ev["top_losses"]])[0]
+    cached = [r["probability_of_predicted"] for r in ev["top_losses"]]
+    np.testing.assert_allclose(full.max(1), cached, atol=1e-3)
+
+    proc = tk_cli("evaluate", flat_run.run, flat_run.data, "--include-train", "--out", flat_run.root / "ev2", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"included {n_train} images the run trained on" in proc.stdout
+    assert f"evaluated {n_train + n_val} images" in proc.stdout
+
+
+# ---- 2: no silent overwrite, no half-made run folder ---------------------------------------------------
+
+
+def test_a_finished_run_is_not_overwritten_without_overwrite(flat_run, tmp_path):
+    before = (flat_run.run / "metrics.json").read_bytes()
+    proc = tk_cli("train", flat_run.data, "--out", flat_run.run, *SMALL)
+    one_line_error(proc, 2, f"--out {flat_run.run} holds a finished run", "--overwrite")
+    assert (flat_run.run / "metrics.json").read_bytes() == before
+
+    copy = tmp_path / "again"
+    fit(TrainConfig(data=str(flat_run.data), out=str(copy), epochs=1, image_size=96))
+    first = json.loads((copy / "metrics.json").read_text())["wall_seconds"]
+    metrics = fit(TrainConfig(data=str(flat_run.data), out=str(copy), epochs=1, image_size=96, overwrite=True))
+    assert json.loads((copy / "metrics.json").read_text())["wall_seconds"] == metrics["wall_seconds"] != first
+
+
+def test_an_interrupted_run_is_pointed_at_resume(flat_run, tmp_path):
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / "last.safetensors").write_bytes(b"x")
+    with pytest.raises(UsageError, match=f"holds an interrupted run; continue it with `transferkit train --resume {run}`"):
+        fit(TrainConfig(data=str(flat_run.data), out=str(run)))
+
+
+def test_a_run_that_fails_validation_leaves_no_folder(flat_run, tmp_path):
+    run = tmp_path / "never"
+    proc = tk_cli("train", flat_run.data, "--out", run, "--mode", "partial", "--unfreeze", "99", *SMALL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("transferkit:")]
+    assert errors == [proc.stderr.strip().splitlines()[-1]] and "--unfreeze must be between 1 and" in errors[0]
+    assert not run.exists()
+
+
+# ---- 3, 10: predict recognises an .onnx model by content; novelty flags a foreign image ----------------
+
+
+def test_predict_picks_the_engine_by_content_and_flags_a_foreign_image(flat_run, tmp_path):
+    from transferkit.export import export_run
+
+    model = Path(export_run(flat_run.run, "onnx", out=tmp_path / "export")["path"])
+    renamed = tmp_path / "model.bin"  # the content decides, not the name
+    renamed.write_bytes(model.read_bytes())
+    foreign = foreign_image(tmp_path / "digit.png")
+    val = [p for p in sorted(flat_run.data.rglob("*.png")) if str(p) not in
+           {x for x, _ in _train_items(flat_run.run)}]
+    rows_file = tmp_path / "rows.json"
+    proc = tk_cli("predict", renamed, foreign, *val, "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    onnx_rows = json.loads(proc.stdout)
+    assert onnx_rows[0]["label"] in ("ants", "bees") and onnx_rows[0]["novelty"] is None
+
+    proc = tk_cli("predict", flat_run.run, foreign, *val, "--format", "json", "--out", rows_file)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {len(val) + 1} rows to {rows_file}"
+    rows = json.loads(rows_file.read_text())
+    assert set(onnx_rows[0]) == set(rows[0])  # one row shape for every engine
+    assert [r["label"] for r in rows] == [r["label"] for r in onnx_rows]
+    assert rows[0]["novel"] is True
+    assert rows[0]["novelty"] > max(r["novelty"] for r in rows[1:])
+    assert sum(r["novel"] for r in rows[1:]) <= 1  # the threshold is the val scores' 99th percentile
+
+    one_line_error(tk_cli("predict", model, foreign, "--engine", "torch"), 2, "is an ONNX model", "--engine onnx")
+    pt = tmp_path / "model.pt"
+    from transferkit.export import export_torchscript
+    from transferkit.engine.checkpoint import load_checkpoint
+
+    net, meta = load_checkpoint(flat_run.run)
+    export_torchscript(net, meta, pt, torch.zeros(1, 3, 96, 96))
+    one_line_error(tk_cli("predict", pt, foreign), 5, "TorchScript", "--format onnx")
+
+
+def _train_items(run: Path):
+    from transferkit.evaluate import manifest_items
+
+    return manifest_items(run / "split.csv", ["ants", "bees"], "train")
+
+
+def test_predict_exit_code_1_when_a_file_is_unreadable(flat_run, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    good = next(flat_run.data.rglob("*.png"))
+    proc = tk_cli("predict", flat_run.run, good, broken)
+    assert proc.returncode == 1 and "1 of 2 files could not be read" in proc.stderr
+    assert proc.stdout.splitlines()[0] == "path,label,probability,top_k,error,novelty,novel"
+
+
+# ---- 4: a refused int8 model is quiet, removed and recorded ---------------------------------------------
+
+
+def test_a_refused_int8_export_is_quiet_removed_and_recorded(flat_run, tmp_path):
+    out = tmp_path / "export"
+    code = ("import sys, transferkit.export as ex\n"
+            "ex.INT8_MIN_AGREEMENT = 1.01  # no int8 model can pass: the refusal path\n"
+            "from transferkit.cli import main\n"
+            f"sys.exit(main(['export', {str(flat_run.run)!r}, '--quantize', 'int8', '--out', {str(out)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    line = one_line_error(proc, 7, "int8 model agrees with float on only", "removed")
+    assert "Increased scale" not in proc.stderr, line
+    assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
+    recorded = json.loads((out / "export.json").read_text())["int8"]
+    assert recorded["refused"] in line and recorded["path"] is None and recorded["images"] > 0
+
+
+# ---- 5: Ctrl-C during feature extraction stops within a batch, keeps the cache, says how to resume --------
+
+
+def test_ctrl_c_during_feature_extraction_stops_promptly_and_resumes(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", n_train=96, n_val=8, size=32)  # 192 train images: 3 batches
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), signals.BATCH_DELAY_ENV: "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(run),
+                             "--epochs", "1", "--image-size", "64"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(cache.glob("decoded/*/shard-*.u8")):  # the training images are decoded: extraction begins
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("transferkit: interrupted during train features")
+    assert last.endswith(f"resume with: transferkit train --resume {run}") and "Traceback" not in err
+    kept = sum(len(json.loads(p.read_text())["keys"]) for p in cache.glob("*/shard-*.json"))
+    # What was extracted is in the cache, and the stop came within a batch or two (64 images a batch), not
+    # after all three (the first batch may take a while: the extractor is exported and checked first).
+    assert 0 < kept <= 128
+
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(cache))
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    source = json.loads((run / "metrics.json").read_text())["source"]
+    assert source["train"]["hits"] == kept and source["train"]["computed"] == 192 - kept
+
+
+# ---- 6, 8: labels and discoverability ------------------------------------------------------------------
+
+
+def test_one_line_errors_help_defaults_and_version(capsys):
+    one_line_error(tk_cli("predict", "run", "x.png", "--top-k", "0"), 2, "--top-k", "must be ≥ 1")
+    proc = tk_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"transferkit {tk.__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--epochs EPOCHS (default: 15)", "(default: 0.001)", "--batch-size BATCH_SIZE (default: 32)",
+                  "(default: feature-extract)", "--overwrite"):
+        assert shown in text, shown
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--lr", "--optimizer", "--seed", "--val-fraction", "(default: 15)"):
+        assert flag in text, flag
+    with pytest.raises(UsageError, match="--top-k must be ≥ 1"):
+        from transferkit.predict_common import rows_from_probs
+
+        rows_from_probs(["a"], np.ones((1, 2)), [None], ["a", "b"], top_k=0)
+
+
+def test_compare_passes_the_training_options(monkeypatch, tmp_path, capsys):
+    import transferkit.compare as compare_module
+
+    seen = {}
+
+    def fake_compare(data, model, out, epochs, **options):
+        seen.update(options, epochs=epochs)
+        return {"runs": {}, "figure": "f.png"}
+
+    monkeypatch.setattr(compare_module, "compare", fake_compare)
+    assert cli.main(["compare", str(tmp_path), "--lr", "0.01", "--optimizer", "adam", "--seed", "3",
+                     "--val-fraction", "0.3", "--epochs", "2"]) == 0
+    assert seen == {"lr": 0.01, "optimizer": "adam", "seed": 3, "val_fraction": 0.3, "epochs": 2}
+
+
+def test_the_log_and_report_name_a_stratified_split_and_what_training_saw(flat_run):
+    from transferkit.data.transforms import eval_transform
+    from transferkit.engine.fit import _as_seen_in_training
+    from transferkit.engine.sources import CachedFeatureSource
+
+    report = json.loads((flat_run.run / "data_report.json").read_text())
+    assert report["split_source"] == "stratified"
+    cfg = TrainConfig(data="x", views=1)
+    pre = Predictor(flat_run.run).preprocessing
+    state = SimpleNamespace(cfg=cfg, pre=pre)
+    image = Image.open(next(flat_run.data.rglob("*.png"))).convert("RGB")
+    seen = _as_seen_in_training(state, object.__new__(CachedFeatureSource), __import__("random").Random(0))
+    # One cached view: training saw the eval crop, not random-resized crops.
+    assert torch.equal(seen(image), eval_transform(pre)(image))
+
+
+# ---- 7: the Python API ----------------------------------------------------------------------------------
+
+
+def test_api_names_arguments_suggests_close_names_and_tells_the_run_folder(flat_run, tmp_path):
+    with pytest.raises(UsageError, match="unknown argument epoch=3; did you mean epochs="):
+        tk.train(flat_run.data, epoch=3)
+    with pytest.raises(UsageError, match="^epochs must be ≥ 1, not 0$"):
+        tk.train(flat_run.data, epochs=0, out=str(tmp_path / "r"))
+    with pytest.raises(UsageError, match="pass overwrite=True"):
+        tk.train(flat_run.data, out=str(flat_run.run))
+    assert not (tmp_path / "r").exists()
+    assert tk.load(flat_run.run).run_dir_ == flat_run.run
