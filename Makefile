@@ -28,7 +28,7 @@ browser:
 
 demo: install
 	$(PY) -m transferkit data elpv $(DEMO_DATA) --classes 2
-	$(PY) -m transferkit train $(DEMO_DATA) --out $(DEMO_RUN)
+	$(PY) -m transferkit train $(DEMO_DATA) --out $(DEMO_RUN) --overwrite
 
 test: install browser
 	$(PY) -m pytest -q
