@@ -99,7 +99,7 @@ def test_predict_cli_csv_and_json(tiny_folder, tmp_path, capsys):
     _train(tiny_folder, tmp_path / "run", epochs=3)
     assert main(["predict", str(tmp_path / "run"), str(tiny_folder / "val"), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,label,probability,top_k,error" and len(lines) == 1 + 8
+    assert lines[0] == "path,label,probability,top_k,error,novelty,novel" and len(lines) == 1 + 8
     assert main(["predict", str(tmp_path / "run"), str(tiny_folder / "val" / "bees"), "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 4 and all(len(r["top_k"]) == 2 for r in rows)

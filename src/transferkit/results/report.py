@@ -288,7 +288,7 @@ def _data_summary(run: Path, report: dict | None) -> str:
     source = f"<p>Split source: {_e(report['split_source'])}</p>" if report.get("split_source") else ""
     batch = ""
     if (run / "batch_grid.png").is_file():
-        batch = "<h3>A training batch</h3>" + _image(run / "batch_grid.png", "training batch")
+        batch = "<h3>A training batch, as training saw it</h3>" + _image(run / "batch_grid.png", "training batch")
     table = _table(["class", *splits, "all"], rows) if splits else _na("class counts: not available")
     return f"<h2>Data</h2>{source}{table}{_problems(report.get('problems'))}{batch}"
 
