@@ -33,9 +33,11 @@ class Predictor:
         self.preprocessing = preprocessing_of(self.meta)
         self.transform = eval_transform(self.preprocessing)
         self._folding = Folding(self.model)
-        # The run's novelty reference (novelty.py), where its training wrote one.
+        # The run's novelty reference (novelty.py), where its training wrote one; it compares the input
+        # of the classifier head, caught by a hook on the head during the forward pass.
         self.novelty = NoveltyReference.load(resolve_checkpoint(checkpoint).parent / NOVELTY_FILE)
-        self._head = self.model.get_submodule(get_spec(self.meta["architecture"]).cache_point)
+        self._head = self.model.get_submodule(get_spec(self.meta["architecture"]).cache_point) \
+            if self.novelty is not None else None
 
     @torch.inference_mode()
     def predict_proba(self, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
@@ -62,15 +64,16 @@ class Predictor:
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         seen = []
-        hook = self._head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        hook = self._head and self._head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
         self._folding.fold()
         try:
             with precisions.autocast(self.device, self.precision):
                 logits = self.model(x)
         finally:
             self._folding.unfold()
-            hook.remove()
-        return F.softmax(logits.float(), dim=1).cpu().numpy(), seen[0].float().cpu()
+            if hook:
+                hook.remove()
+        return F.softmax(logits.float(), dim=1).cpu().numpy(), (seen[0].float().cpu() if seen else None)
 
     @torch.inference_mode()
     def _probs_and_novelty(self, tensors: list[torch.Tensor]) -> np.ndarray:
