@@ -93,9 +93,17 @@ class Search:
 def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
     """The one entry for training: the search for --recipe auto, else the configured run (engine/fit.py).
     `given`: the options set explicitly (each fixes its piece of the recipe)."""
+    from .engine.fit import fit, refuse_to_overwrite
+    from .models.adapt import check_freeze
+    from .models.registry import get_spec
+
+    if not resume:  # what can be refused is refused before any search time is spent
+        cfg.validate()
+        check_freeze(get_spec(cfg.model), cfg.mode, cfg.unfreeze)
+        if cfg.out:
+            refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
     if cfg.recipe == "auto" and not resume:
         return run(cfg, set(given))
-    from .engine.fit import fit
 
     return fit(cfg, resume=resume)
 

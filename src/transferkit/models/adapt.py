@@ -107,6 +107,13 @@ def _group_index(pname: str, groups: list[list[str]], heads: list[str]) -> int:
     return best
 
 
+def check_freeze(spec: BackboneSpec, mode: str, unfreeze: int) -> None:
+    """apply_freeze's checks on a copy of the network on the meta device (same groups, no memory, no
+    weights), so a bad --unfreeze fails before any scanning or searching."""
+    with torch.device("meta"):
+        apply_freeze(spec.build(), spec, mode, unfreeze)
+
+
 def apply_freeze(model: nn.Module, spec: BackboneSpec, mode: str, unfreeze: int = 0) -> ParamPlan:
     """Set requires_grad by mode: feature-extract trains the head(s), finetune everything, partial the
     top `unfreeze` groups and the head(s). Returns the parameter plan for logging and optimizers."""
