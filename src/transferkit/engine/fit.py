@@ -430,7 +430,7 @@ def _write_novelty(state: RunState, source: BatchSource) -> None:
 
     inputs = source.head_inputs()
     if inputs is None:
-        log.info("novelty scores: available for feature-extract runs with cached features only")
+        log.debug("no novelty reference: it is made from cached head inputs (feature-extract runs)")
         return
     train, val = (t.float().numpy() for t in inputs)
     ref = NoveltyReference.calibrate(train, val, seed=state.cfg.seed)
