@@ -275,10 +275,12 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
         pending_keys += [k for i in items for _, k in todo[i][1]]
         # Write every few thousand rows, and before a requested stop, so an interrupted extraction keeps
         # what it did.
-        if len(pending_keys) >= 2048 or signals.stop_requested():
+        stopping = signals.stop_requested(pause=True)
+        if len(pending_keys) >= 2048 or stopping:
             store.put(pending_keys, torch.cat(pending))
             pending_keys, pending = [], []
-        signals.check_stop(desc, pause=True)
+        if stopping:
+            signals.check_stop(desc)
     if pending_keys:
         store.put(pending_keys, torch.cat(pending))
     warn_undecodable(failed)

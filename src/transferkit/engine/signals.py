@@ -71,16 +71,17 @@ def note_run_dir(run_dir) -> None:
     _run_dir[:] = [str(run_dir)]
 
 
-def stop_requested() -> bool:
+def stop_requested(pause: bool = False) -> bool:
+    """Whether a signal asked to stop; pause: after the test-only delay (feature extraction batches)."""
+    if pause:
+        _test_delay()
     return bool(_requested)
 
 
-def check_stop(phase: str, pause: bool = False, next_step: str | None = None) -> None:
+def check_stop(phase: str, next_step: str | None = None) -> None:
     """Called after each batch of decoding, feature extraction, evaluation and before the report: stop
-    here if a signal asked for it (training batches use `after_batch`). pause: the test-only delay
-    applies (feature extraction batches). next_step: what to tell the user instead of the resume command."""
-    if pause:
-        _test_delay()
+    here if a signal asked for it (training batches use `after_batch`). next_step: what to tell the user
+    instead of the resume command."""
     if _requested:
         if next_step is None:
             next_step = "what was computed is kept in the cache"
