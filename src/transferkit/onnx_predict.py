@@ -98,6 +98,17 @@ class OnnxClassifier:
     def probs_of(self, arrays: list[np.ndarray]) -> np.ndarray:
         return softmax(self.logits(np.stack(arrays)))
 
+    # The row protocol of transferkit.predict.Predictor (serve uses either): no novelty column here.
+    @property
+    def table_width(self) -> int:
+        return len(self.classes)
+
+    def table_of(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return self.probs_of(arrays)
+
+    def rows_of_table(self, paths, table: np.ndarray, errors, top_k: int) -> list[dict]:
+        return rows_from_probs(paths, table, errors, self.classes, top_k)
+
     def predict_proba(self, paths: list[str], batch_size: int = 32):
         return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
 

@@ -75,17 +75,27 @@ class Predictor:
                 hook.remove()
         return F.softmax(logits.float(), dim=1).cpu().numpy(), (seen[0].float().cpu() if seen else None)
 
+    # The rows' table: probabilities, plus the novelty score as a last column where the run has a novelty
+    # reference, from one forward pass. Every consumer (predict, the API, serve's batcher) fills a table of
+    # `table_width` columns with `table_of` and turns it into rows with `rows_of_table`.
+    @property
+    def table_width(self) -> int:
+        return len(self.classes) + (self.novelty is not None)
+
     @torch.inference_mode()
-    def _probs_and_novelty(self, tensors: list[torch.Tensor]) -> np.ndarray:
+    def table_of(self, tensors: list[torch.Tensor]) -> np.ndarray:
         probs, head_inputs = self._forward(tensors)
+        if self.novelty is None:
+            return probs
         return np.concatenate([probs, self.novelty.score(head_inputs.numpy())[:, None]], axis=1)
+
+    def rows_of_table(self, paths, table: np.ndarray, errors, top_k: int) -> list[dict]:
+        if self.novelty is None:
+            return rows_from_probs(paths, table, errors, self.classes, top_k)
+        return rows_from_probs(paths, table[:, :-1], errors, self.classes, top_k,
+                               novelty=table[:, -1], threshold=self.novelty.threshold)
 
     def predict_rows(self, paths: list[str], top_k: int = 3) -> list[dict]:
         check_top_k(top_k)
-        if self.novelty is None:
-            probs, errors = self.predict_proba(paths)
-            return rows_from_probs(paths, probs, errors, self.classes, top_k)
-        # One pass: the novelty score rides along as one more column of the probability table.
-        table, errors = batched_proba(paths, len(self.classes) + 1, self.preprocess, self._probs_and_novelty)
-        return rows_from_probs(paths, table[:, :-1], errors, self.classes, top_k,
-                               novelty=table[:, -1], threshold=self.novelty.threshold)
+        table, errors = batched_proba(paths, self.table_width, self.preprocess, self.table_of)
+        return self.rows_of_table(paths, table, errors, top_k)

@@ -18,7 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from ..data.images import load_rgb_bytes
-from ..predict_common import preprocess_each, rows_from_probs
+from ..predict_common import preprocess_each
 from . import ServeOptions
 from .batching import DynamicBatcher
 from .model import ServedModel
@@ -30,7 +30,7 @@ DEFAULT_TOP_K = 3  # as `transferkit predict`
 
 
 def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
-    batcher = DynamicBatcher(served.classifier.probs_of, options.max_batch, options.max_wait_ms / 1000)
+    batcher = DynamicBatcher(served.classifier.table_of, options.max_batch, options.max_wait_ms / 1000)
     # Decoding gets half the cores: more decoding threads than that only preempt the inference threads
     # (a parallel forward pass waits for its slowest thread) without making images arrive sooner.
     decoder = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="transferkit-decode")
@@ -80,10 +80,10 @@ async def classify(served: ServedModel, batcher: DynamicBatcher, decoder: Thread
 
     loop = asyncio.get_running_loop()
     inputs, rows, errors = await loop.run_in_executor(decoder, preprocess_each, uploads, preprocess)
-    probs = np.full((len(uploads), len(clf.classes)), np.nan, dtype=np.float32)
+    table = np.full((len(uploads), clf.table_width), np.nan, dtype=np.float32)
     if inputs:
-        probs[rows] = await batcher.submit(inputs)
-    return rows_from_probs([u.name for u in uploads], probs, errors, clf.classes, top_k)
+        table[rows] = await batcher.submit(inputs)
+    return clf.rows_of_table([u.name for u in uploads], table, errors, top_k)
 
 
 def _top_k(request: Request) -> int:
