@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
+from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
@@ -57,6 +58,8 @@ _KIND_TEXT = {
     "no_val_images": "{n} {classes} {have} no validation images",
     "duplicate_across_splits": "found {n} validation {images} identical to a training image (leakage; kept)",
     "duplicate_within_split": "found {n} duplicate {images} within a split (kept)",
+    "same_picture_across_splits": "found {n} validation {images} that {are} a re-encoded or resized copy of a "
+                                  "training image (leakage; kept)",
     "no_extension": "used {n} {images} that {have} no file extension",
     "hidden": "ignored {n} hidden {entries} (files or folders)",
     "os_junk": "ignored {n} OS metadata {files} (.DS_Store, Thumbs.db, desktop.ini)",
@@ -84,6 +87,9 @@ class DataScan:
     split_source: str = "folders"  # "folders", "stratified" (made here) or "manifest"
     # sha256 of each usable file, from the verifying scan (empty without it); the feature cache keys on it.
     digests: dict[str, str] = field(default_factory=dict, repr=False)
+    # Picture fingerprints from the same scan (data/fingerprint.py), and what the group-aware split did.
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict, repr=False)
+    grouping: dict = field(default_factory=dict)
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
@@ -121,6 +127,7 @@ class DataScan:
             "classes": self.classes,
             "counts": self.class_counts(),
             "split_source": self.split_source,
+            "duplicate_grouping": self.grouping,
             "imbalance": round(self.imbalance_ratio(), 4),
             "summary": self.summary_lines(),
             "problems": self.problems,
@@ -162,24 +169,35 @@ def file_sha256(path) -> str:
 # ---------------------------------------------------------------- scanning
 
 
-def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=True) -> DataScan:
-    """Scan `root`, check every candidate image and return the usable train/val samples."""
+def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=True,
+                 group_duplicates=True) -> DataScan:
+    """Scan `root`, check every candidate image and return the usable train/val samples.
+
+    A split made here keeps copies of one picture (same content, or re-encoded/resized: see
+    data/fingerprint.py) on one side when `group_duplicates` (and images are verified)."""
     if not 0.0 < val_fraction < 1.0:
         raise UsageError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     root = _check_root(root)
     problems = _Problems(root, strict)
     split_dirs = _find_split_dirs(root, problems)
     found: dict[str, dict[str, list[tuple[str, str | None]]]] = {}
+    fingerprints: dict[str, Fingerprint] = {}
     for split, split_dir in split_dirs.items():
         found[split] = {}
         for name, class_dir in _class_dirs(split_dir, problems):
-            found[split][name] = _check_files(_walk_class(class_dir, problems), problems, verify_images)
+            candidates = _walk_class(class_dir, problems)
+            found[split][name] = _check_files(candidates, problems, verify_images, fingerprints)
+    digests = _hashes(found)
+    pairs = same_picture_pairs(fingerprints)
     if "val" in found:
         scan = _assemble_given_split(root, found["train"], found["val"], problems, split_dirs)
     else:
         scan = _assemble_random_split(root, found["train"], problems, split_dirs["train"], val_fraction, seed)
-    scan.digests = _hashes(found)
+        if group_duplicates and verify_images:
+            _keep_groups_together(scan, groups_of(pairs, digests))
+    scan.digests, scan.fingerprints = digests, fingerprints
     _report_duplicates(scan, scan.digests, problems)
+    _report_same_pictures(scan, pairs, problems)
     scan.problems = dict(problems.items)
     _log_summary(scan)
     return scan
@@ -336,50 +354,55 @@ def _classify_file(path: Path, problems: _Problems) -> tuple[str, bool] | None:
     return str(path), not ext
 
 
-def _check_files(candidates, problems: _Problems, verify: bool) -> list[tuple[str, str | None]]:
-    """Decode (or sniff) each candidate; return the usable ones as (path, sha256 or None)."""
+def _check_files(candidates, problems: _Problems, verify: bool,
+                 fingerprints: dict[str, Fingerprint]) -> list[tuple[str, str | None]]:
+    """Decode (or sniff) each candidate; return the usable ones as (path, sha256 or None) and add
+    their fingerprints (verified images only) to `fingerprints`."""
     check = _verify_one if verify else _sniff_one
     # Pillow releases the GIL while decoding, so a few threads use both cores.
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     usable = []
     try:
-        for (path, no_ext), (kind, detail, sha) in zip(candidates, pool.map(lambda c: check(*c), candidates)):
+        for (path, no_ext), (kind, detail, sha, fp) in zip(candidates, pool.map(lambda c: check(*c), candidates)):
             if kind is not None:
                 problems.add(kind, path, detail)
                 continue
             if no_ext:
                 problems.add("no_extension", path, "no file extension, but a readable image; used")
             usable.append((path, sha))
+            if fp is not None:
+                fingerprints[path] = fp
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return usable
 
 
-def _verify_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None]:
+def _verify_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None, Fingerprint | None]:
+    """(problem kind or None, detail, sha256, fingerprint of the decoded picture)."""
     try:
         img = load_rgb(path)
     except ImageDecodeError as exc:
         if no_ext and exc.kind == "not_an_image":
-            return "non_image", "no file extension and not an image", None
-        return exc.kind, exc.reason, None
+            return "non_image", "no file extension and not an image", None, None
+        return exc.kind, exc.reason, None, None
     width, height = img.size
     if min(width, height) < MIN_SIDE:
-        return "too_small", f"{width}×{height} pixels; a side under {MIN_SIDE} pixels carries no usable detail", None
+        return "too_small", f"{width}×{height} pixels; a side under {MIN_SIDE} pixels carries no usable detail", None, None
     try:
-        return None, "", file_sha256(path)
+        return None, "", file_sha256(path), fingerprint(img)
     except OSError as exc:
-        return "unreadable", f"cannot read file: {exc.strerror or exc}", None
+        return "unreadable", f"cannot read file: {exc.strerror or exc}", None, None
 
 
-def _sniff_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None]:
+def _sniff_one(path: str, no_ext: bool) -> tuple[str | None, str, None, None]:
     """Without verification only extension-less files are opened, to see if they are images."""
     if not no_ext:
-        return None, "", None
+        return None, "", None, None
     try:
         with Image.open(path):
-            return None, "", None
+            return None, "", None, None
     except Exception:  # anything Pillow cannot even identify is not an image for us
-        return "non_image", "no file extension and not an image", None
+        return "non_image", "no file extension and not an image", None, None
 
 
 # ---------------------------------------------------------------- classes and splits
@@ -491,6 +514,33 @@ def _report_duplicates(scan: DataScan, hashes: dict[str, str], problems: _Proble
             problems.add("duplicate_within_split", path, f"same content as {_relative(earlier[0], scan.root)}{clash}")
 
 
+def _keep_groups_together(scan: DataScan, groups: list[list[str]]) -> None:
+    """Group-aware split: copies of one picture all go to the side most of them drew."""
+    side = {path: "train" for path, _ in scan.train} | {path: "val" for path, _ in scan.val}
+    moved = set(one_side_per_group(side, groups))
+    samples = sorted(scan.train + scan.val, key=_sample_key)
+    scan.train = [s for s in samples if side[s[0]] == "train"]
+    scan.val = [s for s in samples if side[s[0]] == "val"]
+    scan.grouping = {"groups": len(groups), "images_in_groups": sum(map(len, groups)), "moved": len(moved)}
+    if groups:
+        logger.info("group-aware split: %d groups of copies (%d images) kept on one side each; %d images moved",
+                    len(groups), scan.grouping["images_in_groups"], len(moved))
+
+
+def _report_same_pictures(scan: DataScan, pairs, problems: _Problems) -> None:
+    """Val images that are a re-encoded/resized copy of a train image (byte copies are reported above)."""
+    split = {path: "train" for path, _ in scan.train} | {path: "val" for path, _ in scan.val}
+    reported = set()
+    for a, b, corr in pairs:
+        if {split.get(a), split.get(b)} != {"train", "val"} or scan.digests.get(a) == scan.digests.get(b):
+            continue
+        train_path, val_path = (a, b) if split[a] == "train" else (b, a)
+        if val_path not in reported:
+            reported.add(val_path)
+            problems.add("same_picture_across_splits", val_path,
+                         f"same picture as {_relative(train_path, scan.root)} (thumbnail correlation {corr:.4f})")
+
+
 def _log_summary(scan: DataScan) -> None:
     counts = scan.class_counts()
     logger.info(
@@ -524,7 +574,7 @@ def read_manifest(path, root, *, verify_images=False) -> DataScan:
             problems.add("missing", full, "listed in the manifest but not found")
             continue
         if verify_images:
-            kind, detail, _ = _verify_one(str(full), not full.suffix)
+            kind, detail, *_ = _verify_one(str(full), not full.suffix)
             if kind is not None:
                 problems.add(kind, full, detail)
                 continue
