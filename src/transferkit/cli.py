@@ -16,6 +16,7 @@ from .errors import TransferkitError
 log = logging.getLogger("transferkit")
 
 EXIT_USAGE = 2
+EXIT_CHECK_FAILED = 9  # data check --strict: train/val leakage or cross-class duplicates
 EXIT_INTERRUPTED = 130
 # Installed by the `train` extra only (pyproject.toml); the base install predicts with ONNX Runtime.
 TRAIN_EXTRA_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "tqdm", "onnx",
@@ -58,6 +59,8 @@ TRAIN_HELP = {
 BOOLEAN_OFF = {"pretrained": "train from scratch (random weights)", "cache": "do not cache features",
                "decoded_cache": "decode images every epoch instead of once into the decoded-image cache",
                "channels_last": "keep NCHW memory layout on CPU"}
+BOOLEAN_BOTH = {"group_duplicates": "a split made here keeps copies of one picture (same bytes, or re-encoded/"
+                                    "resized) on one side (default; --no-group-duplicates: plain stratified split)"}
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -121,7 +124,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         if f.name == "data":
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in BOOLEAN_OFF:
+        if f.name in BOOLEAN_BOTH:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=BOOLEAN_BOTH[f.name])
+        elif f.name in BOOLEAN_OFF:
             p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
                            default=argparse.SUPPRESS, help=BOOLEAN_OFF[f.name])
         elif f.type in ("bool", bool):  # SUPPRESS: an absent flag must not override --config/--resume
@@ -169,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--classes", type=int, choices=(2, 4), default=2)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--group-duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep look-alike images on one side of the split (at the default correlation ELPV has "
+                        "none, so the split is the plain stratified one)")
+    e.add_argument("--group-correlation", type=float, default=None,
+                   help="thumbnail correlation that makes two images one group (default 0.999: re-encoded or "
+                        "resized copies)")
+    _add_check_command(dsub)
     h = dsub.add_parser("hymenoptera", help="the seed tutorials' bees/ants (downloads)")
     h.add_argument("out")
     _add_results_commands(sub)
@@ -230,6 +243,11 @@ def cmd_train(args) -> int:
         metrics = train(cfg, given=options, resume=bool(args.resume))
     if metrics.get("written", True):
         _print_train_summary(metrics)
+        from .datacheck import train_hint
+
+        hint = train_hint(metrics["run_dir"])
+        if hint:
+            print(hint)
     return 0
 
 
@@ -408,8 +426,12 @@ def cmd_serve(args) -> int:
 def cmd_data(args) -> int:
     from .data import builtin
 
+    if args.dataset == "check":
+        return cmd_data_check(args)
     if args.dataset == "elpv":
-        summary = builtin.materialize_elpv(args.out, classes=args.classes, seed=args.seed)
+        grouping = {} if args.group_correlation is None else {"group_correlation": args.group_correlation}
+        summary = builtin.materialize_elpv(args.out, classes=args.classes, seed=args.seed,
+                                           group_duplicates=args.group_duplicates, **grouping)
         print(json.dumps(summary, indent=2, default=str))
     else:
         path = builtin.download_hymenoptera(args.out)
@@ -519,3 +541,45 @@ def cmd_report(args) -> int:
 
 
 COMMANDS.update(evaluate=cmd_evaluate, compare=cmd_compare, export=cmd_export, report=cmd_report)
+
+
+def _add_check_command(dsub) -> None:
+    from .datacheck import Thresholds
+
+    d = Thresholds()
+    c = dsub.add_parser("check", help="duplicates, train/val leakage, likely label errors, outliers, sizes")
+    c.add_argument("data", help="DATA/train/<class>/*, DATA/val/<class>/* (or DATA/<class>/*)")
+    c.add_argument("--model", default="efficientnet_lite0", help="backbone whose cached features are used")
+    c.add_argument("--image-size", type=int, help="as in train: the features of that resolution are used")
+    c.add_argument("--crop-fraction", type=float, help="as in train (1.0 keeps the whole frame)")
+    c.add_argument("--out", help="folder for check.json and check.html (default runs/check-<DATA name>)")
+    c.add_argument("--strict", action="store_true",
+                   help=f"exit {EXIT_CHECK_FAILED} when train/val leakage or cross-class duplicates are found")
+    c.add_argument("--near-cosine", type=float, default=d.near_cosine, help="embedding cosine of a near-duplicate")
+    c.add_argument("--near-pixel", type=float, default=d.near_pixel,
+                   help="thumbnail correlation (best mild crop) that confirms a near-duplicate")
+    c.add_argument("--outlier-z", type=float, default=d.outlier_z, help="robust z-score of an outlier's kNN distance")
+    c.add_argument("--folds", type=int, default=d.folds, help="folds of the label-error probe")
+    c.add_argument("--top", type=int, default=d.top, help="findings of each kind listed in check.json/html")
+
+
+def cmd_data_check(args) -> int:
+    from pathlib import Path
+
+    from .datacheck import Thresholds, run_check, strict_failures, summary_lines
+    from .errors import UsageError
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UsageError(f"DATA {data} is not a folder; expected a folder of class folders (DATA/<class>/*.jpg)")
+    thresholds = Thresholds(args.near_cosine, args.near_pixel, args.outlier_z, args.folds, args.top)
+    out = args.out or str(Path("runs") / f"check-{data.resolve().name}")
+    report = run_check(data, out, args.model, thresholds, args.image_size, args.crop_fraction)
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {report['written_to']}/check.json and check.html")
+    failures = strict_failures(report)
+    if args.strict and failures:
+        sys.stderr.write(f"transferkit: data check --strict: {', '.join(failures)}\n")
+        return EXIT_CHECK_FAILED
+    return 0

@@ -67,6 +67,7 @@ class TrainConfig:
     decoded_cache: bool = True  # image training: decode + resize each image once into a memory-mapped store
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = 0.2
+    group_duplicates: bool = True  # a split made here keeps copies of one picture on one side
     seed: int = 0
     pretrained: bool = True
     weights: str | None = None

@@ -23,6 +23,9 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
+from transferkit.data.fingerprint import (SAME_PICTURE_CORRELATION, fingerprint, groups_of, one_side_per_group,
+                                          same_picture_pairs)
+from transferkit.data.images import load_rgb
 from transferkit.errors import DataError, UsageError
 from transferkit.io import staged_folder
 
@@ -44,9 +47,15 @@ _CHUNK = 1 << 20
 # ---------------------------------------------------------------- ELPV
 
 
-def materialize_elpv(out, classes=2, seed=0) -> dict:
+def materialize_elpv(out, classes=2, seed=0, group_duplicates=True,
+                     group_correlation=SAME_PICTURE_CORRELATION) -> dict:
     """Write the ELPV images as OUT/{train,val}/<class>/*.png (75/25, stratified by defect
     probability × cell type). Re-running with the same arguments does nothing.
+
+    With `group_duplicates`, images whose thumbnails correlate at `group_correlation` or more
+    (data/fingerprint.py) are kept on one side. At the default threshold ELPV has no such pair, so
+    the split is the one made without grouping; a lower threshold (e.g. 0.995, neighbouring cells of
+    one module) moves images, and the folder records it.
 
     Files are hard links to the package's images where possible (no extra space), so edit
     copies of them rather than the files in place."""
@@ -54,6 +63,10 @@ def materialize_elpv(out, classes=2, seed=0) -> dict:
         raise UsageError(f"ELPV comes with 2 classes (functional/defective) or 4 (defect probability levels), not {classes}")
     out = Path(out).expanduser()
     wanted = {"format": ELPV_FORMAT, "classes": classes, "seed": seed}
+    if not group_duplicates or group_correlation != SAME_PICTURE_CORRELATION:
+        # Only a non-default grouping is part of the folder's identity: folders made before grouping
+        # existed hold the same split as the default (ELPV has no copies at the default threshold).
+        wanted["group_correlation"] = group_correlation if group_duplicates else None
     existing = _existing_elpv(out, wanted)
     if existing is not None:
         logger.info("ELPV already materialized in %s", out)
@@ -122,6 +135,7 @@ def _write_elpv(out: Path, data_dir: Path, records: list[dict], wanted: dict) ->
         list(range(len(records))), test_size=ELPV_VAL_FRACTION, random_state=wanted["seed"], stratify=strata
     )
     splits = {i: "train" for i in train_idx} | {i: "val" for i in val_idx}
+    grouping = _group_elpv(data_dir, records, splits, wanted.get("group_correlation", SAME_PICTURE_CORRELATION))
     # Built next to OUT and renamed at the end, so an interrupted run leaves no half dataset in OUT.
     with staged_folder(out) as staging:
         methods = Counter()
@@ -132,9 +146,22 @@ def _write_elpv(out: Path, data_dir: Path, records: list[dict], wanted: dict) ->
             target.parent.mkdir(parents=True, exist_ok=True)
             methods[_link_or_copy(data_dir / record["file"], target)] += 1
             files.append({**record, "split": splits[i], "class": name})
-        summary = _elpv_summary(out, files, wanted, methods)
+        summary = {**_elpv_summary(out, files, wanted, methods), "duplicate_grouping": grouping}
         (staging / ELPV_MANIFEST).write_text(json.dumps({**summary, "files": files}, indent=1) + "\n", encoding="utf-8")
     return {**summary, "created": True}
+
+
+def _group_elpv(data_dir: Path, records: list[dict], splits: dict[int, str], threshold: float | None) -> dict:
+    """Keep groups of look-alike images on one side of the split (in place); what was done."""
+    if threshold is None:
+        return {"enabled": False}
+    fingerprints = {i: fingerprint(load_rgb(data_dir / r["file"])) for i, r in enumerate(records)}
+    groups = groups_of(same_picture_pairs(fingerprints, threshold))
+    moved = one_side_per_group(splits, groups)
+    logger.info("ELPV group-aware split (thumbnail correlation >= %s): %d groups of %d images, %d moved",
+                threshold, len(groups), sum(map(len, groups)), len(moved))
+    return {"enabled": True, "correlation": threshold, "groups": len(groups),
+            "images_in_groups": sum(map(len, groups)), "moved": len(moved)}
 
 
 def _link_or_copy(source: Path, target: Path) -> str:

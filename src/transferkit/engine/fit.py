@@ -90,7 +90,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     scan = distributed.share_from_main(
         lambda: given if given is not None
         else read_manifest(Path(cfg.out) / "split.csv", cfg.data) if resume  # the run's own split
-        else scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict))
+        else scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
+                          group_duplicates=cfg.group_duplicates))
     for line in scan.summary_lines() if given is None else []:
         log.warning(line)
     if scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":

@@ -1,0 +1,383 @@
+"""`transferkit data check`: what is wrong with a dataset before anyone trusts a score on it.
+
+Everything comes from two passes that training makes anyway: the data scan (sha256 and a picture
+fingerprint of every file, data/folders.py) and the cached backbone embedding of every image
+(engine/embeddings.py, the feature cache `train` shares). From them:
+
+- exact duplicates (same sha256) and near-duplicates (embedding cosine ≥ near_cosine among each image's
+  nearest neighbours, confirmed by thumbnail correlation under mild crops ≥ near_pixel), each pair
+  labelled within a class, across classes (a conflict) or across train/val (leakage);
+- likely label errors: out-of-fold probabilities of a k-fold logistic-regression probe on the
+  standardized embeddings, flagged confident-learning style (an image whose probability for another
+  class reaches that class's mean self-confidence), ranked by self-confidence;
+- outliers: mean cosine distance to the k nearest neighbours, flagged at a robust z-score;
+- class balance and image sizes, and the files the scan could not use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.fingerprint import aligned_similarity, crop_thumbnails
+from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
+from .data.images import load_rgb
+from .errors import DataError, UsageError
+from .io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# Kinds of finding that make `data check --strict` fail.
+STRICT_KINDS = ("leakage", "conflict")
+NEIGHBOURS = 5  # k of the kNN used for near-duplicate candidates and outlier distances
+LABEL_NEIGHBOURS = 3  # images of the suggested class shown beside a likely label error
+
+
+@dataclass
+class Thresholds:
+    near_cosine: float = 0.90  # embedding cosine for a near-duplicate candidate
+    near_pixel: float = 0.95  # thumbnail correlation (best mild crop) that confirms it
+    outlier_z: float = 5.0  # robust z-score of the kNN distance
+    folds: int = 5  # k of the k-fold linear probe
+    top: int = 50  # findings of each kind listed in check.json / check.html (all are counted)
+
+    def validate(self) -> "Thresholds":
+        for name in ("near_cosine", "near_pixel"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be between -1 and 1, not {getattr(self, name)}")
+        if self.outlier_z <= 0:
+            raise UsageError(f"--outlier-z must be > 0, not {self.outlier_z}")
+        if self.folds < 2:
+            raise UsageError(f"--folds must be ≥ 2, not {self.folds}")
+        if self.top < 1:
+            raise UsageError(f"--top must be ≥ 1, not {self.top}")
+        return self
+
+
+@dataclass
+class Items:
+    """The usable images in one order (path, class index, split) and their unit embeddings (rows of z)."""
+
+    root: Path
+    classes: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    z: np.ndarray
+
+    def describe(self, i: int) -> dict:
+        return {"path": Path(os.path.relpath(self.paths[i], self.root)).as_posix(),
+                "class": self.classes[self.labels[i]], "split": self.splits[i]}
+
+
+def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Thresholds | None = None,
+              image_size: int | None = None, crop_fraction: float | None = None) -> dict:
+    """Check the folder `data`; write OUT/check.json and OUT/check.html; return check.json's content."""
+    from .engine.embeddings import embed_images  # torch: imported only when a check runs
+    from .results.check_html import write_check_html
+
+    t0 = time.perf_counter()
+    th = (thresholds or Thresholds()).validate()
+    scan = scan_dataset(data)
+    samples = scan.train + scan.val
+    splits = ["train"] * len(scan.train) + ["val"] * len(scan.val)
+    x, ok, stats = embed_images([p for p, _ in samples], scan.digests, model, image_size, crop_fraction)
+    if x is None:
+        raise DataError(f"no image in {data} could be read for the check")
+    kept = [i for i, good in enumerate(ok) if good]
+    items = Items(scan.root, scan.classes, [samples[i][0] for i in kept],
+                  np.array([samples[i][1] for i in kept]), [splits[i] for i in kept], _unit_rows(x))
+    neighbours = _nearest(items.z, NEIGHBOURS)
+    report = {
+        "data": str(scan.root),
+        "classes": scan.classes,
+        "split_source": scan.split_source,
+        "thresholds": asdict(th),
+        "features": {k: stats[k] for k in ("model", "hits", "computed", "seconds", "cache")},
+        "summary": _summary(scan, items),
+        "exact_duplicates": _exact_duplicates(items, scan.digests),
+        "near_duplicates": _near_duplicates(items, neighbours, scan.digests, th),
+        "label_errors": _label_errors(items, th),
+        "outliers": _outliers(items, neighbours, th),
+        "unusable_files": _unusable(scan),
+    }
+    report["counts"] = _counts(report)
+    report["listed"] = th.top
+    for kind in ("exact_duplicates", "near_duplicates", "label_errors", "outliers"):
+        report[kind] = report[kind][:th.top]
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    out = Path(out)
+    atomic_write_json(out / "check.json", report)
+    write_check_html(report, out / "check.html")
+    return {**report, "written_to": str(out)}
+
+
+def strict_failures(report: dict) -> list[str]:
+    """What makes --strict fail: pairs across train/val (leakage) or across classes (conflict)."""
+    counts = report["counts"]
+    return [f"{counts[f'{kind}_pairs']} {kind} pairs" for kind in STRICT_KINDS if counts[f"{kind}_pairs"]]
+
+
+# ---------------------------------------------------------------- neighbours
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _nearest(z: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, cosines) of each row's k nearest other rows, best first; blockwise to bound memory."""
+    k = min(k, len(z) - 1)
+    idx = np.zeros((len(z), k), dtype=np.int64)
+    cos = np.zeros((len(z), k), dtype=np.float32)
+    if k < 1:
+        return idx, cos
+    for start in range(0, len(z), block):
+        sims = z[start:start + block] @ z.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, rows + start] = -np.inf  # not its own neighbour
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1)
+        idx[start:start + block] = np.take_along_axis(part, order, 1)
+        cos[start:start + block] = np.take_along_axis(sims, idx[start:start + block], 1)
+    return idx, cos
+
+
+def _pair(items: Items, i: int, j: int, **scores) -> dict:
+    """A duplicate pair; leakage (train vs val) before conflict (two classes) before within_class."""
+    if items.splits[i] == "val" and items.splits[j] == "train":
+        i, j = j, i  # train first: "this val image is a copy of that train image"
+    if items.splits[i] != items.splits[j]:
+        relation = "leakage"
+    else:
+        relation = "conflict" if items.labels[i] != items.labels[j] else "within_class"
+    return {"relation": relation, "a": items.describe(i), "b": items.describe(j), **scores}
+
+
+RELATIONS = ("leakage", "conflict", "within_class")
+
+
+# ---------------------------------------------------------------- duplicates
+
+
+def _exact_duplicates(items: Items, digests: dict[str, str]) -> list[dict]:
+    by_sha: dict[str, list[int]] = defaultdict(list)
+    for i, path in enumerate(items.paths):
+        if digests.get(path):
+            by_sha[digests[path]].append(i)
+    pairs = [_pair(items, group[0], other, sha256=digests[items.paths[group[0]]][:16])
+             for group in by_sha.values() for other in group[1:]]
+    return sorted(pairs, key=lambda p: RELATIONS.index(p["relation"]))
+
+
+def _near_duplicates(items: Items, neighbours, digests: dict[str, str], th: Thresholds) -> list[dict]:
+    """Embedding neighbours at near_cosine or more whose pixels agree at near_pixel (under mild crops);
+    byte copies are left to _exact_duplicates. Best pixel agreement first."""
+    idx, cos = neighbours
+    candidates: dict[tuple[int, int], float] = {}
+    for i, row in enumerate(idx):
+        for j, c in zip(row, cos[i]):
+            a, b = sorted((i, int(j)))
+            if c >= th.near_cosine and digests.get(items.paths[a], a) != digests.get(items.paths[b], b):
+                candidates[(a, b)] = float(c)
+    thumbs = _crop_thumbnails(items.paths, sorted({k for pair in candidates for k in pair}))
+    found = []
+    for (a, b), c in candidates.items():
+        if a in thumbs and b in thumbs:
+            pixel = aligned_similarity(thumbs[a], thumbs[b])
+            if pixel >= th.near_pixel:
+                found.append(_pair(items, a, b, cosine=round(c, 4), pixel=round(pixel, 4)))
+    return sorted(found, key=lambda p: (-p["pixel"], -p["cosine"]))
+
+
+def _crop_thumbnails(paths: list[str], which: list[int]) -> dict[int, np.ndarray]:
+    def one(i):
+        try:
+            return i, crop_thumbnails(load_rgb(paths[i]))
+        except Exception:  # noqa: BLE001 - a file that changed since the scan just drops out
+            return i, None
+
+    # Pillow releases the GIL while decoding and resizing: threads use every core.
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return {i: t for i, t in pool.map(one, which) if t is not None}
+
+
+# ---------------------------------------------------------------- label errors
+
+
+def _label_errors(items: Items, th: Thresholds) -> list[dict]:
+    """Confident learning on out-of-fold probabilities: image i (labelled y) is a likely label error
+    when some other class j reaches p[i, j] ≥ t_j, t_j = mean p[k, j] over images labelled j, and j is
+    the most probable such class. Ranked by self-confidence p[i, y], lowest first."""
+    probs = out_of_fold_probabilities(items.z, items.labels, len(items.classes), th.folds)
+    if probs is None:
+        return []
+    n_classes = probs.shape[1]
+    thresholds = np.array([probs[items.labels == j, j].mean() if (items.labels == j).any() else 1.0
+                           for j in range(n_classes)])
+    above = np.where(probs >= thresholds, probs, -1.0)
+    believed = above.argmax(1)
+    flagged = np.nonzero((above.max(1) >= 0) & (believed != items.labels))[0]
+    rows = []
+    for i in flagged:
+        y, j = int(items.labels[i]), int(believed[i])
+        rows.append({**items.describe(i), "self_confidence": round(float(probs[i, y]), 4),
+                     "suggested": items.classes[j], "suggested_probability": round(float(probs[i, j]), 4),
+                     "neighbours_of_suggested": _neighbours_in_class(items, i, j)})
+    return sorted(rows, key=lambda r: r["self_confidence"])
+
+
+def out_of_fold_probabilities(z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int) -> np.ndarray | None:
+    """(n, n_classes) probabilities, each from a probe that did not see the image; None when a class
+    has fewer than 2 images (no fold could hold it out)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    counts = np.bincount(labels, minlength=n_classes)
+    smallest = counts[counts > 0].min()
+    if smallest < 2:
+        log.warning("label-error search skipped: a class has only 1 image")
+        return None
+    cv = StratifiedKFold(n_splits=int(min(folds, smallest)), shuffle=True, random_state=0)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+    present = np.unique(labels)
+    probs = np.zeros((len(labels), n_classes))
+    probs[:, present] = cross_val_predict(probe, z, labels, cv=cv, method="predict_proba")
+    return probs
+
+
+def _neighbours_in_class(items: Items, i: int, label: int) -> list[dict]:
+    members = np.nonzero(items.labels == label)[0]
+    members = members[members != i]
+    best = members[np.argsort(-(items.z[members] @ items.z[i]))[:LABEL_NEIGHBOURS]]
+    return [items.describe(int(k)) for k in best]
+
+
+# ---------------------------------------------------------------- outliers and summary
+
+
+def _outliers(items: Items, neighbours, th: Thresholds) -> list[dict]:
+    """Images far from all others: mean cosine distance to the k nearest, robust z ≥ outlier_z."""
+    idx, cos = neighbours
+    if idx.shape[1] == 0:
+        return []
+    distance = 1.0 - cos.mean(1)
+    median = float(np.median(distance))
+    spread = 1.4826 * float(np.median(np.abs(distance - median))) or 1e-12  # MAD as a standard deviation
+    z = (distance - median) / spread
+    rows = [{**items.describe(i), "knn_distance": round(float(distance[i]), 4), "robust_z": round(float(z[i]), 2),
+             "nearest_class": items.classes[int(np.bincount(items.labels[idx[i]]).argmax())]}
+            for i in np.nonzero(z >= th.outlier_z)[0]]
+    return sorted(rows, key=lambda r: -r["robust_z"])
+
+
+def _summary(scan: DataScan, items: Items) -> dict:
+    sizes = [scan.fingerprints[p].size for p in items.paths if p in scan.fingerprints]
+    widths, heights = (np.array([s[k] for s in sizes]) for k in (0, 1))
+    common = Counter(sizes).most_common(3)
+    return {
+        "images": len(items.paths),
+        "counts": scan.class_counts(),
+        "imbalance": round(scan.imbalance_ratio(), 3),
+        "sizes": {
+            "width": _range(widths), "height": _range(heights), "distinct": len(set(sizes)),
+            "most_common": [{"size": f"{w}x{h}", "images": n} for (w, h), n in common],
+        } if sizes else {},
+    }
+
+
+def _range(values: np.ndarray) -> dict:
+    return {"min": int(values.min()), "median": int(np.median(values)), "max": int(values.max())}
+
+
+def _unusable(scan: DataScan) -> list[dict]:
+    return [{"kind": kind, **row} for kind, rows in scan.problems.items()
+            if kind not in INFORMATIONAL_KINDS for row in rows]
+
+
+def _counts(report: dict) -> dict:
+    pairs = report["exact_duplicates"] + report["near_duplicates"]
+    by_relation = Counter(p["relation"] for p in pairs)
+    return {
+        "exact_duplicate_pairs": len(report["exact_duplicates"]),
+        "near_duplicate_pairs": len(report["near_duplicates"]),
+        **{f"{r}_pairs": by_relation.get(r, 0) for r in RELATIONS},
+        "val_images_with_train_copy": len({p["b"]["path"] for p in pairs if p["relation"] == "leakage"}),
+        "label_errors": len(report["label_errors"]),
+        "outliers": len(report["outliers"]),
+        "unusable_files": len(report["unusable_files"]),
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The one-screen terminal summary."""
+    c, th, s = report["counts"], report["thresholds"], report["summary"]
+    counts = s["counts"]
+    per_class = ", ".join(f"{name} {counts['train'][name]}/{counts['val'][name]}" for name in report["classes"])
+    feats = report["features"]
+    lines = [
+        f"checked {s['images']} images in {report['data']} ({report['split_source']} split; train/val per class: "
+        f"{per_class}; largest/smallest class {s['imbalance']:.2f})",
+        f"features: {feats['model']}, {feats['hits']} cached, {feats['computed']} computed; "
+        f"check took {report['seconds']:.1f}s",
+    ]
+    if s.get("sizes"):
+        w, h = s["sizes"]["width"], s["sizes"]["height"]
+        lines.append(f"image sizes: width {w['min']}-{w['max']} (median {w['median']}), height {h['min']}-{h['max']} "
+                     f"(median {h['median']}), {s['sizes']['distinct']} distinct")
+    lines += [
+        f"exact duplicates: {c['exact_duplicate_pairs']} pairs (same sha256)",
+        f"near-duplicates:  {c['near_duplicate_pairs']} pairs (embedding cosine >= {th['near_cosine']}, "
+        f"thumbnail correlation >= {th['near_pixel']} under mild crops)",
+        f"  of all duplicate pairs: {c['leakage_pairs']} across train/val (leakage, {c['val_images_with_train_copy']} "
+        f"val images), {c['conflict_pairs']} across classes (conflict), {c['within_class_pairs']} within a class",
+        f"likely label errors: {c['label_errors']} ({th['folds']}-fold linear probe, confident learning)",
+        f"outliers: {c['outliers']} (kNN distance robust z >= {th['outlier_z']}); unusable files: {c['unusable_files']}",
+    ]
+    for kind, title in (("label_errors", "worst label error"), ("outliers", "worst outlier")):
+        if report[kind]:
+            row = report[kind][0]
+            extra = f", looks like {row['suggested']}" if kind == "label_errors" else ""
+            lines.append(f"{title}: {row['path']} ({row['class']}{extra})")
+    return lines
+
+
+# ---------------------------------------------------------------- the hint `train` prints
+
+LEAKAGE_KINDS = ("duplicate_across_splits", "same_picture_across_splits")
+CONFIDENT_MISTAKE = 0.95  # a val image the model gets wrong with this much confidence may be mislabelled
+MANY_CONFIDENT_MISTAKES = 5
+
+
+def train_hint(run_dir) -> str | None:
+    """One line for `train` to print when its run shows leakage (copies of train images in val, from the
+    scan) or many confident mistakes on val (likely label errors); None when neither."""
+    import json
+
+    run = Path(run_dir)
+    try:
+        problems = json.loads((run / "data_report.json").read_text(encoding="utf-8")).get("problems", {})
+        losses = json.loads((run / "evaluation.json").read_text(encoding="utf-8")).get("top_losses", [])
+    except (OSError, ValueError):
+        return None
+    leaked = sum(len(problems.get(kind, ())) for kind in LEAKAGE_KINDS)
+    confident = sum(1 for row in losses if row.get("probability_of_predicted", 0) >= CONFIDENT_MISTAKE)
+    found = []
+    if leaked:
+        found.append(f"{leaked} val images are copies of train images (leakage: val accuracy is optimistic)")
+    if confident >= MANY_CONFIDENT_MISTAKES:
+        found.append(f"{confident} val images are misclassified with ≥{CONFIDENT_MISTAKE:.0%} confidence "
+                     "(possible label errors)")
+    if not found:
+        return None
+    return f"data: {'; '.join(found)}; run `transferkit data check DATA` to see them"
