@@ -43,7 +43,7 @@ LABEL_NEIGHBOURS = 3  # images of the suggested class shown beside a likely labe
 @dataclass
 class Thresholds:
     near_cosine: float = 0.90  # embedding cosine for a near-duplicate candidate
-    near_pixel: float = 0.95  # thumbnail correlation (best mild crop) that confirms it
+    near_pixel: float = 0.99  # thumbnail correlation (best mild crop) that confirms it
     outlier_z: float = 5.0  # robust z-score of the kNN distance
     folds: int = 5  # k of the k-fold linear probe
     top: int = 50  # findings of each kind listed in check.json / check.html (all are counted)
@@ -214,24 +214,27 @@ def _crop_thumbnails(paths: list[str], which: list[int]) -> dict[int, np.ndarray
 
 
 def _label_errors(items: Items, th: Thresholds) -> list[dict]:
-    """Confident learning on out-of-fold probabilities: image i (labelled y) is a likely label error
-    when some other class j reaches p[i, j] ≥ t_j, t_j = mean p[k, j] over images labelled j, and j is
-    the most probable such class. Ranked by self-confidence p[i, y], lowest first."""
+    """Images whose out-of-fold probabilities favour another class, ranked by self-confidence p[i, y]
+    (lowest first). `confident` marks confident learning's label issues: the most probable class j
+    among those with p[i, j] ≥ t_j (t_j = mean p[k, j] over images labelled j) is not the label."""
     probs = out_of_fold_probabilities(items.z, items.labels, len(items.classes), th.folds)
     if probs is None:
         return []
-    n_classes = probs.shape[1]
+    n, n_classes = probs.shape
     thresholds = np.array([probs[items.labels == j, j].mean() if (items.labels == j).any() else 1.0
                            for j in range(n_classes)])
     above = np.where(probs >= thresholds, probs, -1.0)
-    believed = above.argmax(1)
-    flagged = np.nonzero((above.max(1) >= 0) & (believed != items.labels))[0]
+    confident = (above.max(1) >= 0) & (above.argmax(1) != items.labels)
+    others = probs.copy()
+    others[np.arange(n), items.labels] = -1.0
+    believed = others.argmax(1)  # the most probable class other than the label
+    disagree = probs[np.arange(n), believed] > probs[np.arange(n), items.labels]
     rows = []
-    for i in flagged:
+    for i in np.nonzero(confident | disagree)[0]:
         y, j = int(items.labels[i]), int(believed[i])
         rows.append({**items.describe(i), "self_confidence": round(float(probs[i, y]), 4),
                      "suggested": items.classes[j], "suggested_probability": round(float(probs[i, j]), 4),
-                     "neighbours_of_suggested": _neighbours_in_class(items, i, j)})
+                     "confident": bool(confident[i]), "neighbours_of_suggested": _neighbours_in_class(items, i, j)})
     return sorted(rows, key=lambda r: r["self_confidence"])
 
 
@@ -313,7 +316,8 @@ def _counts(report: dict) -> dict:
         "near_duplicate_pairs": len(report["near_duplicates"]),
         **{f"{r}_pairs": by_relation.get(r, 0) for r in RELATIONS},
         "val_images_with_train_copy": len({p["b"]["path"] for p in pairs if p["relation"] == "leakage"}),
-        "label_errors": len(report["label_errors"]),
+        "label_errors": sum(r["confident"] for r in report["label_errors"]),
+        "label_disagreements": len(report["label_errors"]),
         "outliers": len(report["outliers"]),
         "unusable_files": len(report["unusable_files"]),
     }
@@ -341,7 +345,8 @@ def summary_lines(report: dict) -> list[str]:
         f"thumbnail correlation >= {th['near_pixel']} under mild crops)",
         f"  of all duplicate pairs: {c['leakage_pairs']} across train/val (leakage, {c['val_images_with_train_copy']} "
         f"val images), {c['conflict_pairs']} across classes (conflict), {c['within_class_pairs']} within a class",
-        f"likely label errors: {c['label_errors']} ({th['folds']}-fold linear probe, confident learning)",
+        f"likely label errors: {c['label_errors']} by confident learning, {c['label_disagreements']} where a "
+        f"{th['folds']}-fold linear probe favours another class",
         f"outliers: {c['outliers']} (kNN distance robust z >= {th['outlier_z']}); unusable files: {c['unusable_files']}",
     ]
     for kind, title in (("label_errors", "worst label error"), ("outliers", "worst outlier")):

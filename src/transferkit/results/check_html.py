@@ -27,8 +27,8 @@ def write_check_html(report: dict, path: Path) -> Path:
         _section(f"Near-duplicates (embedding cosine ≥ {th['near_cosine']}, thumbnail correlation ≥ "
                  f"{th['near_pixel']} under mild crops)", report, "near_duplicates",
                  lambda r: _pair_row(root, r, f"cosine {r['cosine']}, pixels {r['pixel']}")),
-        _section(f"Likely label errors ({th['folds']}-fold linear probe, confident learning; shown with the "
-                 "nearest images of the class the probe believes)", report, "label_errors",
+        _section(f"Likely label errors ({th['folds']}-fold linear probe, lowest self-confidence first; shown "
+                 "with the nearest images of the class the probe believes)", report, "label_errors",
                  lambda r: _label_row(root, r)),
         _section(f"Outliers (kNN distance, robust z ≥ {th['outlier_z']})", report, "outliers",
                  lambda r: _row([_figure(root, r)], f"distance {r['knn_distance']}, z {r['robust_z']}; "
@@ -50,7 +50,8 @@ def _counts_table(report: dict) -> str:
 
 def _section(title: str, report: dict, kind: str, render) -> str:
     rows = report[kind]
-    total = report["counts"].get(kind, report["counts"].get(f"{kind[:-1]}_pairs", len(rows)))
+    counts = report["counts"]
+    total = counts.get(f"{kind[:-1]}_pairs", counts.get("label_disagreements" if kind == "label_errors" else kind))
     more = f" (the first {len(rows)} of {total})" if total > len(rows) else ""
     body = "".join(render(r) for r in rows) if rows else "<p>none found</p>"
     return f"<h2>{_e(title)}{_e(more)}</h2>{body}"
@@ -76,8 +77,9 @@ def _pair_row(root: Path, pair: dict, scores: str) -> str:
 def _label_row(root: Path, row: dict) -> str:
     figures = [_figure(root, row, f" (self-confidence {row['self_confidence']})")]
     figures += [_figure(root, n) for n in row["neighbours_of_suggested"]]
+    verdict = "confident learning: label issue" if row["confident"] else "probe disagrees"
     return _row(figures, f"labelled {row['class']}, looks like {row['suggested']} "
-                         f"(p = {row['suggested_probability']})")
+                         f"(p = {row['suggested_probability']}; {verdict})")
 
 
 def _sizes(report: dict) -> str:

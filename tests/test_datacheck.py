@@ -1,0 +1,273 @@
+"""`transferkit data check` on a folder of real images (ELPV cells, mono vs poly) with planted problems,
+and on the same folder untouched; the group-aware split; the hint `train` prints.
+
+Planted (each kind three or more times): byte copies renamed across the split, copies re-encoded as
+JPEG across the split, mild crops / resizes of train images in val, flipped labels, images of an
+unrelated kind (scikit-image's photographs), and a byte copy filed under the other class."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import make_image_folder
+from PIL import Image
+
+from transferkit.cli import EXIT_CHECK_FAILED, main
+from transferkit.data.builtin import _elpv_data_dir, _read_elpv_labels
+from transferkit.data.folders import scan_dataset
+from transferkit.datacheck import Thresholds, run_check, train_hint
+
+skimage_data = pytest.importorskip("skimage.data")
+
+PER_CLASS = {"train": 24, "val": 8}
+N_PLANTED = 3
+
+
+def _base_folder(root, seed=0):
+    """ELPV cells judged functional (p = 0), split by cell type: mono / poly; {split: {class: [paths]}}."""
+    data_dir = _elpv_data_dir()
+    records = [r for r in _read_elpv_labels(data_dir / "labels.csv") if r["probability"] == 0]
+    rng = np.random.default_rng(seed)
+    files = {}
+    for cell_type in ("mono", "poly"):
+        pool = [r["file"] for r in records if r["type"] == cell_type]
+        chosen = rng.choice(pool, PER_CLASS["train"] + PER_CLASS["val"], replace=False)
+        for split, part in (("train", chosen[:PER_CLASS["train"]]), ("val", chosen[PER_CLASS["train"]:])):
+            folder = root / split / cell_type
+            folder.mkdir(parents=True, exist_ok=True)
+            for rel in part:
+                shutil.copyfile(data_dir / rel, folder / rel.split("/")[-1])
+            files.setdefault(split, {})[cell_type] = sorted(folder.iterdir())
+    return files
+
+
+def _save_jpeg(img, path, quality=85):
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, "JPEG", quality=quality)
+    path.write_bytes(buffer.getvalue())
+
+
+def _plant(root, files):
+    """Plant every kind of problem; return what was planted, as paths relative to root."""
+    rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
+    train, val = files["train"], files["val"]
+    planted = {"copies": [], "near": [], "flipped": [], "unrelated": [], "conflict": []}
+    for k in range(N_PLANTED):
+        src = train["mono"][k]  # byte copy, renamed, in val
+        dst = root / "val" / "mono" / f"renamed_{k}.png"
+        shutil.copyfile(src, dst)
+        planted["copies"].append((rel(src), rel(dst)))
+    for k in range(N_PLANTED):  # re-encoded copies: JPEG, other name, in val
+        src = train["poly"][k]
+        dst = root / "val" / "poly" / f"reencoded_{k}.jpg"
+        _save_jpeg(Image.open(src), dst)
+        planted["near"].append((rel(src), rel(dst)))
+    crops = [(0.06, 0.03, 1.0, 1.0), (0.0, 0.0, 0.93, 0.95), (0.04, 0.04, 0.96, 0.96)]
+    for k, (x0, y0, x1, y1) in enumerate(crops):  # mild crops and resizes of train images in val
+        src = train["mono"][N_PLANTED + k]
+        img = Image.open(src)
+        w, h = img.size
+        cropped = img.crop((int(x0 * w), int(y0 * h), int(x1 * w), int(y1 * h))).resize((int(0.8 * w), int(0.8 * h)))
+        dst = root / "val" / "mono" / f"crop_{k}.png"
+        cropped.save(dst)
+        planted["near"].append((rel(src), rel(dst)))
+    for k in range(N_PLANTED):  # flipped labels: mono cells filed as poly (spread over the class:
+        src = train["mono"][8 + 6 * k]  # neighbouring cell numbers come from one module and look alike)
+        dst = root / "train" / "poly" / src.name
+        shutil.move(src, dst)
+        planted["flipped"].append(rel(dst))
+    for k, name in enumerate(("astronaut", "coffee", "chelsea")):  # another kind of picture entirely
+        dst = root / "train" / ("mono", "poly", "mono")[k] / f"{name}.png"
+        Image.fromarray(getattr(skimage_data, name)()).resize((300, 300)).save(dst)
+        planted["unrelated"].append(rel(dst))
+    src = train["poly"][-1]  # one byte copy filed under the other class
+    dst = root / "train" / "mono" / "copy_of_poly.png"
+    shutil.copyfile(src, dst)
+    planted["conflict"].append((rel(src), rel(dst)))
+    return planted
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """(planted report, what was planted, untouched report, data folders); one check each."""
+    root = tmp_path_factory.mktemp("check")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRANSFERKIT_FEATURE_CACHE", str(root / "feature-cache"))
+        clean = root / "clean"
+        _base_folder(clean)
+        dirty = root / "dirty"
+        planted = _plant(dirty, _base_folder(dirty))
+        clean_report = run_check(clean, root / "clean-check")
+        dirty_report = run_check(dirty, root / "dirty-check", thresholds=Thresholds(top=1000))
+    return dirty_report, planted, clean_report, {"clean": clean, "dirty": dirty, "root": root}
+
+
+def _pairs(report, kinds=("exact_duplicates", "near_duplicates")):
+    return {frozenset((p["a"]["path"], p["b"]["path"])): p for kind in kinds for p in report[kind]}
+
+
+def _recall(found, planted) -> float:
+    return sum(1 for item in planted if item in found) / len(planted)
+
+
+def test_planted_copies_crops_and_conflicts_are_found(checked):
+    report, planted, _, _ = checked
+    exact = _pairs(report, ("exact_duplicates",))
+    near = _pairs(report, ("near_duplicates",))
+    copies = [frozenset(pair) for pair in planted["copies"]]
+    assert _recall(exact, copies) >= 0.9
+    assert all(exact[p]["relation"] == "leakage" for p in copies if p in exact)
+    near_planted = [frozenset(pair) for pair in planted["near"]]
+    assert _recall(near, near_planted) >= 0.9, sorted(near)
+    assert all(near[p]["relation"] == "leakage" for p in near_planted if p in near)
+    conflict = frozenset(planted["conflict"][0])
+    assert exact[conflict]["relation"] == "conflict"
+    counts = report["counts"]
+    assert counts["leakage_pairs"] >= 2 * N_PLANTED and counts["conflict_pairs"] >= 1
+    # Near-duplicates come best first: the planted ones lead the list.
+    top = {frozenset((p["a"]["path"], p["b"]["path"])) for p in report["near_duplicates"][:len(near_planted) + 2]}
+    assert _recall(top, near_planted) >= 0.9
+
+
+def test_planted_label_errors_and_outliers_rank_near_the_top(checked):
+    report, planted, _, _ = checked
+    # Unrelated pictures and the copy filed under the other class carry a wrong label too.
+    k = len(planted["flipped"]) + len(planted["unrelated"]) + len(planted["conflict"]) + N_PLANTED
+    label_top = [r["path"] for r in report["label_errors"][:k]]
+    assert _recall(label_top, planted["flipped"]) >= 0.9, report["label_errors"][:k]
+    flipped = {r["path"]: r for r in report["label_errors"]}
+    for path in planted["flipped"]:
+        if path in flipped:
+            assert flipped[path]["suggested"] == "mono" and len(flipped[path]["neighbours_of_suggested"]) == 3
+    outlier_top = [r["path"] for r in report["outliers"][:2 * N_PLANTED]]
+    assert _recall(outlier_top, planted["unrelated"]) >= 0.9, report["outliers"][:2 * N_PLANTED]
+
+
+def test_untouched_folder_has_few_false_alarms(checked):
+    """The rates on 64 real cells with nothing planted: near-duplicate pairs ≤ 5 % of the images (the
+    ones found are neighbouring cells of one module, which do look alike: 2 pairs when this was
+    written), label issues ≤ 5 %, probe disagreements ≤ 10 %, outliers ≤ 5 %."""
+    _, _, clean, _ = checked
+    n = clean["summary"]["images"]
+    counts = clean["counts"]
+    assert n == 2 * sum(PER_CLASS.values())
+    assert counts["exact_duplicate_pairs"] == 0 and counts["near_duplicate_pairs"] / n <= 0.05, clean["near_duplicates"]
+    assert counts["label_errors"] / n <= 0.05 and counts["label_disagreements"] / n <= 0.1, clean["label_errors"]
+    assert counts["outliers"] / n <= 0.05, clean["outliers"]
+
+
+def test_report_files_summary_and_thresholds(checked):
+    report, _, clean, dirs = checked
+    out = dirs["root"] / "dirty-check"
+    saved = json.loads((out / "check.json").read_text())
+    assert saved["counts"] == report["counts"] and saved["thresholds"]["near_pixel"] == Thresholds().near_pixel
+    html = (out / "check.html").read_text()
+    n_images = html.count("data:image/png;base64,")
+    pairs = report["counts"]["exact_duplicate_pairs"] + report["counts"]["near_duplicate_pairs"]
+    assert n_images >= 2 * pairs + report["counts"]["outliers"]
+    summary = report["summary"]
+    assert summary["sizes"]["width"]["max"] == 300 and summary["counts"]["train"]["poly"] > 0
+    assert report["features"]["computed"] > 0
+    assert clean["features"]["model"] == "efficientnet_lite0"
+
+
+def test_cli_strict_exit_codes_and_no_second_extraction(checked, capsys, monkeypatch):
+    _, _, _, dirs = checked
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(dirs["root"] / "feature-cache"))
+    code = main(["data", "check", str(dirs["dirty"]), "--out", str(dirs["root"] / "cli-dirty"), "--strict"])
+    captured = capsys.readouterr()
+    assert code == EXIT_CHECK_FAILED, captured.err
+    assert "leakage" in captured.err and "near-duplicates:" in captured.out
+    assert "0 computed" in captured.out  # the features came from the cache the first check filled
+    # The untouched cells: the look-alike neighbouring cells fall below a stricter pixel threshold.
+    code = main(["data", "check", str(dirs["clean"]), "--out", str(dirs["root"] / "cli-clean"), "--strict",
+                 "--near-pixel", "0.999"])
+    assert code == 0, capsys.readouterr().err
+    assert "thumbnail correlation >= 0.999" in capsys.readouterr().out
+    assert main(["data", "check", str(dirs["clean"]), "--near-pixel", "2"]) == 2
+    assert "--near-pixel must be between -1 and 1" in capsys.readouterr().err
+
+
+def test_check_html_renders_in_headless_chromium(checked, tmp_path):
+    from test_report import find_chromium
+
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (install the Debian package 'chromium' to run this test)")
+    _, _, _, dirs = checked
+    shot = tmp_path / "check.png"
+    page = (dirs["root"] / "dirty-check" / "check.html").resolve()
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                             f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"chromium wrote no screenshot (rc={result.returncode}): {result.stderr[-2000:]!r}"
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 10, "screenshot is blank"
+
+
+# ---------------------------------------------------------------- group-aware split and the train hint
+
+
+def _flat_folder_with_copies(root):
+    """A flat folder of ELPV cells (random split) where 6 cells each have 3 copies: a byte copy, a
+    JPEG re-encoding and a half-size JPEG."""
+    files = _base_folder(root / "tmp")
+    flat = root / "flat"
+    groups = []
+    for name in ("mono", "poly"):
+        (flat / name).mkdir(parents=True)
+        for src in files["train"][name] + files["val"][name]:
+            shutil.copyfile(src, flat / name / src.name)
+        for src in sorted((flat / name).iterdir())[:3]:
+            copies = [flat / name / f"{src.stem}_copy.png", flat / name / f"{src.stem}_q90.jpg",
+                      flat / name / f"{src.stem}_small.jpg"]
+            shutil.copyfile(src, copies[0])
+            _save_jpeg(Image.open(src), copies[1], quality=90)
+            _save_jpeg(Image.open(src).resize((150, 150)), copies[2], quality=90)
+            groups.append([str(src)] + [str(c) for c in copies])
+    return flat, groups
+
+
+def _straddling(scan, groups) -> int:
+    val = {p for p, _ in scan.val}
+    return sum(1 for g in groups if 0 < sum(p in val for p in g) < len(g))
+
+
+def test_group_aware_split_keeps_copies_on_one_side(tmp_path):
+    flat, groups = _flat_folder_with_copies(tmp_path)
+    plain = [scan_dataset(flat, seed=s, group_duplicates=False) for s in range(3)]
+    assert sum(_straddling(scan, groups) for scan in plain) > 0  # without grouping copies do straddle
+    for seed in range(3):
+        scan = scan_dataset(flat, seed=seed)
+        assert _straddling(scan, groups) == 0
+        assert scan.grouping["groups"] == len(groups) and scan.grouping["images_in_groups"] == 4 * len(groups)
+        assert len(scan.train) + len(scan.val) == 2 * (sum(PER_CLASS.values()) + 3 * 3)
+        assert "same_picture_across_splits" not in scan.problems
+    straddling = next(scan for scan in plain if _straddling(scan, groups))
+    assert straddling.problems.get("same_picture_across_splits") or straddling.problems.get("duplicate_across_splits")
+
+
+def test_train_group_duplicates_flag(tmp_path, capsys):
+    from transferkit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "d", "--no-group-duplicates"])
+    assert args.group_duplicates is False
+    assert build_parser().parse_args(["train", "d", "--group-duplicates"]).group_duplicates is True
+    assert not hasattr(build_parser().parse_args(["train", "d"]), "group_duplicates")  # config decides
+
+
+def test_train_prints_one_hint_line_on_leakage(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
+    leaked = sorted((data / "train" / "ants").iterdir())[0]
+    shutil.copyfile(leaked, data / "val" / "ants" / "leaked.png")
+    code = main(["train", str(data), "--epochs", "1", "--image-size", "64", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0
+    hints = [line for line in out.splitlines() if "transferkit data check" in line]
+    assert len(hints) == 1 and "1 val images are copies of train images" in hints[0]
+    assert train_hint(tmp_path / "nowhere") is None
