@@ -150,7 +150,7 @@ def test_planted_label_errors_and_outliers_rank_near_the_top(checked):
 
 def test_untouched_folder_has_few_false_alarms(checked):
     """The rates on 64 real cells with nothing planted: near-duplicate pairs ≤ 5 % of the images (the
-    ones found are neighbouring cells of one module, which do look alike: 2 pairs when this was
+    ones found are neighbouring cells of one module, which do look alike: 3 pairs when this was
     written), label issues ≤ 5 %, probe disagreements ≤ 10 %, outliers ≤ 5 %."""
     _, _, clean, _ = checked
     n = clean["summary"]["images"]

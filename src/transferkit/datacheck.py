@@ -252,7 +252,8 @@ def out_of_fold_probabilities(z: np.ndarray, labels: np.ndarray, n_classes: int,
         log.warning("label-error search skipped: a class has only 1 image")
         return None
     cv = StratifiedKFold(n_splits=int(min(folds, smallest)), shuffle=True, random_state=0)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=300))
+    # Strong regularisation: on ELPV C=0.01 is both faster to fit and more accurate out of fold than 0.1.
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=300))
     present = np.unique(labels)
     probs = np.zeros((len(labels), n_classes))
     probs[:, present] = cross_val_predict(probe, z, labels, cv=cv, method="predict_proba")
