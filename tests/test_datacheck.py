@@ -129,8 +129,9 @@ def test_planted_copies_crops_and_conflicts_are_found(checked):
     assert exact[conflict]["relation"] == "conflict"
     counts = report["counts"]
     assert counts["leakage_pairs"] >= 2 * N_PLANTED and counts["conflict_pairs"] >= 1
-    # Near-duplicates come best first: the planted ones lead the list.
-    top = {frozenset((p["a"]["path"], p["b"]["path"])) for p in report["near_duplicates"][:len(near_planted) + 2]}
+    # Best pixel agreement first: the planted ones are in the top 2 × planted (look-alike cells of one
+    # module come next; see the untouched folder's test).
+    top = {frozenset((p["a"]["path"], p["b"]["path"])) for p in report["near_duplicates"][:2 * len(near_planted)]}
     assert _recall(top, near_planted) >= 0.9
 
 
