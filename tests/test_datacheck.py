@@ -93,7 +93,7 @@ def _plant(root, files):
 
 
 @pytest.fixture(scope="module")
-def checked(tmp_path_factory):
+def checked(tmp_path_factory):  # about 30 s on a 2-core CPU: two checks, one extraction of ~150 images
     """(planted report, what was planted, untouched report, data folders); one check each."""
     root = tmp_path_factory.mktemp("check")
     with pytest.MonkeyPatch.context() as mp:
@@ -272,3 +272,15 @@ def test_train_prints_one_hint_line_on_leakage(tmp_path, capsys):
     hints = [line for line in out.splitlines() if "transferkit data check" in line]
     assert len(hints) == 1 and "1 val images are copies of train images" in hints[0]
     assert train_hint(tmp_path / "nowhere") is None
+
+
+def test_train_after_a_check_costs_no_backbone_time(tiny_folder, tmp_path):
+    from transferkit.config import TrainConfig
+    from transferkit.engine.fit import fit
+
+    report = run_check(tiny_folder, tmp_path / "check")
+    assert report["features"]["computed"] == report["summary"]["images"]
+    m = fit(TrainConfig(data=str(tiny_folder), epochs=1, out=str(tmp_path / "run")))
+    source = m["source"]
+    assert source["train"]["computed"] == 0 and source["val"]["computed"] == 0
+    assert source["train"]["hits"] + source["val"]["hits"] == report["summary"]["images"]

@@ -8,8 +8,9 @@ fingerprint of every file, data/folders.py) and the cached backbone embedding of
   nearest neighbours, confirmed by thumbnail correlation under mild crops ≥ near_pixel), each pair
   labelled within a class, across classes (a conflict) or across train/val (leakage);
 - likely label errors: out-of-fold probabilities of a k-fold logistic-regression probe on the
-  standardized embeddings, flagged confident-learning style (an image whose probability for another
-  class reaches that class's mean self-confidence), ranked by self-confidence;
+  standardized embeddings; every image the probe puts in another class, ranked by self-confidence,
+  with confident learning's label issues marked (another class's probability reaches that class's
+  mean self-confidence);
 - outliers: mean cosine distance to the k nearest neighbours, flagged at a robust z-score;
 - class balance and image sizes, and the files the scan could not use.
 """
