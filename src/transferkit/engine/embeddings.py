@@ -20,16 +20,20 @@ from .runtime import FrozenEngine, FrozenPart
 log = logging.getLogger(__name__)
 
 
+def weights_source(spec: BackboneSpec, weights: str | None = None, pretrained: bool = True, seed: int = 0) -> str:
+    """What the backbone's weights are, for cache keys."""
+    if weights:
+        return f"file:{file_sha256(weights)}"
+    if pretrained:
+        return f"pretrained:{spec.weights.url or spec.weights.package}"
+    return f"scratch:seed{seed}"  # random weights differ by seed
+
+
 def feature_identity(spec: BackboneSpec, pre: Preprocessing, weights: str | None = None,
                      pretrained: bool = True, seed: int = 0) -> dict:
     """What a cached feature depends on besides the image: backbone, its weights, preprocessing, point."""
-    if weights:
-        source = f"file:{file_sha256(weights)}"
-    elif pretrained:
-        source = f"pretrained:{spec.weights.url or spec.weights.package}"
-    else:
-        source = f"scratch:seed{seed}"  # random weights differ by seed
-    return {"model": spec.name, "weights": source, "preprocessing": pre.to_dict(), "point": spec.cache_point}
+    return {"model": spec.name, "weights": weights_source(spec, weights, pretrained, seed),
+            "preprocessing": pre.to_dict(), "point": spec.cache_point}
 
 
 def frozen_extractor(model: torch.nn.Module, spec: BackboneSpec, device: torch.device, store: FeatureStore,

@@ -51,13 +51,9 @@ class Taps:
 
 def weights_identity(cfg, spec) -> str:
     """What the backbone's weights are, for cache keys."""
-    from ..data.folders import file_sha256
+    from .embeddings import weights_source
 
-    if cfg.weights:
-        return f"file:{file_sha256(cfg.weights)}"
-    if cfg.pretrained:
-        return f"pretrained:{spec.weights.url or spec.weights.package}"
-    return f"scratch:seed{cfg.seed}"  # random weights differ by seed
+    return weights_source(spec, cfg.weights, cfg.pretrained, cfg.seed)
 
 
 def make_taps(model, spec, cfg, pre: Preprocessing, device) -> Taps:
