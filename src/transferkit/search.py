@@ -123,7 +123,8 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
 
     budget = parse_duration(cfg.time_budget)
     search = Search(cfg, set(given), t0 + budget, t0, bar=time_bar(budget, "search"))
-    scan = scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict)
+    scan = scan_dataset(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
+                        group_duplicates=cfg.group_duplicates)
     for line in scan.summary_lines():
         log.warning(line)
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
