@@ -9,7 +9,7 @@ group-aware split changes the val accuracy of a cheap feature-extract recipe.
    2/3 or 1 (experts unsure at 1/3 and 2/3), so flagged label errors are compared with that.
 3. Makes a group-aware ELPV split that keeps look-alike cells (thumbnail correlation >= 0.995) on one side
    (`transferkit data elpv DIR --classes 2 --group-correlation 0.995`), and trains the same recipe, same
-   seed on both splits: `transferkit train DIR --mode feature-extract --epochs 15` (defaults otherwise).
+   seed on both splits: `transferkit train DIR --recipe tutorial --mode feature-extract --epochs 15`.
 Records counts and timings (section datacheck) and both accuracies (section datacheck_split) in
 benchmarks/RESULTS.md.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment_line, table, write_section  # noqa: E402
 
 GROUP_CORRELATION = "0.995"
-RECIPE = ["--mode", "feature-extract", "--epochs", "15"]
+RECIPE = ["--recipe", "tutorial", "--mode", "feature-extract", "--epochs", "15"]  # no recipe search: one fixed run
 
 
 def transferkit(*args: str) -> float:
