@@ -2,11 +2,12 @@
 
 A fingerprint is taken from the image the data scan decodes anyway: a 64-bit difference hash (dHash)
 and a 32×32 grey thumbnail. Two files are "the same picture" when their thumbnails correlate at
-SAME_PICTURE_CORRELATION or more: re-encoding (PNG → JPEG q80) and resizing keep them ≥ 0.9995, while
-the most alike *different* images we measured, neighbouring ELPV solar cells of one module, stay
-≤ 0.9985 (benchmarks/RESULTS.md, data check). Comparing every pair would be quadratic, so pairs are
-only compared when their dHashes share one of 8 bytes: by the pigeonhole principle every pair within
-Hamming distance 7 shares one, and re-encoded or resized copies stay within 3.
+SAME_PICTURE_CORRELATION or more: JPEG re-encodings and resized copies of ELPV cells do
+(tests/test_datacheck.py), while no two *different* ELPV cells do, not even neighbouring cells of one
+module, the most alike different images we know (benchmarks/RESULTS.md, data check). Comparing every
+pair would be quadratic, so pairs are only compared when their dHashes share one of 8 bytes: by the
+pigeonhole principle every pair within Hamming distance 7 shares one (the re-encoded and resized ELPV
+copies we tried were within 3).
 
 Crops are not "the same picture" at a fixed alignment; `aligned_similarity` tries mild crops of
 each image against the other (`transferkit data check` confirms an embedding match with it).
