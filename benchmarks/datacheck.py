@@ -96,8 +96,9 @@ def _findings(report: dict, data: Path) -> list[str]:
         f"{th['near_cosine']} among 5 nearest neighbours, confirmed by thumbnail correlation under mild crops):",
         "", table(by_pixel, list(by_pixel[0])), "",
         f"The {len(closest)} most alike pairs (thumbnail correlation >= 0.998) at full resolution: mean absolute "
-        f"grey difference {_full_resolution_differences(data, closest)} (of 255; a re-encoded copy differs by "
-        f"about 1). They are different cells, mostly neighbours in the dataset's numbering.", "",
+        f"grey difference {_full_resolution_differences(data, closest)} of 255, against "
+        f"{_reencoding_differences(data, closest)} between each pair's first cell and its own JPEG (quality 90) "
+        f"re-encoding; cell numbers {_numbering_gaps(closest)} apart.", "",
         f"Likely label errors: {c['label_errors']} by confident learning ({c['label_disagreements']} images where the "
         f"{th['folds']}-fold probe favours the other class). Of the {len(flagged)} confident ones, {soft(flagged)} "
         f"({soft(flagged) / max(len(flagged), 1):.0%}) carry a defect probability of 1/3 or 2/3, against "
@@ -107,15 +108,40 @@ def _findings(report: dict, data: Path) -> list[str]:
     ]
 
 
+def _grey(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if values else "n/a"
+
+
 def _full_resolution_differences(data: Path, pairs: list[dict]) -> str:
+    grey = [(_grey(data / p["a"]["path"]), _grey(data / p["b"]["path"])) for p in pairs]
+    return _span([float(np.abs(a - b).mean()) for a, b in grey if a.shape == b.shape])
+
+
+def _reencoding_differences(data: Path, pairs: list[dict]) -> str:
+    import io
+
     from PIL import Image
 
     diffs = []
     for p in pairs:
-        a, b = (np.asarray(Image.open(data / side["path"]).convert("L"), dtype=np.float32) for side in (p["a"], p["b"]))
-        if a.shape == b.shape:
-            diffs.append(float(np.abs(a - b).mean()))
-    return f"{min(diffs):.1f}-{max(diffs):.1f}" if diffs else "n/a"
+        buffer = io.BytesIO()
+        Image.open(data / p["a"]["path"]).convert("L").save(buffer, "JPEG", quality=90)
+        diffs.append(float(np.abs(_grey(data / p["a"]["path"]) - _grey(buffer)).mean()))
+    return _span(diffs)
+
+
+def _numbering_gaps(pairs: list[dict]) -> str:
+    def number(side):  # cellNNNN.png
+        return int("".join(ch for ch in Path(side["path"]).stem if ch.isdigit()))
+
+    gaps = sorted(abs(number(p["a"]) - number(p["b"])) for p in pairs)
+    return f"{gaps[0]}-{gaps[-1]} (median {gaps[len(gaps) // 2]})" if gaps else "n/a"
 
 
 def _elpv_probabilities(data: Path) -> dict[str, float]:
