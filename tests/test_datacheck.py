@@ -115,6 +115,7 @@ def _recall(found, planted) -> float:
     return sum(1 for item in planted if item in found) / len(planted)
 
 
+@pytest.mark.slow
 def test_planted_copies_crops_and_conflicts_are_found(checked):
     report, planted, _, _ = checked
     exact = _pairs(report, ("exact_duplicates",))
@@ -135,6 +136,7 @@ def test_planted_copies_crops_and_conflicts_are_found(checked):
     assert _recall(top, near_planted) >= 0.9
 
 
+@pytest.mark.slow
 def test_planted_label_errors_and_outliers_rank_near_the_top(checked):
     report, planted, _, _ = checked
     # Unrelated pictures and the copy filed under the other class carry a wrong label too.
@@ -149,6 +151,7 @@ def test_planted_label_errors_and_outliers_rank_near_the_top(checked):
     assert _recall(outlier_top, planted["unrelated"]) >= 0.9, report["outliers"][:2 * N_PLANTED]
 
 
+@pytest.mark.slow
 def test_untouched_folder_has_few_false_alarms(checked):
     """The rates on 64 real cells with nothing planted: near-duplicate pairs ≤ 5 % of the images (the
     ones found are neighbouring cells of one module, which do look alike: 3 pairs when this was
@@ -162,6 +165,7 @@ def test_untouched_folder_has_few_false_alarms(checked):
     assert counts["outliers"] / n <= 0.05, clean["outliers"]
 
 
+@pytest.mark.slow
 def test_report_files_summary_and_thresholds(checked):
     report, _, clean, dirs = checked
     out = dirs["root"] / "dirty-check"
@@ -177,6 +181,7 @@ def test_report_files_summary_and_thresholds(checked):
     assert clean["features"]["model"] == "efficientnet_lite0"
 
 
+@pytest.mark.slow
 def test_cli_strict_exit_codes_and_no_second_extraction(checked, capsys, monkeypatch):
     _, _, _, dirs = checked
     monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(dirs["root"] / "feature-cache"))
@@ -194,6 +199,7 @@ def test_cli_strict_exit_codes_and_no_second_extraction(checked, capsys, monkeyp
     assert "--near-pixel must be between -1 and 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_check_html_renders_in_headless_chromium(checked, tmp_path):
     from test_report import find_chromium
 
