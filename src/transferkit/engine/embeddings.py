@@ -10,38 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.folders import file_sha256
 from ..models.adapt import build_model
-from ..models.registry import BackboneSpec, Preprocessing, get_spec
+from ..models.registry import BackboneSpec, get_spec
 from .environment import pick_device
 from .features import FeatureStore, View, cached_features, default_workers, store_for
 from .runtime import FrozenEngine, FrozenPart
+from .sources import feature_identity
 
 log = logging.getLogger(__name__)
-
-
-def weights_source(spec: BackboneSpec, weights: str | None = None, pretrained: bool = True, seed: int = 0) -> str:
-    """What the backbone's weights are, for cache keys."""
-    if weights:
-        return f"file:{file_sha256(weights)}"
-    if pretrained:
-        return f"pretrained:{spec.weights.url or spec.weights.package}"
-    return f"scratch:seed{seed}"  # random weights differ by seed
-
-
-def feature_identity(spec: BackboneSpec, pre: Preprocessing, weights: str | None = None,
-                     pretrained: bool = True, seed: int = 0) -> dict:
-    """What a cached feature depends on besides the image: backbone, its weights, preprocessing, point."""
-    return {"model": spec.name, "weights": weights_source(spec, weights, pretrained, seed),
-            "preprocessing": pre.to_dict(), "point": spec.cache_point}
-
-
-def frozen_extractor(model: torch.nn.Module, spec: BackboneSpec, device: torch.device, store: FeatureStore,
-                     engine: str = "auto", channels_last: bool = True, precision: str = "auto") -> FrozenEngine:
-    """The network up to the cache point, on ONNX Runtime when usable (engine/runtime.py); `precision` as
-    `train --precision` (the default matches train's, so both write the same cache entries)."""
-    frozen = FrozenPart(model, spec.cache_point)
-    return FrozenEngine(frozen, device, engine, store.root / "frozen.onnx", channels_last, precision=precision)
 
 
 def embed_images(paths: list[str], digests: dict[str, str] | None = None, model: str = "efficientnet_lite0",
@@ -51,7 +27,7 @@ def embed_images(paths: list[str], digests: dict[str, str] | None = None, model:
     the same cache entries `transferkit train --model MODEL` (with these sizes) reads and writes."""
     spec = get_spec(model)
     pre = spec.preprocessing.at_size(image_size, crop_fraction)
-    store = store_for(feature_identity(spec, pre))
+    store = store_for(feature_identity(spec, pre.to_dict(), None, pretrained=True, seed=0))
     torch_device = pick_device(device)
     # Built lazily inside the extractor: a fully cached call never loads the weights.
     extractor = _LazyExtractor(spec, torch_device, store, engine)
@@ -71,5 +47,7 @@ class _LazyExtractor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._engine is None:
             model = build_model(self.spec, num_classes=2).to(self.device)  # the head is never run
-            self._engine = frozen_extractor(model, self.spec, self.device, self.store, self.engine)
+            # As CachedFeatureSource builds it with train's defaults (channels_last, --precision auto).
+            self._engine = FrozenEngine(FrozenPart(model, self.spec.cache_point), self.device, self.engine,
+                                        self.store.root / "frozen.onnx", True, precision="auto")
         return self._engine(x)

@@ -51,7 +51,7 @@ class Taps:
 
 def weights_identity(cfg, spec) -> str:
     """What the backbone's weights are, for cache keys."""
-    from .embeddings import weights_source
+    from .sources import weights_source
 
     return weights_source(spec, cfg.weights, cfg.pretrained, cfg.seed)
 

@@ -69,15 +69,19 @@ class BatchSource:
         return 1.0 / np.maximum(counts[labels], 1)
 
 
+def weights_source(spec, weights_file: str | None, pretrained: bool, seed: int) -> str:
+    """What the backbone's weights are, for cache keys."""
+    if weights_file:
+        return f"file:{file_sha256(weights_file)}"
+    if pretrained:
+        return f"pretrained:{spec.weights.url or spec.weights.package}"
+    return f"scratch:seed{seed}"  # random weights differ by seed
+
+
 def feature_identity(spec, preprocessing: dict, weights_file: str | None, pretrained: bool, seed: int) -> dict:
     """What the cached features of a feature-extract run depend on (features.store_for keys on it)."""
-    if weights_file:
-        weights = f"file:{file_sha256(weights_file)}"
-    elif pretrained:
-        weights = f"pretrained:{spec.weights.url or spec.weights.package}"
-    else:
-        weights = f"scratch:seed{seed}"  # random weights differ by seed
-    return {"model": spec.name, "weights": weights, "preprocessing": preprocessing, "point": spec.cache_point}
+    return {"model": spec.name, "weights": weights_source(spec, weights_file, pretrained, seed),
+            "preprocessing": preprocessing, "point": spec.cache_point}
 
 
 class CachedFeatureSource(BatchSource):
