@@ -401,7 +401,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (the printed URL names it)")
     p.add_argument("--engine", choices=ENGINES, default=d.engine,
                    help="onnx (no torch; a run folder means RUN/export/model.onnx) or torch "
-                        "(default: onnx for an .onnx file, torch otherwise)")
+                        "(default: onnx for an ONNX model, torch otherwise, told by content)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images in one forward pass")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long a batch waits for images from other requests")

@@ -31,7 +31,7 @@ PRECISIONS = ("auto", "fp32", "bf16")  # engine/precision.py, which imports torc
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the announced URL names it)
-    engine: str | None = None  # None: onnx for an .onnx file, torch for a run folder or checkpoint
+    engine: str | None = None  # None: onnx for an ONNX model (by content), torch for a run or checkpoint
     # Images in one forward pass. On a CPU, batches past a few images stop paying: the activations
     # leave the cache (benchmarks/serve.py prints the engine's rate by batch size; raise it on a GPU).
     max_batch: int = 4

@@ -32,8 +32,11 @@ class ServedModel:
 
 def load_served_model(model: str | Path, engine: str | None = None, threads: int | None = None,
                       precision: str = "auto") -> ServedModel:
+    from ..predict_common import model_kind
+
     path = Path(model)
-    engine = engine or ("onnx" if path.suffix == ".onnx" else "torch")
+    kind = model_kind(path)  # by content, as `transferkit predict` tells
+    engine = engine or ("onnx" if kind == "onnx" else "torch")
     if engine == "onnx":
         from ..onnx_predict import OnnxClassifier
 
@@ -44,18 +47,16 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
         facts = {"architecture": clf.architecture, "classes": clf.classes, "preprocessing": clf.preprocessing}
         run, export = _run_of_onnx(path)
     else:
-        if path.suffix == ".onnx":
-            raise UsageError(f"--engine torch needs a run folder or .safetensors checkpoint, not {path}")
+        if kind == "onnx":
+            raise UsageError(f"--engine torch needs a run folder or .safetensors checkpoint, not the ONNX model {path}")
         from ..engine.checkpoint import resolve_checkpoint
         from ..predict import Predictor
 
         path = resolve_checkpoint(path)
         clf = Predictor(path, precision=precision)
-        facts = {k: clf.meta[k] for k in ("architecture", "classes", "preprocessing")}
+        facts = {**{k: clf.meta[k] for k in ("architecture", "classes", "preprocessing")}, "precision": clf.precision}
         run = path.parent
         export = _read_json(run / "export" / "export.json")
-    if engine == "torch":
-        facts["precision"] = clf.precision
     card = {**facts, "engine": engine, "model": str(path), "model_date": _date_of(path),
             "export": _parity_of(export, path), **_training(run)}
     return ServedModel(clf, engine, path, card)
