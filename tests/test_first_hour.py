@@ -79,10 +79,12 @@ def test_evaluate_leaves_out_the_training_images_and_uses_the_feature_cache(flat
     assert f"features: {n_val} from the cache, 0 computed" in proc.stdout
     ev = json.loads((flat_run.root / "ev1" / "evaluation.json").read_text())
     assert ev["n"] == n_val and ev["trained_on"] == {"left_out": n_train, "included": 0, "known": True}
-    # The cached path gives what the whole network gives.
+    # The cached path gives what the whole network gives (the cached features come from the runtime training
+    # chose, ONNX Runtime in parity with torch, so probabilities agree to a few thousandths).
     full = Predictor(flat_run.run).predict_proba([r["path"] for r in ev["top_losses"]])[0]
     cached = [r["probability_of_predicted"] for r in ev["top_losses"]]
-    np.testing.assert_allclose(full.max(1), cached, atol=1e-3)
+    np.testing.assert_allclose(full.max(1), cached, atol=5e-3)
+    assert [flat_run.metrics["classes"][i] for i in full.argmax(1)] == [r["predicted"] for r in ev["top_losses"]]
 
     proc = tk_cli("evaluate", flat_run.run, flat_run.data, "--include-train", "--out", flat_run.root / "ev2", env=env)
     assert proc.returncode == 0, proc.stderr
