@@ -31,7 +31,7 @@ PUBLISHED = {2: [("CNN (VGG19, fine-tuned on a GPU)", 0.8842), ("SVM (KAZE/VGG f
 # (--crop-fraction 1.0: defects at the cell's edge are not cropped away; 0.8445 -> 0.872 on 2 classes),
 # 5 epochs to stay under 20 minutes. Earlier recipes: feature-extract with 4 cached dihedral views 0.8506;
 # partial --unfreeze 2, 0.8506.
-RECIPE = ["--model", "efficientnet_lite0", "--mode", "finetune", "--batchnorm", "frozen", "--augment", "dihedral",
+RECIPE = ["--recipe", "tutorial", "--model", "efficientnet_lite0", "--mode", "finetune", "--batchnorm", "frozen", "--augment", "dihedral",
           "--epochs", "5", "--optimizer", "adamw", "--lr", "0.0005", "--weight-decay", "0.05",
           "--scheduler", "cosine", "--warmup-epochs", "0.3", "--batch-size", "32", "--label-smoothing", "0.1",
           "--crop-fraction", "1.0"]
