@@ -103,7 +103,8 @@ def tta_kind(tta: str | None, config: dict) -> str:
         raise UsageError(f"--tta must be one of {', '.join(TTA_CHOICES)}, not {tta!r}")
     if tta == "auto":
         declared = ((config.get("view_kind") == "dihedral" and int(config.get("views", 1)) > 1)
-                    or config.get("augment") == "dihedral")
+                    or config.get("augment") == "dihedral" or config.get("probe_views") == "dihedral"
+                    or bool(config.get("rotation_safe")))
         return "dihedral" if declared else "flip"
     return tta
 
