@@ -134,3 +134,10 @@ def test_bad_durations_are_one_line_errors(text, tmp_path, capsys):
     assert cli.main(["train", str(tmp_path), "--time-budget", text]) == UsageError.exit_code
     err = capsys.readouterr().err.strip()
     assert "--time-budget" in err and len(err.splitlines()) == 1
+
+
+def test_search_refuses_several_processes(tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    assert cli.main(["train", str(data), "--nproc", "2"]) == UsageError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert "--recipe tutorial" in err and len(err.splitlines()) == 1

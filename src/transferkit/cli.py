@@ -219,12 +219,16 @@ def cmd_train(args) -> int:
 
     from .engine import distributed
 
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "verbose", "config", "data", "nproc", "argv", "resume")}
+    several = args.nproc != 1 or distributed.launched()
+    if several and not (args.resume or args.config) and options.get("recipe", "auto") == "auto":
+        raise UsageError("--nproc trains one configured recipe in several processes; add --recipe tutorial with the "
+                         "recipe's flags (the recipe search runs in one process: see its reproduce command)")
     if args.nproc != 1 and not distributed.launched():
         return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
         logging.getLogger().setLevel(logging.ERROR)
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "verbose", "config", "data", "nproc", "argv", "resume")}
     if args.resume:
         cfg = _resume_config(args, options)
     elif args.config:
