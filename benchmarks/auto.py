@@ -24,6 +24,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
+from transferkit.config import DEFAULT_TIME_BUDGET  # noqa: E402
+
 SETS = ("elpv2", "elpv4", "elpv2-seed-sized", "digits", "lfw_faces", "textures")
 
 
@@ -102,25 +104,27 @@ def bench_set(name: str, work: Path, budgets: list[str]) -> None:
     for budget in budgets:
         auto = transferkit_run(data, work / "runs" / f"{name}-auto-{budget}", work / "cache" / f"{name}-auto-{budget}",
                                "--time-budget", budget)
-        rows.append({"recipe": f"auto, `--time-budget {budget}`" + (" (the default)" if budget == budgets[0] else ""),
+        rows.append({"recipe": f"auto, `--time-budget {budget}`" + (" (the default)" if budget == DEFAULT_TIME_BUDGET else ""),
                      "val_acc": auto["acc"], "balanced": auto["balanced"], "wall_s": auto["wall_s"],
                      "chosen": chosen_text(auto["search"])})
     best_auto = max(r["val_acc"] for r in rows[2:])
     verdict = (f"auto - tutorial = {100 * (rows[2]['val_acc'] - tut['acc']):+.1f} points, auto - SVM = "
-               f"{100 * (rows[2]['val_acc'] - svm['acc']):+.1f} points (default budget); best auto {best_auto:.4f}")
-    text = (f"## Recipe search: {name}\n\n{env}. `python benchmarks/auto.py --sets {name}` "
+               f"{100 * (rows[2]['val_acc'] - svm['acc']):+.1f} points (`--time-budget {budgets[0]}`); "
+               f"best auto {best_auto:.4f}")
+    flags = "" if budgets == [DEFAULT_TIME_BUDGET] else f" --budget {budgets[0]}"
+    text = (f"## Recipe search: {name}{flags}\n\n{env}. `python benchmarks/auto.py --sets {name}{flags}` "
             f"({svm['n_train']} train / {svm['n_val']} val images, {svm['classes']} classes; cold feature cache "
             f"for every transferkit run; wall = the whole command).\n\n"
             + table(rows, ["recipe", "val_acc", "balanced", "wall_s", "chosen"]) + f"\n\n{verdict}.\n")
     print(text, flush=True)
-    write_section(f"auto-{name}", text)
+    write_section(f"auto-{name}" + flags.replace(" --budget ", "-"), text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--sets", default=",".join(SETS))
-    ap.add_argument("--budget", default="4m", help="the default budget (as TrainConfig's)")
+    ap.add_argument("--budget", default=DEFAULT_TIME_BUDGET, help="the auto runs' budget (default: the CLI's)")
     ap.add_argument("--long", default="", help="sets that also run with --long-budget")
     ap.add_argument("--long-budget", default="20m")
     args = ap.parse_args()
