@@ -35,7 +35,8 @@ INNER_FRACTION = 0.2  # share of the training images held out to score fine-tuni
 FT_EPOCHS = (2, 8)  # fewest worth trying, most worth paying for
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
 PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c")
-POOLING_STAGES = (("mean", 1), ("meanmax", None))  # (pooling, top stages; None = every tap)
+# (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
+POOLING_STAGES = (("meanmax", None), ("mean", 1))
 
 
 @dataclass
@@ -270,7 +271,7 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
         log.info("search: %s %s", name, cand.status)
         return cand
-    _score_probe(search, ctx, cand, x)
+    _score_probe(search, ctx, cand, x, reserve)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
     log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", name, cand.score, _probe_text(cand.settings), cand.seconds)
@@ -281,8 +282,9 @@ def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
     rows = views * max(len(ctx.scan.train), 200)
     if search.cv_row_s is not None:
         return search.cv_row_s * rows
-    # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features (2-core CPU).
-    return 3.0 * rows / 2000 * len(POOLING_STAGES)
+    # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features and 2 classes (2-core
+    # CPU); the multinomial fit grows with the number of classes.
+    return 3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2)
 
 
 def _train_features(search: Search, ctx: _Context, crop, views, reserve: float) -> np.ndarray | None:
@@ -343,8 +345,10 @@ def _keep_subsample(search: Search, ctx: _Context, n: int) -> None:
     search.subsample = n
 
 
-def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) -> None:
-    """Pooling/stages and C by 3-fold CV on train; then the inner hold-out score for fine-tuning's sake."""
+def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, reserve: float) -> None:
+    """Pooling/stages and C by 3-fold CV on train, stopping where only `reserve` seconds would be left
+    (the C grid runs from strong to weak regularization, the slow end last); then the inner hold-out
+    score, for comparing with fine-tuning."""
     from .engine.probe import cross_validate, fit_probe, predict_proba
     from .engine.probe_train import C_GRID
 
@@ -352,10 +356,13 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray) 
     options = [(cfg.probe_pooling, cfg.probe_stages)] if {"probe_pooling", "probe_stages"} & given else POOLING_STAGES
     grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
     n_classes = len(ctx.scan.classes)
+    deadline = search.deadline - reserve
     t = time.perf_counter()
     for pooling, stages in options:
+        if cand.score is not None and time.perf_counter() > deadline:
+            break
         columns = taps.columns(stages, pooling)
-        cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed)
+        cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed, deadline=deadline)
         if cand.score is None or cv.accuracy > cand.score:
             cand.score = cv.accuracy
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
@@ -383,7 +390,7 @@ def _rotations_help(search: Search, ctx: _Context, crop, best: Candidate) -> boo
     if x is None:
         probe.seconds, probe.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
         return False
-    _score_probe(search, ctx, probe, x)
+    _score_probe(search, ctx, probe, x, 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S)
     probe.seconds, probe.status = time.perf_counter() - t, "ran (decides whether to try all 8 views)"
     log.info("search: rotated views: CV accuracy %.4f against %.4f", probe.score, best.score)
     return probe.score > best.score

@@ -108,14 +108,16 @@ def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 300):
+def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 200):
     """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d). Returns (weight, bias)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-4, warm_start=warm is not None)
+    # tol 1e-3 on standardized features: accuracy no longer moves, and a 10-class fit on 4,000 features
+    # takes a fraction of the default's iterations
+    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, warm_start=warm is not None)
     if warm is not None:
         clf.coef_, clf.intercept_ = warm
     with warnings.catch_warnings():
