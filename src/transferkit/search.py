@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import logging
 import shlex
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -467,13 +469,16 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
         return cand
     settings["epochs"] = epochs
     t = time.perf_counter()
-    inner_cfg = _candidate_config(search.cfg, settings, Path(_inner_dir(search, kind)), best_metric="accuracy")
+    inner_dir = Path(tempfile.mkdtemp(prefix=f"transferkit-inner-{kind}-"))  # a throwaway run folder
+    inner_cfg = _candidate_config(search.cfg, settings, inner_dir, best_metric="accuracy")
     try:
         metrics = fit(inner_cfg, scan=_inner_scan(ctx), deadline=search.t0 + _inner_share(search), figures=False)
     except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded; the probe still stands
         cand.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("search: %s %s", cand.name, cand.status)
         return cand
+    finally:
+        shutil.rmtree(inner_dir, ignore_errors=True)
     cand.score = metrics["best_val_acc"]  # the inner hold-out, carved from the training images
     settings["epochs"] = metrics["best_epoch"]
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
@@ -529,12 +534,6 @@ def _inner_share(search: Search) -> float:
     # The inner run may use the part of the budget that leaves the same time again for the refit.
     now = time.perf_counter() - search.t0
     return now + (search.deadline - search.t0 - now - FIXED_OVERHEAD_S) * (1 - INNER_FRACTION) / (2 - INNER_FRACTION)
-
-
-def _inner_dir(search: Search, kind: str) -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix=f"transferkit-inner-{kind}-")
 
 
 def _inner_scan(ctx: _Context):
