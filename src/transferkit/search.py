@@ -185,7 +185,8 @@ class _Context:
         from .engine.probe_train import make_taps
 
         if crop not in self.taps:
-            self.taps[crop] = make_taps(self.model, self.spec, self.cfg, self.pre(crop), self.device)
+            like = next(iter(self.taps.values()), None)  # same network: one runtime for every crop
+            self.taps[crop] = make_taps(self.model, self.spec, self.cfg, self.pre(crop), self.device, like)
         return self.taps[crop]
 
 

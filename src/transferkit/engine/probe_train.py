@@ -49,19 +49,20 @@ class Taps:
         return feature_columns(self.widths, min(stages or len(self.widths), len(self.widths)), pooling)
 
 
-def weights_identity(cfg, spec) -> str:
-    """What the backbone's weights are, for cache keys."""
-    from .sources import weights_source
+def make_taps(model, spec, cfg, pre: Preprocessing, device, like: Taps | None = None) -> Taps:
+    """The taps of `model` under preprocessing `pre`. `like`: taps of the same model at the same input size
+    under another crop, whose runtime (chosen, exported and checked once) is shared."""
+    from .sources import feature_identity
 
-    return weights_source(spec, cfg.weights, cfg.pretrained, cfg.seed)
-
-
-def make_taps(model, spec, cfg, pre: Preprocessing, device) -> Taps:
-    pooler = TapPooler(tap_body(model, spec), spec.probe_taps).eval()
+    shared = like is not None and like.pre.input_size == pre.input_size
+    pooler = like.pooler if shared else TapPooler(tap_body(model, spec), spec.probe_taps).eval()
+    identity = feature_identity(spec, pre.to_dict(), cfg.weights, cfg.pretrained, cfg.seed)
+    store = store_for({**identity, "point": f"taps{pooler.taps}-meanmax"})
+    if shared:
+        return Taps(pooler, like.engine, store, like.widths, pre)
     widths = tap_widths(pooler, torch.zeros(1, 3, pre.input_size, pre.input_size, device=device))
-    store = store_for({"model": spec.name, "weights": weights_identity(cfg, spec), "preprocessing": pre.to_dict(),
-                       "point": f"taps{pooler.taps}-meanmax"})
-    engine = FrozenEngine(pooler, device, cfg.engine, store.root / "frozen.onnx", cfg.channels_last)
+    engine = FrozenEngine(pooler, device, cfg.engine, store.root / "frozen.onnx", cfg.channels_last,
+                          precision=cfg.precision)
     return Taps(pooler, engine, store, widths, pre)
 
 
