@@ -16,7 +16,7 @@ from transferkit.engine.checkpoint import load_checkpoint, read_meta, save_check
 from transferkit.engine.signals import oom_as_training_error
 from transferkit.errors import TrainingError
 
-FAST = ["--epochs", "3", "--batch-size", "4"]  # 16 training images: 4 batches per epoch
+FAST = ["--recipe", "tutorial", "--epochs", "3", "--batch-size", "4"]  # 16 training images: 4 batches per epoch
 
 
 def _one_line(capsys) -> str:

@@ -30,7 +30,7 @@ COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_accu
 
 
 def _cli_args(data: Path, out: Path, opts: dict) -> list[str]:
-    args = ["train", str(data), "--out", str(out)]
+    args = ["train", str(data), "--recipe", "tutorial", "--out", str(out)]
     for key, value in opts.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
