@@ -143,3 +143,25 @@ def test_search_refuses_several_processes(tmp_path, capsys):
     assert cli.main(["train", str(data), "--nproc", "2"]) == UsageError.exit_code
     err = capsys.readouterr().err.strip()
     assert "--recipe tutorial" in err and len(err.splitlines()) == 1
+
+
+def test_probe_run_flags_a_foreign_image_as_novel(tmp_path):
+    """Probe runs write a novelty reference from the probe head's inputs; the predictor scores through the
+    same head, so a training image is not novel and a clearly foreign one is."""
+    from PIL import Image
+
+    import transferkit as tk
+    from transferkit.engine.fit import fit
+
+    data = _folder(tmp_path / "data")
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(data), out=str(run), recipe="tutorial", mode="linear-probe", probe_views="flip",
+                    **SMALL))
+    assert (run / "novelty.safetensors").is_file()
+    foreign = tmp_path / "foreign.png"
+    checker = (np.indices((40, 40)).sum(0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.stack([checker, 255 - checker, checker], -1)).save(foreign)
+    known = sorted((data / "train" / "ants").glob("*.png"))[0]
+    rows = tk.load(run).predict_table([known, foreign])
+    assert rows[0]["novel"] is False and rows[1]["novel"] is True
+    assert rows[1]["novelty"] > rows[0]["novelty"]

@@ -36,8 +36,9 @@ class Predictor:
         # The run's novelty reference (novelty.py), where its training wrote one; it compares the input
         # of the classifier head, caught by a hook on the head during the forward pass.
         self.novelty = NoveltyReference.load(resolve_checkpoint(checkpoint).parent / NOVELTY_FILE)
-        self._head = self.model.get_submodule(get_spec(self.meta["architecture"]).cache_point) \
-            if self.novelty is not None else None
+        # A linear probe's head reads the standardized pooled features; its first call is the image itself.
+        head = "head" if isinstance(self.meta.get("probe"), dict) else get_spec(self.meta["architecture"]).cache_point
+        self._head = self.model.get_submodule(head) if self.novelty is not None else None
 
     @torch.inference_mode()
     def predict_proba(self, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:

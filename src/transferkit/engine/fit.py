@@ -234,12 +234,15 @@ class _ProbeRecord:
 
     def __init__(self, result: dict):
         self.val_items, self.record = result["val_items"], result["record"]
+        self._head_inputs = result["head_inputs"]
 
     def describe(self) -> dict:
         return {"kind": "linear-probe", **self.record}
 
     def head_inputs(self):
-        return None  # no novelty reference for probe runs (novelty.py)
+        """The probe head's inputs (standardized pooled features of each image itself), train and val: the
+        novelty reference (novelty.py), as the predictor sees them through a hook on the head."""
+        return self._head_inputs
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:

@@ -109,7 +109,9 @@ def train_linear_probe(state) -> dict:
     columns = taps.columns(cfg.probe_stages, cfg.probe_pooling)
     fit, record = choose_and_fit(xtr, ytr, columns, len(scan.classes), cfg.probe_c, cfg.seed)
     p_train, p_val = predict_proba(fit, xtr), predict_proba(fit, xva)
+    standardized = [(x[:, 0, fit.columns] - fit.mean) / fit.scale for x in (xtr, xva)]  # what the head reads
     return {
+        "head_inputs": tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in standardized),
         "model": probe_model(taps, fit, len(scan.classes), views),
         "meta": probe_meta(taps, fit, views),
         "train": (p_train, ytr), "val": (p_val, yva),
