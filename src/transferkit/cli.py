@@ -548,7 +548,7 @@ COMMANDS.update(evaluate=cmd_evaluate, compare=cmd_compare, export=cmd_export, r
 
 
 def _add_check_command(dsub) -> None:
-    from .datacheck import Thresholds
+    from .config import Thresholds
 
     d = Thresholds()
     c = dsub.add_parser("check", help="duplicates, train/val leakage, likely label errors, outliers, sizes")

@@ -196,3 +196,26 @@ def _choice(option: str, value, choices) -> None:
 def _at_least(option: str, value: int, low: int) -> None:
     if value is None or value < low:
         raise UsageError(f"--{option} must be ≥ {low}, not {value}")
+
+
+# `transferkit data check` (datacheck.py): its thresholds live here, torch-free, because the CLI parser
+# shows their defaults.
+@dataclass
+class Thresholds:
+    near_cosine: float = 0.90  # embedding cosine for a near-duplicate candidate
+    near_pixel: float = 0.99  # thumbnail correlation (best mild crop) that confirms it
+    outlier_z: float = 5.0  # robust z-score of the kNN distance
+    folds: int = 5  # k of the k-fold linear probe
+    top: int = 50  # findings of each kind listed in check.json / check.html (all are counted)
+
+    def validate(self) -> "Thresholds":
+        for name in ("near_cosine", "near_pixel"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be between -1 and 1, not {getattr(self, name)}")
+        if self.outlier_z <= 0:
+            raise UsageError(f"--outlier-z must be > 0, not {self.outlier_z}")
+        if self.folds < 2:
+            raise UsageError(f"--folds must be ≥ 2, not {self.folds}")
+        if self.top < 1:
+            raise UsageError(f"--top must be ≥ 1, not {self.top}")
+        return self

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.fingerprint import aligned_similarity, crop_thumbnails
+from .config import Thresholds  # torch-free: the CLI parser reads its defaults
 from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
 from .data.images import load_rgb
 from .errors import DataError, UsageError
@@ -39,27 +40,6 @@ log = logging.getLogger(__name__)
 STRICT_KINDS = ("leakage", "conflict")
 NEIGHBOURS = 5  # k of the kNN used for near-duplicate candidates and outlier distances
 LABEL_NEIGHBOURS = 3  # images of the suggested class shown beside a likely label error
-
-
-@dataclass
-class Thresholds:
-    near_cosine: float = 0.90  # embedding cosine for a near-duplicate candidate
-    near_pixel: float = 0.99  # thumbnail correlation (best mild crop) that confirms it
-    outlier_z: float = 5.0  # robust z-score of the kNN distance
-    folds: int = 5  # k of the k-fold linear probe
-    top: int = 50  # findings of each kind listed in check.json / check.html (all are counted)
-
-    def validate(self) -> "Thresholds":
-        for name in ("near_cosine", "near_pixel"):
-            if not -1.0 <= getattr(self, name) <= 1.0:
-                raise UsageError(f"--{name.replace('_', '-')} must be between -1 and 1, not {getattr(self, name)}")
-        if self.outlier_z <= 0:
-            raise UsageError(f"--outlier-z must be > 0, not {self.outlier_z}")
-        if self.folds < 2:
-            raise UsageError(f"--folds must be ≥ 2, not {self.folds}")
-        if self.top < 1:
-            raise UsageError(f"--top must be ≥ 1, not {self.top}")
-        return self
 
 
 @dataclass
