@@ -108,8 +108,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         scan.write_report(out / "data_report.json")
     signals.note_run_dir(out)
     log.info("run folder: %s", out)
-    log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
-             ", ".join(plan.trainable_groups()))
+    if cfg.mode != "linear-probe":  # a probe's head is sized by its features: the run says so when fitted
+        log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
+                 ", ".join(plan.trainable_groups()))
     model.to(device)
     if device.type == "cpu" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -217,6 +218,7 @@ def _linear_probe_run(state: RunState, t_start: float, figures: bool) -> dict:
            "val_macro_f1": val["macro_f1"], "lr": None, "seconds": time.perf_counter() - t0}
     state.history.append(row)
     state.model = result["model"]
+    state.plan = _probe_plan(state.model)
     state.skipped_in_training = result["skipped"]
     if distributed.is_main():
         _write_history(state)
@@ -227,6 +229,13 @@ def _linear_probe_run(state: RunState, t_start: float, figures: bool) -> dict:
     best = {"epoch": 1, "val": {**val, "indices": np.arange(len(y_val))}}
     source = _ProbeRecord(result)
     return _finish(state, source, best, time.perf_counter() - t_start, figures)
+
+
+def _probe_plan(probe: nn.Module) -> ParamPlan:
+    """The probe's parameters for metrics and the summary: the frozen backbone, and the head that was fitted."""
+    head = list(probe.head.named_parameters(prefix="head"))
+    backbone = [(n, p.requires_grad_(False)) for n, p in probe.named_parameters() if not n.startswith("head.")]
+    return ParamPlan(["backbone", "head"], [backbone, head])
 
 
 class _ProbeRecord:
