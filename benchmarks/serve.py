@@ -1,16 +1,21 @@
 """`transferkit serve` under load on loopback: 1, 4 and 16 concurrent clients, each sending single images.
 
-    python benchmarks/serve.py [--work DIR] [--requests 300] [--seconds 60] [--repeats 5] [--max-batch N]
+    python benchmarks/serve.py [--work DIR] [--requests 300] [--seconds 60] [--repeats 5] [--pair-seconds 6]
+                               [--max-batch N]
 
 The server is the real CLI (`transferkit serve MODEL.onnx --port 0`, ONNX engine) in its own process. The
 model is efficientnet_lite0 (ImageNet weights, a 2-class head; the head's values do not change the cost)
 exported to ONNX at its own 224 px; the images are real ELPV cells (300×300 PNG) sent as multipart files.
 Each phase is bounded by a number of requests and by time, and the script stops the server itself.
 
-Reported per phase: throughput, p50/p99 latency, errors (must be 0), the mean batch the server formed
-(from /health) and the server's RSS. The engine's bare rate is the same ONNX model and session options run
-in this process on already preprocessed batches (no decoding, no HTTP), by batch size; the target (16
-clients at >= 80% of the bare rate at --max-batch) alternates the two so each ratio compares neighbours.
+Reported per phase: throughput, p50/p99 latency, errors (must be 0), the mean batch the server formed and
+how busy its engine was (from /health), CPU per image and the server's RSS. The engine's bare rate is the
+same ONNX model with the same session options (threads, no spinning) run in this process on already
+preprocessed batches (no decoding, no HTTP), by batch size. The target (16 clients at >= 80% of the bare
+rate at the server's --max-batch) compares images per second, as the issue states it; the two alternate in
+equal time slices so that each ratio compares neighbours, and each pair records how many cores other
+processes took meanwhile: on a shared box the served phase, with more threads, can win a larger share of
+the cores than the bare one, so a verdict reached beside other work says so.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import elpv, environment_line, table, write_section  # noqa: E402
 
 CLIENTS = (1, 4, 16)
+PAIR_REQUESTS = 20_000  # the served half of a pair is bounded by --pair-seconds first, and by this
+SHARED_CORES = 0.25  # others' mean cores above which a pair was measured beside other work
 
 
 def main() -> None:
@@ -43,6 +50,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="requests per phase (at most)")
     ap.add_argument("--seconds", type=float, default=60, help="seconds per phase (at most)")
     ap.add_argument("--repeats", type=int, default=5, help="alternations of bare engine / 16 clients")
+    ap.add_argument("--pair-seconds", type=float, default=6, help="seconds of each half of an alternation")
     ap.add_argument("--max-batch", type=int, default=ServeOptions.max_batch)
     ap.add_argument("--max-wait-ms", type=float, default=ServeOptions.max_wait_ms)
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
@@ -52,6 +60,8 @@ def main() -> None:
     images = [(p.name, p.read_bytes()) for p in sorted((elpv(work / "elpv2", 2) / "val").rglob("*.png"))[:64]]
     by_batch = {n: bare_rate(model, images, n, seconds=4) for n in (1, 2, 4, 8, 16)}
     print("bare (images/s, CPU ms/image) by batch size:", by_batch, flush=True)
+    spinning = bare_rate(model, images, args.max_batch, seconds=4, spinning=True)
+    print("bare with ORT's default spinning threads:", spinning, flush=True)
     server = start_server(model, work, args.max_batch, args.max_wait_ms)
     try:
         rows = serve_phases(server, images, args)
@@ -59,7 +69,7 @@ def main() -> None:
     finally:
         server["proc"].terminate()
         server["proc"].wait(timeout=60)
-    report(args, rows, pairs, by_batch, len(images))
+    report(args, rows, pairs, by_batch, spinning, len(images))
 
 
 def export_model(name: str, path: Path) -> Path:
@@ -81,14 +91,15 @@ def export_model(name: str, path: Path) -> Path:
     return export_onnx(model, meta, path, torch.randn(1, 3, size, size))
 
 
-def bare_rate(model: Path, images: list, batch: int, seconds: float = 10) -> tuple[float, float]:
+def bare_rate(model: Path, images: list, batch: int, seconds: float = 10,
+              spinning: bool = False) -> tuple[float, float]:
     """(images/s, CPU ms per image) of the ONNX engine alone on preprocessed batches (the best a server
-    could do); the CPU time is this process's, all its threads."""
-    from transferkit.data.images import load_rgb_bytes
+    could do); the CPU time is this process's, all its threads. By default configured as the server
+    configures it (all cores, idle threads sleep instead of spinning)."""
     from transferkit.onnx_predict import OnnxClassifier
 
-    clf = OnnxClassifier(model, spinning=False)  # configured as the server configures it
-    inputs = [clf.preprocess_image(load_rgb_bytes(data, name)) for name, data in images[:batch]]
+    clf = OnnxClassifier(model, spinning=spinning)
+    inputs = [clf.preprocess_bytes(data, name) for name, data in images[:batch]]
     clf.probs_of(inputs)  # warm-up
     done, t0, cpu0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
@@ -128,31 +139,36 @@ def serve_phases(server: dict, images: list, args) -> list[dict]:
 
 def phase(server: dict, bodies: list, clients: int, requests: int, seconds: float) -> dict:
     """One bounded phase; CPU ms per image counts the server's process and this one (the clients)."""
-    before, cpu0 = health(server["url"]), cpu_seconds(server["proc"].pid) + time.process_time()
-    latencies, errors, wall = run_clients(server["url"], bodies, clients, requests, seconds)
-    after, cpu1 = health(server["url"]), cpu_seconds(server["proc"].pid) + time.process_time()
+    pid = server["proc"].pid
+    before, ours0, box0 = health(server["url"]), cpu_seconds(pid) + time.process_time(), box_busy_seconds()
+    latencies, errors, rate, wall = run_clients(server["url"], bodies, clients, requests, seconds)
+    after, ours1, box1 = health(server["url"]), cpu_seconds(pid) + time.process_time(), box_busy_seconds()
     batches = after["batches"] - before["batches"]
-    return {"clients": clients, "requests": len(latencies) + errors, "errors": errors,
-            "images/s": len(latencies) / wall, "CPU ms/image": 1000 * (cpu1 - cpu0) / max(1, len(latencies)),
-            "p50 ms": 1000 * percentile(latencies, 50),
-            "p99 ms": 1000 * percentile(latencies, 99),
+    return {"clients": clients, "requests": len(latencies) + errors, "errors": errors, "images/s": rate,
+            "p50 ms": 1000 * percentile(latencies, 50), "p99 ms": 1000 * percentile(latencies, 99),
             "mean batch": (after["images"] - before["images"]) / batches if batches else 0.0,
-            "server RSS MB": rss_mb(server["proc"].pid)}
+            "engine busy": (after["inference_s"] - before["inference_s"]) / wall,
+            "CPU ms/image": 1000 * (ours1 - ours0) / max(1, len(latencies)),
+            "others' cores": max(0.0, (box1 - box0) - (ours1 - ours0)) / wall,
+            "server RSS MB": rss_mb(pid)}
 
 
 def alternate(server: dict, model: Path, images: list, args) -> list[dict]:
-    """Bare engine rate at --max-batch, then 16 clients, `repeats` times: the box may be shared, so each
-    ratio is taken between neighbours in time."""
+    """Bare engine rate at --max-batch, then 16 clients, each for --pair-seconds, `repeats` times: the box
+    may be shared, so each ratio is taken between neighbours in time, with the cores others took."""
     bodies, pairs = bodies_of(images), []
     for rep in range(args.repeats):
-        load = os.getloadavg()[0]
-        bare, bare_cpu = bare_rate(model, images, args.max_batch, seconds=5)
-        served = phase(server, bodies, CLIENTS[-1], args.requests, args.seconds)
+        load, box0, ours0 = os.getloadavg()[0], box_busy_seconds(), time.process_time()
+        start = time.perf_counter()
+        bare, bare_cpu = bare_rate(model, images, args.max_batch, seconds=args.pair_seconds)
+        bare_others = max(0.0, (box_busy_seconds() - box0) - (time.process_time() - ours0))
+        bare_others /= time.perf_counter() - start
+        served = phase(server, bodies, CLIENTS[-1], PAIR_REQUESTS, args.pair_seconds)
         pairs.append({"repeat": rep + 1, "load": load, "bare images/s": bare,
                       "16 clients images/s": served["images/s"], "errors": served["errors"],
-                      "fraction": served["images/s"] / bare, "bare CPU ms/image": bare_cpu,
-                      "16 clients CPU ms/image": served["CPU ms/image"],
-                      "CPU fraction": bare_cpu / served["CPU ms/image"]})
+                      "fraction": served["images/s"] / bare, "engine busy": served["engine busy"],
+                      "others' cores (bare)": bare_others, "others' cores (served)": served["others' cores"],
+                      "bare CPU ms/image": bare_cpu, "16 clients CPU ms/image": served["CPU ms/image"]})
         print(pairs[-1], flush=True)
     return pairs
 
@@ -161,11 +177,15 @@ def bodies_of(images: list) -> list[tuple[bytes, str]]:
     return [multipart(name, data) for name, data in images]
 
 
-def run_clients(url, bodies: list, clients: int, requests: int, seconds: float) -> tuple[list[float], int, float]:
+def run_clients(url, bodies: list, clients: int, requests: int,
+                seconds: float) -> tuple[list[float], int, float, float]:
     """`clients` threads, each on its own keep-alive connection, sending one image per request until
-    `requests` were sent in all or `seconds` passed. Returns (latencies of the 200s, errors, wall)."""
+    `requests` were sent in all or `seconds` passed. Returns (latencies of the 200s, errors, images/s, wall).
+
+    The rate counts the answers that arrived while the clients were sending, over that time: the requests
+    still in flight at the deadline neither count nor lengthen the phase (the ramp-up does count)."""
     lock = threading.Lock()
-    sent, latencies, errors = [0], [], [0]
+    sent, latencies, finished, errors = [0], [], [], [0]
     deadline = time.perf_counter() + seconds
 
     def client(k: int) -> None:
@@ -187,8 +207,11 @@ def run_clients(url, bodies: list, clients: int, requests: int, seconds: float) 
                 ok = False
                 conn.close()
                 conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+            done = time.perf_counter()
             with lock:
-                latencies.append(time.perf_counter() - t0) if ok else None
+                if ok:
+                    latencies.append(done - t0)
+                    finished.append(done)
                 errors[0] += 0 if ok else 1
         conn.close()
 
@@ -198,7 +221,9 @@ def run_clients(url, bodies: list, clients: int, requests: int, seconds: float) 
         t.start()
     for t in threads:
         t.join()
-    return latencies, errors[0], time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    end = min(deadline, max(finished, default=deadline))
+    return latencies, errors[0], sum(f <= end for f in finished) / (end - t0), wall
 
 
 def multipart(name: str, data: bytes) -> tuple[bytes, str]:
@@ -214,6 +239,13 @@ def health(url) -> dict:
     answer = json.loads(conn.getresponse().read())
     conn.close()
     return answer
+
+
+def box_busy_seconds() -> float:
+    """CPU seconds all processes on the machine spent so far, all cores (Linux /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal (guest is inside user)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -235,34 +267,43 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, n_images: int) -> None:
-    fractions = [p["fraction"] for p in pairs]
-    cpu_fraction = statistics.median(p["CPU fraction"] for p in pairs)
+def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, spinning: tuple, n_images: int) -> None:
+    fraction = statistics.median(p["fraction"] for p in pairs)
     errors = sum(r.get("errors", 0) for r in rows) + sum(p["errors"] for p in pairs)
-    # Both must hold: on a shared box the served phase (more threads) can take a larger share of the
-    # cores than the bare one, so the wall-clock fraction alone can flatter the server.
-    verdict = "met" if min(statistics.median(fractions), cpu_fraction) >= 0.8 and errors == 0 else "NOT met"
+    others = max(max(p["others' cores (bare)"], p["others' cores (served)"]) for p in pairs)
+    overhead = statistics.median(p["16 clients CPU ms/image"] / p["bare CPU ms/image"] for p in pairs)
+    verdict = "met" if fraction >= 0.8 and errors == 0 else "NOT met"
+    if others > SHARED_CORES:
+        verdict += (f", but beside other work (other processes took up to {others:.2f} cores in a pair): "
+                    "the served phase's share of the cores may differ from the bare one's; confirm on a quiet box")
     text = (f"## Serving: `transferkit serve` on loopback\n\n{environment_line()}. "
             f"Command: `python benchmarks/serve.py --requests {args.requests} --seconds {args.seconds:g} "
-            f"--repeats {args.repeats}`. {args.model} exported to ONNX (224 px), ONNX engine, "
-            f"--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; {n_images} ELPV val images "
-            "(300×300 PNG), one per request as multipart, each client on a keep-alive connection; clients and "
-            "server share the same cores. CPU ms/image: the server's and the clients' CPU time per answered "
-            "image.\n\n"
+            f"--repeats {args.repeats} --pair-seconds {args.pair_seconds:g}`. {args.model} exported to ONNX "
+            f"(224 px), ONNX engine, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; "
+            f"{n_images} ELPV val images (300×300 grey PNG), one per request as multipart, each client on a "
+            "keep-alive connection; clients and server share the same cores. images/s: answers that arrived "
+            "while the clients were sending, over that time. engine busy: the share of the phase the server "
+            "spent in forward passes. CPU ms/image: the server's and the clients' CPU time per answered image. "
+            "others' cores: CPU that other processes on the machine took meanwhile, in cores.\n\n"
             + table(rows, ["clients", "requests", "errors", "images/s", "p50 ms", "p99 ms", "mean batch",
-                           "CPU ms/image", "server RSS MB"])
+                           "engine busy", "CPU ms/image", "others' cores", "server RSS MB"])
             + "\n\nBare engine (the same ONNX model and session options in the benchmark's process, on "
               "preprocessed batches: no decoding, no HTTP), by batch size: "
             + ", ".join(f"{n}: {rate:.1f} images/s ({cpu:.1f} CPU ms/image)" for n, (rate, cpu) in by_batch.items())
-            + f".\n\nTarget: 16 clients reach ≥ 80% of the bare rate at --max-batch {args.max_batch}. The two "
-              "alternate, so each fraction compares neighbours in time (load: the 1-minute load average when "
-              "the pair started); the CPU fraction is bare CPU time per image over served CPU time per image, "
-              "which other processes on a shared box change much less than wall time.\n\n"
+            + f". For reference, with ONNX Runtime's default spinning threads (which the server turns off "
+              f"because they take the cores from decoding) at batch {args.max_batch}: {spinning[0]:.1f} images/s "
+              f"({spinning[1]:.1f} CPU ms/image).\n\n"
+              f"Target: 16 clients reach ≥ 80% of the bare engine's images/s at the same batch size "
+              f"(--max-batch {args.max_batch}) and threads. The two alternate in {args.pair_seconds:g} s "
+              "halves, so each fraction compares neighbours in time (load: the 1-minute load average when the "
+              "pair started). The CPU columns show what serving adds per image: decoding, HTTP and the "
+              "clients themselves, which the bare engine does not do.\n\n"
             + table(pairs, ["repeat", "load", "bare images/s", "16 clients images/s", "errors", "fraction",
-                            "bare CPU ms/image", "16 clients CPU ms/image", "CPU fraction"])
-            + f"\n\nThroughput fraction: median **{statistics.median(fractions):.2f}** (from {min(fractions):.2f} "
-              f"to {max(fractions):.2f}); CPU fraction: median **{cpu_fraction:.2f}**; {errors} errors in all "
-              f"(target {verdict}: both medians ≥ 0.80 and no errors).")
+                            "engine busy", "others' cores (bare)", "others' cores (served)", "bare CPU ms/image",
+                            "16 clients CPU ms/image"])
+            + f"\n\nThroughput fraction: median **{fraction:.2f}** (from {min(p['fraction'] for p in pairs):.2f} "
+              f"to {max(p['fraction'] for p in pairs):.2f}); serving costs {overhead:.2f}× the bare engine's CPU "
+              f"per image; {errors} errors in all (target {verdict}).")
     print(text)
     if not args.no_record:
         write_section("serve", text)

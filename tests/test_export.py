@@ -17,6 +17,7 @@ from tiny_run import train_tiny
 
 from transferkit import export as ex
 from transferkit.cli import main
+from transferkit.data.images import load_rgb
 from transferkit.data.transforms import eval_transform
 from transferkit.errors import ExportError
 from transferkit.models.registry import Preprocessing
@@ -94,6 +95,22 @@ def test_numpy_preprocessing_matches_torchvision(interpolation, size):
     theirs = eval_transform(pre)(img).numpy()
     assert ours.shape == theirs.shape == (3, 32, 32)
     assert np.abs(ours - theirs).max() < 1e-5
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(61, 37), (37, 61), (300, 300)])
+def test_a_grey_image_preprocesses_exactly_as_its_rgb_conversion(interpolation, size, tmp_path):
+    """ONNX prediction and `serve` keep 8-bit grey images as one band (a third of the resizing): the
+    model must still see the very numbers the RGB conversion gives, and torchvision's within rounding."""
+    rng = np.random.default_rng(2)
+    grey = Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8))
+    grey.save(tmp_path / "grey.png")
+    kept = load_rgb(tmp_path / "grey.png", keep_gray=True)
+    assert kept.mode == "L" and load_rgb(tmp_path / "grey.png").mode == "RGB"
+    pre = Preprocessing(32, 37, interpolation, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    ours = preprocess_pil(kept, pre.to_dict())
+    assert np.array_equal(ours, preprocess_pil(grey.convert("RGB"), pre.to_dict()))
+    assert np.abs(ours - eval_transform(pre)(grey.convert("RGB")).numpy()).max() < 1e-5
 
 
 def test_onnx_prediction_runs_without_torch_and_matches_torch_labels(onnx_export, tiny_run):

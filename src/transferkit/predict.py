@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.images import load_rgb
+from .data.images import load_rgb, load_rgb_bytes
 from .data.transforms import eval_transform
 from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
@@ -48,8 +48,12 @@ class Predictor:
     def preprocess(self, path: str) -> torch.Tensor:
         return self.preprocess_image(load_rgb(path))
 
+    def preprocess_bytes(self, data: bytes, name: str) -> torch.Tensor:
+        """An image file held in memory (an upload) -> the model's input."""
+        return self.preprocess_image(load_rgb_bytes(data, name))
+
     def preprocess_image(self, img) -> torch.Tensor:
-        """A decoded RGB PIL image -> the model's input (also for images that are not files: uploads)."""
+        """A decoded RGB PIL image -> the model's input."""
         return self.transform(img)
 
     @torch.inference_mode()

@@ -36,8 +36,12 @@ class ImageDecodeError(DataError):
         self.reason = reason
 
 
-def load_rgb(path) -> Image.Image:
+def load_rgb(path, keep_gray: bool = False) -> Image.Image:
     """Open `path`, apply its EXIF orientation and return a fully decoded 8-bit RGB image.
+
+    `keep_gray`: a plain 8-bit grey image (mode L) comes back as it is, for a caller that resizes one
+    band and broadcasts it to three (Pillow resamples every band alike, so the numbers are those of
+    its RGB conversion, for a third of the work).
 
     Raises ImageDecodeError with `kind` one of: empty_file, unreadable, not_an_image,
     decompression_bomb, corrupt.
@@ -51,7 +55,7 @@ def load_rgb(path) -> Image.Image:
             raise ImageDecodeError(path, "empty_file", "empty file (0 bytes)")
         with open(path, "rb") as fp:
             # Orient and convert while the file is open: some plugins read EXIF lazily.
-            return to_rgb(_decode(fp, path), path)
+            return to_rgb(_decode(fp, path), path, keep_gray)
     except PermissionError as exc:
         raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror}") from None
     except FileNotFoundError:
@@ -60,12 +64,12 @@ def load_rgb(path) -> Image.Image:
         raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror or exc}") from None
 
 
-def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
+def load_rgb_bytes(data: bytes, name: str, keep_gray: bool = False) -> Image.Image:
     """`load_rgb` for an image held in memory (an upload), with the same checks and error kinds."""
     if not data:
         raise ImageDecodeError(name, "empty_file", "empty file (0 bytes)")
     with io.BytesIO(data) as fp:
-        return to_rgb(_decode(fp, name), name)
+        return to_rgb(_decode(fp, name), name, keep_gray)
 
 
 def _decode(fp, path) -> Image.Image:
@@ -107,21 +111,21 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def to_rgb(img: Image.Image, path="<image>") -> Image.Image:
-    """EXIF-orient and convert a decoded image of any mode to 8-bit RGB."""
+def to_rgb(img: Image.Image, path="<image>", keep_gray: bool = False) -> Image.Image:
+    """EXIF-orient and convert a decoded image of any mode to 8-bit RGB (8-bit grey kept: `load_rgb`)."""
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # broken EXIF blocks should not cost the user the image
         logger.debug("ignoring unusable EXIF orientation in %s: %s", path, exc)
     try:
-        return _convert(img)
+        return _convert(img, keep_gray)
     except (ValueError, OSError) as exc:
         raise ImageDecodeError(path, "corrupt", f"cannot convert mode {img.mode} to RGB: {_reason(exc)}") from None
 
 
-def _convert(img: Image.Image) -> Image.Image:
+def _convert(img: Image.Image, keep_gray: bool = False) -> Image.Image:
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" or (keep_gray and mode == "L" and "transparency" not in img.info):
         return img
     if mode in _SIXTEEN_BIT_MODES:
         return _gray_array_to_rgb(np.asarray(img).astype(np.float64) / 257.0)

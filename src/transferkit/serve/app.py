@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from ..data.images import load_rgb_bytes
 from ..predict_common import preprocess_each
 from . import ServeOptions
 from .batching import DynamicBatcher
@@ -76,7 +75,7 @@ async def classify(served: ServedModel, batcher: DynamicBatcher, decoder: Thread
     clf = served.classifier
 
     def preprocess(upload: Upload):
-        return clf.preprocess_image(load_rgb_bytes(upload.data, upload.name))
+        return clf.preprocess_bytes(upload.data, upload.name)
 
     loop = asyncio.get_running_loop()
     inputs, rows, errors = await loop.run_in_executor(decoder, preprocess_each, uploads, preprocess)

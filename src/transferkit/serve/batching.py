@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -29,7 +30,8 @@ class DynamicBatcher:
 
     def __init__(self, infer: Callable[[list], np.ndarray], max_batch: int = 16, max_wait_s: float = 0.005):
         self.infer, self.max_batch, self.max_wait_s = infer, max_batch, max_wait_s
-        self.stats = {"batches": 0, "images": 0, "largest_batch": 0}
+        # inference_s: seconds spent in forward passes; over wall time, how busy the engine is.
+        self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "inference_s": 0.0}
         self._pending: deque[tuple[object, asyncio.Future]] = deque()
         self._arrived = asyncio.Event()  # something is pending
         self._full = asyncio.Event()  # a whole batch is pending
@@ -65,7 +67,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             try:
-                probs = await self._loop.run_in_executor(self._executor, self.infer, [x for x, _ in batch])
+                probs = await self._loop.run_in_executor(self._executor, self._timed_infer, [x for x, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the callers get the error; the batcher keeps serving
                 log.exception("inference failed on a batch of %d", len(batch))
                 for _, future in batch:
@@ -76,6 +78,13 @@ class DynamicBatcher:
             for (_, future), p in zip(batch, probs):
                 if not future.done():  # a client that went away cancelled its request
                     future.set_result(p)
+
+    def _timed_infer(self, inputs: list) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self.infer(inputs)
+        finally:
+            self.stats["inference_s"] += time.perf_counter() - start
 
     async def _next_batch(self) -> list:
         await self._arrived.wait()

@@ -24,7 +24,7 @@ TRAINING_KEYS = ("mode", "best_val_acc", "best_val_balanced_accuracy", "best_val
 
 @dataclass
 class ServedModel:
-    classifier: object  # OnnxClassifier or Predictor: .classes, .preprocess_image(img), the row table (predict.py)
+    classifier: object  # OnnxClassifier or Predictor: .classes, .preprocess_bytes(data, name), the row table (predict.py)
     engine: str
     path: Path
     card: dict
