@@ -100,6 +100,7 @@ def test_concurrent_requests_each_get_their_own_image_back(server, exported):
         assert row["probability"] == pytest.approx(alone[p.name]["probability"], abs=1e-5)
     status, health = request(server.url + "health")
     assert status == 200 and health["images"] >= 3 * len(paths) and health["largest_batch"] <= 8
+    assert health["inference_s"] > 0
 
 
 def test_an_unreadable_image_gets_its_error_row_in_input_order(server, exported):
