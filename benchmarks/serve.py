@@ -140,16 +140,16 @@ def serve_phases(server: dict, images: list, args) -> list[dict]:
 def phase(server: dict, bodies: list, clients: int, requests: int, seconds: float) -> dict:
     """One bounded phase; CPU ms per image counts the server's process and this one (the clients)."""
     pid = server["proc"].pid
-    before, ours0, box0 = health(server["url"]), cpu_seconds(pid) + time.process_time(), box_busy_seconds()
+    before, cpu0 = health(server["url"]), cpu_snapshot(pid)
     latencies, errors, rate, wall = run_clients(server["url"], bodies, clients, requests, seconds)
-    after, ours1, box1 = health(server["url"]), cpu_seconds(pid) + time.process_time(), box_busy_seconds()
+    after, cpu1 = health(server["url"]), cpu_snapshot(pid)
     batches = after["batches"] - before["batches"]
     return {"clients": clients, "requests": len(latencies) + errors, "errors": errors, "images/s": rate,
             "p50 ms": 1000 * percentile(latencies, 50), "p99 ms": 1000 * percentile(latencies, 99),
             "mean batch": (after["images"] - before["images"]) / batches if batches else 0.0,
             "engine busy": (after["inference_s"] - before["inference_s"]) / wall,
-            "CPU ms/image": 1000 * (ours1 - ours0) / max(1, len(latencies)),
-            "others' cores": max(0.0, (box1 - box0) - (ours1 - ours0)) / wall,
+            "CPU ms/image": 1000 * (cpu1["ours"] - cpu0["ours"]) / max(1, len(latencies)),
+            "others' cores": others_cores(cpu0, cpu1),
             "server RSS MB": rss_mb(pid)}
 
 
@@ -158,11 +158,9 @@ def alternate(server: dict, model: Path, images: list, args) -> list[dict]:
     may be shared, so each ratio is taken between neighbours in time, with the cores others took."""
     bodies, pairs = bodies_of(images), []
     for rep in range(args.repeats):
-        load, box0, ours0 = os.getloadavg()[0], box_busy_seconds(), time.process_time()
-        start = time.perf_counter()
+        load, cpu0 = os.getloadavg()[0], cpu_snapshot(server["proc"].pid)
         bare, bare_cpu = bare_rate(model, images, args.max_batch, seconds=args.pair_seconds)
-        bare_others = max(0.0, (box_busy_seconds() - box0) - (time.process_time() - ours0))
-        bare_others /= time.perf_counter() - start
+        bare_others = others_cores(cpu0, cpu_snapshot(server["proc"].pid))
         served = phase(server, bodies, CLIENTS[-1], PAIR_REQUESTS, args.pair_seconds)
         pairs.append({"repeat": rep + 1, "load": load, "bare images/s": bare,
                       "16 clients images/s": served["images/s"], "errors": served["errors"],
@@ -239,6 +237,18 @@ def health(url) -> dict:
     answer = json.loads(conn.getresponse().read())
     conn.close()
     return answer
+
+
+def cpu_snapshot(server_pid: int) -> dict:
+    """Wall clock, the machine's busy CPU seconds, and ours (this process's and the server's)."""
+    return {"wall": time.perf_counter(), "box": box_busy_seconds(),
+            "ours": time.process_time() + cpu_seconds(server_pid)}
+
+
+def others_cores(before: dict, after: dict) -> float:
+    """Cores other processes took between two snapshots: the machine's busy CPU time minus ours."""
+    busy = (after["box"] - before["box"]) - (after["ours"] - before["ours"])
+    return max(0.0, busy) / (after["wall"] - before["wall"])
 
 
 def box_busy_seconds() -> float:
