@@ -284,8 +284,9 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, spinning: 
     overhead = statistics.median(p["16 clients CPU ms/image"] / p["bare CPU ms/image"] for p in pairs)
     verdict = "met" if fraction >= 0.8 and errors == 0 else "NOT met"
     if others > SHARED_CORES:
-        verdict += (f", but beside other work (other processes took up to {others:.2f} cores in a pair): "
-                    "the served phase's share of the cores may differ from the bare one's; confirm on a quiet box")
+        verdict += (f"; measured beside other work (other processes took up to {others:.2f} cores in a pair), "
+                    "so the served and bare halves may have had different shares of the cores: confirm on a "
+                    "quiet box")
     text = (f"## Serving: `transferkit serve` on loopback\n\n{environment_line()}. "
             f"Command: `python benchmarks/serve.py --requests {args.requests} --seconds {args.seconds:g} "
             f"--repeats {args.repeats} --pair-seconds {args.pair_seconds:g}`. {args.model} exported to ONNX "
@@ -312,8 +313,8 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, spinning: 
                             "engine busy", "others' cores (bare)", "others' cores (served)", "bare CPU ms/image",
                             "16 clients CPU ms/image"])
             + f"\n\nThroughput fraction: median **{fraction:.2f}** (from {min(p['fraction'] for p in pairs):.2f} "
-              f"to {max(p['fraction'] for p in pairs):.2f}); serving costs {overhead:.2f}× the bare engine's CPU "
-              f"per image; {errors} errors in all (target {verdict}).")
+              f"to {max(p['fraction'] for p in pairs):.2f}); serving (with its clients) costs {overhead:.2f}× the "
+              f"bare engine's CPU per image; {errors} errors in all (target {verdict}).")
     print(text)
     if not args.no_record:
         write_section("serve", text)
