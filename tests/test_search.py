@@ -166,3 +166,73 @@ def test_probe_run_flags_a_foreign_image_as_novel(tmp_path):
     rows = tk.load(run).predict_table([known, foreign])
     assert rows[0]["novel"] is False and rows[1]["novel"] is True
     assert rows[1]["novelty"] > rows[0]["novelty"]
+
+
+# ---- the two-scale probe ----------------------------------------------------------------------------
+
+
+def test_rescale_in_the_graph_is_antialiased_bicubic():
+    """Rescale (two matrix products, exportable) equals torch's antialiased bicubic resize, which is what
+    PIL does to the training images at the smaller size."""
+    import torch
+
+    from transferkit.engine.probe import Rescale
+
+    x = torch.rand(2, 3, 96, 96)
+    expected = torch.nn.functional.interpolate(x, size=(72, 72), mode="bicubic", antialias=True, align_corners=False)
+    assert torch.allclose(Rescale(96, 72)(x), expected, atol=1e-5)
+
+
+def test_stacked_probe_averages_the_logits_of_its_probes():
+    from transferkit.engine.probe import fit_probe, stack_fits
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2, 12)).astype(np.float32)  # 2 views, 2 scales of 6 columns each
+    y = (x[:, 0, 0] + x[:, 0, 7] > 0).astype(int)
+    a = fit_probe(x[:, :, :6], y, np.arange(6), 0.1, 2)
+    b = fit_probe(x[:, :, 6:], y, np.arange(6), 1.0, 2)
+    stacked = stack_fits([a, b], 6)
+    assert np.allclose(stacked.logits(x), (a.logits(x[:, :, :6]) + b.logits(x[:, :, 6:])) / 2, atol=1e-5)
+
+
+def test_two_scale_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):
+    """--probe-scale: the saved model reads the image at --image-size and, inside the graph, at the smaller
+    scale; through the ordinary predictor it gives the val accuracy the run reported, and its ONNX export
+    matches eager."""
+    import transferkit as tk
+    from transferkit.engine.checkpoint import read_meta
+    from transferkit.engine.fit import fit
+    from transferkit.export import export_run
+
+    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=96, seed=5)
+    run = tmp_path / "run"
+    metrics = fit(TrainConfig(data=str(data), out=str(run), recipe="tutorial", mode="linear-probe", image_size=80,
+                              probe_scale=56, probe_c=0.01, probe_scale_c=0.1, engine="torch"))
+    meta = read_meta(run)
+    assert meta["probe"]["scales"] == [56] and meta["probe"]["input_size"] == 80
+    val = sorted((data / "val").glob("*/*.png"))
+    predicted = tk.load(run).predict(val)
+    assert np.mean([label == path.parent.name for label, path in zip(predicted, val)]) == pytest.approx(
+        metrics["best_val_acc"])
+    result = export_run(run, "onnx")
+    assert result["parity"]["top1_agreement"] == 1.0 and result["parity"]["max_abs_prob_diff"] < 1e-3
+
+
+def test_search_tries_two_scales_on_large_images(tmp_path):
+    """Images larger than the network's input: after the view ladder the search scores a two-scale probe by
+    the same CV, and the reproduce command carries its sizes when it wins."""
+    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=320)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), time_budget="10m", mode="linear-probe")
+    train(cfg, given={"mode"})
+    search = json.loads((tmp_path / "run" / "search.json").read_text())
+    two = [c for c in search["candidates"] if c["name"].endswith("296+224 px")]
+    assert len(two) == 1 and two[0]["status"] == "ran" and two[0]["score"] is not None
+    if search["chosen"] == two[0]["name"]:
+        assert "--image-size 296" in search["reproduce"] and "--probe-scale 224" in search["reproduce"]
+
+
+@pytest.mark.parametrize("argv", [["--probe-scale", "64"], ["--recipe", "tutorial", "--probe-scale", "64"]])
+def test_probe_scale_outside_a_tutorial_probe_is_a_one_line_error(argv, tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    assert cli.main(["train", str(data), *argv, "--out", str(tmp_path / "run")]) == 2
+    assert "--probe-scale goes with" in capsys.readouterr().err

@@ -32,6 +32,9 @@ TRAIN_HELP = {
     "probe_pooling": "linear-probe: channel means, or means and maxima",
     "probe_views": "linear-probe: train on and average over no extra view, the mirror, or all 8 dihedral views",
     "probe_c": "linear-probe: inverse L2 strength of the logistic regression (default: 3-fold CV on train)",
+    "probe_scale": "linear-probe: also read each image at this smaller size inside the model and average a "
+                   "second probe fitted there (a two-scale ensemble; --image-size sets the larger)",
+    "probe_scale_c": "linear-probe: --probe-c of the --probe-scale probe (default: 3-fold CV on train)",
     "model": "backbone (see `transferkit models`)",
     "mode": "feature-extract (only the new head trains), finetune (everything), partial (top --unfreeze groups)",
     "unfreeze": "partial mode: number of top layer groups that train with the head",

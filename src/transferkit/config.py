@@ -89,6 +89,10 @@ class TrainConfig:
     probe_pooling: str = "meanmax"  # linear-probe: channel means, or means and maxima
     probe_views: str = "none"  # linear-probe: train on and average over none, flip, or all 8 dihedral views
     probe_c: float | None = None  # linear-probe: inverse L2 strength (default: chosen by 3-fold CV on train)
+    # linear-probe: also read each image at this smaller size (resized inside the model), fit a second probe
+    # there and average the two probes' logits (a two-scale ensemble); its strength like probe_c's
+    probe_scale: int | None = None
+    probe_scale_c: float | None = None
     tensorboard: bool = False
     out: str | None = None
     overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
@@ -140,8 +144,14 @@ class TrainConfig:
             raise UsageError("--weight-decay, --momentum and --warmup-epochs must be ≥ 0")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
             raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
-        if self.probe_c is not None and not 0 < self.probe_c < float("inf"):
-            raise UsageError(f"--probe-c must be > 0, not {self.probe_c}")
+        for name, c in (("probe-c", self.probe_c), ("probe-scale-c", self.probe_scale_c)):
+            if c is not None and not 0 < c < float("inf"):
+                raise UsageError(f"--{name} must be > 0, not {c}")
+        if self.probe_scale is not None and (self.recipe == "auto" or self.mode != "linear-probe"):
+            raise UsageError("--probe-scale goes with --recipe tutorial --mode linear-probe (the auto recipe "
+                             "chooses the scales itself)")
+        if self.probe_scale is not None and self.probe_scale < 32:
+            raise UsageError(f"--probe-scale must be ≥ 32, not {self.probe_scale}")
         if self.probe_stages is not None:
             _at_least("probe-stages", self.probe_stages, 1)
         if self.image_size is not None and self.image_size < 32:

@@ -3,7 +3,9 @@
 A ladder of candidates from cheap to expensive, each reusing the caches of the ones before it:
   1. linear probes (engine/probe.py) on pooled multi-stage features: the backbone's eval crop, then the
      whole frame; then the mirror view, then the 8 dihedral views (where --rotation-safe says so, or where
-     the CV on two rotated views shows they help); pooling, stages and C by 3-fold CV on train;
+     the CV on two rotated views shows they help); then, where the images are large enough, a two-scale
+     probe (the best views read at 4/3 of the input size too, one probe per scale, logits averaged);
+     pooling, stages and C by 3-fold CV on train;
   2. partial fine-tuning of the top groups on cached activations, from the probe's head (LP-FT);
   3. full fine-tuning with frozen BatchNorm, from the probe's head (LP-FT).
 Costs are measured (extraction rate on the first images, a training step's rate on two batches) and a
@@ -36,7 +38,13 @@ FIXED_OVERHEAD_S = 8.0  # the final run's model build, checkpoint, figures and r
 INNER_FRACTION = 0.2  # share of the training images held out to score fine-tuning candidates
 FT_EPOCHS = (2, 8)  # fewest worth trying, most worth paying for
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
-PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c")
+PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size", "probe_scale",
+                "probe_scale_c")
+# The two-scale probe reads images at this multiple of the input size (FixRes, Touvron et al. 2019: a network
+# sees objects larger at test time than in its training crops, so a larger test input suits it)...
+LARGER_INPUT = 4 / 3
+# ...where the images have that many pixels (upsampling adds no detail) and it differs enough to matter.
+LARGER_INPUT_MIN = 1.15
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 
@@ -70,7 +78,7 @@ class Search:
     bar: object = None  # engine/progress.time_bar over the budget
     feats_done: bool = False  # the first extraction (which never stops) is behind us
     subsample: int | None = None  # training images the budget allowed, where fewer than all
-    feats: dict = field(default_factory=dict)  # crop key → {view: (n, d) array}
+    feats: dict = field(default_factory=dict)  # (crop, input size) → {view: (n, d) array}
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -156,7 +164,7 @@ class _Context:
     y: np.ndarray
     inner: tuple[np.ndarray, np.ndarray]  # train-split indices: inner-train, inner hold-out
     order: np.ndarray  # a seeded permutation of the training images
-    taps: dict = field(default_factory=dict)  # crop key → Taps
+    taps: dict = field(default_factory=dict)  # (crop, input size) → Taps
 
     @classmethod
     def build(cls, cfg, scan):
@@ -178,16 +186,16 @@ class _Context:
         order = np.random.default_rng(cfg.seed).permutation(len(y))  # extraction order: any prefix is random
         return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order)
 
-    def pre(self, crop):  # noqa: D102
-        return self.spec.preprocessing.at_size(self.cfg.image_size, crop)
+    def pre(self, crop, size=None):  # noqa: D102
+        return self.spec.preprocessing.at_size(size or self.cfg.image_size, crop)
 
-    def taps_for(self, crop):
+    def taps_for(self, crop, size=None):
         from .engine.probe_train import make_taps
 
-        if crop not in self.taps:
-            like = next(iter(self.taps.values()), None)  # same network: one runtime for every crop
-            self.taps[crop] = make_taps(self.model, self.spec, self.cfg, self.pre(crop), self.device, like)
-        return self.taps[crop]
+        if (crop, size) not in self.taps:
+            like = next(iter(self.taps.values()), None)  # same network and size: one runtime for every crop
+            self.taps[crop, size] = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
+        return self.taps[crop, size]
 
 
 def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,6 +224,8 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
         if view_set == "dihedral" and not cfg.rotation_safe and not _rotations_help(search, ctx, crop, best):
             continue
         best = _better(best, _probe_candidate(search, ctx, crop, view_set))
+    if "image_size" not in given:
+        best = _better(best, _two_scale_candidate(search, ctx, best))
     return best
 
 
@@ -290,15 +300,16 @@ def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
     return 3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2)
 
 
-def _train_features(search: Search, ctx: _Context, crop, views, reserve: float) -> np.ndarray | None:
+def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, size=None) -> np.ndarray | None:
     """(n, views, d) features of the training images, extracted in chunks (a random order) while the
     projected end of the extraction leaves `reserve` seconds; None where it had to stop. The first probe
     never stops: it keeps the chunks done in time and the search goes on with that subsample."""
-    have = search.feats.setdefault(crop, {})
+    have = search.feats.setdefault((crop, size), {})
     todo = [v for v in views if v not in have]
     if todo:
         first = not search.feats_done
-        got = _extract_chunks(search, ctx, crop, todo, reserve, keep_partial=first)
+        got = _extract_chunks(search, ctx, ctx.taps_for(crop, size), todo, reserve, keep_partial=first,
+                              cost=_pixels(ctx, size))
         if got is None:
             return None
         if first and len(got[todo[0]]) < len(ctx.scan.train):
@@ -308,7 +319,9 @@ def _train_features(search: Search, ctx: _Context, crop, views, reserve: float) 
     return np.stack([have[v] for v in views], 1)
 
 
-def _extract_chunks(search: Search, ctx: _Context, crop, todo, reserve: float, keep_partial: bool):
+def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, keep_partial: bool, cost: float = 1.0):
+    """`cost`: the pixels of this extraction's input against the backbone's own (search.rate is kept in
+    views per second at the backbone's size)."""
     from .engine.features import default_workers
     from .errors import DataError
 
@@ -317,14 +330,14 @@ def _extract_chunks(search: Search, ctx: _Context, crop, todo, reserve: float, k
     parts, t0 = [], time.perf_counter()
     for start in range(0, len(paths), size):
         if parts:  # project the rest from the rate seen so far (a busy machine, a new decode)
-            search.rate = start * len(todo) / max(time.perf_counter() - t0, 1e-3)
-            rest = (len(paths) - start) * len(todo) / search.rate
+            search.rate = start * len(todo) * cost / max(time.perf_counter() - t0, 1e-3)
+            rest = (len(paths) - start) * len(todo) * cost / search.rate
             if rest + _cv_seconds(search, ctx, len(todo)) + reserve > search.left():
                 if not keep_partial:
                     return None
                 break
         chunk = paths[start:start + size]
-        x, ok, _ = ctx.taps_for(crop).features(chunk, todo, ctx.scan.digests, default_workers(), "search features")
+        x, ok, _ = taps.features(chunk, todo, ctx.scan.digests, default_workers(), "search features")
         if x is None or not all(ok):
             raise DataError("some training images could not be read during the search; run `transferkit train "
                             "--recipe tutorial` to see which (or remove them)")
@@ -399,8 +412,80 @@ def _rotations_help(search: Search, ctx: _Context, crop, best: Candidate) -> boo
     return probe.score > best.score
 
 
-def _better(best: Candidate | None, cand: Candidate) -> Candidate:
-    if cand.score is None:
+def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
+    """The best probe's views read at a larger input size too, one probe per scale and their logits
+    averaged (engine/probe.py stack_fits), scored by the same 3-fold CV as every probe."""
+    from .engine.probe import cross_validate, cross_validate_stacked, fit_probe
+    from .engine.probe_train import C_GRID, PROBE_VIEWS
+
+    size, native = _larger_size(ctx), ctx.pre(None).input_size
+    if size is None:
+        log.info("search: no two-scale probe: the training images are not much larger than %d px", native)
+        return None
+    s = best.settings
+    crop, views = s["crop_fraction"], PROBE_VIEWS[s["probe_views"]]
+    name = f"probe crop={'own' if crop is None else crop} views={s['probe_views']} at {size}+{native} px"
+    settings = {k: s[k] for k in ("crop_fraction", "probe_views", "probe_pooling", "probe_stages")}
+    cand = search.add(Candidate(name, "probe", {**settings, "image_size": size, "probe_scale": native,
+                                                "probe_scale_c": s["probe_c"]}))
+    n, m, more = len(ctx.scan.train), len(ctx.scan.val), _pixels(ctx, size)
+    cand.estimate_s = len(views) * n * more / search.rate + 2 * _cv_seconds(search, ctx, len(views)) / len(POOLING_STAGES)
+    reserve = len(views) * m * (1 + more) / search.rate + FIXED_OVERHEAD_S  # the final run's val, both scales
+    if not search.affords(cand, reserve):
+        return cand
+    t = time.perf_counter()
+    x_large = _train_features(search, ctx, crop, views, reserve, size=size)
+    if x_large is None:
+        cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
+        return cand
+    x_native = _train_features(search, ctx, crop, views, reserve)
+    columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"])
+    grid = [search.cfg.probe_c] if "probe_c" in search.given else list(C_GRID)
+    n_classes = len(ctx.scan.classes)
+    large = cross_validate(x_large, ctx.y, columns, n_classes, grid, seed=search.cfg.seed,
+                           deadline=search.deadline - reserve)
+    Cs = [large.C, s["probe_c"]]
+    cand.settings.update(probe_c=large.C, cv_at_larger_size=large.accuracy)
+    cand.score = cross_validate_stacked([x_large, x_native], ctx.y, columns, Cs, n_classes, seed=search.cfg.seed)
+    inner_train, inner_test = ctx.inner
+    logits = sum(fit_probe(x[inner_train], ctx.y[inner_train], columns, C, n_classes).logits(x[inner_test])
+                 for x, C in zip((x_large, x_native), Cs))
+    cand.holdout = float((logits.mean(1).argmax(-1) == ctx.y[inner_test]).mean())
+    cand.seconds, cand.status = time.perf_counter() - t, "ran"
+    log.info("search: %s: CV accuracy %.4f (%d px alone %.4f; best so far %.4f), %.0fs", name, cand.score, size,
+             large.accuracy, best.score, cand.seconds)
+    return cand
+
+
+def _pixels(ctx: _Context, size) -> float:
+    """Cost of an extraction at input `size` against one at the backbone's own size."""
+    return 1.0 if size is None else (size / ctx.pre(None).input_size) ** 2
+
+
+def _larger_size(ctx: _Context) -> int | None:
+    """The two-scale probe's larger input: LARGER_INPUT × the backbone's, at most the training images' own
+    shorter side (median of a sample), a multiple of 8; None where that is not LARGER_INPUT_MIN × larger."""
+    native = ctx.pre(None).input_size
+    short = _median_shorter_side([ctx.scan.train[i][0] for i in ctx.order[:32]])
+    size = min(int(native * LARGER_INPUT), short) // 8 * 8
+    return size if size >= native * LARGER_INPUT_MIN else None
+
+
+def _median_shorter_side(paths: list[str]) -> int:
+    from PIL import Image
+
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:  # reads the header only
+                sides.append(min(image.size))
+        except OSError:
+            continue
+    return int(np.median(sides)) if sides else 0
+
+
+def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
+    if cand is None or cand.score is None:
         return best
     return cand if best is None or cand.score > best.score else best
 
@@ -562,7 +647,7 @@ def _candidate_config(base: TrainConfig, settings: dict, out: Path, **extra) -> 
 
 def _final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
     if winner.kind == "probe":
-        settings = {k: winner.settings[k] for k in PROBE_PIECES}
+        settings = {k: winner.settings[k] for k in PROBE_PIECES if k in winner.settings}
         return _candidate_config(search.cfg, settings, out, mode="linear-probe")
     return _candidate_config(search.cfg, winner.settings, out, best_metric="last")
 

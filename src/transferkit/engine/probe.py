@@ -8,6 +8,11 @@ of that one cached vector, so the search tries them all for one extraction.
 
 `ProbeClassifier` is the deployed model: backbone stages → pooling → standardization → linear head, an
 ordinary nn.Module (checkpoint, predict, evaluate, ONNX export, fine-tuning all take it as it is).
+
+A multi-scale probe (`--probe-scales`) reads the image at the run's input size and, inside the graph, at
+smaller sizes too (`Rescale`); one probe is fitted per scale and their logits are averaged, which is one
+linear head over the concatenated features (`stack_fits`). Large images keep detail the network's own
+input size throws away; the native size keeps the object scale the weights were trained at.
 """
 
 from __future__ import annotations
@@ -26,6 +31,35 @@ def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 2:  # already pooled (the cache point of a backbone without stages)
         return x, x
     return x.mean((2, 3)), x.amax((2, 3))
+
+
+class Rescale(nn.Module):
+    """Resize a square image batch inside the graph: bicubic with antialiasing (as PIL resizes), written as
+    two matrix products so every ONNX exporter and runtime takes it. The matrices follow from the sizes,
+    so they are not saved with the weights."""
+
+    def __init__(self, size_in: int, size_out: int):
+        super().__init__()
+        self.size_out = int(size_out)
+        eye = torch.eye(size_in)[:, None, None, :]  # each input pixel's weight on each output pixel
+        cols = nn.functional.interpolate(eye, size=(1, size_out), mode="bicubic", antialias=True,
+                                         align_corners=False).reshape(size_in, size_out)
+        self.register_buffer("cols", cols.contiguous(), persistent=False)
+        self.register_buffer("rows", cols.t().contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.rows, x), self.cols)
+
+
+class ScaledPooler(nn.Module):
+    """The TapPooler's vector of the input, then of the input at each smaller size, concatenated."""
+
+    def __init__(self, pooler: "TapPooler", rescales: nn.ModuleList):
+        super().__init__()
+        self.pooler, self.rescales = pooler, rescales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.pooler(x)] + [self.pooler(r(x)) for r in self.rescales], 1)
 
 
 class TapPooler(nn.Module):
@@ -136,6 +170,19 @@ def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float, n_cla
     return ProbeFit(columns, mean, scale, weight, bias, C)
 
 
+def stack_fits(fits: list[ProbeFit], width: int) -> ProbeFit:
+    """One probe whose logits are the mean of `fits`' logits, each fit reading its own scale's block of a
+    concatenated vector (blocks of `width` columns, in the order of `fits`)."""
+    return ProbeFit(
+        columns=np.concatenate([f.columns + i * width for i, f in enumerate(fits)]),
+        mean=np.concatenate([f.mean for f in fits]),
+        scale=np.concatenate([f.scale for f in fits]),
+        weight=np.concatenate([f.weight for f in fits], 1) / len(fits),
+        bias=np.mean([f.bias for f in fits], 0).astype(np.float32),
+        C=fits[0].C,
+    )
+
+
 def predict_proba(fit: ProbeFit, x: np.ndarray) -> np.ndarray:
     """x: (n, views, d) → class probabilities of the logits averaged over the views (test-time
     augmentation, as ProbeClassifier does it)."""
@@ -179,6 +226,20 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     return CVResult(best, per_C[best], per_C)
 
 
+def cross_validate_stacked(xs: list[np.ndarray], y: np.ndarray, columns: np.ndarray, Cs: list[float],
+                           n_classes: int, folds: int = 3, seed: int = 0) -> float:
+    """Stratified k-fold accuracy of the multi-scale probe: per fold, one probe per scale (features xs[i],
+    strength Cs[i]) and their logits averaged; same folds as cross_validate."""
+    from sklearn.model_selection import StratifiedKFold
+
+    correct = 0
+    for train_idx, test_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+        logits = sum(fit_probe(x[train_idx], y[train_idx], columns, C, n_classes).logits(x[test_idx])
+                     for x, C in zip(xs, Cs))
+        correct += int((logits.mean(1).argmax(-1) == y[test_idx]).sum())
+    return correct / len(y)
+
+
 def _sk_warm(wb, n_classes):
     """Our (classes, d) weights back into sklearn's shape for warm starts (binary: one row)."""
     if wb is None:
@@ -196,9 +257,11 @@ class ProbeClassifier(nn.Module):
     """Backbone stages → pooled taps → the probe's columns → standardize → linear head; optionally the
     mean of the logits over dihedral views of the input (the probe's test-time augmentation)."""
 
-    def __init__(self, pooler: TapPooler, n_features: int, n_classes: int, views=(0,)):
+    def __init__(self, pooler: TapPooler, n_features: int, n_classes: int, views=(0,), input_size: int = 0,
+                 scales=()):
         super().__init__()
         self.pooler = pooler
+        self.rescales = nn.ModuleList(Rescale(input_size, s) for s in scales)  # smaller sizes, in the graph
         self.register_buffer("columns", torch.arange(n_features))  # which pooled values the probe reads
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_scale", torch.ones(n_features))
@@ -214,8 +277,12 @@ class ProbeClassifier(nn.Module):
             self.head.bias.copy_(torch.as_tensor(fit.bias))
         return self
 
+    def pooled(self) -> nn.Module:
+        """Image batch → the pooled vector the probe's columns index (every scale's, concatenated)."""
+        return ScaledPooler(self.pooler, self.rescales) if len(self.rescales) else self.pooler
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.pooler(x).index_select(1, self.columns)
+        z = self.pooled()(x).index_select(1, self.columns)
         return (z - self.feature_mean) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,4 +297,5 @@ class ProbeClassifier(nn.Module):
 def rebuild_probe(model: nn.Module, spec, probe: dict, n_classes: int) -> ProbeClassifier:
     """The ProbeClassifier a checkpoint's `probe` metadata describes, around a freshly built backbone."""
     pooler = TapPooler(tap_body(model, spec), int(probe["taps"]))
-    return ProbeClassifier(pooler, int(probe["n_features"]), n_classes, probe.get("views", (0,)))
+    return ProbeClassifier(pooler, int(probe["n_features"]), n_classes, probe.get("views", (0,)),
+                           int(probe.get("input_size", 0)), [int(s) for s in probe.get("scales", ())])

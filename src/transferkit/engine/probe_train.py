@@ -17,8 +17,8 @@ import torch
 from ..errors import DataError, UsageError
 from ..models.registry import Preprocessing
 from .features import FeatureStore, View, cached_features, store_for
-from .probe import (ProbeClassifier, ProbeFit, TapPooler, cross_validate, feature_columns, fit_probe,
-                    predict_proba, tap_body, tap_widths)
+from .probe import (ProbeClassifier, ProbeFit, Rescale, ScaledPooler, TapPooler, cross_validate, feature_columns,
+                    fit_probe, predict_proba, stack_fits, tap_body, tap_widths)
 from .runtime import FrozenEngine
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Taps:
     store: FeatureStore
     widths: list[int]
     pre: Preprocessing
+    scale: int | None = None  # the input is also read at this size, inside the graph (a second block)
 
     def features(self, paths: list[str], views, digests=None, workers: int = 0, desc: str = "features"):
         """(n_ok, len(views), d) float32 numpy array, the ok mask per path, and the cache stats."""
@@ -49,30 +50,39 @@ class Taps:
         return feature_columns(self.widths, min(stages or len(self.widths), len(self.widths)), pooling)
 
 
-def make_taps(model, spec, cfg, pre: Preprocessing, device, like: Taps | None = None) -> Taps:
+def make_taps(model, spec, cfg, pre: Preprocessing, device, like: Taps | None = None,
+              scale: int | None = None) -> Taps:
     """The taps of `model` under preprocessing `pre`. `like`: taps of the same model at the same input size
-    under another crop, whose runtime (chosen, exported and checked once) is shared."""
+    under another crop, whose runtime (chosen, exported and checked once) is shared. `scale`: the vector
+    is the taps of the input and of the input resized to `scale` inside the graph, as the deployed
+    multi-scale probe computes them."""
     from .sources import feature_identity
 
-    shared = like is not None and like.pre.input_size == pre.input_size
+    shared = like is not None and like.pre.input_size == pre.input_size and like.scale == scale
     pooler = like.pooler if shared else TapPooler(tap_body(model, spec), spec.probe_taps).eval()
     identity = feature_identity(spec, pre.to_dict(), cfg.weights, cfg.pretrained, cfg.seed)
-    store = store_for({**identity, "point": f"taps{pooler.taps}-meanmax"})
+    point = f"taps{pooler.taps}-meanmax" + (f"-and-{scale}px" if scale else "")
+    store = store_for({**identity, "point": point})
     if shared:
-        return Taps(pooler, like.engine, store, like.widths, pre)
+        return Taps(pooler, like.engine, store, like.widths, pre, scale)
     widths = tap_widths(pooler, torch.zeros(1, 3, pre.input_size, pre.input_size, device=device))
-    engine = FrozenEngine(pooler, device, cfg.engine, store.root / "frozen.onnx", cfg.channels_last,
+    extractor = ScaledPooler(pooler, torch.nn.ModuleList([Rescale(pre.input_size, scale)])) if scale else pooler
+    engine = FrozenEngine(extractor.to(device), device, cfg.engine, store.root / "frozen.onnx", cfg.channels_last,
                           precision=cfg.precision)
-    return Taps(pooler, engine, store, widths, pre)
+    return Taps(pooler, engine, store, widths, pre, scale)
 
 
 def probe_model(taps: Taps, fit: ProbeFit, n_classes: int, views) -> ProbeClassifier:
-    return ProbeClassifier(taps.pooler, len(fit.columns), n_classes, views).load_fit(fit)
+    scales = [taps.scale] if taps.scale else []
+    return ProbeClassifier(taps.pooler, len(fit.columns), n_classes, views, taps.pre.input_size, scales).load_fit(fit)
 
 
 def probe_meta(taps: Taps, fit: ProbeFit, views) -> dict:
     """What load_checkpoint needs to rebuild the probe (engine/checkpoint.py)."""
-    return {"taps": taps.pooler.taps, "n_features": int(len(fit.columns)), "views": list(views), "C": fit.C}
+    meta = {"taps": taps.pooler.taps, "n_features": int(len(fit.columns)), "views": list(views), "C": fit.C}
+    if taps.scale:
+        meta.update(input_size=taps.pre.input_size, scales=[taps.scale])
+    return meta
 
 
 def choose_and_fit(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, C: float | None,
@@ -100,14 +110,18 @@ def train_linear_probe(state) -> dict:
     taps = make_taps(state.model, state.spec, cfg, state.pre, state.device)
     t0 = time.perf_counter()
     xtr, ok_tr, s1 = taps.features([p for p, _ in scan.train], views, scan.digests, desc="train features")
+    if cfg.probe_scale:  # the second scale's training features, and val through the deployed graph
+        small, both = _scale_taps(state, taps)
+        xtr, ok_tr = _with_block(xtr, ok_tr, *small.features([p for p, _ in scan.train], views, scan.digests,
+                                                                desc="train features, second scale")[:2])
+        taps = both
     xva, ok_va, s2 = taps.features([p for p, _ in scan.val], views, scan.digests, desc="val features")
     if xtr is None or xva is None:
         raise DataError("no image could be read during feature extraction")
     ytr = np.array([y for (_, y), ok in zip(scan.train, ok_tr) if ok])
     yva = np.array([y for (_, y), ok in zip(scan.val, ok_va) if ok])
     extract_s = time.perf_counter() - t0
-    columns = taps.columns(cfg.probe_stages, cfg.probe_pooling)
-    fit, record = choose_and_fit(xtr, ytr, columns, len(scan.classes), cfg.probe_c, cfg.seed)
+    fit, record = _fit_scales(cfg, taps, xtr, ytr, len(scan.classes))
     p_train, p_val = predict_proba(fit, xtr), predict_proba(fit, xva)
     standardized = [(x[:, 0, fit.columns] - fit.mean) / fit.scale for x in (xtr, xva)]  # what the head reads
     return {
@@ -117,9 +131,42 @@ def train_linear_probe(state) -> dict:
         "train": (p_train, ytr), "val": (p_val, yva),
         "val_items": [it for it, ok in zip(scan.val, ok_va) if ok],
         "skipped": ok_tr.count(False) + ok_va.count(False),
-        "record": {**record, "features": int(len(columns)), "views": list(views), "extract_seconds": extract_s,
+        "record": {**record, "features": int(len(fit.columns)), "views": list(views), "extract_seconds": extract_s,
                    "cache": {"train": s1, "val": s2}, **taps.engine.info},
     }
+
+
+def _scale_taps(state, taps: Taps) -> tuple[Taps, Taps]:
+    """For --probe-scale: the taps at the smaller size (training features, PIL-resized like every other
+    extraction, shared with the search's cache), and the two-scale taps of the deployed graph (val)."""
+    scale, size = state.cfg.probe_scale, state.pre.input_size
+    if scale >= size:
+        raise UsageError(f"--probe-scale {scale} must be smaller than the input size {size} (--image-size)")
+    pre = state.spec.preprocessing.at_size(scale, state.cfg.crop_fraction)  # as the search's probes were made
+    small = make_taps(state.model, state.spec, state.cfg, pre, state.device, like=taps)
+    both = make_taps(state.model, state.spec, state.cfg, state.pre, state.device, like=taps, scale=scale)
+    return small, both
+
+
+def _with_block(x, ok, x2, ok2):
+    """Features of the images read at both scales: the second scale's block appended to each row."""
+    if x is None or x2 is None:
+        return None, [False] * len(ok)
+    both = [a and b for a, b in zip(ok, ok2)]
+    keep1 = [b for a, b in zip(ok, both) if a]
+    keep2 = [b for a, b in zip(ok2, both) if a]
+    return np.concatenate([x[keep1], x2[keep2]], 2), both
+
+
+def _fit_scales(cfg, taps: Taps, x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[ProbeFit, dict]:
+    """The probe, or with --probe-scale one probe per scale stacked into one head (logits averaged)."""
+    columns = taps.columns(cfg.probe_stages, cfg.probe_pooling)
+    if not cfg.probe_scale:
+        return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed)
+    width = x.shape[2] // 2
+    fit1, rec1 = choose_and_fit(x[:, :, :width], y, columns, n_classes, cfg.probe_c, cfg.seed)
+    fit2, rec2 = choose_and_fit(x[:, :, width:], y, columns, n_classes, cfg.probe_scale_c, cfg.seed)
+    return stack_fits([fit1, fit2], width), {**rec1, "scale": cfg.probe_scale, "scale_probe": rec2}
 
 
 # ---- --head-init probe (LP-FT) ------------------------------------------------------------------
