@@ -221,11 +221,11 @@ def test_two_scale_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path)
 def test_search_tries_two_scales_on_large_images(tmp_path):
     """Images larger than the network's input: after the view ladder the search scores a two-scale probe by
     the same CV, and the reproduce command carries its sizes when it wins."""
-    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=320)
+    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=360)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), time_budget="10m", mode="linear-probe")
     train(cfg, given={"mode"})
     search = json.loads((tmp_path / "run" / "search.json").read_text())
-    two = [c for c in search["candidates"] if c["name"].endswith("296+224 px")]
+    two = [c for c in search["candidates"] if c["name"].endswith("296+224 px")]  # 360 px images (> 1.5 × 224): 4/3 × 224
     assert len(two) == 1 and two[0]["status"] == "ran" and two[0]["score"] is not None
     if search["chosen"] == two[0]["name"]:
         assert "--image-size 296" in search["reproduce"] and "--probe-scale 224" in search["reproduce"]

@@ -43,8 +43,9 @@ PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling",
 # The two-scale probe reads images at this multiple of the input size (FixRes, Touvron et al. 2019: a network
 # sees objects larger at test time than in its training crops, so a larger test input suits it)...
 LARGER_INPUT = 4 / 3
-# ...where the images have that many pixels (upsampling adds no detail) and it differs enough to matter.
-LARGER_INPUT_MIN = 1.15
+# ...where the images have that many pixels (upsampling adds no detail) and it differs enough to matter;
+# images up to LARGER_INPUT_MAX × the input are read at their own size (no resampling to blur fine detail).
+LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 
@@ -463,11 +464,12 @@ def _pixels(ctx: _Context, size) -> float:
 
 
 def _larger_size(ctx: _Context) -> int | None:
-    """The two-scale probe's larger input: LARGER_INPUT × the backbone's, at most the training images' own
-    shorter side (median of a sample), a multiple of 8; None where that is not LARGER_INPUT_MIN × larger."""
+    """The two-scale probe's larger input: the training images' own shorter side (median of a sample) where
+    that is at most LARGER_INPUT_MAX × the backbone's input, else LARGER_INPUT × it; None where it would not
+    be LARGER_INPUT_MIN × larger."""
     native = ctx.pre(None).input_size
     short = _median_shorter_side([ctx.scan.train[i][0] for i in ctx.order[:32]])
-    size = min(int(native * LARGER_INPUT), short) // 8 * 8
+    size = short if short <= native * LARGER_INPUT_MAX else int(native * LARGER_INPUT) // 8 * 8
     return size if size >= native * LARGER_INPUT_MIN else None
 
 
