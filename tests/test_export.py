@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,56 @@ def test_onnx_prediction_runs_without_torch_and_matches_torch_labels(onnx_export
     assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows]
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(onnx_rows, torch_rows)) < 1e-3
     assert set(onnx_rows[0]) == set(torch_rows[0])
+
+
+# ---- an unreadable file in the middle of a batch shifts no label (predict, evaluate, export's check) ----
+
+
+@pytest.fixture
+def val_with_a_bad_file(tiny_run, tmp_path):
+    """A copy of the val folder with a file that is not an image sorted among the ants (4th of 13)."""
+    folder = tmp_path / "val"
+    shutil.copytree(tiny_run[0] / "val", folder)
+    (folder / "ants" / "ants_val_2b.png").write_bytes(b"not an image")
+    return folder
+
+
+def test_predict_keeps_rows_aligned_around_an_unreadable_file(tiny_run, val_with_a_bad_file):
+    paths = sorted(str(p) for p in val_with_a_bad_file.rglob("*.png"))
+    bad = paths.index(str(val_with_a_bad_file / "ants" / "ants_val_2b.png"))
+    assert bad == 3
+    predictor = Predictor(tiny_run[1])
+    rows = predictor.predict_rows(paths, top_k=2)
+    clean = predictor.predict_rows(paths[:bad] + paths[bad + 1:], top_k=2)
+    assert rows[bad]["error"] and rows[bad]["label"] is None
+    assert rows[:bad] + rows[bad + 1:] == clean
+
+
+def test_evaluate_keeps_labels_aligned_around_an_unreadable_file(tiny_run, val_with_a_bad_file, tmp_path):
+    from transferkit.evaluate import evaluate_run
+
+    with_bad = evaluate_run(tiny_run[1], val_with_a_bad_file, out=tmp_path / "a")
+    clean = evaluate_run(tiny_run[1], tiny_run[0] / "val", out=tmp_path / "b")
+    assert with_bad["n"] == clean["n"] == 12
+    assert [s["path"] for s in with_bad["skipped"]] == [str(val_with_a_bad_file / "ants" / "ants_val_2b.png")]
+    assert with_bad["confusion_matrix"] == clean["confusion_matrix"]
+    for key in ("accuracy", "balanced_accuracy", "log_loss"):
+        assert with_bad[key] == pytest.approx(clean[key]), key
+
+
+def test_the_export_check_keeps_labels_aligned_around_an_unreadable_file(onnx_export, tiny_run, tmp_path):
+    from transferkit.onnx_predict import OnnxClassifier
+
+    run = tiny_run[1]
+    meta = Predictor(run).meta
+    items = ex._split_items(run / "best.safetensors", meta, "val")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    # Chunks of 5: the bad file is the 4th item of the first, labelled as the other class.
+    with_bad = items[:3] + [(str(bad), 1 - items[3][1])] + items[3:]
+    report = ex.compare_onnx(Path(onnx_export["path"]), Path(onnx_export["path"]), with_bad, meta, batch=5)
+    clf = OnnxClassifier(onnx_export["path"])
+    probs, errors = clf.predict_proba([p for p, _ in items])
+    expected = float((probs.argmax(1) == np.array([label for _, label in items])).mean())
+    assert report["images"] == 12 and not any(errors)
+    assert report["accuracy_fp32"] == pytest.approx(expected)

@@ -244,7 +244,7 @@ def test_one_line_errors_help_defaults_and_version(capsys):
     for flag in ("--lr", "--optimizer", "--seed", "--val-fraction", "(default: 15)"):
         assert flag in text, flag
     with pytest.raises(UsageError, match="--top-k must be ≥ 1"):
-        from transferkit.predict_common import rows_from_probs
+        from transferkit.inference import rows_from_probs
 
         rows_from_probs(["a"], np.ones((1, 2)), [None], ["a", "b"], top_k=0)
 

@@ -365,7 +365,7 @@ def _predict_engine(checkpoint: str, engine: str) -> str:
     from pathlib import Path
 
     from .errors import CheckpointError, UsageError
-    from .predict_common import model_kind
+    from .inference import model_kind
 
     if not Path(checkpoint).exists():
         raise UsageError(f"no such model: {checkpoint} (a run folder, .safetensors checkpoint or .onnx model)")

@@ -25,7 +25,7 @@ TTA_VIEWS = {"none": (0,), "flip": (0, 4), "dihedral": tuple(range(8))}
 
 def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order."""
-    from .predict_common import expand_inputs
+    from .inference import expand_inputs
 
     subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not subdirs:
@@ -81,7 +81,7 @@ def view_probs(predictor, paths: list[str], views: tuple[int, ...], batch_size: 
     import torch
 
     from .data.transforms import dihedral
-    from .predict_common import batched_proba
+    from .inference import batched_proba
 
     n_classes = len(predictor.classes)
 

@@ -19,6 +19,7 @@ import torch
 
 from .errors import ExportError, UsageError
 from .engine.runtime import onnx_export
+from .inference import PROB_TOLERANCE, parity, read_batches
 from .io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 QUANTIZATIONS = ("int8",)
 OPSET = 17
-PROB_TOLERANCE = 1e-3
 INT8_MIN_AGREEMENT = 0.98
 CALIBRATION_IMAGES = 64
 
@@ -107,24 +107,6 @@ def _metadata(meta: dict) -> dict[str, str]:
 # ---- checking ----------------------------------------------------------------------------------
 
 
-def parity(reference_logits: np.ndarray, logits: np.ndarray) -> dict:
-    """Max abs differences of logits and probabilities, top-1 agreement, and the disagreements that
-    are not near-ties (the eager top-2 margin exceeds the probability tolerance)."""
-    from .onnx_predict import softmax
-
-    p_ref, p = softmax(reference_logits.astype(np.float64)), softmax(logits.astype(np.float64))
-    top_ref, top = p_ref.argmax(1), p.argmax(1)
-    ranked = np.sort(p_ref, axis=1)
-    margin = ranked[:, -1] - ranked[:, -2] if p_ref.shape[1] > 1 else np.ones(len(p_ref))
-    return {
-        "images": int(len(p)),
-        "max_abs_logit_diff": float(np.abs(reference_logits - logits).max()),
-        "max_abs_prob_diff": float(np.abs(p_ref - p).max()),
-        "top1_agreement": float((top_ref == top).mean()),
-        "clear_disagreements": int(((top_ref != top) & (margin > 2 * PROB_TOLERANCE)).sum()),
-    }
-
-
 def _require_parity(result: dict, fmt: str) -> None:
     if result["max_abs_prob_diff"] > PROB_TOLERANCE or result["clear_disagreements"]:
         raise ExportError(
@@ -157,21 +139,28 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def _load_batch(items: list[tuple[str, int]], meta: dict) -> torch.Tensor:
+def _image_batches(items: list[tuple[str, int]], meta: dict, batch_size: int = 32):
+    """(images, labels) per chunk of (path, label) items: the readable images, eval-transformed and stacked,
+    with their own labels. An unreadable file is logged and drops out with its label only."""
     from .data.images import load_rgb
     from .data.transforms import eval_transform
     from .engine.checkpoint import preprocessing_of
 
     transform = eval_transform(preprocessing_of(meta))
-    tensors = []
-    for path, _ in items:
-        try:
-            tensors.append(transform(load_rgb(path)))
-        except Exception as exc:  # noqa: BLE001 - an unreadable file is skipped, not fatal
-            log.warning("skipping %s: %s", path, exc)
-    if not tensors:
-        raise ExportError("cannot check the export: none of the validation images could be read")
-    return torch.stack(tensors)
+    for start, batch in read_batches(items, lambda item: transform(load_rgb(item[0])), batch_size):
+        chunk = items[start:start + batch_size]
+        for (path, _), error in zip(chunk, batch.errors):
+            if error is not None:
+                log.warning("skipping %s: %s", path, error)
+        if batch.inputs:
+            yield torch.stack(batch.inputs), [label for _, label in batch.kept(chunk)]
+
+
+def _load_batch(items: list[tuple[str, int]], meta: dict) -> torch.Tensor:
+    """Every readable image of `items` in one batch (the parity and calibration images)."""
+    for images, _ in _image_batches(items, meta, batch_size=max(1, len(items))):
+        return images
+    raise ExportError("cannot check the export: none of the validation images could be read")
 
 
 def _onnx_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -244,15 +233,16 @@ def compare_onnx(fp32: Path, int8: Path, items: list[tuple[str, int]], meta: dic
     logits = {k: [] for k in models}
     seconds = dict.fromkeys(models, 0.0)
     labels = []
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        x = _load_batch(chunk, meta).numpy()  # unreadable files were already dropped at training time
-        labels += [label for _, label in chunk][: len(x)]
+    for images, chunk_labels in _image_batches(items, meta, batch):
+        x = images.numpy()
+        labels += chunk_labels
         for name, clf in models.items():
             clf.logits(x[:1])  # warm-up so the first batch does not count session setup
             t0 = time.perf_counter()
             logits[name].append(clf.logits(x))
             seconds[name] += time.perf_counter() - t0
+    if not labels:
+        raise ExportError("cannot compare the int8 model: none of the validation images could be read")
     y = np.array(labels)
     fp, q = np.concatenate(logits["fp32"]), np.concatenate(logits["int8"])
     acc_fp, acc_q = float((fp.argmax(1) == y).mean()), float((q.argmax(1) == y).mean())
@@ -274,7 +264,7 @@ def compare_onnx(fp32: Path, int8: Path, items: list[tuple[str, int]], meta: dic
 def format_export(result: dict) -> str:
     p = result["parity"]
     lines = [f"exported {result['format']} to {result['path']} ({result['bytes'] / 1e6:.1f} MB)",
-             f"check on {p['images']} validation images: max |logit diff| {p['max_abs_logit_diff']:.2e}, "
+             f"check on {p['images']} validation images: max |logit diff| {p['max_abs_diff']:.2e}, "
              f"max |prob diff| {p['max_abs_prob_diff']:.2e}, top-1 agreement {p['top1_agreement']:.4f}"]
     q = result.get("int8")
     if q:

@@ -14,12 +14,11 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from .data.images import load_rgb, load_rgb_bytes
 from .errors import CheckpointError
-from .predict_common import batched_proba, expand_inputs, rows_from_probs
+from .inference import batched_proba, expand_inputs, ort_session, rows_from_probs, softmax
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +50,8 @@ def preprocess_pil(img: Image.Image, pre: dict) -> np.ndarray:
     return out
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def read_metadata(session: ort.InferenceSession, path) -> dict:
+def read_metadata(session, path) -> dict:
+    """The classes, preprocessing and architecture an export carries in its ONNX metadata_props."""
     props = session.get_modelmeta().custom_metadata_map
     missing = [k for k in METADATA_KEYS if k not in props]
     if missing:
@@ -74,15 +68,7 @@ class OnnxClassifier:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"no ONNX model at {path} (make one with `transferkit export RUN --format onnx`)")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        if not spinning:  # idle ORT threads sleep instead of spinning: they share the cores with other work
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise CheckpointError(f"{path} is not a loadable ONNX model ({exc})") from None
+        self.session = ort_session(path, threads, spinning)
         meta = read_metadata(self.session, path)
         self.classes: list[str] = meta["classes"]
         self.preprocessing: dict = meta["preprocessing"]

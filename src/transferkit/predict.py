@@ -16,7 +16,7 @@ from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkp
 from .models.batchnorm import Folding
 from .models.registry import get_spec
 from .novelty import FILE as NOVELTY_FILE, NoveltyReference
-from .predict_common import batched_proba, check_top_k, expand_inputs, rows_from_probs  # noqa: F401
+from .inference import batched_proba, check_top_k, expand_inputs, rows_from_probs  # noqa: F401
 
 log = logging.getLogger(__name__)
 

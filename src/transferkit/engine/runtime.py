@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import inference
 from ..io import atomic_write, atomic_write_json
 from . import precision as precisions
 from .environment import machine_key
@@ -85,13 +86,8 @@ class OrtEngine:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
         # torch's thread count: under torchrun each rank gets its share of the cores, not all of them.
-        options.intra_op_num_threads = threads or torch.get_num_threads() or os.cpu_count() or 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.session = inference.ort_session(onnx_path, threads or torch.get_num_threads() or os.cpu_count() or 1)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +125,10 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
 
 
 def parity(reference: torch.Tensor, candidate: torch.Tensor, rtol: float | None = None) -> tuple[float, bool]:
-    """Max abs difference, and whether it is within `rtol` (default PARITY_RTOL) of the reference's scale."""
-    if reference.shape != candidate.shape:
-        return float("inf"), False
-    diff = (reference.float() - candidate.float()).abs().max().item()
-    scale = max(1.0, reference.abs().max().item())
-    return diff, diff <= (PARITY_RTOL if rtol is None else rtol) * scale
+    """inference.parity's max abs difference, and whether it is within `rtol` (default PARITY_RTOL) of the
+    reference's scale."""
+    result = inference.parity(reference.detach().float().cpu(), candidate.detach().float().cpu(), logits=False)
+    return result["max_abs_diff"], result["relative_diff"] <= (PARITY_RTOL if rtol is None else rtol)
 
 
 def onnxruntime_available() -> bool:

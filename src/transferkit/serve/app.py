@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from ..predict_common import preprocess_each
+from ..inference import read_batch
 from . import ServeOptions
 from .batching import DynamicBatcher
 from .model import ServedModel
@@ -78,11 +78,11 @@ async def classify(served: ServedModel, batcher: DynamicBatcher, decoder: Thread
         return clf.preprocess_bytes(upload.data, upload.name)
 
     loop = asyncio.get_running_loop()
-    inputs, rows, errors = await loop.run_in_executor(decoder, preprocess_each, uploads, preprocess)
+    batch = await loop.run_in_executor(decoder, read_batch, uploads, preprocess)
     table = np.full((len(uploads), clf.table_width), np.nan, dtype=np.float32)
-    if inputs:
-        table[rows] = await batcher.submit(inputs)
-    return clf.rows_of_table([u.name for u in uploads], table, errors, top_k)
+    if batch.inputs:
+        table[batch.rows] = await batcher.submit(batch.inputs)
+    return clf.rows_of_table([u.name for u in uploads], table, batch.errors, top_k)
 
 
 def _top_k(request: Request) -> int:

@@ -32,7 +32,7 @@ class ServedModel:
 
 def load_served_model(model: str | Path, engine: str | None = None, threads: int | None = None,
                       precision: str = "auto") -> ServedModel:
-    from ..predict_common import model_kind
+    from ..inference import model_kind
 
     path = Path(model)
     kind = model_kind(path)  # by content, as `transferkit predict` tells

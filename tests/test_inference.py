@@ -1,0 +1,56 @@
+"""The inference layer on its own (no model): batches keep labels aligned, parity, the ORT session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transferkit.errors import CheckpointError
+from transferkit.inference import batched_proba, ort_session, parity, read_batch, read_batches
+
+
+def _preprocess(item):
+    if item.startswith("bad"):
+        raise OSError(f"cannot read {item}")
+    return float(item[1:])
+
+
+def test_a_bad_item_in_the_middle_keeps_the_labels_of_the_others():
+    items = ["a1", "a2", "bad3", "a4", "a5"]
+    labels = [10, 20, 30, 40, 50]
+    batch = read_batch(items, _preprocess)
+    assert batch.inputs == [1.0, 2.0, 4.0, 5.0]
+    assert batch.kept(labels) == [10, 20, 40, 50]
+    assert batch.errors == [None, None, "cannot read bad3", None, None]
+
+
+def test_chunks_put_each_row_where_its_file_was():
+    items = ["a1", "bad2", "a3", "a4", "bad5", "a6", "a7"]
+
+    def infer(inputs):  # one column: the input itself, so a row shows which file it came from
+        return np.array(inputs, dtype=np.float32)[:, None]
+
+    probs, errors = batched_proba(items, 1, _preprocess, infer, batch_size=3)
+    np.testing.assert_array_equal(probs[:, 0], [1, np.nan, 3, 4, np.nan, 6, 7])
+    assert [e is not None for e in errors] == [False, True, False, False, True, False, False]
+    starts = [start for start, _ in read_batches(items, _preprocess, batch_size=3)]
+    assert starts == [0, 3, 6]
+
+
+def test_parity_of_logits_and_of_features():
+    logits = np.array([[2.0, -1.0], [0.3, 0.1], [-1.0, 1.0]])
+    same = parity(logits, logits + 1e-6)
+    assert same["images"] == 3 and same["top1_agreement"] == 1.0 and same["clear_disagreements"] == 0
+    assert same["max_abs_diff"] == pytest.approx(1e-6)
+    flipped = parity(logits, logits + np.array([[0.0, 5.0]]))
+    assert flipped["top1_agreement"] < 1.0 and flipped["clear_disagreements"] >= 1
+    features = parity(np.full((2, 4), 10.0), np.full((2, 4), 10.05), logits=False)
+    assert features["relative_diff"] == pytest.approx(0.005) and "top1_agreement" not in features
+    assert parity(np.zeros((2, 3)), np.zeros((2, 4)), logits=False)["max_abs_diff"] == float("inf")
+
+
+def test_a_file_that_is_not_onnx_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08 not a model")
+    with pytest.raises(CheckpointError, match="not a loadable ONNX model"):
+        ort_session(path)
