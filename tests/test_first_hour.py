@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import make_image_folder
 from PIL import Image
 
@@ -292,3 +293,19 @@ def test_api_names_arguments_suggests_close_names_and_tells_the_run_folder(flat_
         tk.train(flat_run.data, out=str(flat_run.run))
     assert not (tmp_path / "r").exists()
     assert tk.load(flat_run.run).run_dir_ == flat_run.run
+
+
+def test_a_config_is_not_changed_by_the_runs_that_read_it(flat_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run without `out` goes to ./runs/<name>
+    cfg = TrainConfig(data=str(flat_run.data), recipe="tutorial", epochs=3, image_size=96)
+    before = cfg.to_dict()
+    metrics = fit(cfg)
+    assert cfg.to_dict() == before and cfg.out is None
+    assert Path(metrics["run_dir"]).resolve().parent == (tmp_path / "runs").resolve()
+    # tk.train: keyword options override the given config's fields; the config itself stays as it was.
+    clf = tk.train(config=cfg, epochs=1, out=str(tmp_path / "r"))
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and clf.metrics_["epochs_run"] == 1 and saved["image_size"] == 96
+    assert cfg.to_dict() == before
+    with pytest.raises(UsageError, match="unknown argument epoch=1; did you mean epochs="):
+        tk.train(config=cfg, epoch=1)

@@ -158,3 +158,31 @@ def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, c
     assert cli.main(["train", "--resume", str(run)]) == 5
     assert "split.csv changed" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
+
+
+def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path, monkeypatch):
+    import transferkit as tk
+    from transferkit.errors import CheckpointError, UsageError
+
+    reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
+    run = tmp_path / "run"
+    real_after_batch = fit_module.after_batch
+
+    def interrupt_in_epoch_3(epoch, run_dir):
+        if epoch == 3:
+            signals._requested.append(signal.SIGINT)
+        real_after_batch(epoch, run_dir)
+
+    monkeypatch.setattr(fit_module, "after_batch", interrupt_in_epoch_3)
+    with pytest.raises(signals.Interrupted):
+        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE))
+    signals._requested.clear()
+    monkeypatch.setattr(fit_module, "after_batch", real_after_batch)
+    assert read_meta(run / "last.safetensors")["epoch"] == 2
+    with pytest.raises(UsageError, match=r"^resume continues .* drop or match epochs \(saved: 4\)$"):
+        tk.resume(run, epochs=9)
+    clf = tk.resume(run)
+    _assert_same_run(clf.metrics_, reference, run)
+    assert clf.run_dir_ == run and len(clf.predict([str(tiny_folder / "val")])) == 8
+    with pytest.raises(CheckpointError, match="already finished"):
+        tk.resume(run)

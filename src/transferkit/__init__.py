@@ -7,7 +7,7 @@ can import this package without importing torch.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "api", "load": "api", "Classifier": "api",
+    "train": "api", "load": "api", "resume": "api", "Classifier": "api",
     "TrainConfig": "config", "TransferkitError": "errors",
 }
 __all__ = [*_LAZY, "__version__"]

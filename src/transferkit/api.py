@@ -5,6 +5,7 @@
     clf.predict(["cell.png"])        # labels
     clf.run_dir_                     # the run folder (config, split, checkpoints, report)
     clf = tk.load("runs/...")        # a run folder or a .safetensors checkpoint
+    clf = tk.resume("runs/...")      # continue an interrupted run (the CLI's `train --resume`)
 
 Mistakes raise transferkit.errors.UsageError worded with the argument names (epochs=, not --epochs).
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from dataclasses import fields
+from contextlib import contextmanager
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from .config import TrainConfig
 from .errors import UsageError
 from .engine.checkpoint import resolve_checkpoint
 from .predict import Predictor, expand_inputs
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +57,85 @@ class Classifier:
         return self._predictor.predict_rows(expand_inputs(_as_list(paths)), top_k=top_k)
 
 
-def train(data: str | Path, config: TrainConfig | None = None, **options) -> Classifier:
+def train(data: str | Path | None = None, config: TrainConfig | None = None, **options) -> Classifier:
     """Train on an image folder; options are TrainConfig's fields (e.g. time_budget="5m", recipe="tutorial",
     model=, mode=, epochs=, out=). With the default recipe="auto" the options given fix their pieces of the
-    recipe and the search chooses the rest on the training images (search.py). The run folder is
-    `clf.run_dir_` (and logged)."""
+    recipe and the search chooses the rest on the training images (search.py). `config`: a TrainConfig to
+    start from (not changed); `data` and the options override its fields. The run folder is `clf.run_dir_`
+    (and logged)."""
     from .search import train as train_run
 
-    try:
-        cfg = config or TrainConfig(data=str(data), **_known_options(options))
+    with _api_wording():
+        if config is None and data is None:
+            raise UsageError("train() needs the data folder (or config=)")
+        cfg = _configured(config, data, options)
         metrics = train_run(cfg, given=options)
-    except UsageError as exc:
-        raise UsageError(api_wording(str(exc))) from None
+    return _trained(metrics)
+
+
+def resume(run: str | Path, **options) -> Classifier:
+    """Continue an interrupted run from RUN/last.safetensors with the options in RUN/config.yaml (options
+    given must equal the saved ones: a run is one config); the run then ends as an uninterrupted one would."""
+    with _api_wording():
+        metrics = resume_run(run, options)
+    return _trained(metrics)
+
+
+def resume_run(run: str | Path, options: dict) -> dict:
+    """`resume` up to the finished run's metrics (the CLI's `train --resume`, which prints them). Every
+    rank of a distributed run calls it; ranks other than 0 get {"written": False}."""
+    from .search import train as train_run
+
+    folder = RunFolder(run)
+    cfg = TrainConfig.from_yaml(folder.resumable_config())
+    saved = cfg.to_dict()
+    differ = [k for k, v in _known_options(options).items() if not _same_option(k, v, saved[k])]
+    if differ:
+        shown = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)})" for k in differ)
+        raise UsageError(f"--resume continues {run} with the options in its {folder.CONFIG}; drop or match {shown}")
+    cfg = replace(cfg, out=str(run))  # the folder may have moved since
+    cfg.check_paths()
+    return train_run(cfg, resume=True)
+
+
+def _same_option(key: str, given, saved) -> bool:
+    if key in ("data", "out", "weights") and given and saved:
+        return Path(given).resolve() == Path(saved).resolve()
+    return given == saved
+
+
+def _configured(config: TrainConfig | None, data, options: dict) -> TrainConfig:
+    """A new TrainConfig: `config`'s fields (or the defaults), then `data` and the options."""
+    known = _known_options(options)
+    if config is None:
+        return TrainConfig(data=str(data), **known)
+    return replace(config, **known, **({"data": str(data)} if data is not None else {}))
+
+
+def _trained(metrics: dict) -> Classifier:
     clf = Classifier(Path(metrics["run_dir"]))
     clf.metrics_ = metrics
     log.info("run folder: %s", clf.run_dir_)
     return clf
 
 
+@contextmanager
+def _api_wording():
+    """UsageErrors raised inside name arguments, not flags (api_wording)."""
+    try:
+        yield
+    except UsageError as exc:
+        raise UsageError(api_wording(str(exc))) from None
+
+
 def _known_options(options: dict) -> dict:
     """A misspelled keyword gets the close name, as the CLI does for model names, not a bare TypeError."""
-    valid = [f.name for f in fields(TrainConfig) if f.name != "data"]
+    valid = [f.name for f in fields(TrainConfig)]
     for name in options:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f"; did you mean {close[0]}=?" if close else f" (valid: {', '.join(valid)})"
-            raise UsageError(f"train() got an unknown argument {name}={options[name]!r}{hint}")
+            raise UsageError(f"got an unknown argument {name}={options[name]!r}{hint}")
     return options
 
 

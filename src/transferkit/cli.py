@@ -216,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import TrainConfig
     from .errors import UsageError
     from .search import train
 
@@ -232,22 +231,14 @@ def cmd_train(args) -> int:
         return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
         logging.getLogger().setLevel(logging.ERROR)
-    if args.resume:
-        cfg = _resume_config(args, options)
-    elif args.config:
-        cfg = TrainConfig.from_yaml(args.config)
-        for key, value in options.items():
-            setattr(cfg, key, value)
-        cfg.data = args.data or cfg.data
-    else:
-        if not args.data:
-            raise UsageError("train needs a DATA folder (or --config FILE)")
-        cfg = TrainConfig(data=args.data, **options)
-    _check_paths(cfg)
+    if args.resume and args.config:
+        raise UsageError(f"--resume continues {args.resume} with the options in its config.yaml; drop --config")
+    if not (args.resume or args.config or args.data):
+        raise UsageError("train needs a DATA folder (or --config FILE)")
     from .engine.signals import stop_on_signals
 
     with stop_on_signals():  # Ctrl-C/SIGTERM: finish the batch, keep `last`, exit 130/143
-        metrics = train(cfg, given=options, resume=bool(args.resume))
+        metrics = _resume(args, options) if args.resume else train(_config(args, options), given=options)
     if metrics.get("written", True):
         _print_train_summary(metrics)
         from .datacheck import train_hint
@@ -258,49 +249,26 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _resume_config(args, options: dict):
-    """RUN/config.yaml; options given beside --resume must equal the saved ones (a run is one config)."""
-    from .config import TrainConfig
-    from .engine.resume import resume_config_path
-    from .errors import UsageError
+def _config(args, options: dict):
+    """The TrainConfig the command line describes: --config FILE's fields, then DATA and the flags given."""
+    from dataclasses import replace
 
-    cfg = TrainConfig.from_yaml(resume_config_path(args.resume))
-    given = {**options, **({"data": args.data} if args.data else {})}
-    saved = cfg.to_dict()
-    differ = [k for k, v in given.items() if not _same_option(k, v, saved[k])]
+    from .config import TrainConfig
+
     if args.config:
-        differ.append("config")
-    if differ:
-        shown = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)})" for k in differ)
-        raise UsageError(f"--resume continues {args.resume} with the options in its config.yaml; "
-                         f"drop or match {shown}")
-    cfg.out = args.resume  # the folder may have moved since
+        cfg = replace(TrainConfig.from_yaml(args.config), **options)
+        cfg = replace(cfg, data=args.data or cfg.data)
+    else:
+        cfg = TrainConfig(data=args.data, **options)
+    cfg.check_paths()
     return cfg
 
 
-def _same_option(key: str, given, saved) -> bool:
-    from pathlib import Path
+def _resume(args, options: dict) -> dict:
+    """`train --resume RUN` is the API's resume (api.py); DATA beside it must equal the saved one."""
+    from .api import resume_run
 
-    if key in ("data", "out", "weights") and given and saved:
-        return Path(given).resolve() == Path(saved).resolve()
-    return given == saved
-
-
-def _check_paths(cfg) -> None:
-    """Folders and files named on the command line exist and are of the right kind (exit code 2)."""
-    from pathlib import Path
-
-    from .errors import UsageError
-
-    data = Path(cfg.data)
-    if not data.exists():
-        raise UsageError(f"DATA folder {data} does not exist")
-    if not data.is_dir():
-        raise UsageError(f"DATA {data} is a file; expected a folder of class folders (DATA/<class>/*.jpg)")
-    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise UsageError(f"--out {cfg.out} is a file; expected a run folder (new or existing)")
-    if cfg.weights and not Path(cfg.weights).is_file():
-        raise UsageError(f"--weights {cfg.weights} is not a file (expected a .safetensors or .pth file)")
+    return resume_run(args.resume, {**options, **({"data": args.data} if args.data else {})})
 
 
 def _print_train_summary(m: dict) -> None:

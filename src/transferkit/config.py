@@ -158,6 +158,18 @@ class TrainConfig:
             raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
         return self
 
+    def check_paths(self) -> None:
+        """Folders and files the config names exist and are of the right kind (exit code 2)."""
+        data = Path(self.data)
+        if not data.exists():
+            raise UsageError(f"DATA folder {data} does not exist")
+        if not data.is_dir():
+            raise UsageError(f"DATA {data} is a file; expected a folder of class folders (DATA/<class>/*.jpg)")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise UsageError(f"--out {self.out} is a file; expected a run folder (new or existing)")
+        if self.weights and not Path(self.weights).is_file():
+            raise UsageError(f"--weights {self.weights} is not a file (expected a .safetensors or .pth file)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -349,14 +349,13 @@ MANY_CONFIDENT_MISTAKES = 5
 def train_hint(run_dir) -> str | None:
     """One line for `train` to print when its run shows leakage (copies of train images in val, from the
     scan) or many confident mistakes on val (likely label errors); None when neither."""
-    import json
+    from .run_folder import RunFolder
 
-    run = Path(run_dir)
-    try:
-        problems = json.loads((run / "data_report.json").read_text(encoding="utf-8")).get("problems", {})
-        losses = json.loads((run / "evaluation.json").read_text(encoding="utf-8")).get("top_losses", [])
-    except (OSError, ValueError):
+    run = RunFolder(run_dir)
+    report, evaluation = RunFolder.read_json(run.data_report), RunFolder.read_json(run.evaluation)
+    if report is None or evaluation is None:
         return None
+    problems, losses = report.get("problems", {}), evaluation.get("top_losses", [])
     leaked = sum(len(problems.get(kind, ())) for kind in LEAKAGE_KINDS)
     confident = sum(1 for row in losses if row.get("probability_of_predicted", 0) >= CONFIDENT_MISTAKE)
     found = []

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import DataError, UsageError
 from .io import atomic_write_json
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def manifest_items(manifest: Path, classes: list[str], split: str = "val",
     from .config import TrainConfig
     from .data.folders import read_manifest
 
-    config = manifest.parent / "config.yaml"
+    config = RunFolder(manifest.parent).config
     root = TrainConfig.from_yaml(config).data if config.is_file() else data_root
     if root is None:
         raise DataError(f"cannot tell which data folder {manifest} refers to (no config.yaml beside it)")
@@ -134,12 +135,10 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
         raise DataError(f"none of the {len(paths)} images in {source} could be read")
     y = np.array([label for _, label in items])[ok]
     kept = [p for p, good in zip(paths, ok) if good]
-    ev = evaluation_summary(y, per_view[:, ok].mean(axis=0), classes, paths=kept, split=source)
-    ev["checkpoint"] = str(checkpoint)
-    ev["trained_on"] = trained_on
-    ev["features"] = features
-    ev["skipped"] = [{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None]
-    ev["tta"] = {"kind": kind, "views": len(TTA_VIEWS[kind])}
+    ev = evaluation_summary(y, per_view[:, ok].mean(axis=0), classes, paths=kept, split=source,
+                            checkpoint=checkpoint, trained_on=trained_on, features=features,
+                            skipped=[{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None],
+                            tta={"kind": kind, "views": len(TTA_VIEWS[kind])})
     if kind != "none":
         plain = classification_metrics(y, per_view[0, ok], classes)
         ev["tta"].update(accuracy_without=plain["accuracy"], accuracy_with=ev["accuracy"],
@@ -152,7 +151,7 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
 def _without_training_images(items, checkpoint: Path, meta: dict, include_train: bool):
     """Items minus those the run trained on (its split.csv's train rows, matched by resolved path):
     scoring them would flatter the model. Returns the items kept and the counts for the report."""
-    manifest = checkpoint.parent / "split.csv"
+    manifest = RunFolder(checkpoint.parent).split
     trained = set()
     if manifest.is_file():
         try:
@@ -201,6 +200,6 @@ def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
 def _write(ev: dict, classes: list[str], folder: Path) -> None:
     from .results import plots
 
-    atomic_write_json(folder / "evaluation.json", ev)
+    atomic_write_json(RunFolder(folder).evaluation, ev)
     plots.plot_evaluation(ev, classes, folder)
     ev["written_to"] = str(folder)

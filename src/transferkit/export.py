@@ -21,6 +21,7 @@ from .errors import ExportError, UsageError
 from .engine.runtime import onnx_export
 from .inference import PROB_TOLERANCE, parity, read_batches
 from .io import atomic_write_json
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +43,25 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
         raise UsageError("--quantize int8 works with --format onnx only")
     checkpoint = resolve_checkpoint(run)
     model, meta = load_checkpoint(checkpoint)
-    out = Path(out) if out else checkpoint.parent / "export"
+    out = Path(out) if out else RunFolder(checkpoint.parent).export_dir
     out.mkdir(parents=True, exist_ok=True)
     val = _split_items(checkpoint, meta, "val")
     x = _load_batch(_spread(val, check_images), meta)
     with torch.inference_mode():
         eager = model(x).float().numpy()
     if fmt == "onnx":
-        path = export_onnx(model, meta, out / "model.onnx", x[:1])
+        path = export_onnx(model, meta, out / RunFolder.ONNX_MODEL, x[:1])
         exported = _onnx_logits(path, x.numpy())
     else:
-        path = export_torchscript(model, meta, out / "model.pt", x[:1])
+        path = export_torchscript(model, meta, out / RunFolder.TORCHSCRIPT_MODEL, x[:1])
         with torch.inference_mode():
             exported = torch.jit.load(str(path))(x).float().numpy()
     result = {"format": fmt, "path": str(path), "checkpoint": str(checkpoint), "bytes": path.stat().st_size,
               "parity": parity(eager, exported)}
     _require_parity(result["parity"], fmt)
     if quantize:
-        result["int8"] = quantize_int8(path, out / "model.int8.onnx", checkpoint, meta, val)
-    atomic_write_json(out / "export.json", result)  # a refused int8 attempt is recorded too
+        result["int8"] = quantize_int8(path, out / RunFolder.INT8_MODEL, checkpoint, meta, val)
+    atomic_write_json(out / RunFolder.EXPORT_RECORD, result)  # a refused int8 attempt is recorded too
     if quantize and result["int8"]["refused"]:
         raise ExportError(result["int8"]["refused"])
     return result
@@ -120,9 +121,9 @@ def _split_items(checkpoint: Path, meta: dict, split: str) -> list[tuple[str, in
     from .errors import DataError
     from .evaluate import manifest_items
 
-    manifest = checkpoint.parent / "split.csv"
+    manifest = RunFolder(checkpoint.parent).split
     if not manifest.is_file():
-        raise ExportError(f"cannot check the export: no split.csv beside {checkpoint} (export a run folder)")
+        raise ExportError(f"cannot check the export: no {manifest.name} beside {checkpoint} (export a run folder)")
     try:
         items = manifest_items(manifest, meta["classes"], split, meta.get("config", {}).get("data"))
     except DataError as exc:

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .run_folder import RunFolder
+
 log = logging.getLogger(__name__)
 
-FILE = "novelty.safetensors"
+FILE = RunFolder.NOVELTY  # RUN/novelty.safetensors
 K = 5
 PERCENTILE = 99.0
 MAX_REFERENCE = 10_000  # training embeddings kept (a seeded sample beyond this): bounds file size and time

@@ -15,8 +15,9 @@ from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
 from .models.batchnorm import Folding
 from .models.registry import get_spec
-from .novelty import FILE as NOVELTY_FILE, NoveltyReference
+from .novelty import NoveltyReference
 from .inference import batched_proba, check_top_k, expand_inputs, rows_from_probs  # noqa: F401
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class Predictor:
         self._folding = Folding(self.model)
         # The run's novelty reference (novelty.py), where its training wrote one; it compares the input
         # of the classifier head, caught by a hook on the head during the forward pass.
-        self.novelty = NoveltyReference.load(resolve_checkpoint(checkpoint).parent / NOVELTY_FILE)
+        self.novelty = NoveltyReference.load(RunFolder(resolve_checkpoint(checkpoint).parent).novelty)
         # A linear probe's head reads the standardized pooled features; its first call is the image itself.
         head = "head" if isinstance(self.meta.get("probe"), dict) else get_spec(self.meta["architecture"]).cache_point
         self._head = self.model.get_submodule(head) if self.novelty is not None else None

@@ -17,6 +17,7 @@ from ..errors import CheckpointError
 from ..io import atomic_write, atomic_write_json
 from ..models.adapt import build_model
 from ..models.registry import Preprocessing, get_spec
+from ..run_folder import RunFolder
 
 FORMAT = "transferkit-checkpoint"
 VERSION = 1
@@ -39,7 +40,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder means its best checkpoint; a file is taken as is."""
     path = Path(path)
     if path.is_dir():
-        path = path / "best.safetensors"
+        path = RunFolder(path).best
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} (pass a run folder or a .safetensors file)")
     return path

@@ -9,7 +9,7 @@ import io
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -98,7 +98,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
                     "(and --class-weights auto or --balanced-sampler)")
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
-    cfg.out = str(out)
+    cfg = replace(cfg, out=str(out))  # the run's own copy: the caller's config is not changed
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
     # Only now, with every option checked, does the run folder get its first files.
@@ -505,10 +505,16 @@ def _as_seen_in_training(state: RunState, source: BatchSource, rng: random.Rando
 
 
 def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> dict:
-    """The best epoch's validation predictions, summarised for reports (no extra forward pass)."""
-    from ..results.metrics import classification_metrics
+    """The best epoch's validation predictions, summarised for reports (no extra forward pass), in the
+    shape `evaluate` writes."""
+    from ..results.metrics import evaluation_summary
+    from ..run_folder import RunFolder
 
+    run = RunFolder(state.out)
     paths = [source.val_items[i][0] for i in val["indices"]]
-    ev = classification_metrics(val["labels"], val["probs"], state.scan.classes, paths=paths)
-    atomic_write_json(state.out / "evaluation.json", ev)
+    skipped = sorted(set(range(len(source.val_items))) - {int(i) for i in val["indices"]})
+    ev = evaluation_summary(val["labels"], val["probs"], state.scan.classes, paths=paths, split="val",
+                            checkpoint=run.best, trained_on={"left_out": 0, "included": 0, "known": True},
+                            skipped=[{"path": source.val_items[i][0], "error": "could not be read"} for i in skipped])
+    atomic_write_json(run.evaluation, ev)
     return ev

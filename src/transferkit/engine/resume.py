@@ -17,14 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError
+from ..run_folder import RunFolder
 from .checkpoint import RESUME_PREFIX, read_meta, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-LAST = "last.safetensors"
-BEST = "best.safetensors"
-SPLIT = "split.csv"
+LAST = RunFolder.LAST  # the name fit.py checks for
 
 
 def fresh_best() -> dict:
@@ -50,13 +49,13 @@ def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapse
         "skipped_in_training": state.skipped_in_training,
         "elapsed_seconds": elapsed,
     }
-    save_checkpoint(state.out / LAST, state.model, {**meta, "resume": resume},
+    save_checkpoint(RunFolder(state.out).last, state.model, {**meta, "resume": resume},
                     extra={RESUME_PREFIX + k: v for k, v in tensors.items()})
 
 
 def restore_last(state, optimizer, schedule, source) -> tuple[int, dict, float]:
     """Load RUN/last.safetensors into the live objects; return (next epoch, best, elapsed seconds)."""
-    path = state.out / LAST
+    path = RunFolder(state.out).last
     meta = read_meta(path)
     resume = meta.get("resume")
     if not isinstance(resume, dict):
@@ -89,7 +88,7 @@ def restore_last(state, optimizer, schedule, source) -> tuple[int, dict, float]:
 
 
 def _check_same_run(state, resume: dict, path: Path) -> None:
-    split = state.out / SPLIT
+    split = RunFolder(state.out).split
     if resume.get("split_sha256") != state.split_sha256:
         raise CheckpointError(f"{split} changed since {path} was written; refusing to resume on another split")
     if resume.get("freeze") != _freeze_phase(state):
@@ -107,7 +106,7 @@ def _restore_best(state, saved: dict, extra: dict) -> dict:
     best.update(score=saved["score"], epoch=int(saved["epoch"]))
     if not best["epoch"]:
         return best
-    best_path = state.out / BEST
+    best_path = RunFolder(state.out).best
     best_meta = read_meta(best_path)
     if int(best_meta.get("epoch", -1)) != best["epoch"]:
         # Killed between writing best and last: the redone epoch rewrites best if it wins again.
@@ -164,16 +163,3 @@ def _restore_rng(saved: dict, extra: dict, source) -> None:
     generator = getattr(source, "generator", None)
     if generator is not None and "rng.loader" in extra:
         generator.set_state(extra["rng.loader"])
-
-
-def resume_config_path(run: str | Path) -> Path:
-    """RUN/config.yaml, after checking RUN is a resumable run folder."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UsageError(f"--resume: {run} is not a folder (pass the run folder of an interrupted run)")
-    for name in ("config.yaml", SPLIT):  # no LAST: stopped before the first epoch; it starts afresh
-        if not (run / name).is_file():
-            raise CheckpointError(f"--resume: {run} has no {name}; it is not a resumable transferkit run")
-    if (run / "metrics.json").exists():
-        raise CheckpointError(f"--resume: {run} already finished (metrics.json exists); nothing to resume")
-    return run / "config.yaml"

@@ -171,14 +171,25 @@ def evaluation_summary(
     split: str | None = None,
     top_k_losses: int = 16,
     n_bins: int = 15,
+    *,
+    checkpoint: Any = None,
+    skipped: Sequence[dict] = (),
+    tta: dict | None = None,
+    trained_on: dict | None = None,
+    features: dict | None = None,
 ) -> dict:
-    """What a run folder's evaluation.json holds: classification_metrics plus the split name.
+    """What evaluation.json holds, in one shape whether training (its best epoch on val) or `evaluate`
+    wrote it: classification_metrics plus where the numbers come from: the split, the checkpoint, the
+    unreadable files skipped ({"path", "error"}), the test-time augmentation ({"kind", "views"}, and with
+    views the accuracy without them), the images the run trained on ({"left_out", "included", "known"})
+    and the cached features used ({"cached", "computed"}, or None).
 
     The report reads this file; keeping its shape defined here means the engine and the
     report cannot drift apart.
     """
     summary = classification_metrics(y_true, probs, classes, paths, top_k_losses=top_k_losses, n_bins=n_bins)
-    summary["split"] = split
+    summary.update(split=split, checkpoint=None if checkpoint is None else str(checkpoint), skipped=list(skipped),
+                   tta=tta or {"kind": "none", "views": 1}, trained_on=trained_on, features=features)
     return summary
 
 

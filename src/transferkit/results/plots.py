@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..run_folder import RunFolder  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 DPI = 100
@@ -254,7 +256,7 @@ def plot_evaluation(evaluation: Mapping[str, Any], classes: Sequence[str], folde
                     top_losses: int = 16) -> None:
     """The figures of an evaluation (classification_metrics' output): confusion.png and, when it lists
     mistakes with their paths, top_losses.png."""
-    folder = Path(folder)
-    plot_confusion(evaluation["confusion_matrix"], classes, folder / "confusion.png")
+    folder = RunFolder(folder)
+    plot_confusion(evaluation["confusion_matrix"], classes, folder.confusion)
     if evaluation.get("top_losses"):
-        plot_top_losses(evaluation["top_losses"][:top_losses], folder / "top_losses.png")
+        plot_top_losses(evaluation["top_losses"][:top_losses], folder.top_losses)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from transferkit.errors import CheckpointError
 from transferkit.results import plots
+from transferkit.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,6 @@ details{margin:.3em 0}summary{cursor:pointer}
 # ---------------------------------------------------------------- loading the run folder
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        log.warning("report: cannot read %s (%s)", path, exc)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _read_config(path: Path) -> tuple[Any, str | None]:
     """(parsed YAML or None, raw text or None); the raw text is the fallback display."""
     if not path.is_file():
@@ -90,9 +80,9 @@ def _number(value: str) -> Any:
             return value
 
 
-def _read_history(run: Path, metrics: dict | None) -> list[dict]:
+def _read_history(run: RunFolder, metrics: dict | None) -> list[dict]:
     """Per-epoch rows from history.csv, falling back to metrics.json's copy."""
-    path = run / "history.csv"
+    path = run.history
     if path.is_file():
         try:
             with path.open(newline="", encoding="utf-8") as f:
@@ -103,14 +93,14 @@ def _read_history(run: Path, metrics: dict | None) -> list[dict]:
     return [dict(row) for row in history if isinstance(row, dict)] if isinstance(history, list) else []
 
 
-def _ensure_figures(run: Path, history: list[dict], evaluation: dict | None, classes: Sequence[str]) -> None:
+def _ensure_figures(run: RunFolder, history: list[dict], evaluation: dict | None, classes: Sequence[str]) -> None:
     """Draw curves.png / confusion.png from the data when the engine did not write them."""
-    if history and not (run / "curves.png").is_file():
-        plots.plot_history(history, run / "curves.png")
+    if history and not run.curves.is_file():
+        plots.plot_history(history, run.curves)
     cm = (evaluation or {}).get("confusion_matrix")
-    if cm and classes and len(cm) == len(classes) and not (run / "confusion.png").is_file():
+    if cm and classes and len(cm) == len(classes) and not run.confusion.is_file():
         try:
-            plots.plot_confusion(cm, classes, run / "confusion.png")
+            plots.plot_confusion(cm, classes, run.confusion)
         except ValueError as exc:  # malformed matrix: report it as unavailable
             log.warning("report: cannot draw confusion matrix (%s)", exc)
 
@@ -191,17 +181,17 @@ def _thumbnail_uri(path: Any) -> str | None:
 # ---------------------------------------------------------------- sections
 
 
-def _run_date(run: Path, metrics: dict | None) -> str:
+def _run_date(run: RunFolder, metrics: dict | None) -> str:
     for key in ("date", "finished_at", "started_at"):
         if (metrics or {}).get(key):
             return str(metrics[key])
-    for name in ("metrics.json", "history.csv", "config.yaml"):
-        if (run / name).is_file():
-            return datetime.fromtimestamp((run / name).stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    for path in (run.metrics, run.history, run.config):
+        if path.is_file():
+            return datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
     return "unknown date"
 
 
-def _title(run: Path, metrics: dict | None) -> str:
+def _title(run: RunFolder, metrics: dict | None) -> str:
     m = metrics or {}
     model, mode = m.get("model", "unknown model"), m.get("mode", "unknown mode")
     params = ""
@@ -209,7 +199,7 @@ def _title(run: Path, metrics: dict | None) -> str:
         params = f" · {m['trainable_params']:,} of {m['total_params']:,} parameters trainable"
     return (
         f"<h1>{_e(model)} — {_e(mode)}</h1>"
-        f'<p class="sub">run <code>{_e(run.name)}</code> · {_e(_run_date(run, metrics))}{_e(params)}</p>'
+        f'<p class="sub">run <code>{_e(run.path.name)}</code> · {_e(_run_date(run, metrics))}{_e(params)}</p>'
     )
 
 
@@ -274,7 +264,7 @@ def _problems(problems: Any) -> str:
     return "".join(parts)
 
 
-def _data_summary(run: Path, report: dict | None) -> str:
+def _data_summary(run: RunFolder, report: dict | None) -> str:
     if report is None:
         return "<h2>Data</h2>" + _na()
     counts = report.get("counts") if isinstance(report.get("counts"), Mapping) else {}
@@ -287,14 +277,14 @@ def _data_summary(run: Path, report: dict | None) -> str:
     rows.append(["total", *totals, sum(totals)])
     source = f"<p>Split source: {_e(report['split_source'])}</p>" if report.get("split_source") else ""
     batch = ""
-    if (run / "batch_grid.png").is_file():
-        batch = "<h3>A training batch, as training saw it</h3>" + _image(run / "batch_grid.png", "training batch")
+    if run.batch_grid.is_file():
+        batch = "<h3>A training batch, as training saw it</h3>" + _image(run.batch_grid, "training batch")
     table = _table(["class", *splits, "all"], rows) if splits else _na("class counts: not available")
     return f"<h2>Data</h2>{source}{table}{_problems(report.get('problems'))}{batch}"
 
 
-def _curves(run: Path, history: list[dict]) -> str:
-    html = "<h2>Training curves</h2>" + _image(run / "curves.png", "training curves")
+def _curves(run: RunFolder, history: list[dict]) -> str:
+    html = "<h2>Training curves</h2>" + _image(run.curves, "training curves")
     if not history:
         return html + "<h3>History</h3>" + _na()
     columns = list(dict.fromkeys(k for row in history for k in row))
@@ -302,8 +292,8 @@ def _curves(run: Path, history: list[dict]) -> str:
     return html + "<h3>History</h3>" + _table(columns, rows)
 
 
-def _confusion(run: Path, evaluation: dict | None) -> str:
-    html = "<h2>Confusion matrix</h2>" + _image(run / "confusion.png", "confusion matrix")
+def _confusion(run: RunFolder, evaluation: dict | None) -> str:
+    html = "<h2>Confusion matrix</h2>" + _image(run.confusion, "confusion matrix")
     per_class = (evaluation or {}).get("per_class")
     if not per_class:
         return html + _na("per-class metrics: not available")
@@ -311,7 +301,7 @@ def _confusion(run: Path, evaluation: dict | None) -> str:
     return html + _table(["class", "precision", "recall", "F1", "support"], rows)
 
 
-def _top_losses(run: Path, evaluation: dict | None) -> str:
+def _top_losses(run: RunFolder, evaluation: dict | None) -> str:
     """Inline thumbnails with text captions when the images are readable, else top_losses.png."""
     head = "<h2>Top losses</h2>"
     figures = []
@@ -327,8 +317,8 @@ def _top_losses(run: Path, evaluation: dict | None) -> str:
         figures.append(f'<figure><img alt="{_e(item.get("path"))}" src="{uri}"><figcaption>{caption}</figcaption></figure>')
     if figures:
         return head + "<p>true / predicted, probability of the prediction</p>" + f'<div class="gallery">{"".join(figures)}</div>'
-    if (run / "top_losses.png").is_file():
-        return head + _image(run / "top_losses.png", "top losses")
+    if run.top_losses.is_file():
+        return head + _image(run.top_losses, "top losses")
     return head + _na()
 
 
@@ -379,13 +369,13 @@ def _environment(metrics: dict | None) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.html from whatever the run folder holds and return its path."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {run} does not exist; pass the folder a training run wrote")
-    metrics = _read_json(run / "metrics.json")
-    evaluation = _read_json(run / "evaluation.json")
-    data_report = _read_json(run / "data_report.json")
-    parsed_config, raw_config = _read_config(run / "config.yaml")
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise CheckpointError(f"run folder {run.path} does not exist; pass the folder a training run wrote")
+    metrics = RunFolder.read_json(run.metrics)
+    evaluation = RunFolder.read_json(run.evaluation)
+    data_report = RunFolder.read_json(run.data_report)
+    parsed_config, raw_config = _read_config(run.config)
     history = _read_history(run, metrics)
     classes = [
         str(c)
@@ -393,7 +383,7 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     _ensure_figures(run, history, evaluation, classes)
 
-    title = f"{(metrics or {}).get('model', 'run')} — {run.name}"
+    title = f"{(metrics or {}).get('model', 'run')} — {run.path.name}"
     body = "".join(
         [
             _title(run, metrics),
@@ -404,7 +394,7 @@ def write_report(run_dir: str | Path) -> Path:
             _confusion(run, evaluation),
             _top_losses(run, evaluation),
             _timing(metrics, history),
-            _search(_read_json(run / "search.json")),
+            _search(RunFolder.read_json(run.search)),
             _environment(metrics),
         ]
     )
@@ -415,7 +405,7 @@ def write_report(run_dir: str | Path) -> Path:
         f'<p class="sub">report written {_e(datetime.now().strftime("%Y-%m-%d %H:%M"))} by transferkit</p>'
         "</body></html>"
     )
-    out = run / "report.html"
+    out = run.report
     out.write_text(html, encoding="utf-8")
     log.info("wrote %s", out)
     return out

@@ -8,15 +8,12 @@ deployment box still serves; its card then says only what the ONNX file itself c
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import CheckpointError, UsageError
-
-log = logging.getLogger(__name__)
+from ..run_folder import RunFolder
 
 TRAINING_KEYS = ("mode", "best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1", "best_epoch",
                  "epochs_run", "train_images", "val_images")
@@ -55,8 +52,8 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
         path = resolve_checkpoint(path)
         clf = Predictor(path, precision=precision)
         facts = {**{k: clf.meta[k] for k in ("architecture", "classes", "preprocessing")}, "precision": clf.precision}
-        run = path.parent
-        export = _read_json(run / "export" / "export.json")
+        run = RunFolder(path.parent)
+        export = RunFolder.read_json(run.export_record)
     card = {**facts, "engine": engine, "model": str(path), "model_date": _date_of(path),
             "export": _parity_of(export, path), **_training(run)}
     return ServedModel(clf, engine, path, card)
@@ -65,20 +62,20 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
 def onnx_model_path(path: Path) -> Path:
     """An .onnx file as given; a run folder means the model `transferkit export RUN` wrote into it."""
     if path.is_dir():
-        exported = path / "export" / "model.onnx"
+        exported = RunFolder(path).onnx_model
         if not exported.is_file():
             raise CheckpointError(f"no exported model at {exported}; run `transferkit export {path}` first")
         return exported
     return path
 
 
-def _run_of_onnx(path: Path) -> tuple[Path | None, dict | None]:
+def _run_of_onnx(path: Path) -> tuple[RunFolder | None, dict | None]:
     """(run folder, export.json) for RUN/export/model.onnx; either may be gone on a deployment box."""
-    export = _read_json(path.parent / "export.json")
+    export = RunFolder.read_json(path.parent / RunFolder.EXPORT_RECORD)
     checkpoint = Path(export["checkpoint"]) if export and export.get("checkpoint") else None
-    for run in ([checkpoint.parent] if checkpoint else []) + [path.parent.parent]:
-        if (run / "metrics.json").is_file():
-            return run, export
+    for folder in ([checkpoint.parent] if checkpoint else []) + [path.parent.parent]:
+        if RunFolder(folder).finished():
+            return RunFolder(folder), export
     return None, export
 
 
@@ -94,23 +91,12 @@ def _parity_of(export: dict | None, model: Path) -> dict | None:
     return None
 
 
-def _training(run: Path | None) -> dict:
-    metrics = _read_json(run / "metrics.json") if run else None
+def _training(run: RunFolder | None) -> dict:
+    metrics = RunFolder.read_json(run.metrics) if run else None
     if not metrics:
         return {"training": None, "trained_date": None}
     return {"training": {k: metrics[k] for k in TRAINING_KEYS if k in metrics},
-            "trained_date": _date_of(run / "metrics.json")}
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("model card: ignoring %s (%s)", path, exc)
-        return None
-    return value if isinstance(value, dict) else None
+            "trained_date": _date_of(run.metrics)}
 
 
 def _date_of(path: Path) -> str:

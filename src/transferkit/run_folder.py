@@ -1,0 +1,110 @@
+"""A run folder's files: their names and layouts in one place (torch-free: serving reads run folders too).
+
+    RUN/config.yaml          the TrainConfig the run trained with (TrainConfig.to_yaml)
+    RUN/split.csv            the train/val split (data/folders.py write_manifest)
+    RUN/data_report.json     what the data scan found and skipped
+    RUN/history.csv          one row per epoch
+    RUN/metrics.json         the finished run's summary; its presence marks a run as finished
+    RUN/evaluation.json      metrics of the best model on a labelled split, one shape for training and
+                             `evaluate` (results/metrics.py evaluation_summary)
+    RUN/best.safetensors     the best epoch's model (+ best.json, its metadata); last.* to resume
+    RUN/novelty.safetensors  the novelty reference (novelty.py), where the run made one
+    RUN/curves.png, confusion.png, top_losses.png, batch_grid.png, report.html
+    RUN/search.json          the recipe search's candidates (search.py)
+    RUN/export/              model.onnx / model.pt (+ model.int8.onnx) and export.json (export.py)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import ClassVar
+
+from .errors import CheckpointError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class RunFolder:
+    """`RunFolder(path).metrics` is RUN/metrics.json, and so on; the names are class constants."""
+
+    CONFIG: ClassVar[str] = "config.yaml"
+    SPLIT: ClassVar[str] = "split.csv"
+    DATA_REPORT: ClassVar[str] = "data_report.json"
+    HISTORY: ClassVar[str] = "history.csv"
+    METRICS: ClassVar[str] = "metrics.json"
+    EVALUATION: ClassVar[str] = "evaluation.json"
+    BEST: ClassVar[str] = "best.safetensors"
+    LAST: ClassVar[str] = "last.safetensors"
+    NOVELTY: ClassVar[str] = "novelty.safetensors"
+    CURVES: ClassVar[str] = "curves.png"
+    CONFUSION: ClassVar[str] = "confusion.png"
+    TOP_LOSSES: ClassVar[str] = "top_losses.png"
+    BATCH_GRID: ClassVar[str] = "batch_grid.png"
+    REPORT: ClassVar[str] = "report.html"
+    SEARCH: ClassVar[str] = "search.json"
+    EXPORT: ClassVar[str] = "export"
+    EXPORT_RECORD: ClassVar[str] = "export.json"  # in the export folder, as the models are
+    ONNX_MODEL: ClassVar[str] = "model.onnx"
+    INT8_MODEL: ClassVar[str] = "model.int8.onnx"
+    TORCHSCRIPT_MODEL: ClassVar[str] = "model.pt"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ---- the files --------------------------------------------------------------------------------
+
+    config = property(lambda self: self.path / self.CONFIG)
+    split = property(lambda self: self.path / self.SPLIT)
+    data_report = property(lambda self: self.path / self.DATA_REPORT)
+    history = property(lambda self: self.path / self.HISTORY)
+    metrics = property(lambda self: self.path / self.METRICS)
+    evaluation = property(lambda self: self.path / self.EVALUATION)
+    best = property(lambda self: self.path / self.BEST)
+    last = property(lambda self: self.path / self.LAST)
+    novelty = property(lambda self: self.path / self.NOVELTY)
+    curves = property(lambda self: self.path / self.CURVES)
+    confusion = property(lambda self: self.path / self.CONFUSION)
+    top_losses = property(lambda self: self.path / self.TOP_LOSSES)
+    batch_grid = property(lambda self: self.path / self.BATCH_GRID)
+    report = property(lambda self: self.path / self.REPORT)
+    search = property(lambda self: self.path / self.SEARCH)
+    export_dir = property(lambda self: self.path / self.EXPORT)
+    export_record = property(lambda self: self.path / self.EXPORT / self.EXPORT_RECORD)
+    onnx_model = property(lambda self: self.path / self.EXPORT / self.ONNX_MODEL)
+
+    # ---- what the files say -----------------------------------------------------------------------
+
+    def finished(self) -> bool:
+        return self.metrics.is_file()
+
+    @staticmethod
+    def read_json(path: Path) -> dict | None:
+        """A JSON object file of the run, or None where it is missing (a partial or copied run) or unreadable
+        (logged)."""
+        try:
+            value = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s (%s)", path, exc)
+            return None
+        return value if isinstance(value, dict) else None
+
+    def resumable_config(self) -> Path:
+        """RUN/config.yaml, after checking the folder holds an interrupted run (a run stopped before its first
+        epoch has no `last` and starts afresh; a finished one has nothing to resume)."""
+        if not self.path.is_dir():
+            raise UsageError(f"--resume: {self.path} is not a folder (pass the run folder of an interrupted run)")
+        for path in (self.config, self.split):
+            if not path.is_file():
+                raise CheckpointError(f"--resume: {self.path} has no {path.name}; it is not a resumable "
+                                      "transferkit run")
+        if self.finished():
+            raise CheckpointError(f"--resume: {self.path} already finished ({self.METRICS} exists); "
+                                  "nothing to resume")
+        return self.config
