@@ -40,6 +40,18 @@ def test_metrics_equal_sklearn_on_the_same_predictions(tiny_run, tmp_path):
     assert json.loads((tmp_path / "evaluation.json").read_text())["accuracy"] == ev["accuracy"]
 
 
+def test_training_and_evaluate_write_evaluation_json_in_one_shape(tiny_run, tmp_path):
+    data, run = tiny_run
+    trained = json.loads((run / "evaluation.json").read_text())
+    evaluate_run(run, data / "val", out=tmp_path)
+    evaluated = json.loads((tmp_path / "evaluation.json").read_text())
+    assert set(trained) == set(evaluated)
+    assert trained["split"] == "val" and trained["checkpoint"] == str(run / "best.safetensors")
+    assert trained["skipped"] == [] and trained["tta"] == evaluated["tta"] == {"kind": "none", "views": 1}
+    # the same model on the same images: the best epoch's val predictions are what evaluate computes
+    assert trained["n"] == evaluated["n"] == 12 and trained["accuracy"] == pytest.approx(evaluated["accuracy"])
+
+
 def test_tta_averages_the_views_and_reports_the_gain(tiny_run, tmp_path):
     data, run = tiny_run
     ev = evaluate_run(run, data / "val", tta="dihedral", out=tmp_path)

@@ -481,7 +481,9 @@ def cmd_evaluate(args) -> int:
               f"({row['probability_of_predicted']:.3f})")
     if ev["skipped"]:
         print(f"skipped {len(ev['skipped'])} unreadable files")
-    print(f"wrote {ev['written_to']}/evaluation.json, confusion.png, top_losses.png")
+    from .run_folder import RunFolder
+
+    print(f"wrote {ev['written_to']}/{RunFolder.EVALUATION}, {RunFolder.CONFUSION}, {RunFolder.TOP_LOSSES}")
     return 0
 
 
