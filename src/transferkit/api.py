@@ -121,7 +121,7 @@ def _trained(metrics: dict) -> Classifier:
 
 @contextmanager
 def _api_wording():
-    """UsageErrors raised inside name arguments, not flags (api_wording)."""
+    """A UsageError raised inside is reworded for Python: argument names, not flags (api_wording)."""
     try:
         yield
     except UsageError as exc:
