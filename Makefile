@@ -33,5 +33,10 @@ demo: install
 test: install browser
 	$(PY) -m pytest -q
 
+# The quick check while coding: every module exercised in about a minute and a half on 2 cores. Tests marked
+# `slow` (long end-to-end runs, subprocesses, browsers, fresh venvs) are left out; `make test` runs them all.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -25,7 +25,12 @@ def _randomise_bn(model: nn.Module) -> None:
             m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
 
 
-@pytest.mark.parametrize("name", list_specs_names())
+# The big networks take seconds each to build at random: `make test-fast` folds the small ones.
+BIG = {"resnet34", "resnet50", "inception_v3", "vgg11_bn", "vgg16", "densenet121", "efficientnet_lite2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in BIG else n
+                                  for n in list_specs_names()])
 def test_folded_equals_unfolded_for_every_backbone(name):
     spec = get_spec(name)
     model = build_model(spec, 3, pretrained=False).eval()
@@ -58,6 +63,7 @@ def test_train_mode_batchnorm_is_not_folded_and_switching_is_caught():
         model(torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.slow
 def test_frozen_statistics_train_gamma_beta_and_match_unfolded_gradients():
     torch.manual_seed(0)
     a = build_model(get_spec("efficientnet_lite0"), 2, pretrained=False)
@@ -80,6 +86,7 @@ def test_frozen_statistics_train_gamma_beta_and_match_unfolded_gradients():
     assert torch.equal(bn_a.running_mean, bn_b.running_mean)  # statistics did not move
 
 
+@pytest.mark.slow
 def test_finetune_with_frozen_batchnorm_keeps_statistics_and_restores_modules(tiny_folder, tmp_path):
     from transferkit.engine.checkpoint import load_checkpoint
 

@@ -28,6 +28,7 @@ def elpv2(tmp_path_factory):
     return out, materialize_elpv(out, classes=2, seed=0)
 
 
+@pytest.mark.slow
 def test_elpv_two_classes(elpv2):
     out, summary = elpv2
     assert summary["created"] is True
@@ -40,6 +41,7 @@ def test_elpv_two_classes(elpv2):
             assert len(list((out / split / name).glob("*.png"))) == n
 
 
+@pytest.mark.slow
 def test_elpv_split_is_stratified_by_probability_and_cell_type(elpv2):
     out, _ = elpv2
     files = json.loads((out / "elpv.json").read_text(encoding="utf-8"))["files"]
@@ -53,6 +55,7 @@ def test_elpv_split_is_stratified_by_probability_and_cell_type(elpv2):
         assert f["class"] == ("defective" if f["probability"] > 0.5 else "functional")
 
 
+@pytest.mark.slow
 def test_elpv_uses_hard_links_on_the_same_filesystem(elpv2):
     out, summary = elpv2
     some = next((out / "train" / "functional").glob("*.png"))
@@ -62,6 +65,7 @@ def test_elpv_uses_hard_links_on_the_same_filesystem(elpv2):
         assert os.path.samefile(some, source)
 
 
+@pytest.mark.slow
 def test_elpv_rerun_is_a_no_op(elpv2):
     out, first = elpv2
     marker = out / "elpv.json"
@@ -72,6 +76,7 @@ def test_elpv_rerun_is_a_no_op(elpv2):
     assert marker.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_elpv_other_arguments_into_the_same_folder_are_refused(elpv2):
     out, _ = elpv2
     with pytest.raises(UsageError, match="choose another folder"):
@@ -80,6 +85,7 @@ def test_elpv_other_arguments_into_the_same_folder_are_refused(elpv2):
         materialize_elpv(out, classes=4, seed=0)
 
 
+@pytest.mark.slow
 def test_elpv_folder_scans_cleanly(elpv2):
     out, summary = elpv2
     scan = scan_dataset(out, verify_images=False)
@@ -88,6 +94,7 @@ def test_elpv_folder_scans_cleanly(elpv2):
     assert set(scan.problems) <= {"outside_class_folder"}  # elpv.json itself
 
 
+@pytest.mark.slow
 def test_elpv_four_classes(tmp_path):
     summary = materialize_elpv(tmp_path / "elpv4", classes=4, seed=0)
     assert summary["class_names"] == ["p000", "p033", "p067", "p100"]

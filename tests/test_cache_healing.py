@@ -81,6 +81,7 @@ def clean(tmp_path_factory):
     return data, made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate, zero_fill, flip_bit, delete_index], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("kind", list(RUNS))
 def test_a_damaged_shard_is_dropped_and_recomputed_with_one_warning(clean, kind, damage, tmp_path, monkeypatch,
@@ -159,6 +160,7 @@ def _write_decoded_shards(root: str, tag: str, n: int) -> None:
         writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer, store_type", [(_write_feature_shards, FeatureStore),
                                                 (_write_decoded_shards, DecodedStore)])
 def test_concurrent_writers_and_readers_share_a_store_safely(tmp_path, caplog, writer, store_type):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import make_image_folder
 
 from transferkit.cli import main
 from transferkit.compare import VARIANTS
 
 
+@pytest.mark.slow
 def test_compare_writes_three_runs_a_table_and_the_figure(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=40)
     out = tmp_path / "cmp"

@@ -268,6 +268,7 @@ def test_train_group_duplicates_flag(tmp_path, capsys):
     assert not hasattr(build_parser().parse_args(["train", "d"]), "group_duplicates")  # config decides
 
 
+@pytest.mark.slow
 def test_train_prints_one_hint_line_on_leakage(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
     leaked = sorted((data / "train" / "ants").iterdir())[0]
@@ -280,6 +281,7 @@ def test_train_prints_one_hint_line_on_leakage(tmp_path, capsys):
     assert train_hint(tmp_path / "nowhere") is None
 
 
+@pytest.mark.slow
 def test_train_after_a_check_costs_no_backbone_time(tiny_folder, tmp_path):
     from transferkit.config import TrainConfig
     from transferkit.engine.fit import fit

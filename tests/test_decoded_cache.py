@@ -152,6 +152,7 @@ def test_no_decoded_cache_flag():
     assert TrainConfig(data="d").decoded_cache is True
 
 
+@pytest.mark.slow
 def test_finetune_trains_on_the_store_and_a_rerun_decodes_nothing(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
     m = fit(TrainConfig(data=str(data), out=str(tmp_path / "run1"), **FINETUNE))
@@ -200,6 +201,7 @@ def test_loader_workers_with_the_store():
     assert _auto_workers(5000, decoded=True, cpu=False) == _auto_workers(5000) >= 1  # an accelerator: all
 
 
+@pytest.mark.slow
 def test_eval_crops_stream_from_the_files_and_random_views_fill_the_store_that_finetune_reuses(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=6, n_val=3, size=40)
     decoded_root = Path(os.environ["TRANSFERKIT_FEATURE_CACHE"]) / "decoded"

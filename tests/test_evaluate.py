@@ -46,7 +46,8 @@ def test_training_and_evaluate_write_evaluation_json_in_one_shape(tiny_run, tmp_
     evaluate_run(run, data / "val", out=tmp_path)
     evaluated = json.loads((tmp_path / "evaluation.json").read_text())
     assert set(trained) == set(evaluated)
-    assert trained["split"] == "val" and trained["checkpoint"] == str(run / "best.safetensors")
+    assert trained["split"] == "val" and trained["checkpoint"] == "best.safetensors"  # beside evaluation.json
+    assert evaluated["checkpoint"] == str(run / "best.safetensors")  # written elsewhere: the path as given
     assert trained["skipped"] == [] and trained["tta"] == evaluated["tta"] == {"kind": "none", "views": 1}
     # the same model on the same images: the best epoch's val predictions are what evaluate computes
     assert trained["n"] == evaluated["n"] == 12 and trained["accuracy"] == pytest.approx(evaluated["accuracy"])

@@ -62,6 +62,7 @@ def test_int8_agrees_with_float_on_the_tiny_set(onnx_export):
     assert ort.InferenceSession(q["path"]).get_modelmeta().custom_metadata_map["architecture"]
 
 
+@pytest.mark.slow
 def test_torchscript_matches_eager_and_keeps_classes(tiny_run, tmp_path):
     result = ex.export_run(tiny_run[1], "torchscript", out=tmp_path)
     assert result["parity"]["max_abs_prob_diff"] <= ex.PROB_TOLERANCE

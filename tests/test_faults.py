@@ -29,6 +29,7 @@ def _leftovers(folder) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_epoch_batch_and_keeps_checkpoints(tiny_folder, tmp_path, monkeypatch, capsys):
     real_loss, calls = fit_module._loss, []
 
@@ -49,6 +50,7 @@ def test_non_finite_loss_stops_with_epoch_batch_and_keeps_checkpoints(tiny_folde
     assert not (run / "metrics.json").exists() and not _leftovers(run)
 
 
+@pytest.mark.slow
 def test_cuda_out_of_memory_names_the_batch_size_and_suggests_half(tiny_folder, tmp_path, monkeypatch, capsys):
     from transferkit.engine.sources import CachedFeatureSource
 
@@ -89,6 +91,7 @@ def test_disk_full_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "best.safetensors").exists() and not _leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_disk_full_during_training_is_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     monkeypatch.setattr(io.os, "replace", _refuse_replace(os.replace, run))

@@ -69,6 +69,7 @@ def foreign_image(path: Path) -> Path:
 # ---- 1, 9: evaluate leaves out what the run trained on, and reads cached features ----------------------
 
 
+@pytest.mark.slow
 def test_evaluate_leaves_out_the_training_images_and_uses_the_feature_cache(flat_run):
     env = {"TRANSFERKIT_FEATURE_CACHE": str(flat_run.cache)}
     n_train, n_val = flat_run.metrics["train_images"], flat_run.metrics["val_images"]
@@ -96,6 +97,7 @@ def test_evaluate_leaves_out_the_training_images_and_uses_the_feature_cache(flat
 # ---- 2: no silent overwrite, no half-made run folder ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_without_overwrite(flat_run, tmp_path):
     before = (flat_run.run / "metrics.json").read_bytes()
     proc = tk_cli("train", flat_run.data, "--out", flat_run.run, *SMALL)
@@ -109,6 +111,7 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(flat_run, tmp_path)
     assert json.loads((copy / "metrics.json").read_text())["wall_seconds"] == metrics["wall_seconds"] != first
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_is_pointed_at_resume(flat_run, tmp_path):
     run = tmp_path / "stopped"
     run.mkdir()
@@ -117,6 +120,7 @@ def test_an_interrupted_run_is_pointed_at_resume(flat_run, tmp_path):
         fit(TrainConfig(data=str(flat_run.data), out=str(run)))
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_validation_leaves_no_folder(flat_run, tmp_path):
     run = tmp_path / "never"
     proc = tk_cli("train", flat_run.data, "--out", run, "--mode", "partial", "--unfreeze", "99", *SMALL)
@@ -127,6 +131,7 @@ def test_a_run_that_fails_validation_leaves_no_folder(flat_run, tmp_path):
 # ---- 3, 10: predict recognises an .onnx model by content; novelty flags a foreign image ----------------
 
 
+@pytest.mark.slow
 def test_predict_picks_the_engine_by_content_and_flags_a_foreign_image(flat_run, tmp_path):
     from transferkit.export import export_run
 
@@ -168,6 +173,7 @@ def _train_items(run: Path):
     return manifest_items(run / "split.csv", ["ants", "bees"], "train")
 
 
+@pytest.mark.slow
 def test_predict_exit_code_1_when_a_file_is_unreadable(flat_run, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
@@ -180,6 +186,7 @@ def test_predict_exit_code_1_when_a_file_is_unreadable(flat_run, tmp_path):
 # ---- 4: a refused int8 model is quiet, removed and recorded ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_refused_int8_export_is_quiet_removed_and_recorded(flat_run, tmp_path):
     out = tmp_path / "export"
     code = ("import sys, transferkit.export as ex\n"
@@ -197,6 +204,7 @@ def test_a_refused_int8_export_is_quiet_removed_and_recorded(flat_run, tmp_path)
 # ---- 5: Ctrl-C during feature extraction stops within a batch, keeps the cache, says how to resume --------
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_feature_extraction_stops_promptly_and_resumes(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", n_train=96, n_val=8, size=32)  # 192 train images: 3 batches
     cache, run = tmp_path / "cache", tmp_path / "run"
@@ -265,6 +273,7 @@ def test_compare_passes_the_training_options(monkeypatch, tmp_path, capsys):
     assert seen == {"lr": 0.01, "optimizer": "adam", "seed": 3, "val_fraction": 0.3, "epochs": 2}
 
 
+@pytest.mark.slow
 def test_the_log_and_report_name_a_stratified_split_and_what_training_saw(flat_run):
     from transferkit.data.transforms import eval_transform
     from transferkit.engine.fit import _as_seen_in_training
@@ -284,6 +293,7 @@ def test_the_log_and_report_name_a_stratified_split_and_what_training_saw(flat_r
 # ---- 7: the Python API ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_names_arguments_suggests_close_names_and_tells_the_run_folder(flat_run, tmp_path):
     with pytest.raises(UsageError, match="unknown argument epoch=3; did you mean epochs="):
         tk.train(flat_run.data, epoch=3)
@@ -295,6 +305,7 @@ def test_api_names_arguments_suggests_close_names_and_tells_the_run_folder(flat_
     assert tk.load(flat_run.run).run_dir_ == flat_run.run
 
 
+@pytest.mark.slow
 def test_a_config_is_not_changed_by_the_runs_that_read_it(flat_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run without `out` goes to ./runs/<name>
     cfg = TrainConfig(data=str(flat_run.data), recipe="tutorial", epochs=3, image_size=96)

@@ -78,6 +78,7 @@ def _resume(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_killed_and_terminated_runs_resume_exactly(tiny_folder, tmp_path, capsys):
     reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
 
@@ -103,6 +104,7 @@ def test_killed_and_terminated_runs_resume_exactly(tiny_folder, tmp_path, capsys
     _assert_same_run(_resume(stopped), reference, stopped)
 
 
+@pytest.mark.slow
 def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FINETUNE))
     run = tmp_path / "run"
@@ -125,6 +127,7 @@ def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path, 
     _assert_same_run(_resume(run), reference, run)
 
 
+@pytest.mark.slow
 def test_last_checkpoint_holds_resume_state_without_pickle(tiny_folder, tmp_path):
     run = tmp_path / "run"
     fit(TrainConfig(data=str(tiny_folder), out=str(run), **{**FE, "epochs": 1}))
@@ -160,6 +163,7 @@ def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, c
     assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
 
 
+@pytest.mark.slow
 def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path, monkeypatch):
     import transferkit as tk
     from transferkit.errors import CheckpointError, UsageError

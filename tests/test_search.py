@@ -30,6 +30,7 @@ def _search(data: Path, out: Path, budget: str = "60s", **options) -> tuple[dict
     return metrics, json.loads((out / "search.json").read_text())
 
 
+@pytest.mark.slow
 def test_selection_never_reads_val(tmp_path):
     """Permuting the val labels (moving val images between class folders) leaves every choice unchanged.
     (A budget that lets every candidate run and fixed fine-tuning epochs: what the search skips or plans
@@ -60,6 +61,7 @@ def test_tiny_budget_returns_a_probe_on_time(tmp_path):
     assert (tmp_path / "run" / "best.safetensors").is_file() and metrics["best_val_acc"] is not None
 
 
+@pytest.mark.slow
 def test_reproduce_command_gives_the_same_metrics(tmp_path):
     data = _folder(tmp_path / "data")
     metrics, search = _search(data, tmp_path / "run", mode="linear-probe")
@@ -74,6 +76,7 @@ def test_reproduce_command_gives_the_same_metrics(tmp_path):
     assert not (Path(command[command.index("--out") + 1]) / "search.json").exists()  # no search ran
 
 
+@pytest.mark.slow
 def test_mode_given_limits_the_search(tmp_path):
     data = _folder(tmp_path / "data")
     _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none")
@@ -81,6 +84,7 @@ def test_mode_given_limits_the_search(tmp_path):
     assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
 
 
+@pytest.mark.slow
 def test_multi_stage_probe_exports_to_onnx_in_parity(tmp_path):
     from transferkit.engine.checkpoint import read_meta
     from transferkit.engine.fit import fit
@@ -97,6 +101,7 @@ def test_multi_stage_probe_exports_to_onnx_in_parity(tmp_path):
     assert result["parity"]["max_abs_prob_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_probe_run_predicts_what_it_scored(tmp_path):
     """The saved ProbeClassifier (backbone, taps, pooling, standardization, head, flip views) gives, through
     the ordinary predictor, the val accuracy the run reported from its cached features."""
@@ -114,6 +119,7 @@ def test_probe_run_predicts_what_it_scored(tmp_path):
     assert accuracy == pytest.approx(metrics["best_val_acc"])
 
 
+@pytest.mark.slow
 def test_recipe_tutorial_is_the_seed_defaults(tmp_path):
     """--recipe tutorial trains exactly as the seeds (SGD 0.001, StepLR 7/0.1, 15 epochs, one view)."""
     data = _folder(tmp_path / "data")
@@ -127,11 +133,13 @@ def test_recipe_tutorial_is_the_seed_defaults(tmp_path):
     assert not (tmp_path / "run" / "search.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", ["", "soon", "0s", "5x"])
 def test_bad_durations_are_one_line_errors(text, tmp_path, capsys):
     assert cli.main(["train", str(tmp_path), "--time-budget", text]) == UsageError.exit_code
@@ -139,6 +147,7 @@ def test_bad_durations_are_one_line_errors(text, tmp_path, capsys):
     assert "--time-budget" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_search_refuses_several_processes(tmp_path, capsys):
     data = _folder(tmp_path / "data")
     assert cli.main(["train", str(data), "--nproc", "2"]) == UsageError.exit_code
@@ -146,6 +155,7 @@ def test_search_refuses_several_processes(tmp_path, capsys):
     assert "--recipe tutorial" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_probe_run_flags_a_foreign_image_as_novel(tmp_path):
     """Probe runs write a novelty reference from the probe head's inputs; the predictor scores through the
     same head, so a training image is not novel and a clearly foreign one is."""

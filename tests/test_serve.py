@@ -235,6 +235,7 @@ def test_health_model_card_and_page(server, exported):
     assert "http://" not in page and "https://" not in page  # nothing from the network
 
 
+@pytest.mark.slow
 def test_torch_engine_serves_a_run_like_predict(exported, tmp_path):
     data, run, _ = exported
     paths = val_images(data)[:4]

@@ -45,6 +45,7 @@ def browser(tmp_path):
     session.quit()
 
 
+@pytest.mark.slow
 def test_page_uploads_an_image_and_shows_its_predicted_label(browser, tmp_path):
     data, _, model = export_tiny(tmp_path / "tiny")
     image = sorted((data / "val" / "bees").glob("*.png"))[0]

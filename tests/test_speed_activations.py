@@ -32,6 +32,7 @@ def test_stages_compose_to_the_model(name):
         assert torch.allclose(y, model(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cached_partial_trains_the_right_params_and_matches_uncached(tiny_folder: Path, tmp_path: Path):
     common = dict(model="efficientnet_lite0", mode="partial", unfreeze=2, epochs=2, views=1, augment="none",
                   batch_size=16, optimizer="sgd", lr=0.01, engine="torch", workers=0, cache_dtype="float32",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ def _stats(metrics: dict) -> tuple[int, int]:
     return src["train"]["hits"] + src["val"]["hits"], src["train"]["computed"] + src["val"]["computed"]
 
 
+@pytest.mark.slow
 def test_rerun_hits_and_changes_miss(tiny_folder: Path, tmp_path: Path):
     run = lambda name, **kw: fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / name), **{**FAST, **kw}))
     assert _stats(run("a")) == (0, 24)
@@ -34,6 +36,7 @@ def test_rerun_hits_and_changes_miss(tiny_folder: Path, tmp_path: Path):
     assert _stats(run("d", image_size=64)) == (0, 24)  # preprocessing is part of the key
 
 
+@pytest.mark.slow
 def test_cached_training_equals_uncached(tiny_folder: Path, tmp_path: Path):
     # views=1, no augmentation and one batch per epoch: the two paths see the same inputs in each step.
     common = dict(FAST, epochs=2, views=1, augment="none", batch_size=16, optimizer="adam", lr=0.01)

@@ -23,6 +23,7 @@ def _train(data, out, **kw):
     return fit(TrainConfig(data=str(data), out=str(out), **{"epochs": 1, "lr": 0.01, **kw}))
 
 
+@pytest.mark.slow
 def test_feature_extract_run_folder_is_complete(tiny_folder, tmp_path):
     m = _train(tiny_folder, tmp_path / "run", epochs=2)
     run = tmp_path / "run"
@@ -41,6 +42,7 @@ def test_feature_extract_run_folder_is_complete(tiny_folder, tmp_path):
     assert 0.0 <= m["best_val_acc"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,extra", [("finetune", {}), ("partial", {"unfreeze": 1})])
 def test_one_epoch_in_each_trainable_mode(tiny_folder, tmp_path, mode, extra):
     m = _train(tiny_folder, tmp_path / mode, mode=mode, **extra)
@@ -49,12 +51,14 @@ def test_one_epoch_in_each_trainable_mode(tiny_folder, tmp_path, mode, extra):
         assert m["trainable_groups"] == ["group8", "head"]
 
 
+@pytest.mark.slow
 def test_inception_trains_both_heads_with_aux_loss(tmp_path):
     data = make_image_folder(tmp_path / "d", n_train=2, n_val=1, size=80)
     m = _train(data, tmp_path / "run", model="inception_v3", pretrained=False, cache=False, batch_size=4)
     assert m["trainable_params"] == (2048 * 2 + 2) + (768 * 2 + 2)  # fc + AuxLogits.fc
 
 
+@pytest.mark.slow
 def test_flat_folder_gets_a_reproducible_stratified_split(tmp_path):
     flat = tmp_path / "flat"
     make_image_folder(tmp_path / "tmp", n_train=10, n_val=0, with_val=False)
@@ -68,6 +72,7 @@ def test_flat_folder_gets_a_reproducible_stratified_split(tmp_path):
     assert len(val) == 4 and {r["class"] for r in val} == {"ants", "bees"}
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_on_cpu(tiny_folder, tmp_path):
     a = _train(tiny_folder, tmp_path / "a", mode="finetune", seed=1)
     b = _train(tiny_folder, tmp_path / "b", mode="finetune", seed=1)
@@ -75,6 +80,7 @@ def test_same_seed_same_result_on_cpu(tiny_folder, tmp_path):
     assert a["history"][0]["val_loss"] == b["history"][0]["val_loss"]
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_predictions(tiny_folder, tmp_path):
     clf = tk.train(tiny_folder, recipe="tutorial", out=str(tmp_path / "run"), epochs=2, lr=0.01)
     images = sorted(str(p) for p in (tiny_folder / "val").rglob("*.png"))
@@ -87,6 +93,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_folder, tmp_path
     assert not model.training
 
 
+@pytest.mark.slow
 def test_checkpoint_has_no_pickle(tiny_folder, tmp_path):
     _train(tiny_folder, tmp_path / "run")
     head = (tmp_path / "run" / "best.safetensors").read_bytes()[:8]
@@ -95,6 +102,7 @@ def test_checkpoint_has_no_pickle(tiny_folder, tmp_path):
     assert json.loads(header["__metadata__"]["transferkit"])["format"] == "transferkit-checkpoint"
 
 
+@pytest.mark.slow
 def test_predict_cli_csv_and_json(tiny_folder, tmp_path, capsys):
     _train(tiny_folder, tmp_path / "run", epochs=3)
     assert main(["predict", str(tmp_path / "run"), str(tiny_folder / "val"), "--top-k", "2"]) == 0
@@ -107,10 +115,10 @@ def test_predict_cli_csv_and_json(tiny_folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["train", "{data}", "--model", "resnt18"], "did you mean resnet18"),
+    pytest.param(["train", "{data}", "--model", "resnt18"], "did you mean resnet18", marks=pytest.mark.slow),
     (["train", "{data}", "--mode", "fine-tune"], "--mode"),
     (["train", "{missing}"], "does not exist"),
-    (["train", "{data}", "--epochs", "0"], "--epochs"),
+    pytest.param(["train", "{data}", "--epochs", "0"], "--epochs", marks=pytest.mark.slow),
 ])
 def test_cli_user_errors_are_one_line(tiny_folder, tmp_path, argv, needle):
     argv = [a.format(data=tiny_folder, missing=tmp_path / "nope") for a in argv]

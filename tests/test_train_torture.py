@@ -22,6 +22,7 @@ from transferkit.engine.sources import CachedFeatureSource
 SCRATCH_FINETUNE = dict(model="resnet18", pretrained=False, image_size=32, mode="finetune", batch_size=4)
 
 
+@pytest.mark.slow
 def test_torture_folder_trains_and_summarises_every_problem_kind(tmp_path, capsys, caplog):
     made = make_torture_folder(tmp_path / "torture")
     run = tmp_path / "run"
@@ -47,6 +48,7 @@ def _imbalanced_folder(root, big=16, small=4):
     return root
 
 
+@pytest.mark.slow
 def test_large_imbalance_suggests_balanced_accuracy(tmp_path, caplog):
     data = _imbalanced_folder(tmp_path / "data")
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), epochs=1, class_weights="auto",
@@ -60,6 +62,7 @@ def test_large_imbalance_suggests_balanced_accuracy(tmp_path, caplog):
     assert "consider --best-metric" not in caplog.text
 
 
+@pytest.mark.slow
 def test_class_weights_auto_weights_the_loss_by_inverse_frequency():
     labels = [0] * 12 + [1] * 3
     state = SimpleNamespace(cfg=SimpleNamespace(class_weights="auto"), device=torch.device("cpu"),
@@ -81,6 +84,7 @@ def _cached_source(balanced: bool, labels: list[int]) -> CachedFeatureSource:
     return source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("balanced, low, high", [(False, 0.199, 0.201), (True, 0.4, 0.6)])
 def test_balanced_sampler_draws_classes_evenly(balanced, low, high):
     source = _cached_source(balanced, [0] * 80 + [1] * 20)
@@ -89,6 +93,7 @@ def test_balanced_sampler_draws_classes_evenly(balanced, low, high):
     assert low <= minority <= high
 
 
+@pytest.mark.slow
 def test_file_broken_after_the_scan_is_skipped_and_counted(tiny_folder, tmp_path, monkeypatch):
     real_make_source = fit_module.make_source
 

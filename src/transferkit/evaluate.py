@@ -135,8 +135,9 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
         raise DataError(f"none of the {len(paths)} images in {source} could be read")
     y = np.array([label for _, label in items])[ok]
     kept = [p for p, good in zip(paths, ok) if good]
+    folder = Path(out) if out else checkpoint.parent
     ev = evaluation_summary(y, per_view[:, ok].mean(axis=0), classes, paths=kept, split=source,
-                            checkpoint=checkpoint, trained_on=trained_on, features=features,
+                            checkpoint=_as_seen_from(folder, checkpoint), trained_on=trained_on, features=features,
                             skipped=[{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None],
                             tta={"kind": kind, "views": len(TTA_VIEWS[kind])})
     if kind != "none":
@@ -144,8 +145,16 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
         ev["tta"].update(accuracy_without=plain["accuracy"], accuracy_with=ev["accuracy"],
                          gain=ev["accuracy"] - plain["accuracy"],
                          balanced_accuracy_without=plain["balanced_accuracy"])
-    _write(ev, classes, Path(out) if out else checkpoint.parent)
+    _write(ev, classes, folder)
     return ev
+
+
+def _as_seen_from(folder: Path, path: Path) -> str:
+    """`path` relative to `folder` where it lies inside it (the run folder may move), else as it is."""
+    try:
+        return str(path.resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _without_training_images(items, checkpoint: Path, meta: dict, include_train: bool):

@@ -514,7 +514,7 @@ def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> dict:
     paths = [source.val_items[i][0] for i in val["indices"]]
     skipped = sorted(set(range(len(source.val_items))) - {int(i) for i in val["indices"]})
     ev = evaluation_summary(val["labels"], val["probs"], state.scan.classes, paths=paths, split="val",
-                            checkpoint=run.best, trained_on={"left_out": 0, "included": 0, "known": True},
+                            checkpoint=run.BEST, trained_on={"left_out": 0, "included": 0, "known": True},
                             skipped=[{"path": source.val_items[i][0], "error": "could not be read"} for i in skipped])
     atomic_write_json(run.evaluation, ev)
     return ev

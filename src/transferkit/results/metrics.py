@@ -179,8 +179,8 @@ def evaluation_summary(
     features: dict | None = None,
 ) -> dict:
     """What evaluation.json holds, in one shape whether training (its best epoch on val) or `evaluate`
-    wrote it: classification_metrics plus where the numbers come from: the split, the checkpoint, the
-    unreadable files skipped ({"path", "error"}), the test-time augmentation ({"kind", "views"}, and with
+    wrote it: classification_metrics plus where the numbers come from: the split, the checkpoint (relative to
+    the folder evaluation.json is in, where it lies inside it: a run folder may move), the unreadable files skipped ({"path", "error"}), the test-time augmentation ({"kind", "views"}, and with
     views the accuracy without them), the images the run trained on ({"left_out", "included", "known"})
     and the cached features used ({"cached", "computed"}, or None).
 
