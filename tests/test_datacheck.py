@@ -281,7 +281,6 @@ def test_train_prints_one_hint_line_on_leakage(tmp_path, capsys):
     assert train_hint(tmp_path / "nowhere") is None
 
 
-@pytest.mark.slow
 def test_train_after_a_check_costs_no_backbone_time(tiny_folder, tmp_path):
     from transferkit.config import TrainConfig
     from transferkit.engine.fit import fit
