@@ -133,13 +133,11 @@ def test_recipe_tutorial_is_the_seed_defaults(tmp_path):
     assert not (tmp_path / "run" / "search.json").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("text", ["", "soon", "0s", "5x"])
 def test_bad_durations_are_one_line_errors(text, tmp_path, capsys):
     assert cli.main(["train", str(tmp_path), "--time-budget", text]) == UsageError.exit_code
@@ -147,7 +145,6 @@ def test_bad_durations_are_one_line_errors(text, tmp_path, capsys):
     assert "--time-budget" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_search_refuses_several_processes(tmp_path, capsys):
     data = _folder(tmp_path / "data")
     assert cli.main(["train", str(data), "--nproc", "2"]) == UsageError.exit_code
@@ -205,6 +202,7 @@ def test_stacked_probe_averages_the_logits_of_its_probes():
     assert np.allclose(stacked.logits(x), (a.logits(x[:, :, :6]) + b.logits(x[:, :, 6:])) / 2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_scale_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):
     """--probe-scale: the saved model reads the image at --image-size and, inside the graph, at the smaller
     scale; through the ordinary predictor it gives the val accuracy the run reported, and its ONNX export
@@ -228,6 +226,7 @@ def test_two_scale_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path)
     assert result["parity"]["top1_agreement"] == 1.0 and result["parity"]["max_abs_prob_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_search_tries_two_scales_on_large_images(tmp_path):
     """Images larger than the network's input: after the view ladder the search scores a two-scale probe by
     the same CV, and the reproduce command carries its sizes when it wins."""
