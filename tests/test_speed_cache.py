@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from transferkit.config import TrainConfig
+from transferkit.data.transforms import dihedral, normalize_batch
 from transferkit.engine.fit import fit
 
 # fp32: the two paths below are compared to 1e-4; bf16 (--precision auto on a CPU with native bf16)
@@ -50,3 +51,33 @@ def test_cached_training_equals_uncached(tiny_folder: Path, tmp_path: Path):
         assert torch.allclose(outs[True][1][name], outs[False][1][name], atol=1e-4), name
     ev = [json.loads((tmp_path / f"c{c}" / "evaluation.json").read_text()) for c in (True, False)]
     assert ev[0]["accuracy"] == ev[1]["accuracy"]
+
+
+def test_streamed_crops_give_the_eval_transforms_pixels_bit_for_bit(tmp_path: Path):
+    """Extraction streams uint8 crops (grey ones as one channel) and normalizes whole batches; what the
+    network sees must be exactly what eval_transform (predict, evaluate, export) gives each file, also
+    in a batch that mixes grey and colour files and for a backbone whose mean differs per channel."""
+    from transferkit.data.images import load_rgb
+    from transferkit.data.transforms import eval_transform
+    from transferkit.engine.features import FileViewDataset, View, _collate
+    from transferkit.models.registry import get_spec
+
+    rng = np.random.default_rng(0)
+    files = {"grey.png": rng.integers(0, 256, (70, 90), dtype=np.uint8),
+             "colour.png": rng.integers(0, 256, (90, 70, 3), dtype=np.uint8),
+             "grey-alpha.png": rng.integers(0, 256, (60, 60, 2), dtype=np.uint8)}  # LA: composited, RGB
+    paths = []
+    for name, pixels in files.items():
+        Image.fromarray(pixels).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    views = [View(0), View(5)]
+    for model in ("efficientnet_lite0", "resnet18"):
+        pre = get_spec(model).preprocessing
+        dataset = FileViewDataset([(p, views) for p in paths], pre)
+        assert dataset[0][0].dtype == torch.uint8 and dataset[0][0].shape[1] == 1  # grey stays one channel
+        for batch in ([dataset[0]], [dataset[0], dataset[1], dataset[2]]):
+            x, items, errors = _collate(batch)
+            got = normalize_batch(x, pre, out=torch.full((len(x), 3, *x.shape[2:]), float("nan")))
+            want = torch.stack([dihedral(eval_transform(pre)(load_rgb(paths[i])), v.index)
+                                for i in items for v in views])
+            assert not errors and torch.equal(got, want), model

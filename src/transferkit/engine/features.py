@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.decoded import (DecodedStore, content_sha256, decode_missing, failure_reason, open_store,
                             warn_undecodable)
 from ..data.images import load_rgb
-from ..data.transforms import dihedral, eval_transform, train_transform
+from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
 from ..io import atomic_write, atomic_write_json
 from ..models.registry import Preprocessing
@@ -89,12 +89,14 @@ class ViewDataset(Dataset):
 
 
 def _collate(batch):
-    """(views of the readable images, their item numbers, {path: why} for the unreadable ones)."""
+    """(views of the readable images, their item numbers, {path: why} for the unreadable ones). Grey
+    crops (one channel) join colour ones as three equal channels; an all-grey batch stays one."""
     good = [b for b in batch if isinstance(b, tuple)]
     errors = {path: why for b in batch if isinstance(b, dict) for path, why in b.items()}
     if not good:
         return (None, [], errors) if errors else None
-    return torch.cat([b[0] for b in good]), [b[1] for b in good], errors
+    channels = max(b[0].shape[1] for b in good)
+    return torch.cat([b[0].expand(-1, channels, -1, -1) for b in good]), [b[1] for b in good], errors
 
 
 class FeatureStore:
@@ -264,6 +266,7 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
     loader = DataLoader(dataset, batch_size=per_batch, collate_fn=_collate, generator=torch.Generator(),
                         num_workers=workers if isinstance(dataset, FileViewDataset) else 0)
     pending_keys, pending = [], []
+    inputs = None  # the float input batch, reused (normalize_batch)
     for batch in progress(loader, desc=desc, total=len(loader)):
         if batch is None:
             continue
@@ -271,6 +274,10 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
         failed.update(errors)
         if x is None:
             continue
+        if x.dtype == torch.uint8:  # streamed crops: normalized here, a whole batch at a time
+            if inputs is None or len(inputs) < len(x):
+                inputs = torch.empty((len(x), 3, *x.shape[2:]))
+            x = normalize_batch(x, pre, out=inputs[: len(x)])
         pending.append(extract(x))
         pending_keys += [k for i in items for _, k in todo[i][1]]
         # Write every few thousand rows, and before a requested stop, so an interrupted extraction keeps
@@ -294,12 +301,14 @@ def _stored_views(todo, sha, pre, workers, desc) -> "ViewDataset":
 
 
 class FileViewDataset(Dataset):
-    """One item per image: the file decoded (load_rgb) and eval-cropped, then each asked-for symmetry of
-    that crop. An unreadable file gives its error instead, reported once by the caller."""
+    """One item per image: the file decoded and eval-cropped, then each asked-for symmetry of that crop,
+    as uint8 (grey images as one channel: decode, resize and the copy to the main process cost a third);
+    the caller normalizes whole batches (transforms.normalize_batch). An unreadable file gives its error
+    instead, reported once by the caller."""
 
     def __init__(self, entries: list[tuple[str, list[View]]], pre: Preprocessing):
         self.entries = entries
-        self.eval_tf = eval_transform(pre)
+        self.crop = eval_crop(pre)
 
     def __len__(self):
         return len(self.entries)
@@ -307,7 +316,7 @@ class FileViewDataset(Dataset):
     def __getitem__(self, i):
         path, views = self.entries[i]
         try:
-            crop = self.eval_tf(load_rgb(path))
+            crop = self.crop(load_rgb(path, keep_gray=True)).as_subclass(torch.Tensor)
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
             return {path: failure_reason(exc)}
         return torch.stack([dihedral(crop, v.index) for v in views]), i
