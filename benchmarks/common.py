@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import resource
 from datetime import datetime
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def stratified_subset(src: Path, dst: Path, n_train: int, n_val: int, seed: int 
             for f in rng.sample(files, round(n * len(files) / total)):
                 os.link(f, dst / split / name / f.name)
     return dst
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (DataLoader workers): less sensitive than wall
+    time to the other jobs sharing the box."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def environment_line() -> str:

@@ -7,7 +7,9 @@ ONNX Runtime fp32 that passes parity, measured on the first batch). Extraction =
 cached_features over real ELPV files with a cold feature store (the files decoded and eval-cropped by
 the decode workers while the network runs, then the forward and the feature-store write). Bare = the
 same engine on random tensors of the same shape and batch size. Alternated `--repeats` times (the box
-may be shared); reports each pair and the median fraction.
+may be shared); reports each pair and the median fraction. Also the CPU milliseconds per image of each
+(this process and its decode workers): on a shared box the wall rates swing with the other jobs, while
+the extra CPU time extraction spends per image (decoding, cropping, copies, the store) barely moves.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import cpu_seconds, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.engine.features import FeatureStore, View, cached_features, default_workers  # noqa: E402
 from transferkit.engine.runtime import FrozenEngine, FrozenPart  # noqa: E402
@@ -59,17 +61,19 @@ def main() -> None:
     chosen(x)  # warm-up
     rows = []
     for rep in range(args.repeats):  # interleaved: if the box is shared, the load drifts
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for start in range(0, len(paths), args.batch):
             chosen(x[: min(args.batch, len(paths) - start)])
-        bare = len(paths) / (time.perf_counter() - t0)
+        bare, bare_cpu = len(paths) / (time.perf_counter() - t0), (cpu_seconds() - c0) / len(paths)
         os.environ["TRANSFERKIT_FEATURE_CACHE"] = str(tmp / f"cache{rep}")  # cold caches
         store = FeatureStore(tmp / f"store{rep}")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         cached_features(engine, store, paths, [View(0)], pre, batch_size=args.batch, workers=default_workers())
-        real = len(paths) / (time.perf_counter() - t0)
+        real, real_cpu = len(paths) / (time.perf_counter() - t0), (cpu_seconds() - c0) / len(paths)
         rows.append({"repeat": rep + 1, "bare engine images/s": bare, "extraction images/s": real,
-                     "fraction": real / bare})
+                     "fraction": real / bare, "bare CPU ms/image": 1000 * bare_cpu,
+                     "extraction CPU ms/image": 1000 * real_cpu, "CPU fraction": bare_cpu / real_cpu,
+                     "load": round(os.getloadavg()[0], 1)})
         print(rows[-1], flush=True)
     median = statistics.median(r["fraction"] for r in rows)
     rates = ", ".join(f"{k} {v:.0f}" for k, v in engine.info.get("rates", {}).items())
@@ -81,8 +85,11 @@ def main() -> None:
             f"{engine.info.get('parity_max_abs_diff_by_engine', {})}). "
             f"Command: `python benchmarks/extraction.py{' --full' if args.full else ''}"
             f"{'' if args.precision == 'auto' else ' --precision ' + args.precision}`. Target: fraction ≥ 0.85.\n\n"
-            + table(rows, ["repeat", "bare engine images/s", "extraction images/s", "fraction"])
-            + f"\n\nMedian fraction: **{median:.2f}**.")
+            + table(rows, ["repeat", "bare engine images/s", "extraction images/s", "fraction", "bare CPU ms/image",
+                           "extraction CPU ms/image", "CPU fraction", "load"])
+            + f"\n\nMedian fraction: **{median:.2f}** (CPU fraction "
+            f"{statistics.median(r['CPU fraction'] for r in rows):.2f}: bare CPU time / extraction CPU time per "
+            "image, this process and its reaped decode workers; load: 1-minute load average after the pair).")
     print(text)
     write_section(("extraction_full" if args.full else "extraction")
                   + ("" if args.precision == "auto" else "_" + args.precision), text)

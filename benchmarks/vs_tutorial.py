@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import torch.nn as nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import cpu_seconds, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.models.adapt import build_model  # noqa: E402
 from transferkit.models.registry import get_spec  # noqa: E402
@@ -81,13 +80,6 @@ def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, nu
     loop_s = time.perf_counter() - since
     model.load_state_dict(best_model_wts)
     return model, best_acc, loop_s
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (DataLoader workers): less sensitive than wall
-    time to the other jobs sharing the box."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_tutorial(data: Path, mode: str, epochs: int) -> dict:
