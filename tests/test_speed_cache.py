@@ -59,7 +59,7 @@ def test_streamed_crops_give_the_eval_transforms_pixels_bit_for_bit(tmp_path: Pa
     in a batch that mixes grey and colour files and for a backbone whose mean differs per channel."""
     from transferkit.data.images import load_rgb
     from transferkit.data.transforms import eval_transform
-    from transferkit.engine.features import FileViewDataset, View, _collate
+    from transferkit.engine.features import FileViewDataset, View, _collate, _decoded_ahead
     from transferkit.models.registry import get_spec
 
     rng = np.random.default_rng(0)
@@ -74,10 +74,14 @@ def test_streamed_crops_give_the_eval_transforms_pixels_bit_for_bit(tmp_path: Pa
     for model in ("efficientnet_lite0", "resnet18"):
         pre = get_spec(model).preprocessing
         dataset = FileViewDataset([(p, views) for p in paths], pre)
-        assert dataset[0][0].dtype == torch.uint8 and dataset[0][0].shape[1] == 1  # grey stays one channel
+        assert dataset[0][0].dtype == np.uint8 and dataset[0][0].shape[1] == 1  # grey stays one channel
         for batch in ([dataset[0]], [dataset[0], dataset[1], dataset[2]]):
             x, items, errors = _collate(batch)
             got = normalize_batch(x, pre, out=torch.full((len(x), 3, *x.shape[2:]), float("nan")))
             want = torch.stack([dihedral(eval_transform(pre)(load_rgb(paths[i])), v.index)
                                 for i in items for v in views])
             assert not errors and torch.equal(got, want), model
+        # Threads decode ahead and hand the batches over in order.
+        streamed = list(_decoded_ahead(dataset, per_batch=2, threads=2, ahead=1))
+        assert [items for _, items, _ in streamed] == [[0, 1], [2]]
+        assert torch.equal(torch.cat([x for x, _, _ in streamed]), _collate([dataset[i] for i in range(3)])[0])

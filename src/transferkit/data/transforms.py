@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
@@ -28,10 +29,9 @@ def eval_transform(pre: Preprocessing) -> T.Compose:
 
 
 def eval_crop(pre: Preprocessing) -> T.Compose:
-    """The eval transform's geometry alone: a uint8 CHW crop, one channel for a grey (mode "L") image.
-    normalize_batch finishes a batch of them into exactly what eval_transform gives per image; a
-    uint8 crop is a quarter of the float one (a twelfth when grey) to pass from a decode worker."""
-    return T.Compose([resize_shorter(pre), T.CenterCrop(pre.input_size), T.PILToTensor()])
+    """The eval transform's geometry alone, on a PIL image: its pixels (np.asarray; one channel for a grey
+    image) as a CHW uint8 batch row go through normalize_batch to exactly what eval_transform gives."""
+    return T.Compose([resize_shorter(pre), T.CenterCrop(pre.input_size)])
 
 
 def normalize_batch(x: torch.Tensor, pre: Preprocessing, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,8 +78,11 @@ class RandomDihedral(torch.nn.Module):
         return dihedral(x, int(torch.randint(8, ())))
 
 
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the 8 symmetries of the square (k=0 is identity), on the last two dims."""
+def dihedral(x, k: int):
+    """The k-th of the 8 symmetries of the square (k=0 is identity), on the last two dims of a tensor or
+    a numpy array (rot90 turns the same way in both)."""
+    if isinstance(x, np.ndarray):
+        return np.rot90(np.flip(x, -1) if k >= 4 else x, k % 4, axes=(-2, -1))
     if k >= 4:
         x = x.flip(-1)
     return torch.rot90(x, k % 4, dims=(-2, -1))

@@ -20,7 +20,7 @@ from ..models.batchnorm import Folding, freeze_statistics
 from ..data.folders import file_sha256
 from . import distributed
 from . import precision as precisions
-from .features import View, cache_root, cached_features, default_workers, store_for
+from .features import View, cache_root, cached_features, default_workers, one_thread, store_for
 from .runtime import FrozenEngine, FrozenPart
 
 log = logging.getLogger(__name__)
@@ -302,20 +302,17 @@ def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> in
 
 
 def loader_batches(loader: DataLoader, device: torch.device):
-    """The loader's batches. On a CPU without workers each batch is made on one intra-op thread: the
-    transforms' tensor ops would otherwise use all of the model's threads, and when anything else shares
-    the cores those threads wait on each other (crops from the decoded store fell from ~680 to ~160
-    images/s beside one busy process, 2-core CPU). The model's thread count is restored for its step."""
+    """The loader's batches. On a CPU without workers each batch is made on one intra-op thread
+    (features.one_thread): the transforms' tensor ops would otherwise use all of the model's threads, and
+    when anything else shares the cores those threads wait on each other (crops from the decoded store
+    fell from ~680 to ~160 images/s beside one busy process, 2-core CPU)."""
     if loader.num_workers or device.type != "cpu":
         yield from loader
         return
-    batches, threads = iter(loader), torch.get_num_threads()
+    batches = iter(loader)
     while True:
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             batch = next(batches, _END)
-        finally:
-            torch.set_num_threads(threads)
         if batch is _END:
             return
         yield batch
