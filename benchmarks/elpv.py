@@ -1,13 +1,16 @@
 """ELPV accuracy benchmark through transferkit's public CLI, beside the published numbers.
 
     python benchmarks/elpv.py --classes 2 --out RUN [--data DIR] [--no-tta] [-- extra `transferkit train` flags]
+    python benchmarks/elpv.py --classes 2 --out RUN --precisions bf16,fp32 [-- --epochs 2]
 
 Materializes ELPV with `transferkit data elpv` (if needed), trains with one `transferkit train` command
 (leaving a normal run folder in RUN that `transferkit evaluate RUN DATA/val` re-checks), then runs
 `transferkit evaluate RUN DATA/val --tta` (the eight symmetries of the square, which the recipe's
 dihedral augmentation declares safe; written to RUN/tta), and records accuracy, balanced accuracy,
 macro-F1, wall time (training, and training + TTA) and the recipe in benchmarks/RESULTS.md.
-Flags after `--` are appended to the recipe (later flags win).
+Flags after `--` are appended to the recipe (later flags win). With --precisions, the recipe is trained
+once per precision (RUN-bf16, RUN-fp32, no TTA) and the runs are recorded side by side: bf16 autocast
+(weights fp32) must stay within one point of fp32 (issue 15).
 """
 
 from __future__ import annotations
@@ -49,11 +52,14 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="run folder to write")
     ap.add_argument("--data", help="ELPV folder (made with `transferkit data elpv` if missing)")
     ap.add_argument("--no-tta", action="store_true", help="skip the test-time-augmentation evaluation")
+    ap.add_argument("--precisions", help="e.g. bf16,fp32: one run per precision, recorded side by side")
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     data = Path(args.data or Path(tempfile.gettempdir()) / f"elpv{args.classes}")
     if not (data / "train").is_dir():
         transferkit("data", "elpv", str(data), "--classes", str(args.classes))
     recipe = RECIPE + extra
+    if args.precisions:
+        return compare_precisions(args, data, recipe, extra)
     t0 = time.perf_counter()
     transferkit("train", str(data), "--out", args.out, *recipe)
     wall = time.perf_counter() - t0
@@ -89,6 +95,37 @@ def main() -> None:
             "are on the paper's own test split; ours on a stratified 25% split, the epoch chosen on it.")
     print(text)
     write_section(f"elpv{args.classes}", text)
+
+
+def compare_precisions(args, data: Path, recipe: list[str], extra: list[str]) -> None:
+    env, rows = environment_line(), []
+    for precision in args.precisions.split(","):
+        out = Path(f"{args.out}-{precision}")
+        t0 = time.perf_counter()
+        transferkit("train", str(data), "--out", str(out), "--overwrite", *recipe, "--precision", precision)
+        wall = time.perf_counter() - t0
+        m = json.loads((out / "metrics.json").read_text())
+        epochs = m["history"]
+        rows.append({"precision": precision, "resolved": m.get("source", {}).get("precision", precision),
+                     "best val acc": m["best_val_acc"], "last epoch val acc": epochs[-1]["val_acc"],
+                     "epochs": len(epochs), "s / epoch": sum(r["seconds"] for r in epochs) / len(epochs),
+                     "wall s": wall})
+        print(rows[-1], flush=True)
+    by = {r["precision"]: r for r in rows}
+    verdict = ""
+    if {"bf16", "fp32"} <= by.keys():
+        gap = 100 * (by["bf16"]["best val acc"] - by["fp32"]["best val acc"])
+        verdict = (f"\n\nbf16 − fp32: {gap:+.2f} points (best epoch), "
+                   f"{100 * (by['bf16']['last epoch val acc'] - by['fp32']['last epoch val acc']):+.2f} (last epoch); "
+                   f"target within one point: {'met' if abs(gap) <= 1.0 else 'not met'}. Speed: fp32 / bf16 s per "
+                   f"epoch = {by['fp32']['s / epoch'] / by['bf16']['s / epoch']:.2f}.")
+    text = (f"## ELPV, {args.classes} classes: bf16 vs fp32\n\n{env}. Command: `python benchmarks/elpv.py --classes "
+            f"{args.classes} --out RUN --precisions {args.precisions}" + (f" -- {' '.join(extra)}" if extra else "")
+            + f"`. Recipe: `transferkit train DATA {' '.join(recipe)} --precision P`.\n\n"
+            + table(rows, ["precision", "resolved", "best val acc", "last epoch val acc", "epochs", "s / epoch",
+                           "wall s"]) + verdict)
+    print(text)
+    write_section(f"elpv{args.classes}_precision", text)
 
 
 if __name__ == "__main__":

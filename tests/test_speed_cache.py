@@ -59,7 +59,7 @@ def test_streamed_crops_give_the_eval_transforms_pixels_bit_for_bit(tmp_path: Pa
     in a batch that mixes grey and colour files and for a backbone whose mean differs per channel."""
     from transferkit.data.images import load_rgb
     from transferkit.data.transforms import eval_transform
-    from transferkit.engine.features import FileViewDataset, View, _collate, _decoded_ahead
+    from transferkit.engine.features import FileViewDataset, View, _collate, _DecodedAhead
     from transferkit.models.registry import get_spec
 
     rng = np.random.default_rng(0)
@@ -82,6 +82,6 @@ def test_streamed_crops_give_the_eval_transforms_pixels_bit_for_bit(tmp_path: Pa
                                 for i in items for v in views])
             assert not errors and torch.equal(got, want), model
         # Threads decode ahead and hand the batches over in order.
-        streamed = list(_decoded_ahead(dataset, per_batch=2, threads=2, ahead=1))
+        streamed = list(_DecodedAhead(dataset, per_batch=2, threads=2, ahead=1))
         assert [items for _, items, _ in streamed] == [[0, 1], [2]]
         assert torch.equal(torch.cat([x for x, _, _ in streamed]), _collate([dataset[i] for i in range(3)])[0])

@@ -287,7 +287,7 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
         batches = DataLoader(dataset, batch_size=per_batch, collate_fn=_collate, generator=torch.Generator())
     else:
         dataset = FileViewDataset([(p, [v for v, _ in missing]) for p, missing in todo], pre)
-        batches = _decoded_ahead(dataset, per_batch, max(1, workers))
+        batches = _DecodedAhead(dataset, per_batch, max(1, workers))
     failed = {}
     pending_keys, pending = [], []
     inputs = None  # the float input batch, reused (normalize_batch)
@@ -349,7 +349,7 @@ class FileViewDataset(Dataset):
         return np.stack([dihedral(crop, v.index) for v in views]), i
 
 
-class _decoded_ahead:
+class _DecodedAhead:
     """Batches of `dataset` in order (collated by _collate), its items made by `threads` threads while
     the caller runs the network on the batch before. Threads, not DataLoader processes: the items are
     Pillow decodes and resizes, which release the GIL, and threads cost no process start-up, no fork of
