@@ -5,10 +5,10 @@
 The engine is the one transferkit chooses (engine/runtime.py: the fastest of torch fp32, torch bf16 and
 ONNX Runtime fp32 that passes parity, measured on the first batch). Extraction = transferkit's
 cached_features over real ELPV files with a cold feature store (the files decoded and eval-cropped by
-the decode workers while the network runs, then the forward and the feature-store write). Bare = the
+decode threads while the network runs, then the forward and the feature-store write). Bare = the
 same engine on random tensors of the same shape and batch size. Alternated `--repeats` times (the box
 may be shared); reports each pair and the median fraction. Also the CPU milliseconds per image of each
-(this process and its decode workers): on a shared box the wall rates swing with the other jobs, while
+(the whole process, decode threads included): on a shared box the wall rates swing with the other jobs, while
 the extra CPU time extraction spends per image (decoding, cropping, copies, the store) barely moves.
 """
 
@@ -79,7 +79,7 @@ def main() -> None:
     rates = ", ".join(f"{k} {v:.0f}" for k, v in engine.info.get("rates", {}).items())
     text = (f"## Extraction throughput vs the bare engine{' (all ELPV train images)' if args.full else ''}\n\n"
             f"{environment_line()}. {args.model}, {len(paths)} ELPV images at {pre.input_size}px, batch "
-            f"{args.batch}, {default_workers()} decode workers, {torch.get_num_threads()} torch threads. Engine "
+            f"{args.batch}, {default_workers()} decode threads, {torch.get_num_threads()} torch threads. Engine "
             f"chosen: **{engine.info['engine']}** (--precision {args.precision}; first-batch rates, images/s: "
             f"{rates or 'not measured'}; parity max abs diff by engine "
             f"{engine.info.get('parity_max_abs_diff_by_engine', {})}). "
@@ -89,7 +89,7 @@ def main() -> None:
                            "extraction CPU ms/image", "CPU fraction", "load"])
             + f"\n\nMedian fraction: **{median:.2f}** (CPU fraction "
             f"{statistics.median(r['CPU fraction'] for r in rows):.2f}: bare CPU time / extraction CPU time per "
-            "image, this process and its reaped decode workers; load: 1-minute load average after the pair).")
+            "image, the whole process, decode threads included; load: 1-minute load average after the pair).")
     print(text)
     write_section(("extraction_full" if args.full else "extraction")
                   + ("" if args.precision == "auto" else "_" + args.precision), text)
