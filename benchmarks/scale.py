@@ -1,13 +1,16 @@
 """Feature-extract at scale: folders of 10k, 30k and 70k small generated images, as a user would run it.
 
-    python benchmarks/scale.py [--work DIR] [--sizes 10000,30000,70000] [--epochs 1]
+    python benchmarks/scale.py [--work DIR] [--sizes 10000,30000,70000] [--extra '--epochs 1'] [--fresh]
 
 Each size is a folder of 28×28 grey PNGs in 10 classes (a digit-like stroke pattern per class, with
 noise and jitter), generated once. Each run is `python -m transferkit train DIR --mode feature-extract`
 in a fresh process with cold caches (a new TRANSFERKIT_FEATURE_CACHE), the default recipe otherwise.
 Reports wall seconds, extraction images/s (from the run's metrics.json), peak RSS of that process
 (os.wait4), and the cache's bytes on disk per image (feature store and decoded-image store apart),
-against the decoded source pixels (28 × 28 = 784 bytes per image).
+against the decoded source pixels (28 × 28 = 784 bytes per image). Sizes may be measured one per
+invocation (each is long on a small CPU): every row, with its machine line and load, is kept in
+benchmarks/scale_rows.json and the RESULTS.md table is rebuilt from all rows of the same --extra
+(--fresh starts the list again).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from common import environment_line, table, write_section  # noqa: E402
 
 SIDE = 28
 CLASSES = 10
+ROWS = Path(__file__).with_name("scale_rows.json")
 
 
 def generate(root: Path, n: int, seed: int = 0) -> Path:
@@ -84,10 +88,12 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
     ap.add_argument("--sizes", default="10000,30000,70000")
     ap.add_argument("--extra", default="", help="more `transferkit train` options, e.g. '--epochs 5'")
+    ap.add_argument("--fresh", action="store_true", help="forget the rows recorded by earlier invocations")
     args = ap.parse_args()
     work = Path(args.work)
     env_line = environment_line()
-    rows = []
+    kept = [] if args.fresh or not ROWS.exists() else json.loads(ROWS.read_text())
+    rows = [r for r in kept if r.get("extra", "") == args.extra]
     for n in [int(s) for s in args.sizes.split(",")]:
         data = generate(work / f"scale-{n}", n)
         cache = Path(tempfile.mkdtemp(prefix=f"tk-scale-{n}-"))
@@ -97,17 +103,23 @@ def main() -> None:
                      "decoded store bytes/image": r["decoded_bytes"] / n,
                      "decoded / source pixels": r["decoded_bytes"] / (n * SIDE * SIDE),
                      "fixed cache MB": r["fixed_bytes"] / 1e6,
-                     "val acc": r["val_acc"], "engine": r["engine"]})
+                     "val acc": r["val_acc"], "engine": r["engine"], "machine": env_line, "extra": args.extra})
+        rows = [row for row in rows[:-1] if row["images"] != n] + rows[-1:]  # a size re-measured: the new row
         print(rows[-1], flush=True)
+        ROWS.write_text(json.dumps([r for r in kept if r.get("extra", "") != args.extra] + rows, indent=1))
+    rows.sort(key=lambda row: row["images"])
     first, last = rows[0], rows[-1]
     growth = last["peak RSS MB"] / first["peak RSS MB"] - 1
-    text = (f"## Feature-extract at scale\n\n{env_line}. Generated 28×28 grey PNGs, 10 classes, 80/20 split; "
+    machines = sorted({row["machine"] for row in rows})
+    text = (f"## Feature-extract at scale\n\nGenerated 28×28 grey PNGs, 10 classes, 80/20 split; "
             f"`transferkit train DIR --recipe tutorial --mode feature-extract {args.extra}` in a fresh process, cold caches. "
-            f"Command: `python benchmarks/scale.py --sizes {args.sizes}"
-            + (f" --extra '{args.extra}'" if args.extra else "") + "`.\n\n"
-            + table(rows, ["images", "wall s", "extraction images/s", "peak RSS MB", "feature cache bytes/image",
-                           "decoded store bytes/image", "decoded / source pixels", "fixed cache MB", "val acc",
-                           "engine"])
+            f"Command: `python benchmarks/scale.py --sizes SIZE" + (f" --extra '{args.extra}'" if args.extra else "")
+            + "` once per size (rows kept in benchmarks/scale_rows.json). Machine and load per row: "
+            + "; ".join(f"({chr(97 + i)}) {m}" for i, m in enumerate(machines)) + ".\n\n"
+            + table([{**row, "machine": chr(97 + machines.index(row["machine"]))} for row in rows],
+                    ["images", "wall s", "extraction images/s", "peak RSS MB", "feature cache bytes/image",
+                     "decoded store bytes/image", "decoded / source pixels", "fixed cache MB", "val acc",
+                     "engine", "machine"])
             + f"\n\nPeak RSS from {first['images']} to {last['images']} images: {100 * growth:+.0f}% "
             f"(target: within 25%). Source pixels: {SIDE * SIDE} bytes per image. Fixed cache: the exported "
             "frozen part (.onnx) and the engine choice, once per backbone configuration. Extraction images/s "
