@@ -171,7 +171,7 @@ def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, de
     t_start -= state.elapsed_before
     for epoch in range(start, cfg.epochs + 1):
         final = epoch == cfg.epochs or _last_before(deadline, state.history)
-        with oom_as_training_error(cfg, epoch, state.out):
+        with oom_as_training_error(cfg, epoch, state.out), source.compute_threads():
             row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, epoch,
                                       with_val=final or cfg.best_metric != "last")
         state.history.append(row)
