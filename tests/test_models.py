@@ -192,3 +192,53 @@ def test_hub_dir_without_torch_follows_torchs_rule(monkeypatch, tmp_path):
             assert str(weights._hub_dir()) == expected
         finally:
             sys.modules["torch"] = torch
+
+
+# Each backbone's preprocessing before the registry derived it (resize → crop, interpolation, mean, std):
+# deriving it from the weights' own statement must not change a number.
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+BEFORE = {**{n: (224, 256, "bilinear", *IMAGENET) for n in ("resnet18", "resnet34", "resnet50", "alexnet",
+                                                             "vgg11_bn", "vgg16", "squeezenet1_0", "densenet121")},
+          "inception_v3": (299, 342, "bilinear", *IMAGENET),
+          "efficientnet_lite0": (224, 256, "bicubic", *HALF), "efficientnet_lite1": (240, 272, "bicubic", *HALF),
+          "efficientnet_lite2": (260, 292, "bicubic", *HALF)}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_derived_preprocessing_keeps_every_number(name):
+    from transferkit.preprocessing import Preprocessing
+
+    spec = get_spec(name)
+    assert spec.preprocessing == Preprocessing(*BEFORE[name])
+    assert spec.input_size == BEFORE[name][0]  # what `transferkit models` lists without torch
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_pretrained_cfg_is_timms_own(name):
+    timm = pytest.importorskip("timm")
+    spec = get_spec(name)
+    theirs = timm.models.get_pretrained_cfg(f"tf_{name}")
+    for key, value in spec.pretrained_cfg.items():
+        assert tuple(getattr(theirs, key)) == value if isinstance(value, tuple) else getattr(theirs, key) == value
+
+
+def test_torchvision_preprocessing_follows_the_weights_transforms():
+    """A torchvision model whose weights resize to 232 gets 232, not a 256 preset (ResNet50 V2 weights)."""
+    from transferkit.models.spec import BackboneSpec, WeightsSource
+
+    v2 = BackboneSpec(name="resnet50_v2", build=lambda: None, weights=WeightsSource("none"), head="fc",
+                      groups=lambda m: [], tv_weights="ResNet50_Weights.IMAGENET1K_V2")
+    assert (v2.preprocessing.input_size, v2.preprocessing.resize_size) == (224, 232)
+
+
+def test_zoo_and_spec_import_without_the_registry():
+    """No import cycle: the zoo and the spec record stand alone; the registry imports them."""
+    import subprocess
+
+    code = ("import sys; import transferkit.models.zoo as z; import transferkit.preprocessing\n"
+            "assert 'transferkit.models.registry' not in sys.modules and 'torch' not in sys.modules\n"
+            "print(len(z.BACKBONES))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) == len(ALL)

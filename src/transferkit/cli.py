@@ -297,7 +297,7 @@ def cmd_models(args) -> int:
         n = spec.params or 0
         ok, where = weights_available(spec)
         mark = " (default)" if spec.name == DEFAULT_MODEL else ""
-        print(f"{spec.name:<20}{n / 1e6:>9.1f}M  {spec.preprocessing.input_size:>7}  "
+        print(f"{spec.name:<20}{n / 1e6:>9.1f}M  {spec.input_size:>7}  "
               f"{'yes' if ok else 'no '} {where}{mark}")
     return 0
 

@@ -35,7 +35,7 @@ from .. import shards
 from ..engine import signals
 from ..engine.progress import progress
 from ..io import atomic_write_json
-from ..models.registry import Preprocessing
+from ..preprocessing import Preprocessing
 from .folders import file_sha256
 from .images import load_rgb
 from .transforms import resize_shorter

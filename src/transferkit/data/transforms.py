@@ -9,7 +9,7 @@ from torchvision.transforms.functional import InterpolationMode
 
 from ..config import AUGMENT_PRESETS
 from ..errors import UsageError
-from ..models.registry import Preprocessing
+from ..preprocessing import Preprocessing
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 

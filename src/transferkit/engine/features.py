@@ -30,7 +30,7 @@ from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
 from ..io import atomic_write, atomic_write_json
-from ..models.registry import Preprocessing
+from ..preprocessing import Preprocessing
 from ..models.weights import cache_dir
 from . import signals
 from .progress import progress

@@ -25,7 +25,8 @@ from ..data.transforms import eval_transform, train_transform
 from ..errors import TrainingError, UsageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
-from ..models.registry import BackboneSpec, Preprocessing, get_spec
+from ..models.registry import BackboneSpec, get_spec
+from ..preprocessing import Preprocessing
 from ..novelty import FILE as NOVELTY_FILE
 from . import distributed
 from . import precision as precisions
@@ -385,6 +386,7 @@ def _class_weights(state: RunState) -> torch.Tensor | None:
 def _meta(state: RunState, epoch: int, row: dict) -> dict:
     return {
         "architecture": state.spec.name,
+        "architecture_source": state.spec.source,  # "module:attribute" of a backbone from outside the zoo
         "classes": state.scan.classes,
         "preprocessing": state.pre.to_dict(),
         "mode": state.cfg.mode,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, UsageError
-from ..models.registry import Preprocessing
+from ..preprocessing import Preprocessing
 from .features import FeatureStore, View, cached_features, store_for
 from .probe import (ProbeClassifier, ProbeFit, Rescale, ScaledPooler, TapPooler, cross_validate, feature_columns,
                     fit_probe, predict_proba, stack_fits, tap_body, tap_widths)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..config import MODES
 from ..errors import UsageError, WeightsError
-from .registry import BackboneSpec
+from .spec import BackboneSpec
 from .weights import load_pretrained_state
 
 log = logging.getLogger(__name__)

