@@ -36,7 +36,6 @@ TRAIN_HELP = {
                    "second probe fitted there (a two-scale ensemble; --image-size sets the larger)",
     "probe_scale_c": "linear-probe: --probe-c of the --probe-scale probe (default: 3-fold CV on train)",
     "model": "backbone (see `transferkit models`)",
-    "mode": "feature-extract (only the new head trains), finetune (everything), partial (top --unfreeze groups)",
     "unfreeze": "partial mode: number of top layer groups that train with the head",
     "lr": "learning rate (seed tutorial: 0.001 with SGD)",
     "scheduler": "step (StepLR, --step-size/--gamma), cosine (with --warmup-epochs), onecycle, none",
@@ -112,10 +111,12 @@ def _with_default(help_text: str | None, default) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .config import (AUGMENT_PRESETS, BATCHNORM_MODES, BEST_METRICS, ENGINES, HEAD_INITS, MODES, OPTIMIZERS,
+    from .config import (AUGMENT_PRESETS, BATCHNORM_MODES, BEST_METRICS, ENGINES, HEAD_INITS, OPTIMIZERS,
                          POOLINGS, PROBE_VIEWS, RECIPES, SCHEDULERS, VIEW_KINDS, TrainConfig)
+    from .modes import mode_help, mode_names
 
-    choices = {"mode": MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
+    helps = {**TRAIN_HELP, "mode": mode_help()}
+    choices = {"mode": mode_names(), "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
                "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
                "cache_dtype": ("float16", "float32"), "batchnorm": BATCHNORM_MODES,
                "class_weights": ("none", "auto"), "scale_lr": ("none", "linear"), "recipe": RECIPES,
@@ -135,11 +136,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            default=argparse.SUPPRESS, help=BOOLEAN_OFF[f.name])
         elif f.type in ("bool", bool):  # SUPPRESS: an absent flag must not override --config/--resume
             p.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                           help=TRAIN_HELP.get(f.name))
+                           help=helps.get(f.name))
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
             p.add_argument(flag, dest=f.name, type=kind, choices=choices.get(f.name),
-                           default=argparse.SUPPRESS, help=_with_default(TRAIN_HELP.get(f.name), f.default))
+                           default=argparse.SUPPRESS, help=_with_default(helps.get(f.name), f.default))
 
 
 def build_parser() -> argparse.ArgumentParser:

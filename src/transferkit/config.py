@@ -14,10 +14,8 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .modes import mode_names  # torch-free: the names, not the classes
 
-# linear-probe: the frozen backbone's pooled multi-stage features and a CV-tuned logistic regression
-# (engine/probe.py); the backbone itself is frozen as in feature-extract.
-MODES = ("feature-extract", "finetune", "partial", "linear-probe")  # models/adapt.py
 AUGMENT_PRESETS = ("none", "light", "standard", "strong", "dihedral")  # data/transforms.py
 VIEW_KINDS = ("dihedral", "random")
 BATCHNORM_MODES = ("train", "frozen")  # models/batchnorm.py
@@ -99,7 +97,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         _choice("recipe", self.recipe, RECIPES)
-        _choice("mode", self.mode, MODES)
+        _choice("mode", self.mode, mode_names())
         _choice("head-init", self.head_init, HEAD_INITS)
         _choice("probe-pooling", self.probe_pooling, POOLINGS)
         _choice("probe-views", self.probe_views, PROBE_VIEWS)

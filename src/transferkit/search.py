@@ -501,8 +501,10 @@ def _probe_text(s: dict) -> str:
 
 def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candidate | None:
     """LP-FT candidates scored on the inner hold-out; the winner if one beats the probe there."""
+    from .modes import get_mode
+
     cfg, given = search.cfg, search.given
-    if "mode" in given and cfg.mode in ("feature-extract", "linear-probe"):
+    if "mode" in given and not get_mode(cfg.mode).trains_backbone:
         return None
     kinds = [cfg.mode] if "mode" in given else ["partial", "finetune"]
     if not ctx.spec.stages:

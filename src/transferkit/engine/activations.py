@@ -22,11 +22,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def supports_cached_activations(state) -> bool:
-    cfg = state.cfg
-    return cfg.mode == "partial" and cfg.cache and state.spec.stages is not None and not state.spec.aux_head
-
-
 def split_stages(model: nn.Module, spec, unfreeze: int) -> tuple[nn.Sequential, nn.Sequential, int]:
     """(frozen prefix, trainable top incl. head, number of frozen groups) for `unfreeze` top groups."""
     stages = spec.stages(model)

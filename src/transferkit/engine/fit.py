@@ -1,15 +1,16 @@
-"""The train/val loop: a plain loop over epochs that keeps the best weights, as in the seed tutorials,
-fed either by cached features (feature-extract: only the head runs per epoch) or by image batches."""
+"""A training run: `fit(cfg)` validates the config, scans the data, builds the model and freezes it as the
+run's mode says (`prepare`), lets the mode train it (modes/: the epoch loop of engine/trainer.py, or one
+probe fit), then writes the run: metrics, evaluation, novelty reference, figures, report (`_finish`)."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 from datetime import datetime
 from pathlib import Path
 
@@ -22,23 +23,21 @@ from ..config import TrainConfig
 from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, file_sha256, read_manifest, scan_dataset,
                             write_manifest)
 from ..data.transforms import eval_transform, train_transform
-from ..errors import TrainingError, UsageError
+from ..errors import UsageError
 from ..io import atomic_write_json, atomic_write_text
-from ..models.adapt import ParamPlan, apply_freeze, build_model, set_train_mode
+from ..models.adapt import ParamPlan, build_model
 from ..models.registry import BackboneSpec, get_spec
 from ..preprocessing import Preprocessing
 from ..novelty import FILE as NOVELTY_FILE
 from . import distributed
 from . import precision as precisions
-from . import tensorboard
-from .checkpoint import save_checkpoint
 from .environment import describe_environment, pick_device
-from .optim import make_optimizer, make_schedule
-from .progress import progress
-from .resume import LAST, fresh_best, restore_last, save_last
+from ..modes import make_mode
 from . import signals
-from .signals import after_batch, oom_as_training_error
-from .sources import BatchSource, CachedFeatureSource, ImageBatchSource
+from .sources import BatchSource, CachedFeatureSource
+
+if TYPE_CHECKING:
+    from ..modes.base import Mode
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +55,7 @@ class RunState:
     scan: DataScan
     model: nn.Module
     plan: ParamPlan
+    mode: "Mode"  # modes/: what trains, on which batches
     device: torch.device
     out: Path
     history: list[dict] = field(default_factory=list)
@@ -73,7 +73,7 @@ def set_seed(seed: int) -> None:
 
 def default_run_dir(cfg: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.model}-{cfg.mode}"
+    return Path("runs") / f"{stamp}-{cfg.model.replace(':', '.')}-{cfg.mode}"  # model: maybe module:function
 
 
 def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None) -> RunState:
@@ -101,7 +101,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
     cfg = replace(cfg, out=str(out))  # the run's own copy: the caller's config is not changed
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
-    plan = apply_freeze(model, spec, cfg.mode, cfg.unfreeze)
+    mode = make_mode(cfg)
+    plan = mode.freeze(model, spec)
     # Only now, with every option checked, does the run folder get its first files.
     if distributed.is_main() and not resume:
         atomic_write_text(out / "config.yaml", cfg.to_yaml())
@@ -109,13 +110,10 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         scan.write_report(out / "data_report.json")
     signals.note_run_dir(out)
     log.info("run folder: %s", out)
-    if cfg.mode != "linear-probe":  # a probe's head is sized by its features: the run says so when fitted
-        log.info("params to learn: %s of %s, in groups %s", f"{plan.count():,}", f"{plan.count(False):,}",
-                 ", ".join(plan.trainable_groups()))
     model.to(device)
     if device.type == "cpu" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    return RunState(cfg, spec, pre, scan, model, plan, device, out)
+    return RunState(cfg, spec, pre, scan, model, plan, mode, device, out)
 
 
 def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
@@ -136,201 +134,26 @@ def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
 
 
 def make_source(state: RunState) -> BatchSource:
-    if state.cfg.mode == "feature-extract" and state.cfg.cache:
-        return CachedFeatureSource(state)
-    from .activations import CachedActivationSource, supports_cached_activations
-
-    if supports_cached_activations(state):
-        return CachedActivationSource(state)
-    return ImageBatchSource(state, train_transform(state.pre, state.cfg.augment), eval_transform(state.pre))
+    """The batch source the run's mode trains on."""
+    return state.mode.make_source(state)
 
 
 @distributed.session
 def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, deadline: float | None = None,
-        figures: bool = True) -> dict:
+        figures: bool = True, callbacks=()) -> dict:
     """Train as configured; write the run folder; return metrics.json's content.
     resume=True continues the run in cfg.out from its `last` checkpoint (engine/resume.py).
     scan: the split to use instead of scanning cfg.data. deadline (time.perf_counter() value): no epoch
     is started that would end after it (the recipe search's budget). figures=False skips figures and
-    the report (the search's inner runs)."""
+    the report (the search's inner runs). callbacks: engine/callbacks.Callback objects run before the
+    default ones (checkpoints, early stopping, signals...)."""
     t_start = time.perf_counter()
     state = prepare(cfg, resume, scan)
-    if cfg.mode == "linear-probe":
-        return _linear_probe_run(state, t_start, figures)
-    if cfg.head_init == "probe" and not resume:
-        from .probe_train import init_head_from_probe
-
-        state.probe_init = init_head_from_probe(state)
-    source = make_source(state)
-    source.prepare()
-    if distributed.leave_training_to_main(source):  # cached features: rank 0 alone trains the head
-        return distributed.worker_result(state)
-    optimizer = make_optimizer(state.plan, distributed.scaled(cfg))
-    schedule = make_schedule(optimizer, distributed.scaled(cfg), max(1, source.steps_per_epoch()))
-    criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
-    start, best = _start(state, optimizer, schedule, source, resume)
-    t_start -= state.elapsed_before
-    for epoch in range(start, cfg.epochs + 1):
-        final = epoch == cfg.epochs or _last_before(deadline, state.history)
-        with oom_as_training_error(cfg, epoch, state.out), source.compute_threads():
-            row, val_out = _run_epoch(state, source, optimizer, schedule, criterion, epoch,
-                                      with_val=final or cfg.best_metric != "last")
-        state.history.append(row)
-        main = distributed.is_main()  # only rank 0 writes run files
-        if main:
-            _write_history(state)
-            if cfg.tensorboard:
-                tensorboard.log_epoch(state.out, row)
-        score = _score(row, cfg.best_metric)
-        if best["score"] is None or score > best["score"]:
-            best.update(score=score, epoch=epoch, val=val_out,
-                        weights=copy.deepcopy(state.model.state_dict()))
-            if main:
-                save_checkpoint(state.out / "best.safetensors", state.model, _meta(state, epoch, row))
-        if main:
-            save_last(state, _meta(state, epoch, row), optimizer, schedule, best, source,
-                      time.perf_counter() - t_start)
-        log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %s acc %s  (%.1fs)", epoch, cfg.epochs,
-                 row["train_loss"], row["train_acc"], _fmt(row["val_loss"]), _fmt(row["val_acc"]), row["seconds"])
-        if distributed.main_decides(cfg.patience and epoch - best["epoch"] >= cfg.patience):
-            log.info("early stopping: no improvement in %s for %d epochs", cfg.best_metric, cfg.patience)
-            break
-        if final and epoch < cfg.epochs:
-            log.info("stopping after epoch %d: another epoch would end past the time budget", epoch)
-            break
-    source.finish()
-    state.model.load_state_dict(best["weights"])
-    if not distributed.is_main():
-        return distributed.worker_result(state)
-    return _finish(state, source, best, time.perf_counter() - t_start)
-
-
-def _linear_probe_run(state: RunState, t_start: float, figures: bool) -> dict:
-    """--mode linear-probe: one fit of the probe (engine/probe_train.py), written as an ordinary run:
-    best.safetensors (a ProbeClassifier), history.csv (one row), metrics, evaluation, figures, report."""
-    from .probe_train import train_linear_probe
-
-    t0 = time.perf_counter()
-    result = train_linear_probe(state)
-    (p_train, y_train), (p_val, y_val) = result["train"], result["val"]
-    val = _summarize(p_val, y_val)
-    row = {"epoch": 1, "train_loss": _nll(p_train, y_train), "train_acc": float((p_train.argmax(1) == y_train).mean()),
-           "val_loss": val["loss"], "val_acc": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-           "val_macro_f1": val["macro_f1"], "lr": None, "seconds": time.perf_counter() - t0}
-    state.history.append(row)
-    state.model = result["model"]
-    state.plan = _probe_plan(state.model)
-    state.skipped_in_training = result["skipped"]
-    if distributed.is_main():
-        _write_history(state)
-        meta = {**_meta(state, 1, row), "probe": result["meta"]}
-        save_checkpoint(state.out / "best.safetensors", state.model, meta)
-    log.info("linear probe: %d features, C=%g, views %s: train acc %.4f, val acc %.4f", result["record"]["features"],
-             result["meta"]["C"], result["meta"]["views"], row["train_acc"], row["val_acc"])
-    best = {"epoch": 1, "val": {**val, "indices": np.arange(len(y_val))}}
-    source = _ProbeRecord(result)
-    return _finish(state, source, best, time.perf_counter() - t_start, figures)
-
-
-def _probe_plan(probe: nn.Module) -> ParamPlan:
-    """The probe's parameters for metrics and the summary: the frozen backbone, and the head that was fitted."""
-    head = list(probe.head.named_parameters(prefix="head"))
-    backbone = [(n, p.requires_grad_(False)) for n, p in probe.named_parameters() if not n.startswith("head.")]
-    return ParamPlan(["backbone", "head"], [backbone, head])
-
-
-class _ProbeRecord:
-    """What _finish asks of a batch source, for a probe run."""
-
-    def __init__(self, result: dict):
-        self.val_items, self.record = result["val_items"], result["record"]
-        self._head_inputs = result["head_inputs"]
-
-    def describe(self) -> dict:
-        return {"kind": "linear-probe", **self.record}
-
-    def head_inputs(self):
-        """The probe head's inputs (standardized pooled features of each image itself), train and val: the
-        novelty reference (novelty.py), as the predictor sees them through a hook on the head."""
-        return self._head_inputs
+    return state.mode.train(state, t_start, resume=resume, deadline=deadline, figures=figures, callbacks=callbacks)
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
-
-
-def _start(state: RunState, optimizer, schedule, source, resume: bool) -> tuple[int, dict]:
-    """First epoch to run and the best so far: restored from `last`, or fresh with an epoch-0 `last`
-    (so a run killed during its first epoch can resume too)."""
-    if distributed.is_main() or resume:  # every rank checks a resumed split; rank 0 writes a new one
-        state.split_sha256 = file_sha256(state.out / "split.csv")
-    if resume and (state.out / LAST).is_file():  # no `last`: stopped before training began, start afresh
-        start, best, state.elapsed_before = restore_last(state, optimizer, schedule, source)
-        return start, best
-    best = fresh_best()
-    if distributed.is_main():
-        save_last(state, _meta(state, 0, dict.fromkeys(HISTORY_FIELDS)), optimizer, schedule, best, source, 0.0)
-    return 1, best
-
-
-def _last_before(deadline: float | None, history: list[dict]) -> bool:
-    """Whether the coming epoch must be the last: one more after it would end past the deadline
-    (epochs are assumed to take as long as the slowest so far)."""
-    if deadline is None or not history:
-        return False
-    return time.perf_counter() + 2 * max(row["seconds"] for row in history) > deadline
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _run_epoch(state, source, optimizer, schedule, criterion, epoch, with_val: bool = True):
-    t0 = time.perf_counter()
-    train_loss, train_acc = _train_phase(state, source, optimizer, schedule, criterion, epoch)
-    # --best-metric last chooses nothing on val: it is scored once, after the last epoch.
-    val = evaluate_source(source, criterion) if with_val else dict.fromkeys(
-        ("loss", "accuracy", "balanced_accuracy", "macro_f1"))
-    schedule.epoch_end()
-    row = {
-        "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-        "val_loss": val["loss"], "val_acc": val["accuracy"],
-        "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
-        "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0,
-    }
-    return row, val
-
-
-def _train_phase(state, source, optimizer, schedule, criterion, epoch):
-    source.set_train_mode()
-    total_loss, correct, seen = 0.0, 0, 0
-    for batch_idx, (x, y) in enumerate(progress(source.train_batches(epoch), desc=f"epoch {epoch} train",
-                                                total=source.steps_per_epoch())):
-        optimizer.zero_grad(set_to_none=True)
-        logits, loss = _loss(source.forward(x), y, criterion, state.spec)
-        if not distributed.all_true(bool(torch.isfinite(loss))):  # one rank's nan stops every rank
-            raise TrainingError(
-                f"loss became {loss.item()} at epoch {epoch}, batch {batch_idx + 1}; try a lower --lr "
-                f"(now {state.cfg.lr}); checkpoints of finished epochs are kept in {state.out}"
-            )
-        loss.backward()
-        optimizer.step()
-        schedule.batch_end()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-        after_batch(epoch, state.out)  # SIGINT/SIGTERM stop here, between batches
-    state.skipped_in_training += source.take_skipped()
-    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
-    return total_loss / max(seen, 1), correct / max(seen, 1)
-
-
-def _loss(output, y, criterion, spec: BackboneSpec):
-    # inception_v3 in training mode returns (logits, aux_logits): the seed's loss1 + 0.4 * loss2.
-    if isinstance(output, tuple):
-        logits, aux = output[0], output[1]
-        return logits, criterion(logits, y) + spec.aux_loss_weight * criterion(aux, y)
-    return output, criterion(output, y)
 
 
 @torch.inference_mode()
@@ -365,22 +188,6 @@ def _summarize(p: np.ndarray, y: np.ndarray, loss: float | None = None) -> dict:
         "macro_f1": float(f1_score(y, pred, average="macro", labels=range(p.shape[1]), zero_division=0)),
         "probs": p, "labels": y,
     }
-
-
-def _score(row: dict, metric: str) -> float:
-    if metric == "last":
-        return row["epoch"]
-    if metric == "loss":
-        return -row["val_loss"]
-    return row["val_acc"] if metric == "accuracy" else row[f"val_{metric}"]
-
-
-def _class_weights(state: RunState) -> torch.Tensor | None:
-    if state.cfg.class_weights != "auto":
-        return None
-    counts = np.bincount([label for _, label in state.scan.train], minlength=len(state.scan.classes))
-    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
-    return torch.tensor(weights, dtype=torch.float32, device=state.device)
 
 
 def _meta(state: RunState, epoch: int, row: dict) -> dict:

@@ -7,16 +7,9 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
-from ..models.adapt import ParamPlan
 
-
-def make_optimizer(plan: ParamPlan, cfg) -> torch.optim.Optimizer:
-    """One param group per trainable layer group; lower groups get lr × lower_lr_factor^depth."""
-    groups = []
-    trainable = [(n, [p for _, p in ps if p.requires_grad]) for n, ps in zip(plan.names, plan.params)]
-    trainable = [(n, ps) for n, ps in trainable if ps]
-    for depth, (name, params) in enumerate(reversed(trainable)):
-        groups.append({"params": params, "lr": cfg.lr * cfg.lower_lr_factor**depth, "name": name})
+def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """--optimizer over the param groups the run's mode gives (modes/base.Mode.param_groups)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":

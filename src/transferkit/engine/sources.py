@@ -16,7 +16,6 @@ from ..data.dataset import ImageListDataset, skip_broken_collate
 from ..data.decoded import DecodedDataset, decode_missing, open_store
 from ..errors import DataError
 from ..io import RunFolderError
-from ..models.adapt import set_train_mode
 from ..models.batchnorm import Folding, freeze_statistics
 from ..data.folders import file_sha256
 from . import distributed
@@ -252,12 +251,7 @@ class ImageBatchSource(BatchSource):
 
     def set_train_mode(self) -> None:
         st = self.state
-        if st.cfg.mode == "feature-extract" and not st.spec.aux_head:
-            # Only the head learns: the frozen part (dropout included) behaves as at inference.
-            st.model.eval()
-            st.model.get_submodule(st.spec.head).train()
-        else:
-            set_train_mode(st.model)
+        st.mode.set_train_mode(st.model, st.spec)  # what the run's mode trains (modes/)
         self._after_mode_switch(st.model)
 
     def set_eval_mode(self) -> None:

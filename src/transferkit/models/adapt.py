@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import MODES
-from ..errors import UsageError, WeightsError
+from ..errors import WeightsError
 from .spec import BackboneSpec
 from .weights import load_pretrained_state
 
@@ -108,27 +107,22 @@ def _group_index(pname: str, groups: list[list[str]], heads: list[str]) -> int:
 
 
 def check_freeze(spec: BackboneSpec, mode: str, unfreeze: int) -> None:
-    """apply_freeze's checks on a copy of the network on the meta device (same groups, no memory, no
-    weights), so a bad --unfreeze fails before any scanning or searching."""
-    with torch.device("meta"):
-        apply_freeze(spec.build(), spec, mode, unfreeze)
+    """The mode's freeze checks on the network built on the meta device, so a bad --unfreeze fails before
+    any scanning or searching."""
+    _mode(mode, unfreeze).check(spec)
 
 
 def apply_freeze(model: nn.Module, spec: BackboneSpec, mode: str, unfreeze: int = 0) -> ParamPlan:
-    """Set requires_grad by mode: feature-extract trains the head(s), finetune everything, partial the
-    top `unfreeze` groups and the head(s). Returns the parameter plan for logging and optimizers."""
-    if mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
-    plan = plan_params(model, spec)
-    n_groups = len(plan.names) - 1
-    if mode == "partial" and not 1 <= unfreeze <= n_groups:
-        raise UsageError(f"--unfreeze must be between 1 and {n_groups} for {spec.name} (it has {n_groups} layer groups)")
-    first_trainable = {"feature-extract": n_groups, "linear-probe": n_groups, "finetune": 0,
-                       "partial": n_groups - unfreeze}[mode]
-    for i, params in enumerate(plan.params):
-        for _, p in params:
-            p.requires_grad_(i >= first_trainable)
-    return plan
+    """Set requires_grad as mode `mode` trains (modes/): feature-extract the head(s), finetune everything,
+    partial the top `unfreeze` groups and the head(s). Returns the parameter plan."""
+    return _mode(mode, unfreeze).freeze(model, spec)
+
+
+def _mode(name: str, unfreeze: int):
+    from ..config import TrainConfig
+    from ..modes import make_mode
+
+    return make_mode(TrainConfig(data="", mode=name, unfreeze=unfreeze))
 
 
 def set_train_mode(model: nn.Module) -> None:
