@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from transferkit import cli, io
-from transferkit.engine import fit as fit_module
+from transferkit.engine.callbacks import Callback, extra_callbacks
 from transferkit.engine.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from transferkit.engine.signals import oom_as_training_error
 from transferkit.errors import TrainingError
@@ -29,19 +29,28 @@ def _leftovers(folder) -> list[str]:
     return [p.name for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
+class ExplodeInEpoch2(Callback):
+    """The 5th training batch is epoch 2, batch 1: its loss becomes what a far too high lr makes of it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_loss(self, trainer, step):
+        self.calls += 1
+        if self.calls == 5:
+            step.loss = step.loss * float("inf")
+
+
+class OutOfMemoryInForward(Callback):
+    def on_loss(self, trainer, step):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_epoch_batch_and_keeps_checkpoints(tiny_folder, tmp_path, monkeypatch, capsys):
-    real_loss, calls = fit_module._loss, []
-
-    def explode_in_epoch_2(output, y, criterion, spec):
-        calls.append(1)
-        logits, loss = real_loss(output, y, criterion, spec)
-        # The 5th training batch is epoch 2, batch 1: what a far too high lr does to the loss.
-        return logits, loss * float("inf") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(fit_module, "_loss", explode_in_epoch_2)
+def test_non_finite_loss_stops_with_epoch_batch_and_keeps_checkpoints(tiny_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == TrainingError.exit_code
+    with extra_callbacks(ExplodeInEpoch2()):
+        assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == TrainingError.exit_code
     line = _one_line(capsys)
     assert "loss became inf at epoch 2, batch 1" in line and "lower --lr" in line
     assert read_meta(run / "best.safetensors")["epoch"] == 1
@@ -51,15 +60,10 @@ def test_non_finite_loss_stops_with_epoch_batch_and_keeps_checkpoints(tiny_folde
 
 
 @pytest.mark.slow
-def test_cuda_out_of_memory_names_the_batch_size_and_suggests_half(tiny_folder, tmp_path, monkeypatch, capsys):
-    from transferkit.engine.sources import CachedFeatureSource
-
-    def oom(self, x):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(CachedFeatureSource, "forward", oom)
+def test_cuda_out_of_memory_names_the_batch_size_and_suggests_half(tiny_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == TrainingError.exit_code
+    with extra_callbacks(OutOfMemoryInForward()):
+        assert cli.main(["train", str(tiny_folder), "--out", str(run), *FAST]) == TrainingError.exit_code
     line = _one_line(capsys)
     assert "out of GPU memory in epoch 1 with --batch-size 4; try --batch-size 2" in line
     assert (run / "last.safetensors").exists()  # the epoch-0 state: --resume still works

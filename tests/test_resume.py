@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from transferkit import cli
 from transferkit.config import TrainConfig
-from transferkit.engine import fit as fit_module
 from transferkit.engine import signals
+from transferkit.engine.callbacks import Callback
 from transferkit.engine.checkpoint import read_meta
 from transferkit.engine.fit import fit
 
@@ -104,25 +104,22 @@ def test_killed_and_terminated_runs_resume_exactly(tiny_folder, tmp_path, capsys
     _assert_same_run(_resume(stopped), reference, stopped)
 
 
+class CtrlCInEpoch2(Callback):
+    """As if Ctrl-C arrived during the second batch of epoch 2 (the signal stop callback runs after this one)."""
+
+    def on_batch_end(self, trainer, step):
+        if (step.epoch, step.batch) == (2, 2):
+            signals._requested.append(signal.SIGINT)
+
+
 @pytest.mark.slow
-def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path):
     reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FINETUNE))
     run = tmp_path / "run"
-    real_after_batch = fit_module.after_batch
-    calls = []
-
-    def interrupt_mid_epoch_2(epoch, run_dir):
-        calls.append(epoch)
-        if calls.count(2) == 2:  # as if Ctrl-C arrived during the second batch of epoch 2
-            signals._requested.append(signal.SIGINT)
-        real_after_batch(epoch, run_dir)
-
-    monkeypatch.setattr(fit_module, "after_batch", interrupt_mid_epoch_2)
     with pytest.raises(signals.Interrupted, match="interrupted at epoch 2; resume with") as info:
-        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FINETUNE))
+        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FINETUNE), callbacks=[CtrlCInEpoch2()])
     assert info.value.exit_code == 130
     signals._requested.clear()
-    monkeypatch.setattr(fit_module, "after_batch", real_after_batch)
     assert read_meta(run / "last.safetensors")["epoch"] == 1
     _assert_same_run(_resume(run), reference, run)
 
@@ -164,24 +161,21 @@ def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, c
 
 
 @pytest.mark.slow
-def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path, monkeypatch):
+class CtrlCInEpoch3(Callback):
+    def on_batch_end(self, trainer, step):
+        if step.epoch == 3:
+            signals._requested.append(signal.SIGINT)
+
+
+def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path):
     import transferkit as tk
     from transferkit.errors import CheckpointError, UsageError
 
     reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
     run = tmp_path / "run"
-    real_after_batch = fit_module.after_batch
-
-    def interrupt_in_epoch_3(epoch, run_dir):
-        if epoch == 3:
-            signals._requested.append(signal.SIGINT)
-        real_after_batch(epoch, run_dir)
-
-    monkeypatch.setattr(fit_module, "after_batch", interrupt_in_epoch_3)
     with pytest.raises(signals.Interrupted):
-        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE))
+        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
     signals._requested.clear()
-    monkeypatch.setattr(fit_module, "after_batch", real_after_batch)
     assert read_meta(run / "last.safetensors")["epoch"] == 2
     with pytest.raises(UsageError, match=r"^resume continues .* drop or match epochs \(saved: 4\)$"):
         tk.resume(run, epochs=9)

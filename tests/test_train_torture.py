@@ -15,7 +15,8 @@ from torture import make_torture_folder
 
 from transferkit import cli
 from transferkit.config import TrainConfig
-from transferkit.engine import fit as fit_module
+from transferkit.engine import trainer as trainer_module
+from transferkit.engine.callbacks import Callback
 from transferkit.engine.fit import fit
 from transferkit.engine.sources import CachedFeatureSource
 
@@ -67,10 +68,10 @@ def test_class_weights_auto_weights_the_loss_by_inverse_frequency():
     labels = [0] * 12 + [1] * 3
     state = SimpleNamespace(cfg=SimpleNamespace(class_weights="auto"), device=torch.device("cpu"),
                             scan=SimpleNamespace(train=[("x", y) for y in labels], classes=["a", "b"]))
-    weights = fit_module._class_weights(state)
+    weights = trainer_module._class_weights(state)
     assert weights.tolist() == pytest.approx([15 / 24, 15 / 6])
     state.cfg.class_weights = "none"
-    assert fit_module._class_weights(state) is None
+    assert trainer_module._class_weights(state) is None
 
 
 def _cached_source(balanced: bool, labels: list[int]) -> CachedFeatureSource:
@@ -93,17 +94,17 @@ def test_balanced_sampler_draws_classes_evenly(balanced, low, high):
     assert low <= minority <= high
 
 
+class TruncateOneFile(Callback):
+    """Before the batch source reads anything: a half-copied file that passed the scan fails to decode now."""
+
+    def on_fit_start(self, trainer):
+        with open(trainer.state.scan.train[0][0], "r+b") as fh:
+            fh.truncate(20)
+
+
 @pytest.mark.slow
-def test_file_broken_after_the_scan_is_skipped_and_counted(tiny_folder, tmp_path, monkeypatch):
-    real_make_source = fit_module.make_source
-
-    def truncate_one_then_make(state):
-        victim = state.scan.train[0][0]
-        with open(victim, "r+b") as fh:
-            fh.truncate(20)  # a half-copied file: it passed the scan, it fails to decode now
-        return real_make_source(state)
-
-    monkeypatch.setattr(fit_module, "make_source", truncate_one_then_make)
-    metrics = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "run"), epochs=1, **SCRATCH_FINETUNE))
+def test_file_broken_after_the_scan_is_skipped_and_counted(tiny_folder, tmp_path):
+    metrics = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "run"), epochs=1, **SCRATCH_FINETUNE),
+                  callbacks=[TruncateOneFile()])
     assert metrics["skipped_during_training"] == 1
     assert np.isfinite(metrics["history"][0]["train_loss"])
