@@ -10,9 +10,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,19 +20,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, file_sha256, read_manifest, scan_dataset,
+from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, read_manifest, scan_dataset,
                             write_manifest)
 from ..data.transforms import eval_transform, train_transform
 from ..errors import UsageError
 from ..io import atomic_write_json, atomic_write_text
 from ..models.adapt import ParamPlan, build_model
 from ..models.registry import BackboneSpec, get_spec
-from ..preprocessing import Preprocessing
+from ..modes import make_mode
 from ..novelty import FILE as NOVELTY_FILE
+from ..preprocessing import Preprocessing
 from . import distributed
 from . import precision as precisions
 from .environment import describe_environment, pick_device
-from ..modes import make_mode
 from . import signals
 from .sources import BatchSource, CachedFeatureSource
 
