@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 class Trainer:
     """One run's training: fit() prepares the mode's batch source, restores or starts the epochs, runs
     them and writes the run (fit.py's _finish). Callbacks: added ones (extra_callbacks), the given ones,
-    then the defaults."""
+    the mode's, then the defaults."""
 
     def __init__(self, state: RunState, t_start: float, resume: bool = False, deadline: float | None = None,
                  figures: bool = True, callbacks=()):
         self.state, self.mode, self.t_start = state, state.mode, t_start
         self.resume, self.figures = resume, figures
-        self.callbacks: list[Callback] = [*added_callbacks(), *callbacks,
+        self.callbacks: list[Callback] = [*added_callbacks(), *callbacks, *self.mode.callbacks(),
                                           *default_callbacks(state.cfg, deadline)]
         # Per hook, only the callbacks that override it: a step pays for nothing it does not use.
         self._hooks = {name: [getattr(cb, name) for cb in self.callbacks

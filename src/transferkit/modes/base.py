@@ -65,6 +65,11 @@ class Mode:
 
     # ---- the run -----------------------------------------------------------------------------------
 
+    def callbacks(self) -> list:
+        """Callbacks of this mode's own (engine/callbacks.py), run after the caller's and before the
+        defaults: e.g. a gradual-unfreezing mode that unfreezes a group every few epochs."""
+        return []
+
     def before_training(self, state) -> dict | None:
         """Before the first epoch of a new run: --head-init probe fits the head as a linear probe (LP-FT).
         Returns a record for metrics.json."""
