@@ -79,6 +79,7 @@ def _cli(*args, path: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 def test_a_backbone_and_a_mode_from_outside_train_save_load_predict_and_export(plugin, tiny_folder, tmp_path):
     both = [plugin["code"], plugin["meta"]]
     run = tmp_path / "run"

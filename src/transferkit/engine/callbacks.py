@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TrainingError
+from ..run_folder import RunFolder
 from . import distributed, tensorboard
 from .checkpoint import save_checkpoint
 from .resume import save_last
@@ -126,7 +127,7 @@ class BestCheckpoint(Callback):
         if best["score"] is None or score > best["score"]:
             best.update(score=score, epoch=row["epoch"], val=val, weights=copy.deepcopy(state.model.state_dict()))
             if distributed.is_main():
-                save_checkpoint(state.out / "best.safetensors", state.model, _meta(state, row["epoch"], row))
+                save_checkpoint(RunFolder(state.out).best, state.model, _meta(state, row["epoch"], row))
 
 
 class LastCheckpoint(Callback):

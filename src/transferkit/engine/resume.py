@@ -23,8 +23,6 @@ from .checkpoint import RESUME_PREFIX, read_meta, save_checkpoint
 
 log = logging.getLogger(__name__)
 
-LAST = RunFolder.LAST  # the name fit.py checks for
-
 
 def fresh_best() -> dict:
     return {"score": None, "epoch": 0, "weights": None, "val": None}

@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 
 from ..data.folders import file_sha256
+from ..run_folder import RunFolder
 from . import distributed
 from .callbacks import HOOKS, Callback, Step, added_callbacks, default_callbacks
 from .fit import RunState, _finish, evaluate_source
 from .optim import make_optimizer, make_schedule
 from .progress import progress
-from .resume import LAST, fresh_best, restore_last
+from .resume import fresh_best, restore_last
 from .signals import oom_as_training_error
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ class Trainer:
         """First epoch and best so far: restored from `last` on a resume (every rank checks the split)."""
         state = self.state
         if distributed.is_main() or self.resume:  # rank 0 writes a new split's sha256 into `last`
-            state.split_sha256 = file_sha256(state.out / "split.csv")
-        if self.resume and (state.out / LAST).is_file():  # no `last`: stopped before training began
+            state.split_sha256 = file_sha256(RunFolder(state.out).split)
+        if self.resume and RunFolder(state.out).last.is_file():  # no `last`: stopped before training began
             self.start_epoch, self.best, state.elapsed_before = restore_last(state, self.optimizer, self.schedule,
                                                                              self.source)
             self.restored = True

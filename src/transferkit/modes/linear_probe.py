@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..engine import distributed
 from ..engine.checkpoint import save_checkpoint
 from ..models.adapt import ParamPlan
+from ..run_folder import RunFolder
 from .base import Mode
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class LinearProbe(Mode):
         state.skipped_in_training = result["skipped"]
         if distributed.is_main():
             _write_history(state)
-            save_checkpoint(state.out / "best.safetensors", state.model,
+            save_checkpoint(RunFolder(state.out).best, state.model,
                             {**_meta(state, 1, row), "probe": result["meta"]})
         log.info("linear probe: %d features, C=%g, views %s: train acc %.4f, val acc %.4f",
                  result["record"]["features"], result["meta"]["C"], result["meta"]["views"], row["train_acc"],
