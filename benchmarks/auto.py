@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,8 @@ def materialize(name: str, work: Path) -> Path:
 def transferkit_run(data: Path, out: Path, cache: Path, *flags: str) -> dict:
     """One cold `transferkit train` command: its metrics, search record and wall time."""
     env = {**__import__("os").environ, "TRANSFERKIT_FEATURE_CACHE": str(cache)}
+    for old in (out, cache):  # a cold run: no earlier run folder or features
+        shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out), *flags],
                    check=True, env=env, stdout=subprocess.DEVNULL)

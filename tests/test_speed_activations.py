@@ -63,3 +63,14 @@ def test_partial_source_choice(tiny_folder: Path, tmp_path: Path, model, cache, 
     cfg = TrainConfig(data=str(tiny_folder), model=model, mode="partial", unfreeze=1, cache=cache,
                       pretrained=False, workers=0, out=str(tmp_path / "s"))
     assert type(make_source(prepare(cfg))) is expected
+
+
+def test_partial_trains_its_conv_groups_on_every_thread(tiny_folder: Path, tmp_path: Path):
+    """The one-thread rule of the linear head on cached features does not reach the cached-activation
+    source: its trainable top groups are convolutions, and one thread would halve their speed."""
+    cfg = TrainConfig(data=str(tiny_folder), model="resnet18", mode="partial", unfreeze=1, pretrained=False,
+                      workers=0, out=str(tmp_path / "s"))
+    source = make_source(prepare(cfg))
+    threads = torch.get_num_threads()
+    with source.compute_threads():
+        assert torch.get_num_threads() == threads

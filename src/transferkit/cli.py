@@ -30,7 +30,8 @@ TRAIN_HELP = {
     "head_init": "probe: start the head from a CV-tuned linear probe before fine-tuning (LP-FT)",
     "probe_stages": "linear-probe: pool the top N stages (default: every stage the backbone taps)",
     "probe_pooling": "linear-probe: channel means, or means and maxima",
-    "probe_views": "linear-probe: train on and average over no extra view, the mirror, or all 8 dihedral views",
+    "probe_views": "linear-probe: train on and average over no extra view, the mirror, the image and its mirror "
+                   "turned by 90° too, or all 8 dihedral views",
     "probe_c": "linear-probe: inverse L2 strength of the logistic regression (default: 3-fold CV on train)",
     "probe_scale": "linear-probe: also read each image at this smaller size inside the model and average a "
                    "second probe fitted there (a two-scale ensemble; --image-size sets the larger)",

@@ -3,7 +3,7 @@
 A ladder of candidates from cheap to expensive, each reusing the caches of the ones before it:
   1. linear probes (engine/probe.py) on pooled multi-stage features: the backbone's eval crop, then the
      whole frame; then the mirror view, then the 8 dihedral views (where --rotation-safe says so, or where
-     the CV on two rotated views shows they help); then, where the images are large enough, a two-scale
+     the probe on the image and its mirror turned by 90° too won the CV); then, where the images are large enough, a two-scale
      probe (the best views read at 4/3 of the input size too, one probe per scale, logits averaged);
      pooling, stages and C by 3-fold CV on train;
   2. partial fine-tuning of the top groups on cached activations, from the probe's head (LP-FT);
@@ -195,7 +195,11 @@ class _Context:
 
         if (crop, size) not in self.taps:
             like = next(iter(self.taps.values()), None)  # same network and size: one runtime for every crop
-            self.taps[crop, size] = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
+            taps = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
+            if like is not None and taps.engine is not like.engine:
+                # a new runtime is chosen, exported and checked on its first batch: not in the timed chunks
+                taps.features([p for p, _ in self.scan.train[:8]], (0,), self.scan.digests, desc="warm-up")
+            self.taps[crop, size] = taps
         return self.taps[crop, size]
 
 
@@ -215,15 +219,17 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _search_probes(search: Search, ctx: _Context) -> Candidate:
     cfg, given = search.cfg, search.given
     crops = [cfg.crop_fraction] if "crop_fraction" in given else _crop_options(ctx)
-    views = [cfg.probe_views] if "probe_views" in given else ["none", "flip", "dihedral"]
+    views = [cfg.probe_views] if "probe_views" in given else ["none", "flip", "turns", "dihedral"]
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
         best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
-        if view_set == "dihedral" and not cfg.rotation_safe and not _rotations_help(search, ctx, crop, best):
-            continue
+        if view_set == "turns" and cfg.rotation_safe:
+            continue  # declared safe: straight to all 8
+        if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
+            continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
         best = _better(best, _probe_candidate(search, ctx, crop, view_set))
     if "image_size" not in given:
         best = _better(best, _two_scale_candidate(search, ctx, best))
@@ -256,7 +262,7 @@ def _log_plan(search: Search, ctx: _Context) -> None:
     log.info("plan: %d train / %d val images; extraction %.0f images/s (measured); budget %.0fs, %.0fs left",
              n, m, search.rate, search.deadline - search.t0, search.left())
     steps = [(f"probe, crop {'own' if c is None else c}, 1 view", per_view + cv) for c in _crop_options(ctx)]
-    steps += [("probe + mirror view", per_view + 2 * cv), ("rotation test (2 more views)", 2 * per_view + 4 * cv),
+    steps += [("probe + mirror view", per_view + 2 * cv), ("probe + views turned by 90° (2 more)", 2 * per_view + 4 * cv),
               ("probe, 8 dihedral views", 4 * per_view + 8 * cv)]
     if ctx.spec.stages is not None:
         steps += [("partial fine-tuning from the probe, inner hold-out + refit", (2 - INNER_FRACTION) * 2 * n / search.rate),
@@ -392,27 +398,6 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     cand.holdout = float((predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test]).mean())
 
 
-def _rotations_help(search: Search, ctx: _Context, crop, best: Candidate) -> bool:
-    """Whether rotated views help, from the CV of a probe on 4 views (the image, its mirror, both turned
-    by 90°) against the best so far: the cheap question before paying for all 8."""
-    probe = search.add(Candidate(f"probe crop={'own' if crop is None else crop} views=rot90 test", "probe",
-                                 {"crop_fraction": crop, "probe_views": "rot90 test"}))
-    n = len(ctx.scan.train)
-    probe.estimate_s = 2 * n / search.rate + _cv_seconds(search, ctx, 4)
-    # Worth it only if all 8 views could follow: 4 more over train, 8 over val in the final run.
-    if not search.affords(probe, 4 * n / search.rate + 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S):
-        return False
-    t = time.perf_counter()
-    x = _train_features(search, ctx, crop, (0, 4, 1, 5), 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S)
-    if x is None:
-        probe.seconds, probe.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
-        return False
-    _score_probe(search, ctx, probe, x, 8 * len(ctx.scan.val) / search.rate + FIXED_OVERHEAD_S)
-    probe.seconds, probe.status = time.perf_counter() - t, "ran (decides whether to try all 8 views)"
-    log.info("search: rotated views: CV accuracy %.4f against %.4f", probe.score, best.score)
-    return probe.score > best.score
-
-
 def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
     """The best probe's views read at a larger input size too, one probe per scale and their logits
     averaged (engine/probe.py stack_fits), scored by the same 3-fold CV as every probe."""
@@ -521,7 +506,7 @@ def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
     """A fine-tuning recipe that holds across data sets (fastai/timm-style defaults): AdamW, cosine with a
     short warm-up, label smoothing, BatchNorm on its ImageNet statistics, the probe's crop and the
     augmentation its views showed to be safe; pieces given on the command line win."""
-    dihedral = probe.settings.get("probe_views") == "dihedral" or search.cfg.rotation_safe
+    dihedral = probe.settings.get("probe_views") in ("turns", "dihedral") or search.cfg.rotation_safe
     settings = {"mode": kind, "head_init": "probe", "batchnorm": "frozen", "optimizer": "adamw",
                 "lr": 5e-4 if kind == "finetune" else 1e-3, "weight_decay": 0.05, "scheduler": "cosine",
                 "warmup_epochs": 0.3, "label_smoothing": 0.1, "batch_size": 32,

@@ -8,6 +8,7 @@ shares FeatureStore with feature-extract, keyed additionally by the cut point an
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -53,6 +54,11 @@ class CachedActivationSource(CachedFeatureSource):
 
     def _identity(self) -> dict:
         return {**super()._identity(), "point": f"stages[:{self.cut}]", "dtype": self.state.cfg.cache_dtype}
+
+    def compute_threads(self):
+        # The trainable top groups are convolutions worth every thread (unlike the linear head on pooled
+        # features that CachedFeatureSource runs on one).
+        return nullcontext()
 
     def set_train_mode(self) -> None:
         set_train_mode(self.head)

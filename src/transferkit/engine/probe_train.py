@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 
 # Inverse L2 strengths swept by 3-fold CV (features are standardized, so one grid serves every backbone).
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-# Dihedral view indices (data/transforms.dihedral): 4 is the horizontal mirror.
-PROBE_VIEWS = {"none": (0,), "flip": (0, 4), "dihedral": tuple(range(8))}
+# Dihedral view indices (data/transforms.dihedral): 1 turns by 90°, 4 is the horizontal mirror.
+# turns: the image and its mirror, each also turned by 90°.
+PROBE_VIEWS = {"none": (0,), "flip": (0, 4), "turns": (0, 4, 1, 5), "dihedral": tuple(range(8))}
 
 
 @dataclass
