@@ -31,6 +31,7 @@ import numpy as np
 
 from .config import TrainConfig, parse_duration
 from .io import atomic_write_json
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +416,7 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     cand = search.add(Candidate(name, "probe", {**settings, "image_size": size, "probe_scale": native,
                                                 "probe_scale_c": s["probe_c"]}))
     n, m, more = len(ctx.scan.train), len(ctx.scan.val), _pixels(ctx, size)
+    # two CVs of one pooling each (the larger size alone, then the pair), where the probes' CV tried them all
     cand.estimate_s = len(views) * n * more / search.rate + 2 * _cv_seconds(search, ctx, len(views)) / len(POOLING_STAGES)
     reserve = len(views) * m * (1 + more) / search.rate + FIXED_OVERHEAD_S  # the final run's val, both scales
     if not search.affords(cand, reserve):
@@ -679,7 +681,7 @@ def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics
         "reproduce": reproduce_command(final),
         "val": {k: metrics.get(k) for k in ("best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1")},
     }
-    atomic_write_json(out / "search.json", record)
+    atomic_write_json(RunFolder(out).search, record)
     metrics["search"] = {"chosen": winner.name, "reproduce": record["reproduce"], "wall_seconds": wall}
     from .results.report import write_report
 
