@@ -245,3 +245,62 @@ def test_probe_scale_outside_a_tutorial_probe_is_a_one_line_error(argv, tmp_path
     data = _folder(tmp_path / "data")
     assert cli.main(["train", str(data), *argv, "--out", str(tmp_path / "run")]) == 2
     assert "--probe-scale goes with" in capsys.readouterr().err
+
+
+def test_lp_ft_steps_are_small_and_given_pieces_win():
+    """Full fine-tuning from the probe's head runs at a small rate with lower groups slower still (a larger
+    rate wrecked the fitted head on ELPV: benchmarks/RESULTS.md); a rate given on the command line wins."""
+    from transferkit.search import Candidate, Search, _finetune_settings
+
+    probe = Candidate("probe", "probe", {"crop_fraction": 1.0, "probe_views": "flip"})
+    cfg = TrainConfig(data="d", lr=0.01)
+    free = _finetune_settings(Search(cfg, set(), 0.0, 0.0), probe, "finetune")
+    assert free["lr"] <= 1e-4 and 0 < free["lower_lr_factor"] < 1 and free["head_init"] == "probe"
+    assert _finetune_settings(Search(cfg, set(), 0.0, 0.0), probe, "partial")["lower_lr_factor"] == 1.0
+    given = _finetune_settings(Search(cfg, {"lr"}, 0.0, 0.0), probe, "finetune")
+    assert given["lr"] == 0.01 and given["lower_lr_factor"] == free["lower_lr_factor"]
+
+
+def test_pixel_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):
+    """--probe-pixels: the saved model computes the grey 32×32 pixel block in its graph beside the pooled taps;
+    through the ordinary predictor it gives the val accuracy the run reported, and its ONNX export matches."""
+    import transferkit as tk
+    from transferkit.engine.checkpoint import read_meta
+    from transferkit.engine.fit import fit
+    from transferkit.engine.probe_train import PROBE_PIXELS
+    from transferkit.export import export_run
+
+    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=16, seed=4)
+    run = tmp_path / "run"
+    metrics = fit(TrainConfig(data=str(data), out=str(run), recipe="tutorial", mode="linear-probe",
+                              probe_pixels=True, probe_views="flip", probe_c=0.01, engine="torch", **SMALL))
+    probe = read_meta(run)["probe"]
+    assert probe["pixels"] == PROBE_PIXELS and probe["input_size"] == SMALL["image_size"]
+    assert probe["n_features"] == 2 * 2 * sum([16, 24, 40, 80, 112, 192, 320, 1280][-6:]) // 2 + PROBE_PIXELS ** 2
+    val = sorted((data / "val").glob("*/*.png"))
+    predicted = tk.load(run).predict(val)
+    assert np.mean([label == path.parent.name for label, path in zip(predicted, val)]) == pytest.approx(
+        metrics["best_val_acc"])
+    result = export_run(run, "onnx")
+    assert result["parity"]["top1_agreement"] == 1.0 and result["parity"]["max_abs_prob_diff"] < 1e-3
+
+
+@pytest.mark.parametrize("size, tried", [(16, True), (60, False)])
+def test_search_tries_raw_pixels_on_small_images_only(size, tried, tmp_path):
+    """Images at most half the network's input: the probes' CV also scores the taps with the raw pixels
+    (recorded per candidate, carried by the reproduce command when chosen); larger images: never."""
+    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=size)
+    _, search = _search(data, tmp_path / "run", budget="5m", mode="linear-probe")
+    ran = [c for c in search["candidates"] if c["status"] == "ran"]
+    assert ran and all("probe_pixels" in c["settings"] for c in ran)
+    if not tried:
+        assert not any(c["settings"]["probe_pixels"] for c in ran)
+    chosen = search["chosen_settings"]
+    assert ("--probe-pixels" in search["reproduce"]) == chosen["probe_pixels"]
+
+
+def test_probe_pixels_with_two_scales_is_a_one_line_error(tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    argv = ["--recipe", "tutorial", "--mode", "linear-probe", "--probe-pixels", "--image-size", "96", "--probe-scale", "64"]
+    assert cli.main(["train", str(data), *argv, "--out", str(tmp_path / "run")]) == 2
+    assert "--probe-pixels goes with" in capsys.readouterr().err

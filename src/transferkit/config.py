@@ -91,6 +91,9 @@ class TrainConfig:
     # there and average the two probes' logits (a two-scale ensemble); its strength like probe_c's
     probe_scale: int | None = None
     probe_scale_c: float | None = None
+    # linear-probe: also the image's raw pixels (channel mean at 32×32, in the model) as features, for images
+    # much smaller than the network's input
+    probe_pixels: bool = False
     tensorboard: bool = False
     out: str | None = None
     overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
@@ -148,6 +151,9 @@ class TrainConfig:
         if self.probe_scale is not None and (self.recipe == "auto" or self.mode != "linear-probe"):
             raise UsageError("--probe-scale goes with --recipe tutorial --mode linear-probe (the auto recipe "
                              "chooses the scales itself)")
+        if self.probe_pixels and ((self.recipe == "tutorial" and self.mode != "linear-probe")
+                                  or self.probe_scale is not None):
+            raise UsageError("--probe-pixels goes with --mode linear-probe (or the auto recipe), without --probe-scale")
         if self.probe_scale is not None and self.probe_scale < 32:
             raise UsageError(f"--probe-scale must be ≥ 32, not {self.probe_scale}")
         if self.probe_stages is not None:

@@ -47,7 +47,7 @@ FT_LR = {"finetune": 1e-4, "partial": 1e-3}
 LOWER_LR_FACTOR = 0.8
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
 PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size", "probe_scale",
-                "probe_scale_c")
+                "probe_scale_c", "probe_pixels")
 # The two-scale probe reads images at this multiple of the input size (FixRes, Touvron et al. 2019: a network
 # sees objects larger at test time than in its training crops, so a larger test input suits it)...
 LARGER_INPUT = 4 / 3
@@ -56,6 +56,10 @@ LARGER_INPUT = 4 / 3
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
+# Images whose shorter side is at most this share of the network's input (upsampled 2× or more) are small enough
+# that their raw pixels may carry what ImageNet features of the upsampled blur miss: the probes' CV then also
+# tries every stage's features with the pixels (--probe-pixels).
+PIXELS_MAX_SHARE = 0.5
 
 
 @dataclass
@@ -173,7 +177,9 @@ class _Context:
     y: np.ndarray
     inner: tuple[np.ndarray, np.ndarray]  # train-split indices: inner-train, inner hold-out
     order: np.ndarray  # a seeded permutation of the training images
+    pixels: bool = False  # the images are small: the probes' CV also tries their raw pixels
     taps: dict = field(default_factory=dict)  # (crop, input size) → Taps
+    pixel_feats: dict = field(default_factory=dict)  # crop → {view: (n, pixels²) array}
 
     @classmethod
     def build(cls, cfg, scan):
@@ -193,7 +199,9 @@ class _Context:
             model.to(memory_format=torch.channels_last)
         y = np.array([label for _, label in scan.train])
         order = np.random.default_rng(cfg.seed).permutation(len(y))  # extraction order: any prefix is random
-        return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order)
+        short = _median_shorter_side([scan.train[i][0] for i in order[:32]])
+        pixels = 0 < short <= spec.preprocessing.at_size(cfg.image_size, None).input_size * PIXELS_MAX_SHARE
+        return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order, pixels)
 
     def pre(self, crop, size=None):  # noqa: D102
         return self.spec.preprocessing.at_size(size or self.cfg.image_size, crop)
@@ -209,6 +217,31 @@ class _Context:
                 taps.features([p for p, _ in self.scan.train[:8]], (0,), self.scan.digests, desc="warm-up")
             self.taps[crop, size] = taps
         return self.taps[crop, size]
+
+
+def _tries_pixels(search: Search, ctx: _Context) -> bool:
+    """Whether the probes' CV tries the raw pixels: as --probe-pixels says where given, else on small images."""
+    return search.cfg.probe_pixels if "probe_pixels" in search.given else ctx.pixels
+
+
+def _with_pixel_features(ctx: _Context, crop, views, x: np.ndarray) -> np.ndarray:
+    """x (n, views, d) with the pixel block of the same images and views appended (engine/probe.py PixelBlock),
+    extracted once per crop and view: decoding and two small matrix products per image."""
+    from .engine.features import default_workers
+    from .engine.probe_train import make_pixel_taps
+    from .errors import DataError
+
+    have = ctx.pixel_feats.setdefault(crop, {})
+    todo = [v for v in views if v not in have or len(have[v]) != len(x)]  # a subsample since: again
+    if todo:
+        taps = make_pixel_taps(ctx.spec, ctx.cfg, ctx.pre(crop), ctx.device)
+        got, ok, _ = taps.features([p for p, _ in ctx.scan.train], todo, ctx.scan.digests, default_workers(),
+                                   desc="search pixels")
+        if got is None or not all(ok):
+            raise DataError("some training images could not be read during the search; run `transferkit train "
+                            "--recipe tutorial` to see which (or remove them)")
+        have.update({v: got[:, i] for i, v in enumerate(todo)})
+    return np.concatenate([x, np.stack([have[v] for v in views], 1)], 2)
 
 
 def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +271,10 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
             continue  # declared safe: straight to all 8
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
             continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
-        best = _better(best, _probe_candidate(search, ctx, crop, view_set))
+        cand = _probe_candidate(search, ctx, crop, view_set)
+        if cand.score is not None and cand.score <= best.score and not cfg.rotation_safe:
+            break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
+        best = _better(best, cand)
     if "image_size" not in given:
         best = _better(best, _two_scale_candidate(search, ctx, best))
     return best
@@ -306,6 +342,8 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
         log.info("search: %s %s", name, cand.status)
         return cand
+    if _tries_pixels(search, ctx):
+        x = _with_pixel_features(ctx, crop, views, x)
     _score_probe(search, ctx, cand, x, reserve)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
@@ -392,24 +430,29 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
 
     cfg, given, taps = search.cfg, search.given, ctx.taps_for(cand.settings["crop_fraction"])
     options = [(cfg.probe_pooling, cfg.probe_stages)] if {"probe_pooling", "probe_stages"} & given else POOLING_STAGES
+    options = [(pooling, stages, False) for pooling, stages in options]
+    if "probe_pixels" in given:
+        options = [(pooling, stages, cfg.probe_pixels) for pooling, stages, _ in options]
+    elif ctx.pixels:  # small images: the first option's features with the raw pixels too
+        options.append((*options[0][:2], True))
     grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
     n_classes = len(ctx.scan.classes)
     deadline = search.deadline - reserve
     t = time.perf_counter()
-    for pooling, stages in options:
+    for pooling, stages, pixels in options:
         if cand.score is not None and time.perf_counter() > deadline:
             break
-        columns = taps.columns(stages, pooling)
+        columns = taps.columns(stages, pooling, pixels)
         cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed, deadline=deadline)
         if cand.score is None or cv.accuracy > cand.score:
             cand.score = cv.accuracy
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
-                                 cv_per_C=cv.per_C)
+                                 probe_pixels=pixels, cv_per_C=cv.per_C)
     search.cv_row_s = (time.perf_counter() - t) / (x.shape[0] * x.shape[1])
     s = cand.settings
     inner_train, inner_test = ctx.inner
-    fit = fit_probe(x[inner_train], ctx.y[inner_train], taps.columns(s["probe_stages"], s["probe_pooling"]),
-                    s["probe_c"], n_classes)
+    fit = fit_probe(x[inner_train], ctx.y[inner_train],
+                    taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes)
     cand.holdout = float((predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test]).mean())
 
 
@@ -420,6 +463,8 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     from .engine.probe_train import C_GRID, PROBE_VIEWS
 
     size, native = _larger_size(ctx), ctx.pre(None).input_size
+    if best.settings.get("probe_pixels"):
+        return None  # small images (the pixels won): nothing to read at a larger size
     if size is None:
         log.info("search: no two-scale probe: the training images are not much larger than %d px", native)
         return None
@@ -494,7 +539,8 @@ def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
 
 
 def _probe_text(s: dict) -> str:
-    return f"{s['probe_pooling']} pooling of {s['probe_stages']} stages, C={s['probe_c']:g}"
+    pixels = " and the raw pixels" if s.get("probe_pixels") else ""
+    return f"{s['probe_pooling']} pooling of {s['probe_stages']} stages{pixels}, C={s['probe_c']:g}"
 
 
 # ---- 2-3. fine-tuning from the probe's head ----------------------------------------------------------

@@ -85,4 +85,13 @@ def dihedral(x, k: int):
         return np.rot90(np.flip(x, -1) if k >= 4 else x, k % 4, axes=(-2, -1))
     if k >= 4:
         x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
+    # torch.rot90 written as transposes and flips: the same values, and ops every ONNX exporter takes (the
+    # TorchScript exporter has no rot90, and the probes' views are part of their exported graphs)
+    turns = k % 4
+    if turns == 1:
+        return x.transpose(-2, -1).flip(-2)
+    if turns == 2:
+        return x.flip(-2).flip(-1)
+    if turns == 3:
+        return x.transpose(-2, -1).flip(-1)
+    return x

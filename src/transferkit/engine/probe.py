@@ -9,6 +9,9 @@ of that one cached vector, so the search tries them all for one extraction.
 `ProbeClassifier` is the deployed model: backbone stages → pooling → standardization → linear head, an
 ordinary nn.Module (checkpoint, predict, evaluate, ONNX export, fine-tuning all take it as it is).
 
+With `--probe-pixels` the probe also reads the image's raw pixels (`PixelBlock`: the channel mean at 32 × 32,
+in the graph), for images much smaller than the network's input.
+
 A multi-scale probe (`--probe-scales`) reads the image at the run's input size and, inside the graph, at
 smaller sizes too (`Rescale`); one probe is fitted per scale and their logits are averaged, which is one
 linear head over the concatenated features (`stack_fits`). Large images keep detail the network's own
@@ -62,6 +65,31 @@ class ScaledPooler(nn.Module):
         return torch.cat([self.pooler(x)] + [self.pooler(r(x)) for r in self.rescales], 1)
 
 
+class PixelBlock(nn.Module):
+    """The input's channel mean resized to `size` × `size` (antialiased bicubic, in the graph), flattened: the
+    raw pixels as probe features. For images much smaller than the network's input (8 px digits, 25 px face
+    crops, 28 px scans) the pixels are the whole signal, and ImageNet features of a 10-fold upsampled blur
+    miss part of it: a linear probe over both beats either alone there (benchmarks/RESULTS.md)."""
+
+    def __init__(self, input_size: int, size: int):
+        super().__init__()
+        self.resize = Rescale(input_size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resize(x.mean(1, keepdim=True)).flatten(1)
+
+
+class WithPixels(nn.Module):
+    """The pooled vector of `pooled`, then the PixelBlock's values, concatenated."""
+
+    def __init__(self, pooled: nn.Module, pixels: PixelBlock):
+        super().__init__()
+        self.pooled, self.pixels = pooled, pixels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.pooled(x), self.pixels(x)], 1)
+
+
 class TapPooler(nn.Module):
     """Image batch → [mean(tap_1), max(tap_1), mean(tap_2), max(tap_2), ...] over the top `taps` stages."""
 
@@ -102,8 +130,9 @@ def tap_widths(pooler: TapPooler, example: torch.Tensor) -> list[int]:
     return widths
 
 
-def feature_columns(widths: list[int], stages: int, pooling: str) -> np.ndarray:
-    """Columns of the TapPooler vector for the top `stages` taps and the pooling asked for."""
+def feature_columns(widths: list[int], stages: int, pooling: str, pixels: int = 0) -> np.ndarray:
+    """Columns of the TapPooler vector for the top `stages` taps and the pooling asked for; with `pixels`,
+    also the PixelBlock's pixels × pixels values that follow the vector (WithPixels)."""
     cols, start = [], 0
     for i, w in enumerate(widths):
         if i >= len(widths) - stages:
@@ -111,6 +140,8 @@ def feature_columns(widths: list[int], stages: int, pooling: str) -> np.ndarray:
             if pooling == "meanmax":
                 cols.append(np.arange(start + w, start + 2 * w))  # maxima
         start += 2 * w
+    if pixels:
+        cols.append(np.arange(start, start + pixels * pixels))
     return np.concatenate(cols)
 
 
@@ -258,10 +289,11 @@ class ProbeClassifier(nn.Module):
     mean of the logits over dihedral views of the input (the probe's test-time augmentation)."""
 
     def __init__(self, pooler: TapPooler, n_features: int, n_classes: int, views=(0,), input_size: int = 0,
-                 scales=()):
+                 scales=(), pixels: int = 0):
         super().__init__()
         self.pooler = pooler
         self.rescales = nn.ModuleList(Rescale(input_size, s) for s in scales)  # smaller sizes, in the graph
+        self.pixels = PixelBlock(input_size, pixels) if pixels else None  # raw pixels after the pooled taps
         self.register_buffer("columns", torch.arange(n_features))  # which pooled values the probe reads
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_scale", torch.ones(n_features))
@@ -278,8 +310,9 @@ class ProbeClassifier(nn.Module):
         return self
 
     def pooled(self) -> nn.Module:
-        """Image batch → the pooled vector the probe's columns index (every scale's, concatenated)."""
-        return ScaledPooler(self.pooler, self.rescales) if len(self.rescales) else self.pooler
+        """Image batch → the pooled vector the probe's columns index (every scale's, then the pixels)."""
+        pooled = ScaledPooler(self.pooler, self.rescales) if len(self.rescales) else self.pooler
+        return WithPixels(pooled, self.pixels) if self.pixels is not None else pooled
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         z = self.pooled()(x).index_select(1, self.columns)
@@ -298,4 +331,5 @@ def rebuild_probe(model: nn.Module, spec, probe: dict, n_classes: int) -> ProbeC
     """The ProbeClassifier a checkpoint's `probe` metadata describes, around a freshly built backbone."""
     pooler = TapPooler(tap_body(model, spec), int(probe["taps"]))
     return ProbeClassifier(pooler, int(probe["n_features"]), n_classes, probe.get("views", (0,)),
-                           int(probe.get("input_size", 0)), [int(s) for s in probe.get("scales", ())])
+                           int(probe.get("input_size", 0)), [int(s) for s in probe.get("scales", ())],
+                           int(probe.get("pixels", 0)))

@@ -17,8 +17,8 @@ import torch
 from ..errors import DataError, UsageError
 from ..preprocessing import Preprocessing
 from .features import FeatureStore, View, cached_features, store_for
-from .probe import (ProbeClassifier, ProbeFit, Rescale, ScaledPooler, TapPooler, cross_validate, feature_columns,
-                    fit_probe, predict_proba, stack_fits, tap_body, tap_widths)
+from .probe import (PixelBlock, ProbeClassifier, ProbeFit, Rescale, ScaledPooler, TapPooler, cross_validate,
+                    feature_columns, fit_probe, predict_proba, stack_fits, tap_body, tap_widths)
 from .runtime import FrozenEngine
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 # Dihedral view indices (data/transforms.dihedral): 1 turns by 90°, 4 is the horizontal mirror.
 # turns: the image and its mirror, each also turned by 90°.
 PROBE_VIEWS = {"none": (0,), "flip": (0, 4), "turns": (0, 4, 1, 5), "dihedral": tuple(range(8))}
+# --probe-pixels: the side of the grey pixel block (engine/probe.py PixelBlock), the raw-pixel baselines' 32×32
+PROBE_PIXELS = 32
 
 
 @dataclass
@@ -47,8 +49,11 @@ class Taps:
                                        workers=workers, desc=desc, digests=digests)
         return (None if x is None else x.float().numpy()), ok, stats
 
-    def columns(self, stages: int | None, pooling: str) -> np.ndarray:
-        return feature_columns(self.widths, min(stages or len(self.widths), len(self.widths)), pooling)
+    def columns(self, stages: int | None, pooling: str, pixels: bool = False) -> np.ndarray:
+        """The probe's columns of this vector; with `pixels`, also those of the pixel block appended after it
+        (with_pixels)."""
+        return feature_columns(self.widths, min(stages or len(self.widths), len(self.widths)), pooling,
+                               PROBE_PIXELS if pixels else 0)
 
 
 def make_taps(model, spec, cfg, pre: Preprocessing, device, like: Taps | None = None,
@@ -73,16 +78,36 @@ def make_taps(model, spec, cfg, pre: Preprocessing, device, like: Taps | None = 
     return Taps(pooler, engine, store, widths, pre, scale)
 
 
-def probe_model(taps: Taps, fit: ProbeFit, n_classes: int, views) -> ProbeClassifier:
+def make_pixel_taps(spec, cfg, pre: Preprocessing, device) -> Taps:
+    """The pixel block (--probe-pixels) as a vector of its own, cached like the taps: two small matrix products
+    per image, in torch fp32 as the deployed graph computes them (no engine to choose)."""
+    from .sources import feature_identity
+
+    identity = feature_identity(spec, pre.to_dict(), cfg.weights, cfg.pretrained, cfg.seed)
+    store = store_for({**identity, "point": f"pixels{PROBE_PIXELS}"})
+    block = PixelBlock(pre.input_size, PROBE_PIXELS).to(device)
+    engine = FrozenEngine(block, device, "torch", None, channels_last=False, precision="fp32")
+    return Taps(None, engine, store, [], pre)
+
+
+def with_pixels(x, ok, pixel_taps: Taps, paths: list[str], views, digests, desc: str):
+    """Features `x` (and which `paths` worked, `ok`) with the pixel block of the same images appended."""
+    return _with_block(x, ok, *pixel_taps.features(paths, views, digests, desc=desc)[:2])
+
+
+def probe_model(taps: Taps, fit: ProbeFit, n_classes: int, views, pixels: bool = False) -> ProbeClassifier:
     scales = [taps.scale] if taps.scale else []
-    return ProbeClassifier(taps.pooler, len(fit.columns), n_classes, views, taps.pre.input_size, scales).load_fit(fit)
+    return ProbeClassifier(taps.pooler, len(fit.columns), n_classes, views, taps.pre.input_size, scales,
+                           PROBE_PIXELS if pixels else 0).load_fit(fit)
 
 
-def probe_meta(taps: Taps, fit: ProbeFit, views) -> dict:
+def probe_meta(taps: Taps, fit: ProbeFit, views, pixels: bool = False) -> dict:
     """What load_checkpoint needs to rebuild the probe (engine/checkpoint.py)."""
     meta = {"taps": taps.pooler.taps, "n_features": int(len(fit.columns)), "views": list(views), "C": fit.C}
     if taps.scale:
         meta.update(input_size=taps.pre.input_size, scales=[taps.scale])
+    if pixels:
+        meta.update(input_size=taps.pre.input_size, pixels=PROBE_PIXELS)
     return meta
 
 
@@ -117,6 +142,10 @@ def train_linear_probe(state) -> dict:
                                                                 desc="train features, second scale")[:2])
         taps = both
     xva, ok_va, s2 = taps.features([p for p, _ in scan.val], views, scan.digests, desc="val features")
+    if cfg.probe_pixels:
+        pixels = make_pixel_taps(state.spec, cfg, state.pre, state.device)
+        xtr, ok_tr = with_pixels(xtr, ok_tr, pixels, [p for p, _ in scan.train], views, scan.digests, "train pixels")
+        xva, ok_va = with_pixels(xva, ok_va, pixels, [p for p, _ in scan.val], views, scan.digests, "val pixels")
     if xtr is None or xva is None:
         raise DataError("no image could be read during feature extraction")
     ytr = np.array([y for (_, y), ok in zip(scan.train, ok_tr) if ok])
@@ -127,8 +156,8 @@ def train_linear_probe(state) -> dict:
     standardized = [(x[:, 0, fit.columns] - fit.mean) / fit.scale for x in (xtr, xva)]  # what the head reads
     return {
         "head_inputs": tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in standardized),
-        "model": probe_model(taps, fit, len(scan.classes), views),
-        "meta": probe_meta(taps, fit, views),
+        "model": probe_model(taps, fit, len(scan.classes), views, cfg.probe_pixels),
+        "meta": probe_meta(taps, fit, views, cfg.probe_pixels),
         "train": (p_train, ytr), "val": (p_val, yva),
         "val_items": [it for it, ok in zip(scan.val, ok_va) if ok],
         "skipped": ok_tr.count(False) + ok_va.count(False),
@@ -161,7 +190,7 @@ def _with_block(x, ok, x2, ok2):
 
 def _fit_scales(cfg, taps: Taps, x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[ProbeFit, dict]:
     """The probe, or with --probe-scale one probe per scale stacked into one head (logits averaged)."""
-    columns = taps.columns(cfg.probe_stages, cfg.probe_pooling)
+    columns = taps.columns(cfg.probe_stages, cfg.probe_pooling, cfg.probe_pixels)
     if not cfg.probe_scale:
         return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed)
     width = x.shape[2] // 2
