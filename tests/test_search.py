@@ -314,3 +314,14 @@ def test_fine_tuning_must_beat_the_probe_by_more_than_the_hold_out_noise():
     assert 0.816 + holdout_standard_error(0.816, 49) > 0.857
     assert 0.816 + holdout_standard_error(0.816, 394) < 0.857
     assert holdout_standard_error(1.0, 10) == 0.0
+
+
+@pytest.mark.slow
+def test_mode_finetune_given_gives_a_fine_tuned_model(tmp_path):
+    """`--mode finetune` with the auto recipe: the probes still run (the head starts from the best one), but the
+    model is the fine-tuned candidate, whatever the probe scored on the hold-out."""
+    data = _folder(tmp_path / "data")
+    metrics, search = _search(data, tmp_path / "run", budget="5m", mode="finetune", epochs=2)
+    kinds = {c["name"]: c["kind"] for c in search["candidates"]}
+    assert kinds[search["chosen"]] == "finetune"
+    assert "--mode finetune" in search["reproduce"] and metrics["best_val_acc"] is not None

@@ -560,7 +560,8 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
     # only when it beats the probe's hold-out accuracy by more than one standard error of that accuracy (the
     # one-standard-error rule). ELPV seed-sized (49 hold-out images): partial 0.857 against the probe's 0.816,
     # 2 images, chosen without the rule, scored 0.8301 on val against the probe's 0.8497.
-    bar = probe.holdout if "mode" in given else probe.holdout + holdout_standard_error(probe.holdout, len(ctx.inner[1]))
+    # A --mode that fine-tunes, given, asks for a fine-tuned model: the candidate of that mode wins if it ran.
+    bar = -1.0 if "mode" in given else probe.holdout + holdout_standard_error(probe.holdout, len(ctx.inner[1]))
     best = None
     for kind in kinds:
         cand = _finetune_candidate(search, ctx, probe, kind)
@@ -568,6 +569,9 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
             best = cand
         elif cand.score is not None:
             cand.status = f"ran; not above the probe's hold-out accuracy + one standard error ({bar:.4f})"
+    if best is None and "mode" in given:
+        log.warning("search: no %s run fitted in the budget, so the model is the probe; a larger --time-budget "
+                    "(or --recipe tutorial) fine-tunes", cfg.mode)
     return best
 
 
