@@ -114,3 +114,40 @@ def test_bf16_finetune_keeps_fp32_master_weights_and_records_the_precision(tmp_p
     weights = load_file(str(tmp_path / "run" / "best.safetensors"))
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"]["resolved"] == "bf16"
+
+
+def test_auto_training_precision_is_the_faster_step_measured_once_per_workload(tmp_path, monkeypatch):
+    """--precision auto with native bf16: the training step is timed in fp32 and bf16 and the faster kept (here
+    fp32, as on a CPU whose bf16 kernels are slower), the choice cached per machine and workload; asked-for
+    precisions and devices without native bf16 are never timed."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    timed = []
+
+    def fake_step(net, batch, device, p, frozen):
+        timed.append(p)
+        return {"fp32": 1.0, "bf16": 2.0}[p]
+
+    monkeypatch.setattr(precision, "_step_seconds", fake_step)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    batch = (2, 3, 16, 16)
+    chosen, info = precision.training_precision("auto", model, batch, CPU, "toy finetune", tmp_path)
+    assert chosen == "fp32" and info["choice"] == "measured" and info["step_seconds"] == {"fp32": 1.0, "bf16": 2.0}
+    assert sorted(timed) == ["bf16", "fp32"]
+    again, info = precision.training_precision("auto", model, batch, CPU, "toy finetune", tmp_path)
+    assert again == "fp32" and info["choice"] == "cached" and len(timed) == 2
+    precision.training_precision("auto", model, batch, CPU, "toy partial", tmp_path)
+    assert len(timed) == 4  # another workload is measured on its own
+    assert precision.training_precision("bf16", model, batch, CPU, "toy finetune", tmp_path)[0] == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.training_precision("auto", model, batch, CPU, "toy other", tmp_path)[0] == "fp32"
+    assert len(timed) == 4
+
+
+def test_step_timing_leaves_the_model_untouched():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert precision._step_seconds(model, (2, 3, 16, 16), CPU, "fp32", batchnorm_frozen=False) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not model.training
+    assert all(p.grad is None for p in model.parameters())
