@@ -39,8 +39,8 @@ FIXED_OVERHEAD_S = 8.0  # the final run's model build, checkpoint, figures and r
 INNER_FRACTION = 0.2  # share of the training images held out to score fine-tuning candidates
 FT_EPOCHS = (2, 8)  # fewest worth trying, most worth paying for
 # Learning rates for fine-tuning that starts from the probe's head (LP-FT, Kumar et al. 2022: small steps keep
-# the pretrained features the fitted head relies on). Measured on ELPV (benchmarks/RESULTS.md, "LP-FT learning
-# rate"): full fine-tuning at AdamW 5e-4 from a head at 0.85 val accuracy fell to 0.71 after one epoch (training
+# the pretrained features the fitted head relies on). Measured on ELPV (benchmarks/RESULTS.md, "Notes on the
+# recipe search (session 6)"): full fine-tuning at AdamW 5e-4 from a head at 0.85 val accuracy fell to 0.71 after one epoch (training
 # accuracy 0.68); at 1e-4 with each lower group at 0.8× the one above it (layer-wise decay, as timm and BEiT
 # fine-tune), it stayed at the probe's level. Partial fine-tuning trains only the top groups at the full rate.
 FT_LR = {"finetune": 1e-4, "partial": 1e-3}
@@ -288,10 +288,10 @@ def _crop_options(ctx: _Context) -> list:
 def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     """Extraction rate (views/s, decoding included), timed on training images after a warm-up batch
     (the first batch also pays for the ONNX export and the parity check), for the plan."""
-    paths = [p for p, _ in ctx.scan.train]
-    taps = ctx.taps_for(crop)
     from .engine.features import default_workers
 
+    paths = [p for p, _ in ctx.scan.train]
+    taps = ctx.taps_for(crop)
     # The warm-up (timed too, for sets of fewer than 65 images), then two timed chunks decoded by the search's
     # own threads, the fastest kept: the chunk right after the warm-up still paid several times the steady cost
     # (2-core EPYC, ONNX Runtime: 28 images/s, then 105, the rate the candidates ran at).
