@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from ..models.adapt import set_train_mode
 from . import precision as precisions
-from .features import cache_root
 from .runtime import FrozenEngine
 from .sources import CachedFeatureSource
 
@@ -43,13 +42,7 @@ class CachedActivationSource(CachedFeatureSource):
         frozen = [n for n, p in self.prefix.named_parameters() if p.requires_grad]
         if frozen:  # the registry's groups and stages disagree: caching would silently freeze these
             raise RuntimeError(f"{st.spec.name}: stages and groups disagree ({frozen[:2]} would be cached)")
-        # the top groups' training step, timed in bf16 and fp32 where the device has native bf16 (once per
-        # machine and workload; engine/precision.py): rank 0 alone trains here, so no rank can disagree
-        shape = list(self.stats["feature_shape"])
-        workload = f"{st.spec.name} partial top of {shape} batchnorm={st.cfg.batchnorm}"
-        self.precision, self.precision_info = precisions.training_precision(
-            st.cfg.precision, top, (min(st.cfg.batch_size, 32), *shape), st.device, workload, cache_root(),
-            batchnorm_frozen=st.cfg.batchnorm == "frozen")
+        self.precision = precisions.resolve(st.cfg.precision, st.device)
         self.stats.update(frozen_groups=self.cut, cache_dtype=st.cfg.cache_dtype, training_precision=self.precision)
         log.info("partial: %d frozen groups cached as %s %s", self.cut, st.cfg.cache_dtype,
                  self.stats["feature_shape"])
