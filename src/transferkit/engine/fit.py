@@ -233,8 +233,7 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figur
         "skipped_during_training": state.skipped_in_training,
         "source": source.describe(),
         "probe_head_init": state.probe_init,
-        # the image source's measured choice where it made one (engine/precision.py training_precision)
-        "precision": getattr(source, "precision_info", None) or precisions.describe(state.cfg.precision, state.device),
+        "precision": precisions.describe(state.cfg.precision, state.device),
         "environment": describe_environment(state.device),
         "run_dir": str(state.out),
         "history": state.history,

@@ -187,7 +187,6 @@ class ImageBatchSource(BatchSource):
         self.train_tf, self.eval_tf = train_tf, eval_tf
         self.cuda = state.device.type == "cuda"
         self.precision = precisions.resolve(state.cfg.precision, state.device)
-        self.precision_info = None  # what chose the training precision (prepare)
         self.decode_stats = None
 
     def prepare(self) -> None:
@@ -217,19 +216,6 @@ class ImageBatchSource(BatchSource):
             self.train_loader, self.val_loader = distributed.sharded_loaders(
                 train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator)
         self.net = distributed.wrap_model(self.state.model, self.state.device, self.state.spec)
-        self._choose_precision()
-
-    def _choose_precision(self) -> None:
-        """--precision auto on a device with native bf16: the faster of bf16 and fp32 for this model's training
-        step, measured once per machine and workload (engine/precision.py)."""
-        st = self.state
-        if self.data_parallel:
-            return  # every rank must run the same precision: the device's rule, not a per-rank timing
-        size, batch = st.pre.input_size, min(st.cfg.batch_size, 32)  # a larger batch times the same, slower
-        workload = f"{st.spec.name} {st.cfg.mode} unfreeze={st.cfg.unfreeze} batchnorm={st.cfg.batchnorm} {size}px"
-        self.precision, self.precision_info = precisions.training_precision(
-            st.cfg.precision, st.model, (batch, 3, size, size), st.device, workload, cache_root(),
-            batchnorm_frozen=st.cfg.batchnorm == "frozen")
 
     def _decoded_store(self):
         """Decode every image once into the decoded-image store (data/decoded.py); images that cannot
@@ -304,8 +290,7 @@ class ImageBatchSource(BatchSource):
 
     def describe(self) -> dict:
         return {"kind": "image-batches", "workers": self.train_loader.num_workers,
-                "decoded_cache": self.decode_stats, "precision": self.precision,
-                "precision_choice": self.precision_info}
+                "decoded_cache": self.decode_stats, "precision": self.precision}
 
 
 def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> int:
