@@ -301,7 +301,8 @@ def test_search_tries_raw_pixels_on_small_images_only(size, tried, tmp_path):
 
 def test_probe_pixels_with_two_scales_is_a_one_line_error(tmp_path, capsys):
     data = _folder(tmp_path / "data")
-    argv = ["--recipe", "tutorial", "--mode", "linear-probe", "--probe-pixels", "--image-size", "96", "--probe-scale", "64"]
+    argv = ["--recipe", "tutorial", "--mode", "linear-probe", "--probe-pixels", "--image-size", "96",
+            "--probe-scale", "64"]
     assert cli.main(["train", str(data), *argv, "--out", str(tmp_path / "run")]) == 2
     assert "--probe-pixels goes with" in capsys.readouterr().err
 

@@ -40,9 +40,10 @@ INNER_FRACTION = 0.2  # share of the training images held out to score fine-tuni
 FT_EPOCHS = (2, 8)  # fewest worth trying, most worth paying for
 # Learning rates for fine-tuning that starts from the probe's head (LP-FT, Kumar et al. 2022: small steps keep
 # the pretrained features the fitted head relies on). Measured on ELPV (benchmarks/RESULTS.md, "Notes on the
-# recipe search (session 6)"): full fine-tuning at AdamW 5e-4 from a head at 0.85 val accuracy fell to 0.71 after one epoch (training
-# accuracy 0.68); at 1e-4 with each lower group at 0.8× the one above it (layer-wise decay, as timm and BEiT
-# fine-tune), it stayed at the probe's level. Partial fine-tuning trains only the top groups at the full rate.
+# recipe search (session 6)"): full fine-tuning at AdamW 5e-4 from a head at 0.85 val accuracy fell to 0.71
+# after one epoch (training accuracy 0.68); at 1e-4 with each lower group at 0.8× the one above it (layer-wise
+# decay, as timm and BEiT fine-tune), it stayed near it (0.849 after 2 epochs). Partial fine-tuning trains only
+# the top groups, at the full rate.
 FT_LR = {"finetune": 1e-4, "partial": 1e-3}
 LOWER_LR_FACTOR = 0.8
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
@@ -177,9 +178,8 @@ class _Context:
     y: np.ndarray
     inner: tuple[np.ndarray, np.ndarray]  # train-split indices: inner-train, inner hold-out
     order: np.ndarray  # a seeded permutation of the training images
-    pixels: bool = False  # the images are small: the probes' CV also tries their raw pixels
+    shorter_side: int = 0  # median shorter side of the training images (a sample's headers), in pixels
     taps: dict = field(default_factory=dict)  # (crop, input size) → Taps
-    pixel_feats: dict = field(default_factory=dict)  # crop → {view: (n, pixels²) array}
 
     @classmethod
     def build(cls, cfg, scan):
@@ -200,8 +200,12 @@ class _Context:
         y = np.array([label for _, label in scan.train])
         order = np.random.default_rng(cfg.seed).permutation(len(y))  # extraction order: any prefix is random
         short = _median_shorter_side([scan.train[i][0] for i in order[:32]])
-        pixels = 0 < short <= spec.preprocessing.at_size(cfg.image_size, None).input_size * PIXELS_MAX_SHARE
-        return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order, pixels)
+        return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order, short)
+
+    @property
+    def small_images(self) -> bool:
+        """Small enough (PIXELS_MAX_SHARE of the input) that the probes' CV also tries their raw pixels."""
+        return 0 < self.shorter_side <= self.pre(None).input_size * PIXELS_MAX_SHARE
 
     def pre(self, crop, size=None):  # noqa: D102
         return self.spec.preprocessing.at_size(size or self.cfg.image_size, crop)
@@ -221,27 +225,35 @@ class _Context:
 
 def _tries_pixels(search: Search, ctx: _Context) -> bool:
     """Whether the probes' CV tries the raw pixels: as --probe-pixels says where given, else on small images."""
-    return search.cfg.probe_pixels if "probe_pixels" in search.given else ctx.pixels
+    return search.cfg.probe_pixels if "probe_pixels" in search.given else ctx.small_images
 
 
-def _with_pixel_features(ctx: _Context, crop, views, x: np.ndarray) -> np.ndarray:
+def _with_pixel_features(search: Search, ctx: _Context, crop, views, x: np.ndarray) -> np.ndarray:
     """x (n, views, d) with the pixel block of the same images and views appended (engine/probe.py PixelBlock),
-    extracted once per crop and view: decoding and two small matrix products per image."""
+    kept beside the taps' features (search.feats) so each crop and view is read once. A pass of its own: the
+    pixel block is tried on small images only, whose decoding is cheap (digits: 0.9 s for 1,347 images), and it
+    keeps the taps' cached vector the same for every run."""
     from .engine.features import default_workers
     from .engine.probe_train import make_pixel_taps
-    from .errors import DataError
 
-    have = ctx.pixel_feats.setdefault(crop, {})
-    todo = [v for v in views if v not in have or len(have[v]) != len(x)]  # a subsample since: again
+    have = search.feats.setdefault((crop, "pixels"), {})
+    todo = [v for v in views if v not in have]  # after the first extraction: any subsample is already made
     if todo:
         taps = make_pixel_taps(ctx.spec, ctx.cfg, ctx.pre(crop), ctx.device)
         got, ok, _ = taps.features([p for p, _ in ctx.scan.train], todo, ctx.scan.digests, default_workers(),
                                    desc="search pixels")
-        if got is None or not all(ok):
-            raise DataError("some training images could not be read during the search; run `transferkit train "
-                            "--recipe tutorial` to see which (or remove them)")
+        _all_read(got, ok)
         have.update({v: got[:, i] for i, v in enumerate(todo)})
     return np.concatenate([x, np.stack([have[v] for v in views], 1)], 2)
+
+
+def _all_read(x, ok) -> None:
+    """The search needs every training image: one unreadable file ends it with a pointer to the run that lists it."""
+    from .errors import DataError
+
+    if x is None or not all(ok):
+        raise DataError("some training images could not be read during the search; run `transferkit train "
+                        "--recipe tutorial` to see which (or remove them)")
 
 
 def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -343,7 +355,7 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
         log.info("search: %s %s", name, cand.status)
         return cand
     if _tries_pixels(search, ctx):
-        x = _with_pixel_features(ctx, crop, views, x)
+        x = _with_pixel_features(search, ctx, crop, views, x)
     _score_probe(search, ctx, cand, x, reserve)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
@@ -383,7 +395,6 @@ def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, k
     """`cost`: the pixels of this extraction's input against the backbone's own (search.rate is kept in
     views per second at the backbone's size)."""
     from .engine.features import default_workers
-    from .errors import DataError
 
     paths = [ctx.scan.train[i][0] for i in ctx.order]
     size = max(128, -(-len(paths) // 8))
@@ -398,9 +409,7 @@ def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, k
                 break
         chunk = paths[start:start + size]
         x, ok, _ = taps.features(chunk, todo, ctx.scan.digests, default_workers(), "search features")
-        if x is None or not all(ok):
-            raise DataError("some training images could not be read during the search; run `transferkit train "
-                            "--recipe tutorial` to see which (or remove them)")
+        _all_read(x, ok)
         parts.append(x)
     x = np.concatenate(parts)
     inverse = np.argsort(ctx.order[: len(x)])  # back to the scan's order (of the images done)
@@ -433,7 +442,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     options = [(pooling, stages, False) for pooling, stages in options]
     if "probe_pixels" in given:
         options = [(pooling, stages, cfg.probe_pixels) for pooling, stages, _ in options]
-    elif ctx.pixels:  # small images: the first option's features with the raw pixels too
+    elif ctx.small_images:  # small images: the first option's features with the raw pixels too
         options.append((*options[0][:2], True))
     grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
     n_classes = len(ctx.scan.classes)
@@ -514,7 +523,7 @@ def _larger_size(ctx: _Context) -> int | None:
     that is at most LARGER_INPUT_MAX × the backbone's input, else LARGER_INPUT × it; None where it would not
     be LARGER_INPUT_MIN × larger."""
     native = ctx.pre(None).input_size
-    short = _median_shorter_side([ctx.scan.train[i][0] for i in ctx.order[:32]])
+    short = ctx.shorter_side
     size = short if short <= native * LARGER_INPUT_MAX else int(native * LARGER_INPUT) // 8 * 8
     return size if size >= native * LARGER_INPUT_MIN else None
 
@@ -568,7 +577,8 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
         if cand.score is not None and cand.score > (best.score if best else bar):
             best = cand
         elif cand.score is not None:
-            cand.status = f"ran; not above the probe's hold-out accuracy + one standard error ({bar:.4f})"
+            beaten_by = f"{best.name}'s" if best else "the probe's hold-out accuracy + one standard error,"
+            cand.status = f"ran; not above {beaten_by} {best.score if best else bar:.4f}"
     if best is None and "mode" in given:
         log.warning("search: no %s run fitted in the budget, so the model is the probe; a larger --time-budget "
                     "(or --recipe tutorial) fine-tunes", cfg.mode)

@@ -51,7 +51,7 @@ class Taps:
 
     def columns(self, stages: int | None, pooling: str, pixels: bool = False) -> np.ndarray:
         """The probe's columns of this vector; with `pixels`, also those of the pixel block appended after it
-        (with_pixels)."""
+        (engine/probe.py WithPixels)."""
         return feature_columns(self.widths, min(stages or len(self.widths), len(self.widths)), pooling,
                                PROBE_PIXELS if pixels else 0)
 
@@ -90,11 +90,6 @@ def make_pixel_taps(spec, cfg, pre: Preprocessing, device) -> Taps:
     return Taps(None, engine, store, [], pre)
 
 
-def with_pixels(x, ok, pixel_taps: Taps, paths: list[str], views, digests, desc: str):
-    """Features `x` (and which `paths` worked, `ok`) with the pixel block of the same images appended."""
-    return _with_block(x, ok, *pixel_taps.features(paths, views, digests, desc=desc)[:2])
-
-
 def probe_model(taps: Taps, fit: ProbeFit, n_classes: int, views, pixels: bool = False) -> ProbeClassifier:
     scales = [taps.scale] if taps.scale else []
     return ProbeClassifier(taps.pooler, len(fit.columns), n_classes, views, taps.pre.input_size, scales,
@@ -104,10 +99,12 @@ def probe_model(taps: Taps, fit: ProbeFit, n_classes: int, views, pixels: bool =
 def probe_meta(taps: Taps, fit: ProbeFit, views, pixels: bool = False) -> dict:
     """What load_checkpoint needs to rebuild the probe (engine/checkpoint.py)."""
     meta = {"taps": taps.pooler.taps, "n_features": int(len(fit.columns)), "views": list(views), "C": fit.C}
+    if taps.scale or pixels:  # the sizes the in-graph resizes are built for
+        meta["input_size"] = taps.pre.input_size
     if taps.scale:
-        meta.update(input_size=taps.pre.input_size, scales=[taps.scale])
+        meta["scales"] = [taps.scale]
     if pixels:
-        meta.update(input_size=taps.pre.input_size, pixels=PROBE_PIXELS)
+        meta["pixels"] = PROBE_PIXELS
     return meta
 
 
@@ -142,10 +139,12 @@ def train_linear_probe(state) -> dict:
                                                                 desc="train features, second scale")[:2])
         taps = both
     xva, ok_va, s2 = taps.features([p for p, _ in scan.val], views, scan.digests, desc="val features")
-    if cfg.probe_pixels:
+    if cfg.probe_pixels:  # the pixel block of the same images, after their taps (the deployed WithPixels)
         pixels = make_pixel_taps(state.spec, cfg, state.pre, state.device)
-        xtr, ok_tr = with_pixels(xtr, ok_tr, pixels, [p for p, _ in scan.train], views, scan.digests, "train pixels")
-        xva, ok_va = with_pixels(xva, ok_va, pixels, [p for p, _ in scan.val], views, scan.digests, "val pixels")
+        xtr, ok_tr = _with_block(xtr, ok_tr, *pixels.features([p for p, _ in scan.train], views, scan.digests,
+                                                                desc="train pixels")[:2])
+        xva, ok_va = _with_block(xva, ok_va, *pixels.features([p for p, _ in scan.val], views, scan.digests,
+                                                                desc="val pixels")[:2])
     if xtr is None or xva is None:
         raise DataError("no image could be read during feature extraction")
     ytr = np.array([y for (_, y), ok in zip(scan.train, ok_tr) if ok])
