@@ -1,7 +1,7 @@
 """`transferkit serve` under load on loopback: 1, 4 and 16 concurrent clients, each sending single images.
 
     python benchmarks/serve.py [--work DIR] [--requests 300] [--seconds 60] [--repeats 5] [--pair-seconds 6]
-                               [--max-batch N]
+                               [--max-batch N] [--sweep 1,2,8]
 
 The server is the real CLI (`transferkit serve MODEL.onnx --port 0`, ONNX engine) in its own process. The
 model is efficientnet_lite0 (ImageNet weights, a 2-class head; the head's values do not change the cost)
@@ -10,8 +10,11 @@ Each phase is bounded by a number of requests and by time, and the script stops 
 
 Reported per phase: throughput, p50/p99 latency, errors (must be 0), the mean batch the server formed and
 how busy its engine was (from /health), CPU per image and the server's RSS. The engine's bare rate is the
-same ONNX model with the same session options (threads, no spinning) run in this process on already
-preprocessed batches (no decoding, no HTTP), by batch size. The target (16 clients at >= 80% of the bare
+same ONNX model with the same session options and layout as the server's (lanes side by side, threads per
+lane, no spinning) run in this process on already preprocessed batches (no decoding, no HTTP), by batch
+size; the one-pass layout (one lane, all cores) is printed beside it. --sweep repeats the bare/served
+pairs at other --max-batch values, each with a server of its own, so the default is chosen on measured
+throughput. The target (16 clients at >= 80% of the bare
 rate at the server's --max-batch) compares images per second, as the issue states it; the two alternate in
 equal time slices so that each ratio compares neighbours, and each pair records how many cores other
 processes took meanwhile: on a shared box the served phase, with more threads, can win a larger share of
@@ -20,6 +23,7 @@ the cores than the bare one, so a verdict reached beside other work says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -53,6 +57,7 @@ def main() -> None:
     ap.add_argument("--pair-seconds", type=float, default=6, help="seconds of each half of an alternation")
     ap.add_argument("--max-batch", type=int, default=ServeOptions.max_batch)
     ap.add_argument("--max-wait-ms", type=float, default=ServeOptions.max_wait_ms)
+    ap.add_argument("--sweep", default="1,2,8", help="other --max-batch values to pair (empty: none)")
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     work = Path(args.work)
@@ -60,16 +65,29 @@ def main() -> None:
     images = [(p.name, p.read_bytes()) for p in sorted((elpv(work / "elpv2", 2) / "val").rglob("*.png"))[:64]]
     by_batch = {n: bare_rate(model, images, n, seconds=4) for n in (1, 2, 4, 8, 16)}
     print("bare (images/s, CPU ms/image) by batch size:", by_batch, flush=True)
+    one_pass = {n: bare_rate(model, images, n, seconds=4, lanes=1) for n in (1, 2, 4, 8, 16)}
+    print("bare, one lane over all cores:", one_pass, flush=True)
     spinning = bare_rate(model, images, args.max_batch, seconds=4, spinning=True)
     print("bare with ORT's default spinning threads:", spinning, flush=True)
-    server = start_server(model, work, args.max_batch, args.max_wait_ms)
-    try:
+    with serving(model, work, args.max_batch, args.max_wait_ms) as server:
         rows = serve_phases(server, images, args)
-        pairs = alternate(server, model, images, args)
+        pairs = alternate(server, model, images, args, args.max_batch)
+    sweep = {args.max_batch: pairs}
+    for max_batch in sorted({int(v) for v in args.sweep.split(",") if v.strip()} - {args.max_batch}):
+        with serving(model, work, max_batch, args.max_wait_ms) as server:
+            run_clients(server["url"], bodies_of(images)[:4], clients=2, requests=8, seconds=30)  # warm-up
+            sweep[max_batch] = alternate(server, model, images, args, max_batch, repeats=min(args.repeats, 3))
+    report(args, rows, pairs, by_batch, one_pass, spinning, sweep, len(images))
+
+
+@contextlib.contextmanager
+def serving(model: Path, work: Path, max_batch: int, max_wait_ms: float):
+    server = start_server(model, work, max_batch, max_wait_ms)
+    try:
+        yield server
     finally:
         server["proc"].terminate()
         server["proc"].wait(timeout=60)
-    report(args, rows, pairs, by_batch, spinning, len(images))
 
 
 def export_model(name: str, path: Path) -> Path:
@@ -91,21 +109,34 @@ def export_model(name: str, path: Path) -> Path:
     return export_onnx(model, meta, path, torch.randn(1, 3, size, size))
 
 
-def bare_rate(model: Path, images: list, batch: int, seconds: float = 10,
-              spinning: bool = False) -> tuple[float, float]:
+def bare_rate(model: Path, images: list, batch: int, seconds: float = 10, spinning: bool = False,
+              lanes: int | None = None, threads: int | None = None) -> tuple[float, float]:
     """(images/s, CPU ms per image) of the ONNX engine alone on preprocessed batches (the best a server
-    could do); the CPU time is this process's, all its threads. By default configured as the server
-    configures it (all cores, idle threads sleep instead of spinning)."""
+    could do); the CPU time is this process's, all its threads. By default laid out as the server lays it
+    out (`lanes` threads calling one session side by side, `threads` intra-op threads each, idle threads
+    sleeping instead of spinning)."""
     from transferkit.onnx_predict import OnnxClassifier
+    from transferkit.serve.model import onnx_layout
 
-    clf = OnnxClassifier(model, spinning=spinning)
+    lanes, threads = onnx_layout(lanes, threads)
+    clf = OnnxClassifier(model, threads=threads, spinning=spinning)
     inputs = [clf.preprocess_bytes(data, name) for name, data in images[:batch]]
     clf.probs_of(inputs)  # warm-up
-    done, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
-        clf.probs_of(inputs)
-        done += len(inputs)
-    return done / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / done
+    done, lock = [0], threading.Lock()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+
+    def lane() -> None:
+        while time.perf_counter() - t0 < seconds:
+            clf.probs_of(inputs)
+            with lock:
+                done[0] += len(inputs)
+
+    workers = [threading.Thread(target=lane) for _ in range(lanes)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return done[0] / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / done[0]
 
 
 def start_server(model: Path, work: Path, max_batch: int, max_wait_ms: float) -> dict:
@@ -147,24 +178,26 @@ def phase(server: dict, bodies: list, clients: int, requests: int, seconds: floa
     return {"clients": clients, "requests": len(latencies) + errors, "errors": errors, "images/s": rate,
             "p50 ms": 1000 * percentile(latencies, 50), "p99 ms": 1000 * percentile(latencies, 99),
             "mean batch": (after["images"] - before["images"]) / batches if batches else 0.0,
-            "engine busy": (after["inference_s"] - before["inference_s"]) / wall,
+            "engine busy": (after["inference_s"] - before["inference_s"]) / wall / after.get("lanes", 1),
             "CPU ms/image": 1000 * (cpu1["ours"] - cpu0["ours"]) / max(1, len(latencies)),
             "others' cores": others_cores(cpu0, cpu1),
             "server RSS MB": rss_mb(pid)}
 
 
-def alternate(server: dict, model: Path, images: list, args) -> list[dict]:
-    """Bare engine rate at --max-batch, then 16 clients, each for --pair-seconds, `repeats` times: the box
-    may be shared, so each ratio is taken between neighbours in time, with the cores others took."""
+def alternate(server: dict, model: Path, images: list, args, max_batch: int, repeats: int | None = None) -> list[dict]:
+    """Bare engine rate at `max_batch` (the server's), then 16 clients, each for --pair-seconds, `repeats`
+    times: the box may be shared, so each ratio is taken between neighbours in time, with the cores others
+    took."""
     bodies, pairs = bodies_of(images), []
-    for rep in range(args.repeats):
+    for rep in range(repeats or args.repeats):
         load, cpu0 = os.getloadavg()[0], cpu_snapshot(server["proc"].pid)
-        bare, bare_cpu = bare_rate(model, images, args.max_batch, seconds=args.pair_seconds)
+        bare, bare_cpu = bare_rate(model, images, max_batch, seconds=args.pair_seconds)
         bare_others = others_cores(cpu0, cpu_snapshot(server["proc"].pid))
         served = phase(server, bodies, CLIENTS[-1], PAIR_REQUESTS, args.pair_seconds)
-        pairs.append({"repeat": rep + 1, "load": load, "bare images/s": bare,
+        pairs.append({"max batch": max_batch, "repeat": rep + 1, "load": load, "bare images/s": bare,
                       "16 clients images/s": served["images/s"], "errors": served["errors"],
-                      "fraction": served["images/s"] / bare, "engine busy": served["engine busy"],
+                      "fraction": served["images/s"] / bare, "p50 ms": served["p50 ms"],
+                      "engine busy": served["engine busy"],
                       "others' cores (bare)": bare_others, "others' cores (served)": served["others' cores"],
                       "bare CPU ms/image": bare_cpu, "16 clients CPU ms/image": served["CPU ms/image"]})
         print(pairs[-1], flush=True)
@@ -277,44 +310,64 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, spinning: tuple, n_images: int) -> None:
+def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: dict, spinning: tuple,
+           sweep: dict, n_images: int) -> None:
+    from transferkit.serve.model import onnx_layout
+
+    lanes, threads = onnx_layout(None, None)
     fraction = statistics.median(p["fraction"] for p in pairs)
-    errors = sum(r.get("errors", 0) for r in rows) + sum(p["errors"] for p in pairs)
-    others = max(max(p["others' cores (bare)"], p["others' cores (served)"]) for p in pairs)
+    all_pairs = [p for ps in sweep.values() for p in ps]
+    errors = sum(r.get("errors", 0) for r in rows) + sum(p["errors"] for p in all_pairs)
+    others = max(max(p["others' cores (bare)"], p["others' cores (served)"]) for p in all_pairs)
     overhead = statistics.median(p["16 clients CPU ms/image"] / p["bare CPU ms/image"] for p in pairs)
+    best_bare = max(rate for rates in (by_batch, one_pass) for rate, _ in rates.values())
+    best_served = max(sweep, key=lambda mb: statistics.median(p["16 clients images/s"] for p in sweep[mb]))
+    best_served_rate = statistics.median(p["16 clients images/s"] for p in sweep[best_served])
     verdict = "met" if fraction >= 0.8 and errors == 0 else "NOT met"
     if others > SHARED_CORES:
         verdict += (f"; measured beside other work (other processes took up to {others:.2f} cores in a pair), "
                     "so the served and bare halves may have had different shares of the cores: confirm on a "
                     "quiet box")
+    rates = lambda table_: ", ".join(f"{n}: {rate:.1f} images/s ({cpu:.1f} CPU ms/image)"  # noqa: E731
+                                     for n, (rate, cpu) in table_.items())
+    sweep_rows = [{"max batch": mb, "pairs": len(ps),
+                   **{k: statistics.median(p[k] for p in ps) for k in
+                      ("bare images/s", "16 clients images/s", "fraction", "p50 ms", "engine busy",
+                       "16 clients CPU ms/image")}} for mb, ps in sorted(sweep.items())]
     text = (f"## Serving: `transferkit serve` on loopback\n\n{environment_line()}. "
             f"Command: `python benchmarks/serve.py --requests {args.requests} --seconds {args.seconds:g} "
-            f"--repeats {args.repeats} --pair-seconds {args.pair_seconds:g}`. {args.model} exported to ONNX "
-            f"(224 px), ONNX engine, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; "
+            f"--repeats {args.repeats} --pair-seconds {args.pair_seconds:g} --sweep {args.sweep}`. {args.model} "
+            f"exported to ONNX (224 px), ONNX engine in its default layout ({lanes} lanes × {threads} thread: "
+            f"forward passes side by side), --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}; "
             f"{n_images} ELPV val images (300×300 grey PNG), one per request as multipart, each client on a "
             "keep-alive connection; clients and server share the same cores. images/s: answers that arrived "
-            "while the clients were sending, over that time. engine busy: the share of the phase the server "
-            "spent in forward passes. CPU ms/image: the server's and the clients' CPU time per answered image. "
-            "others' cores: CPU that other processes on the machine took meanwhile, in cores.\n\n"
+            "while the clients were sending, over that time. engine busy: the share of the phase the server's "
+            "lanes spent in forward passes. CPU ms/image: the server's and the clients' CPU time per answered "
+            "image. others' cores: CPU that other processes on the machine took meanwhile, in cores.\n\n"
             + table(rows, ["clients", "requests", "errors", "images/s", "p50 ms", "p99 ms", "mean batch",
                            "engine busy", "CPU ms/image", "others' cores", "server RSS MB"])
-            + "\n\nBare engine (the same ONNX model and session options in the benchmark's process, on "
-              "preprocessed batches: no decoding, no HTTP), by batch size: "
-            + ", ".join(f"{n}: {rate:.1f} images/s ({cpu:.1f} CPU ms/image)" for n, (rate, cpu) in by_batch.items())
-            + f". For reference, with ONNX Runtime's default spinning threads (which the server turns off "
-              f"because they take the cores from decoding) at batch {args.max_batch}: {spinning[0]:.1f} images/s "
-              f"({spinning[1]:.1f} CPU ms/image).\n\n"
+            + "\n\nBare engine (the same ONNX model, session options and layout in the benchmark's process, on "
+              f"preprocessed batches: no decoding, no HTTP), by batch size: {rates(by_batch)}. The same in one "
+              f"lane over all cores (the layout before lanes): {rates(one_pass)}. With ONNX Runtime's default "
+              f"spinning threads (which the server turns off because they take the cores from decoding) at "
+              f"batch {args.max_batch}: {spinning[0]:.1f} images/s ({spinning[1]:.1f} CPU ms/image).\n\n"
               f"Target: 16 clients reach ≥ 80% of the bare engine's images/s at the same batch size "
-              f"(--max-batch {args.max_batch}) and threads. The two alternate in {args.pair_seconds:g} s "
+              f"(--max-batch {args.max_batch}), layout and threads. The two alternate in {args.pair_seconds:g} s "
               "halves, so each fraction compares neighbours in time (load: the 1-minute load average when the "
               "pair started). The CPU columns show what serving adds per image: decoding, HTTP and the "
               "clients themselves, which the bare engine does not do.\n\n"
             + table(pairs, ["repeat", "load", "bare images/s", "16 clients images/s", "errors", "fraction",
                             "engine busy", "others' cores (bare)", "others' cores (served)", "bare CPU ms/image",
                             "16 clients CPU ms/image"])
-            + f"\n\nThroughput fraction: median **{fraction:.2f}** (from {min(p['fraction'] for p in pairs):.2f} "
-              f"to {max(p['fraction'] for p in pairs):.2f}); serving (with its clients) costs {overhead:.2f}× the "
-              f"bare engine's CPU per image; {errors} errors in all (target {verdict}).")
+            + "\n\nBy --max-batch (each with a server of its own; medians of its pairs):\n\n"
+            + table(sweep_rows, ["max batch", "pairs", "bare images/s", "16 clients images/s", "fraction",
+                                 "p50 ms", "engine busy", "16 clients CPU ms/image"])
+            + f"\n\nThroughput fraction at --max-batch {args.max_batch}: median **{fraction:.2f}** (from "
+              f"{min(p['fraction'] for p in pairs):.2f} to {max(p['fraction'] for p in pairs):.2f}); serving "
+              f"(with its clients) costs {overhead:.2f}× the bare engine's CPU per image; {errors} errors in all "
+              f"(target {verdict}). Against the best bare rate this engine reached at any batch size or layout "
+              f"({best_bare:.1f} images/s), the best served rate (--max-batch {best_served}, "
+              f"{best_served_rate:.1f} images/s) is {best_served_rate / best_bare:.2f}.")
     print(text)
     if not args.no_record:
         write_section("serve", text)

@@ -328,6 +328,51 @@ def test_batcher_runs_a_partial_batch_after_max_wait_and_survives_an_error():
     assert after.shape == (1, 2) and stats["batches"] == 2 and stats["images"] == 4
 
 
+def test_two_lanes_run_batches_side_by_side_and_one_lane_never_does():
+    """With lanes, a second batch starts while the first is still in its forward pass; one lane (the
+    torch engine) must never call the model from two threads at once."""
+    import threading
+    import time as _time
+
+    def scenario(lanes: int) -> tuple[int, list]:
+        inside, most, lock = [0], [0], threading.Lock()
+
+        def infer(inputs):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            _time.sleep(0.2)  # long enough for the other batch to be formed and started
+            with lock:
+                inside[0] -= 1
+            return np.array(inputs, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+
+        async def run():
+            batcher = DynamicBatcher(infer, max_batch=2, max_wait_s=30.0, lanes=lanes)
+            batcher.start()
+            results = await asyncio.wait_for(asyncio.gather(*(batcher.submit([i]) for i in range(4))), 10)
+            await batcher.stop()
+            return results
+
+        results = asyncio.run(run())
+        return most[0], [float(r[0, 0]) for r in results]
+
+    assert scenario(2) == (2, [0.0, 1.0, 2.0, 3.0])
+    assert scenario(1) == (1, [0.0, 1.0, 2.0, 3.0])
+
+
+def test_onnx_lanes_fill_the_cores_and_the_torch_engine_keeps_one(monkeypatch, exported):
+    from transferkit.errors import UsageError
+    from transferkit.serve import model as served_model
+
+    monkeypatch.setattr(served_model.os, "cpu_count", lambda: 8)
+    assert served_model.onnx_layout(None, None) == (8, 1)  # one single-threaded lane per core
+    assert served_model.onnx_layout(None, 4) == (2, 4)
+    assert served_model.onnx_layout(1, None) == (1, 8)  # one lane: the classic all-cores pass
+    assert served_model.onnx_layout(3, 2) == (3, 2)  # both given: as given
+    with pytest.raises(UsageError, match="--lanes applies to the ONNX engine"):
+        served_model.load_served_model(exported[1], engine="torch", lanes=2)
+
+
 def test_the_engine_is_told_by_the_model_content_not_its_name(exported, tmp_path):
     from transferkit.serve.model import load_served_model
 

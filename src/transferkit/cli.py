@@ -389,7 +389,10 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="bytes per request body")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="width × height per image, read from its header (decompression bombs)")
-    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="ONNX Runtime threads per forward pass (default: 1, or all cores with --lanes 1)")
+    p.add_argument("--lanes", type=int, default=d.lanes,
+                   help="forward passes run side by side (default: ONNX engine, cores / threads; torch engine, 1)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="torch engine: as `transferkit predict --precision` (auto: bf16 where the CPU/GPU has it)")
 

@@ -33,14 +33,16 @@ class ServeOptions:
     port: int = 8000  # 0: any free port (the announced URL names it)
     engine: str | None = None  # None: onnx for an ONNX model (by content), torch for a run or checkpoint
     # Images in one forward pass. On a CPU, batches past a few images stop paying: the activations
-    # leave the cache (benchmarks/serve.py prints the engine's rate by batch size; raise it on a GPU).
-    max_batch: int = 4
+    # leave the cache. With a lane per core, 2 served the most images/s (2-core EPYC, 16 clients:
+    # max-batch 1-2 ~190 images/s, 4 ~165, 8 ~160; benchmarks/serve.py --sweep). Raise it on a GPU.
+    max_batch: int = 2
     max_wait_ms: float = 5.0  # how long an open batch waits for more images
     max_files: int = 16  # images in one request
     max_image_bytes: int = 10 * 2**20
     max_request_bytes: int = 32 * 2**20  # the whole body, multipart or JSON (base64 adds a third)
     max_image_pixels: int = 40_000_000  # width × height, read from the header before decoding
-    threads: int | None = None  # ONNX Runtime intra-op threads (None: all cores)
+    threads: int | None = None  # ONNX Runtime intra-op threads per lane (None: 1, or all cores with --lanes 1)
+    lanes: int | None = None  # forward passes run side by side (None: ONNX engine, one per `threads` cores)
     precision: str = "auto"  # torch engine: as `transferkit predict --precision` (engine/precision.py)
 
     def validate(self) -> "ServeOptions":
@@ -57,8 +59,9 @@ class ServeOptions:
             raise UsageError(f"--max-wait-ms must be between 0 and 10000, not {self.max_wait_ms}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535, not {self.port}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be ≥ 1, not {self.threads}")
+        for name in ("threads", "lanes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be ≥ 1, not {getattr(self, name)}")
         pillow_limit = Image.MAX_IMAGE_PIXELS
         if pillow_limit and self.max_image_pixels > pillow_limit:
             raise UsageError(f"--max-image-pixels must be at most Pillow's own guard of {pillow_limit}")
@@ -77,7 +80,7 @@ def run_server(model: str, options: ServeOptions, announce: Callable[[str], None
                          "pip install 'transferkit[serve]'") from None
     from .model import load_served_model
 
-    served = load_served_model(model, options.engine, options.threads, options.precision)
+    served = load_served_model(model, options.engine, options.threads, options.precision, options.lanes)
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(served, options), log_level="info", server_header=False))

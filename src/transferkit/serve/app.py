@@ -29,7 +29,7 @@ DEFAULT_TOP_K = 3  # as `transferkit predict`
 
 
 def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
-    batcher = DynamicBatcher(served.classifier.table_of, options.max_batch, options.max_wait_ms / 1000)
+    batcher = DynamicBatcher(served.classifier.table_of, options.max_batch, options.max_wait_ms / 1000, served.lanes)
     # Decoding gets half the cores: more decoding threads than that only preempt the inference threads
     # (a parallel forward pass waits for its slowest thread) without making images arrive sooner.
     decoder = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="transferkit-decode")

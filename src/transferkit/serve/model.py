@@ -8,6 +8,7 @@ deployment box still serves; its card then says only what the ONNX file itself c
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,10 +26,11 @@ class ServedModel:
     engine: str
     path: Path
     card: dict
+    lanes: int = 1  # forward passes the batcher may run side by side
 
 
 def load_served_model(model: str | Path, engine: str | None = None, threads: int | None = None,
-                      precision: str = "auto") -> ServedModel:
+                      precision: str = "auto", lanes: int | None = None) -> ServedModel:
     from ..inference import model_kind
 
     path = Path(model)
@@ -38,14 +40,20 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
         from ..onnx_predict import OnnxClassifier
 
         path = onnx_model_path(path)
+        lanes, threads = onnx_layout(lanes, threads)
         # No spinning: decoding and HTTP threads share the cores with inference (measured in
         # benchmarks/serve.py: with spinning, 16 clients got about 0.6x the throughput on a loaded 2-core box).
+        # One session serves every lane: ONNX Runtime's run() may be called from several threads at once.
         clf = OnnxClassifier(path, threads=threads, spinning=False)
-        facts = {"architecture": clf.architecture, "classes": clf.classes, "preprocessing": clf.preprocessing}
+        facts = {"architecture": clf.architecture, "classes": clf.classes, "preprocessing": clf.preprocessing,
+                 "lanes": lanes, "threads_per_lane": threads}
         run, export = _run_of_onnx(path)
     else:
         if kind == "onnx":
             raise UsageError(f"--engine torch needs a run folder or .safetensors checkpoint, not the ONNX model {path}")
+        if (lanes or 1) > 1:
+            raise UsageError("--lanes applies to the ONNX engine; the torch engine runs one forward pass at a time")
+        lanes = 1
         from ..engine.checkpoint import resolve_checkpoint
         from ..predict import Predictor
 
@@ -56,7 +64,17 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
         export = RunFolder.read_json(run.export_record)
     card = {**facts, "engine": engine, "model": str(path), "model_date": _date_of(path),
             "export": _parity_of(export, path), **_training(run)}
-    return ServedModel(clf, engine, path, card)
+    return ServedModel(clf, engine, path, card, lanes)
+
+
+def onnx_layout(lanes: int | None, threads: int | None) -> tuple[int, int]:
+    """(lanes, intra-op threads per lane) for the ONNX engine; what is not given fills the cores. By default
+    one single-threaded lane per core: on a CPU, passes side by side on small batches get more images
+    through than one pass split over the cores (benchmarks/serve.py measures both layouts)."""
+    cores = os.cpu_count() or 1
+    if threads is None:
+        threads = max(1, cores // lanes) if lanes else 1
+    return lanes or max(1, cores // threads), threads
 
 
 def onnx_model_path(path: Path) -> Path:
