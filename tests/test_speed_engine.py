@@ -81,3 +81,15 @@ def test_torch_engine_exports_nothing(frozen, tmp_path):
 def test_out_dtype_is_applied(frozen, tmp_path):
     engine = FrozenEngine(frozen, CPU, "torch", None, out_dtype=torch.float16)
     assert engine(torch.randn(2, 3, 16, 16)).dtype == torch.float16
+
+
+def test_onnxruntime_lanes_give_the_one_pass_outputs_in_order(frozen, tmp_path):
+    """The side-by-side layout cuts a batch into slices run on their own threads: every row must come
+    back in its place, with the numbers of one pass over the whole batch."""
+    path = runtime.export_onnx(frozen, torch.randn(1, 3, 16, 16), tmp_path / "frozen.onnx")
+    one_pass, lanes = runtime.OrtEngine(path), runtime.OrtEngine(path, lanes=2)
+    assert (one_pass.name, lanes.name) == ("onnxruntime", "onnxruntime-lanes")
+    for rows in (1, 2, 7):  # within one slice, whole slices, and a short last slice
+        x = torch.randn(rows, 3, 16, 16)
+        torch.testing.assert_close(lanes(x), one_pass(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lanes(x), frozen(x), atol=1e-4, rtol=1e-4)

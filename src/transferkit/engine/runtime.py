@@ -4,7 +4,7 @@ The frozen part is any module whose forward maps an image batch to what the trai
 (the input of the registry's cache point, or the output of a prefix of layer groups). `FrozenEngine`
 is a callable: image batch in, CPU tensor out. On the first batch it times each candidate the options
 allow (eager torch fp32; torch with bf16 autocast where the device has native bf16; ONNX Runtime fp32 on
-the exported part), checks each against fp32 eager torch (PARITY_RTOL, or precision.BF16_PARITY_RTOL
+the exported part, as one pass over all cores and as single-threaded lanes side by side), checks each against fp32 eager torch (PARITY_RTOL, or precision.BF16_PARITY_RTOL
 for bf16), and keeps the fastest that passes. The decision is cached beside the .onnx file (one folder
 per backbone configuration) under this machine's key and the input size, so later runs measure nothing.
 """
@@ -16,8 +16,10 @@ import logging
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -81,23 +83,35 @@ class TorchEngine:
 
 
 class OrtEngine:
-    """An ONNX Runtime session over the exported frozen part, on CPU with one thread per core."""
+    """An ONNX Runtime session over the exported frozen part, on CPU: one pass over the batch with one thread
+    per core, or (`lanes` > 1) the batch cut into slices that single-threaded passes run side by side, one
+    per core. The lanes do not wait for each other at every layer as a pass's threads do, and a slice of a
+    few images keeps its activations in the core's cache (2-core EPYC, lite0: 2 lanes ~290 images/s
+    against ~230 for one two-thread pass; benchmarks/serve.py). Which layout runs is measured (FrozenEngine)."""
 
-    name = "onnxruntime"
+    SLICE_ROWS = 2  # images per lane call: past a few, the activations leave a core's cache
 
-    def __init__(self, onnx_path: Path, threads: int | None = None):
+    def __init__(self, onnx_path: Path, threads: int | None = None, lanes: int = 1):
+        self.name = "onnxruntime-lanes" if lanes > 1 else "onnxruntime"
         # torch's thread count: under torchrun each rank gets its share of the cores, not all of them.
         # Idle pool threads sleep instead of spinning: the cores are shared with the decode threads
         # feeding the next batch (and often with other programs). 2-core EPYC, lite0, batch 64, beside
         # other jobs: 9.6-11.1 CPU ms per image without spinning, 11.7-12.7 with it, and no slower.
-        self.session = inference.ort_session(onnx_path, threads or torch.get_num_threads() or os.cpu_count() or 1,
-                                             spinning=False)
+        cores = threads or ort_lanes()
+        self.session = inference.ort_session(onnx_path, 1 if lanes > 1 else cores, spinning=False)
         self.input_name = self.session.get_inputs()[0].name
+        # ONNX Runtime's run() may be called from several threads at once and releases the GIL.
+        self._lanes = ThreadPoolExecutor(lanes, thread_name_prefix="transferkit-ort") if lanes > 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().cpu().float().contiguous()
-        (out,) = self.session.run(None, {self.input_name: x.numpy()})
-        return torch.from_numpy(out)
+        x = x.detach().cpu().float().contiguous().numpy()
+        if self._lanes is None or len(x) <= self.SLICE_ROWS:
+            return torch.from_numpy(self._run(x))
+        slices = [x[i:i + self.SLICE_ROWS] for i in range(0, len(x), self.SLICE_ROWS)]
+        return torch.from_numpy(np.concatenate(list(self._lanes.map(self._run, slices))))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
 
 
 def onnx_export(module: nn.Module, example: torch.Tensor, path, input_name: str = "images",
@@ -133,6 +147,11 @@ def parity(reference: torch.Tensor, candidate: torch.Tensor, rtol: float | None 
     reference's scale."""
     result = inference.parity(reference.detach().float().cpu(), candidate.detach().float().cpu(), logits=False)
     return result["max_abs_diff"], result["relative_diff"] <= (PARITY_RTOL if rtol is None else rtol)
+
+
+def ort_lanes() -> int:
+    """Lanes for ONNX Runtime's side-by-side layout: one per core torch may use (a torchrun rank's share)."""
+    return torch.get_num_threads() or os.cpu_count() or 1
 
 
 def onnxruntime_available() -> bool:
@@ -217,7 +236,8 @@ class FrozenEngine:
                 log.warning("--engine onnxruntime: %s; using torch", reason)
             self.info["fallback_reason"] = reason
             return torch_names
-        return ["onnxruntime"] if self.requested == "onnxruntime" else [*torch_names, "onnxruntime"]
+        ort_names = ["onnxruntime", "onnxruntime-lanes"] if ort_lanes() > 1 else ["onnxruntime"]
+        return ["onnxruntime"] if self.requested == "onnxruntime" else [*torch_names, *ort_names]
 
     def _keep(self, name: str, x: torch.Tensor, reference: torch.Tensor, timed: bool) -> bool:
         """Build candidate `name` and check its parity on the first batch: True if usable. timed: its
@@ -232,7 +252,7 @@ class FrozenEngine:
         rtol = precisions.BF16_PARITY_RTOL if name.endswith("bf16") else None
         diff, ok = parity(reference, candidate, rtol)
         self.info.setdefault("parity_max_abs_diff_by_engine", {})[name] = diff
-        if name == "onnxruntime":
+        if name.startswith("onnxruntime"):
             self.info["parity_max_abs_diff"] = diff
         if not ok:  # a warning where the engine was asked for by name; one candidate of several: info
             asked = self.requested == name or (name == "torch-bf16" and self.info["precision"] == "bf16")
@@ -248,10 +268,10 @@ class FrozenEngine:
         return True
 
     def _build(self, name: str, x: torch.Tensor):
-        if name == "onnxruntime":
+        if name.startswith("onnxruntime"):
             # One file per input size: the export fixes the spatial size, which lets ONNX Runtime plan for it.
             sized = self.onnx_path.with_name(f"{self.onnx_path.stem}-{'x'.join(map(str, x.shape[2:]))}.onnx")
-            return OrtEngine(export_onnx(self.module, x, sized))
+            return OrtEngine(export_onnx(self.module, x, sized), lanes=ort_lanes() if name.endswith("lanes") else 1)
         if name == "torch-bf16":
             return TorchEngine(self.module, self.device, self.channels_last, "bf16")
         return self.torch_engine
@@ -265,7 +285,9 @@ class FrozenEngine:
         return round(len(rows) / max(time.perf_counter() - t0, 1e-9), 1)
 
     def _choice_key(self, x: torch.Tensor) -> str:
-        return f"{machine_key(self.device)} | input={list(x.shape[1:])} | {self.requested}/{self.info['precision']}"
+        # The candidates are part of the key: a release that adds one measures again.
+        return (f"{machine_key(self.device)} | input={list(x.shape[1:])} | {self.requested}/{self.info['precision']}"
+                f" | {','.join(self._candidates())}")
 
     def _choice_file(self) -> Path | None:
         return self.onnx_path.with_name("engine-choice.json") if self.onnx_path is not None else None
