@@ -77,12 +77,17 @@ def main() -> None:
         with serving(model, work, max_batch, args.max_wait_ms) as server:
             run_clients(server["url"], bodies_of(images)[:4], clients=2, requests=8, seconds=30)  # warm-up
             sweep[max_batch] = alternate(server, model, images, args, max_batch, repeats=min(args.repeats, 3))
+    # The layout before lanes, for the record: one pass over all cores (--lanes 1), its bare rate alike.
+    with serving(model, work, args.max_batch, args.max_wait_ms, "--lanes", "1") as server:
+        run_clients(server["url"], bodies_of(images)[:4], clients=2, requests=8, seconds=30)  # warm-up
+        sweep["1 lane"] = alternate(server, model, images, args, args.max_batch, repeats=min(args.repeats, 3),
+                                    lanes=1)
     report(args, rows, pairs, by_batch, one_pass, spinning, sweep, len(images))
 
 
 @contextlib.contextmanager
-def serving(model: Path, work: Path, max_batch: int, max_wait_ms: float):
-    server = start_server(model, work, max_batch, max_wait_ms)
+def serving(model: Path, work: Path, max_batch: int, max_wait_ms: float, *options: str):
+    server = start_server(model, work, max_batch, max_wait_ms, *options)
     try:
         yield server
     finally:
@@ -139,10 +144,10 @@ def bare_rate(model: Path, images: list, batch: int, seconds: float = 10, spinni
     return done[0] / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / done[0]
 
 
-def start_server(model: Path, work: Path, max_batch: int, max_wait_ms: float) -> dict:
+def start_server(model: Path, work: Path, max_batch: int, max_wait_ms: float, *options: str) -> dict:
     log = work / "serve-benchmark.log"
     command = [sys.executable, "-m", "transferkit", "serve", str(model), "--port", "0", "--host", "127.0.0.1",
-               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), *options]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -184,17 +189,18 @@ def phase(server: dict, bodies: list, clients: int, requests: int, seconds: floa
             "server RSS MB": rss_mb(pid)}
 
 
-def alternate(server: dict, model: Path, images: list, args, max_batch: int, repeats: int | None = None) -> list[dict]:
-    """Bare engine rate at `max_batch` (the server's), then 16 clients, each for --pair-seconds, `repeats`
-    times: the box may be shared, so each ratio is taken between neighbours in time, with the cores others
-    took."""
+def alternate(server: dict, model: Path, images: list, args, max_batch: int, repeats: int | None = None,
+              lanes: int | None = None) -> list[dict]:
+    """Bare engine rate at `max_batch` and `lanes` (the server's), then 16 clients, each for --pair-seconds,
+    `repeats` times: the box may be shared, so each ratio is taken between neighbours in time, with the
+    cores others took."""
     bodies, pairs = bodies_of(images), []
     for rep in range(repeats or args.repeats):
         load, cpu0 = os.getloadavg()[0], cpu_snapshot(server["proc"].pid)
-        bare, bare_cpu = bare_rate(model, images, max_batch, seconds=args.pair_seconds)
+        bare, bare_cpu = bare_rate(model, images, max_batch, seconds=args.pair_seconds, lanes=lanes)
         bare_others = others_cores(cpu0, cpu_snapshot(server["proc"].pid))
         served = phase(server, bodies, CLIENTS[-1], PAIR_REQUESTS, args.pair_seconds)
-        pairs.append({"max batch": max_batch, "repeat": rep + 1, "load": load, "bare images/s": bare,
+        pairs.append({"max batch": max_batch, "lanes": lanes or "default", "repeat": rep + 1, "load": load, "bare images/s": bare,
                       "16 clients images/s": served["images/s"], "errors": served["errors"],
                       "fraction": served["images/s"] / bare, "p50 ms": served["p50 ms"],
                       "engine busy": served["engine busy"],
@@ -321,7 +327,8 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
     others = max(max(p["others' cores (bare)"], p["others' cores (served)"]) for p in all_pairs)
     overhead = statistics.median(p["16 clients CPU ms/image"] / p["bare CPU ms/image"] for p in pairs)
     best_bare = max(rate for rates in (by_batch, one_pass) for rate, _ in rates.values())
-    best_served = max(sweep, key=lambda mb: statistics.median(p["16 clients images/s"] for p in sweep[mb]))
+    by_batch_sweep = {mb: ps for mb, ps in sweep.items() if isinstance(mb, int)}
+    best_served = max(by_batch_sweep, key=lambda mb: statistics.median(p["16 clients images/s"] for p in sweep[mb]))
     best_served_rate = statistics.median(p["16 clients images/s"] for p in sweep[best_served])
     verdict = "met" if fraction >= 0.8 and errors == 0 else "NOT met"
     if others > SHARED_CORES:
@@ -330,10 +337,10 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
                     "quiet box")
     rates = lambda table_: ", ".join(f"{n}: {rate:.1f} images/s ({cpu:.1f} CPU ms/image)"  # noqa: E731
                                      for n, (rate, cpu) in table_.items())
-    sweep_rows = [{"max batch": mb, "pairs": len(ps),
+    sweep_rows = [{"max batch": ps[0]["max batch"], "lanes": ps[0]["lanes"], "pairs": len(ps),
                    **{k: statistics.median(p[k] for p in ps) for k in
                       ("bare images/s", "16 clients images/s", "fraction", "p50 ms", "engine busy",
-                       "16 clients CPU ms/image")}} for mb, ps in sorted(sweep.items())]
+                       "16 clients CPU ms/image")}} for _, ps in sorted(sweep.items(), key=lambda kv: str(kv[0]))]
     text = (f"## Serving: `transferkit serve` on loopback\n\n{environment_line()}. "
             f"Command: `python benchmarks/serve.py --requests {args.requests} --seconds {args.seconds:g} "
             f"--repeats {args.repeats} --pair-seconds {args.pair_seconds:g} --sweep {args.sweep}`. {args.model} "
@@ -359,8 +366,9 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
             + table(pairs, ["repeat", "load", "bare images/s", "16 clients images/s", "errors", "fraction",
                             "engine busy", "others' cores (bare)", "others' cores (served)", "bare CPU ms/image",
                             "16 clients CPU ms/image"])
-            + "\n\nBy --max-batch (each with a server of its own; medians of its pairs):\n\n"
-            + table(sweep_rows, ["max batch", "pairs", "bare images/s", "16 clients images/s", "fraction",
+            + "\n\nBy --max-batch, and the one-pass layout (`--lanes 1`, its bare rate in the same layout), each "
+              "with a server of its own; medians of its pairs:\n\n"
+            + table(sweep_rows, ["max batch", "lanes", "pairs", "bare images/s", "16 clients images/s", "fraction",
                                  "p50 ms", "engine busy", "16 clients CPU ms/image"])
             + f"\n\nThroughput fraction at --max-batch {args.max_batch}: median **{fraction:.2f}** (from "
               f"{min(p['fraction'] for p in pairs):.2f} to {max(p['fraction'] for p in pairs):.2f}); serving "
