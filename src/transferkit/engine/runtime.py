@@ -170,7 +170,10 @@ class FrozenEngine:
     exported or timed until a batch actually needs computing, so a fully cached rerun costs nothing.
     `info` records the decision, the rates and the parity for the run's metrics.json."""
 
-    TIMED_ROWS = 32  # rows of the first batch each candidate is timed on
+    # Rows of the first batch every candidate is checked (parity) and timed on. Eager fp32 torch, the parity
+    # reference, is the slowest engine on a CPU (2-core EPYC, lite0: ~40 images/s against ~250 for ONNX
+    # Runtime): choosing on whole 64-row batches cost a cold 397-image run ~7 s of its 19.
+    TRIAL_ROWS = 16
 
     def __init__(self, module: nn.Module, device: torch.device, engine: str = "auto",
                  onnx_path: Path | None = None, channels_last: bool = True, out_dtype=None,
@@ -194,17 +197,18 @@ class FrozenEngine:
     def _choose(self, x: torch.Tensor) -> torch.Tensor:
         """Sets `active` to the engine kept (fp32 torch where no candidate can run or pass parity) and
         returns its output for the first batch: a row's features do not depend on where it fell."""
-        reference = self.torch_engine(x)
+        trial = x[: self.TRIAL_ROWS]
+        reference = self.torch_engine(trial)  # also the warm-up of torch's kernels for the timing
         self.active, self.info["engine"] = self.torch_engine, "torch"
         self._outputs = {"torch": reference}
         names = self._candidates()
         if len(names) == 1 and names != ["torch"]:  # asked for by name: no measurement
-            self._keep(names[0], x, reference, timed=False)
+            self._keep(names[0], trial, reference, timed=False)
         elif len(names) > 1:
-            self._pick(names, x, reference)
-        out = self._outputs.get(self.info["engine"], reference)
+            self._pick(names, trial, reference)
+        out = self._outputs.get(self.info["engine"]) if len(trial) == len(x) else None
         self._outputs, self._engines = {}, {}  # the candidates not kept are freed
-        return out
+        return out if out is not None else self.active(x)
 
     def _pick(self, names: list[str], x: torch.Tensor, reference: torch.Tensor) -> None:
         key = self._choice_key(x)
@@ -276,13 +280,11 @@ class FrozenEngine:
             return TorchEngine(self.module, self.device, self.channels_last, "bf16")
         return self.torch_engine
 
-    def _rate(self, engine, x: torch.Tensor) -> float:
-        """Images/s of one timed call on the first rows of the batch (after a warm-up call)."""
-        rows = x[: self.TIMED_ROWS]
-        engine(rows)
+    def _rate(self, engine, trial: torch.Tensor) -> float:
+        """Images/s of one timed call on the trial rows (the parity call before it was the warm-up)."""
         t0 = time.perf_counter()
-        engine(rows)
-        return round(len(rows) / max(time.perf_counter() - t0, 1e-9), 1)
+        engine(trial)
+        return round(len(trial) / max(time.perf_counter() - t0, 1e-9), 1)
 
     def _choice_key(self, x: torch.Tensor) -> str:
         # The candidates are part of the key: a release that adds one measures again.
