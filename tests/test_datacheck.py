@@ -291,3 +291,29 @@ def test_train_after_a_check_costs_no_backbone_time(tiny_folder, tmp_path):
     source = m["source"]
     assert source["train"]["computed"] == 0 and source["val"]["computed"] == 0
     assert source["train"]["hits"] + source["val"]["hits"] == report["summary"]["images"]
+
+
+def test_same_picture_pairs_do_not_depend_on_the_comparison_block(monkeypatch):
+    """Buckets are compared in row blocks (memory grows with a bucket, not its square): any block size,
+    one that splits every bucket included, must find the same pairs with the same correlations."""
+    import numpy as np
+    from PIL import Image
+
+    from transferkit.data import fingerprint as fp
+
+    rng = np.random.default_rng(0)
+    base = [rng.integers(0, 256, (48, 48), dtype=np.uint8) for _ in range(4)]
+    images = {}
+    for i, pixels in enumerate(base):  # each picture, a resized copy and a slightly noisy copy
+        img = Image.fromarray(pixels)
+        images[f"{i}-a.png"] = img
+        images[f"{i}-b.png"] = img.resize((40, 40), Image.BILINEAR)
+        noisy = np.clip(pixels.astype(int) + rng.integers(-3, 4, pixels.shape), 0, 255).astype(np.uint8)
+        images[f"{i}-c.png"] = Image.fromarray(noisy)
+    prints = {name: fp.fingerprint(img) for name, img in images.items()}
+    whole = fp.same_picture_pairs(prints)
+    monkeypatch.setattr(fp, "COMPARE_BLOCK", 2)
+    blocked = fp.same_picture_pairs(prints)
+    assert [(a, b) for a, b, _ in blocked] == [(a, b) for a, b, _ in whole]
+    assert np.allclose([c for *_, c in blocked], [c for *_, c in whole])
+    assert {(a[0], b[0]) for a, b, _ in whole} >= {(str(i), str(i)) for i in range(4)}  # copies found

@@ -33,8 +33,9 @@ class ServeOptions:
     port: int = 8000  # 0: any free port (the announced URL names it)
     engine: str | None = None  # None: onnx for an ONNX model (by content), torch for a run or checkpoint
     # Images in one forward pass. On a CPU, batches past a few images stop paying: the activations
-    # leave the cache. With a lane per core, 2 served the most images/s (2-core EPYC, 16 clients:
-    # max-batch 1-2 ~190 images/s, 4 ~165, 8 ~160; benchmarks/serve.py --sweep). Raise it on a GPU.
+    # leave the cache. With a lane per core the bare engine is fastest at 1-2 images, and 16 clients were
+    # served as fast at 2 as at 4 and faster than at 1 or 8 (2-core EPYC; benchmarks/serve.py --sweep,
+    # RESULTS.md). Raise it on a GPU.
     max_batch: int = 2
     max_wait_ms: float = 5.0  # how long an open batch waits for more images
     max_files: int = 16  # images in one request

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class DynamicBatcher:
     """`await submit(inputs)` -> their (n, C) probabilities, computed in batches shared with other callers.
 
-    `infer(list of inputs)` returns (len, C) probabilities; it runs in the batcher's own thread.
+    `infer(list of inputs)` returns (len, C) probabilities; it runs in one of the batcher's lane threads.
     """
 
     def __init__(self, infer: Callable[[list], np.ndarray], max_batch: int = 16, max_wait_s: float = 0.005,
