@@ -48,10 +48,13 @@ class NoveltyReference:
 
     @classmethod
     def calibrate(cls, train_features, val_features, seed: int = 0) -> "NoveltyReference":
-        train = pool(train_features)
+        train = np.asarray(train_features)
         if len(train) > MAX_REFERENCE:
+            # Sample before pooling: pooling normalizes into a new array, and a copy of every training
+            # feature was a run's peak memory at 70k images.
             keep = np.random.default_rng(seed).choice(len(train), MAX_REFERENCE, replace=False)
             train = train[np.sort(keep)]
+        train = pool(train)
         ref = cls(train, threshold=0.0)
         val_scores = ref.score(val_features)
         ref.threshold = float(np.percentile(val_scores, PERCENTILE))
