@@ -89,3 +89,19 @@ def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["unknown config keys", "learning_rate"])
     bad.write_text(f"data: {tiny_folder}\nepochs: -5\n")
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs", "≥ 1"])
+
+
+def test_collector_settings_belong_to_the_program_not_to_main(tmp_path):
+    """`transferkit` (entry) collects rarely and freezes the imported heap (~2 s of a cold run); `cli.main`
+    called inside someone's Python process leaves their garbage collector as it was."""
+    import gc
+    import subprocess
+    import sys
+
+    before = gc.get_threshold(), gc.get_freeze_count()
+    assert cli.main(["models"]) == 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
+    probe = ("import gc, sys; sys.argv = ['transferkit', 'models']; from transferkit.cli import entry; "
+             "code = entry(); print(code, gc.get_threshold()[0], gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "0 100000 True"
