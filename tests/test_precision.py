@@ -115,6 +115,25 @@ def test_fp32_precision_never_tries_bf16_and_bf16_never_tries_onnxruntime(lite0_
     assert not list(tmp_path.glob("other*.onnx"))
 
 
+def test_bf16_out_of_parity_falls_back_to_the_fastest_fp32_engine(lite0_frozen, tmp_path, monkeypatch):
+    """--precision bf16 whose features miss the bound: fp32 features, from the fastest fp32 engine measured
+    (not eager torch, the slowest), and the choice is kept for the next run."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "BF16_PARITY_RTOL", -1.0)  # no bf16 output can pass
+    monkeypatch.setattr(runtime, "ort_lanes", lambda: 1)
+    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 180.0, "onnxruntime": 150.0})
+    x = torch.randn(2, 3, 64, 64)
+    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="bf16")
+    out = engine(x)
+    assert engine.info["engine"] == "onnxruntime" and engine.info["choice"] == "measured"
+    assert set(engine.info["rates"]) == {"torch", "onnxruntime"}
+    assert "torch-bf16: parity" in engine.info["fallback_reason"]
+    torch.testing.assert_close(out, runtime.TorchEngine(lite0_frozen, CPU)(x), rtol=1e-4, atol=1e-4)
+    again = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="bf16")
+    again(x)
+    assert again.info["engine"] == "onnxruntime" and again.info["choice"] == "cached"
+
+
 def test_bf16_finetune_keeps_fp32_master_weights_and_records_the_precision(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=32)
     m = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), model="resnet18", pretrained=False,
