@@ -326,3 +326,40 @@ def test_mode_finetune_given_gives_a_fine_tuned_model(tmp_path):
     kinds = {c["name"]: c["kind"] for c in search["candidates"]}
     assert kinds[search["chosen"]] == "finetune"
     assert "--mode finetune" in search["reproduce"] and metrics["best_val_acc"] is not None
+
+
+def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
+    """However the search cuts the training images (--train-subsample first, then what its budget allows),
+    the images kept are those `transferkit train --train-subsample n` takes: its reproduce command holds."""
+    from types import SimpleNamespace
+
+    from transferkit.data.folders import DataScan, subsample_order, subsample_train
+    from transferkit.search import _keep_subsample
+
+    full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(50)], val=[])
+    assert subsample_train(full, None, 0) is full and subsample_train(full, 50, 0) is full
+    small, large = subsample_train(full, 10, 0).train, subsample_train(full, 30, 0).train
+    assert set(small) < set(large) and small == sorted(small, key=lambda s: int(s[0][:-4]))
+    assert subsample_train(full, 10, 1).train != small  # the seed decides
+    ctx = SimpleNamespace(scan=full, y=np.array([label for _, label in full.train]), order=subsample_order(50, 0),
+                          inner=None, cfg=SimpleNamespace(seed=0))
+    search = SimpleNamespace(subsample=None)
+    _keep_subsample(search, ctx, 30, asked=True)
+    assert ctx.scan.train == large and full.train[0] == ("0.png", 0)  # the full scan is not changed
+    _keep_subsample(search, ctx, 10)
+    assert ctx.scan.train == small and search.subsample == 10
+    assert sorted(ctx.order.tolist()) == list(range(10))  # the order still covers what is kept
+
+
+@pytest.mark.slow
+def test_train_subsample_is_kept_by_the_search_and_its_reproduce_command(tmp_path):
+    data = _folder(tmp_path / "data")
+    metrics, search = _search(data, tmp_path / "run", mode="linear-probe", train_subsample=8)
+    assert search["train_subsample"] == 8 and "--train-subsample 8" in search["reproduce"]
+    split = (tmp_path / "run" / "split.csv").read_text().splitlines()
+    assert sum(line.endswith(",train") for line in split) == 8
+    command = shlex.split(search["reproduce"])
+    subprocess.run([sys.executable, "-m", "transferkit", *command[1:]], check=True, capture_output=True)
+    out = Path(command[command.index("--out") + 1])
+    assert (out / "split.csv").read_text() == (tmp_path / "run" / "split.csv").read_text()
+    assert json.loads((out / "metrics.json").read_text())["best_val_acc"] == metrics["best_val_acc"]

@@ -65,6 +65,9 @@ class TrainConfig:
     decoded_cache: bool = True  # image training: decode + resize each image once into a memory-mapped store
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = 0.2
+    # a seeded random N of the training images (the first N of one seeded permutation: a smaller subsample is
+    # inside a larger one); the recipe search names it in its reproduce command when its budget allowed fewer
+    train_subsample: int | None = None
     group_duplicates: bool = True  # a split made here keeps copies of one picture on one side
     seed: int = 0
     pretrained: bool = True
@@ -121,6 +124,8 @@ class TrainConfig:
         _at_least("views", self.views, 1)
         _at_least("step-size", self.step_size, 1)
         _at_least("patience", self.patience, 0)
+        if self.train_subsample is not None:
+            _at_least("train-subsample", self.train_subsample, 1)
         _at_least("unfreeze", self.unfreeze, 0)
         if self.tensorboard:
             from .engine.tensorboard import require_tensorboard

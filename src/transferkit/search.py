@@ -154,6 +154,8 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         log.warning(line)
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     context = _Context.build(cfg, scan)
+    if cfg.train_subsample and cfg.train_subsample < len(scan.train):
+        _keep_subsample(search, context, cfg.train_subsample, asked=True)
     winner = _search_probes(search, context)
     winner = _search_finetuning(search, context, winner) or winner
     final = _final_config(search, winner, out)
@@ -197,8 +199,10 @@ class _Context:
         model.to(device)
         if device.type == "cpu" and cfg.channels_last:
             model.to(memory_format=torch.channels_last)
+        from .data.folders import subsample_order
+
         y = np.array([label for _, label in scan.train])
-        order = np.random.default_rng(cfg.seed).permutation(len(y))  # extraction order: any prefix is random
+        order = subsample_order(len(y), cfg.seed)  # extraction order: any prefix is a seeded random subsample
         short = _median_shorter_side([scan.train[i][0] for i in order[:32]])
         return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order, short)
 
@@ -416,16 +420,21 @@ def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, k
     return {v: x[inverse, i] for i, v in enumerate(todo)}
 
 
-def _keep_subsample(search: Search, ctx: _Context, n: int) -> None:
-    """The budget allowed features of only the first n training images (in the search's random order):
-    the search and the final run go on with those, and say so."""
-    keep = np.sort(ctx.order[:n])
-    log.warning("search: the budget allows features of %d of %d training images; the search and the final model "
-                "use that random subsample (a larger --time-budget uses them all)", n, len(ctx.scan.train))
+def _keep_subsample(search: Search, ctx: _Context, n: int, asked: bool = False) -> None:
+    """Only the first n training images in the search's random order (data/folders.py subsample_order): the
+    budget allowed features of no more, or --train-subsample asked for n. The search and the final run go on
+    with those, and the reproduce command names n: `transferkit train --train-subsample n` keeps the same
+    images, since the search's order stays that of one seeded permutation of all of them."""
+    keep = np.sort(ctx.order[:n])  # positions in the current list
+    if not asked:
+        log.warning("search: the budget allows features of %d of %d training images; the search and the final "
+                    "model use that random subsample (a larger --time-budget uses them all)", n, len(ctx.scan.train))
+    rank = np.empty(len(ctx.order), dtype=np.int64)
+    rank[ctx.order] = np.arange(len(ctx.order))
     ctx.scan = copy.copy(ctx.scan)
     ctx.scan.train = [ctx.scan.train[i] for i in keep]
     ctx.y = ctx.y[keep]
-    ctx.order = np.arange(n)
+    ctx.order = np.argsort(rank[keep])  # the same order, over the images kept
     ctx.inner = _inner_split(ctx.y, ctx.cfg.seed)
     search.subsample = n
 
@@ -746,10 +755,11 @@ def _candidate_config(base: TrainConfig, settings: dict, out: Path, **extra) -> 
 
 
 def _final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
+    subsample = {"train_subsample": search.subsample} if search.subsample else {}  # for the reproduce command
     if winner.kind == "probe":
         settings = {k: winner.settings[k] for k in PROBE_PIECES if k in winner.settings}
-        return _candidate_config(search.cfg, settings, out, mode="linear-probe")
-    return _candidate_config(search.cfg, winner.settings, out, best_metric="last")
+        return _candidate_config(search.cfg, settings, out, mode="linear-probe", **subsample)
+    return _candidate_config(search.cfg, winner.settings, out, best_metric="last", **subsample)
 
 
 def _refit(search: Search, final: TrainConfig, scan) -> dict:

@@ -17,9 +17,10 @@ import os
 import stat
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
 
@@ -201,6 +202,22 @@ def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=
     scan.problems = dict(problems.items)
     _log_summary(scan)
     return scan
+
+
+def subsample_order(n: int, seed: int) -> np.ndarray:
+    """The order in which seeded subsamples take training images: any prefix is a random subsample, and a
+    smaller one lies inside a larger one (the recipe search extracts in this order, and stops where its budget
+    does)."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def subsample_train(scan: DataScan, n: int | None, seed: int) -> DataScan:
+    """`scan` with a seeded random n of its training images (the first n of subsample_order, kept in scan
+    order); the scan itself where n is None or not below the number of training images."""
+    if not n or n >= len(scan.train):
+        return scan
+    keep = np.sort(subsample_order(len(scan.train), seed)[:n])
+    return replace(scan, train=[scan.train[i] for i in keep])
 
 
 def _check_root(root) -> Path:

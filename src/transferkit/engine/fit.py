@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, read_manifest, scan_dataset,
+from ..data.folders import (IMBALANCE_WARN_RATIO, DataScan, read_manifest, scan_dataset, subsample_train,
                             write_manifest)
 from ..data.transforms import eval_transform, train_transform
 from ..errors import UsageError
@@ -95,6 +95,10 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
                           group_duplicates=cfg.group_duplicates))
     for line in scan.summary_lines() if given is None else []:
         log.warning(line)
+    if cfg.train_subsample and cfg.train_subsample < len(scan.train):
+        log.warning("training on a seeded random %d of the %d training images (--train-subsample)",
+                    cfg.train_subsample, len(scan.train))
+        scan = subsample_train(scan, cfg.train_subsample, cfg.seed)
     if scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":
         log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
                     "(and --class-weights auto or --balanced-sampler)")
