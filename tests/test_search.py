@@ -24,6 +24,16 @@ def _folder(root: Path, seed: int = 0) -> Path:
     return make_image_folder(root, n_train=12, n_val=6, size=40, seed=seed)
 
 
+def _mislabel(data: Path, k: int) -> Path:
+    """Swap k training images between the two classes: no probe can be right on all of them in a CV, so the
+    search climbs its ladder instead of stopping at a perfect first probe."""
+    ants, bees = data / "train" / "ants", data / "train" / "bees"
+    for i, (a, b) in enumerate(zip(sorted(ants.glob("*.png"))[:k], sorted(bees.glob("*.png"))[:k])):
+        a.rename(bees / f"mislabelled_a{i}.png")
+        b.rename(ants / f"mislabelled_b{i}.png")
+    return data
+
+
 def _search(data: Path, out: Path, budget: str = "60s", **options) -> tuple[dict, dict]:
     cfg = TrainConfig(data=str(data), out=str(out), time_budget=budget, **SMALL, **options)
     metrics = train(cfg, given={"image_size", *options})
@@ -53,7 +63,7 @@ def test_selection_never_reads_val(tmp_path):
 def test_tiny_budget_returns_a_probe_on_time(tmp_path):
     """A budget far too small for the whole ladder on 400 training images: the search skips or stops what
     does not fit (saying why) and the run, final model and report included, ends within 10% of it."""
-    data = make_image_folder(tmp_path / "data", n_train=200, n_val=10, size=40)
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=200, n_val=10, size=40), 10)
     metrics, search = _search(data, tmp_path / "run", budget="15s")
     assert search["wall_seconds"] <= 15 * 1.1
     assert search["chosen"].startswith("probe")
@@ -237,7 +247,7 @@ def test_two_scale_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path)
 def test_search_tries_two_scales_on_large_images(tmp_path):
     """Images larger than the network's input: after the view ladder the search scores a two-scale probe by
     the same CV, and the reproduce command carries its sizes when it wins."""
-    data = make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=360)
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=12, n_val=6, size=360), 2)
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "run"), time_budget="10m", mode="linear-probe")
     train(cfg, given={"mode"})
     search = json.loads((tmp_path / "run" / "search.json").read_text())
@@ -363,3 +373,16 @@ def test_train_subsample_is_kept_by_the_search_and_its_reproduce_command(tmp_pat
     out = Path(command[command.index("--out") + 1])
     assert (out / "split.csv").read_text() == (tmp_path / "run" / "split.csv").read_text()
     assert json.loads((out / "metrics.json").read_text())["best_val_acc"] == metrics["best_val_acc"]
+
+
+def test_a_perfect_probe_ends_the_ladder(tmp_path):
+    """Nothing can score above 1.0, and a candidate must to win: the search stops at the first probe that is
+    right on every CV fold (and on the whole inner hold-out), says so, and does not spend the budget."""
+    data = _folder(tmp_path / "data")
+    metrics, search = _search(data, tmp_path / "run", budget="10m")
+    first = search["candidates"][0]
+    assert first["score"] == 1.0 and first["holdout"] == 1.0  # colour and stripes: a probe cannot miss
+    assert [c["name"] for c in search["candidates"]] == [first["name"]]
+    assert search["stopped"].startswith(first["name"]) and "fine-tuning" in search["stopped"]
+    assert "stopped early" in (tmp_path / "run" / "report.html").read_text()
+    assert metrics["best_val_acc"] is not None

@@ -93,6 +93,7 @@ class Search:
     feats_done: bool = False  # the first extraction (which never stops) is behind us
     subsample: int | None = None  # training images the budget allowed, where fewer than all
     feats: dict = field(default_factory=dict)  # (crop, input size) → {view: (n, d) array}
+    stopped: str | None = None  # why the ladder ended before its last step, where it did
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -280,9 +281,13 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
+        if best is not None and _perfect(search, best):
+            return best
         best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
+        if _perfect(search, best):
+            return best
         if view_set == "turns" and cfg.rotation_safe:
             continue  # declared safe: straight to all 8
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
@@ -291,9 +296,21 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
         if cand.score is not None and cand.score <= best.score and not cfg.rotation_safe:
             break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
         best = _better(best, cand)
-    if "image_size" not in given:
+    if "image_size" not in given and not _perfect(search, best):
         best = _better(best, _two_scale_candidate(search, ctx, best))
     return best
+
+
+def _perfect(search: Search, best: Candidate) -> bool:
+    """A probe right on every training image in the CV: no candidate can score above it (they must, to win),
+    so the ladder ends here (easy sets: seconds instead of minutes). Fine-tuning ends with it where the probe
+    is also right on the whole inner hold-out, whose bar it would have to beat."""
+    if best.score is None or best.score < 1.0:
+        return False
+    if search.stopped is None:
+        search.stopped = f"{best.name} scores 1.0 on the 3-fold CV: no other probe could score above it"
+        log.info("search: %s", search.stopped)
+    return True
 
 
 def _crop_options(ctx: _Context) -> list:
@@ -580,6 +597,10 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
     # 2 images, chosen without the rule, scored 0.8301 on val against the probe's 0.8497.
     # A --mode that fine-tunes, given, asks for a fine-tuned model: the candidate of that mode wins if it ran.
     bar = -1.0 if "mode" in given else probe.holdout + holdout_standard_error(probe.holdout, len(ctx.inner[1]))
+    if bar >= 1.0 and search.stopped:  # right on every CV fold and every hold-out image: nothing can be above it
+        search.stopped += "; nor fine-tuning, as it is right on the whole inner hold-out too"
+        log.info("search: no fine-tuning: the probe is right on the whole inner hold-out")
+        return None
     best = None
     for kind in kinds:
         cand = _finetune_candidate(search, ctx, probe, kind)
@@ -792,6 +813,7 @@ def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics
         "wall_seconds": wall,
         "extraction_images_per_second": search.rate,
         "train_subsample": search.subsample,
+        "stopped": search.stopped,
         "selection": "3-fold CV on train (probes); an inner 20% hold-out of train (fine-tuning); val read once, "
                      "by the final run",
         "candidates": [c.record() for c in search.candidates],

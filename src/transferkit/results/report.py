@@ -351,7 +351,9 @@ def _search(search: dict | None) -> str:
                      ", ".join(f"{k}={v}" for k, v in settings.items())])
     head = (f"<h2>Search</h2><p>Budget {_duration(search.get('budget_seconds'))}, used "
             f"{_duration(search.get('wall_seconds'))}. {_e(str(search.get('selection', '')))}. "
-            f"Chosen: <b>{_e(str(search.get('chosen')))}</b>. The same run without the search:</p>"
+            f"Chosen: <b>{_e(str(search.get('chosen')))}</b>."
+            + (f" The ladder stopped early: {_e(str(search['stopped']))}." if search.get("stopped") else "")
+            + " The same run without the search:</p>"
             f"<pre>{_e(str(search.get('reproduce', '')))}</pre>")
     return head + _table(["candidate", "CV / inner score", "probe on inner hold-out", "estimate", "took", "status",
                           "settings"], rows)
