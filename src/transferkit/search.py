@@ -366,6 +366,8 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     cand.estimate_s = len(missing) * n / search.rate + _cv_seconds(search, ctx, len(views))
     reserve = len(views) * m / search.rate + FIXED_OVERHEAD_S  # the final run's val pass and write-up
+    log.debug("search: %s: %d views × %d images at %.0f views/s + CV ~%.0fs (%.2g s per row); reserve %.0fs",
+              name, len(missing), n, search.rate, _cv_seconds(search, ctx, len(views)), search.cv_row_s or 0, reserve)
     first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
     if not first and not search.affords(cand, reserve):
         return cand
