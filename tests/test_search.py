@@ -386,3 +386,14 @@ def test_a_perfect_probe_ends_the_ladder(tmp_path):
     assert search["stopped"].startswith(first["name"]) and "fine-tuning" in search["stopped"]
     assert "stopped early" in (tmp_path / "run" / "report.html").read_text()
     assert metrics["best_val_acc"] is not None
+
+
+def test_a_probe_estimate_pays_only_for_the_views_not_extracted_yet():
+    from types import SimpleNamespace
+
+    from transferkit.search import _missing_views
+
+    search = SimpleNamespace(feats={(1.0, None): {0: None, 1: None}, (1.0, 300): {0: None}})
+    assert _missing_views(search, 1.0, (0, 1, 2, 3)) == [2, 3]
+    assert _missing_views(search, 1.0, (0, 1), size=300) == [1]
+    assert _missing_views(search, None, (0,)) == [0]
