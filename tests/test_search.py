@@ -397,3 +397,17 @@ def test_a_probe_estimate_pays_only_for_the_views_not_extracted_yet():
     assert _missing_views(search, 1.0, (0, 1, 2, 3)) == [2, 3]
     assert _missing_views(search, 1.0, (0, 1), size=300) == [1]
     assert _missing_views(search, None, (0,)) == [0]
+
+
+def test_the_plan_says_when_its_timed_images_were_cached(tmp_path, caplog):
+    """A rerun reads its first features from the cache: the plan's measured rate is then a read rate, and says so."""
+    import logging
+
+    data = _folder(tmp_path / "data")
+    with caplog.at_level(logging.INFO, logger="transferkit.search"):
+        _search(data, tmp_path / "first")
+        first = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: 24 train")]
+        caplog.clear()
+        _search(data, tmp_path / "again")
+        again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: 24 train")]
+    assert "cached" not in first[0] and "24 of the 24 timed images were cached" in again[0]

@@ -328,23 +328,26 @@ def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     # The warm-up (timed too, for sets of fewer than 65 images), then two timed chunks decoded by the search's
     # own threads, the fastest kept: the chunk right after the warm-up still paid several times the steady cost
     # (2-core EPYC, ONNX Runtime: 28 images/s, then 105, the rate the candidates ran at).
-    rates = []
+    rates, cached = [], 0
     for timed in (paths[:64], paths[64:128], paths[128:192]):
         if timed:
             t = time.perf_counter()
-            taps.features(timed, (0,), ctx.scan.digests, default_workers(), desc="timing")
+            _, _, stats = taps.features(timed, (0,), ctx.scan.digests, default_workers(), desc="timing")
             rates.append(len(timed) / max(time.perf_counter() - t, 1e-3))
+            cached += stats["hits"]
     search.rate = max(rates[1:] or rates)
-    _log_plan(search, ctx)
+    # Features already in the cache are read, not computed: the rate then says little of the views and sizes
+    # not cached yet (each extraction re-measures it as its chunks run, and stops where it would overrun).
+    _log_plan(search, ctx, f"; {cached} of the {min(len(paths), 192)} timed images were cached" if cached else "")
 
 
-def _log_plan(search: Search, ctx: _Context) -> None:
+def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     """The ladder with an estimate for each step, from the measured rate (steps run while they fit)."""
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_view = n / search.rate
     cv = _cv_seconds(search, ctx, 1)
-    log.info("plan: %d train / %d val images; extraction %.0f images/s (measured); budget %.0fs, %.0fs left",
-             n, m, search.rate, search.deadline - search.t0, search.left())
+    log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left",
+             n, m, search.rate, note, search.deadline - search.t0, search.left())
     steps = [(f"probe, crop {'own' if c is None else c}, 1 view", per_view + cv) for c in _crop_options(ctx)]
     steps += [("probe + mirror view", per_view + 2 * cv), ("probe + views turned by 90° (2 more)", 2 * per_view + 4 * cv),
               ("probe, 8 dihedral views", 4 * per_view + 8 * cv)]
@@ -528,6 +531,7 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     x_large = _train_features(search, ctx, crop, views, reserve, size=size)
     if x_large is None:
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
+        log.info("search: %s %s", name, cand.status)
         return cand
     x_native = _train_features(search, ctx, crop, views, reserve)
     columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"])
