@@ -281,13 +281,13 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
-        if best is not None and _perfect(search, best):
-            return best
+        if _perfect(best):
+            return _stopped_at(search, best)
         best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
-        if _perfect(search, best):
-            return best
+        if _perfect(best):
+            return _stopped_at(search, best)
         if view_set == "turns" and cfg.rotation_safe:
             continue  # declared safe: straight to all 8
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
@@ -296,21 +296,23 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
         if cand.score is not None and cand.score <= best.score and not cfg.rotation_safe:
             break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
         best = _better(best, cand)
-    if "image_size" not in given and not _perfect(search, best):
-        best = _better(best, _two_scale_candidate(search, ctx, best))
+    if "image_size" in given:
+        return best
+    if _perfect(best):
+        return _stopped_at(search, best)
+    return _better(best, _two_scale_candidate(search, ctx, best))
+
+
+def _perfect(best: Candidate | None) -> bool:
+    """A probe right on every training image in the CV: no candidate can score above it, and a candidate must
+    to win, so the probe ladder ends there (easy sets: seconds instead of minutes)."""
+    return best is not None and best.score is not None and best.score >= 1.0
+
+
+def _stopped_at(search: Search, best: Candidate) -> Candidate:
+    search.stopped = f"{best.name} scores 1.0 on the 3-fold CV: no other probe could score above it"
+    log.info("search: %s", search.stopped)
     return best
-
-
-def _perfect(search: Search, best: Candidate) -> bool:
-    """A probe right on every training image in the CV: no candidate can score above it (they must, to win),
-    so the ladder ends here (easy sets: seconds instead of minutes). Fine-tuning ends with it where the probe
-    is also right on the whole inner hold-out, whose bar it would have to beat."""
-    if best.score is None or best.score < 1.0:
-        return False
-    if search.stopped is None:
-        search.stopped = f"{best.name} scores 1.0 on the 3-fold CV: no other probe could score above it"
-        log.info("search: %s", search.stopped)
-    return True
 
 
 def _crop_options(ctx: _Context) -> list:
@@ -367,10 +369,11 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
     cand = search.add(Candidate(name, "probe", {"crop_fraction": crop, "probe_views": view_set}))
     missing = _missing_views(search, crop, views)
     n, m = len(ctx.scan.train), len(ctx.scan.val)
-    cand.estimate_s = len(missing) * n / search.rate + _cv_seconds(search, ctx, len(views))
+    cv = _cv_seconds(search, ctx, len(views))
+    cand.estimate_s = len(missing) * n / search.rate + cv
     reserve = len(views) * m / search.rate + FIXED_OVERHEAD_S  # the final run's val pass and write-up
-    log.debug("search: %s: %d views × %d images at %.0f views/s + CV ~%.0fs (%.2g s per row); reserve %.0fs",
-              name, len(missing), n, search.rate, _cv_seconds(search, ctx, len(views)), search.cv_row_s or 0, reserve)
+    log.debug("search: %s: %d views × %d images at %.0f views/s + CV ~%.0fs; reserve %.0fs",
+              name, len(missing), n, search.rate, cv, reserve)
     first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
     if not first and not search.affords(cand, reserve):
         return cand
@@ -390,9 +393,8 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Cand
 
 
 def _missing_views(search: Search, crop, views, size=None) -> list:
-    """The views of `crop` at input `size` not extracted yet (what a candidate's estimate pays for). Until
-    session 8 the estimate looked the features up by crop alone, where they are kept by (crop, size), so every
-    view counted as missing: ELPV's 8-view probe was estimated at 99 s instead of 63 and skipped for want of 6."""
+    """The views of `crop` at input `size` not extracted yet: what a candidate's extraction, and so its
+    estimate, pays for (search.feats is keyed by crop and size)."""
     return [v for v in views if v not in search.feats.get((crop, size), {})]
 
 
@@ -610,9 +612,10 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
     # 2 images, chosen without the rule, scored 0.8301 on val against the probe's 0.8497.
     # A --mode that fine-tunes, given, asks for a fine-tuned model: the candidate of that mode wins if it ran.
     bar = -1.0 if "mode" in given else probe.holdout + holdout_standard_error(probe.holdout, len(ctx.inner[1]))
-    if bar >= 1.0 and search.stopped:  # right on every CV fold and every hold-out image: nothing can be above it
-        search.stopped += "; nor fine-tuning, as it is right on the whole inner hold-out too"
-        log.info("search: no fine-tuning: the probe is right on the whole inner hold-out")
+    if bar >= 1.0:  # the probe is right on every inner hold-out image: no fine-tuning score can be above it
+        why = "no fine-tuning: the probe is right on the whole inner hold-out"
+        search.stopped = f"{search.stopped}; {why}" if search.stopped else why
+        log.info("search: %s", why)
         return None
     best = None
     for kind in kinds:
