@@ -332,3 +332,27 @@ def test_valid_folder_is_the_val_split_next_to_train(tmp_path):
     (root / "val").rename(root / "valid")
     scan = scan_dataset(root)
     assert scan.split_source == "folders" and scan.class_counts()["val"] == {"a": 1, "b": 1}
+
+
+def test_scan_of_large_jpegs_keeps_their_stored_size_and_finds_copies(tmp_path, monkeypatch):
+    """The scan decodes a large JPEG at a reduced scale (folders.SCAN_SHORTER_SIDE); its fingerprint still
+    carries the picture's own size, and it finds the same re-encoded copies as a full decode."""
+    import numpy as np
+
+    from transferkit.data import folders
+
+    yy, xx = np.mgrid[0:1200, 0:1600].astype(np.float32)
+    for c, name in enumerate(("a", "b")):
+        for i in range(3):
+            grey = 128 + 100 * np.sin(xx / (20 + 7 * i + 11 * c)) * np.cos(yy / (13 + 5 * i))
+            img = Image.fromarray(grey.clip(0, 255).astype(np.uint8)).convert("RGB")
+            for split in ("train", "val"):
+                path = tmp_path / split / name / f"{name}{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path, "JPEG", quality=90 if split == "train" else 80)  # val: re-encoded copies
+    reduced = scan_dataset(tmp_path)
+    assert {fp.size for fp in reduced.fingerprints.values()} == {(1600, 1200)}
+    monkeypatch.setattr(folders, "SCAN_SHORTER_SIDE", None)
+    full = scan_dataset(tmp_path)
+    copies = [e["path"] for e in reduced.problems["same_picture_across_splits"]]
+    assert len(copies) >= 4 and copies == [e["path"] for e in full.problems["same_picture_across_splits"]]

@@ -156,3 +156,47 @@ def test_animated_gif_gives_first_frame(tmp_path):
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     assert load_rgb(_save(tmp_path, "anim.gif", buf.getvalue())).size == (10, 10)
+
+
+def _photo(width=1600, height=1200) -> Image.Image:
+    """A smooth 'photo': large enough that a reduced-scale JPEG decode applies (images.DRAFT_MARGIN)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([128 + 100 * np.sin(xx / 37), 128 + 100 * np.cos(yy / 23), (xx + yy) % 256], -1)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def test_large_jpeg_decodes_at_a_reduced_scale_and_resizes_alike(tmp_path):
+    from transferkit.data.images import read_rgb
+
+    path = _save(tmp_path, "photo.jpg", encode(_photo(), "JPEG", quality=90))
+    small, size = read_rgb(path, shorter_side=128)
+    full = load_rgb(path)
+    assert size == full.size == (1600, 1200)
+    assert small.size == (400, 300)  # 1/4 scale: the smallest whose shorter side keeps 2 × 128
+    assert min(small.size) >= images.DRAFT_MARGIN * 128
+    # what the caller does next (resize the shorter side to 128) gives nearly the same pixels
+    a, b = (np.asarray(im.resize((171, 128), Image.BICUBIC), dtype=np.float32) for im in (small, full))
+    assert np.abs(a - b).mean() < 1.0
+    # without a size, or when the image is not large enough, a full decode
+    assert load_rgb(path, shorter_side=600).size == (1600, 1200)
+
+
+def test_reduced_decode_keeps_png_and_errors(tmp_path):
+    png = _save(tmp_path, "big.png", encode(_photo(), "PNG"))
+    assert load_rgb(png, shorter_side=64).size == (1600, 1200)  # no DCT to scale
+    data = encode(_photo(), "JPEG", quality=90)
+    cut = _save(tmp_path, "cut.jpg", data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError) as err:
+        load_rgb(cut, shorter_side=64)  # a reduced-scale decode still reads the whole file
+    assert err.value.kind == "corrupt"
+
+
+def test_reduced_decode_reports_the_oriented_stored_size(tmp_path):
+    from transferkit.data.images import read_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    path = tmp_path / "turned.jpg"
+    _photo().save(path, "JPEG", quality=90, exif=exif)
+    img, size = read_rgb(path, shorter_side=128)
+    assert size == (1200, 1600) and img.size == (300, 400)

@@ -43,9 +43,9 @@ def counted_decodes(monkeypatch):
     """Counts load_rgb calls of the store builder (workers=0: it runs in this process)."""
     calls = []
 
-    def counting(path):
+    def counting(path, **kwargs):
         calls.append(path)
-        return decoded_load(path)
+        return decoded_load(path, **kwargs)
 
     decoded_load = decoded.load_rgb
     monkeypatch.setattr(decoded, "load_rgb", counting)

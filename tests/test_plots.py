@@ -87,3 +87,16 @@ def test_plot_image_grid_shows_original_colours(tmp_path):
     pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).astype(int)
     is_grey = (np.abs(pixels - 128) <= 2).all(axis=1)
     assert is_grey.mean() > 0.3
+
+
+def test_thumbnails_follow_exif_orientation_and_shrink_large_jpegs(tmp_path):
+    """Top-loss pictures are shown as a viewer shows the file (EXIF turn applied), from a reduced-scale decode."""
+    from transferkit.results.plots import _load_thumbnail
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display: stored landscape, shown portrait
+    path = tmp_path / "turned.jpg"
+    Image.new("RGB", (1600, 1200), (200, 40, 40)).save(path, "JPEG", exif=exif)
+    thumb = _load_thumbnail(path, 64)
+    assert thumb.shape == (64, 48, 3)
+    assert _load_thumbnail(tmp_path / "missing.jpg", 64) is None

@@ -147,8 +147,13 @@ def _image_batches(items: list[tuple[str, int]], meta: dict, batch_size: int = 3
     from .data.transforms import eval_transform
     from .engine.checkpoint import preprocessing_of
 
-    transform = eval_transform(preprocessing_of(meta))
-    for start, batch in read_batches(items, lambda item: transform(load_rgb(item[0])), batch_size):
+    pre = preprocessing_of(meta)
+    transform = eval_transform(pre)
+
+    def read(item):
+        return transform(load_rgb(item[0], shorter_side=pre.resize_size))
+
+    for start, batch in read_batches(items, read, batch_size):
         chunk = items[start:start + batch_size]
         for (path, _), error in zip(chunk, batch.errors):
             if error is not None:

@@ -47,11 +47,11 @@ class Predictor:
         return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
 
     def preprocess(self, path: str) -> torch.Tensor:
-        return self.preprocess_image(load_rgb(path))
+        return self.preprocess_image(load_rgb(path, shorter_side=self.preprocessing.resize_size))
 
     def preprocess_bytes(self, data: bytes, name: str) -> torch.Tensor:
         """An image file held in memory (an upload) -> the model's input."""
-        return self.preprocess_image(load_rgb_bytes(data, name))
+        return self.preprocess_image(load_rgb_bytes(data, name, shorter_side=self.preprocessing.resize_size))
 
     def preprocess_image(self, img) -> torch.Tensor:
         """A decoded RGB PIL image -> the model's input."""

@@ -16,10 +16,11 @@ class ImageListDataset(Dataset):
     """Items are (path, label). A file that cannot be read any more (deleted or truncated after the
     scan) yields None; `skip_broken_collate` drops it and the loop counts it."""
 
-    def __init__(self, items, transform, view_transform=None):
+    def __init__(self, items, transform, view_transform=None, shorter_side: int | None = None):
         self.items = list(items)
         self.transform = transform
         self.view_transform = view_transform  # optional fn(tensor, index) applied after transform
+        self.shorter_side = shorter_side  # the preprocessing's resize size: large JPEGs may decode smaller
 
     def __len__(self) -> int:
         return len(self.items)
@@ -27,7 +28,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.items[index]
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, shorter_side=self.shorter_side)
         except Exception as exc:  # noqa: BLE001 - any failure of one file must not end the run
             log.warning("skipping %s during training: %s", path, exc)
             return None

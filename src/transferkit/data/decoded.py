@@ -41,7 +41,8 @@ from .images import load_rgb
 from .transforms import resize_shorter
 
 log = logging.getLogger(__name__)
-STORE_VERSION = 3  # 2: checksummed shards; 3: own resolution when smaller, grey as one channel
+STORE_VERSION = 4  # 2: checksummed shards; 3: own resolution when smaller, grey as one channel;
+# 4: large JPEGs decoded at a reduced DCT scale (data/images.py DRAFT_MARGIN)
 SUFFIX = ".u8"
 SHARD_BYTES = 1 << 28  # a new shard every 256 MiB: the unit an interrupted build keeps and eviction drops
 CAP_ENV = "TRANSFERKIT_CACHE_MAX"
@@ -186,7 +187,8 @@ class _DecodeDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            pixels = stored_pixels(load_rgb(self.paths[i]), self.pre.resize_size, self.resize)
+            image = load_rgb(self.paths[i], shorter_side=self.pre.resize_size)
+            pixels = stored_pixels(image, self.pre.resize_size, self.resize)
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
             return i, None, failure_reason(exc)
         return i, torch.from_numpy(pixels), ""  # a tensor crosses from the worker in shared memory

@@ -35,11 +35,12 @@ class Fingerprint:
     size: tuple[int, int]  # width, height of the decoded image
 
 
-def fingerprint(img: Image.Image) -> Fingerprint:
+def fingerprint(img: Image.Image, size: tuple[int, int] | None = None) -> Fingerprint:
+    """`size`: the picture's size as stored, where `img` was decoded smaller (data/images.py read_rgb)."""
     grey = img.convert("L")
     small = np.asarray(grey.resize((9, 8), Image.BILINEAR), dtype=np.int16)
     bits = (small[:, 1:] > small[:, :-1]).ravel()
-    return Fingerprint(int.from_bytes(np.packbits(bits).tobytes(), "big"), _thumb(grey).tobytes(), img.size)
+    return Fingerprint(int.from_bytes(np.packbits(bits).tobytes(), "big"), _thumb(grey).tobytes(), size or img.size)
 
 
 def _thumb(grey: Image.Image) -> np.ndarray:

@@ -25,7 +25,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
-from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
+from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
 
@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 VAL_DIR_NAMES = ("val", "valid", "validation")
 OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini"})
 MIN_SIDE = 8  # below this a side carries no usable detail even after resizing
+# The scan decodes every file to check it and fingerprint it (32×32 thumbnails): a large JPEG may be decoded at a
+# reduced scale, its shorter side still ≥ 2 × this (data/images.py DRAFT_MARGIN); a damaged file fails alike.
+SCAN_SHORTER_SIDE = 128
 IMBALANCE_WARN_RATIO = 3.0
 MANIFEST_COLUMNS = ("path", "class", "split")
 
@@ -397,16 +400,16 @@ def _check_files(candidates, problems: _Problems, verify: bool,
 def _verify_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None, Fingerprint | None]:
     """(problem kind or None, detail, sha256, fingerprint of the decoded picture)."""
     try:
-        img = load_rgb(path)
+        img, size = read_rgb(path, shorter_side=SCAN_SHORTER_SIDE)
     except ImageDecodeError as exc:
         if no_ext and exc.kind == "not_an_image":
             return "non_image", "no file extension and not an image", None, None
         return exc.kind, exc.reason, None, None
-    width, height = img.size
+    width, height = size
     if min(width, height) < MIN_SIDE:
         return "too_small", f"{width}×{height} pixels; a side under {MIN_SIDE} pixels carries no usable detail", None, None
     try:
-        return None, "", file_sha256(path), fingerprint(img)
+        return None, "", file_sha256(path), fingerprint(img, size)
     except OSError as exc:
         return "unreadable", f"cannot read file: {exc.strerror or exc}", None, None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import stat
 import warnings
@@ -24,6 +25,12 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff",
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+# A JPEG can be decoded at 1/2, 1/4 or 1/8 scale inside its inverse DCT, for a fraction of the work (a 12-MP
+# photo: ~95 → ~20 ms here). A caller that shrinks the image anyway passes `shorter_side`, the size it resizes
+# the shorter side to; the decoder keeps at least DRAFT_MARGIN times that, so the caller's own antialiased
+# resize still makes the last step. The resized pixels then differ from those of a full decode by a fraction
+# of a grey level (a 4032×3024 photo resized to 256: 0.2 on average, 3 at most).
+DRAFT_MARGIN = 2
 
 
 class ImageDecodeError(DataError):
@@ -36,16 +43,25 @@ class ImageDecodeError(DataError):
         self.reason = reason
 
 
-def load_rgb(path, keep_gray: bool = False) -> Image.Image:
+def load_rgb(path, keep_gray: bool = False, shorter_side: int | None = None) -> Image.Image:
     """Open `path`, apply its EXIF orientation and return a fully decoded 8-bit RGB image.
 
     `keep_gray`: a plain 8-bit grey image (mode L) comes back as it is, for a caller that resizes one
     band and broadcasts it to three (Pillow resamples every band alike, so the numbers are those of
     its RGB conversion, for a third of the work).
 
+    `shorter_side`: the caller resizes the shorter side down to this; a large JPEG may then come back
+    smaller, still at least DRAFT_MARGIN times that (see DRAFT_MARGIN).
+
     Raises ImageDecodeError with `kind` one of: empty_file, unreadable, not_an_image,
     decompression_bomb, corrupt.
     """
+    return read_rgb(path, keep_gray, shorter_side)[0]
+
+
+def read_rgb(path, keep_gray: bool = False, shorter_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_rgb`, and the width and height of the picture as stored (EXIF-oriented), which a JPEG decoded
+    at a reduced scale no longer has."""
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
@@ -55,7 +71,11 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
             raise ImageDecodeError(path, "empty_file", "empty file (0 bytes)")
         with open(path, "rb") as fp:
             # Orient and convert while the file is open: some plugins read EXIF lazily.
-            return to_rgb(_decode(fp, path), path, keep_gray)
+            img, size = _decode(fp, path, shorter_side)
+            decoded = img.size
+            img = to_rgb(img, path, keep_gray)
+            turned = img.size != decoded  # an EXIF orientation that swaps width and height
+            return img, (size[::-1] if turned else size)
     except PermissionError as exc:
         raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror}") from None
     except FileNotFoundError:
@@ -64,15 +84,16 @@ def load_rgb(path, keep_gray: bool = False) -> Image.Image:
         raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror or exc}") from None
 
 
-def load_rgb_bytes(data: bytes, name: str, keep_gray: bool = False) -> Image.Image:
+def load_rgb_bytes(data: bytes, name: str, keep_gray: bool = False, shorter_side: int | None = None) -> Image.Image:
     """`load_rgb` for an image held in memory (an upload), with the same checks and error kinds."""
     if not data:
         raise ImageDecodeError(name, "empty_file", "empty file (0 bytes)")
     with io.BytesIO(data) as fp:
-        return to_rgb(_decode(fp, name), name, keep_gray)
+        return to_rgb(_decode(fp, name, shorter_side)[0], name, keep_gray)
 
 
-def _decode(fp, path) -> Image.Image:
+def _decode(fp, path, shorter_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """The image, fully decoded (at a reduced scale where `_draft` allows), and its stored size."""
     try:
         # Pillow only warns between 1x and 2x its pixel limit; we refuse all of it below with
         # the real size, so silence the warning here instead of letting it reach the user.
@@ -86,12 +107,25 @@ def _decode(fp, path) -> Image.Image:
     except Exception as exc:  # a malformed header can raise almost anything inside a Pillow plugin
         raise ImageDecodeError(path, "corrupt", f"corrupt image header: {_reason(exc)}") from None
     _refuse_bomb(img, path)
+    size = img.size
     try:
-        # Full decode now, so truncated or damaged files fail here and not mid-training.
+        _draft(img, shorter_side)
+        # Full decode now, so truncated or damaged files fail here and not mid-training (a reduced-scale
+        # decode still reads every byte of the file).
         img.load()
     except Exception as exc:  # decoder errors are OSError, SyntaxError, ValueError, zlib.error, ...
         raise ImageDecodeError(path, "corrupt", f"corrupt or truncated image: {_reason(exc)}") from None
-    return img
+    return img, size
+
+
+def _draft(img: Image.Image, shorter_side: int | None) -> None:
+    """Ask a JPEG decoder for the smallest DCT scale whose shorter side stays ≥ DRAFT_MARGIN × shorter_side."""
+    if not shorter_side or img.format != "JPEG":
+        return
+    width, height = img.size
+    keep = DRAFT_MARGIN * shorter_side / min(width, height)
+    if keep <= 0.5:  # Pillow picks the largest of 1/2, 1/4, 1/8 that leaves at least the size asked for
+        img.draft(None, (math.ceil(width * keep), math.ceil(height * keep)))
 
 
 def _refuse_bomb(img: Image.Image, path) -> None:

@@ -36,7 +36,8 @@ from . import signals
 from .progress import progress
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 2: random views are cropped from the decoded-image store; 3: checksummed shards
+CACHE_VERSION = 4  # 2: random views are cropped from the decoded-image store; 3: checksummed shards;
+# 4: large JPEGs decoded at a reduced DCT scale (data/images.py DRAFT_MARGIN)
 SUFFIX = ".safetensors"
 
 
@@ -335,6 +336,7 @@ class FileViewDataset(Dataset):
     def __init__(self, entries: list[tuple[str, list[View]]], pre: Preprocessing):
         self.entries = entries
         self.crop = eval_crop(pre)
+        self.shorter_side = pre.resize_size
 
     def __len__(self):
         return len(self.entries)
@@ -342,7 +344,7 @@ class FileViewDataset(Dataset):
     def __getitem__(self, i):
         path, views = self.entries[i]
         try:
-            crop = np.asarray(self.crop(load_rgb(path, keep_gray=True)))
+            crop = np.asarray(self.crop(load_rgb(path, keep_gray=True, shorter_side=self.shorter_side)))
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
             return {path: failure_reason(exc)}
         crop = crop[None] if crop.ndim == 2 else crop.transpose(2, 0, 1)  # CHW

@@ -292,7 +292,7 @@ def _training_sample(state: RunState, source: BatchSource, n: int):
     images, labels = [], []
     for path, label in items:
         try:
-            images.append(seen(load_rgb(path)))
+            images.append(seen(load_rgb(path, shorter_side=state.pre.resize_size)))
             labels.append(label)
         except Exception:  # noqa: BLE001 - a sample picture is not worth failing the run
             continue

@@ -240,7 +240,7 @@ class ImageBatchSource(BatchSource):
 
     def _dataset(self, items, transform, store):
         if store is None:
-            return ImageListDataset(items, transform)
+            return ImageListDataset(items, transform, shorter_side=self.state.pre.resize_size)
         return DecodedDataset(items, [self.keys[p] for p, _ in items], store, transform)
 
     def trainable_module(self) -> nn.Module:

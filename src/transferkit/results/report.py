@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image
 
-from transferkit.errors import CheckpointError
+from transferkit.errors import CheckpointError, DataError
 from transferkit.results import plots
 from transferkit.run_folder import RunFolder
 
@@ -167,13 +167,14 @@ def _image(path: Path, alt: str) -> str:
 
 def _thumbnail_uri(path: Any) -> str | None:
     """A small PNG data URI of an image file, or None when it cannot be read."""
+    from ..data.images import load_rgb
+
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-            buffer = io.BytesIO()
-            img.save(buffer, format="PNG")
-    except (OSError, ValueError, TypeError):
+        img = load_rgb(path, shorter_side=THUMBNAIL_SIZE)  # oriented as shown; a large JPEG decoded small
+        img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        buffer = io.BytesIO()
+        img.save(buffer, format="PNG")
+    except (DataError, OSError, ValueError, TypeError):
         return None
     return _data_uri(buffer.getvalue())
 
