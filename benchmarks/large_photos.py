@@ -46,7 +46,7 @@ RUN = ("import os, sys\n"
        "    from transferkit.data import images; images._draft = lambda img, side: None\n"
        "from transferkit.cli import entry\n"
        "sys.argv = ['transferkit', 'train', sys.argv[1], '--recipe', 'tutorial', '--mode', 'feature-extract',"
-       " '--out', sys.argv[2]]\n"
+       " '--out', sys.argv[2], '--overwrite']\n"
        "entry()\n")
 
 
