@@ -136,3 +136,38 @@ def test_models_cli_lists_every_backbone(capsys):
     for name in ["resnet18", "inception_v3", "efficientnet_lite0", "squeezenet1_0"]:
         assert name in out
     assert "efficientnet_lite0" in [l.split()[0] for l in out.splitlines() if "yes" in l]
+
+
+def test_large_jpegs_predict_as_they_were_scored_in_training(tmp_path):
+    """Camera-sized JPEGs are decoded at a reduced scale for the run's features (data/images.py DRAFT_MARGIN):
+    predict (torch) and the exported ONNX model read them the same way, so each val image's probability
+    equals the one the run scored it with."""
+    from PIL import Image
+
+    from transferkit.export import export_run
+    from transferkit.onnx_predict import OnnxClassifier
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:900, 0:1200].astype(np.float32)
+    for c, name in enumerate(("ants", "bees")):
+        for split, n in (("train", 4), ("val", 3)):
+            for i in range(n):
+                stripes = 128 + 90 * np.sin((xx if c else yy) / (9 + 3 * i))
+                rgb = np.stack([stripes, np.roll(stripes, 7 * i, 0), np.full_like(stripes, 60 + 120 * c)], -1)
+                rgb += rng.normal(0, 6, rgb.shape)
+                path = tmp_path / "data" / split / name / f"{name}{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
+    run = tmp_path / "run"
+    _train(tmp_path / "data", run, recipe="tutorial", mode="feature-extract", image_size=96, epochs=2)
+    scored = {r["path"]: r["probability_of_true"]
+              for r in json.loads((run / "evaluation.json").read_text())["top_losses"]}
+    paths = sorted(scored)
+    assert len(paths) == 6
+    truth = [0 if "/ants/" in p else 1 for p in paths]
+    probs = tk.load(run / "best.safetensors").predict_proba(paths)
+    onnx = OnnxClassifier(export_run(run, "onnx")["path"]).predict_proba(paths)[0]
+    for p, t, torch_row, onnx_row in zip(paths, truth, probs, onnx):
+        # same pixels: equal to float rounding (a full decode in predict moved them by ~2e-3)
+        assert torch_row[t] == pytest.approx(scored[p], abs=1e-4)
+        assert onnx_row[t] == pytest.approx(scored[p], abs=1e-4)
