@@ -200,3 +200,13 @@ def test_reduced_decode_reports_the_oriented_stored_size(tmp_path):
     _photo().save(path, "JPEG", quality=90, exif=exif)
     img, size = read_rgb(path, shorter_side=128)
     assert size == (1200, 1600) and img.size == (300, 400)
+
+
+def test_phone_mpo_jpeg_decodes_at_a_reduced_scale_too(tmp_path):
+    from transferkit.data.images import read_rgb
+
+    path = tmp_path / "phone.jpg"
+    _photo().save(path, "MPO", save_all=True, append_images=[_photo(800, 600)])
+    assert Image.open(path).format == "MPO"
+    img, size = read_rgb(path, shorter_side=128)
+    assert size == (1600, 1200) and img.size == (400, 300)

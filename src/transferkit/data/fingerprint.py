@@ -32,7 +32,7 @@ CROP_ANCHORS = (0.0, 0.5, 1.0)  # where a crop sits: left/top, centre, right/bot
 class Fingerprint:
     dhash: int
     thumb: bytes  # THUMB_SIDE² grey pixels, uint8
-    size: tuple[int, int]  # width, height of the decoded image
+    size: tuple[int, int]  # width, height of the picture as stored (EXIF-oriented)
 
 
 def fingerprint(img: Image.Image, size: tuple[int, int] | None = None) -> Fingerprint:

@@ -26,11 +26,12 @@ _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 # A JPEG can be decoded at 1/2, 1/4 or 1/8 scale inside its inverse DCT, for a fraction of the work (a 12-MP
-# photo: ~95 → ~20 ms here). A caller that shrinks the image anyway passes `shorter_side`, the size it resizes
+# camera JPEG: ~180 → ~38 ms here, benchmarks/large_photos.py). A caller that shrinks the image anyway passes `shorter_side`, the size it resizes
 # the shorter side to; the decoder keeps at least DRAFT_MARGIN times that, so the caller's own antialiased
 # resize still makes the last step. The resized pixels then differ from those of a full decode by a fraction
 # of a grey level (a 4032×3024 photo resized to 256: 0.2 on average, 3 at most).
 DRAFT_MARGIN = 2
+_DCT_FORMATS = {"JPEG", "MPO"}  # MPO: a phone camera's JPEG with extra frames (Pillow reads the first)
 
 
 class ImageDecodeError(DataError):
@@ -120,7 +121,7 @@ def _decode(fp, path, shorter_side: int | None = None) -> tuple[Image.Image, tup
 
 def _draft(img: Image.Image, shorter_side: int | None) -> None:
     """Ask a JPEG decoder for the smallest DCT scale whose shorter side stays ≥ DRAFT_MARGIN × shorter_side."""
-    if not shorter_side or img.format != "JPEG":
+    if not shorter_side or img.format not in _DCT_FORMATS:
         return
     width, height = img.size
     keep = DRAFT_MARGIN * shorter_side / min(width, height)
