@@ -135,7 +135,8 @@ def main() -> None:
             f"{', '.join(PHOTOS)}, one class each, cropped, resized, with sensor noise). Cold run = `transferkit "
             "train DIR --recipe tutorial --mode feature-extract`, fresh process, empty feature cache.\n\n"
             + table(rows, ["repeat", "decode", "decode images/s", "wall s", "best val acc"])
-            + f"\n\nMedians: decode **{median('reduced scale', 'decode images/s') / median('full', 'decode images/s'):.1f}×**"
+            + f"\n\nMedians: decode "
+            f"**{median('reduced scale', 'decode images/s') / median('full', 'decode images/s'):.1f}×**"
             f" faster, cold run **{median('full', 'wall s') / median('reduced scale', 'wall s'):.1f}×** faster "
             f"({median('full', 'wall s'):.1f} s → {median('reduced scale', 'wall s'):.1f} s). Eval crops of the two "
             f"decodes differ by {statistics.mean(mean_diffs):.2f} grey levels on average, {max(diffs)} at most.")

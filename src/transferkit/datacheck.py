@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.fingerprint import THUMB_SIDE, aligned_similarity, crop_thumbnails
+from .data.fingerprint import CROP_SOURCE_SIDE, aligned_similarity, crop_thumbnails
 from .config import Thresholds  # torch-free: the CLI parser reads its defaults
 from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
 from .data.images import load_rgb
@@ -182,7 +182,7 @@ def _near_duplicates(items: Items, neighbours, digests: dict[str, str], th: Thre
 def _crop_thumbnails(paths: list[str], which: list[int]) -> dict[int, np.ndarray]:
     def one(i):
         try:
-            return i, crop_thumbnails(load_rgb(paths[i], shorter_side=2 * THUMB_SIDE))
+            return i, crop_thumbnails(load_rgb(paths[i], shorter_side=CROP_SOURCE_SIDE))
         except Exception:  # noqa: BLE001 - a file that changed since the scan just drops out
             return i, None
 

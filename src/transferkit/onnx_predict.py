@@ -74,17 +74,17 @@ class OnnxClassifier:
         self.preprocessing: dict = meta["preprocessing"]
         self.architecture: str = meta["architecture"]
         self.input_name = self.session.get_inputs()[0].name
-        self._shorter_side = int(self.preprocessing["resize_size"])  # what the preprocessing resizes to
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
 
     def preprocess(self, path: str) -> np.ndarray:
-        return self.preprocess_image(load_rgb(path, keep_gray=True, shorter_side=self._shorter_side))
+        return self.preprocess_image(load_rgb(path, keep_gray=True, shorter_side=self.preprocessing["resize_size"]))
 
     def preprocess_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An image file held in memory (an upload) -> the model's input."""
-        return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True, shorter_side=self._shorter_side))
+        return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True,
+                                                    shorter_side=self.preprocessing["resize_size"]))
 
     def preprocess_image(self, img: Image.Image) -> np.ndarray:
         """A decoded RGB (or 8-bit grey) PIL image -> the model's input."""

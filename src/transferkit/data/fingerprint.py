@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 THUMB_SIDE = 32
+CROP_SOURCE_SIDE = 2 * THUMB_SIDE  # crop_thumbnails cuts its crops from a copy this small (a caller may decode so)
 SAME_PICTURE_CORRELATION = 0.999
 COMPARE_BLOCK = 512  # rows of a bucket compared at once: memory grows with the bucket, not its square
 HASH_BANDS = 8  # bytes of the 64-bit dHash; pairs sharing none differ in ≥ 8 bits and are not compared
@@ -118,7 +119,7 @@ def groups_of(pairs, digests: dict[str, str] | None = None) -> list[list[str]]:
 def crop_thumbnails(img: Image.Image) -> np.ndarray:
     """Unit thumbnails of the whole image (row 0) and of mild crops of it (CROP_BOXES), one per row."""
     grey = img.convert("L")
-    grey.thumbnail((2 * THUMB_SIDE, 2 * THUMB_SIDE))  # crops of a small copy: about as exact at 32×32, faster
+    grey.thumbnail((CROP_SOURCE_SIDE, CROP_SOURCE_SIDE))  # crops of a small copy: about as exact at 32×32, faster
     w, h = grey.size
     side = (THUMB_SIDE, THUMB_SIDE)
     return np.stack([_unit(np.asarray(grey.resize(side, Image.BILINEAR, box=(x0 * w, y0 * h, x1 * w, y1 * h))))

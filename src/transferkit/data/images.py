@@ -26,10 +26,10 @@ _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 # A JPEG can be decoded at 1/2, 1/4 or 1/8 scale inside its inverse DCT, for a fraction of the work (a 12-MP
-# camera JPEG: ~180 → ~38 ms here, benchmarks/large_photos.py). A caller that shrinks the image anyway passes `shorter_side`, the size it resizes
-# the shorter side to; the decoder keeps at least DRAFT_MARGIN times that, so the caller's own antialiased
-# resize still makes the last step. The resized pixels then differ from those of a full decode by a fraction
-# of a grey level (a 4032×3024 photo resized to 256: 0.2 on average, 3 at most).
+# camera JPEG: ~180 → ~38 ms here, benchmarks/large_photos.py). A caller that shrinks the image anyway passes
+# `shorter_side`, the size it resizes the shorter side to; the decoder keeps at least DRAFT_MARGIN times that,
+# so the caller's own antialiased resize still makes the last step. The resized pixels then differ from those
+# of a full decode by a fraction of a grey level (a 4032×3024 photo resized to 256: 0.2 on average, 3 at most).
 DRAFT_MARGIN = 2
 _DCT_FORMATS = {"JPEG", "MPO"}  # MPO: a phone camera's JPEG with extra frames (Pillow reads the first)
 
@@ -83,6 +83,14 @@ def read_rgb(path, keep_gray: bool = False, shorter_side: int | None = None) -> 
         raise ImageDecodeError(path, "unreadable", "file not found (deleted or broken symlink)") from None
     except OSError as exc:  # ELOOP, EIO, a FIFO that vanished, ...
         raise ImageDecodeError(path, "unreadable", f"cannot read file: {exc.strerror or exc}") from None
+
+
+def load_thumbnail(path, size: int) -> Image.Image:
+    """The picture as a viewer shows it (EXIF orientation applied) fitted within size × size, for reports and
+    figures; a large JPEG is decoded at a reduced scale. Raises as `load_rgb`."""
+    img = load_rgb(path, shorter_side=size)
+    img.thumbnail((size, size))
+    return img
 
 
 def load_rgb_bytes(data: bytes, name: str, keep_gray: bool = False, shorter_side: int | None = None) -> Image.Image:

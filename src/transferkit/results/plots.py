@@ -206,13 +206,11 @@ def plot_image_grid(
 
 def _load_thumbnail(path: Any, size: int) -> np.ndarray | None:
     """RGB thumbnail of an image file, or None when it cannot be read."""
-    from ..data.images import load_rgb
+    from ..data.images import load_thumbnail
     from ..errors import DataError
 
     try:
-        img = load_rgb(path, shorter_side=size)  # oriented as shown; a large JPEG decoded small
-        img.thumbnail((size, size))
-        return np.asarray(img)
+        return np.asarray(load_thumbnail(path, size))
     except (DataError, OSError, ValueError, TypeError) as exc:  # missing, truncated, not an image
         log.warning("top losses: skipping unreadable image %s (%s)", path, exc)
         return None

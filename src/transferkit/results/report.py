@@ -18,7 +18,6 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from PIL import Image
 
 from transferkit.errors import CheckpointError, DataError
 from transferkit.results import plots
@@ -167,13 +166,11 @@ def _image(path: Path, alt: str) -> str:
 
 def _thumbnail_uri(path: Any) -> str | None:
     """A small PNG data URI of an image file, or None when it cannot be read."""
-    from ..data.images import load_rgb
+    from ..data.images import load_thumbnail
 
     try:
-        img = load_rgb(path, shorter_side=THUMBNAIL_SIZE)  # oriented as shown; a large JPEG decoded small
-        img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
-        img.save(buffer, format="PNG")
+        load_thumbnail(path, THUMBNAIL_SIZE).save(buffer, format="PNG")
     except (DataError, OSError, ValueError, TypeError):
         return None
     return _data_uri(buffer.getvalue())
