@@ -280,3 +280,14 @@ def test_the_size_cap_evicts_least_recently_used_shards_but_never_this_runs(tmp_
     with caplog.at_level(logging.WARNING):
         _, stats = decode_missing(open_store(tmp_path / "cache", PRE), paths, None, PRE)
     assert stats["evicted_shards"] == 0 and stats["hits"] == 4 and "over its cap" in caplog.text
+
+
+def test_decoded_pixels_are_writable_so_torch_wraps_them_without_a_warning(tmp_path):
+    # Pillow's np.asarray view is read-only: torch.from_numpy then printed a UserWarning in users' runs
+    # (once per process, which is why this checks the array rather than the warning).
+    [colour] = _images(tmp_path, [(40, 30)])
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.zeros((40, 30), dtype=np.uint8)).save(grey)
+    for path in (colour, str(grey)):
+        pixels = decoded.stored_pixels(Image.open(path).convert("RGB"), 256, lambda image: image)
+        assert pixels.flags.writeable

@@ -199,7 +199,8 @@ def stored_pixels(image, resize_size: int, resize) -> np.ndarray:
     crop's Resize does that when it is cut), one channel where the three are equal (a grey image)."""
     if min(image.size) > resize_size:
         image = resize(image)
-    pixels = np.asarray(image)
+    # np.array, not np.asarray: Pillow hands out a read-only view, which torch.from_numpy warns about.
+    pixels = np.array(image)
     if (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all():
         return np.ascontiguousarray(pixels[..., :1])
     return pixels
