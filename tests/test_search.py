@@ -327,6 +327,30 @@ def test_fine_tuning_must_beat_the_probe_by_more_than_the_hold_out_noise():
     assert holdout_standard_error(1.0, 10) == 0.0
 
 
+def test_fine_tuning_must_also_win_image_by_image():
+    """The paired rule: 12 of 12 against the probe's 11 of 12 clears the one-standard-error bar (1.0 >
+    0.997) but is one image; more images won than lost, by more than √(won + lost), is needed."""
+    from transferkit.search import Candidate, _not_clearly_better, holdout_standard_error
+
+    def cand(right, kind="partial"):
+        right = np.array(right, dtype=bool)
+        return Candidate(kind, kind, {}, score=float(right.mean()), holdout=float(right.mean()), holdout_right=right)
+
+    probe = cand([1] * 11 + [0], "probe")
+    bar = probe.holdout + holdout_standard_error(probe.holdout, 12)
+    assert "√1" in _not_clearly_better(cand([1] * 12), probe, bar)
+    # 40 hold-out images: the probe right on 30, the fine-tuned model on 36 (6 won, 0 lost): clearly better
+    probe = cand([1] * 30 + [0] * 10, "probe")
+    bar = probe.holdout + holdout_standard_error(probe.holdout, 40)
+    assert _not_clearly_better(cand([1] * 36 + [0] * 4), probe, bar) is None
+    # the same accuracy from 10 won and 4 lost: 6 > √14, better; 7 won and 4 lost: above the bar, but 3 ≤ √11
+    assert _not_clearly_better(cand([0] * 4 + [1] * 26 + [1] * 10), probe, bar) is None
+    seven_four = cand([0] * 4 + [1] * 26 + [1] * 7 + [0] * 3)
+    assert seven_four.score == 33 / 40 > bar and "within one standard error" in _not_clearly_better(
+        seven_four, probe, bar)
+    assert "one standard error," in _not_clearly_better(cand([1] * 31 + [0] * 9), probe, bar)  # below the bar
+
+
 @pytest.mark.slow
 def test_mode_finetune_given_gives_a_fine_tuned_model(tmp_path):
     """`--mode finetune` with the auto recipe: the probes still run (the head starts from the best one), but the
@@ -336,6 +360,25 @@ def test_mode_finetune_given_gives_a_fine_tuned_model(tmp_path):
     kinds = {c["name"]: c["kind"] for c in search["candidates"]}
     assert kinds[search["chosen"]] == "finetune"
     assert "--mode finetune" in search["reproduce"] and metrics["best_val_acc"] is not None
+
+
+@pytest.mark.slow
+def test_fine_tuning_candidates_are_compared_with_the_probe_image_by_image(tmp_path, monkeypatch):
+    """The inner runs' answers on the hold-out reach the paired rule: one per hold-out image, at the epoch
+    that gave the candidate its score."""
+    import transferkit.search as search_module
+
+    compared = []
+    rule = search_module._not_clearly_better
+    monkeypatch.setattr(search_module, "_not_clearly_better",
+                        lambda cand, probe, bar: compared.append((cand, probe)) or rule(cand, probe, bar))
+    data = _mislabel(_folder(tmp_path / "data"), 2)
+    _, search = _search(data, tmp_path / "run", budget="5m", epochs=2)
+    assert {cand.kind for cand, _ in compared} == {"partial", "finetune"}
+    for cand, probe in compared:
+        assert len(cand.holdout_right) == len(probe.holdout_right) == 5  # 20% of 24 training images
+        assert cand.holdout_right.mean() == cand.score
+        assert probe.holdout_right.mean() == probe.holdout
 
 
 def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():

@@ -76,9 +76,10 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.model.replace(':', '.')}-{cfg.mode}"  # model: maybe module:function
 
 
-def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None) -> RunState:
+def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, announce: bool = True) -> RunState:
     """Validate, scan (or take the given split), write the run's config and split, build the model.
-    `scan`: a split made by the caller (the recipe search's inner hold-out)."""
+    `scan`: a split made by the caller (the recipe search's inner hold-out). announce=False: the run
+    folder is not logged (a throwaway one, in the temp folder, that the user never sees)."""
     cfg.validate()
     if cfg.out and not resume:
         refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
@@ -113,7 +114,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         write_manifest(scan, out / "split.csv")
         scan.write_report(out / "data_report.json")
     signals.note_run_dir(out)
-    log.info("run folder: %s", out)
+    (log.info if announce else log.debug)("run folder: %s", out)
     model.to(device)
     if device.type == "cpu" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -149,10 +150,10 @@ def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, de
     resume=True continues the run in cfg.out from its `last` checkpoint (engine/resume.py).
     scan: the split to use instead of scanning cfg.data. deadline (time.perf_counter() value): no epoch
     is started that would end after it (the recipe search's budget). figures=False skips figures and
-    the report (the search's inner runs). callbacks: engine/callbacks.Callback objects run before the
+    the report, and leaves the run folder unannounced (the search's throwaway inner runs). callbacks: engine/callbacks.Callback objects run before the
     default ones (checkpoints, early stopping, signals...)."""
     t_start = time.perf_counter()
-    state = prepare(cfg, resume, scan)
+    state = prepare(cfg, resume, scan, announce=figures)
     return state.mode.train(state, t_start, resume=resume, deadline=deadline, figures=figures, callbacks=callbacks)
 
 

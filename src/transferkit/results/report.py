@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 
 from transferkit.errors import CheckpointError, DataError
+from transferkit.io import atomic_write_text
 from transferkit.results import plots
 from transferkit.run_folder import RunFolder
 
@@ -367,8 +368,9 @@ def _environment(metrics: dict | None) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write RUN/report.html from whatever the run folder holds and return its path."""
+def write_report(run_dir: str | Path, announce: bool = True) -> Path:
+    """Write RUN/report.html from whatever the run folder holds and return its path. announce=False: no
+    log line (a report rewritten with more in it, already announced once)."""
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise CheckpointError(f"run folder {run.path} does not exist; pass the folder a training run wrote")
@@ -406,6 +408,6 @@ def write_report(run_dir: str | Path) -> Path:
         "</body></html>"
     )
     out = run.report
-    out.write_text(html, encoding="utf-8")
-    log.info("wrote %s", out)
+    atomic_write_text(out, html)  # a reader (a browser refreshing it, `serve`) never sees half a page
+    (log.info if announce else log.debug)("wrote %s", out)
     return out
