@@ -133,3 +133,17 @@ def test_evaluation_summary_and_table():
     for name in CLASSES:
         assert name in table
     assert format_metrics_table({"n": 3}).count("n/a") >= 5  # partial dicts still print
+
+
+def test_a_split_without_every_class_scores_quietly():
+    """An inner hold-out (or a small val split) may lack a class the model predicts: the epoch's scores are
+    computed without sklearn's UserWarning, which printed once per epoch in users' searches."""
+    import warnings
+
+    from transferkit.engine.fit import _summarize
+
+    p = np.array([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.2, 0.7, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _summarize(p, np.array([0, 1, 1]))
+    assert out["accuracy"] == 2 / 3 and out["balanced_accuracy"] == 0.75

@@ -181,7 +181,9 @@ def evaluate_source(source: BatchSource, criterion=None) -> dict:
 
 def _summarize(p: np.ndarray, y: np.ndarray, loss: float | None = None) -> dict:
     """Loss, accuracy, balanced accuracy and macro-F1 of probabilities p (N, C) against labels y."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score  # ~0.5 s to import: not before it is used
+    from sklearn.metrics import f1_score  # ~0.5 s to import: not before it is used
+
+    from ..results.metrics import balanced_accuracy
 
     pred = p.argmax(1)
     if loss is None:
@@ -189,7 +191,7 @@ def _summarize(p: np.ndarray, y: np.ndarray, loss: float | None = None) -> dict:
     return {
         "loss": loss,
         "accuracy": float((pred == y).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "balanced_accuracy": balanced_accuracy(y, pred),
         "macro_f1": float(f1_score(y, pred, average="macro", labels=range(p.shape[1]), zero_division=0)),
         "probs": p, "labels": y,
     }

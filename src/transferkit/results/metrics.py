@@ -109,6 +109,15 @@ def _top_losses(
     ]
 
 
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """sklearn's balanced accuracy: recall averaged over the classes present in y. It warns when a
+    prediction names a class absent from y, which is expected for a small split (an inner hold-out,
+    a val split without every class): not worth a line on the user's screen."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y, pred))
+
+
 def classification_metrics(
     y_true: Any,
     probs: Any,
@@ -130,11 +139,7 @@ def classification_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(
         y, pred, labels=labels, zero_division=0
     )
-    with warnings.catch_warnings():
-        # balanced accuracy averages recall over classes present in y_true and warns when
-        # predictions name an absent class; that is expected for a partial split.
-        warnings.simplefilter("ignore", UserWarning)
-        balanced = balanced_accuracy_score(y, pred)
+    balanced = balanced_accuracy(y, pred)
 
     result: dict[str, Any] = {
         "n": int(len(y)),
