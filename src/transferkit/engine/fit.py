@@ -76,10 +76,12 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.model.replace(':', '.')}-{cfg.mode}"  # model: maybe module:function
 
 
-def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, announce: bool = True) -> RunState:
+def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None,
+            announce: bool = True) -> RunState:
     """Validate, scan (or take the given split), write the run's config and split, build the model.
-    `scan`: a split made by the caller (the recipe search's inner hold-out). announce=False: the run
-    folder is not logged (a throwaway one, in the temp folder, that the user never sees)."""
+    `scan`: a split made by the caller (the recipe search's inner hold-out). announce=False: neither the
+    run folder (a throwaway one, in the temp folder, that the user never sees) nor the class-imbalance
+    advice is logged."""
     cfg.validate()
     if cfg.out and not resume:
         refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
@@ -100,7 +102,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         log.warning("training on a seeded random %d of the %d training images (--train-subsample)",
                     cfg.train_subsample, len(scan.train))
         scan = subsample_train(scan, cfg.train_subsample, cfg.seed)
-    if scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":
+    # (Not for a throwaway run: the user cannot act on the search's inner split.)
+    if announce and scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":
         log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
                     "(and --class-weights auto or --balanced-sampler)")
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
@@ -150,8 +153,9 @@ def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, de
     resume=True continues the run in cfg.out from its `last` checkpoint (engine/resume.py).
     scan: the split to use instead of scanning cfg.data. deadline (time.perf_counter() value): no epoch
     is started that would end after it (the recipe search's budget). figures=False skips figures and
-    the report, and leaves the run folder unannounced (the search's throwaway inner runs). callbacks: engine/callbacks.Callback objects run before the
-    default ones (checkpoints, early stopping, signals...)."""
+    the report, and leaves the run unannounced (the search's throwaway inner runs: prepare's `announce`).
+    callbacks: engine/callbacks.Callback objects run before the default ones (checkpoints, early stopping,
+    signals...)."""
     t_start = time.perf_counter()
     state = prepare(cfg, resume, scan, announce=figures)
     return state.mode.train(state, t_start, resume=resume, deadline=deadline, figures=figures, callbacks=callbacks)
