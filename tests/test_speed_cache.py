@@ -85,3 +85,20 @@ def test_streamed_crops_give_the_eval_transforms_pixels_bit_for_bit(tmp_path: Pa
         streamed = list(_DecodedAhead(dataset, per_batch=2, threads=2, ahead=1))
         assert [items for _, items, _ in streamed] == [[0, 1], [2]]
         assert torch.equal(torch.cat([x for x, _, _ in streamed]), _collate([dataset[i] for i in range(3)])[0])
+
+
+def test_crops_of_one_network_share_its_onnx_export_and_engine_choice(tmp_path, monkeypatch):
+    """The export and the measured engine choice depend on the network and its input size, not on the crop
+    (resize size) or the cached dtype: a second crop or the search's final run exports and measures nothing."""
+    from transferkit.engine.features import store_for
+
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(tmp_path))
+    pre = {"input_size": 224, "resize_size": 256, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    base = {"model": "efficientnet_lite0", "weights": "pretrained", "preprocessing": pre, "point": "taps6-meanmax"}
+    store = store_for(base)
+    whole_frame = store_for({**base, "preprocessing": {**pre, "resize_size": 224}})
+    assert whole_frame.root != store.root and whole_frame.onnx_path == store.onnx_path
+    assert store_for({**base, "dtype": "float16"}).onnx_path == store.onnx_path
+    assert store_for({**base, "point": "stages[:7]"}).onnx_path != store.onnx_path
+    assert store_for({**base, "preprocessing": {**pre, "input_size": 300}}).onnx_path != store.onnx_path
+    assert store.onnx_path.parent.is_dir() and store.onnx_path.name == "frozen.onnx"

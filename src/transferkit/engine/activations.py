@@ -49,7 +49,7 @@ class CachedActivationSource(CachedFeatureSource):
 
     def _extractor(self, store) -> FrozenEngine:
         st = self.state
-        return FrozenEngine(self.prefix, st.device, st.cfg.engine, store.root / "frozen.onnx",
+        return FrozenEngine(self.prefix, st.device, st.cfg.engine, store.onnx_path,
                             st.cfg.channels_last, out_dtype=DTYPES[st.cfg.cache_dtype], precision=st.cfg.precision)
 
     def _identity(self) -> dict:

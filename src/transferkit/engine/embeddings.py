@@ -49,5 +49,5 @@ class _LazyExtractor:
             model = build_model(self.spec, num_classes=2).to(self.device)  # the head is never run
             # As CachedFeatureSource builds it with train's defaults (channels_last, --precision auto).
             self._engine = FrozenEngine(FrozenPart(model, self.spec.cache_point), self.device, self.engine,
-                                        self.store.root / "frozen.onnx", True, precision="auto")
+                                        self.store.onnx_path, True, precision="auto")
         return self._engine(x)

@@ -73,7 +73,7 @@ def make_taps(model, spec, cfg, pre: Preprocessing, device, like: Taps | None = 
         return Taps(pooler, like.engine, store, like.widths, pre, scale)
     widths = tap_widths(pooler, torch.zeros(1, 3, pre.input_size, pre.input_size, device=device))
     extractor = ScaledPooler(pooler, torch.nn.ModuleList([Rescale(pre.input_size, scale)])) if scale else pooler
-    engine = FrozenEngine(extractor.to(device), device, cfg.engine, store.root / "frozen.onnx", cfg.channels_last,
+    engine = FrozenEngine(extractor.to(device), device, cfg.engine, store.onnx_path, cfg.channels_last,
                           precision=cfg.precision)
     return Taps(pooler, engine, store, widths, pre, scale)
 

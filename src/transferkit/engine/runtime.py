@@ -4,9 +4,10 @@ The frozen part is any module whose forward maps an image batch to what the trai
 (the input of the registry's cache point, or the output of a prefix of layer groups). `FrozenEngine`
 is a callable: image batch in, CPU tensor out. On the first batch it times each candidate the options
 allow (eager torch fp32; torch with bf16 autocast where the device has native bf16; ONNX Runtime fp32 on
-the exported part, as one pass over all cores and as single-threaded lanes side by side), checks each against fp32 eager torch (PARITY_RTOL, or precision.BF16_PARITY_RTOL
-for bf16), and keeps the fastest that passes. The decision is cached beside the .onnx file (one folder
-per backbone configuration) under this machine's key and the input size, so later runs measure nothing.
+the exported part, as one pass over all cores and as single-threaded lanes side by side), checks each
+against fp32 eager torch (PARITY_RTOL, or precision.BF16_PARITY_RTOL for bf16), and keeps the fastest that
+passes. The decision is cached beside the .onnx file (one folder per network: features.engine_folder)
+under this machine's key and the input size, so later runs measure nothing.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class CachedFeatureSource(BatchSource):
         # The network up to the cache point, on ONNX Runtime when usable (engine/runtime.py).
         st = self.state
         frozen = FrozenPart(st.model, st.spec.cache_point)
-        return FrozenEngine(frozen, st.device, st.cfg.engine, store.root / "frozen.onnx", st.cfg.channels_last,
+        return FrozenEngine(frozen, st.device, st.cfg.engine, store.onnx_path, st.cfg.channels_last,
                             precision=st.cfg.precision)
 
     def _identity(self) -> dict:
