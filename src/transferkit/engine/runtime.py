@@ -173,8 +173,10 @@ class FrozenEngine:
 
     # Rows of the first batch every candidate is checked (parity) and timed on. Eager fp32 torch, the parity
     # reference, is the slowest engine on a CPU (2-core EPYC, lite0: ~40 images/s against ~250 for ONNX
-    # Runtime): choosing on whole 64-row batches cost a cold 397-image run ~7 s of its 19.
-    TRIAL_ROWS = 16
+    # Runtime): choosing on whole 64-row batches cost a cold 397-image run ~7 s of its 19. 16 rows: the
+    # choice and a 64-row first batch took 3.2-4.7 s; 8 rows: 2.1-2.4 s, the same engine chosen at the same
+    # rates (throwaway script, alternated runs, lite0 at 224 px).
+    TRIAL_ROWS = 8
 
     def __init__(self, module: nn.Module, device: torch.device, engine: str = "auto",
                  onnx_path: Path | None = None, channels_last: bool = True, out_dtype=None,
