@@ -729,14 +729,15 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
 
 
 class _HoldoutAnswers(Callback):
-    """Which inner hold-out images (the inner run's val split) each epoch's model gets right; an image the
-    run could not read counts as wrong."""
+    """Which inner hold-out images (the inner run's val split, in its order) each epoch's model gets right.
+    Where the run could not read every one of them (a file changed since the scan), the rows no longer line
+    up with the probe's: no answers, and only the accuracy bar decides."""
 
     def __init__(self, n: int):
         self.n, self.by_epoch = n, {}
 
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None:
-        if val.get("probs") is None:
+        if val.get("probs") is None or len(val["labels"]) != self.n:
             return
         right = np.zeros(self.n, dtype=bool)
         right[np.asarray(val["indices"])] = np.asarray(val["probs"]).argmax(1) == np.asarray(val["labels"])
