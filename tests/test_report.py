@@ -162,3 +162,31 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         pixels = np.asarray(img.convert("RGB"))
     assert pixels.std() > 10, "screenshot is blank"
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
+
+
+def test_a_searched_probe_run_reads_as_one(run_dir):
+    """An auto run: the search right after the headline (with its own wall time), the config as the settings
+    that differ from the defaults (the recipe shown as the search's, not the reproduce command's
+    `tutorial`), every setting in a fold; a one-epoch probe draws no single-point curves."""
+    (run_dir / "config.yaml").write_text("data: d\nrecipe: tutorial\nmode: linear-probe\nprobe_c: 0.01\n"
+                                         "momentum: 0.9\nepochs: 15\n")
+    history = make_history(epochs=1)
+    metrics = {**json.loads((run_dir / "metrics.json").read_text()), "history": history, "best_epoch": 1,
+               "wall_seconds": 2.0}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    with (run_dir / "history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+    search = {"wall_seconds": 125.0, "budget_seconds": 240.0, "chosen": "probe crop=1.0 views=flip",
+              "reproduce": "transferkit train d --recipe tutorial --mode linear-probe", "selection": "3-fold CV",
+              "candidates": [{"name": "probe crop=1.0 views=flip", "score": 0.9, "status": "ran", "settings": {}}]}
+    (run_dir / "search.json").write_text(json.dumps(search))
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert html.index("<h2>Headline") < html.index("<h2>Search") < html.index("<h2>Config")
+    assert "2m 05s" in html and "wall time (search)" in html
+    changed = html[html.index("<h2>Config"):html.index("<details>", html.index("<h2>Config"))]
+    assert "auto: the recipe search chose" in changed and "linear-probe" in changed and "0.01" in changed
+    assert "momentum" not in changed and "epochs" not in changed  # the defaults' values: in the fold only
+    assert "all 6 settings" in html
+    assert "One epoch: nothing to draw" in html and not (run_dir / "curves.png").exists()

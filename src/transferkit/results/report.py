@@ -95,7 +95,7 @@ def _read_history(run: RunFolder, metrics: dict | None) -> list[dict]:
 
 def _ensure_figures(run: RunFolder, history: list[dict], evaluation: dict | None, classes: Sequence[str]) -> None:
     """Draw curves.png / confusion.png from the data when the engine did not write them."""
-    if history and not run.curves.is_file():
+    if len(history) > 1 and not run.curves.is_file():
         plots.plot_history(history, run.curves)
     cm = (evaluation or {}).get("confusion_matrix")
     if cm and classes and len(cm) == len(classes) and not run.confusion.is_file():
@@ -202,12 +202,15 @@ def _title(run: RunFolder, metrics: dict | None) -> str:
     )
 
 
-def _headline(metrics: dict | None, evaluation: dict | None) -> str:
+def _headline(metrics: dict | None, evaluation: dict | None, search: dict | None = None) -> str:
     m, ev = metrics or {}, evaluation or {}
+    # A searched run took the search's time; its final run (metrics.json's wall time) is the last part of it.
+    wall = ("wall time (search)", search.get("wall_seconds")) if isinstance(search, Mapping) else \
+        ("wall time", m.get("wall_seconds"))
     cards = [
         ("best val accuracy", _pct(m.get("best_val_acc"))),
         ("best epoch", _fmt(m.get("best_epoch")) if m.get("best_epoch") is not None else "n/a"),
-        ("wall time", _duration(m.get("wall_seconds"))),
+        (wall[0], _duration(wall[1])),
     ]
     if evaluation is not None:
         cards += [
@@ -234,13 +237,31 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def _config(parsed: Any, raw: str | None) -> str:
+def _config(parsed: Any, raw: str | None, searched: bool = False) -> str:
+    """The settings that differ from `transferkit train`'s defaults first (what a reader wants to know), every
+    setting in a fold below. `searched`: the recipe search chose them; its final run is recorded as the
+    reproduce command runs it, `--recipe tutorial` with the chosen pieces, which the table says."""
     if isinstance(parsed, Mapping):
         # Values as strings: the config is shown exactly as written, not rounded like metrics.
-        return "<h2>Config</h2>" + _table(["key", "value"], [(k, str(v)) for k, v in _flatten(parsed)])
+        rows = [(k, str(v)) for k, v in _flatten(parsed)]
+        defaults = {k: str(v) for k, v in _flatten(_default_config())}
+        changed = [(k, v) for k, v in rows if k not in defaults or defaults[k] != v]
+        if searched:
+            changed = [(k, "auto: the recipe search chose the settings in this table (section Search)"
+                        if k == "recipe" else v) for k, v in changed]
+        intro = "<p>Settings that differ from the defaults of <code>transferkit train</code>:</p>"
+        return ("<h2>Config</h2>" + intro + _table(["key", "value"], changed)
+                + f"<details><summary>all {len(rows)} settings (config.yaml)</summary>"
+                + _table(["key", "value"], rows) + "</details>")
     if raw is not None:
         return f"<h2>Config</h2><pre>{_e(raw)}</pre>"
     return "<h2>Config</h2>" + _na()
+
+
+def _default_config() -> dict:
+    from transferkit.config import TrainConfig
+
+    return TrainConfig(data="").to_dict()
 
 
 def _problems(problems: Any) -> str:
@@ -283,7 +304,10 @@ def _data_summary(run: RunFolder, report: dict | None) -> str:
 
 
 def _curves(run: RunFolder, history: list[dict]) -> str:
-    html = "<h2>Training curves</h2>" + _image(run.curves, "training curves")
+    if len(history) == 1:  # a linear probe (fitted to convergence at once) or a one-epoch run: no curve
+        html = "<h2>Training curves</h2><p>One epoch: nothing to draw.</p>"
+    else:
+        html = "<h2>Training curves</h2>" + _image(run.curves, "training curves")
     if not history:
         return html + "<h3>History</h3>" + _na()
     columns = list(dict.fromkeys(k for row in history for k in row))
@@ -386,17 +410,18 @@ def write_report(run_dir: str | Path, announce: bool = True) -> Path:
     _ensure_figures(run, history, evaluation, classes)
 
     title = f"{(metrics or {}).get('model', 'run')} — {run.path.name}"
+    search = RunFolder.read_json(run.search)
     body = "".join(
         [
             _title(run, metrics),
-            _headline(metrics, evaluation),
-            _config(parsed_config, raw_config),
+            _headline(metrics, evaluation, search),
+            _search(search),  # an auto run's story: what was tried, and why this model
+            _config(parsed_config, raw_config, searched=isinstance(search, Mapping)),
             _data_summary(run, data_report),
             _curves(run, history),
             _confusion(run, evaluation),
             _top_losses(run, evaluation),
             _timing(metrics, history),
-            _search(RunFolder.read_json(run.search)),
             _environment(metrics),
         ]
     )
