@@ -317,3 +317,20 @@ def test_same_picture_pairs_do_not_depend_on_the_comparison_block(monkeypatch):
     assert [(a, b) for a, b, _ in blocked] == [(a, b) for a, b, _ in whole]
     assert np.allclose([c for *_, c in blocked], [c for *_, c in whole])
     assert {(a[0], b[0]) for a, b, _ in whole} >= {(str(i), str(i)) for i in range(4)}  # copies found
+
+
+def test_train_hint_counts_only_wrong_predictions(tmp_path):
+    """evaluation.json's top losses are the highest-loss val images, right ones included where few are wrong:
+    a confident right answer is no mistake (a run at val accuracy 1.0 was told 10 images were misclassified)."""
+    def row(true, predicted, p):
+        return {"true": true, "predicted": predicted, "probability_of_predicted": p, "path": f"{true}.png"}
+
+    (tmp_path / "data_report.json").write_text(json.dumps({"problems": {}}))
+    right = [row("a", "a", 0.99)] * 10
+    (tmp_path / "evaluation.json").write_text(json.dumps({"top_losses": right}))
+    assert train_hint(tmp_path) is None
+    wrong = [row("a", "b", 0.97)] * 5
+    (tmp_path / "evaluation.json").write_text(json.dumps({"top_losses": wrong + right}))
+    assert "data: 5 val images are misclassified" in train_hint(tmp_path)
+    (tmp_path / "evaluation.json").write_text(json.dumps({"top_losses": wrong}))  # every listed loss a mistake
+    assert "at least 5 val images are misclassified" in train_hint(tmp_path)

@@ -357,12 +357,15 @@ def train_hint(run_dir) -> str | None:
         return None
     problems, losses = report.get("problems", {}), evaluation.get("top_losses", [])
     leaked = sum(len(problems.get(kind, ())) for kind in LEAKAGE_KINDS)
-    confident = sum(1 for row in losses if row.get("probability_of_predicted", 0) >= CONFIDENT_MISTAKE)
+    # top_losses holds the val images with the highest loss, right ones too where few are wrong
+    confident = sum(1 for row in losses if row.get("predicted") != row.get("true")
+                    and row.get("probability_of_predicted", 0) >= CONFIDENT_MISTAKE)
     found = []
     if leaked:
         found.append(f"{leaked} val images are copies of train images (leakage: val accuracy is optimistic)")
     if confident >= MANY_CONFIDENT_MISTAKES:
-        found.append(f"{confident} val images are misclassified with ≥{CONFIDENT_MISTAKE:.0%} confidence "
+        more = "at least " if confident == len(losses) else ""  # the list is capped (16): there may be more
+        found.append(f"{more}{confident} val images are misclassified with ≥{CONFIDENT_MISTAKE:.0%} confidence "
                      "(possible label errors)")
     if not found:
         return None
