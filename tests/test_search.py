@@ -454,3 +454,19 @@ def test_the_plan_says_when_its_timed_images_were_cached(tmp_path, caplog):
         _search(data, tmp_path / "again")
         again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: 24 train")]
     assert "cached" not in first[0] and "24 of the 24 timed images were cached" in again[0]
+
+
+def test_a_class_with_one_training_image_is_cross_validated_quietly():
+    """sklearn warns on every split when a class has fewer images than folds (dozens of lines in a search);
+    the folds are still stratified as far as they can be, and the CV still scores every image once."""
+    import warnings
+
+    from transferkit.engine.probe import cross_validate
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 10 + [1] * 8 + [2])
+    x = rng.normal(size=(len(y), 1, 6)) + y[:, None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cv = cross_validate(x, y, np.arange(6), 3, [0.1, 1.0])
+    assert set(cv.per_C) == {0.1, 1.0} and 0.0 <= cv.accuracy <= 1.0

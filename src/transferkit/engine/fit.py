@@ -102,8 +102,10 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         log.warning("training on a seeded random %d of the %d training images (--train-subsample)",
                     cfg.train_subsample, len(scan.train))
         scan = subsample_train(scan, cfg.train_subsample, cfg.seed)
-    # (Not for a throwaway run: the user cannot act on the search's inner split.)
-    if announce and scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and cfg.best_metric == "accuracy":
+    # Not for a throwaway run (the user cannot act on the search's inner split), nor for a linear probe (one
+    # epoch: no best epoch to choose).
+    if (announce and cfg.mode != "linear-probe" and scan.imbalance_ratio() > IMBALANCE_WARN_RATIO
+            and cfg.best_metric == "accuracy"):
         log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
                     "(and --class-weights auto or --balanced-sampler)")
     out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))

@@ -234,9 +234,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
                    folds: int = 3, seed: int = 0, deadline: float | None = None) -> CVResult:
     """Stratified k-fold accuracy of the probe for each C of the grid (all views of an image stay in one
     fold; held-out images are scored on the average over their views). Stops early past `deadline`."""
-    from sklearn.model_selection import StratifiedKFold
-
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    splits = stratified_folds(y, folds, seed)
     prepared = []
     for train_idx, test_idx in splits:
         rows = x[train_idx][:, :, columns].reshape(-1, len(columns))
@@ -261,14 +259,25 @@ def cross_validate_stacked(xs: list[np.ndarray], y: np.ndarray, columns: np.ndar
                            n_classes: int, folds: int = 3, seed: int = 0) -> float:
     """Stratified k-fold accuracy of the multi-scale probe: per fold, one probe per scale (features xs[i],
     strength Cs[i]) and their logits averaged; same folds as cross_validate."""
-    from sklearn.model_selection import StratifiedKFold
-
     correct = 0
-    for train_idx, test_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y):
+    for train_idx, test_idx in stratified_folds(y, folds, seed):
         logits = sum(fit_probe(x[train_idx], y[train_idx], columns, C, n_classes).logits(x[test_idx])
                      for x, C in zip(xs, Cs))
         correct += int((logits.mean(1).argmax(-1) == y[test_idx]).sum())
     return correct / len(y)
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """StratifiedKFold's (train, test) index pairs. A class with fewer images than folds is absent from
+    some test folds; sklearn warns about it on every call (dozens of lines in one search), but the folds
+    are still the right ones, so its warning is not passed on."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
 def _sk_warm(wb, n_classes):
