@@ -90,8 +90,10 @@ def test_torchrun_sharded_extraction_equals_single_process_cache(odd_folder, tmp
     monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(single_cache))
     fit(TrainConfig(data=str(odd_folder), epochs=1, views=2, engine="torch", precision="fp32",
                     out=str(tmp_path / "single")))
-    # The feature store's folder (the decoded-image store, decoded/, sits beside it).
-    (two,), (one,) = ([d for d in cache.iterdir() if d.name != "decoded"] for cache in (dist_cache, single_cache))
+    # The feature store's folder (the decoded-image store, decoded/, and the frozen part's exports, engines/,
+    # sit beside it).
+    (two,), (one,) = ([d for d in cache.iterdir() if d.name not in ("decoded", "engines")]
+                      for cache in (dist_cache, single_cache))
     assert two.name == one.name  # same backbone identity
     assert not (dist_cache / "decoded").exists()  # eval crops and their symmetries stream from the files
     a, b = FeatureStore(two), FeatureStore(one)
