@@ -214,7 +214,7 @@ def test_ctrl_c_during_feature_extraction_stops_promptly_and_resumes(tmp_path, m
                             text=True)
     deadline = time.monotonic() + 180
     # The runtime for the frozen part is chosen (and recorded) on the first batch; extraction goes on from there.
-    while not list(cache.glob("*/engine-choice.json")):
+    while not list(cache.glob("engines/*/engine-choice.json")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
