@@ -87,11 +87,19 @@ def test_reproduce_command_gives_the_same_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_mode_given_limits_the_search(tmp_path):
+def test_mode_given_limits_the_search(tmp_path, caplog):
+    """Given pieces limit what runs and what the plan lists (a plan of fine-tuning steps for a frozen --mode
+    told the user of work the search would never do)."""
+    import logging
+
     data = _folder(tmp_path / "data")
-    _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none")
+    with caplog.at_level(logging.INFO, logger="transferkit.search"):
+        _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none")
     assert {c["kind"] for c in search["candidates"]} == {"probe"}
     assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
+    steps = [r.getMessage() for r in caplog.records if r.getMessage()[:8] in {f"plan: {i}." for i in range(1, 9)}]
+    assert steps and all(", 1 view" in step for step in steps), steps  # one step per crop, no more views
+    assert not any("fine-tuning" in step for step in steps)
 
 
 @pytest.mark.slow

@@ -280,8 +280,7 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _search_probes(search: Search, ctx: _Context) -> Candidate:
     cfg, given = search.cfg, search.given
-    crops = [cfg.crop_fraction] if "crop_fraction" in given else _crop_options(ctx)
-    views = [cfg.probe_views] if "probe_views" in given else ["none", "flip", "turns", "dihedral"]
+    crops, views = _probe_ladder(search, ctx)
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
@@ -292,8 +291,6 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
     for view_set in views[1:]:  # then more views of the better crop, while they pay
         if _perfect(best):
             return _stopped_at(search, best)
-        if view_set == "turns" and cfg.rotation_safe:
-            continue  # declared safe: straight to all 8
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
             continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
         cand = _probe_candidate(search, ctx, crop, view_set)
@@ -305,6 +302,16 @@ def _search_probes(search: Search, ctx: _Context) -> Candidate:
     if _perfect(best):
         return _stopped_at(search, best)
     return _better(best, _two_scale_candidate(search, ctx, best))
+
+
+def _probe_ladder(search: Search, ctx: _Context) -> tuple[list, list[str]]:
+    """The crops and view sets the probes climb through, each as given where it was."""
+    cfg, given = search.cfg, search.given
+    crops = [cfg.crop_fraction] if "crop_fraction" in given else _crop_options(ctx)
+    if "probe_views" in given:
+        return crops, [cfg.probe_views]
+    # declared rotation-safe: from the mirror straight to all 8 views
+    return crops, ["none", "flip", "dihedral"] if cfg.rotation_safe else ["none", "flip", "turns", "dihedral"]
 
 
 def _perfect(best: Candidate | None) -> bool:
@@ -348,18 +355,28 @@ def _measure_rate(search: Search, ctx: _Context, crop) -> None:
 
 
 def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
-    """The ladder with an estimate for each step, from the measured rate (steps run while they fit)."""
+    """The ladder with an estimate for each step, from the measured rate (steps run while they fit); the steps
+    the given options rule out are not listed."""
+    from .engine.probe_train import PROBE_VIEWS
+
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_view = n / search.rate
     cv = _cv_seconds(search, ctx, 1)
     log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left",
              n, m, search.rate, note, search.deadline - search.t0, search.left())
-    steps = [(f"probe, crop {'own' if c is None else c}, 1 view", per_view + cv) for c in _crop_options(ctx)]
-    steps += [("probe + mirror view", per_view + 2 * cv), ("probe + views turned by 90° (2 more)", 2 * per_view + 4 * cv),
-              ("probe, 8 dihedral views", 4 * per_view + 8 * cv)]
-    if ctx.spec.stages is not None:
-        steps += [("partial fine-tuning from the probe, inner hold-out + refit", (2 - INNER_FRACTION) * 2 * n / search.rate),
-                  ("full fine-tuning from the probe, inner hold-out + refit", (2 - INNER_FRACTION) * 2 * 3 * n / search.rate)]
+    crops, view_sets = _probe_ladder(search, ctx)
+    first = len(PROBE_VIEWS[view_sets[0]])
+    steps = [(f"probe, crop {'own' if c is None else c}, {first} view{'s' * (first > 1)}", first * (per_view + cv))
+             for c in crops]
+    described = {"flip": "probe + mirror view", "turns": "probe + views turned by 90° (2 more)",
+                 "dihedral": "probe, 8 dihedral views"}
+    for before, view_set in zip(view_sets, view_sets[1:]):  # each pays for its new views and its CV
+        k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
+        steps.append((described[view_set], new * per_view + k * cv))
+    refit = 2 - INNER_FRACTION  # the inner run and the refit on all images
+    ladder = {"partial": ("partial fine-tuning from the probe, inner hold-out + refit", refit * 2 * n / search.rate),
+              "finetune": ("full fine-tuning from the probe, inner hold-out + refit", refit * 2 * 3 * n / search.rate)}
+    steps += [ladder[kind] for kind in _finetune_kinds(search, ctx)]
     for i, (name, seconds) in enumerate(steps, 1):
         log.info("plan: %d. %-60s ~%4.0fs%s", i, name, seconds, " and up (timed before it runs)" if "fine" in name else "")
     log.info("plan: then the final run on all training images, val scored once (~%.0fs per view)", m / search.rate)
@@ -604,14 +621,10 @@ def _probe_text(s: dict) -> str:
 
 def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candidate | None:
     """LP-FT candidates scored on the inner hold-out; the winner if one beats the probe there."""
-    from .modes import get_mode
-
     cfg, given = search.cfg, search.given
-    if "mode" in given and not get_mode(cfg.mode).trains_backbone:
+    kinds = _finetune_kinds(search, ctx)
+    if not kinds:
         return None
-    kinds = [cfg.mode] if "mode" in given else ["partial", "finetune"]
-    if not ctx.spec.stages:
-        return None  # LP-FT needs the backbone's stages (engine/probe_train.py)
     # Fine-tuning costs more and its hold-out score is noisier than the probe's 3-fold CV: it replaces the probe
     # only when it is clearly better on the inner hold-out (_not_clearly_better). ELPV seed-sized (49 hold-out
     # images): partial 0.857 against the probe's 0.816, 2 images, chosen without a rule, scored 0.8301 on val
@@ -639,6 +652,17 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
         log.warning("search: no %s run fitted in the budget, so the model is the probe; a larger --time-budget "
                     "(or --recipe tutorial) fine-tunes", cfg.mode)
     return best
+
+
+def _finetune_kinds(search: Search, ctx: _Context) -> list[str]:
+    """The fine-tuning candidates the search may try: none where a --mode given keeps the backbone frozen or the
+    backbone has no stages (LP-FT needs them: engine/probe_train.py), only the --mode given where it trains."""
+    from .modes import get_mode
+
+    cfg = search.cfg
+    if not ctx.spec.stages or ("mode" in search.given and not get_mode(cfg.mode).trains_backbone):
+        return []
+    return [cfg.mode] if "mode" in search.given else ["partial", "finetune"]
 
 
 def _not_clearly_better(cand: Candidate, probe: Candidate, bar: float) -> str | None:
