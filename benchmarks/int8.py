@@ -6,7 +6,8 @@ The frozen part (the network up to its classifier, as feature extraction runs it
 quantized with onnxruntime.quantization in the VNNI-friendly settings issue 15 lists (variants()):
 dynamic (weights int8, activations quantized per batch at run time; QInt8 / QUInt8 weights,
 per-channel or not, reduce_range or not) and static (activations calibrated on 64 ELPV training crops;
-QOperator vs QDQ format, per-channel or not, reduce_range or not). Each variant is timed against fp32 in alternation
+QOperator vs QDQ format, per-channel or not, reduce_range or not; MinMax, percentile or entropy calibration;
+the first and last or the depthwise convolutions left in fp32; only the convolutions quantized). Each variant is timed against fp32 in alternation
 (batch 64, the session settings feature extraction uses) on the seed-sized ELPV subset's crops, and
 checked for parity the way it would be used: a logistic-regression probe fitted on the fp32 features of
 the 244 training images predicts the 153 validation images from each variant's features; agreement
@@ -50,19 +51,42 @@ def crops(folder: Path, pre) -> tuple[np.ndarray, np.ndarray]:
 
 
 def variants() -> list[tuple[str, dict]]:
-    """Eight of the 16 combinations, chosen to vary one setting at a time from two starting points
-    (dynamic QInt8 per-channel, static QDQ per-channel: what export --quantize int8 uses)."""
+    """Eight of the 16 format combinations, chosen to vary one setting at a time from two starting points
+    (dynamic QInt8 per-channel, static QDQ per-channel: what export --quantize int8 uses), then five
+    calibration and coverage variants of the static one."""
     dynamic = [("QInt8", True, False), ("QInt8", False, False), ("QUInt8", False, True)]
     static = [("QDQ", True, False), ("QDQ", False, False), ("QDQ", True, True), ("QOperator", True, False),
               ("QOperator", True, True)]
+    # Session 11: what session 4 left untried, from static QDQ per-channel: histogram calibration (percentile,
+    # entropy), the first and last convolutions left in fp32, only the convolutions quantized, and those
+    # without the depthwise ones (the usual suspects in MobileNet-like networks).
+    calibrated = [("Percentile", None, None), ("Entropy", None, None), ("MinMax", "ends", None),
+                  ("MinMax", None, "Conv"), ("Percentile", "depthwise", "Conv")]
     return ([(f"dynamic {w} per_channel={pc} reduce_range={rr}",
               dict(kind="dynamic", weight=w, per_channel=pc, reduce_range=rr)) for w, pc, rr in dynamic]
             + [(f"static {f} per_channel={pc} reduce_range={rr}",
-                dict(kind="static", format=f, per_channel=pc, reduce_range=rr)) for f, pc, rr in static])
+                dict(kind="static", format=f, per_channel=pc, reduce_range=rr)) for f, pc, rr in static]
+            + [(f"static QDQ per_channel=True {method}" + (f", {ops} only" if ops else "")
+                + (f", {KEPT_FP32[exclude]} convolutions in fp32" if exclude else ""),
+                dict(kind="static", format="QDQ", per_channel=True, reduce_range=False, method=method,
+                     exclude=exclude, ops=ops)) for method, exclude, ops in calibrated])
+
+
+KEPT_FP32 = {"ends": "first and last", "depthwise": "depthwise"}
+
+
+def excluded_nodes(model_path: Path, which: str | None) -> list[str]:
+    """Names of the convolutions kept in fp32: the first and last ("ends") or the depthwise ones."""
+    import onnx
+
+    convs = [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type == "Conv"]
+    if which == "ends":
+        return [convs[0], convs[-1]]
+    return [name for name in convs if "conv_dw" in name] if which == "depthwise" else []
 
 
 def quantize(fp32: Path, out: Path, v: dict, calibration: np.ndarray) -> None:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_suffix(".prepared.onnx")
@@ -80,7 +104,10 @@ def quantize(fp32: Path, out: Path, v: dict, calibration: np.ndarray) -> None:
 
             quantize_static(str(prepared), str(out), Reader(), quant_format=getattr(QuantFormat, v["format"]),
                             per_channel=v["per_channel"], reduce_range=v["reduce_range"],
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, v.get("method", "MinMax")),
+                            nodes_to_exclude=excluded_nodes(prepared, v.get("exclude")),
+                            op_types_to_quantize=[v["ops"]] if v.get("ops") else None)
     prepared.unlink(missing_ok=True)
 
 
