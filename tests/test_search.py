@@ -389,6 +389,33 @@ def test_fine_tuning_candidates_are_compared_with_the_probe_image_by_image(tmp_p
         assert probe.holdout_right.mean() == probe.holdout
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_whole_search(tmp_path, monkeypatch):
+    """Ctrl-C inside a fine-tuning candidate's throwaway run stops the search (it used to be recorded as that
+    candidate failing, and the search went on to the next one and to the final run, which then stopped with a
+    resume command), with one line that says what to do; no run folder is left behind."""
+    import signal
+
+    import transferkit.search as search_module
+    from transferkit.engine import signals
+
+    inner_scan = search_module._inner_scan
+
+    def ctrl_c_then_scan(ctx):
+        signals._requested.append(signal.SIGINT)  # what the handler does on Ctrl-C
+        return inner_scan(ctx)
+
+    monkeypatch.setattr(search_module, "_inner_scan", ctrl_c_then_scan)
+    data = _mislabel(_folder(tmp_path / "data"), 2)
+    try:
+        with pytest.raises(signals.Interrupted, match="interrupted during the recipe search; the features") as stop:
+            _search(data, tmp_path / "run", budget="5m", epochs=2)
+    finally:
+        signals._requested.clear()
+    assert stop.value.exit_code == 130
+    assert not (tmp_path / "run").exists()
+
+
 def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     """However the search cuts the training images (--train-subsample first, then what its budget allows),
     the images kept are those `transferkit train --train-subsample n` takes: its reproduce command holds."""

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig, parse_duration
+from .engine import signals
 from .engine.callbacks import Callback
 from .io import atomic_write_json
 from .run_folder import RunFolder
@@ -103,6 +104,7 @@ class Search:
         return self.deadline - time.perf_counter()
 
     def add(self, cand: Candidate) -> Candidate:
+        signals.check_stop("the recipe search")  # Ctrl-C: stop before the next candidate
         cand.started_at = time.perf_counter() - self.t0
         self.candidates.append(cand)
         if self.bar is not None:
@@ -158,11 +160,16 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     for line in scan.summary_lines():
         log.warning(line)
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
-    context = _Context.build(cfg, scan)
-    if cfg.train_subsample and cfg.train_subsample < len(scan.train):
-        _keep_subsample(search, context, cfg.train_subsample, asked=True)
-    winner = _search_probes(search, context)
-    winner = _search_finetuning(search, context, winner) or winner
+    try:
+        context = _Context.build(cfg, scan)
+        if cfg.train_subsample and cfg.train_subsample < len(scan.train):
+            _keep_subsample(search, context, cfg.train_subsample, asked=True)
+        winner = _search_probes(search, context)
+        winner = _search_finetuning(search, context, winner) or winner
+    except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
+        search.bar.close()
+        raise signals.Interrupted("interrupted during the recipe search; the features computed so far stay in the "
+                                  "cache, so the same command starts again from them", exc.exit_code - 128) from None
     final = _final_config(search, winner, out)
     scan = context.scan  # all training images, or the subsample the budget allowed
     del context  # its model and runtimes: the final run builds its own
@@ -737,6 +744,8 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
     try:
         metrics = fit(inner_cfg, scan=_inner_scan(ctx), deadline=search.t0 + _inner_share(search), figures=False,
                       callbacks=[answers])
+    except signals.Interrupted:
+        raise  # the user's Ctrl-C stops the search, not just this candidate
     except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded; the probe still stands
         cand.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("search: %s %s", cand.name, cand.status)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import signals
+
 log = logging.getLogger(__name__)
 
 def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,6 +251,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
             logits = xte @ warm[f][0].T + warm[f][1]
             correct += int((logits.mean(1).argmax(-1) == yte).sum())
         per_C[C] = correct / len(y)
+        signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
         if deadline is not None and time.perf_counter() > deadline:
             break
     best = max(per_C, key=lambda c: (per_C[c], -c))  # ties: the stronger regularization
