@@ -416,6 +416,35 @@ def test_ctrl_c_stops_the_whole_search(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_a_search_stopped_in_its_final_run_resumes_with_its_record(tmp_path, monkeypatch):
+    """Ctrl-C once the search has chosen stops the final run, which `--resume` continues like any run; the
+    search's record (candidates, choice, reproduce command) is in the folder all the same."""
+    import signal
+
+    import transferkit.search as search_module
+    from transferkit.engine import signals
+
+    refit = search_module._refit
+
+    def ctrl_c_then_refit(*args):
+        signals._requested.append(signal.SIGINT)
+        return refit(*args)
+
+    monkeypatch.setattr(search_module, "_refit", ctrl_c_then_refit)
+    run = tmp_path / "run"
+    try:
+        with pytest.raises(signals.Interrupted, match=f"resume with: transferkit train --resume {run}"):
+            _search(_folder(tmp_path / "data"), run, mode="linear-probe", probe_views="none")  # a short search
+    finally:
+        signals._requested.clear()
+    record = json.loads((run / "search.json").read_text())
+    assert record["chosen"] and record["reproduce"] and "val" not in record  # val not scored yet
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["best_val_acc"] is not None
+    assert "<h2>Search</h2>" in (run / "report.html").read_text()
+
+
 def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     """However the search cuts the training images (--train-subsample first, then what its budget allows),
     the images kept are those `transferkit train --train-subsample n` takes: its reproduce command holds."""

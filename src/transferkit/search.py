@@ -174,7 +174,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     scan = context.scan  # all training images, or the subsample the budget allowed
     del context  # its model and runtimes: the final run builds its own
     search.bar.close()
-    metrics = _refit(search, final, scan)
+    metrics = _refit(search, winner, final, scan)
     _write_search(search, winner, final, metrics, out)
     return metrics
 
@@ -879,11 +879,16 @@ def _final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
     return _candidate_config(search.cfg, winner.settings, out, best_metric="last", **subsample)
 
 
-def _refit(search: Search, final: TrainConfig, scan) -> dict:
+def _refit(search: Search, winner: Candidate, final: TrainConfig, scan) -> dict:
     from .engine.fit import fit
 
     log.info("search: refitting the chosen recipe on all %d training images; val is scored once, now", len(scan.train))
-    return fit(final, scan=scan, deadline=search.deadline - FIXED_OVERHEAD_S)
+    try:
+        return fit(final, scan=scan, deadline=search.deadline - FIXED_OVERHEAD_S)
+    except signals.Interrupted:  # the run folder is continued with --resume: what the search found stays beside it
+        if Path(final.out).is_dir():
+            atomic_write_json(RunFolder(final.out).search, _search_record(search, winner, final))
+        raise
 
 
 def reproduce_command(cfg: TrainConfig) -> str:
@@ -902,11 +907,12 @@ def reproduce_command(cfg: TrainConfig) -> str:
     return shlex.join(args + ["--out", cfg.out + "-reproduced"])
 
 
-def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict, out: Path) -> None:
-    wall = time.perf_counter() - search.t0
+def _search_record(search: Search, winner: Candidate, final: TrainConfig, metrics: dict | None = None) -> dict:
+    """search.json: every candidate, the choice, its reproduce command and, once the final run has scored it,
+    its val metrics."""
     record = {
         "budget_seconds": search.deadline - search.t0,
-        "wall_seconds": wall,
+        "wall_seconds": time.perf_counter() - search.t0,
         "extraction_images_per_second": search.rate,
         "train_subsample": search.subsample,
         "stopped": search.stopped,
@@ -916,10 +922,16 @@ def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics
         "chosen": winner.name,
         "chosen_settings": winner.settings,
         "reproduce": reproduce_command(final),
-        "val": {k: metrics.get(k) for k in ("best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1")},
     }
+    if metrics is not None:
+        record["val"] = {k: metrics.get(k) for k in ("best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1")}
+    return record
+
+
+def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict, out: Path) -> None:
+    record = _search_record(search, winner, final, metrics)
     atomic_write_json(RunFolder(out).search, record)
-    metrics["search"] = {"chosen": winner.name, "reproduce": record["reproduce"], "wall_seconds": wall}
+    metrics["search"] = {"chosen": winner.name, "reproduce": record["reproduce"], "wall_seconds": record["wall_seconds"]}
     from .results.report import write_report
 
     write_report(out, announce=False)  # again, now with the Search section
