@@ -882,7 +882,9 @@ def _final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
 def _refit(search: Search, winner: Candidate, final: TrainConfig, scan) -> dict:
     from .engine.fit import fit
 
-    log.info("search: refitting the chosen recipe on all %d training images; val is scored once, now", len(scan.train))
+    images = f"the {len(scan.train)} training images of the subsample" if search.subsample else \
+        f"all {len(scan.train)} training images"
+    log.info("search: refitting the chosen recipe on %s; val is scored once, now", images)
     try:
         return fit(final, scan=scan, deadline=search.deadline - FIXED_OVERHEAD_S)
     except signals.Interrupted:  # the run folder is continued with --resume: what the search found stays beside it
