@@ -270,7 +270,8 @@ class FrozenEngine:
         if not ok:  # a warning where the engine was asked for by name; one candidate of several: info
             asked = self.requested == name or (name == "torch-bf16" and self.info["precision"] == "bf16")
             (log.warning if asked else log.info)(
-                "%s differs from fp32 torch by %.3g (max abs) on the first batch; not used", name, diff)
+                "%s not used for the frozen part: on the first batch its features are off fp32 torch's by up to %.3g, "
+                "beyond its tolerance (%g%% of their scale)", name, diff, 100 * (rtol or PARITY_RTOL))
             self.info["fallback_reason"] = f"{name}: parity {diff:.3g} above tolerance"
             return False
         self._engines[name], self._outputs[name] = engine, candidate
