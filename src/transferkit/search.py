@@ -80,6 +80,10 @@ class Candidate:
     started_at: float | None = None  # seconds into the search
     status: str = "planned"  # ran | skipped: <why> | failed: <why>
 
+    def answered(self, right: np.ndarray) -> None:
+        """A probe's answers on the inner hold-out: which images it gets right, and its accuracy there."""
+        self.holdout_right, self.holdout = right, float(right.mean())
+
     def record(self) -> dict:
         return {k: getattr(self, k) for k in ("name", "kind", "settings", "estimate_s", "score", "holdout",
                                                "seconds", "started_at", "status")}
@@ -175,7 +179,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     del context  # its model and runtimes: the final run builds its own
     search.bar.close()
     metrics = _refit(search, winner, final, scan)
-    _write_search(search, winner, final, metrics, out)
+    _write_search(search, winner, final, metrics)
     return metrics
 
 
@@ -530,8 +534,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     inner_train, inner_test = ctx.inner
     fit = fit_probe(x[inner_train], ctx.y[inner_train],
                     taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes)
-    cand.holdout_right = predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test]
-    cand.holdout = float(cand.holdout_right.mean())
+    cand.answered(predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test])
 
 
 def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
@@ -576,8 +579,7 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     inner_train, inner_test = ctx.inner
     logits = sum(fit_probe(x[inner_train], ctx.y[inner_train], columns, C, n_classes).logits(x[inner_test])
                  for x, C in zip((x_large, x_native), Cs))
-    cand.holdout_right = logits.mean(1).argmax(-1) == ctx.y[inner_test]
-    cand.holdout = float(cand.holdout_right.mean())
+    cand.answered(logits.mean(1).argmax(-1) == ctx.y[inner_test])
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
     log.info("search: %s: CV accuracy %.4f (%d px alone %.4f; best so far %.4f), %.0fs", name, cand.score, size,
              large.accuracy, best.score, cand.seconds)
@@ -889,7 +891,7 @@ def _refit(search: Search, winner: Candidate, final: TrainConfig, scan) -> dict:
         return fit(final, scan=scan, deadline=search.deadline - FIXED_OVERHEAD_S)
     except signals.Interrupted:  # the run folder is continued with --resume: what the search found stays beside it
         if Path(final.out).is_dir():
-            atomic_write_json(RunFolder(final.out).search, _search_record(search, winner, final))
+            _save_search_record(search, winner, final)
         raise
 
 
@@ -909,9 +911,9 @@ def reproduce_command(cfg: TrainConfig) -> str:
     return shlex.join(args + ["--out", cfg.out + "-reproduced"])
 
 
-def _search_record(search: Search, winner: Candidate, final: TrainConfig, metrics: dict | None = None) -> dict:
-    """search.json: every candidate, the choice, its reproduce command and, once the final run has scored it,
-    its val metrics."""
+def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, metrics: dict | None = None) -> dict:
+    """Write the final run's search.json and return it: every candidate, the choice, its reproduce command and,
+    once the final run has scored it, its val metrics."""
     record = {
         "budget_seconds": search.deadline - search.t0,
         "wall_seconds": time.perf_counter() - search.t0,
@@ -927,14 +929,14 @@ def _search_record(search: Search, winner: Candidate, final: TrainConfig, metric
     }
     if metrics is not None:
         record["val"] = {k: metrics.get(k) for k in ("best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1")}
+    atomic_write_json(RunFolder(final.out).search, record)
     return record
 
 
-def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict, out: Path) -> None:
-    record = _search_record(search, winner, final, metrics)
-    atomic_write_json(RunFolder(out).search, record)
+def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict) -> None:
+    record = _save_search_record(search, winner, final, metrics)
     metrics["search"] = {"chosen": winner.name, "reproduce": record["reproduce"], "wall_seconds": record["wall_seconds"]}
     from .results.report import write_report
 
-    write_report(out, announce=False)  # again, now with the Search section
+    write_report(final.out, announce=False)  # again, now with the Search section
     log.info("search: chose %s; reproduce without the search: %s", winner.name, record["reproduce"])

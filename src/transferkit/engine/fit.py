@@ -281,7 +281,7 @@ def _write_figures(state: RunState, source: BatchSource, evaluation: dict) -> No
 
     signals.check_stop("the figures", next_step=f"the run is saved; write its report with: transferkit report "
                                                 f"{state.out}")
-    if len(state.history) > 1:  # one epoch (a linear probe) is a single point: no curve to draw
+    if plots.has_curve(state.history):
         plots.plot_history(state.history, state.out / "curves.png")
     plots.plot_evaluation(evaluation, state.scan.classes, state.out)
     sample = _training_sample(state, source, 16)

@@ -262,7 +262,7 @@ class FrozenEngine:
             log.warning("%s could not run the frozen part (%s); not used", name, exc)
             self.info["fallback_reason"] = f"{name}: export or session failed: {type(exc).__name__}"
             return False
-        rtol = precisions.BF16_PARITY_RTOL if name.endswith("bf16") else None
+        rtol = precisions.BF16_PARITY_RTOL if name.endswith("bf16") else PARITY_RTOL
         diff, ok = parity(reference, candidate, rtol)
         self.info.setdefault("parity_max_abs_diff_by_engine", {})[name] = diff
         if name.startswith("onnxruntime"):
@@ -271,7 +271,7 @@ class FrozenEngine:
             asked = self.requested == name or (name == "torch-bf16" and self.info["precision"] == "bf16")
             (log.warning if asked else log.info)(
                 "%s not used for the frozen part: on the first batch its features are off fp32 torch's by up to %.3g, "
-                "beyond its tolerance (%g%% of their scale)", name, diff, 100 * (rtol or PARITY_RTOL))
+                "beyond its tolerance (%g%% of their scale)", name, diff, 100 * rtol)
             self.info["fallback_reason"] = f"{name}: parity {diff:.3g} above tolerance"
             return False
         self._engines[name], self._outputs[name] = engine, candidate

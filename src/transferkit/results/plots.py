@@ -59,6 +59,12 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
     return xs, ys
 
 
+def has_curve(history: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a history is worth drawing: one epoch (a linear probe, fitted to convergence at once) is a
+    single point, not a curve."""
+    return len(history) > 1
+
+
 def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Two panels, loss and accuracy, with train and val lines against epoch."""
     with plt.rc_context(_RC):

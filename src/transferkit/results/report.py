@@ -95,7 +95,7 @@ def _read_history(run: RunFolder, metrics: dict | None) -> list[dict]:
 
 def _ensure_figures(run: RunFolder, history: list[dict], evaluation: dict | None, classes: Sequence[str]) -> None:
     """Draw curves.png / confusion.png from the data when the engine did not write them."""
-    if len(history) > 1 and not run.curves.is_file():
+    if plots.has_curve(history) and not run.curves.is_file():
         plots.plot_history(history, run.curves)
     cm = (evaluation or {}).get("confusion_matrix")
     if cm and classes and len(cm) == len(classes) and not run.confusion.is_file():
@@ -304,7 +304,7 @@ def _data_summary(run: RunFolder, report: dict | None) -> str:
 
 
 def _curves(run: RunFolder, history: list[dict]) -> str:
-    if len(history) == 1:  # a linear probe (fitted to convergence at once) or a one-epoch run: no curve
+    if history and not plots.has_curve(history):
         html = "<h2>Training curves</h2><p>One epoch: nothing to draw.</p>"
     else:
         html = "<h2>Training curves</h2>" + _image(run.curves, "training curves")
