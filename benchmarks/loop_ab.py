@@ -2,7 +2,9 @@
 processes, their epoch seconds (history.csv: train + val, no data scan or feature extraction) compared as
 ratios measured in one sitting. Made for the Trainer/callbacks redesign (issue 12): the loop must do the
 same work per step. The cached-feature head run is the sensitive case: its steps take well under a
-millisecond, so anything added per step shows there first.
+millisecond, so anything added per step shows there first. fit s is the whole fit() call (after the
+imports): the epochs plus what surrounds them (checkpoints, evaluation, figures, report), where a run of
+short epochs spent most of its time writing checkpoints until they were written by their cost (session 12).
 
     python benchmarks/loop_ab.py --base main --rounds 5
 """
@@ -27,13 +29,18 @@ RUNS = {  # name -> TrainConfig options (the tutorial recipe, no search)
                                                                optimizer="adam", scheduler="cosine"),
     "finetune (lite0 at 96 px, batch 16, 1 epoch)": dict(mode="finetune", epochs=1, batch_size=16, image_size=96,
                                                          batchnorm="frozen"),
+    # A large checkpoint (532 MB): random weights, so nothing is downloaded; the loop does not care.
+    "feature-extract vgg11_bn (cached head, 15 epochs)": dict(mode="feature-extract", model="vgg11_bn",
+                                                              pretrained=False),
 }
 CHILD = """
-import json, sys
+import json, sys, time
 from transferkit.config import TrainConfig
 from transferkit.engine.fit import fit
+t = time.perf_counter()
 m = fit(TrainConfig(**json.loads(sys.argv[1])))
-print(json.dumps({"loop_s": sum(r["seconds"] for r in m["history"]), "best_val_acc": m["best_val_acc"]}))
+print(json.dumps({"loop_s": sum(r["seconds"] for r in m["history"]), "fit_s": time.perf_counter() - t,
+                  "best_val_acc": m["best_val_acc"]}))
 """
 
 
@@ -75,23 +82,29 @@ def main() -> None:
         options = {**options, "data": str(data)}
         cache = work / "loop-ab-cache"
         run_side(HEAD_SRC, options, work / "loop-ab-warm", cache)  # features/decoded images cached once, untimed
-        times = {side: [] for side in sides}
+        times, fits = {side: [] for side in sides}, {side: [] for side in sides}
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))  # alternate who goes first
             for side in order:
                 result = run_side(sides[side], options, work / f"loop-ab-{len(times[side])}", cache)
                 times[side].append(result["loop_s"])
-                print(f"{name} | {side}: loop {result['loop_s']:.2f}s, best val {result['best_val_acc']:.4f}", flush=True)
-        base, head = times[args.base], times["this tree"]
-        ratios = [h / b for h, b in zip(head, base)]
-        rows.append({"run": name, f"{args.base} loop s (median)": statistics.median(base),
-                     "this tree loop s (median)": statistics.median(head),
-                     "ratio this/base (median of pairs)": statistics.median(ratios),
-                     "ratio range": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+                fits[side].append(result["fit_s"])
+                print(f"{name} | {side}: loop {result['loop_s']:.2f}s, fit {result['fit_s']:.2f}s, "
+                      f"best val {result['best_val_acc']:.4f}", flush=True)
+        row = {"run": name}
+        for what, by_side in (("loop", times), ("fit", fits)):
+            base, head = by_side[args.base], by_side["this tree"]
+            ratios = [h / b for h, b in zip(head, base)]
+            row.update({f"{args.base} {what} s (median)": statistics.median(base),
+                        f"this tree {what} s (median)": statistics.median(head),
+                        f"{what} ratio this/base (median of pairs)": statistics.median(ratios),
+                        f"{what} ratio range": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+        rows.append(row)
     text = (f"## Training loop A/B: this tree vs {args.base}\n\n{env}. Data: seed-sized stratified ELPV subset "
             f"(244 train / 153 val, 2 classes). Command: `python benchmarks/loop_ab.py --base {args.base} --rounds "
             f"{args.rounds} --runs {args.runs}`. Each side in a fresh process, alternated, {args.rounds} pairs; "
-            "loop s = the epochs in history.csv (train + val), caches warm.\n\n"
+            "loop s = the epochs in history.csv (train + val); fit s = the whole fit() call after the imports "
+            "(epochs, checkpoints, evaluation, figures, report); caches warm.\n\n"
             + table(rows, list(rows[0]) if rows else ["run"]))
     print(text)
     write_section("loop_ab", text)

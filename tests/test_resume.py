@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from transferkit import cli
 from transferkit.config import TrainConfig
-from transferkit.engine import signals
+from transferkit.engine import callbacks, signals
 from transferkit.engine.callbacks import Callback
 from transferkit.engine.checkpoint import read_meta
 from transferkit.engine.fit import fit
@@ -113,15 +113,51 @@ class CtrlCInEpoch2(Callback):
 
 
 @pytest.mark.slow
-def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path):
+def test_finetune_interrupted_in_process_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FINETUNE))
     run = tmp_path / "run"
+    # Every epoch written, as for epochs of real images (this tiny one is quicker than writing resnet18).
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)
     with pytest.raises(signals.Interrupted, match="interrupted at epoch 2; resume with") as info:
         fit(TrainConfig(data=str(tiny_folder), out=str(run), **FINETUNE), callbacks=[CtrlCInEpoch2()])
     assert info.value.exit_code == 130
     signals._requested.clear()
     assert read_meta(run / "last.safetensors")["epoch"] == 1
     _assert_same_run(_resume(run), reference, run)
+
+
+def _count_writes(monkeypatch) -> list[int]:
+    """The epochs `last` is written for, in order."""
+    written = []
+    real = callbacks.save_last
+
+    def counting(state, meta, *args):
+        written.append(meta["epoch"])
+        return real(state, meta, *args)
+
+    monkeypatch.setattr(callbacks, "save_last", counting)
+    return written
+
+
+@pytest.mark.slow
+def test_short_epochs_are_checkpointed_every_few_seconds_and_the_last_always(tiny_folder, tmp_path, monkeypatch):
+    written = _count_writes(monkeypatch)
+    opts = {**FE, "epochs": 12}
+    metrics = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "fast"), **opts))
+    # Epochs on cached features take milliseconds, a write tens: written before training and after the last.
+    assert written[0] == 0 and written[-1] == 12 and len(written) < 12
+    assert read_meta(tmp_path / "fast" / "best.safetensors")["epoch"] == metrics["best_epoch"]
+    assert read_meta(tmp_path / "fast" / "last.safetensors")["resume"]["best"]["epoch"] == metrics["best_epoch"]
+
+    written.clear()  # epochs long against a write: every one is written
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)
+    fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "slow"), **opts))
+    assert written == list(range(13))
+
+    written.clear()  # a run that stops early writes the epoch it stopped after
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 0.1)
+    stopped = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "early"), **{**opts, "lr": 1e-12, "patience": 2}))
+    assert stopped["epochs_run"] < 12 and written[-1] == stopped["epochs_run"]
 
 
 @pytest.mark.slow
@@ -160,19 +196,20 @@ def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, c
     assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
 
 
-@pytest.mark.slow
 class CtrlCInEpoch3(Callback):
     def on_batch_end(self, trainer, step):
         if step.epoch == 3:
             signals._requested.append(signal.SIGINT)
 
 
-def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path):
+@pytest.mark.slow
+def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path, monkeypatch):
     import transferkit as tk
     from transferkit.errors import CheckpointError, UsageError
 
     reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
     run = tmp_path / "run"
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)  # every epoch written, as for epochs of images
     with pytest.raises(signals.Interrupted):
         fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
     signals._requested.clear()
@@ -184,3 +221,25 @@ def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_f
     assert clf.run_dir_ == run and len(clf.predict([str(tiny_folder / "val")])) == 8
     with pytest.raises(CheckpointError, match="already finished"):
         tk.resume(run)
+
+
+@pytest.mark.slow
+def test_a_best_checkpoint_newer_than_last_resumes(tiny_folder, tmp_path, monkeypatch, caplog):
+    """best.safetensors written after `last` (killed between the two writes, or kept when the run stopped):
+    the resumed epochs redo its epoch and the run ends as an uninterrupted one."""
+    from transferkit.engine.checkpoint import save_checkpoint
+
+    reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
+    run = tmp_path / "run"
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)
+    with pytest.raises(signals.Interrupted):
+        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
+    signals._requested.clear()
+    assert read_meta(run / "last.safetensors")["epoch"] == 2
+    meta = read_meta(run / "best.safetensors")
+    weights = load_file(str(run / "best.safetensors"))
+    save_checkpoint(run / "best.safetensors", weights, {**meta, "epoch": 3})  # as if epoch 3 had won
+    with caplog.at_level("INFO"):
+        _assert_same_run(_resume(run), reference, run)
+    assert "from epoch 3, after the last checkpoint" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "best" in r.getMessage()]

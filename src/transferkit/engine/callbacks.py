@@ -24,8 +24,10 @@ from .signals import after_batch
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_SHARE = 0.1  # most of the training time that writing checkpoints may take (Checkpoints)
+
 HOOKS = ("on_fit_start", "on_train_start", "on_epoch_start", "on_loss", "on_batch_end", "on_epoch_end",
-         "on_fit_end")
+         "on_fit_end", "on_fit_abort")
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Callback:
     def on_batch_end(self, trainer, step: Step) -> None: ...
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None: ...
     def on_fit_end(self, trainer) -> None: ...
+    def on_fit_abort(self, trainer) -> None: ...  # an error or a signal stopped the epochs; it is raised after
 
 
 _added: list[Callback] = []
@@ -75,7 +78,8 @@ def default_callbacks(cfg, deadline: float | None) -> list[Callback]:
     callbacks = [NonFiniteLoss(), SignalStop(), History()]
     if cfg.tensorboard:
         callbacks.append(TensorBoard())
-    callbacks += [BestCheckpoint(), LastCheckpoint(), EpochLog(), EarlyStopping(), Deadline(deadline)]
+    # Checkpoints last: it writes after the run's last epoch, which early stopping or the deadline may make it.
+    callbacks += [BestEpoch(), EpochLog(), EarlyStopping(), Deadline(deadline), Checkpoints()]
     return callbacks
 
 
@@ -86,7 +90,7 @@ class NonFiniteLoss(Callback):
         if not distributed.all_true(bool(torch.isfinite(step.loss))):  # one rank's nan stops every rank
             raise TrainingError(
                 f"loss became {step.loss.item()} at epoch {step.epoch}, batch {step.batch}; try a lower --lr "
-                f"(now {trainer.state.cfg.lr}); checkpoints of finished epochs are kept in {trainer.state.out}")
+                f"(now {trainer.state.cfg.lr}); the last checkpoint is kept in {trainer.state.out}")
 
 
 class SignalStop(Callback):
@@ -115,40 +119,66 @@ class TensorBoard(Callback):
             tensorboard.log_epoch(trainer.state.out, row)
 
 
-class BestCheckpoint(Callback):
-    """The best epoch by --best-metric: its weights (in memory, restored at the end), its validation
-    outputs, and RUN/best.safetensors."""
+class BestEpoch(Callback):
+    """The best epoch by --best-metric: its score, weights and validation outputs, in memory (restored at
+    the end of training; written to RUN/best.safetensors by Checkpoints)."""
 
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None:
-        from .fit import _meta
-
         best, state = trainer.best, trainer.state
         score = _score(row, state.cfg.best_metric)
         if best["score"] is None or score > best["score"]:
-            best.update(score=score, epoch=row["epoch"], val=val, weights=copy.deepcopy(state.model.state_dict()))
-            if distributed.is_main():
-                save_checkpoint(RunFolder(state.out).best, state.model, _meta(state, row["epoch"], row))
+            best.update(score=score, epoch=row["epoch"], val=val, row=row,
+                        weights=copy.deepcopy(state.model.state_dict()))
 
 
-class LastCheckpoint(Callback):
-    """RUN/last.safetensors before the first epoch (a run killed in it can resume) and after every epoch."""
+class Checkpoints(Callback):
+    """RUN/last.safetensors before the first epoch (a run killed in it can resume) and after the run's last
+    epoch; between them, after an epoch whenever the training since the last write took at least
+    1/CHECKPOINT_SHARE times as long as that write. RUN/best.safetensors is written with it, where a better
+    epoch came since. Epochs of images are all written (a lite0 epoch takes seconds, its 13.7 MB 20-50 ms);
+    epochs on cached features take milliseconds, and writing each of them made most of a short run's time
+    (vgg16's 528 MB: seconds per epoch), so they are written every few seconds of training instead: a killed
+    run loses at most that, and writing costs at most about CHECKPOINT_SHARE of the training it keeps."""
+
+    def __init__(self):
+        self.written_at = time.perf_counter()
+        self.write_seconds = 0.0
+        self.best_epoch_on_disk = 0
 
     def on_train_start(self, trainer) -> None:
         from .fit import HISTORY_FIELDS
 
+        self.best_epoch_on_disk = trainer.best["epoch"]  # a resumed run's best file is already written
         if trainer.start_epoch == 1 and not trainer.restored:
-            self._save(trainer, 0, dict.fromkeys(HISTORY_FIELDS), 0.0)
+            self._save(trainer, 0, dict.fromkeys(HISTORY_FIELDS))
 
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None:
-        self._save(trainer, row["epoch"], row, trainer.elapsed())
+        training = time.perf_counter() - self.written_at
+        if trainer.final or trainer.stop_reason or training * CHECKPOINT_SHARE >= self.write_seconds:
+            self._save(trainer, row["epoch"], row)
 
-    @staticmethod
-    def _save(trainer, epoch: int, row: dict, elapsed: float) -> None:
+    def on_fit_abort(self, trainer) -> None:
+        # The weights are mid-epoch (no `last` to write for them), but the best epoch's are whole: keep them.
+        self._save_best(trainer)
+
+    def _save(self, trainer, epoch: int, row: dict) -> None:
         from .fit import _meta
 
+        t = time.perf_counter()
+        self._save_best(trainer)  # first: `last` names the best epoch on disk
         if distributed.is_main():
             save_last(trainer.state, _meta(trainer.state, epoch, row), trainer.optimizer, trainer.schedule,
-                      trainer.best, trainer.source, elapsed)
+                      trainer.best, trainer.source, trainer.elapsed())
+        self.written_at = time.perf_counter()
+        self.write_seconds = self.written_at - t
+
+    def _save_best(self, trainer) -> None:
+        from .fit import _meta
+
+        best, state = trainer.best, trainer.state
+        if best["epoch"] > self.best_epoch_on_disk and distributed.is_main():
+            save_checkpoint(RunFolder(state.out).best, best["weights"], _meta(state, best["epoch"], best["row"]))
+        self.best_epoch_on_disk = best["epoch"]
 
 
 class EpochLog(Callback):

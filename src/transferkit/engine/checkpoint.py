@@ -26,11 +26,13 @@ RESUME_PREFIX = "resume."  # `last` also holds optimizer/RNG tensors under this 
 REQUIRED_META = {"architecture": str, "classes": list, "preprocessing": dict}
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: nn.Module | dict, meta: dict, extra: dict | None = None) -> Path:
+    """`model`: the module, or a state dict of it (the best epoch's weights, kept in memory)."""
     path = Path(path)
     meta = {"format": FORMAT, "version": VERSION, **meta}
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
     # Shared/non-contiguous tensors are not allowed in safetensors; clone to be safe.
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"transferkit": json.dumps(meta)}))
     atomic_write_json(path.with_suffix(".json"), meta)

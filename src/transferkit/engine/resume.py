@@ -1,6 +1,7 @@
 """The `last` checkpoint: everything a killed run needs to continue exactly where its last epoch ended.
 
-One safetensors file, written atomically at the start of training and after every epoch: the model's
+One safetensors file, written atomically at the start of training, after the last epoch and between them as
+often as engine/callbacks.py's Checkpoints finds worth its cost (every epoch of images): the model's
 tensors under their own names (so `load_checkpoint` reads it like `best`), plus optimizer state,
 RNG states and the best epoch's validation outputs as tensors, and the rest (scheduler, history,
 best score, freeze phase, the split manifest's sha256) as JSON in the header. Nothing is pickled.
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def fresh_best() -> dict:
-    return {"score": None, "epoch": 0, "weights": None, "val": None}
+    return {"score": None, "epoch": 0, "weights": None, "val": None, "row": None}
 
 
 def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapsed: float) -> None:
@@ -105,11 +106,12 @@ def _restore_best(state, saved: dict, extra: dict) -> dict:
     if not best["epoch"]:
         return best
     best_path = RunFolder(state.out).best
-    best_meta = read_meta(best_path)
-    if int(best_meta.get("epoch", -1)) != best["epoch"]:
-        # Killed between writing best and last: the redone epoch rewrites best if it wins again.
-        log.warning("%s is from epoch %s, last recorded best is epoch %d", best_path, best_meta.get("epoch"),
-                    best["epoch"])
+    on_disk = read_meta(best_path).get("epoch")
+    if on_disk != best["epoch"]:
+        # Written after `last` (killed between the two writes, or kept when an error or a signal stopped the
+        # run): a better epoch than the recorded one, which the resumed epochs redo (on CPU they find it again
+        # and rewrite it). Its weights stand in for the recorded best's, which it replaced.
+        log.info("%s is from epoch %s, after the last checkpoint; the resumed epochs redo it", best_path, on_disk)
     best["weights"] = load_file(str(best_path), device=str(state.device))
     arrays = {k[len("best.val."):]: v.numpy() for k, v in extra.items() if k.startswith("best.val.")}
     best["val"] = {**saved.get("val", {}), **arrays}

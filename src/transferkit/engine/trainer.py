@@ -71,10 +71,14 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
         self._start()
         self.emit("on_train_start")
-        for epoch in range(self.start_epoch, cfg.epochs + 1):
-            self._epoch(epoch)
-            if self.stop_reason:
-                break
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs + 1):
+                self._epoch(epoch)
+                if self.stop_reason:
+                    break
+        except BaseException:  # a non-finite loss, out of memory, Ctrl-C: the callbacks keep what is whole
+            self.emit("on_fit_abort")
+            raise
         self.source.finish()
         state.model.load_state_dict(self.best["weights"])
         self.emit("on_fit_end")
