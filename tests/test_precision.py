@@ -143,3 +143,43 @@ def test_bf16_finetune_keeps_fp32_master_weights_and_records_the_precision(tmp_p
     weights = load_file(str(tmp_path / "run" / "best.safetensors"))
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["precision"]["resolved"] == "bf16"
+
+
+def test_a_cached_onnxruntime_choice_skips_the_eager_check_until_its_file_changes(lite0_frozen, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """The engine-known run: ONNX Runtime over the file its parity was checked on runs without eager torch's
+    reference pass; a file changed since (a damaged cache) is exported and checked again."""
+    monkeypatch.setattr(runtime, "ort_lanes", lambda: 1)
+    _fake_rates(monkeypatch, {"torch": 50.0, "onnxruntime": 150.0})
+    x = torch.randn(2, 3, 64, 64)
+    expected = runtime.TorchEngine(lite0_frozen, CPU)(x)
+    first = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="fp32")
+    first(x)
+    assert first.info["engine"] == "onnxruntime" and first.info["choice"] == "measured"
+
+    def no_eager(*args):
+        pytest.fail("the checked engine's file is unchanged: no eager reference pass")
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime.TorchEngine, "__call__", no_eager)
+        again = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="fp32")
+        out = again(x)
+    assert again.info["engine"] == "onnxruntime" and again.info["choice"] == "cached"
+    assert again.info["parity_max_abs_diff"] == first.info["parity_max_abs_diff"]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+    onnx_file = next(tmp_path.glob("frozen-*.onnx"))
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one weight byte flipped, as a failing disk would
+    onnx_file.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        healed = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="fp32")
+        out = healed(x)
+    assert healed.info["engine"] == "onnxruntime" and "parity_max_abs_diff_by_engine" in healed.info  # checked
+    assert "changed since its engine was chosen" in caplog.text
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    caplog.clear()
+    with monkeypatch.context() as m:  # the new file is the checked one now
+        m.setattr(runtime.TorchEngine, "__call__", no_eager)
+        FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="fp32")(x)
+    assert "changed since" not in caplog.text

@@ -431,11 +431,12 @@ def _missing_views(search: Search, crop, views, size=None) -> list:
 
 
 def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
-    rows = views * max(len(ctx.scan.train), 200)
-    if search.cv_row_s is not None:
-        return search.cv_row_s * rows
+    if search.cv_row_s is not None:  # measured per row of the same images: it includes their fixed costs
+        return search.cv_row_s * views * len(ctx.scan.train)
     # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features and 2 classes (2-core
-    # CPU); the multinomial fit grows with the number of classes.
+    # CPU), no less than for 200 images (each fit has a fixed cost); the multinomial fit grows with the
+    # number of classes.
+    rows = views * max(len(ctx.scan.train), 200)
     return 3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2)
 
 
