@@ -159,7 +159,10 @@ class Checkpoints(Callback):
 
     def on_fit_abort(self, trainer) -> None:
         # The weights are mid-epoch (no `last` to write for them), but the best epoch's are whole: keep them.
-        self._save_best(trainer)
+        try:
+            self._save_best(trainer)
+        except Exception as exc:  # noqa: BLE001 - the error that stopped the run is the one to report
+            log.warning("the best epoch's weights could not be written: %s", exc)
 
     def _save(self, trainer, epoch: int, row: dict) -> None:
         from .fit import _meta

@@ -235,7 +235,7 @@ class FrozenEngine:
         path = self._sized_path(x)
         if not path.is_file():
             return False
-        if file_sha256(path) != entry["onnx_sha256"]:  # damaged since: exported, checked and timed again
+        if file_sha256(path) != entry["onnx_sha256"]:  # damaged since: exported and checked again
             log.warning("%s changed since its engine was chosen (damaged?); exporting it again", path)
             path.unlink(missing_ok=True)
             return False
