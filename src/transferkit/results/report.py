@@ -207,11 +207,10 @@ def _headline(metrics: dict | None, evaluation: dict | None, search: dict | None
     # A searched run took the search's time; its final run (metrics.json's wall time) is the last part of it.
     wall = ("wall time (search)", search.get("wall_seconds")) if isinstance(search, Mapping) else \
         ("wall time", m.get("wall_seconds"))
-    cards = [
-        ("best val accuracy", _pct(m.get("best_val_acc"))),
-        ("best epoch", _fmt(m.get("best_epoch")) if m.get("best_epoch") is not None else "n/a"),
-        (wall[0], _duration(wall[1])),
-    ]
+    cards = [("best val accuracy", _pct(m.get("best_val_acc")))]
+    if m.get("epochs_run", 2) > 1:  # a linear probe is fitted once: its "best epoch" is the only one
+        cards.append(("best epoch", _fmt(m.get("best_epoch")) if m.get("best_epoch") is not None else "n/a"))
+    cards.append((wall[0], _duration(wall[1])))
     if evaluation is not None:
         cards += [
             ("accuracy", _pct(ev.get("accuracy"))),
@@ -370,7 +369,9 @@ def _search(search: dict | None) -> str:
         rows.append([("→ " if c.get("name") == search.get("chosen") else "") + str(c.get("name")),
                      "" if score is None else f"{score:.4f}",
                      "" if c.get("holdout") is None else f"{c['holdout']:.4f}",
-                     _duration(c.get("estimate_s")), _duration(c.get("seconds")), str(c.get("status")),
+                     _duration(c.get("estimate_s")),
+                     "–" if str(c.get("status")).startswith("skipped") else _duration(c.get("seconds")),
+                     str(c.get("status")),
                      ", ".join(f"{k}={v}" for k, v in settings.items())])
     head = (f"<h2>Search</h2><p>Budget {_duration(search.get('budget_seconds'))}, used "
             f"{_duration(search.get('wall_seconds'))}. {_e(str(search.get('selection', '')))}. "
