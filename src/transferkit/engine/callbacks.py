@@ -127,8 +127,7 @@ class BestEpoch(Callback):
         best, state = trainer.best, trainer.state
         score = _score(row, state.cfg.best_metric)
         if best["score"] is None or score > best["score"]:
-            best.update(score=score, epoch=row["epoch"], val=val, row=row,
-                        weights=copy.deepcopy(state.model.state_dict()))
+            best.update(score=score, epoch=row["epoch"], val=val, weights=copy.deepcopy(state.model.state_dict()))
 
 
 class Checkpoints(Callback):
@@ -180,7 +179,8 @@ class Checkpoints(Callback):
 
         best, state = trainer.best, trainer.state
         if best["epoch"] > self.best_epoch_on_disk and distributed.is_main():
-            save_checkpoint(RunFolder(state.out).best, best["weights"], _meta(state, best["epoch"], best["row"]))
+            row = state.history[best["epoch"] - 1]  # History keeps every epoch's row
+            save_checkpoint(RunFolder(state.out).best, best["weights"], _meta(state, best["epoch"], row))
         self.best_epoch_on_disk = best["epoch"]
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def fresh_best() -> dict:
-    return {"score": None, "epoch": 0, "weights": None, "val": None, "row": None}
+    return {"score": None, "epoch": 0, "weights": None, "val": None}
 
 
 def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapsed: float) -> None:

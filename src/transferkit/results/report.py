@@ -202,13 +202,13 @@ def _title(run: RunFolder, metrics: dict | None) -> str:
     )
 
 
-def _headline(metrics: dict | None, evaluation: dict | None, search: dict | None = None) -> str:
+def _headline(metrics: dict | None, evaluation: dict | None, history: list[dict], search: dict | None = None) -> str:
     m, ev = metrics or {}, evaluation or {}
     # A searched run took the search's time; its final run (metrics.json's wall time) is the last part of it.
     wall = ("wall time (search)", search.get("wall_seconds")) if isinstance(search, Mapping) else \
         ("wall time", m.get("wall_seconds"))
     cards = [("best val accuracy", _pct(m.get("best_val_acc")))]
-    if m.get("epochs_run", 2) > 1:  # a linear probe is fitted once: its "best epoch" is the only one
+    if not history or plots.has_curve(history):  # a linear probe is fitted once: its only epoch is the best
         cards.append(("best epoch", _fmt(m.get("best_epoch")) if m.get("best_epoch") is not None else "n/a"))
     cards.append((wall[0], _duration(wall[1])))
     if evaluation is not None:
@@ -415,7 +415,7 @@ def write_report(run_dir: str | Path, announce: bool = True) -> Path:
     body = "".join(
         [
             _title(run, metrics),
-            _headline(metrics, evaluation, search),
+            _headline(metrics, evaluation, history, search),
             _search(search),  # an auto run's story: what was tried, and why this model
             _config(parsed_config, raw_config, searched=isinstance(search, Mapping)),
             _data_summary(run, data_report),
