@@ -113,11 +113,12 @@ def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True) 
                      "val_acc": auto["acc"], "balanced": auto["balanced"], "wall_s": auto["wall_s"],
                      "chosen": chosen_text(auto["search"])})
     autos = rows[2:] if tutorial else rows[1:]
-    verdict = (f"auto - tutorial = {100 * (autos[0]['val_acc'] - tut['acc']):+.1f} points, auto - SVM = "
-               f"{100 * (autos[0]['val_acc'] - svm['acc']):+.1f} points (`--time-budget {budgets[0]}`); "
-               f"best auto {max(r['val_acc'] for r in autos):.4f}")
+    versus_tutorial = f"auto - tutorial = {100 * (autos[0]['val_acc'] - tut['acc']):+.1f} points, " if tutorial else ""
+    verdict = (f"{versus_tutorial}auto - SVM = {100 * (autos[0]['val_acc'] - svm['acc']):+.1f} points "
+               f"(`--time-budget {budgets[0]}`); best auto {max(r['val_acc'] for r in autos):.4f}")
     flags = "" if budgets == [DEFAULT_TIME_BUDGET] else f" --budget {budgets[0]}"
-    text = (f"## Recipe search: {name}{flags}\n\n{env}. `python benchmarks/auto.py --sets {name}{flags}` "
+    command = f"python benchmarks/auto.py --sets {name}{flags}" + ("" if tutorial else " --no-tutorial")
+    text = (f"## Recipe search: {name}{flags}\n\n{env}. `{command}` "
             f"({svm['n_train']} train / {svm['n_val']} val images, {svm['classes']} classes; cold feature cache "
             f"for every transferkit run; wall = the whole command).\n\n"
             + table(rows, ["recipe", "val_acc", "balanced", "wall_s", "chosen"]) + f"\n\n{verdict}.\n")

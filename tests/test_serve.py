@@ -87,6 +87,19 @@ def test_json_base64_gives_the_same_rows_as_multipart(server, exported):
     assert body["predictions"] == post_files(server.url, [(p.name, p.read_bytes()) for p in paths])[1]["predictions"]
 
 
+def test_a_raw_image_body_gives_the_same_row_as_multipart(server, exported):
+    """`curl --data-binary @cat.jpg -H 'Content-Type: image/png'`: one image, named by ?name= (or image-0)."""
+    path = val_images(exported[0])[0]
+    want = post_files(server.url, [(path.name, path.read_bytes())])[1]["predictions"]
+    for content_type in ("image/png", "application/octet-stream"):
+        status, body = request(server.url + f"predict?name={path.name}", path.read_bytes(),
+                               {"Content-Type": content_type})
+        assert status == 200, body
+        assert body["predictions"] == want
+    status, body = request(server.url + "predict", path.read_bytes(), {"Content-Type": "image/png"})
+    assert status == 200 and body["predictions"][0]["path"] == "image-0"
+
+
 def test_concurrent_requests_each_get_their_own_image_back(server, exported):
     """Requests batched together are answered with their own rows (nothing shifted between them)."""
     paths = val_images(exported[0])
@@ -140,6 +153,10 @@ def _bad_requests(good: bytes) -> dict:
         "JSON bad base64": (*json_body({"images": [{"data": "%%%"}]}), "", 400, ["images[0].data", "base64"]),
         "JSON too many images": (*json_body({"images": [{"data": ""}] * 13}), "", 400, ["too many images", "13"]),
         "no images": (*files(), "", 400, ["no images"]),
+        "empty raw body": (b"", {"Content-Type": "image/png"}, "", 400, ["no images"]),
+        "raw body not an image": (b"hello", {"Content-Type": "image/jpeg"}, "?name=a.jpg", 422,
+                                  ["a.jpg", "not an image"]),
+        "raw body too large": (good + b"\0" * 300_001, {"Content-Type": "image/png"}, "", 413, ["--max-image-bytes"]),
         "malformed multipart": (b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=y"}, "", 400,
                                 ["multipart"]),
         "bad top_k": (*files(("a.png", good)), "?top_k=zero", 400, ["top_k"]),

@@ -1,9 +1,11 @@
 """The images of a POST /predict request, read within the server's limits.
 
-Two ways in: multipart/form-data (every file part, in order) or JSON
-{"images": [{"name": "a.jpg", "data": "<base64>"}, ...]}. A request the server will not take raises
-`RequestError` with its HTTP status and a one-line reason; the body is never read past the limit, and
-each image's size is read from its header before anything is decoded (decompression bombs).
+Three ways in: multipart/form-data (every file part, in order), JSON
+{"images": [{"name": "a.jpg", "data": "<base64>"}, ...]}, or one image as the raw body (Content-Type image/* or
+application/octet-stream: `curl --data-binary @cat.jpg`, TorchServe's way, with nothing to encode or parse).
+A request the server will not take raises `RequestError` with its HTTP status and a one-line reason; the body
+is never read past the limit, and each image's size is read from its header before anything is decoded
+(decompression bombs).
 An image that is present but unreadable is not a request error: its row says why (as `predict` does).
 """
 
@@ -46,9 +48,12 @@ async def read_uploads(request: Request, options: ServeOptions) -> list[Upload]:
         uploads = await _multipart(body, options)
     elif kind == "application/json":
         uploads = _json(await body.body(), options)
+    elif kind.startswith("image/") or kind == "application/octet-stream":
+        data = await body.body()
+        uploads = [Upload(request.query_params.get("name") or "image-0", data)] if data else []
     else:
-        raise RequestError(415, f"Content-Type must be multipart/form-data (files) or application/json "
-                                f"({JSON_SHAPE}), not {kind or 'none'}")
+        raise RequestError(415, f"Content-Type must be multipart/form-data (files), application/json "
+                                f"({JSON_SHAPE}) or image/* (one image as the body), not {kind or 'none'}")
     if not uploads:
         raise RequestError(400, f"no images in the request: send multipart files or JSON {JSON_SHAPE}")
     _refuse_oversized(uploads, options)
