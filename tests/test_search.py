@@ -286,6 +286,25 @@ def test_lp_ft_steps_are_small_and_given_pieces_win():
     assert given["lr"] == 0.01 and given["lower_lr_factor"] == free["lower_lr_factor"]
 
 
+def test_partial_pays_for_its_activations_once_not_per_epoch():
+    """partial computes the frozen groups' activations once (views × train + val images) and then trains
+    epochs of milliseconds on them. Counting that extraction into every epoch (as the planner once did:
+    ELPV, 20m budget, estimate 527 s against 116 s for the inner run) gives it fewer epochs than fit, or
+    none, where it fits."""
+    import time
+
+    from transferkit.search import FT_EPOCHS, Search, _activation_seconds, _affordable_epochs
+
+    search = Search(TrainConfig(data="d"), set(), time.perf_counter() + 200, time.perf_counter(), rate=100.0)
+    once = _activation_seconds(search, {"mode": "partial", "views": 8}, n=1000, m=200)
+    assert once == pytest.approx((8 * 1000 + 200) / 100)
+    assert _activation_seconds(search, {"mode": "finetune", "views": 8}, n=1000, m=200) == 0.0
+    # 82 s of activations, then 1 s an epoch: 200 s leave room for the most epochs worth paying for
+    assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once) == FT_EPOCHS[1]
+    # ... but not where the activations alone take the time
+    assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=195.0) < FT_EPOCHS[0]
+
+
 def test_pixel_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):
     """--probe-pixels: the saved model computes the grey 32×32 pixel block in its graph beside the pooled taps;
     through the ordinary predictor it gives the val accuracy the run reported, and its ONNX export matches."""

@@ -385,7 +385,8 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
     refit = 2 - INNER_FRACTION  # the inner run and the refit on all images
-    ladder = {"partial": ("partial fine-tuning from the probe, inner hold-out + refit", refit * 2 * n / search.rate),
+    activations = _activation_seconds(search, {"mode": "partial", "views": 4}, n, m)  # 4 views at the fewest
+    ladder = {"partial": ("partial fine-tuning from the probe, inner hold-out + refit", activations),
               "finetune": ("full fine-tuning from the probe, inner hold-out + refit", refit * 2 * 3 * n / search.rate)}
     steps += [ladder[kind] for kind in _finetune_kinds(search, ctx)]
     for i, (name, seconds) in enumerate(steps, 1):
@@ -721,22 +722,23 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
 
     settings = _finetune_settings(search, probe, kind)
     cand = search.add(Candidate(f"{kind} from the probe's head", kind, settings))
-    n = len(ctx.scan.train)
-    # A training step costs at least ~3 forward passes: if even that cannot fit, don't spend time timing one.
-    cand.estimate_s = (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n / search.rate * (0.3 if kind == "partial" else 1)
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
+    once = _activation_seconds(search, settings, n, m)
+    # At the least: partial's activations, or ~3 forward passes per step for the other kinds. If even that
+    # cannot fit, don't spend time timing a step.
+    cand.estimate_s = once or (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n / search.rate
     if not search.affords(cand, FIXED_OVERHEAD_S):
         return cand
     step_s = _step_seconds(search, ctx, settings)
-    n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_epoch = step_s * n
-    if kind == "partial":  # the frozen groups run once per (image, view) first
-        per_epoch += settings["views"] * (n + m) / search.rate / FT_EPOCHS[0]
-    epochs = _affordable_epochs(search, per_epoch, m * step_s / 3)
+    epochs = _affordable_epochs(search, per_epoch, val_pass=m * step_s / 3, once=once)
     if "epochs" in search.given:
         epochs = search.cfg.epochs if epochs >= FT_EPOCHS[0] else 0
-    cand.estimate_s = (1 - INNER_FRACTION) * per_epoch * epochs + (1 + 2 * INNER_FRACTION) * per_epoch * epochs / 2
+    cand.estimate_s = once + (2 - INNER_FRACTION) * per_epoch * epochs  # the inner run and the refit
     if epochs < FT_EPOCHS[0]:
-        cand.status = f"skipped: {FT_EPOCHS[0]} epochs (~{per_epoch:.0f}s each) and a refit do not fit in {search.left():.0f}s"
+        first = f"activations ~{once:.0f}s once, then " if once else ""
+        cand.status = (f"skipped: {first}{FT_EPOCHS[0]} epochs (~{per_epoch:.0f}s each) and a refit do not fit in "
+                       f"{search.left():.0f}s")
         log.info("search: %s %s", cand.name, cand.status)
         return cand
     settings["epochs"] = epochs
@@ -838,10 +840,18 @@ def _activation_shape(ctx: _Context) -> tuple:
         return tuple(prefix(torch.zeros(1, 3, size, size)).shape[1:])
 
 
-def _affordable_epochs(search: Search, per_epoch: float, val_pass: float) -> int:
-    """Epochs E such that the inner run (80% of train) and the refit (100%) both fit, with the final
-    val pass and write-up, in what is left."""
-    spare = search.left() - FIXED_OVERHEAD_S - 2 * val_pass
+def _activation_seconds(search: Search, settings: dict, n: int, m: int) -> float:
+    """partial: the frozen groups run once per (training image, view) and once per val image before the
+    first epoch, and the epochs then train on those activations. The inner run computes them for its part
+    of train and the refit for the rest (engine/activations.py caches them by content), so the pair pays for
+    them once, not per epoch. Other kinds: 0."""
+    return (settings["views"] * n + m) / search.rate if settings["mode"] == "partial" else 0.0
+
+
+def _affordable_epochs(search: Search, per_epoch: float, val_pass: float, once: float = 0.0) -> int:
+    """Epochs E such that the inner run (80% of train) and the refit (100%) both fit, with what they pay
+    `once` (partial's activations), the final val pass and write-up, in what is left."""
+    spare = search.left() - FIXED_OVERHEAD_S - 2 * val_pass - once
     return int(min(FT_EPOCHS[1], max(0.0, spare / (per_epoch * (2 - INNER_FRACTION)))))
 
 
