@@ -558,8 +558,11 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     cand = search.add(Candidate(name, "probe", {**settings, "image_size": size, "probe_scale": native,
                                                 "probe_scale_c": s["probe_c"]}))
     n, m, more = len(ctx.scan.train), len(ctx.scan.val), _pixels(ctx, size)
-    # two CVs of one pooling each (the larger size alone, then the pair), where the probes' CV tried them all
-    cand.estimate_s = len(views) * n * more / search.rate + 2 * _cv_seconds(search, ctx, len(views)) / len(POOLING_STAGES)
+    # The larger size's CV over the C grid, then the pair's, whose six fits (two per fold) start cold: about
+    # 1.7× (ELPV 4 classes) and 3× (2 classes) the best probe's CV over both poolings (each candidate's time
+    # less its extraction at the measured rate, 20m budgets), so 2.5×; counted as one CV, the 4-class run
+    # planned 350 s and took 531.
+    cand.estimate_s = len(views) * n * more / search.rate + 2.5 * _cv_seconds(search, ctx, len(views))
     reserve = len(views) * m * (1 + more) / search.rate + FIXED_OVERHEAD_S  # the final run's val, both scales
     if not search.affords(cand, reserve):
         return cand
