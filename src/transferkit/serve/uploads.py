@@ -55,7 +55,8 @@ async def read_uploads(request: Request, options: ServeOptions) -> list[Upload]:
         raise RequestError(415, f"Content-Type must be multipart/form-data (files), application/json "
                                 f"({JSON_SHAPE}) or image/* (one image as the body), not {kind or 'none'}")
     if not uploads:
-        raise RequestError(400, f"no images in the request: send multipart files or JSON {JSON_SHAPE}")
+        raise RequestError(400, f"no images in the request: send multipart files, JSON {JSON_SHAPE} or one "
+                                "image as the body")
     _refuse_oversized(uploads, options)
     return uploads
 
