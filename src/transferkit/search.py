@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FIXED_OVERHEAD_S = 8.0  # the final run's model build, checkpoint, figures and report (measured: 4-7 s)
 INNER_FRACTION = 0.2  # share of the training images held out to score fine-tuning candidates
 FT_EPOCHS = (2, 8)  # fewest worth trying, most worth paying for
+PARTIAL_VIEWS = {"random": 4, "dihedral": 8}  # cached views per image for partial fine-tuning, by view kind
 # Learning rates for fine-tuning that starts from the probe's head (LP-FT, Kumar et al. 2022: small steps keep
 # the pretrained features the fitted head relies on). Measured on ELPV (benchmarks/RESULTS.md, "Notes on the
 # recipe search (session 6)"): full fine-tuning at AdamW 5e-4 from a head at 0.85 val accuracy fell to 0.71
@@ -385,7 +386,7 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
     refit = 2 - INNER_FRACTION  # the inner run and the refit on all images
-    activations = _activation_seconds(search, {"mode": "partial", "views": 4}, n, m)  # 4 views at the fewest
+    activations = _activation_seconds(search, {"mode": "partial", "views": PARTIAL_VIEWS["random"]}, n, m)
     ladder = {"partial": ("partial fine-tuning from the probe, inner hold-out + refit", activations),
               "finetune": ("full fine-tuning from the probe, inner hold-out + refit", refit * 2 * 3 * n / search.rate)}
     steps += [ladder[kind] for kind in _finetune_kinds(search, ctx)]
@@ -713,7 +714,8 @@ def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
                 "warmup_epochs": 0.3, "label_smoothing": 0.1, "batch_size": 32,
                 "augment": "dihedral" if dihedral else "light", "crop_fraction": probe.settings["crop_fraction"]}
     if kind == "partial":
-        settings.update(unfreeze=2, views=8 if dihedral else 4, view_kind="dihedral" if dihedral else "random")
+        kind_of_views = "dihedral" if dihedral else "random"
+        settings.update(unfreeze=2, views=PARTIAL_VIEWS[kind_of_views], view_kind=kind_of_views)
     for key in list(settings):
         if key in search.given:
             settings[key] = getattr(search.cfg, key)

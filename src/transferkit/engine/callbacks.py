@@ -140,7 +140,7 @@ class Checkpoints(Callback):
     run loses at most that, and writing costs at most about CHECKPOINT_SHARE of the training it keeps."""
 
     def __init__(self):
-        self.written_at = time.perf_counter()
+        self.written_at = 0.0
         self.write_seconds = 0.0
         self.best_epoch_on_disk = 0
 
@@ -148,6 +148,7 @@ class Checkpoints(Callback):
         from .fit import HISTORY_FIELDS
 
         self.best_epoch_on_disk = trainer.best["epoch"]  # a resumed run's best file is already written
+        self.written_at = time.perf_counter()  # training starts now (a resumed run's set-up is not training)
         if trainer.start_epoch == 1 and not trainer.restored:
             self._save(trainer, 0, dict.fromkeys(HISTORY_FIELDS))
 

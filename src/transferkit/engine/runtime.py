@@ -212,7 +212,7 @@ class FrozenEngine:
                 # --precision bf16 whose features are out of parity: fp32 then, on the fastest fp32 engine
                 # (eager torch is the slowest: 25-40 images/s against ~250 for ONNX Runtime's lanes here)
                 fp32 = self._candidates(fp32=True)
-                if len(fp32) > 1:
+                if len(fp32) > 1 and not self._reuse_checked(fp32, trial):
                     self._pick(fp32, trial, reference)
         elif len(names) > 1:
             self._pick(names, trial, reference)
