@@ -158,6 +158,15 @@ def test_listed_parameter_count_and_weights_url_are_the_built_models(name):
     spec = get_spec(name)
     with torch.device("meta"):
         assert spec.params == sum(p.numel() for p in spec.build().parameters())
+    if spec.macs:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        size = spec.input_size
+        with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            spec.build().eval()(torch.zeros(1, 3, size, size))
+        assert spec.macs == counter.get_total_flops() // 2
+    for name in spec.stronger:
+        assert get_spec(name).family == spec.family
     if spec.weights.kind == "torchvision":
         import torchvision.models as tvm
 

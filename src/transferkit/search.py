@@ -3,9 +3,10 @@
 A ladder of candidates from cheap to expensive, each reusing the caches of the ones before it:
   1. linear probes (engine/probe.py) on pooled multi-stage features: the backbone's eval crop, then the
      whole frame; then the mirror view, then the 8 dihedral views (where --rotation-safe says so, or where
-     the probe on the image and its mirror turned by 90° too won the CV); then, where the images are large enough, a two-scale
-     probe (the best views read at 4/3 of the input size too, one probe per scale, logits averaged);
-     pooling, stages and C by 3-fold CV on train;
+     the probe on the image and its mirror turned by 90° too won the CV); then the best crop and views on a
+     stronger backbone of the same family (the registry's `stronger`), which the rest of the search uses where it
+     wins; then, where the images are large enough, a two-scale probe (the best views read at 4/3 of the input
+     size too, one probe per scale, logits averaged); pooling, stages and C by 3-fold CV on train;
   2. partial fine-tuning of the top groups on cached activations, from the probe's head (LP-FT);
   3. full fine-tuning with frozen BatchNorm, from the probe's head (LP-FT).
 Costs are measured (extraction rate on the first images, a training step's rate on two batches) and a
@@ -50,7 +51,7 @@ PARTIAL_VIEWS = {"random": 4, "dihedral": 8}  # cached views per image for parti
 FT_LR = {"finetune": 1e-4, "partial": 1e-3}
 LOWER_LR_FACTOR = 0.8
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
-PROBE_PIECES = ("crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size", "probe_scale",
+PROBE_PIECES = ("model", "crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size", "probe_scale",
                 "probe_scale_c", "probe_pixels")
 # The two-scale probe reads images at this multiple of the input size (FixRes, Touvron et al. 2019: a network
 # sees objects larger at test time than in its training crops, so a larger test input suits it)...
@@ -58,6 +59,8 @@ LARGER_INPUT = 4 / 3
 # ...where the images have that many pixels (upsampling adds no detail) and it differs enough to matter;
 # images up to LARGER_INPUT_MAX × the input are read at their own size (no resampling to blur fine detail).
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
+# A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see _stronger_backbone).
+STRONGER_COST_MARGIN = 1.25
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 # Images whose shorter side is at most this share of the network's input (upsampled 2× or more) are small enough
@@ -97,12 +100,12 @@ class Search:
     deadline: float
     t0: float
     candidates: list[Candidate] = field(default_factory=list)
-    rate: float = 0.0  # feature views per second, measured
+    rate: float = 0.0  # feature views per second of the first backbone at its own input size, measured
     cv_row_s: float | None = None  # seconds of probe cross-validation per (image, view), measured
     bar: object = None  # engine/progress.time_bar over the budget
     feats_done: bool = False  # the first extraction (which never stops) is behind us
     subsample: int | None = None  # training images the budget allowed, where fewer than all
-    feats: dict = field(default_factory=dict)  # (crop, input size) → {view: (n, d) array}
+    setup_s: float = 0.0  # the first backbone's ONNX export and engine choice, measured with the rate
     stopped: str | None = None  # why the ladder ended before its last step, where it did
 
     def left(self) -> float:
@@ -169,7 +172,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         context = _Context.build(cfg, scan)
         if cfg.train_subsample and cfg.train_subsample < len(scan.train):
             _keep_subsample(search, context, cfg.train_subsample, asked=True)
-        winner = _search_probes(search, context)
+        winner, context = _search_probes(search, context)  # the context of the winner's backbone
         winner = _search_finetuning(search, context, winner) or winner
     except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
         search.bar.close()
@@ -199,29 +202,45 @@ class _Context:
     order: np.ndarray  # a seeded permutation of the training images
     shorter_side: int = 0  # median shorter side of the training images (a sample's headers), in pixels
     taps: dict = field(default_factory=dict)  # (crop, input size) → Taps
+    feats: dict = field(default_factory=dict)  # (crop, input size) → {view: (n, d) array}
+    # Seconds per view against the first backbone's at its own input size (search.rate is in those views).
+    cost: float = 1.0
 
     @classmethod
     def build(cls, cfg, scan):
-        import torch
-
+        from .data.folders import subsample_order
         from .engine.environment import pick_device
         from .engine.fit import set_seed
-        from .models.adapt import build_model
         from .models.registry import get_spec
 
         set_seed(cfg.seed)
-        spec = get_spec(cfg.model)
-        device = pick_device(cfg.device)
-        model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights).eval()
-        model.to(device)
-        if device.type == "cpu" and cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        from .data.folders import subsample_order
-
+        spec, device = get_spec(cfg.model), pick_device(cfg.device)
         y = np.array([label for _, label in scan.train])
         order = subsample_order(len(y), cfg.seed)  # extraction order: any prefix is a seeded random subsample
         short = _median_shorter_side([scan.train[i][0] for i in order[:32]])
-        return cls(cfg, scan, spec, model, device, y, _inner_split(y, cfg.seed), order, short)
+        ctx = cls(cfg, scan, spec, None, device, y, _inner_split(y, cfg.seed), order, short)
+        ctx.model = ctx._build_model()
+        return ctx
+
+    def _build_model(self):
+        import torch
+
+        from .models.adapt import build_model
+
+        cfg = self.cfg
+        model = build_model(self.spec, len(self.scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
+        model.eval().to(self.device)
+        if self.device.type == "cpu" and cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def sibling(self, spec, cost: float) -> "_Context":
+        """Another backbone over the same training images (subsample, order and inner split included), its
+        network built when its first features are asked for."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.model = spec.name
+        return _Context(cfg, self.scan, spec, None, self.device, self.y, self.inner, self.order, self.shorter_side,
+                        cost=cost)
 
     @property
     def small_images(self) -> bool:
@@ -234,6 +253,8 @@ class _Context:
     def taps_for(self, crop, size=None):
         from .engine.probe_train import make_taps
 
+        if self.model is None:
+            self.model = self._build_model()
         if (crop, size) not in self.taps:
             like = next(iter(self.taps.values()), None)  # same network and size: one runtime for every crop
             taps = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
@@ -251,13 +272,13 @@ def _tries_pixels(search: Search, ctx: _Context) -> bool:
 
 def _with_pixel_features(search: Search, ctx: _Context, crop, views, x: np.ndarray) -> np.ndarray:
     """x (n, views, d) with the pixel block of the same images and views appended (engine/probe.py PixelBlock),
-    kept beside the taps' features (search.feats) so each crop and view is read once. A pass of its own: the
+    kept beside the taps' features (ctx.feats) so each crop and view is read once. A pass of its own: the
     pixel block is tried on small images only, whose decoding is cheap (digits: 0.9 s for 1,347 images), and it
     keeps the taps' cached vector the same for every run."""
     from .engine.features import default_workers
     from .engine.probe_train import make_pixel_taps
 
-    have = search.feats.setdefault((crop, "pixels"), {})
+    have = ctx.feats.setdefault((crop, "pixels"), {})
     todo = [v for v in views if v not in have]  # after the first extraction: any subsample is already made
     if todo:
         taps = make_pixel_taps(ctx.spec, ctx.cfg, ctx.pre(crop), ctx.device)
@@ -290,30 +311,78 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # ---- 1. linear probes -------------------------------------------------------------------------------
 
 
-def _search_probes(search: Search, ctx: _Context) -> Candidate:
+def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
+    """The best probe, and the context of its backbone (the one given, or a stronger one that won)."""
     cfg, given = search.cfg, search.given
     crops, views = _probe_ladder(search, ctx)
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
         if _perfect(best):
-            return _stopped_at(search, best)
+            return _stopped_at(search, best), ctx
         best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
         if _perfect(best):
-            return _stopped_at(search, best)
+            return _stopped_at(search, best), ctx
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
             continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
         cand = _probe_candidate(search, ctx, crop, view_set)
         if cand.score is not None and cand.score <= best.score and not cfg.rotation_safe:
             break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
         best = _better(best, cand)
-    if "image_size" in given:
-        return best
     if _perfect(best):
-        return _stopped_at(search, best)
-    return _better(best, _two_scale_candidate(search, ctx, best))
+        return _stopped_at(search, best), ctx
+    stronger, other = _stronger_backbone(search, ctx, best)
+    if stronger is not None and stronger is _better(best, stronger):
+        best, ctx = stronger, other
+    if "image_size" in given or _perfect(best):
+        return best, ctx
+    return _better(best, _two_scale_candidate(search, ctx, best)), ctx
+
+
+def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[Candidate | None, _Context | None]:
+    """The best probe's crop and views on a stronger backbone of the same family (the registry's `stronger`,
+    strongest first: the first whose weights are at hand and whose estimate fits), scored by the same 3-fold CV.
+    Linear probes on a better ImageNet model usually transfer better (Kornblith et al. 2019); it costs more per
+    image (2-core EPYC, ONNX Runtime: lite2 at 2.6× lite0's time, lite1 at 1.3×), so it comes after the views,
+    which cost the same backbone nothing new to set up. Where it wins, the two-scale probe, the fine-tuning
+    candidates and the final run use that backbone. Returns the candidate (None where none was tried) and the
+    other backbone's context."""
+    s = best.settings
+    for spec, cost in _stronger_options(search, ctx):
+        other = ctx.sibling(spec, cost)
+        cand, reserve = _planned_probe(search, other, s["crop_fraction"], s["probe_views"],
+                                       setup_s=search.setup_s * cost)
+        if not search.affords(cand, reserve):
+            continue  # a cheaper one may fit
+        rate, t = search.rate, time.perf_counter()  # the rate is in the first backbone's views
+        # its ONNX export and engine choice, on a few images: not in the timed chunks of its extraction
+        warm = [p for p, _ in other.scan.train[:8]]
+        other.taps_for(s["crop_fraction"]).features(warm, (0,), other.scan.digests, desc="warm-up")
+        _run_probe(search, other, cand, reserve)
+        cand.seconds = time.perf_counter() - t
+        if cand.score is None or cand is not _better(best, cand):
+            search.rate = rate  # measured through the other backbone's guessed cost: keep the first one's
+        return cand, other
+    return None, None
+
+
+def _stronger_options(search: Search, ctx: _Context) -> list[tuple]:
+    """(spec, cost per view against the first backbone) of each stronger backbone the search may try, strongest
+    first: none where the backbone, its weights or its input size were given."""
+    from .models.registry import get_spec
+    from .models.weights import weights_available
+
+    if {"model", "weights", "image_size"} & search.given or not search.cfg.pretrained or not ctx.spec.macs:
+        return []
+    options = []
+    for spec in map(get_spec, ctx.spec.stronger):
+        if spec.macs and weights_available(spec)[0]:
+            # multiply-accumulates undercount what a larger backbone costs on a CPU (lite2: 2.2× lite0's, timed
+            # 2.6×): the margin keeps the plan on the safe side until its extraction times the real rate
+            options.append((spec, ctx.cost * spec.macs / ctx.spec.macs * STRONGER_COST_MARGIN))
+    return options
 
 
 def _probe_ladder(search: Search, ctx: _Context) -> tuple[list, list[str]]:
@@ -353,14 +422,16 @@ def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     # The warm-up (timed too, for sets of fewer than 65 images), then two timed chunks decoded by the search's
     # own threads, the fastest kept: the chunk right after the warm-up still paid several times the steady cost
     # (2-core EPYC, ONNX Runtime: 28 images/s, then 105, the rate the candidates ran at).
-    rates, cached = [], 0
+    rates, cached, first_s = [], 0, 0.0
     for timed in (paths[:64], paths[64:128], paths[128:192]):
         if timed:
             t = time.perf_counter()
             _, _, stats = taps.features(timed, (0,), ctx.scan.digests, default_workers(), desc="timing")
+            first_s = first_s or time.perf_counter() - t
             rates.append(len(timed) / max(time.perf_counter() - t, 1e-3))
             cached += stats["hits"]
     search.rate = max(rates[1:] or rates)
+    search.setup_s = max(0.0, first_s - min(len(paths), 64) / search.rate)  # ONNX export, engine choice
     # Features already in the cache are read, not computed: the rate then says little of the views and sizes
     # not cached yet (each extraction re-measures it as its chunks run, and stops where it would overrun).
     _log_plan(search, ctx, f"; {cached} of the {min(len(paths), 192)} timed images were cached" if cached else "")
@@ -385,6 +456,8 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     for before, view_set in zip(view_sets, view_sets[1:]):  # each pays for its new views and its CV
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
+    for spec, cost in _stronger_options(search, ctx)[:1]:  # the others are cheaper, tried where it does not fit
+        steps.append((f"probe on {spec.name}, the best crop, per view", search.setup_s * cost + cost * per_view + cv))
     refit = 2 - INNER_FRACTION  # the inner run and the refit on all images
     activations = _activation_seconds(search, {"mode": "partial", "views": PARTIAL_VIEWS["random"]}, n, m)
     ladder = {"partial": ("partial fine-tuning from the probe, inner hold-out + refit", activations),
@@ -396,40 +469,63 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
 
 
 def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Candidate:
+    cand, reserve = _planned_probe(search, ctx, crop, view_set)
+    first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
+    if first or search.affords(cand, reserve):
+        _run_probe(search, ctx, cand, reserve)
+    return cand
+
+
+def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: float = 0.0):
+    """A probe candidate with its estimate (`setup_s` on top: a new backbone's export and engine choice), and
+    the reserve its final run needs: the val pass and the write-up."""
     from .engine.probe_train import PROBE_VIEWS
 
     views = PROBE_VIEWS[view_set]
-    name = f"probe crop={'own' if crop is None else crop} views={view_set}"
-    cand = search.add(Candidate(name, "probe", {"crop_fraction": crop, "probe_views": view_set}))
-    missing = _missing_views(search, crop, views)
+    settings = {"crop_fraction": crop, "probe_views": view_set}
+    if ctx.spec.name != search.cfg.model:
+        settings["model"] = ctx.spec.name
+    backbone = f" {ctx.spec.name}" if "model" in settings else ""
+    name = f"probe{backbone} crop={'own' if crop is None else crop} views={view_set}"
+    cand = search.add(Candidate(name, "probe", settings))
+    missing = _missing_views(ctx, crop, views)
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     cv = _cv_seconds(search, ctx, len(views))
-    cand.estimate_s = len(missing) * n / search.rate + cv
-    reserve = len(views) * m / search.rate + FIXED_OVERHEAD_S  # the final run's val pass and write-up
+    cand.estimate_s = setup_s + len(missing) * n * _view_seconds(search, ctx) + cv
+    reserve = len(views) * m * _view_seconds(search, ctx) + FIXED_OVERHEAD_S
     log.debug("search: %s: %d views × %d images at %.0f views/s + CV ~%.0fs; reserve %.0fs",
-              name, len(missing), n, search.rate, cv, reserve)
-    first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
-    if not first and not search.affords(cand, reserve):
-        return cand
+              name, len(missing), n, 1 / _view_seconds(search, ctx), cv, reserve)
+    return cand, reserve
+
+
+def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -> None:
+    from .engine.probe_train import PROBE_VIEWS
+
     t = time.perf_counter()
+    crop, views = cand.settings["crop_fraction"], PROBE_VIEWS[cand.settings["probe_views"]]
     x = _train_features(search, ctx, crop, views, reserve)
     if x is None:
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
-        log.info("search: %s %s", name, cand.status)
-        return cand
+        log.info("search: %s %s", cand.name, cand.status)
+        return
     if _tries_pixels(search, ctx):
         x = _with_pixel_features(search, ctx, crop, views, x)
     _score_probe(search, ctx, cand, x, reserve)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
-    log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", name, cand.score, _probe_text(cand.settings), cand.seconds)
-    return cand
+    log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", cand.name, cand.score, _probe_text(cand.settings),
+             cand.seconds)
 
 
-def _missing_views(search: Search, crop, views, size=None) -> list:
+def _missing_views(ctx: _Context, crop, views, size=None) -> list:
     """The views of `crop` at input `size` not extracted yet: what a candidate's extraction, and so its
-    estimate, pays for (search.feats is keyed by crop and size)."""
-    return [v for v in views if v not in search.feats.get((crop, size), {})]
+    estimate, pays for (ctx.feats is keyed by crop and size)."""
+    return [v for v in views if v not in ctx.feats.get((crop, size), {})]
+
+
+def _view_seconds(search: Search, ctx: _Context, size=None) -> float:
+    """Seconds to extract one view of one image on ctx's backbone at input `size` (default: its own)."""
+    return ctx.cost * _pixels(ctx, size) / search.rate
 
 
 def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
@@ -446,12 +542,12 @@ def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, 
     """(n, views, d) features of the training images, extracted in chunks (a random order) while the
     projected end of the extraction leaves `reserve` seconds; None where it had to stop. The first probe
     never stops: it keeps the chunks done in time and the search goes on with that subsample."""
-    have = search.feats.setdefault((crop, size), {})
-    todo = _missing_views(search, crop, views, size)
+    have = ctx.feats.setdefault((crop, size), {})
+    todo = _missing_views(ctx, crop, views, size)
     if todo:
         first = not search.feats_done
         got = _extract_chunks(search, ctx, ctx.taps_for(crop, size), todo, reserve, keep_partial=first,
-                              cost=_pixels(ctx, size))
+                              cost=ctx.cost * _pixels(ctx, size))
         if got is None:
             return None
         if first and len(got[todo[0]]) < len(ctx.scan.train):
@@ -462,8 +558,8 @@ def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, 
 
 
 def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, keep_partial: bool, cost: float = 1.0):
-    """`cost`: the pixels of this extraction's input against the backbone's own (search.rate is kept in
-    views per second at the backbone's size)."""
+    """`cost`: seconds per view of this extraction against one of the first backbone at its own size (the
+    views search.rate counts)."""
     from .engine.features import default_workers
 
     paths = [ctx.scan.train[i][0] for i in ctx.order]
@@ -555,16 +651,17 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     s = best.settings
     crop, views = s["crop_fraction"], PROBE_VIEWS[s["probe_views"]]
     name = f"probe crop={'own' if crop is None else crop} views={s['probe_views']} at {size}+{native} px"
-    settings = {k: s[k] for k in ("crop_fraction", "probe_views", "probe_pooling", "probe_stages")}
+    settings = {k: s[k] for k in ("model", "crop_fraction", "probe_views", "probe_pooling", "probe_stages") if k in s}
     cand = search.add(Candidate(name, "probe", {**settings, "image_size": size, "probe_scale": native,
                                                 "probe_scale_c": s["probe_c"]}))
-    n, m, more = len(ctx.scan.train), len(ctx.scan.val), _pixels(ctx, size)
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
     # The larger size's CV over the C grid, then the pair's, whose six fits (two per fold) start cold: about
     # 1.7× (ELPV 4 classes) and 3× (2 classes) the best probe's CV over both poolings (each candidate's time
     # less its extraction at the measured rate, 20m budgets), so 2.5×; counted as one CV, the 4-class run
     # planned 350 s and took 531.
-    cand.estimate_s = len(views) * n * more / search.rate + 2.5 * _cv_seconds(search, ctx, len(views))
-    reserve = len(views) * m * (1 + more) / search.rate + FIXED_OVERHEAD_S  # the final run's val, both scales
+    cand.estimate_s = len(views) * n * _view_seconds(search, ctx, size) + 2.5 * _cv_seconds(search, ctx, len(views))
+    # the final run's val pass at both scales, and its write-up
+    reserve = len(views) * m * (_view_seconds(search, ctx) + _view_seconds(search, ctx, size)) + FIXED_OVERHEAD_S
     if not search.affords(cand, reserve):
         return cand
     t = time.perf_counter()
@@ -713,6 +810,8 @@ def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
                 "weight_decay": 0.05, "scheduler": "cosine",
                 "warmup_epochs": 0.3, "label_smoothing": 0.1, "batch_size": 32,
                 "augment": "dihedral" if dihedral else "light", "crop_fraction": probe.settings["crop_fraction"]}
+    if "model" in probe.settings:  # the probe won on a stronger backbone: fine-tune that one
+        settings["model"] = probe.settings["model"]
     if kind == "partial":
         kind_of_views = "dihedral" if dihedral else "random"
         settings.update(unfreeze=2, views=PARTIAL_VIEWS[kind_of_views], view_kind=kind_of_views)
@@ -728,10 +827,10 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
     settings = _finetune_settings(search, probe, kind)
     cand = search.add(Candidate(f"{kind} from the probe's head", kind, settings))
     n, m = len(ctx.scan.train), len(ctx.scan.val)
-    once = _activation_seconds(search, settings, n, m)
+    once = _activation_seconds(search, settings, n, m, ctx.cost)
     # At the least: partial's activations, or ~3 forward passes per step for the other kinds. If even that
     # cannot fit, don't spend time timing a step.
-    cand.estimate_s = once or (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n / search.rate
+    cand.estimate_s = once or (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n * _view_seconds(search, ctx)
     if not search.affords(cand, FIXED_OVERHEAD_S):
         return cand
     step_s = _step_seconds(search, ctx, settings)
@@ -845,12 +944,12 @@ def _activation_shape(ctx: _Context) -> tuple:
         return tuple(prefix(torch.zeros(1, 3, size, size)).shape[1:])
 
 
-def _activation_seconds(search: Search, settings: dict, n: int, m: int) -> float:
+def _activation_seconds(search: Search, settings: dict, n: int, m: int, cost: float = 1.0) -> float:
     """partial: the frozen groups run once per (training image, view) and once per val image before the
     first epoch, and the epochs then train on those activations. The inner run computes them for its part
     of train and the refit for the rest (engine/activations.py caches them by content), so the pair pays for
-    them once, not per epoch. Other kinds: 0."""
-    return (settings["views"] * n + m) / search.rate if settings["mode"] == "partial" else 0.0
+    them once, not per epoch. Other kinds: 0. `cost`: the backbone's (_Context.cost)."""
+    return (settings["views"] * n + m) * cost / search.rate if settings["mode"] == "partial" else 0.0
 
 
 def _affordable_epochs(search: Search, per_epoch: float, val_pass: float, once: float = 0.0) -> int:

@@ -73,6 +73,12 @@ class BackboneSpec:
     # 1 = the head's input only (also what a backbone without `stages` offers).
     probe_taps: int = 1
     params: int | None = None  # of the ImageNet model, for `transferkit models` (tests check it against build())
+    # Multiply-accumulates of one forward at the input size (tests check it against build()): the recipe
+    # search's first guess at what a backbone costs against another, before it has timed one.
+    macs: int | None = None
+    # Backbones of the same family whose pooled features are usually better, strongest first: the recipe
+    # search tries the best probe on the first of them whose weights are at hand and whose cost fits its budget.
+    stronger: tuple[str, ...] = ()
     # How a checkpoint finds this spec again when it is not in the zoo: "module:attribute" (set by the
     # registry for specs loaded from an entry point or an import path).
     source: str | None = None
