@@ -51,8 +51,8 @@ PARTIAL_VIEWS = {"random": 4, "dihedral": 8}  # cached views per image for parti
 FT_LR = {"finetune": 1e-4, "partial": 1e-3}
 LOWER_LR_FACTOR = 0.8
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
-PROBE_PIECES = ("model", "crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size", "probe_scale",
-                "probe_scale_c", "probe_pixels")
+PROBE_PIECES = ("model", "crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size",
+                "probe_scale", "probe_scale_c", "probe_pixels")
 # The two-scale probe reads images at this multiple of the input size (FixRes, Touvron et al. 2019: a network
 # sees objects larger at test time than in its training crops, so a larger test input suits it)...
 LARGER_INPUT = 4 / 3
