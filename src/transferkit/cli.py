@@ -41,7 +41,8 @@ TRAIN_HELP = {
                        "names it where its budget allowed fewer than all)",
     "probe_pixels": "linear-probe: also the image's raw pixels (grey, 32×32) as features, for images much smaller "
                     "than the network's input",
-    "model": "backbone (see `transferkit models`)",
+    "model": "backbone (see `transferkit models`); with the auto recipe and no --model, the search may move to a "
+             "stronger one of the same family (efficientnet_lite1/lite2) where it wins the CV",
     "unfreeze": "partial mode: number of top layer groups that train with the head",
     "lr": "learning rate (seed tutorial: 0.001 with SGD)",
     "scheduler": "step (StepLR, --step-size/--gamma), cosine (with --warmup-epochs), onecycle, none",

@@ -3,10 +3,10 @@
 A ladder of candidates from cheap to expensive, each reusing the caches of the ones before it:
   1. linear probes (engine/probe.py) on pooled multi-stage features: the backbone's eval crop, then the
      whole frame; then the mirror view, then the 8 dihedral views (where --rotation-safe says so, or where
-     the probe on the image and its mirror turned by 90° too won the CV); then the best crop and views on a
-     stronger backbone of the same family (the registry's `stronger`), which the rest of the search uses where it
-     wins; then, where the images are large enough, a two-scale probe (the best views read at 4/3 of the input
-     size too, one probe per scale, logits averaged); pooling, stages and C by 3-fold CV on train;
+     the probe on the image and its mirror turned by 90° too won the CV); then, where the images are large
+     enough, a two-scale probe (the best views read at 4/3 of the input size too, one probe per scale, logits
+     averaged); then the best crop and views on a stronger backbone of the same family (the registry's
+     `stronger`), which fine-tuning and the final run use where it wins; pooling, stages and C by 3-fold CV;
   2. partial fine-tuning of the top groups on cached activations, from the probe's head (LP-FT);
   3. full fine-tuning with frozen BatchNorm, from the probe's head (LP-FT).
 Costs are measured (extraction rate on the first images, a training step's rate on two batches) and a
@@ -60,7 +60,7 @@ LARGER_INPUT = 4 / 3
 # images up to LARGER_INPUT_MAX × the input are read at their own size (no resampling to blur fine detail).
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see _stronger_backbone).
-STRONGER_COST_MARGIN = 1.25
+STRONGER_COST_MARGIN = 1.1
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 # Images whose shorter side is at most this share of the network's input (upsampled 2× or more) are small enough
@@ -333,21 +333,24 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
         best = _better(best, cand)
     if _perfect(best):
         return _stopped_at(search, best), ctx
+    if "image_size" not in given:
+        best = _better(best, _two_scale_candidate(search, ctx, best))
+        if _perfect(best):
+            return _stopped_at(search, best), ctx
     stronger, other = _stronger_backbone(search, ctx, best)
     if stronger is not None and stronger is _better(best, stronger):
         best, ctx = stronger, other
-    if "image_size" in given or _perfect(best):
-        return best, ctx
-    return _better(best, _two_scale_candidate(search, ctx, best)), ctx
+    return best, ctx
 
 
 def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[Candidate | None, _Context | None]:
     """The best probe's crop and views on a stronger backbone of the same family (the registry's `stronger`,
     strongest first: the first whose weights are at hand and whose estimate fits), scored by the same 3-fold CV.
     Linear probes on a better ImageNet model usually transfer better (Kornblith et al. 2019); it costs more per
-    image (2-core EPYC, ONNX Runtime: lite2 at 2.6× lite0's time, lite1 at 1.3×), so it comes after the views,
-    which cost the same backbone nothing new to set up. Where it wins, the two-scale probe, the fine-tuning
-    candidates and the final run use that backbone. Returns the candidate (None where none was tried) and the
+    image (2-core EPYC, ONNX Runtime, ELPV's 8 views: lite2 at 2.4× lite0's time), so it comes last among the
+    probes: where it ran before the two-scale probe, ELPV 4 classes at 20m spent 354 s on a lite2 probe that
+    lost the CV (0.7881 against 0.7978) and then had no time for the two-scale one, which wins there. Where it
+    wins, the fine-tuning candidates and the final run use that backbone. Returns the candidate (None where none was tried) and the
     other backbone's context."""
     s = best.settings
     for spec, cost in _stronger_options(search, ctx):
@@ -380,7 +383,7 @@ def _stronger_options(search: Search, ctx: _Context) -> list[tuple]:
     for spec in map(get_spec, ctx.spec.stronger):
         if spec.macs and weights_available(spec)[0]:
             # multiply-accumulates undercount what a larger backbone costs on a CPU (lite2: 2.2× lite0's, timed
-            # 2.6×): the margin keeps the plan on the safe side until its extraction times the real rate
+            # 2.4× on ELPV): the margin keeps the plan on the safe side until its extraction times the real rate
             options.append((spec, ctx.cost * spec.macs / ctx.spec.macs * STRONGER_COST_MARGIN))
     return options
 
