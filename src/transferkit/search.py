@@ -258,8 +258,9 @@ class _Context:
         if (crop, size) not in self.taps:
             like = next(iter(self.taps.values()), None)  # same network and size: one runtime for every crop
             taps = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
-            if like is not None and taps.engine is not like.engine:
-                # a new runtime is chosen, exported and checked on its first batch: not in the timed chunks
+            if (like is None and self.cost != 1.0) or (like is not None and taps.engine is not like.engine):
+                # a new runtime (another size, or another backbone's first) is chosen, exported and checked on
+                # its first batch: not in the timed chunks (the first backbone's is timed by _measure_rate)
                 taps.features([p for p, _ in self.scan.train[:8]], (0,), self.scan.digests, desc="warm-up")
             self.taps[crop, size] = taps
         return self.taps[crop, size]
@@ -337,21 +338,18 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
         best = _better(best, _two_scale_candidate(search, ctx, best))
         if _perfect(best):
             return _stopped_at(search, best), ctx
-    stronger, other = _stronger_backbone(search, ctx, best)
-    if stronger is not None and stronger is _better(best, stronger):
-        best, ctx = stronger, other
-    return best, ctx
+    return _stronger_backbone(search, ctx, best)
 
 
-def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[Candidate | None, _Context | None]:
+def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[Candidate, _Context]:
     """The best probe's crop and views on a stronger backbone of the same family (the registry's `stronger`,
     strongest first: the first whose weights are at hand and whose estimate fits), scored by the same 3-fold CV.
     Linear probes on a better ImageNet model usually transfer better (Kornblith et al. 2019); it costs more per
     image (2-core EPYC, ONNX Runtime, ELPV's 8 views: lite2 at 2.4× lite0's time), so it comes last among the
     probes: where it ran before the two-scale probe, ELPV 4 classes at 20m spent 354 s on a lite2 probe that
     lost the CV (0.7881 against 0.7978) and then had no time for the two-scale one, which wins there. Where it
-    wins, the fine-tuning candidates and the final run use that backbone. Returns the candidate (None where none was tried) and the
-    other backbone's context."""
+    wins, the fine-tuning candidates and the final run use that backbone. Returns the better probe and the
+    context of its backbone."""
     s = best.settings
     for spec, cost in _stronger_options(search, ctx):
         other = ctx.sibling(spec, cost)
@@ -359,16 +357,13 @@ def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[
                                        setup_s=search.setup_s * cost)
         if not search.affords(cand, reserve):
             continue  # a cheaper one may fit
-        rate, t = search.rate, time.perf_counter()  # the rate is in the first backbone's views
-        # its ONNX export and engine choice, on a few images: not in the timed chunks of its extraction
-        warm = [p for p, _ in other.scan.train[:8]]
-        other.taps_for(s["crop_fraction"]).features(warm, (0,), other.scan.digests, desc="warm-up")
-        _run_probe(search, other, cand, reserve)
-        cand.seconds = time.perf_counter() - t
-        if cand.score is None or cand is not _better(best, cand):
-            search.rate = rate  # measured through the other backbone's guessed cost: keep the first one's
-        return cand, other
-    return None, None
+        rate = search.rate  # in the first backbone's views
+        _run_probe(search, other, cand, reserve)  # its export and engine choice (taps_for's warm-up) included
+        if _better(best, cand) is cand:
+            return cand, other
+        search.rate = rate  # measured through the other backbone's guessed cost: keep the first one's
+        return best, ctx
+    return best, ctx
 
 
 def _stronger_options(search: Search, ctx: _Context) -> list[tuple]:
