@@ -611,3 +611,19 @@ def test_a_stronger_backbone_that_wins_the_cv_is_the_final_model(tmp_path, monke
     assert yaml.safe_load((out / "config.yaml").read_text())["model"] == "efficientnet_lite2"
     assert "--model efficientnet_lite2" in search["reproduce"]
     assert metrics["best_val_acc"] is not None
+
+
+@pytest.mark.slow
+def test_the_plan_lists_the_probe_steps_in_the_order_they_run(tmp_path, caplog):
+    """Views, then the two-scale probe (the images are larger than the input), then the stronger backbone, then
+    fine-tuning: the order _search_probes runs them in (the two-scale step was once missing from the plan)."""
+    import logging
+
+    _stronger_weights_or_skip()
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=12, n_val=4, size=400), 2)
+    with caplog.at_level(logging.INFO, logger="transferkit.search"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "run"), time_budget="20s"), given=set())
+    steps = [r.getMessage() for r in caplog.records if r.getMessage()[:8] in {f"plan: {i}." for i in range(1, 12)}]
+    first = lambda words: next(i for i, step in enumerate(steps) if words in step)
+    assert first("mirror view") < first("px, the best crop") < first("probe on efficientnet_lite2") \
+        < first("fine-tuning"), steps

@@ -205,6 +205,7 @@ class _Context:
     feats: dict = field(default_factory=dict)  # (crop, input size) → {view: (n, d) array}
     # Seconds per view against the first backbone's at its own input size (search.rate is in those views).
     cost: float = 1.0
+    sibling_of_first: bool = False  # another backbone than the run's (see `sibling`), timed by nobody yet
 
     @classmethod
     def build(cls, cfg, scan):
@@ -240,7 +241,7 @@ class _Context:
         cfg = copy.deepcopy(self.cfg)
         cfg.model = spec.name
         return _Context(cfg, self.scan, spec, None, self.device, self.y, self.inner, self.order, self.shorter_side,
-                        cost=cost)
+                        cost=cost, sibling_of_first=True)
 
     @property
     def small_images(self) -> bool:
@@ -258,7 +259,7 @@ class _Context:
         if (crop, size) not in self.taps:
             like = next(iter(self.taps.values()), None)  # same network and size: one runtime for every crop
             taps = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
-            if (like is None and self.cost != 1.0) or (like is not None and taps.engine is not like.engine):
+            if (like is None and self.sibling_of_first) or (like is not None and taps.engine is not like.engine):
                 # a new runtime (another size, or another backbone's first) is chosen, exported and checked on
                 # its first batch: not in the timed chunks (the first backbone's is timed by _measure_rate)
                 taps.features([p for p, _ in self.scan.train[:8]], (0,), self.scan.digests, desc="warm-up")
@@ -454,6 +455,10 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     for before, view_set in zip(view_sets, view_sets[1:]):  # each pays for its new views and its CV
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
+    size = None if "image_size" in search.given else _larger_size(ctx)
+    if size is not None:  # the two-scale probe: the larger size's views, then its CV and the pair's
+        steps.append((f"probe at {size}+{ctx.pre(None).input_size} px, the best crop, per view",
+                      n * _view_seconds(search, ctx, size) + 2.5 * cv))
     for spec, cost in _stronger_options(search, ctx)[:1]:  # the others are cheaper, tried where it does not fit
         steps.append((f"probe on {spec.name}, the best crop, per view", search.setup_s * cost + cost * per_view + cv))
     refit = 2 - INNER_FRACTION  # the inner run and the refit on all images
