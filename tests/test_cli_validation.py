@@ -105,3 +105,15 @@ def test_collector_settings_belong_to_the_program_not_to_main(tmp_path):
              "code = entry(); print(code, gc.get_threshold()[0], gc.get_freeze_count() > 0)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "0 100000 True"
+
+
+def test_top_level_help_tells_a_user_what_the_tool_does_and_how_to_start(capsys):
+    """`transferkit --help` is a user's first screen: what the tool does and the first commands to run, not the
+    CLI module's docstring for developers."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "exported image classifier" in out and "quick start:" in out
+    assert "transferkit train data/elpv" in out and "transferkit predict" in out
+    assert cli.__doc__.strip() not in out

@@ -150,8 +150,20 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            default=argparse.SUPPRESS, help=_with_default(helps.get(f.name), f.default))
 
 
+USER_DESCRIPTION = """Turn a folder of labelled images into a good, exported image classifier by transfer learning from
+ImageNet-pretrained CNNs. `train` searches for the best recipe within a time budget, choosing on the
+training images only, and scores the val split once."""
+
+QUICK_START = """quick start:
+  transferkit data elpv data/elpv --classes 2    # a real built-in data set (or bring DATA/train/<class>/*)
+  transferkit train data/elpv                    # the recipe search: within 5 minutes on a 2-core CPU
+  transferkit predict runs/<name> image.png      # then: evaluate, export, serve
+see `transferkit COMMAND --help` for each command's options"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="transferkit", description=__doc__)
+    parser = OneLineParser(prog="transferkit", description=USER_DESCRIPTION, epilog=QUICK_START,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"transferkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
