@@ -117,3 +117,15 @@ def test_top_level_help_tells_a_user_what_the_tool_does_and_how_to_start(capsys)
     assert "exported image classifier" in out and "quick start:" in out
     assert "transferkit train data/elpv" in out and "transferkit predict" in out
     assert cli.__doc__.strip() not in out
+
+
+def test_the_train_summary_gives_the_val_accuracy_with_its_interval(capsys):
+    metrics = {"wall_seconds": 161.0, "best_val_acc": 561 / 656, "best_epoch": 1, "epochs_run": 1,
+               "best_val_balanced_accuracy": 0.81, "best_val_macro_f1": 0.82, "trainable_params": 8098,
+               "total_params": 3379106, "trainable_groups": ["head"], "run_dir": "runs/x", "val_images": 656,
+               "best_val_acc_interval": {"confidence": 0.95, "low": 0.8262, "high": 0.8800, "images": 656}}
+    cli._print_train_summary(metrics)
+    assert "Best val Acc: 0.8552 (95% interval 0.8262-0.8800 on 656 images; epoch 1 of 1;" in capsys.readouterr().out
+    del metrics["best_val_acc_interval"]  # a run folder written before the interval was recorded
+    cli._print_train_summary(metrics)
+    assert "Best val Acc: 0.8552 (epoch 1 of 1;" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import pytest
 from sklearn.metrics import f1_score, log_loss, precision_recall_fscore_support, roc_auc_score
 
 from transferkit.results.metrics import (
+    accuracy_interval,
     classification_metrics,
     evaluation_summary,
     expected_calibration_error,
@@ -147,3 +148,21 @@ def test_a_split_without_every_class_scores_quietly():
         warnings.simplefilter("error")
         out = _summarize(p, np.array([0, 1, 1]))
     assert out["accuracy"] == 2 / 3 and out["balanced_accuracy"] == 0.75
+
+
+def test_accuracy_interval_is_the_wilson_score_interval():
+    """561 of 656 right (ELPV's val split at 0.855): the closed-form Wilson interval, which contains the
+    accuracy, narrows as the images grow, reaches 1.0 only for a perfect score and is absent without images."""
+    def wilson(k, n, z=1.959963984540054):
+        p = k / n
+        centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+    got = accuracy_interval(561 / 656, 656)
+    assert got["images"] == 656 and got["confidence"] == 0.95
+    assert (got["low"], got["high"]) == pytest.approx(wilson(561, 656), abs=1e-9)
+    assert got["low"] < 561 / 656 < got["high"]
+    small = accuracy_interval(130 / 153, 153)
+    assert small["high"] - small["low"] > got["high"] - got["low"]
+    assert accuracy_interval(1.0, 50)["high"] == pytest.approx(1.0) and accuracy_interval(1.0, 50)["low"] < 1
+    assert accuracy_interval(0.5, 0) is None and accuracy_interval(None, 10) is None

@@ -40,6 +40,10 @@ def test_feature_extract_run_folder_is_complete(tiny_folder, tmp_path):
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 2
     assert 0.0 <= m["best_val_acc"] <= 1.0
+    # The best val accuracy comes with its 95% interval on the val images, in metrics.json and the report.
+    interval = saved["best_val_acc_interval"]
+    assert interval["images"] == m["val_images"] and interval["low"] <= m["best_val_acc"] <= interval["high"]
+    assert "95% interval" in (run / "report.html").read_text()
 
 
 @pytest.mark.slow

@@ -225,6 +225,8 @@ def _write_history(state: RunState) -> None:
 
 
 def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figures: bool = True) -> dict:
+    from ..results.metrics import accuracy_interval
+
     signals.check_stop("finishing the run")  # before metrics.json: `--resume` still finishes the run
     best_row = state.history[best["epoch"] - 1]
     metrics = {
@@ -234,6 +236,8 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figur
         "best_metric": state.cfg.best_metric,
         "best_epoch": best["epoch"],
         "best_val_acc": best_row["val_acc"],
+        # 95% interval of that accuracy on this many val images: how much of a difference is noise
+        "best_val_acc_interval": accuracy_interval(best_row["val_acc"], len(best["val"]["labels"])),
         "best_val_balanced_accuracy": best_row["val_balanced_accuracy"],
         "best_val_macro_f1": best_row["val_macro_f1"],
         "epochs_run": len(state.history),

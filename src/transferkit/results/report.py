@@ -222,7 +222,17 @@ def _headline(metrics: dict | None, evaluation: dict | None, history: list[dict]
     html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>' for k, v in cards)
     note = "" if evaluation is not None else _na("evaluation: not available")
     split = f'<p class="sub">evaluated on split: {_e(ev["split"])}</p>' if ev.get("split") else ""
-    return f'<h2>Headline</h2><div class="cards">{html}</div>{split}{note}'
+    return f'<h2>Headline</h2><div class="cards">{html}</div>{_interval(m)}{split}{note}'
+
+
+def _interval(metrics: dict) -> str:
+    """The best val accuracy's interval (results/metrics.py accuracy_interval), where the run recorded one."""
+    interval = metrics.get("best_val_acc_interval")
+    if not isinstance(interval, Mapping):
+        return ""
+    return (f'<p class="sub">best val accuracy, {interval["confidence"]:.0%} interval: {_pct(interval["low"])} to '
+            f'{_pct(interval["high"])} on {interval["images"]} images (Wilson score interval: where this model\'s '
+            "accuracy on as many other images of the same kind would plausibly land)</p>")
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:

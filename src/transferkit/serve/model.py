@@ -16,8 +16,8 @@ from pathlib import Path
 from ..errors import CheckpointError, UsageError
 from ..run_folder import RunFolder
 
-TRAINING_KEYS = ("mode", "best_val_acc", "best_val_balanced_accuracy", "best_val_macro_f1", "best_epoch",
-                 "epochs_run", "train_images", "val_images")
+TRAINING_KEYS = ("mode", "best_val_acc", "best_val_acc_interval", "best_val_balanced_accuracy", "best_val_macro_f1",
+                 "best_epoch", "epochs_run", "train_images", "val_images")
 
 
 @dataclass
