@@ -131,6 +131,9 @@ def test_evaluation_summary_and_table():
     assert summary["split"] == "val" and summary["accuracy"] == pytest.approx(0.75)
     table = format_metrics_table(summary)
     assert "accuracy" in table and "0.7500" in table
+    interval = summary["accuracy_interval"]  # 3 of 4 right: wide
+    assert interval["images"] == 4 and interval["low"] < 0.75 < interval["high"]
+    assert f"95% interval       {interval['low']:.4f}-{interval['high']:.4f}" in table
     for name in CLASSES:
         assert name in table
     assert format_metrics_table({"n": 3}).count("n/a") >= 5  # partial dicts still print

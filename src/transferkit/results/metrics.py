@@ -205,6 +205,7 @@ def evaluation_summary(
     report cannot drift apart.
     """
     summary = classification_metrics(y_true, probs, classes, paths, top_k_losses=top_k_losses, n_bins=n_bins)
+    summary["accuracy_interval"] = accuracy_interval(summary["accuracy"], summary["n"])
     summary.update(split=split, checkpoint=None if checkpoint is None else str(checkpoint), skipped=list(skipped),
                    tta=tta or {"kind": "none", "views": 1}, trained_on=trained_on, features=features)
     return summary
@@ -213,6 +214,8 @@ def evaluation_summary(
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, dict) and {"low", "high"} <= set(value):  # accuracy_interval
+        return f"{value['low']:.{digits}f}-{value['high']:.{digits}f}"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
     return f"{float(value):.{digits}f}"
@@ -223,6 +226,7 @@ def format_metrics_table(metrics: dict) -> str:
     overall = [
         ("samples", metrics.get("n")),
         ("accuracy", metrics.get("accuracy")),
+        ("95% interval", metrics.get("accuracy_interval")),
         ("balanced accuracy", metrics.get("balanced_accuracy")),
         ("macro F1", metrics.get("macro_f1")),
         ("ROC-AUC", metrics.get("roc_auc")),
