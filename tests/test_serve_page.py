@@ -55,6 +55,7 @@ def test_page_uploads_an_image_and_shows_its_predicted_label(browser, tmp_path):
         browser.get(server.url)
         wait = WebDriverWait(browser, 60)
         wait.until(EC.text_to_be_present_in_element((By.ID, "card"), "ants, bees"))  # the model card
+        assert "95% interval" in browser.find_element(By.ID, "card").text  # the val accuracy's
         browser.find_element(By.ID, "files").send_keys(str(image))
         label = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#results .label")))
         assert label.text.split()[0] == expected
