@@ -22,6 +22,8 @@ def test_compare_writes_three_runs_a_table_and_the_figure(tmp_path, capsys):
     assert list(result["runs"]) == list(VARIANTS)
     for name, run in result["runs"].items():
         assert (out / name / "best.safetensors").is_file() and name in printed
+        interval = run["best_val_acc_interval"]  # 4 val images: a wide interval, printed beside the accuracy
+        assert interval["images"] == 4 and f"{interval['low']:.3f}-{interval['high']:.3f}" in printed
         assert len(run["val_acc"]) == 1
         config = (out / name / "config.yaml").read_text()
         assert "epochs: 1" in config and f"pretrained: {str(VARIANTS[name]['pretrained']).lower()}" in config

@@ -44,6 +44,7 @@ def compare(data: str | Path, model: str, out: str | Path, epochs: int = 15, **o
 def _summary(metrics: dict) -> dict:
     return {
         "best_val_acc": metrics["best_val_acc"],
+        "best_val_acc_interval": metrics.get("best_val_acc_interval"),
         "best_epoch": metrics["best_epoch"],
         "wall_seconds": metrics["wall_seconds"],
         "trainable_params": metrics["trainable_params"],
@@ -54,9 +55,12 @@ def _summary(metrics: dict) -> dict:
 
 
 def format_compare_table(result: dict) -> str:
-    header = f"{'run':<28}{'best val acc':>13}{'epoch':>7}{'time':>9}{'trainable params':>18}"
+    """One row per run; the 95% interval of each best val accuracy says which gaps the val split can tell."""
+    header = f"{'run':<28}{'best val acc':>13}{'95% interval':>16}{'epoch':>7}{'time':>9}{'trainable params':>18}"
     lines = [header, "-" * len(header)]
     for name, r in result["runs"].items():
-        lines.append(f"{name:<28}{r['best_val_acc']:>13.4f}{r['best_epoch']:>7}{r['wall_seconds']:>8.1f}s"
-                     f"{r['trainable_params']:>18,}")
+        interval = r.get("best_val_acc_interval")
+        spread = f"{interval['low']:.3f}-{interval['high']:.3f}" if interval else "n/a"
+        lines.append(f"{name:<28}{r['best_val_acc']:>13.4f}{spread:>16}{r['best_epoch']:>7}"
+                     f"{r['wall_seconds']:>8.1f}s{r['trainable_params']:>18,}")
     return "\n".join(lines)
