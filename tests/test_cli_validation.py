@@ -128,4 +128,7 @@ def test_the_train_summary_gives_the_val_accuracy_with_its_interval(capsys):
     assert "Best val Acc: 0.8552 (95% interval 0.8262-0.8800 on 656 images; epoch 1 of 1;" in capsys.readouterr().out
     del metrics["best_val_acc_interval"]  # a run folder written before the interval was recorded
     cli._print_train_summary(metrics)
-    assert "Best val Acc: 0.8552 (epoch 1 of 1;" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Best val Acc: 0.8552 (epoch 1 of 1;" in out and "optimistic" not in out
+    cli._print_train_summary({**metrics, "epochs_run": 15, "best_chosen_on_val": True, "last_val_acc": 0.84})
+    assert "the best of 15 epochs was chosen on the val images it is scored on" in capsys.readouterr().out

@@ -69,6 +69,7 @@ def test_tiny_budget_returns_a_probe_on_time(tmp_path):
     assert search["chosen"].startswith("probe")
     assert any(c["status"].startswith(("skipped", "stopped")) for c in search["candidates"])
     assert (tmp_path / "run" / "best.safetensors").is_file() and metrics["best_val_acc"] is not None
+    assert metrics["best_chosen_on_val"] is False  # the search's final run scores val once
 
 
 @pytest.mark.slow

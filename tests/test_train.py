@@ -44,6 +44,9 @@ def test_feature_extract_run_folder_is_complete(tiny_folder, tmp_path):
     interval = saved["best_val_acc_interval"]
     assert interval["images"] == m["val_images"] and interval["low"] <= m["best_val_acc"] <= interval["high"]
     assert "95% interval" in (run / "report.html").read_text()
+    # The seeds' recipe keeps the best of its epochs by val accuracy: chosen on val, and the run says so.
+    assert saved["best_chosen_on_val"] and saved["last_val_acc"] == saved["history"][-1]["val_acc"]
+    assert "chosen on the val images it is scored on" in (run / "report.html").read_text()
 
 
 @pytest.mark.slow

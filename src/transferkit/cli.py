@@ -327,6 +327,10 @@ def _print_train_summary(m: dict) -> None:
               f"{interval['images']} images; ") if interval else ""
     print(f"Best val Acc: {m['best_val_acc']:.4f} ({spread}epoch {m['best_epoch']} of {m['epochs_run']}; "
           f"balanced acc {m['best_val_balanced_accuracy']:.4f}, macro-F1 {m['best_val_macro_f1']:.4f})")
+    if m.get("best_chosen_on_val"):
+        print(f"note: the best of {m['epochs_run']} epochs was chosen on the val images it is scored on, so "
+              f"its accuracy is optimistic; the last epoch scored {m['last_val_acc']:.4f} (`--best-metric last` "
+              "scores val once, after the last epoch)")
     print(f"params to learn: {m['trainable_params']:,} of {m['total_params']:,} "
           f"({', '.join(m['trainable_groups'])})")
     if m.get("skipped_during_training"):

@@ -238,6 +238,9 @@ def _finish(state: RunState, source: BatchSource, best: dict, wall: float, figur
         "best_val_acc": best_row["val_acc"],
         # 95% interval of that accuracy on this many val images: how much of a difference is noise
         "best_val_acc_interval": accuracy_interval(best_row["val_acc"], len(best["val"]["labels"])),
+        # The best of several epochs by a val score is chosen on the images it is scored on: optimistic.
+        "best_chosen_on_val": state.cfg.best_metric != "last" and len(state.history) > 1,
+        "last_val_acc": state.history[-1]["val_acc"],
         "best_val_balanced_accuracy": best_row["val_balanced_accuracy"],
         "best_val_macro_f1": best_row["val_macro_f1"],
         "epochs_run": len(state.history),

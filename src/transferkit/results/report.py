@@ -226,13 +226,18 @@ def _headline(metrics: dict | None, evaluation: dict | None, history: list[dict]
 
 
 def _interval(metrics: dict) -> str:
-    """The best val accuracy's interval (results/metrics.py accuracy_interval), where the run recorded one."""
-    interval = metrics.get("best_val_acc_interval")
-    if not isinstance(interval, Mapping):
-        return ""
-    return (f'<p class="sub">best val accuracy, {interval["confidence"]:.0%} interval: {_pct(interval["low"])} to '
-            f'{_pct(interval["high"])} on {interval["images"]} images (Wilson score interval: where this model\'s '
-            "accuracy on as many other images of the same kind would plausibly land)</p>")
+    """The best val accuracy's interval (results/metrics.py accuracy_interval), and whether the best epoch was
+    chosen on val, where the run recorded them."""
+    interval, html = metrics.get("best_val_acc_interval"), ""
+    if isinstance(interval, Mapping):
+        html += (f'<p class="sub">best val accuracy, {interval["confidence"]:.0%} interval: {_pct(interval["low"])} '
+                 f'to {_pct(interval["high"])} on {interval["images"]} images (Wilson score interval: where this '
+                 "model's accuracy on as many other images of the same kind would plausibly land)</p>")
+    if metrics.get("best_chosen_on_val"):
+        html += (f'<p class="sub">the best of {_e(metrics.get("epochs_run"))} epochs was chosen on the val images '
+                 f'it is scored on, so its accuracy is optimistic; the last epoch scored '
+                 f'{_pct(metrics.get("last_val_acc"))} (<code>--best-metric last</code> scores val once)</p>')
+    return html
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
