@@ -110,9 +110,10 @@ def _top_losses(
 
 
 def accuracy_interval(accuracy: float | None, n: int, confidence: float = 0.95) -> dict | None:
-    """{confidence, low, high, images}: the Wilson score interval of an accuracy measured on n images, i.e. where the same model's
-    accuracy on another n such images may plausibly land (ELPV's 656 val images at 0.855: 0.826-0.880; the
-    seed-sized 153 at 0.850: 0.784-0.898). Differences inside it are not evidence that one run is better."""
+    """{confidence, low, high, images}: the Wilson score interval of an accuracy measured on n images, i.e.
+    where the same model's accuracy on another n such images may plausibly land (ELPV's 656 val images at
+    0.855: 0.826-0.880; the seed-sized 153 at 0.850: 0.784-0.898). Differences inside it are not evidence that
+    one run is better."""
     from scipy.stats import binomtest  # imported by sklearn.metrics already
 
     if accuracy is None or n <= 0:
