@@ -322,9 +322,11 @@ def _resume(args, options: dict) -> dict:
 def _print_train_summary(m: dict) -> None:
     wall = m["search"]["wall_seconds"] if m.get("search") else m["wall_seconds"]
     print(f"Training complete in {int(wall // 60)}m {wall % 60:.0f}s")
+    from .results.metrics import format_interval  # sklearn and scipy are loaded by the training already
+
     interval = m.get("best_val_acc_interval")
-    spread = (f"{interval['confidence']:.0%} interval {interval['low']:.4f}-{interval['high']:.4f} on "
-              f"{interval['images']} images; ") if interval else ""
+    spread = (f"{interval['confidence']:.0%} interval {format_interval(interval)} on {interval['images']} images; "
+              if interval else "")
     print(f"Best val Acc: {m['best_val_acc']:.4f} ({spread}epoch {m['best_epoch']} of {m['epochs_run']}; "
           f"balanced acc {m['best_val_balanced_accuracy']:.4f}, macro-F1 {m['best_val_macro_f1']:.4f})")
     if m.get("best_chosen_on_val"):

@@ -56,11 +56,13 @@ def _summary(metrics: dict) -> dict:
 
 def format_compare_table(result: dict) -> str:
     """One row per run; the 95% interval of each best val accuracy says which gaps the val split can tell."""
+    from .results.metrics import format_interval
+
     header = f"{'run':<28}{'best val acc':>13}{'95% interval':>16}{'epoch':>7}{'time':>9}{'trainable params':>18}"
     lines = [header, "-" * len(header)]
     for name, r in result["runs"].items():
         interval = r.get("best_val_acc_interval")
-        spread = f"{interval['low']:.3f}-{interval['high']:.3f}" if interval else "n/a"
+        spread = format_interval(interval, 3) if interval else "n/a"
         lines.append(f"{name:<28}{r['best_val_acc']:>13.4f}{spread:>16}{r['best_epoch']:>7}"
                      f"{r['wall_seconds']:>8.1f}s{r['trainable_params']:>18,}")
     return "\n".join(lines)

@@ -456,9 +456,9 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
     size = None if "image_size" in search.given else _larger_size(ctx)
-    if size is not None:  # the two-scale probe: the larger size's views, then its CV and the pair's
+    if size is not None:
         steps.append((f"probe at {size}+{ctx.pre(None).input_size} px, the best crop, per view",
-                      n * _view_seconds(search, ctx, size) + 2.5 * cv))
+                      _two_scale_seconds(search, ctx, size, 1)))
     for spec, cost in _stronger_options(search, ctx)[:1]:  # the others are cheaper, tried where it does not fit
         steps.append((f"probe on {spec.name}, the best crop, per view", search.setup_s * cost + cost * per_view + cv))
     refit = 2 - INNER_FRACTION  # the inner run and the refit on all images
@@ -657,12 +657,8 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     settings = {k: s[k] for k in ("model", "crop_fraction", "probe_views", "probe_pooling", "probe_stages") if k in s}
     cand = search.add(Candidate(name, "probe", {**settings, "image_size": size, "probe_scale": native,
                                                 "probe_scale_c": s["probe_c"]}))
-    n, m = len(ctx.scan.train), len(ctx.scan.val)
-    # The larger size's CV over the C grid, then the pair's, whose six fits (two per fold) start cold: about
-    # 1.7× (ELPV 4 classes) and 3× (2 classes) the best probe's CV over both poolings (each candidate's time
-    # less its extraction at the measured rate, 20m budgets), so 2.5×; counted as one CV, the 4-class run
-    # planned 350 s and took 531.
-    cand.estimate_s = len(views) * n * _view_seconds(search, ctx, size) + 2.5 * _cv_seconds(search, ctx, len(views))
+    m = len(ctx.scan.val)
+    cand.estimate_s = _two_scale_seconds(search, ctx, size, len(views))
     # the final run's val pass at both scales, and its write-up
     reserve = len(views) * m * (_view_seconds(search, ctx) + _view_seconds(search, ctx, size)) + FIXED_OVERHEAD_S
     if not search.affords(cand, reserve):
@@ -695,6 +691,15 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
 def _pixels(ctx: _Context, size) -> float:
     """Cost of an extraction at input `size` against one at the backbone's own size."""
     return 1.0 if size is None else (size / ctx.pre(None).input_size) ** 2
+
+
+def _two_scale_seconds(search: Search, ctx: _Context, size: int, views: int) -> float:
+    """The two-scale probe's estimate: the views at the larger size (the native ones are cached), then the
+    larger size's CV over the C grid and the pair's, whose six fits (two per fold) start cold: about 1.7×
+    (ELPV 4 classes) and 3× (2 classes) the best probe's CV over both poolings (each candidate's time less its
+    extraction at the measured rate, 20m budgets), so 2.5×; counted as one CV, the 4-class run planned 350 s
+    and took 531."""
+    return views * len(ctx.scan.train) * _view_seconds(search, ctx, size) + 2.5 * _cv_seconds(search, ctx, views)
 
 
 def _larger_size(ctx: _Context) -> int | None:

@@ -122,6 +122,11 @@ def accuracy_interval(accuracy: float | None, n: int, confidence: float = 0.95) 
     return {"confidence": confidence, "low": float(interval.low), "high": float(interval.high), "images": n}
 
 
+def format_interval(interval: dict, digits: int = 4) -> str:
+    """An accuracy_interval as `low-high`, for tables and the console."""
+    return f"{interval['low']:.{digits}f}-{interval['high']:.{digits}f}"
+
+
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     """sklearn's balanced accuracy: recall averaged over the classes present in y. It warns when a
     prediction names a class absent from y, which is expected for a small split (an inner hold-out,
@@ -216,7 +221,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, dict) and {"low", "high"} <= set(value):  # accuracy_interval
-        return f"{value['low']:.{digits}f}-{value['high']:.{digits}f}"
+        return format_interval(value, digits)
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return str(value)
     return f"{float(value):.{digits}f}"

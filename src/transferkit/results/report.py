@@ -222,10 +222,10 @@ def _headline(metrics: dict | None, evaluation: dict | None, history: list[dict]
     html = "".join(f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>' for k, v in cards)
     note = "" if evaluation is not None else _na("evaluation: not available")
     split = f'<p class="sub">evaluated on split: {_e(ev["split"])}</p>' if ev.get("split") else ""
-    return f'<h2>Headline</h2><div class="cards">{html}</div>{_interval(m)}{split}{note}'
+    return f'<h2>Headline</h2><div class="cards">{html}</div>{_val_accuracy_notes(m)}{split}{note}'
 
 
-def _interval(metrics: dict) -> str:
+def _val_accuracy_notes(metrics: dict) -> str:
     """The best val accuracy's interval (results/metrics.py accuracy_interval), and whether the best epoch was
     chosen on val, where the run recorded them."""
     interval, html = metrics.get("best_val_acc_interval"), ""
