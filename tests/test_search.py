@@ -628,3 +628,22 @@ def test_the_plan_lists_the_probe_steps_in_the_order_they_run(tmp_path, caplog):
     first = lambda words: next(i for i, step in enumerate(steps) if words in step)
     assert first("mirror view") < first("px, the best crop") < first("probe on efficientnet_lite2") \
         < first("fine-tuning"), steps
+
+
+
+def test_large_folder_compares_on_a_subsample_and_fits_the_winner_on_more(tmp_path, monkeypatch):
+    """Past SEARCH_MAX_IMAGES training images the candidates are compared (3-fold CV) on a seeded subsample of
+    that many, and the chosen probe is fitted on as many as the time left pays for: here all of them, so the
+    reproduce command names no subsample."""
+    import transferkit.engine.probe as probe
+    import transferkit.search as search
+
+    monkeypatch.setattr(search, "SEARCH_MAX_IMAGES", 30)
+    seen = []
+    real = probe.cross_validate
+    monkeypatch.setattr(probe, "cross_validate", lambda x, y, *a, **k: seen.append(len(y)) or real(x, y, *a, **k))
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=40, n_val=6, size=40), 4)
+    metrics, record = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none")
+    assert seen and set(seen) == {30}
+    assert metrics["train_images"] == 80
+    assert record["train_subsample"] is None and "--train-subsample" not in record["reproduce"]

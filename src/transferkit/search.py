@@ -61,6 +61,20 @@ LARGER_INPUT = 4 / 3
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see _stronger_backbone).
 STRONGER_COST_MARGIN = 1.1
+# On a large folder the candidates are compared on a seeded random subsample of this many training images (3-fold
+# CV on 2,000 images measures an accuracy to about ±1 point), and the chosen probe is then fitted on as many as the
+# time left pays for (successive halving in its simplest form: explore on few, spend the rest on the winner).
+# Comparing them on every image the budget could extract leaves no time to compare: a 20,000-image folder (10
+# classes, 2-core EPYC, default budget) kept 6,000 training images for its first probe and had no time for the
+# second crop (+5.5 points of CV on 2,000) or a stronger backbone (+3 more); see benchmarks/RESULTS.md, session 16.
+SEARCH_MAX_IMAGES = 2000
+# Share of the time left after the search that the final run's extra images may take (their extraction has no
+# deadline of its own: rates vary on a busy machine).
+GROWTH_SHARE = 0.8
+# A probe's CV (both poolings over the C grid, 3 folds) costs as much as this many fits on all of its images at
+# the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
+# 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
+FITS_PER_CV = 6
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 # Images whose shorter side is at most this share of the network's input (upsampled 2× or more) are small enough
@@ -172,12 +186,18 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         context = _Context.build(cfg, scan)
         if cfg.train_subsample and cfg.train_subsample < len(scan.train):
             _keep_subsample(search, context, cfg.train_subsample, asked=True)
+        elif len(scan.train) > SEARCH_MAX_IMAGES:
+            log.warning("search: the recipes are compared on a random %d of the %d training images; the chosen one "
+                        "is then fitted on as many as the budget allows", SEARCH_MAX_IMAGES, len(scan.train))
+            _keep_subsample(search, context, SEARCH_MAX_IMAGES, asked=True)
         winner, context = _search_probes(search, context)  # the context of the winner's backbone
         winner = _search_finetuning(search, context, winner) or winner
     except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
         search.bar.close()
         raise signals.Interrupted("interrupted during the recipe search; the features computed so far stay in the "
                                   "cache, so the same command starts again from them", exc.exit_code - 128) from None
+    if "train_subsample" not in given and search.subsample and winner.kind == "probe":
+        context.scan = _grown_scan(search, winner, context, scan)
     final = _final_config(search, winner, out)
     scan = context.scan  # all training images, or the subsample the budget allowed
     del context  # its model and runtimes: the final run builds its own
@@ -723,6 +743,35 @@ def _median_shorter_side(paths: list[str]) -> int:
         except OSError:
             continue
     return int(np.median(sides)) if sides else 0
+
+
+def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
+    """The split for the final run of a probe chosen on a subsample: the subsample grown (along the same seeded
+    order, so it keeps the images the search extracted) by as many training images as GROWTH_SHARE of the time
+    left pays for: their features in the winner's views and scales, and the larger fit."""
+    from .data.folders import subsample_order
+    from .engine.probe_train import PROBE_VIEWS
+
+    s, n, total = winner.settings, len(ctx.scan.train), len(full.train)
+    views = len(PROBE_VIEWS[s["probe_views"]])
+    per_view = _view_seconds(search, ctx, s.get("image_size")) + (_view_seconds(search, ctx) if "probe_scale" in s else 0)
+    fit_per_image = _fit_seconds(search, ctx, views) / n
+    val_pass = views * len(ctx.scan.val) * per_view
+    spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
+    grown = min(total, n + max(0, int(spare / (views * per_view + fit_per_image))))
+    if grown <= n:
+        return ctx.scan
+    scan = copy.copy(full)
+    scan.train = [full.train[i] for i in np.sort(subsample_order(total, search.cfg.seed)[:grown])]
+    search.subsample = grown if grown < total else None
+    log.info("search: the chosen probe is fitted on %s", f"{grown} of the {total} training images (what the budget "
+             f"allows)" if grown < total else f"all {total} training images")
+    return scan
+
+
+def _fit_seconds(search: Search, ctx: _Context, views: int) -> float:
+    """One probe fit on all of ctx's training images, from the CV's measured cost (see FITS_PER_CV)."""
+    return _cv_seconds(search, ctx, views) / FITS_PER_CV
 
 
 def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
