@@ -647,3 +647,10 @@ def test_large_folder_compares_on_a_subsample_and_fits_the_winner_on_more(tmp_pa
     assert seen and set(seen) == {30}
     assert metrics["train_images"] == 80
     assert record["train_subsample"] is None and "--train-subsample" not in record["reproduce"]
+
+
+def test_the_images_compared_on_grow_with_the_budget():
+    from transferkit.search import SEARCH_MAX_IMAGES, _compared_on
+
+    assert _compared_on(parse_duration("4m")) == SEARCH_MAX_IMAGES == _compared_on(parse_duration("30s"))
+    assert _compared_on(parse_duration("20m")) == 5 * SEARCH_MAX_IMAGES

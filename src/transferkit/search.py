@@ -10,7 +10,9 @@ A ladder of candidates from cheap to expensive, each reusing the caches of the o
   2. partial fine-tuning of the top groups on cached activations, from the probe's head (LP-FT);
   3. full fine-tuning with frozen BatchNorm, from the probe's head (LP-FT).
 Costs are measured (extraction rate on the first images, a training step's rate on two batches) and a
-candidate runs only when it and the final refit fit in what is left of the budget. Fine-tuning candidates
+candidate runs only when it and the final refit fit in what is left of the budget. On a large folder the
+candidates are compared on a seeded subsample (SEARCH_MAX_IMAGES per default budget), and a winning probe is
+then fitted on as many training images as the time left pays for. Fine-tuning candidates
 are scored on an inner hold-out of the training split, against the best probe scored on the same images.
 The val split is read once: by the final run, which refits the winner on all training images and is an
 ordinary run folder, plus search.json (every candidate, its score, time and why it stopped) and the one
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TrainConfig, parse_duration
+from .config import DEFAULT_TIME_BUDGET, TrainConfig, parse_duration
 from .engine import signals
 from .engine.callbacks import Callback
 from .io import atomic_write_json
@@ -61,12 +63,14 @@ LARGER_INPUT = 4 / 3
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see _stronger_backbone).
 STRONGER_COST_MARGIN = 1.1
-# On a large folder the candidates are compared on a seeded random subsample of this many training images (3-fold
-# CV on 2,000 images measures an accuracy to about ±1 point), and the chosen probe is then fitted on as many as the
-# time left pays for (successive halving in its simplest form: explore on few, spend the rest on the winner).
-# Comparing them on every image the budget could extract leaves no time to compare: a 20,000-image folder (10
-# classes, 2-core EPYC, default budget) kept 6,000 training images for its first probe and had no time for the
-# second crop (+5.5 points of CV on 2,000) or a stronger backbone (+3 more); see benchmarks/RESULTS.md, session 16.
+# On a large folder the candidates are compared on a seeded random subsample of this many training images per
+# default budget (4 minutes: 3-fold CV on 2,000 images measures an accuracy to about ±1 point; a larger budget
+# compares on proportionally more, fine-tuning candidates included), and the chosen probe is then fitted on as many
+# as the time left pays for (successive halving in its simplest form: explore on few, spend the rest on the winner).
+# Comparing them on every image the budget can extract leaves no time to compare: tried on a 20,000-image folder
+# (10 classes, 2-core EPYC, default budget) with the CV alone capped, the first probe kept 6,000 training images
+# and no other candidate fitted, while on 2,000 the whole frame beat the eval crop by 5.5 points of CV and a
+# stronger backbone by 3 more (benchmarks/RESULTS.md, notes of session 16).
 SEARCH_MAX_IMAGES = 2000
 # Share of the time left after the search that the final run's extra images may take (their extraction has no
 # deadline of its own: rates vary on a busy machine).
@@ -186,10 +190,10 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         context = _Context.build(cfg, scan)
         if cfg.train_subsample and cfg.train_subsample < len(scan.train):
             _keep_subsample(search, context, cfg.train_subsample, asked=True)
-        elif len(scan.train) > SEARCH_MAX_IMAGES:
-            log.warning("search: the recipes are compared on a random %d of the %d training images; the chosen one "
-                        "is then fitted on as many as the budget allows", SEARCH_MAX_IMAGES, len(scan.train))
-            _keep_subsample(search, context, SEARCH_MAX_IMAGES, asked=True)
+        elif len(scan.train) > _compared_on(budget):
+            log.warning("search: the recipes are compared on a random %d of the %d training images; a chosen probe "
+                        "is then fitted on as many as the budget allows", _compared_on(budget), len(scan.train))
+            _keep_subsample(search, context, _compared_on(budget), asked=True)
         winner, context = _search_probes(search, context)  # the context of the winner's backbone
         winner = _search_finetuning(search, context, winner) or winner
     except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
@@ -743,6 +747,11 @@ def _median_shorter_side(paths: list[str]) -> int:
         except OSError:
             continue
     return int(np.median(sides)) if sides else 0
+
+
+def _compared_on(budget_s: float) -> int:
+    """How many training images the candidates are compared on, at most: SEARCH_MAX_IMAGES per default budget."""
+    return int(SEARCH_MAX_IMAGES * max(1.0, budget_s / parse_duration(DEFAULT_TIME_BUDGET)))
 
 
 def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
