@@ -758,7 +758,7 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     """The split for the final run of a probe chosen on a subsample: the subsample grown (along the same seeded
     order, so it keeps the images the search extracted) by as many training images as GROWTH_SHARE of the time
     left pays for: their features in the winner's views and scales, and the larger fit."""
-    from .data.folders import subsample_order
+    from .data.folders import subsample_train
     from .engine.probe_train import PROBE_VIEWS
 
     s, n, total = winner.settings, len(ctx.scan.train), len(full.train)
@@ -770,12 +770,10 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     grown = min(total, n + max(0, int(spare / (views * per_view + fit_per_image))))
     if grown <= n:
         return ctx.scan
-    scan = copy.copy(full)
-    scan.train = [full.train[i] for i in np.sort(subsample_order(total, search.cfg.seed)[:grown])]
     search.subsample = grown if grown < total else None
     log.info("search: the chosen probe is fitted on %s", f"{grown} of the {total} training images (what the budget "
              f"allows)" if grown < total else f"all {total} training images")
-    return scan
+    return subsample_train(full, grown, search.cfg.seed)  # the final run's --train-subsample takes the same images
 
 
 def _fit_seconds(search: Search, ctx: _Context, views: int) -> float:
