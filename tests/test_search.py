@@ -647,6 +647,8 @@ def test_large_folder_compares_on_a_subsample_and_fits_the_winner_on_more(tmp_pa
     assert seen and set(seen) == {30}
     assert metrics["train_images"] == 80
     assert record["train_subsample"] is None and "--train-subsample" not in record["reproduce"]
+    assert record["compared_on_images"] == 30
+    assert "compared on a random 30 of the training images" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_the_images_compared_on_grow_with_the_budget():

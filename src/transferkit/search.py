@@ -122,7 +122,8 @@ class Search:
     cv_row_s: float | None = None  # seconds of probe cross-validation per (image, view), measured
     bar: object = None  # engine/progress.time_bar over the budget
     feats_done: bool = False  # the first extraction (which never stops) is behind us
-    subsample: int | None = None  # training images the budget allowed, where fewer than all
+    subsample: int | None = None  # training images of the final model, where fewer than all
+    compared_on: int | None = None  # training images the candidates were compared on, where fewer than all
     setup_s: float = 0.0  # the first backbone's ONNX export and engine choice, measured with the rate
     stopped: str | None = None  # why the ladder ended before its last step, where it did
 
@@ -188,8 +189,9 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)
-        if cfg.train_subsample and cfg.train_subsample < len(scan.train):
-            _keep_subsample(search, context, cfg.train_subsample, asked=True)
+        if cfg.train_subsample:  # the images asked for, for the search and the final model
+            if cfg.train_subsample < len(scan.train):
+                _keep_subsample(search, context, cfg.train_subsample, asked=True)
         elif len(scan.train) > _compared_on(budget):
             log.warning("search: the recipes are compared on a random %d of the %d training images; a chosen probe "
                         "is then fitted on as many as the budget allows", _compared_on(budget), len(scan.train))
@@ -200,8 +202,10 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         search.bar.close()
         raise signals.Interrupted("interrupted during the recipe search; the features computed so far stay in the "
                                   "cache, so the same command starts again from them", exc.exit_code - 128) from None
-    if "train_subsample" not in given and search.subsample and winner.kind == "probe":
-        context.scan = _grown_scan(search, winner, context, scan)
+    if search.subsample and not cfg.train_subsample:
+        search.compared_on = search.subsample
+        if winner.kind == "probe":
+            context.scan = _grown_scan(search, winner, context, scan)
     final = _final_config(search, winner, out)
     scan = context.scan  # all training images, or the subsample the budget allowed
     del context  # its model and runtimes: the final run builds its own
@@ -1098,6 +1102,7 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
         "wall_seconds": time.perf_counter() - search.t0,
         "extraction_images_per_second": search.rate,
         "train_subsample": search.subsample,
+        "compared_on_images": search.compared_on,
         "stopped": search.stopped,
         "selection": "3-fold CV on train (probes); an inner 20% hold-out of train (fine-tuning); val read once, "
                      "by the final run",

@@ -371,6 +371,16 @@ def _timing(metrics: dict | None, history: list[dict]) -> str:
     return "<h2>Timing</h2>" + _table(["", "value"], rows)
 
 
+def _images_compared_on(search: Mapping) -> str:
+    """Where the candidates were compared on a subsample: on how many, and how many the final model got."""
+    n = search.get("compared_on_images")
+    if not n:
+        return ""
+    final = search.get("train_subsample")
+    return (f" The candidates were compared on a random {n} of the training images; the final model was fitted on "
+            + (f"{final}." if final else "all of them."))
+
+
 def _search(search: dict | None) -> str:
     """The recipe search (search.py): every candidate, its inner score and time, why it stopped, the choice."""
     if not isinstance(search, Mapping) or not isinstance(search.get("candidates"), list):
@@ -391,6 +401,7 @@ def _search(search: dict | None) -> str:
     head = (f"<h2>Search</h2><p>Budget {_duration(search.get('budget_seconds'))}, used "
             f"{_duration(search.get('wall_seconds'))}. {_e(str(search.get('selection', '')))}. "
             f"Chosen: <b>{_e(str(search.get('chosen')))}</b>."
+            + _images_compared_on(search)
             + (f" The ladder stopped early: {_e(str(search['stopped']))}." if search.get("stopped") else "")
             + " The same run without the search:</p>"
             f"<pre>{_e(str(search.get('reproduce', '')))}</pre>")
