@@ -656,3 +656,33 @@ def test_the_images_compared_on_grow_with_the_budget():
 
     assert _compared_on(parse_duration("4m")) == SEARCH_MAX_IMAGES == _compared_on(parse_duration("30s"))
     assert _compared_on(parse_duration("20m")) == 5 * SEARCH_MAX_IMAGES
+
+
+def _three_classes_one_rare(seed: int = 0):
+    """Class 0 has a single image, classes 1 and 2 ten each, all three apart in feature space."""
+    rng = np.random.default_rng(seed)
+    y = np.array([0] + [1] * 10 + [2] * 10)
+    centres = np.eye(3, 6) * 4
+    return (centres[y] + rng.normal(0, 0.5, (len(y), 6))).astype(np.float32), y
+
+
+def test_a_class_absent_from_a_fit_keeps_its_row_and_is_never_predicted():
+    from transferkit.engine.probe import fit_logistic
+
+    x, y = _three_classes_one_rare()
+    weight, bias = fit_logistic(x[1:], y[1:], 1.0, 3)  # class 0 absent: sklearn fits two classes
+    assert weight.shape == (3, 6) and bias.shape == (3,)
+    logits = x @ weight.T + bias
+    assert (logits.argmax(1)[1:] == y[1:]).all() and not (logits.argmax(1) == 0).any()
+    again = fit_logistic(x[1:], y[1:], 2.0, 3, warm=(weight, bias))  # a warm start from the full-size rows
+    assert again[0].shape == (3, 6)
+
+
+def test_cv_scores_labels_right_when_a_class_is_missing_from_a_fold():
+    """A class with one image is absent from the training part of the fold that holds it: the other classes'
+    labels must not shift (sklearn numbers only the classes it saw)."""
+    from transferkit.engine.probe import cross_validate
+
+    x, y = _three_classes_one_rare()
+    cv = cross_validate(x[:, None, :], y, np.arange(6), 3, [1.0], folds=3, seed=0)
+    assert cv.accuracy >= 19 / 21  # only the rare image itself can be missed

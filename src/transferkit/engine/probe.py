@@ -32,6 +32,11 @@ from . import signals
 
 log = logging.getLogger(__name__)
 
+# A class absent from a fit's images gets a bias this far below the lowest present one (fit_logistic): its
+# probability is then e^-20 of the least likely class's, never predicted, and finite for ONNX and fine-tuning.
+ABSENT_CLASS_MARGIN = 20.0
+
+
 def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 2:  # already pooled (the cache point of a backbone without stages)
         return x, x
@@ -173,25 +178,35 @@ def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 200):
-    """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d). Returns (weight, bias)."""
+    """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d); warm: an earlier (weight, bias) of
+    this function to start from. Returns (weight, bias) with one row per class of the run, also for a class
+    absent from y (a CV fold or an inner split of a class with few images): a zero row whose bias is
+    ABSENT_CLASS_MARGIN below the lowest, so it is never predicted and the head keeps the run's shape."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    present = np.unique(y)
     # tol 1e-3 on standardized features: accuracy no longer moves, and a 10-class fit on 4,000 features
     # takes a fraction of the default's iterations
     clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, warm_start=warm is not None)
     if warm is not None:
-        clf.coef_, clf.intercept_ = warm
+        weight, bias = warm[0][present], warm[1][present]
+        if len(present) == 2:  # sklearn's binary form: one row, class 1's logit minus class 0's
+            weight, bias = weight[1:] - weight[:1], bias[1:] - bias[:1]
+        clf.coef_, clf.intercept_ = weight, bias
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol is loose enough; max_iter bounds the time
         clf.fit(x, y)
     weight, bias = clf.coef_, clf.intercept_
-    if n_classes == 2 and weight.shape[0] == 1:  # sklearn's binary form: one row for class 1
+    if weight.shape[0] == 1:  # sklearn's binary form: split evenly between the two classes
         weight = np.concatenate([-weight / 2, weight / 2])
         bias = np.concatenate([-bias / 2, bias / 2])
-    return weight.astype(np.float32), bias.astype(np.float32)
+    full_weight = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
+    full_bias = np.full(n_classes, bias.min() - ABSENT_CLASS_MARGIN, dtype=np.float32)
+    full_weight[present], full_bias[present] = weight, bias
+    return full_weight, full_bias
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float, n_classes: int) -> ProbeFit:
@@ -247,7 +262,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     for C in sorted(grid):  # strong to weak regularization, each fold warm-started from the last C
         correct = 0
         for f, (xtr, ytr, xte, yte) in enumerate(prepared):
-            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=_sk_warm(warm[f], n_classes))
+            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f])
             logits = xte @ warm[f][0].T + warm[f][1]
             correct += int((logits.mean(1).argmax(-1) == yte).sum())
         per_C[C] = correct / len(y)
@@ -281,16 +296,6 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndar
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-
-
-def _sk_warm(wb, n_classes):
-    """Our (classes, d) weights back into sklearn's shape for warm starts (binary: one row)."""
-    if wb is None:
-        return None
-    weight, bias = wb
-    if n_classes == 2:
-        return (weight[1:2] * 2, bias[1:2] * 2)
-    return wb
 
 
 # ---- the deployed model ------------------------------------------------------------------------
