@@ -14,8 +14,8 @@ candidate runs only when it and the final refit fit in what is left of the budge
 candidates are compared on a seeded subsample (SEARCH_MAX_IMAGES per default budget), and a winning probe is
 then fitted on as many training images as the time left pays for. Fine-tuning candidates
 are scored on an inner hold-out of the training split, against the best probe scored on the same images.
-The val split is read once: by the final run, which refits the winner on all training images and is an
-ordinary run folder, plus search.json (every candidate, its score, time and why it stopped) and the one
+The val split is read once: by the final run, which refits the winner on all training images (or, on a large
+folder, as many as the budget pays for) and is an ordinary run folder, plus search.json (every candidate, its score, time and why it stopped) and the one
 command that reproduces the choice without the search.
 """
 
