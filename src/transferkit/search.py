@@ -15,8 +15,8 @@ candidates are compared on a seeded subsample (SEARCH_MAX_IMAGES per default bud
 then fitted on as many training images as the time left pays for. Fine-tuning candidates
 are scored on an inner hold-out of the training split, against the best probe scored on the same images.
 The val split is read once: by the final run, which refits the winner on all training images (or, on a large
-folder, as many as the budget pays for) and is an ordinary run folder, plus search.json (every candidate, its score, time and why it stopped) and the one
-command that reproduces the choice without the search.
+folder, as many as the budget pays for) and is an ordinary run folder, plus search.json (every candidate, its
+score, time and why it stopped) and the one command that reproduces the choice without the search.
 """
 
 from __future__ import annotations
@@ -767,7 +767,9 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
 
     s, n, total = winner.settings, len(ctx.scan.train), len(full.train)
     views = len(PROBE_VIEWS[s["probe_views"]])
-    per_view = _view_seconds(search, ctx, s.get("image_size")) + (_view_seconds(search, ctx) if "probe_scale" in s else 0)
+    per_view = _view_seconds(search, ctx, s.get("image_size"))
+    if "probe_scale" in s:  # a two-scale probe also runs the backbone at its own size, inside the graph
+        per_view += _view_seconds(search, ctx)
     fit_per_image = _fit_seconds(search, ctx, views) / n
     val_pass = views * len(ctx.scan.val) * per_view
     spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
