@@ -189,13 +189,14 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)
+        compare_on = _compared_on(budget)
         if cfg.train_subsample:  # the images asked for, for the search and the final model
             if cfg.train_subsample < len(scan.train):
                 _keep_subsample(search, context, cfg.train_subsample, asked=True)
-        elif len(scan.train) > _compared_on(budget):
+        elif len(scan.train) > compare_on:
             log.warning("search: the recipes are compared on a random %d of the %d training images; a chosen probe "
-                        "is then fitted on as many as the budget allows", _compared_on(budget), len(scan.train))
-            _keep_subsample(search, context, _compared_on(budget), asked=True)
+                        "is then fitted on as many as the budget allows", compare_on, len(scan.train))
+            _keep_subsample(search, context, compare_on, asked=True)
         winner, context = _search_probes(search, context)  # the context of the winner's backbone
         winner = _search_finetuning(search, context, winner) or winner
     except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
@@ -523,7 +524,7 @@ def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: 
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     cv = _cv_seconds(search, ctx, len(views))
     cand.estimate_s = setup_s + len(missing) * n * _view_seconds(search, ctx) + cv
-    reserve = len(views) * m * _view_seconds(search, ctx) + FIXED_OVERHEAD_S
+    reserve = len(views) * m * _final_view_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
     log.debug("search: %s: %d views × %d images at %.0f views/s + CV ~%.0fs; reserve %.0fs",
               name, len(missing), n, 1 / _view_seconds(search, ctx), cv, reserve)
     return cand, reserve
@@ -557,6 +558,15 @@ def _missing_views(ctx: _Context, crop, views, size=None) -> list:
 def _view_seconds(search: Search, ctx: _Context, size=None) -> float:
     """Seconds to extract one view of one image on ctx's backbone at input `size` (default: its own)."""
     return ctx.cost * _pixels(ctx, size) / search.rate
+
+
+def _final_view_seconds(search: Search, ctx: _Context, settings: dict) -> float:
+    """Seconds per view of one image through a probe with these settings, as its final run computes it: at its
+    input size, and for a two-scale probe at the backbone's own size too (inside the graph)."""
+    seconds = _view_seconds(search, ctx, settings.get("image_size"))
+    if "probe_scale" in settings:
+        seconds += _view_seconds(search, ctx)
+    return seconds
 
 
 def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
@@ -615,7 +625,8 @@ def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, k
 
 def _keep_subsample(search: Search, ctx: _Context, n: int, asked: bool = False) -> None:
     """Only the first n training images in the search's random order (data/folders.py subsample_order): the
-    budget allowed features of no more, or --train-subsample asked for n. The search and the final run go on
+    budget allowed features of no more, or the caller asked for n (--train-subsample, or the comparison
+    subsample of a large folder, which says so itself). The search and the final run go on
     with those, and the reproduce command names n: `transferkit train --train-subsample n` keeps the same
     images, since the search's order stays that of one seeded permutation of all of them."""
     keep = np.sort(ctx.order[:n])  # positions in the current list
@@ -688,7 +699,7 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     m = len(ctx.scan.val)
     cand.estimate_s = _two_scale_seconds(search, ctx, size, len(views))
     # the final run's val pass at both scales, and its write-up
-    reserve = len(views) * m * (_view_seconds(search, ctx) + _view_seconds(search, ctx, size)) + FIXED_OVERHEAD_S
+    reserve = len(views) * m * _final_view_seconds(search, ctx, cand.settings) + FIXED_OVERHEAD_S
     if not search.affords(cand, reserve):
         return cand
     t = time.perf_counter()
@@ -767,9 +778,7 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
 
     s, n, total = winner.settings, len(ctx.scan.train), len(full.train)
     views = len(PROBE_VIEWS[s["probe_views"]])
-    per_view = _view_seconds(search, ctx, s.get("image_size"))
-    if "probe_scale" in s:  # a two-scale probe also runs the backbone at its own size, inside the graph
-        per_view += _view_seconds(search, ctx)
+    per_view = _final_view_seconds(search, ctx, s)
     fit_per_image = _fit_seconds(search, ctx, views) / n
     val_pass = views * len(ctx.scan.val) * per_view
     spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
