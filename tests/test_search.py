@@ -266,6 +266,41 @@ def test_search_tries_two_scales_on_large_images(tmp_path):
         assert "--image-size 296" in search["reproduce"] and "--probe-scale 224" in search["reproduce"]
 
 
+def test_a_two_scale_probe_too_slow_on_all_the_views_runs_on_fewer(monkeypatch):
+    """Where the best probe's views at two scales do not fit in the time left, the two-scale probe runs on the
+    largest nested view set that does (the CV then compares it with the best probe on all its views); views
+    given on the command line are not cut."""
+    import time
+    from types import SimpleNamespace
+
+    import transferkit.search as search_module
+    from transferkit.search import Candidate, Search
+
+    ran = []
+    monkeypatch.setattr(search_module, "_larger_size", lambda ctx: 300)
+    monkeypatch.setattr(search_module, "_two_scale_seconds", lambda search, ctx, size, views: 30.0 * views)
+    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, settings: 0.0)
+    monkeypatch.setattr(search_module, "_run_two_scale",
+                        lambda search, ctx, cand, best, reserve: ran.append(cand.settings["probe_views"]))
+    ctx = SimpleNamespace(pre=lambda crop: SimpleNamespace(input_size=224), scan=SimpleNamespace(val=[]))
+    best = Candidate("probe", "probe", {"crop_fraction": 1.0, "probe_views": "turns", "probe_pooling": "meanmax",
+                                        "probe_stages": 6, "probe_c": 0.01}, score=0.9)
+    # 4 views: 120 s, 2: 60 s, 1: 30 s; a cut-down try that does not fit either is not recorded
+    for given, seconds, expected in ((set(), 100, "flip"), ({"probe_views"}, 100, None), (set(), 20, None)):
+        ran.clear()
+        now = time.perf_counter()
+        search = Search(TrainConfig(data="d"), given, deadline=now + seconds, t0=now)
+        cand = search_module._two_scale_candidate(search, ctx, best)
+        assert ran == ([expected] if expected else [])
+        assert search.candidates[0].settings["probe_views"] == "turns"
+        assert search.candidates[0].status.startswith("skipped")
+        assert [c.settings["probe_views"] for c in search.candidates] == ["turns"] + ([expected] if expected else [])
+        assert cand is search.candidates[-1] and cand.settings["probe_views"] == (expected or "turns")
+        assert cand.settings["probe_scale"] == 224 and cand.settings["image_size"] == 300
+        # the stronger backbone's probe cuts its views down the same way
+        assert search_module._view_sets_down_from(search, best) == (["turns"] if given else ["turns", "flip", "none"])
+
+
 @pytest.mark.parametrize("argv", [["--probe-scale", "64"], ["--recipe", "tutorial", "--probe-scale", "64"]])
 def test_probe_scale_outside_a_tutorial_probe_is_a_one_line_error(argv, tmp_path, capsys):
     data = _folder(tmp_path / "data")

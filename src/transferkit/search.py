@@ -139,11 +139,15 @@ class Search:
             self.bar.set_description(f"search: {cand.name}")
         return cand
 
-    def affords(self, cand: Candidate, reserve: float) -> bool:
+    def affords(self, cand: Candidate, reserve: float, cut_down: bool = False) -> bool:
         """Whether the candidate's estimate and the final run's `reserve` fit in what is left; if not,
-        the candidate is marked skipped with the numbers."""
+        the candidate is marked skipped with the numbers, or, for a cut-down try of a step already marked
+        skipped (fewer views), dropped from the record without a line."""
         if cand.estimate_s + reserve <= self.left():
             return True
+        if cut_down:
+            self.candidates.remove(cand)
+            return False
         cand.status = f"skipped: needs ~{cand.estimate_s + reserve:.0f}s with the final run, {self.left():.0f}s left"
         log.info("search: %s %s", cand.name, cand.status)
         return False
@@ -380,20 +384,30 @@ def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[
     lost the CV (0.7881 against 0.7978) and then had no time for the two-scale one, which wins there. Where it
     wins, the fine-tuning candidates and the final run use that backbone. Returns the better probe and the
     context of its backbone."""
-    s = best.settings
-    for spec, cost in _stronger_options(search, ctx):
-        other = ctx.sibling(spec, cost)
-        cand, reserve = _planned_probe(search, other, s["crop_fraction"], s["probe_views"],
-                                       setup_s=search.setup_s * cost)
-        if not search.affords(cand, reserve):
-            continue  # a cheaper one may fit
-        rate = search.rate  # in the first backbone's views
-        _run_probe(search, other, cand, reserve)  # its export and engine choice (taps_for's warm-up) included
-        if _better(best, cand) is cand:
-            return cand, other
-        search.rate = rate  # measured through the other backbone's guessed cost: keep the first one's
-        return best, ctx
+    options = _stronger_options(search, ctx)
+    for view_set in _view_sets_down_from(search, best) if options else []:
+        for spec, cost in options:
+            other = ctx.sibling(spec, cost)
+            cand, reserve = _planned_probe(search, other, best.settings["crop_fraction"], view_set,
+                                           setup_s=search.setup_s * cost)
+            if not search.affords(cand, reserve, cut_down=view_set != best.settings["probe_views"]):
+                continue  # a cheaper one may fit
+            rate = search.rate  # in the first backbone's views
+            _run_probe(search, other, cand, reserve)  # its export and engine choice (taps_for's warm-up) included
+            if _better(best, cand) is cand:
+                return cand, other
+            search.rate = rate  # measured through the other backbone's guessed cost: keep the first one's
+            return best, ctx
     return best, ctx
+
+
+def _view_sets_down_from(search: Search, best: Candidate) -> list[str]:
+    """The best probe's view set, then the smaller ones inside it (the sets are nested), for a costlier probe
+    that may not fit with all of those views; only the best's where the views were given."""
+    from .engine.probe_train import PROBE_VIEWS
+
+    names, mine = list(PROBE_VIEWS), best.settings["probe_views"]  # from fewest views to most
+    return [mine] if "probe_views" in search.given else names[names.index(mine)::-1]
 
 
 def _stronger_options(search: Search, ctx: _Context) -> list[tuple]:
@@ -680,51 +694,70 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
 
 def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
     """The best probe's views read at a larger input size too, one probe per scale and their logits
-    averaged (engine/probe.py stack_fits), scored by the same 3-fold CV as every probe."""
-    from .engine.probe import cross_validate, cross_validate_stacked, fit_probe
-    from .engine.probe_train import C_GRID, PROBE_VIEWS
-
+    averaged (engine/probe.py stack_fits), scored by the same 3-fold CV as every probe. Where that does not
+    fit in the time left, the same with fewer of those views (the views are nested: the mirror, then the
+    turns), still compared by CV with the best probe on all its views: a second scale may pay more than the
+    extra views (ELPV 2 classes at the default budget: the 4 views at two scales needed ~202 s of 112 left)."""
     size, native = _larger_size(ctx), ctx.pre(None).input_size
     if best.settings.get("probe_pixels"):
         return None  # small images (the pixels won): nothing to read at a larger size
     if size is None:
         log.info("search: no two-scale probe: the training images are not much larger than %d px", native)
         return None
-    s = best.settings
-    crop, views = s["crop_fraction"], PROBE_VIEWS[s["probe_views"]]
-    name = f"probe crop={'own' if crop is None else crop} views={s['probe_views']} at {size}+{native} px"
-    settings = {k: s[k] for k in ("model", "crop_fraction", "probe_views", "probe_pooling", "probe_stages") if k in s}
-    cand = search.add(Candidate(name, "probe", {**settings, "image_size": size, "probe_scale": native,
-                                                "probe_scale_c": s["probe_c"]}))
-    m = len(ctx.scan.val)
+    first = None  # on all the best probe's views: recorded, as skipped where nothing fits
+    for view_set in _view_sets_down_from(search, best):
+        cand, reserve = _planned_two_scale(search, ctx, best, view_set, size)
+        first = first or cand
+        if search.affords(cand, reserve, cut_down=cand is not first):
+            _run_two_scale(search, ctx, cand, best, reserve)
+            return cand
+    return first
+
+
+def _planned_two_scale(search: Search, ctx: _Context, best: Candidate, view_set: str, size: int):
+    """A two-scale candidate on `view_set` of the best probe's crop, with its estimate and its final run's
+    reserve: the val pass at both scales, and the write-up."""
+    from .engine.probe_train import PROBE_VIEWS
+
+    s, native = best.settings, ctx.pre(None).input_size
+    crop, views = s["crop_fraction"], PROBE_VIEWS[view_set]
+    name = f"probe crop={'own' if crop is None else crop} views={view_set} at {size}+{native} px"
+    settings = {k: s[k] for k in ("model", "crop_fraction", "probe_pooling", "probe_stages") if k in s}
+    cand = search.add(Candidate(name, "probe", {**settings, "probe_views": view_set, "image_size": size,
+                                                "probe_scale": native, "probe_scale_c": s["probe_c"]}))
     cand.estimate_s = _two_scale_seconds(search, ctx, size, len(views))
-    # the final run's val pass at both scales, and its write-up
-    reserve = len(views) * m * _final_view_seconds(search, ctx, cand.settings) + FIXED_OVERHEAD_S
-    if not search.affords(cand, reserve):
-        return cand
-    t = time.perf_counter()
+    reserve = len(views) * len(ctx.scan.val) * _final_view_seconds(search, ctx, cand.settings) + FIXED_OVERHEAD_S
+    return cand, reserve
+
+
+def _run_two_scale(search: Search, ctx: _Context, cand: Candidate, best: Candidate, reserve: float) -> None:
+    """Extract the larger scale's views, then score the pair by 3-fold CV and on the inner hold-out. The native
+    scale keeps the best probe's C (chosen on the same images, with these views or more of them)."""
+    from .engine.probe import cross_validate, cross_validate_stacked, fit_probe
+    from .engine.probe_train import C_GRID, PROBE_VIEWS
+
+    s, t = cand.settings, time.perf_counter()
+    crop, views, size = s["crop_fraction"], PROBE_VIEWS[s["probe_views"]], s["image_size"]
     x_large = _train_features(search, ctx, crop, views, reserve, size=size)
     if x_large is None:
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
-        log.info("search: %s %s", name, cand.status)
-        return cand
+        log.info("search: %s %s", cand.name, cand.status)
+        return
     x_native = _train_features(search, ctx, crop, views, reserve)
     columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"])
     grid = [search.cfg.probe_c] if "probe_c" in search.given else list(C_GRID)
-    n_classes = len(ctx.scan.classes)
-    large = cross_validate(x_large, ctx.y, columns, n_classes, grid, seed=search.cfg.seed,
-                           deadline=search.deadline - reserve)
-    Cs = [large.C, s["probe_c"]]
-    cand.settings.update(probe_c=large.C, cv_at_larger_size=large.accuracy)
-    cand.score = cross_validate_stacked([x_large, x_native], ctx.y, columns, Cs, n_classes, seed=search.cfg.seed)
+    n_classes, seed, deadline = len(ctx.scan.classes), search.cfg.seed, search.deadline - reserve
+    large = cross_validate(x_large, ctx.y, columns, n_classes, grid, seed=seed, deadline=deadline)
+    Cs = [large.C, s["probe_scale_c"]]
+    s.update(probe_c=large.C, cv_at_larger_size=large.accuracy)
+    cand.score = cross_validate_stacked([x_large, x_native], ctx.y, columns, Cs, n_classes, seed=seed)
     inner_train, inner_test = ctx.inner
     logits = sum(fit_probe(x[inner_train], ctx.y[inner_train], columns, C, n_classes).logits(x[inner_test])
                  for x, C in zip((x_large, x_native), Cs))
     cand.answered(logits.mean(1).argmax(-1) == ctx.y[inner_test])
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
-    log.info("search: %s: CV accuracy %.4f (%d px alone %.4f; best so far %.4f), %.0fs", name, cand.score, size,
-             large.accuracy, best.score, cand.seconds)
-    return cand
+    log.info("search: %s: CV accuracy %.4f (%d px alone %.4f; best so far %.4f), %.0fs", cand.name, cand.score,
+             size, large.accuracy, best.score, cand.seconds)
 
 
 def _pixels(ctx: _Context, size) -> float:
