@@ -500,6 +500,24 @@ def test_a_search_stopped_in_its_final_run_resumes_with_its_record(tmp_path, mon
     assert "<h2>Search</h2>" in (run / "report.html").read_text()
 
 
+def test_subsamples_are_stratified_and_hold_every_class():
+    """Any prefix of the seeded order holds each class in proportion to its images (up to rounding: at most
+    one image per class above, the number of classes below) and every class once it holds that many images:
+    a plain random prefix of a folder with a rare class often holds none of it."""
+    from transferkit.data.folders import subsample_order
+
+    labels = np.array([0] * 1000 + [1] * 40 + [2] * 3 + [3] * 1)
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    order = subsample_order(labels, seed=3)
+    assert sorted(order.tolist()) == list(range(len(labels)))
+    for k in (4, 10, 50, 200, 521, 1043):
+        counts = np.bincount(labels[order[:k]], minlength=4)
+        proportional = k * np.bincount(labels) / len(labels)
+        assert np.all(counts >= 1) and np.all(counts - proportional <= 1) and np.all(proportional - counts <= 4), k
+    assert not np.array_equal(subsample_order(labels, seed=4), order)  # the seed decides
+
+
 def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     """However the search cuts the training images (--train-subsample first, then what its budget allows),
     the images kept are those `transferkit train --train-subsample n` takes: its reproduce command holds."""
@@ -513,7 +531,7 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     small, large = subsample_train(full, 10, 0).train, subsample_train(full, 30, 0).train
     assert set(small) < set(large) and small == sorted(small, key=lambda s: int(s[0][:-4]))
     assert subsample_train(full, 10, 1).train != small  # the seed decides
-    ctx = SimpleNamespace(scan=full, y=np.array([label for _, label in full.train]), order=subsample_order(50, 0),
+    ctx = SimpleNamespace(scan=full, y=np.array([label for _, label in full.train]), order=subsample_order([i % 2 for i in range(50)], 0),
                           inner=None, cfg=SimpleNamespace(seed=0))
     search = SimpleNamespace(subsample=None)
     _keep_subsample(search, ctx, 30, asked=True)

@@ -63,7 +63,7 @@ LARGER_INPUT = 4 / 3
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see _stronger_backbone).
 STRONGER_COST_MARGIN = 1.1
-# On a large folder the candidates are compared on a seeded random subsample of this many training images per
+# On a large folder the candidates are compared on a seeded stratified random subsample of this many training images per
 # default budget (4 minutes: 3-fold CV on 2,000 images measures an accuracy to about ±1 point; a larger budget
 # compares on proportionally more, fine-tuning candidates included), and the chosen probe is then fitted on as many
 # as the time left pays for (successive halving in its simplest form: explore on few, spend the rest on the winner).
@@ -250,7 +250,7 @@ class _Context:
         set_seed(cfg.seed)
         spec, device = get_spec(cfg.model), pick_device(cfg.device)
         y = np.array([label for _, label in scan.train])
-        order = subsample_order(len(y), cfg.seed)  # extraction order: any prefix is a seeded random subsample
+        order = subsample_order(y, cfg.seed)  # extraction order: any prefix is a seeded stratified subsample
         short = _median_shorter_side([scan.train[i][0] for i in order[:32]])
         ctx = cls(cfg, scan, spec, None, device, y, _inner_split(y, cfg.seed), order, short)
         ctx.model = ctx._build_model()

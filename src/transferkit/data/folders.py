@@ -207,19 +207,30 @@ def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=
     return scan
 
 
-def subsample_order(n: int, seed: int) -> np.ndarray:
-    """The order in which seeded subsamples take training images: any prefix is a random subsample, and a
+def subsample_order(labels, seed: int) -> np.ndarray:
+    """The order in which seeded subsamples take training images: any prefix is a stratified random subsample
+    (each class in proportion to its images, up to rounding, and every class from the first images on), and a
     smaller one lies inside a larger one (the recipe search extracts in this order, and stops where its budget
-    does)."""
-    return np.random.default_rng(seed).permutation(n)
+    does). A plain random prefix of 2,000 from a folder with a class of 40 images among 40,000 would hold two of
+    them, or none."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(labels))
+    # the k-th image of its class (in a random order within the class) at k / class size: a class's first image
+    # at 0, and images of a class spread evenly along the order; ties between classes broken at random
+    rank = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = shuffled[labels[shuffled] == label]
+        rank[members] = np.arange(len(members)) / len(members)
+    return np.lexsort((rng.random(len(labels)), rank))
 
 
 def subsample_train(scan: DataScan, n: int | None, seed: int) -> DataScan:
-    """`scan` with a seeded random n of its training images (the first n of subsample_order, kept in scan
-    order); the scan itself where n is None or not below the number of training images."""
+    """`scan` with a seeded stratified random n of its training images (the first n of subsample_order, kept in
+    scan order); the scan itself where n is None or not below the number of training images."""
     if not n or n >= len(scan.train):
         return scan
-    keep = np.sort(subsample_order(len(scan.train), seed)[:n])
+    keep = np.sort(subsample_order([label for _, label in scan.train], seed)[:n])
     return replace(scan, train=[scan.train[i] for i in keep])
 
 

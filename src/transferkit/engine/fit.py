@@ -99,7 +99,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     for line in scan.summary_lines() if given is None else []:
         log.warning(line)
     if cfg.train_subsample and cfg.train_subsample < len(scan.train):
-        log.warning("training on a seeded random %d of the %d training images (--train-subsample)",
+        log.warning("training on a seeded stratified random %d of the %d training images (--train-subsample)",
                     cfg.train_subsample, len(scan.train))
         scan = subsample_train(scan, cfg.train_subsample, cfg.seed)
     # Not for a throwaway run (the user cannot act on the search's inner split), nor for a linear probe (one
