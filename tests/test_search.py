@@ -505,6 +505,20 @@ def test_a_search_stopped_in_its_final_run_resumes_with_its_record(tmp_path, mon
     assert "<h2>Search</h2>" in (run / "report.html").read_text()
 
 
+def test_the_c_sweep_stops_past_its_peak():
+    """The CV's C sweep (strong to weak regularization) stops after CV_PATIENCE values in a row below the best
+    before them: the weakest C values are the slowest fits and, past the peak, do not win (ELPV, cached
+    features: the same C and accuracy, 20% less time)."""
+    from transferkit.engine.probe import CV_PATIENCE, _past_the_peak
+
+    assert CV_PATIENCE == 2
+    assert not _past_the_peak([0.80, 0.85])
+    assert not _past_the_peak([0.80, 0.85, 0.84])  # one below: keep going
+    assert _past_the_peak([0.80, 0.85, 0.84, 0.83])
+    assert not _past_the_peak([0.80, 0.85, 0.84, 0.85])  # back at the best: not past it
+    assert not _past_the_peak([0.80, 0.81, 0.82, 0.83])  # still rising
+
+
 def test_subsamples_are_stratified_and_hold_every_class():
     """Any prefix of the seeded order holds each class in proportion to its images (up to rounding: at most
     one image per class above, the number of classes below) and every class once it holds that many images:

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # A class absent from a fit's images gets a bias this far below the lowest present one (fit_logistic): its
 # probability is then e^-20 of the least likely class's, never predicted, and finite for ONNX and fine-tuning.
 ABSENT_CLASS_MARGIN = 20.0
+# The C sweep of cross_validate stops once this many C values in a row score below the best before them.
+CV_PATIENCE = 2
 
 
 def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,8 +271,19 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
         signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
         if deadline is not None and time.perf_counter() > deadline:
             break
+        if _past_the_peak(list(per_C.values())):
+            break
     best = max(per_C, key=lambda c: (per_C[c], -c))  # ties: the stronger regularization
     return CVResult(best, per_C[best], per_C)
+
+
+def _past_the_peak(scores: list[float]) -> bool:
+    """Whether the C sweep's last CV_PATIENCE scores all fell below the best one before them: the accuracy
+    against C rises to one peak and falls as the regularization weakens, and the weakest C values, still
+    ahead, are the slowest fits (L-BFGS needs more iterations as the penalty shrinks)."""
+    if len(scores) <= CV_PATIENCE:
+        return False
+    return max(scores[-CV_PATIENCE:]) < max(scores[:-CV_PATIENCE])
 
 
 def cross_validate_stacked(xs: list[np.ndarray], y: np.ndarray, columns: np.ndarray, Cs: list[float],
