@@ -37,8 +37,8 @@ TRAIN_HELP = {
     "probe_scale": "linear-probe: also read each image at this smaller size inside the model and average a "
                    "second probe fitted there (a two-scale ensemble; --image-size sets the larger)",
     "probe_scale_c": "linear-probe: --probe-c of the --probe-scale probe (default: 3-fold CV on train)",
-    "train_subsample": "train on a seeded stratified random N of the training images (the recipe search's reproduce command "
-                       "names it where its budget allowed fewer than all)",
+    "train_subsample": "train on a seeded stratified random N of the training images (the recipe search's "
+                       "reproduce command names it where its budget allowed fewer than all)",
     "probe_pixels": "linear-probe: also the image's raw pixels (grey, 32×32) as features, for images much smaller "
                     "than the network's input",
     "model": "backbone (see `transferkit models`); with the auto recipe and no --model, the search may move to a "

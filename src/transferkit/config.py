@@ -66,7 +66,8 @@ class TrainConfig:
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = 0.2
     # a seeded stratified random N of the training images (the first N of one seeded order, data/folders.py
-    # subsample_order: a smaller subsample is inside a larger one); the recipe search names it in its reproduce command when its budget allowed fewer
+    # subsample_order: a smaller subsample is inside a larger one); the recipe search names it in its reproduce
+    # command when its budget allowed fewer
     train_subsample: int | None = None
     group_duplicates: bool = True  # a split made here keeps copies of one picture on one side
     seed: int = 0

@@ -63,10 +63,11 @@ LARGER_INPUT = 4 / 3
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
 # A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see _stronger_backbone).
 STRONGER_COST_MARGIN = 1.1
-# On a large folder the candidates are compared on a seeded stratified random subsample of this many training images per
-# default budget (4 minutes: 3-fold CV on 2,000 images measures an accuracy to about ±1 point; a larger budget
-# compares on proportionally more, fine-tuning candidates included), and the chosen probe is then fitted on as many
-# as the time left pays for (successive halving in its simplest form: explore on few, spend the rest on the winner).
+# On a large folder the candidates are compared on a seeded stratified random subsample of this many training
+# images per default budget (4 minutes: 3-fold CV on 2,000 images measures an accuracy to about ±1 point; a larger
+# budget compares on proportionally more, fine-tuning candidates included), and the chosen probe is then fitted on
+# as many as the time left pays for (successive halving in its simplest form: explore on few, spend the rest on the
+# winner).
 # Comparing them on every image the budget can extract leaves no time to compare: tried on a 20,000-image folder
 # (10 classes, 2-core EPYC, default budget) with the CV alone capped, the first probe kept 6,000 training images
 # and no other candidate fitted, while on 2,000 the whole frame beat the eval crop by 5.5 points of CV and a
@@ -700,8 +701,9 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
 def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
     """The best probe's views read at a larger input size too, one probe per scale and their logits
     averaged (engine/probe.py stack_fits), scored by the same 3-fold CV as every probe. Where that does not
-    fit in the time left, the same with half of those views (_view_sets_down_from), still compared by CV with the best probe on all its views: a second scale may pay more than the
-    extra views (ELPV 2 classes at the default budget: the 4 views at two scales needed ~202 s of 112 left)."""
+    fit in the time left, the same with half of those views (_view_sets_down_from), still compared by CV with
+    the best probe on all its views: a second scale may pay more than the extra views (ELPV 2 classes at the
+    default budget: the 4 views at two scales needed ~202 s of 112 left)."""
     size, native = _larger_size(ctx), ctx.pre(None).input_size
     if best.settings.get("probe_pixels"):
         return None  # small images (the pixels won): nothing to read at a larger size
