@@ -550,7 +550,8 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     small, large = subsample_train(full, 10, 0).train, subsample_train(full, 30, 0).train
     assert set(small) < set(large) and small == sorted(small, key=lambda s: int(s[0][:-4]))
     assert subsample_train(full, 10, 1).train != small  # the seed decides
-    ctx = SimpleNamespace(scan=full, y=np.array([label for _, label in full.train]), order=subsample_order([i % 2 for i in range(50)], 0),
+    ctx = SimpleNamespace(scan=full, y=np.array([label for _, label in full.train]),
+                          order=subsample_order([i % 2 for i in range(50)], 0),
                           inner=None, cfg=SimpleNamespace(seed=0))
     search = SimpleNamespace(subsample=None)
     _keep_subsample(search, ctx, 30, asked=True)
