@@ -714,7 +714,7 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     for view_set in _view_sets_down_from(search, best):
         cand, reserve = _planned_two_scale(search, ctx, best, view_set, size)
         first = first or cand
-        if search.affords(cand, reserve, cut_down=cand is not first):
+        if search.affords(cand, reserve, cut_down=view_set != best.settings["probe_views"]):
             _run_two_scale(search, ctx, cand, best, reserve)
             return cand
     return first

@@ -216,12 +216,13 @@ def subsample_order(labels, seed: int) -> np.ndarray:
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(len(labels))
-    # the k-th image of its class (in a random order within the class) at k / class size: a class's first image
-    # at 0, and images of a class spread evenly along the order; ties between classes broken at random
+    by_class = shuffled[np.argsort(labels[shuffled], kind="stable")]  # each class together, in a random order
+    _, starts, counts = np.unique(labels[by_class], return_index=True, return_counts=True)
+    # the k-th image of its class at k / class size: a class's first image at 0, and images of a class spread
+    # evenly along the order; ties between classes broken at random. One sort, not a pass per class (a million
+    # images in 1,000 classes: 0.6 s against 9.5 s)
     rank = np.empty(len(labels))
-    for label in np.unique(labels):
-        members = shuffled[labels[shuffled] == label]
-        rank[members] = np.arange(len(members)) / len(members)
+    rank[by_class] = (np.arange(len(labels)) - np.repeat(starts, counts)) / np.repeat(counts, counts)
     return np.lexsort((rng.random(len(labels)), rank))
 
 
