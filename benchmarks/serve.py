@@ -15,7 +15,8 @@ same ONNX model with the same session options and layout as the server's (lanes 
 lane, no spinning) run in this process on already preprocessed batches (no decoding, no HTTP), by batch
 size; the one-pass layout (one lane, all cores) is printed beside it. --sweep repeats the bare/served
 pairs at other --max-batch values, each with a server of its own, so the default is chosen on measured
-throughput. The target (16 clients at >= 80% of the bare
+throughput; so do the one-pass layout and a server with its access log on. The served CPU is split by
+thread (inference lanes, decode pool, event loop: their OS-level names) and the clients. The target (16 clients at >= 80% of the bare
 rate at the server's --max-batch) compares images per second, as the issue states it; the two alternate in
 equal time slices so that each ratio compares neighbours, and each pair records how many cores other
 processes took meanwhile: on a shared box the served phase, with more threads, can win a larger share of
@@ -85,6 +86,11 @@ def main() -> None:
         run_clients(server["url"], bodies_of(images)[:4], clients=2, requests=8, seconds=30)  # warm-up
         sweep["1 lane"] = alternate(server, model, images, args, args.max_batch, repeats=min(args.repeats, 3),
                                     lanes=1)
+    # What the per-request access log (off by default) costs.
+    with serving(model, work, args.max_batch, args.max_wait_ms, "--access-log") as server:
+        run_clients(server["url"], bodies_of(images)[:4], clients=2, requests=8, seconds=30)  # warm-up
+        sweep["access log"] = alternate(server, model, images, args, args.max_batch, repeats=min(args.repeats, 3),
+                                        access_log=True)
     report(args, rows, pairs, by_batch, one_pass, spinning, sweep, len(images))
 
 
@@ -179,21 +185,23 @@ def serve_phases(server: dict, images: list, args) -> list[dict]:
 def phase(server: dict, bodies: list, clients: int, requests: int, seconds: float) -> dict:
     """One bounded phase; CPU ms per image counts the server's process and this one (the clients)."""
     pid = server["proc"].pid
-    before, cpu0 = health(server["url"]), cpu_snapshot(pid)
+    before, cpu0, roles0, clients0 = health(server["url"]), cpu_snapshot(pid), cpu_by_role(pid), time.process_time()
     latencies, errors, rate, wall = run_clients(server["url"], bodies, clients, requests, seconds)
-    after, cpu1 = health(server["url"]), cpu_snapshot(pid)
+    after, cpu1, roles1, clients1 = health(server["url"]), cpu_snapshot(pid), cpu_by_role(pid), time.process_time()
     batches = after["batches"] - before["batches"]
+    per_image = lambda seconds: 1000 * seconds / max(1, len(latencies))  # noqa: E731
+    roles = {f"{role} CPU ms/image": per_image(roles1.get(role, 0.0) - roles0.get(role, 0.0)) for role in ROLES}
     return {"clients": clients, "requests": len(latencies) + errors, "errors": errors, "images/s": rate,
             "p50 ms": 1000 * percentile(latencies, 50), "p99 ms": 1000 * percentile(latencies, 99),
             "mean batch": (after["images"] - before["images"]) / batches if batches else 0.0,
             "engine busy": (after["inference_s"] - before["inference_s"]) / wall / after.get("lanes", 1),
             "CPU ms/image": 1000 * (cpu1["ours"] - cpu0["ours"]) / max(1, len(latencies)),
             "others' cores": others_cores(cpu0, cpu1),
-            "server RSS MB": rss_mb(pid)}
+            "server RSS MB": rss_mb(pid), **roles, "clients CPU ms/image": per_image(clients1 - clients0)}
 
 
 def alternate(server: dict, model: Path, images: list, args, max_batch: int, repeats: int | None = None,
-              lanes: int | None = None, raw: bool = False) -> list[dict]:
+              lanes: int | None = None, raw: bool = False, access_log: bool = False) -> list[dict]:
     """Bare engine rate at `max_batch` and `lanes` (the server's), then 16 clients, each for --pair-seconds,
     `repeats` times: the box may be shared, so each ratio is taken between neighbours in time, with the
     cores others took."""
@@ -204,12 +212,14 @@ def alternate(server: dict, model: Path, images: list, args, max_batch: int, rep
         bare_others = others_cores(cpu0, cpu_snapshot(server["proc"].pid))
         served = phase(server, bodies, CLIENTS[-1], PAIR_REQUESTS, args.pair_seconds)
         pairs.append({"max batch": max_batch, "lanes": lanes or "default", "body": "raw" if raw else "multipart",
+                      "access log": "on" if access_log else "off",
                       "repeat": rep + 1, "load": load, "bare images/s": bare,
                       "16 clients images/s": served["images/s"], "errors": served["errors"],
                       "fraction": served["images/s"] / bare, "p50 ms": served["p50 ms"],
                       "engine busy": served["engine busy"],
                       "others' cores (bare)": bare_others, "others' cores (served)": served["others' cores"],
-                      "bare CPU ms/image": bare_cpu, "16 clients CPU ms/image": served["CPU ms/image"]})
+                      "bare CPU ms/image": bare_cpu, "16 clients CPU ms/image": served["CPU ms/image"],
+                      **{k: served[k] for k in ROLE_COLUMNS}})
         print(pairs[-1], flush=True)
     return pairs
 
@@ -301,6 +311,26 @@ def box_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal (guest is inside user)
 
 
+# The server's threads by what they do, from their OS-level names (transferkit/threads.py): the inference
+# lanes, the decode pool, and the rest (the event loop: HTTP, multipart, batching, JSON).
+ROLES = ("lanes", "decode", "event loop")
+ROLE_COLUMNS = [f"{role} CPU ms/image" for role in ROLES] + ["clients CPU ms/image"]
+
+
+def cpu_by_role(pid: int) -> dict:
+    """CPU seconds so far of the server's threads, summed by role (Linux /proc/PID/task)."""
+    roles = dict.fromkeys(ROLES, 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        role = "lanes" if name.startswith("tk-infer") else "decode" if name.startswith("tk-decode") else "event loop"
+        roles[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return roles
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -330,9 +360,11 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
     errors = sum(r.get("errors", 0) for r in rows) + sum(p["errors"] for p in all_pairs)
     others = max(max(p["others' cores (bare)"], p["others' cores (served)"]) for p in all_pairs)
     overhead = statistics.median(p["16 clients CPU ms/image"] / p["bare CPU ms/image"] for p in pairs)
+    ceiling = statistics.median(p["bare CPU ms/image"] / p["16 clients CPU ms/image"] for p in pairs)
     best_bare = max(rate for rates in (by_batch, one_pass) for rate, _ in rates.values())
     by_batch_sweep = {mb: ps for mb, ps in sweep.items() if isinstance(mb, int)}
     raw_fraction = statistics.median(p["fraction"] for p in sweep["raw body"])
+    logged_fraction = statistics.median(p["fraction"] for p in sweep["access log"])
     best_served = max(by_batch_sweep, key=lambda mb: statistics.median(p["16 clients images/s"] for p in sweep[mb]))
     best_served_rate = statistics.median(p["16 clients images/s"] for p in sweep[best_served])
     verdict = "met" if fraction >= 0.8 and errors == 0 else "NOT met"
@@ -342,7 +374,8 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
                     "quiet box")
     rates = lambda table_: ", ".join(f"{n}: {rate:.1f} images/s ({cpu:.1f} CPU ms/image)"  # noqa: E731
                                      for n, (rate, cpu) in table_.items())
-    sweep_rows = [{"max batch": ps[0]["max batch"], "lanes": ps[0]["lanes"], "body": ps[0]["body"], "pairs": len(ps),
+    sweep_rows = [{"max batch": ps[0]["max batch"], "lanes": ps[0]["lanes"], "body": ps[0]["body"],
+                   "access log": ps[0]["access log"], "pairs": len(ps),
                    **{k: statistics.median(p[k] for p in ps) for k in
                       ("bare images/s", "16 clients images/s", "fraction", "p50 ms", "engine busy",
                        "16 clients CPU ms/image")}} for _, ps in sorted(sweep.items(), key=lambda kv: str(kv[0]))]
@@ -355,9 +388,10 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
             "keep-alive connection; clients and server share the same cores. images/s: answers that arrived "
             "while the clients were sending, over that time. engine busy: the share of the phase the server's "
             "lanes spent in forward passes. CPU ms/image: the server's and the clients' CPU time per answered "
-            "image. others' cores: CPU that other processes on the machine took meanwhile, in cores.\n\n"
+            "image; lanes / decode / event loop: the server's threads by what they do (inference lanes, decode "
+            "pool, the rest: HTTP, multipart, batching, JSON), clients: this process. others' cores: CPU that other processes on the machine took meanwhile, in cores.\n\n"
             + table(rows, ["clients", "requests", "errors", "images/s", "p50 ms", "p99 ms", "mean batch",
-                           "engine busy", "CPU ms/image", "others' cores", "server RSS MB"])
+                           "engine busy", "CPU ms/image", *ROLE_COLUMNS, "others' cores", "server RSS MB"])
             + "\n\nBare engine (the same ONNX model, session options and layout in the benchmark's process, on "
               f"preprocessed batches: no decoding, no HTTP), by batch size: {rates(by_batch)}. The same in one "
               f"lane over all cores (the layout before lanes): {rates(one_pass)}. With ONNX Runtime's default "
@@ -371,10 +405,19 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
             + table(pairs, ["repeat", "load", "bare images/s", "16 clients images/s", "errors", "fraction",
                             "engine busy", "others' cores (bare)", "others' cores (served)", "bare CPU ms/image",
                             "16 clients CPU ms/image"])
-            + "\n\nBy --max-batch, and the one-pass layout (`--lanes 1`, its bare rate in the same layout), each "
-              "with a server of its own, and the default server fed raw image bodies (`Content-Type: image/png`, "
-              "one image as the body) instead of multipart; medians of its pairs:\n\n"
-            + table(sweep_rows, ["max batch", "lanes", "body", "pairs", "bare images/s", "16 clients images/s",
+            + "\n\nWhere the served CPU goes (the server's threads by their OS-level names, and the clients in "
+              "this process), per answered image, medians of the pairs: "
+            + ", ".join(f"{k.replace(' CPU ms/image', '')} {statistics.median(p[k] for p in pairs):.2f} ms"
+                        for k in ROLE_COLUMNS)
+            + f" (the bare engine: {statistics.median(p['bare CPU ms/image'] for p in pairs):.2f} ms). With all of "
+              f"it on the same cores, serving can reach at most the bare CPU over the served CPU per image: "
+              f"{ceiling:.2f} of the bare rate here, and only with the cores never idle."
+            + "\n\nBy --max-batch, the one-pass layout (`--lanes 1`, its bare rate in the same layout) and a server "
+              "with `--access-log` (a line per request, off by default), each with a server of its own, and the "
+              "default server fed raw image bodies (`Content-Type: image/png`, one image as the body) instead of "
+              "multipart; medians of its pairs:\n\n"
+            + table(sweep_rows, ["max batch", "lanes", "body", "access log", "pairs", "bare images/s",
+                                 "16 clients images/s",
                                  "fraction", "p50 ms", "engine busy", "16 clients CPU ms/image"])
             + f"\n\nThroughput fraction at --max-batch {args.max_batch}: median **{fraction:.2f}** (from "
               f"{min(p['fraction'] for p in pairs):.2f} to {max(p['fraction'] for p in pairs):.2f}); serving "
@@ -382,7 +425,8 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
               f"(target {verdict}). Against the best bare rate this engine reached at any batch size or layout "
               f"({best_bare:.1f} images/s), the best served rate (--max-batch {best_served}, "
               f"{best_served_rate:.1f} images/s) is {best_served_rate / best_bare:.2f}. With raw image bodies "
-              f"(the same server and clients), the median fraction is {raw_fraction:.2f}.")
+              f"(the same server and clients), the median fraction is {raw_fraction:.2f}; with `--access-log`, "
+              f"{logged_fraction:.2f}.")
     print(text)
     if not args.no_record:
         write_section("serve", text)

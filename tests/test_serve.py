@@ -202,7 +202,7 @@ def test_a_body_over_the_limit_is_refused_from_its_content_length_before_it_is_s
 def test_a_chunked_body_is_cut_off_at_the_limit_without_content_length(server):
     """No Content-Length to trust: the server counts the bytes as they arrive and answers 413 at the limit.
     It then closes the connection with the rest unread, so a client still sending may see the reset
-    before the answer (as with any server that does not drain); the access log shows the 413 either way."""
+    before the answer (as with any server that does not drain); the server's log shows the 413 either way."""
     import http.client
 
     def chunks():
@@ -211,7 +211,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit_without_content_length(server):
             yield b"\0" * 65536
         yield b"\r\n--b--\r\n"
 
-    refused = '"POST /predict HTTP/1.1" 413'
+    refused = "refused POST /predict: 413"
     before = server.log.read_text().count(refused)
     conn = _connection(server)
     try:
@@ -250,6 +250,20 @@ def test_health_model_card_and_page(server, exported):
     page = urllib.request.urlopen(server.url).read().decode()
     assert 'type="file"' in page and "fetch(\"predict" in page
     assert "http://" not in page and "https://" not in page  # nothing from the network
+
+
+def test_requests_are_not_logged_line_by_line_unless_asked(server, exported, tmp_path):
+    """The default server writes no access line per request (its CPU goes to the forward passes);
+    `--access-log` brings uvicorn's lines back."""
+    status, _ = request(server.url + "health")
+    assert status == 200
+    assert '"GET /health' not in server.log.read_text()
+    logged = ServerProcess.transferkit(exported[2], "--access-log", log_dir=tmp_path)
+    try:
+        assert request(logged.url + "health")[0] == 200
+    finally:
+        assert logged.stop()
+    assert '"GET /health HTTP/1.1" 200' in logged.log.read_text()
 
 
 @pytest.mark.slow

@@ -448,6 +448,9 @@ def _add_serve_command(sub) -> None:
                    help="forward passes run side by side (default: ONNX engine, cores / threads; torch engine, 1)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="torch engine: as `transferkit predict --precision` (auto: bf16 where the CPU/GPU has it)")
+    p.add_argument("--access-log", action="store_true", default=d.access_log,
+                   help="print a line per request (off: the logging costs CPU the forward passes need; refused "
+                        "requests and failures are logged either way)")
 
 
 def cmd_serve(args) -> int:

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import deque
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .. import shards
 from ..io import atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
 from ..models.weights import cache_dir
+from ..threads import named_pool
 from . import signals
 from .progress import progress
 
@@ -385,7 +385,7 @@ class _DecodedAhead:
 
     def __iter__(self):
         n = len(self.dataset)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="transferkit-decode") as pool:
+        with named_pool(self.threads, "transferkit-decode") as pool:
             queued = deque(pool.submit(self.dataset.__getitem__, i) for i in range(min(n, self.window)))
             try:
                 for start in range(0, n, self.per_batch):

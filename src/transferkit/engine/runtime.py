@@ -17,7 +17,6 @@ import logging
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch.nn as nn
 
 from .. import inference
 from ..io import atomic_write, atomic_write_json
+from ..threads import named_pool
 from . import precision as precisions
 from .environment import machine_key
 
@@ -102,7 +102,7 @@ class OrtEngine:
         self.session = inference.ort_session(onnx_path, 1 if lanes > 1 else cores, spinning=False)
         self.input_name = self.session.get_inputs()[0].name
         # ONNX Runtime's run() may be called from several threads at once and releases the GIL.
-        self._lanes = ThreadPoolExecutor(lanes, thread_name_prefix="transferkit-ort") if lanes > 1 else None
+        self._lanes = named_pool(lanes, "transferkit-ort") if lanes > 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().cpu().float().contiguous().numpy()

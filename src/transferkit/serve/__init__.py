@@ -45,6 +45,10 @@ class ServeOptions:
     threads: int | None = None  # ONNX Runtime intra-op threads per lane (None: 1, or all cores with --lanes 1)
     lanes: int | None = None  # forward passes run side by side (None: ONNX engine, one per `threads` cores)
     precision: str = "auto"  # torch engine: as `transferkit predict --precision` (engine/precision.py)
+    # A line on stdout per request. Off by default, as gunicorn has it (a proxy in front usually keeps that
+    # log): on a 2-core CPU the logging is a fifth of the event loop's CPU per request, which the forward
+    # passes need (benchmarks/serve.py). Refused requests (4xx) and failures are logged either way.
+    access_log: bool = False
 
     def validate(self) -> "ServeOptions":
         from PIL import Image
@@ -84,7 +88,8 @@ def run_server(model: str, options: ServeOptions, announce: Callable[[str], None
     served = load_served_model(model, options.engine, options.threads, options.precision, options.lanes)
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(create_app(served, options), log_level="info", server_header=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(served, options), log_level="info", server_header=False,
+                                           access_log=options.access_log))
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {served.card['architecture']} ({len(served.card['classes'])} classes, {served.engine} "
              f"engine) from {served.path} at http://{shown}:{port}/")

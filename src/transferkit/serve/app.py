@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from ..inference import read_batch
+from ..threads import named_pool
 from . import ServeOptions
 from .batching import DynamicBatcher
 from .model import ServedModel
@@ -32,7 +33,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
     batcher = DynamicBatcher(served.classifier.table_of, options.max_batch, options.max_wait_ms / 1000, served.lanes)
     # Decoding gets half the cores: more decoding threads than that only preempt the inference threads
     # (a parallel forward pass waits for its slowest thread) without making images arrive sooner.
-    decoder = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="transferkit-decode")
+    decoder = named_pool(max(1, (os.cpu_count() or 2) // 2), "transferkit-decode")
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
@@ -93,6 +94,8 @@ def _top_k(request: Request) -> int:
 
 
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+    # One line per refused request, also without --access-log: what an operator looks for in the log.
+    log.info("refused %s %s: %d %s", request.method, request.url.path, exc.status, exc.reason)
     return JSONResponse({"error": exc.reason}, exc.status)
 
 

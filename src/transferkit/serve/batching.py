@@ -18,10 +18,11 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+
+from ..threads import named_pool
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class DynamicBatcher:
         self._pending: deque[tuple[object, asyncio.Future]] = deque()
         self._arrived = asyncio.Event()  # something is pending
         self._full = asyncio.Event()  # a whole batch is pending
-        self._executor = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="transferkit-infer")
+        self._executor = named_pool(lanes, "transferkit-infer")
         self._stats_lock = threading.Lock()  # lanes finish in their own threads
         self._free_lanes: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task] = set()
