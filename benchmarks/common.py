@@ -44,6 +44,22 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def thread_cpu_by_role(pid: int, roles: dict[str, str], rest: str) -> dict[str, float]:
+    """CPU seconds so far of a process's threads, summed by role: `roles` maps an OS-level thread name prefix
+    (transferkit/threads.py names its pools' threads so, e.g. "tk-decode") to a role; every other thread
+    counts as `rest`. Linux /proc/PID/task."""
+    totals = dict.fromkeys([*roles.values(), rest], 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        role = next((r for prefix, r in roles.items() if name.startswith(prefix)), rest)
+        totals[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return totals
+
+
 def environment_line() -> str:
     env = describe_environment()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -40,7 +40,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, table, write_section  # noqa: E402
+from common import elpv, environment_line, table, thread_cpu_by_role, write_section  # noqa: E402
 
 CLIENTS = (1, 4, 16)
 PAIR_REQUESTS = 20_000  # the served half of a pair is bounded by --pair-seconds first, and by this
@@ -318,17 +318,8 @@ ROLE_COLUMNS = [f"{role} CPU ms/image" for role in ROLES] + ["clients CPU ms/ima
 
 
 def cpu_by_role(pid: int) -> dict:
-    """CPU seconds so far of the server's threads, summed by role (Linux /proc/PID/task)."""
-    roles = dict.fromkeys(ROLES, 0.0)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # a thread that ended meanwhile
-            continue
-        role = "lanes" if name.startswith("tk-infer") else "decode" if name.startswith("tk-decode") else "event loop"
-        roles[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return roles
+    """CPU seconds so far of the server's threads, summed by role."""
+    return thread_cpu_by_role(pid, {"tk-infer": "lanes", "tk-decode": "decode"}, "event loop")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -177,6 +177,10 @@ class FrozenEngine:
     # choice and a 64-row first batch took 3.2-4.7 s; 8 rows: 2.1-2.4 s, the same engine chosen at the same
     # rates (throwaway script, alternated runs, lite0 at 224 px).
     TRIAL_ROWS = 8
+    # Timed calls per candidate, the fastest kept: one 8-row call takes 50-150 ms, and a hiccup of a shared box
+    # inside a single one once made ONNX Runtime's one-session engine (sustained ~60 images/s) win over its
+    # lanes (~150) in benchmarks/extraction.py. The choice is kept for the machine, so it is worth a second call.
+    TIMED_CALLS = 2
 
     def __init__(self, module: nn.Module, device: torch.device, engine: str = "auto",
                  onnx_path: Path | None = None, channels_last: bool = True, out_dtype=None,
@@ -338,10 +342,14 @@ class FrozenEngine:
         return self.torch_engine
 
     def _rate(self, engine, trial: torch.Tensor) -> float:
-        """Images/s of one timed call on the trial rows (the parity call before it was the warm-up)."""
-        t0 = time.perf_counter()
-        engine(trial)
-        return round(len(trial) / max(time.perf_counter() - t0, 1e-9), 1)
+        """Images/s of the fastest of TIMED_CALLS calls on the trial rows (the parity call before them was the
+        warm-up)."""
+        seconds = []
+        for _ in range(self.TIMED_CALLS):
+            t0 = time.perf_counter()
+            engine(trial)
+            seconds.append(time.perf_counter() - t0)
+        return round(len(trial) / max(min(seconds), 1e-9), 1)
 
     def _choice_key(self, x: torch.Tensor, names: list[str]) -> str:
         # The candidates are part of the key: a release that adds one measures again.
