@@ -55,7 +55,7 @@ def test_bf16_features_are_within_the_stated_bound_of_fp32(lite0_frozen):
 
 
 def _fake_rates(monkeypatch, rates: dict):
-    monkeypatch.setattr(FrozenEngine, "_rate", lambda self, engine, x: rates[engine.name])
+    monkeypatch.setattr(FrozenEngine, "_rates", lambda self, engines, x: {n: rates[e.name] for n, e in engines.items()})
 
 
 def test_the_fastest_engine_in_parity_is_kept_recorded_and_reused(lite0_frozen, tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def test_the_fastest_engine_in_parity_is_kept_recorded_and_reused(lite0_frozen, 
     saved = json.loads((tmp_path / "engine-choice.json").read_text())
     assert [v["engine"] for v in saved.values()] == ["torch-bf16"]
 
-    monkeypatch.setattr(FrozenEngine, "_rate", lambda *a: pytest.fail("a cached choice is not measured again"))
+    monkeypatch.setattr(FrozenEngine, "_rates", lambda *a: pytest.fail("a cached choice is not measured again"))
     again = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
     again(x)
     assert again.info["engine"] == "torch-bf16" and again.info["choice"] == "cached"
@@ -185,16 +185,20 @@ def test_a_cached_onnxruntime_choice_skips_the_eager_check_until_its_file_change
     assert "changed since" not in caplog.text
 
 
-def test_a_candidates_rate_is_its_fastest_timed_call():
-    """One slow call (a hiccup of a shared box) must not decide the engine the machine keeps."""
+def test_candidates_are_timed_in_turns_and_each_keeps_its_fastest_call():
+    """A slow spell of a shared box over one call must not decide the engine the machine keeps: the calls go
+    in turns (a, b, a, b) and each engine's rate is its fastest."""
     import time
 
     calls = []
 
-    def engine(x):
-        calls.append(len(x))
-        time.sleep(0.3 if len(calls) == 1 else 0.01)
+    def engine(name, slow_first):
+        def call(x):
+            calls.append(name)
+            time.sleep(0.3 if slow_first and calls.count(name) == 1 else 0.01)
+        return call
 
-    rate = FrozenEngine._rate(FrozenEngine.__new__(FrozenEngine), engine, torch.zeros(8, 3, 4, 4))
-    assert calls == [8] * FrozenEngine.TIMED_CALLS and FrozenEngine.TIMED_CALLS >= 2
-    assert rate > 8 / 0.1  # the fast call's rate, not the slow one's (~27 images/s)
+    engines = {"a": engine("a", slow_first=True), "b": engine("b", slow_first=False)}
+    rates = FrozenEngine._rates(FrozenEngine.__new__(FrozenEngine), engines, torch.zeros(8, 3, 4, 4))
+    assert FrozenEngine.TIMED_CALLS >= 2 and calls == ["a", "b"] * FrozenEngine.TIMED_CALLS
+    assert rates["a"] > 8 / 0.1 and rates["b"] > 8 / 0.1  # the fast calls' rates (the slow one's: ~27 images/s)

@@ -177,9 +177,10 @@ class FrozenEngine:
     # choice and a 64-row first batch took 3.2-4.7 s; 8 rows: 2.1-2.4 s, the same engine chosen at the same
     # rates (throwaway script, alternated runs, lite0 at 224 px).
     TRIAL_ROWS = 8
-    # Timed calls per candidate, the fastest kept: one 8-row call takes 50-150 ms, and a hiccup of a shared box
-    # inside a single one once made ONNX Runtime's one-session engine (sustained ~60 images/s) win over its
-    # lanes (~150) in benchmarks/extraction.py. The choice is kept for the machine, so it is worth a second call.
+    # Timed calls per candidate, in turns, the fastest kept (_rates): one 8-row call takes 50-150 ms, and a slow
+    # spell of a shared box over one candidate's single timed call made slower engines win twice in
+    # benchmarks/extraction.py (ONNX Runtime's lanes measured at 83 images/s on the trial, ~150 sustained).
+    # The choice is kept for the machine, so it is worth a second call (~0.35 s of a first run, lite0 224 px).
     TIMED_CALLS = 2
 
     def __init__(self, module: nn.Module, device: torch.device, engine: str = "auto",
@@ -212,7 +213,7 @@ class FrozenEngine:
         self.active, self.info["engine"] = self.torch_engine, "torch"
         self._outputs = {"torch": reference}
         if len(names) == 1 and names != ["torch"]:  # asked for by name: no measurement
-            if not self._keep(names[0], trial, reference, timed=False) and names == ["torch-bf16"]:
+            if not self._keep(names[0], trial, reference, activate=True) and names == ["torch-bf16"]:
                 # --precision bf16 whose features are out of parity: fp32 then, on the fastest fp32 engine
                 # (eager torch is the slowest: 25-40 images/s against ~250 for ONNX Runtime's lanes here)
                 fp32 = self._candidates(fp32=True)
@@ -256,14 +257,14 @@ class FrozenEngine:
         key = self._choice_key(x, names)
         entry = self._cached_entry(key)
         cached = entry.get("engine")
-        if cached in names and (cached == "torch" or self._keep(cached, x, reference, timed=False)):
+        if cached in names and (cached == "torch" or self._keep(cached, x, reference, activate=True)):
             self.info["choice"] = "cached"
             checked = self._checked(cached, x)
             if checked and entry.get("onnx_sha256") != checked["onnx_sha256"]:  # exported again: record its file
                 self._save_choice(key, cached, entry.get("rates", {}), **checked)
             return
-        rates = self.info["rates"] = {"torch": self._rate(self.torch_engine, x)}
-        kept = [name for name in names[1:] if self._keep(name, x, reference, timed=True)]
+        kept = [name for name in names[1:] if self._keep(name, x, reference, activate=False)]
+        rates = self.info["rates"] = self._rates({"torch": self.torch_engine, **self._engines}, x)
         best = max(["torch", *kept], key=rates.get)
         self.active, self.info["engine"], self.info["choice"] = self._engines.get(best, self.torch_engine), best, \
             "measured"
@@ -300,9 +301,9 @@ class FrozenEngine:
         ort_names = ["onnxruntime", "onnxruntime-lanes"] if ort_lanes() > 1 else ["onnxruntime"]
         return ["onnxruntime"] if self.requested == "onnxruntime" else [*torch_names, *ort_names]
 
-    def _keep(self, name: str, x: torch.Tensor, reference: torch.Tensor, timed: bool) -> bool:
-        """Build candidate `name` and check its parity on the first batch: True if usable. timed: its
-        rate goes to info["rates"]; else it becomes the active engine."""
+    def _keep(self, name: str, x: torch.Tensor, reference: torch.Tensor, activate: bool) -> bool:
+        """Build candidate `name` and check its parity on the first batch: True if usable. activate: it
+        becomes the active engine; else it joins the candidates _pick times."""
         try:
             engine = self._build(name, x)
             candidate = engine(x)  # also the warm-up: sessions and kernels are set up on the first call
@@ -323,9 +324,7 @@ class FrozenEngine:
             self.info["fallback_reason"] = f"{name}: parity {diff:.3g} above tolerance"
             return False
         self._engines[name], self._outputs[name] = engine, candidate
-        if timed:
-            self.info["rates"][name] = self._rate(engine, x)
-        else:
+        if activate:
             self.active, self.info["engine"] = engine, name
         return True
 
@@ -341,15 +340,17 @@ class FrozenEngine:
             return TorchEngine(self.module, self.device, self.channels_last, "bf16")
         return self.torch_engine
 
-    def _rate(self, engine, trial: torch.Tensor) -> float:
-        """Images/s of the fastest of TIMED_CALLS calls on the trial rows (the parity call before them was the
-        warm-up)."""
-        seconds = []
+    def _rates(self, engines: dict, trial: torch.Tensor) -> dict[str, float]:
+        """Images/s of each engine on the trial rows (the parity call before was its warm-up): TIMED_CALLS
+        rounds, one call of each engine per round, and each engine's fastest call. In turns, so that a slow
+        spell of a shared box slows every engine's call in that round, not all of one engine's."""
+        seconds = {name: [] for name in engines}
         for _ in range(self.TIMED_CALLS):
-            t0 = time.perf_counter()
-            engine(trial)
-            seconds.append(time.perf_counter() - t0)
-        return round(len(trial) / max(min(seconds), 1e-9), 1)
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                engine(trial)
+                seconds[name].append(time.perf_counter() - t0)
+        return {name: round(len(trial) / max(min(times), 1e-9), 1) for name, times in seconds.items()}
 
     def _choice_key(self, x: torch.Tensor, names: list[str]) -> str:
         # The candidates are part of the key: a release that adds one measures again.
