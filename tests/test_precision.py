@@ -202,3 +202,51 @@ def test_candidates_are_timed_in_turns_and_each_keeps_its_fastest_call():
     rates = FrozenEngine._rates(FrozenEngine.__new__(FrozenEngine), engines, torch.zeros(8, 3, 4, 4))
     assert FrozenEngine.TIMED_CALLS >= 2 and calls == ["a", "b"] * FrozenEngine.TIMED_CALLS
     assert rates["a"] > 8 / 0.1 and rates["b"] > 8 / 0.1  # the fast calls' rates (the slow one's: ~27 images/s)
+
+
+def test_a_kept_engine_far_slower_than_its_trial_hands_the_machine_to_the_next_best(lite0_frozen, tmp_path,
+                                                                                   monkeypatch):
+    """The choice is kept per machine: one chosen on a bad timing must not slow every later run. Once its
+    sustained rate falls far below another candidate's trial rate, the next runs use that one."""
+    import time
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(runtime, "ort_lanes", lambda: 2)
+    monkeypatch.setattr(FrozenEngine, "SUSTAINED_ROWS", 8)
+    # ONNX Runtime candidates: fp32, always within parity (a bf16 one may not be, on random inputs)
+    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 10.0, "onnxruntime": 150.0, "onnxruntime-lanes": 180.0})
+    x = torch.randn(4, 3, 64, 64)
+    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    engine(x)
+    assert engine.info["engine"] == "onnxruntime-lanes"
+    kept = engine.active
+
+    def slow(batch):  # 4 rows in 0.1 s: 40 images/s, far below onnxruntime's 150 on the trial
+        time.sleep(0.1)
+        return kept(batch)
+
+    engine.active = slow
+    for _ in range(3):
+        engine(x)
+    assert engine.info["sustained_images_per_s"] < 50
+    saved = next(iter(json.loads((tmp_path / "engine-choice.json").read_text()).values()))
+    assert saved["engine"] == "onnxruntime" and saved["demoted"] == "onnxruntime-lanes"
+    assert saved["rates"]["onnxruntime-lanes"] == engine.info["sustained_images_per_s"]
+
+    again = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    again(x)
+    assert again.info["engine"] == "onnxruntime" and again.info["choice"] == "cached"
+
+
+def test_a_kept_engine_as_fast_as_its_trial_stays_chosen(lite0_frozen, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(runtime, "ort_lanes", lambda: 2)
+    monkeypatch.setattr(FrozenEngine, "SUSTAINED_ROWS", 8)
+    _fake_rates(monkeypatch, {"torch": 1.0, "torch-bf16": 0.5, "onnxruntime": 2.0, "onnxruntime-lanes": 3.0})
+    x = torch.randn(4, 3, 64, 64)
+    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    for _ in range(4):
+        engine(x)
+    assert engine.info["engine"] == "onnxruntime-lanes" and engine.info["sustained_images_per_s"] > 2.0
+    saved = next(iter(json.loads((tmp_path / "engine-choice.json").read_text()).values()))
+    assert saved["engine"] == "onnxruntime-lanes" and "demoted" not in saved

@@ -194,13 +194,43 @@ class FrozenEngine:
         self.active = None
         self._engines: dict = {}  # candidates that passed parity, by name
         self.info: dict = {"engine": "none (all cached)", "requested": engine, "precision": precision}
+        # The measured choice (its key and the candidates' trial rates), and the kept engine's time so far:
+        # what _check_sustained compares.
+        self._choice: tuple[str, dict] | None = None
+        self._ran = [0.0, 0]  # seconds, rows after the first batch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.active is None:
             out = self._choose(x)
         else:
+            t0 = time.perf_counter()
             out = self.active(x)
+            self._ran[0] += time.perf_counter() - t0
+            self._ran[1] += len(x)
+            self._check_sustained()
         return out if self.out_dtype is None else out.to(self.out_dtype)
+
+    # A kept engine whose sustained rate falls below this share of another candidate's trial rate was chosen on
+    # a bad timing (or runs whole batches far slower than the trial's 8 rows): the machine's next runs use the
+    # faster one. Busy batches run slower than the trial (decoding beside them: ~5-20%), so only a gross miss
+    # counts.
+    SUSTAINED_SHARE = 0.6
+    SUSTAINED_ROWS = 256  # rows after the first batch before the check (once per engine)
+
+    def _check_sustained(self) -> None:
+        seconds, rows = self._ran
+        if self._choice is None or rows < self.SUSTAINED_ROWS:
+            return
+        (key, rates), self._choice = self._choice, None  # once
+        rate, name = round(rows / max(seconds, 1e-9), 1), self.info["engine"]
+        self.info["sustained_images_per_s"] = rate
+        others = {n: r for n, r in rates.items() if n != name and isinstance(r, (int, float))}
+        if not others or rate >= self.SUSTAINED_SHARE * max(others.values()):
+            return
+        best = max(others, key=others.get)
+        log.info("the frozen part ran at %.0f images/s on %s, against %.0f measured for %s when it was chosen; "
+                 "the next runs on this machine use %s", rate, name, others[best], best, best)
+        self._save_choice(key, best, {**rates, name: rate}, demoted=name)
 
     def _choose(self, x: torch.Tensor) -> torch.Tensor:
         """Sets `active` to the engine kept (fp32 torch where no candidate can run or pass parity) and
@@ -251,6 +281,7 @@ class FrozenEngine:
             return False
         self.info.update(engine=name, choice="cached", parity_max_abs_diff=entry.get("parity_max_abs_diff"),
                          parity_checked=f"when chosen, {entry.get('when')}, on the same file")
+        self._choice = (self._choice_key(x, names), entry.get("rates") or {})
         return True
 
     def _pick(self, names: list[str], x: torch.Tensor, reference: torch.Tensor) -> None:
@@ -259,6 +290,7 @@ class FrozenEngine:
         cached = entry.get("engine")
         if cached in names and (cached == "torch" or self._keep(cached, x, reference, activate=True)):
             self.info["choice"] = "cached"
+            self._choice = (key, entry.get("rates") or {})
             checked = self._checked(cached, x)
             if checked and entry.get("onnx_sha256") != checked["onnx_sha256"]:  # exported again: record its file
                 self._save_choice(key, cached, entry.get("rates", {}), **checked)
@@ -270,6 +302,7 @@ class FrozenEngine:
             "measured"
         log.info("frozen part runs on %s (%s)", best, ", ".join(f"{n} {r:.0f} images/s" for n, r in rates.items()))
         self._save_choice(key, best, rates, **self._checked(best, x))
+        self._choice = (key, rates)
 
     def _checked(self, name: str, x: torch.Tensor) -> dict:
         """What lets the next run skip an ONNX Runtime engine's parity check (_reuse_checked): the file it
