@@ -44,6 +44,13 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def proc_cpu_seconds(stat: Path) -> float:
+    """User + system CPU seconds from a Linux /proc stat file: /proc/PID/stat (a process, all its threads) or
+    /proc/PID/task/TID/stat (one thread)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu_by_role(pid: int, roles: dict[str, str], rest: str) -> dict[str, float]:
     """CPU seconds so far of a process's threads, summed by role: `roles` maps an OS-level thread name prefix
     (transferkit/threads.py names its pools' threads so, e.g. "tk-decode") to a role; every other thread
@@ -51,12 +58,10 @@ def thread_cpu_by_role(pid: int, roles: dict[str, str], rest: str) -> dict[str, 
     totals = dict.fromkeys([*roles.values(), rest], 0.0)
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name, seconds = (task / "comm").read_text().strip(), proc_cpu_seconds(task / "stat")
         except OSError:  # a thread that ended meanwhile
             continue
-        role = next((r for prefix, r in roles.items() if name.startswith(prefix)), rest)
-        totals[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        totals[next((r for prefix, r in roles.items() if name.startswith(prefix)), rest)] += seconds
     return totals
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, table, thread_cpu_by_role, write_section  # noqa: E402
+from common import (elpv, environment_line, proc_cpu_seconds, table, thread_cpu_by_role,  # noqa: E402
+                    write_section)
 
 CLIENTS = (1, 4, 16)
 PAIR_REQUESTS = 20_000  # the served half of a pair is bounded by --pair-seconds first, and by this
@@ -295,7 +296,7 @@ def health(url) -> dict:
 def cpu_snapshot(server_pid: int) -> dict:
     """Wall clock, the machine's busy CPU seconds, and ours (this process's and the server's)."""
     return {"wall": time.perf_counter(), "box": box_busy_seconds(),
-            "ours": time.process_time() + cpu_seconds(server_pid)}
+            "ours": time.process_time() + proc_cpu_seconds(Path(f"/proc/{server_pid}/stat"))}
 
 
 def others_cores(before: dict, after: dict) -> float:
@@ -320,12 +321,6 @@ ROLE_COLUMNS = [f"{role} CPU ms/image" for role in ROLES] + ["clients CPU ms/ima
 def cpu_by_role(pid: int) -> dict:
     """CPU seconds so far of the server's threads, summed by role."""
     return thread_cpu_by_role(pid, {"tk-infer": "lanes", "tk-decode": "decode"}, "event loop")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -204,19 +204,30 @@ def test_candidates_are_timed_in_turns_and_each_keeps_its_fastest_call():
     assert rates["a"] > 8 / 0.1 and rates["b"] > 8 / 0.1  # the fast calls' rates (the slow one's: ~27 images/s)
 
 
+def _checked_after_8_rows(monkeypatch, lite0_frozen, tmp_path, rates: dict):
+    """An engine choice measured at these (fake) trial rates, its sustained rate checked after 8 rows; and
+    the 4-row batch it was chosen on. ONNX Runtime candidates are fp32, always within parity (a bf16 one may
+    not be, on random inputs), so the tests make one of them the fastest."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(runtime, "ort_lanes", lambda: 2)
+    monkeypatch.setattr(FrozenEngine, "SUSTAINED_ROWS", 8)
+    _fake_rates(monkeypatch, rates)
+    return FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto"), torch.randn(4, 3, 64, 64)
+
+
+def _saved_choice(tmp_path) -> dict:
+    return next(iter(json.loads((tmp_path / "engine-choice.json").read_text()).values()))
+
+
 def test_a_kept_engine_far_slower_than_its_trial_hands_the_machine_to_the_next_best(lite0_frozen, tmp_path,
                                                                                    monkeypatch):
     """The choice is kept per machine: one chosen on a bad timing must not slow every later run. Once its
     sustained rate falls far below another candidate's trial rate, the next runs use that one."""
     import time
 
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
-    monkeypatch.setattr(runtime, "ort_lanes", lambda: 2)
-    monkeypatch.setattr(FrozenEngine, "SUSTAINED_ROWS", 8)
-    # ONNX Runtime candidates: fp32, always within parity (a bf16 one may not be, on random inputs)
-    _fake_rates(monkeypatch, {"torch": 50.0, "torch-bf16": 10.0, "onnxruntime": 150.0, "onnxruntime-lanes": 180.0})
-    x = torch.randn(4, 3, 64, 64)
-    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    engine, x = _checked_after_8_rows(monkeypatch, lite0_frozen, tmp_path, {"torch": 50.0, "torch-bf16": 10.0,
+                                                                           "onnxruntime": 150.0,
+                                                                           "onnxruntime-lanes": 180.0})
     engine(x)
     assert engine.info["engine"] == "onnxruntime-lanes"
     kept = engine.active
@@ -229,7 +240,7 @@ def test_a_kept_engine_far_slower_than_its_trial_hands_the_machine_to_the_next_b
     for _ in range(3):
         engine(x)
     assert engine.info["sustained_images_per_s"] < 50
-    saved = next(iter(json.loads((tmp_path / "engine-choice.json").read_text()).values()))
+    saved = _saved_choice(tmp_path)
     assert saved["engine"] == "onnxruntime" and saved["demoted"] == "onnxruntime-lanes"
     assert saved["rates"]["onnxruntime-lanes"] == engine.info["sustained_images_per_s"]
 
@@ -239,14 +250,10 @@ def test_a_kept_engine_far_slower_than_its_trial_hands_the_machine_to_the_next_b
 
 
 def test_a_kept_engine_as_fast_as_its_trial_stays_chosen(lite0_frozen, tmp_path, monkeypatch):
-    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
-    monkeypatch.setattr(runtime, "ort_lanes", lambda: 2)
-    monkeypatch.setattr(FrozenEngine, "SUSTAINED_ROWS", 8)
-    _fake_rates(monkeypatch, {"torch": 1.0, "torch-bf16": 0.5, "onnxruntime": 2.0, "onnxruntime-lanes": 3.0})
-    x = torch.randn(4, 3, 64, 64)
-    engine = FrozenEngine(lite0_frozen, CPU, "auto", tmp_path / "frozen.onnx", precision="auto")
+    engine, x = _checked_after_8_rows(monkeypatch, lite0_frozen, tmp_path, {"torch": 1.0, "torch-bf16": 0.5,
+                                                                           "onnxruntime": 2.0, "onnxruntime-lanes": 3.0})
     for _ in range(4):
         engine(x)
     assert engine.info["engine"] == "onnxruntime-lanes" and engine.info["sustained_images_per_s"] > 2.0
-    saved = next(iter(json.loads((tmp_path / "engine-choice.json").read_text()).values()))
+    saved = _saved_choice(tmp_path)
     assert saved["engine"] == "onnxruntime-lanes" and "demoted" not in saved

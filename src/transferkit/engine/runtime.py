@@ -194,9 +194,9 @@ class FrozenEngine:
         self.active = None
         self._engines: dict = {}  # candidates that passed parity, by name
         self.info: dict = {"engine": "none (all cached)", "requested": engine, "precision": precision}
-        # The measured choice (its key and the candidates' trial rates), and the kept engine's time so far:
-        # what _check_sustained compares.
-        self._choice: tuple[str, dict] | None = None
+        # The kept choice, until _check_sustained has checked it (its key in the choice file and the candidates'
+        # trial rates), and the kept engine's time so far.
+        self._to_check: tuple[str, dict] | None = None
         self._ran = [0.0, 0]  # seconds, rows after the first batch
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,9 +219,9 @@ class FrozenEngine:
 
     def _check_sustained(self) -> None:
         seconds, rows = self._ran
-        if self._choice is None or rows < self.SUSTAINED_ROWS:
+        if self._to_check is None or rows < self.SUSTAINED_ROWS:
             return
-        (key, rates), self._choice = self._choice, None  # once
+        (key, rates), self._to_check = self._to_check, None  # once
         rate, name = round(rows / max(seconds, 1e-9), 1), self.info["engine"]
         self.info["sustained_images_per_s"] = rate
         others = {n: r for n, r in rates.items() if n != name and isinstance(r, (int, float))}
@@ -263,7 +263,8 @@ class FrozenEngine:
         (ELPV: 0.66 of the scale, random inputs: 0.11)."""
         from ..data.folders import file_sha256
 
-        entry = self._cached_entry(self._choice_key(x, names))
+        key = self._choice_key(x, names)
+        entry = self._cached_entry(key)
         name = entry.get("engine")
         if name not in names or not str(name).startswith("onnxruntime") or "onnx_sha256" not in entry:
             return False
@@ -281,7 +282,7 @@ class FrozenEngine:
             return False
         self.info.update(engine=name, choice="cached", parity_max_abs_diff=entry.get("parity_max_abs_diff"),
                          parity_checked=f"when chosen, {entry.get('when')}, on the same file")
-        self._choice = (self._choice_key(x, names), entry.get("rates") or {})
+        self._to_check = (key, entry.get("rates") or {})
         return True
 
     def _pick(self, names: list[str], x: torch.Tensor, reference: torch.Tensor) -> None:
@@ -290,7 +291,7 @@ class FrozenEngine:
         cached = entry.get("engine")
         if cached in names and (cached == "torch" or self._keep(cached, x, reference, activate=True)):
             self.info["choice"] = "cached"
-            self._choice = (key, entry.get("rates") or {})
+            self._to_check = (key, entry.get("rates") or {})
             checked = self._checked(cached, x)
             if checked and entry.get("onnx_sha256") != checked["onnx_sha256"]:  # exported again: record its file
                 self._save_choice(key, cached, entry.get("rates", {}), **checked)
@@ -302,7 +303,7 @@ class FrozenEngine:
             "measured"
         log.info("frozen part runs on %s (%s)", best, ", ".join(f"{n} {r:.0f} images/s" for n, r in rates.items()))
         self._save_choice(key, best, rates, **self._checked(best, x))
-        self._choice = (key, rates)
+        self._to_check = (key, rates)
 
     def _checked(self, name: str, x: torch.Tensor) -> dict:
         """What lets the next run skip an ONNX Runtime engine's parity check (_reuse_checked): the file it
