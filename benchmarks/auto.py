@@ -3,11 +3,14 @@ recipe (`--recipe tutorial`) and a raw-pixel SVM, on real labelled image sets th
 
     python benchmarks/auto.py --work DIR [--sets elpv2,elpv4,elpv2-seed-sized,digits,lfw_faces,textures]
                               [--budget 4m] [--long elpv2,elpv4 --long-budget 20m] [--no-tutorial]
+                              [--device cpu|cuda] [--data NAME=FOLDER,...]
 
 Every transferkit run starts with an empty feature cache (cold, as a new user's first run), through the
 public CLI, and is timed as a whole command. The SVM: images resized to 32x32 grey, standardized, an RBF SVC
 with C chosen by 3-fold CV on train (scikit-learn), scored once on val. Each set's row goes to its own
-section of benchmarks/RESULTS.md as soon as it is done, with the machine and its load.
+section of benchmarks/RESULTS.md as soon as it is done, with the machine and its load. --device cuda runs
+transferkit on the GPU (its own sections); --data takes a set's folder made elsewhere (a machine without the
+package that holds it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
@@ -30,7 +34,9 @@ from transferkit.config import DEFAULT_TIME_BUDGET  # noqa: E402
 SETS = ("elpv2", "elpv4", "elpv2-seed-sized", "digits", "lfw_faces", "textures")
 
 
-def materialize(name: str, work: Path) -> Path:
+def materialize(name: str, work: Path, given: dict[str, Path]) -> Path:
+    if name in given:
+        return given[name]
     if name == "elpv2":
         return elpv(work / "elpv2", 2)
     if name == "elpv4":
@@ -94,21 +100,23 @@ def chosen_text(search: dict | None) -> str:
     return f"{search['chosen']} ({', '.join(f'{k}={v}' for k, v in s.items())})"
 
 
-def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True) -> None:
-    data = materialize(name, work)
-    env = environment_line()
+def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True, device: str = "cpu",
+              given: dict[str, Path] | None = None) -> None:
+    data = materialize(name, work, given or {})
+    env = environment_line(torch.device(device))
+    on_device = ("--device", device)
     svm = svm_baseline(data)
     rows = [{"recipe": "raw-pixel SVM (32x32 grey, RBF, C by 3-fold CV)", "val_acc": svm["acc"],
              "wall_s": svm["wall_s"]}]
     tut = {"acc": float("nan")}
     if tutorial:  # --no-tutorial: its row is in the default-budget section already
         tut = transferkit_run(data, work / "runs" / f"{name}-tutorial", work / "cache" / f"{name}-tutorial",
-                              "--recipe", "tutorial")
+                              "--recipe", "tutorial", *on_device)
         rows.append({"recipe": "`--recipe tutorial` (seeds: SGD 0.001, StepLR 7/0.1, 15 epochs)",
                      "val_acc": tut["acc"], "balanced": tut["balanced"], "wall_s": tut["wall_s"]})
     for budget in budgets:
         auto = transferkit_run(data, work / "runs" / f"{name}-auto-{budget}", work / "cache" / f"{name}-auto-{budget}",
-                               "--time-budget", budget)
+                               "--time-budget", budget, *on_device)
         rows.append({"recipe": f"auto, `--time-budget {budget}`" + (" (the default)" if budget == DEFAULT_TIME_BUDGET else ""),
                      "val_acc": auto["acc"], "balanced": auto["balanced"], "wall_s": auto["wall_s"],
                      "chosen": chosen_text(auto["search"])})
@@ -117,13 +125,15 @@ def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True) 
     verdict = (f"{versus_tutorial}auto - SVM = {100 * (autos[0]['val_acc'] - svm['acc']):+.1f} points "
                f"(`--time-budget {budgets[0]}`); best auto {max(r['val_acc'] for r in autos):.4f}")
     flags = "" if budgets == [DEFAULT_TIME_BUDGET] else f" --budget {budgets[0]}"
-    command = f"python benchmarks/auto.py --sets {name}{flags}" + ("" if tutorial else " --no-tutorial")
+    flags += f" --device {device}" if device != "cpu" else ""
+    command = (f"python benchmarks/auto.py --sets {name}{flags}" + ("" if tutorial else " --no-tutorial")
+               + (f" --data {name}={data}" if name in (given or {}) else ""))
     text = (f"## Recipe search: {name}{flags}\n\n{env}. `{command}` "
             f"({svm['n_train']} train / {svm['n_val']} val images, {svm['classes']} classes; cold feature cache "
             f"for every transferkit run; wall = the whole command).\n\n"
             + table(rows, ["recipe", "val_acc", "balanced", "wall_s", "chosen"]) + f"\n\n{verdict}.\n")
     print(text, flush=True)
-    write_section(f"auto-{name}" + flags.replace(" --budget ", "-"), text)
+    write_section(f"auto-{name}" + flags.replace(" --budget ", "-").replace(" --device ", "-"), text)
 
 
 def main() -> None:
@@ -134,11 +144,14 @@ def main() -> None:
     ap.add_argument("--long", default="", help="sets that also run with --long-budget")
     ap.add_argument("--long-budget", default="20m")
     ap.add_argument("--no-tutorial", action="store_true", help="skip the tutorial recipe's row")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--data", default="", help="NAME=FOLDER,...: sets made elsewhere")
     args = ap.parse_args()
+    given = {name: Path(folder) for name, folder in (item.split("=", 1) for item in args.data.split(",") if item)}
     long = set(filter(None, args.long.split(",")))
     for name in args.sets.split(","):
         bench_set(name, args.work, [args.budget] + ([args.long_budget] if name in long else []),
-                  tutorial=not args.no_tutorial)
+                  tutorial=not args.no_tutorial, device=args.device, given=given)
 
 
 if __name__ == "__main__":

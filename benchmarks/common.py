@@ -9,6 +9,8 @@ import resource
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from transferkit.data.builtin import materialize_elpv
 from transferkit.engine.environment import describe_environment
 
@@ -65,10 +67,12 @@ def thread_cpu_by_role(pid: int, roles: dict[str, str], rest: str) -> dict[str, 
     return totals
 
 
-def environment_line() -> str:
-    env = describe_environment()
+def environment_line(device=None) -> str:
+    """The machine a benchmark ran on, for its RESULTS.md section (the GPU too when `device` is CUDA)."""
+    env = describe_environment(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{env['cpu']}, {env['cores']} cores (torch threads {env['torch_threads']}), torch {env['torch']}, "
+    gpu = f"{env['gpu']} (CUDA {torch.version.cuda}) with " if "gpu" in env else ""
+    return (f"{gpu}{env['cpu']}, {env['cores']} cores (torch threads {env['torch_threads']}), torch {env['torch']}, "
             f"load average at start {load:.1f}; {datetime.now():%Y-%m-%d %H:%M}")
 
 

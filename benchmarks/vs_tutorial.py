@@ -2,6 +2,7 @@
 
     python benchmarks/vs_tutorial.py [--work DIR] [--fe-epochs 15] [--ft-epochs 2] [--precisions bf16,fp32]
                                      [--modes feature-extract,finetune] [--rows tutorial,auto,frozen]
+                                     [--device cpu|cuda] [--data ELPV2_FOLDER]
 
 The tutorial side re-implements the seed loop faithfully (ImageFolder, batch 8, 4 workers, SGD 0.001/0.9,
 StepLR(7, 0.1), RandomResizedCrop(224)+flip / Resize(256)+CenterCrop(224), model.train() in the train
@@ -10,6 +11,8 @@ the classifier replaced, normalised with lite0's own mean = std = 0.5. The trans
 `transferkit train DATA ...` in a fresh process with a cold feature cache, once per --precisions entry
 (bf16 and fp32 side by side; bf16 is left out where the CPU has no native bf16): feature-extract with
 `--recipe tutorial` and with the default recipe (auto), finetune with the tutorial recipe (see recipes()).
+With --device cuda both sides run on the GPU (the tutorial loop moves each batch there, as the seed does).
+--data: an ELPV 2-class folder made elsewhere (a machine without the elpv-dataset package), any image suffix.
 Prints, and writes its section of benchmarks/RESULTS.md.
 """
 
@@ -32,7 +35,7 @@ import torch.nn as nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_seconds, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import IMAGE_SUFFIXES, cpu_seconds, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.models.adapt import build_model  # noqa: E402
 from transferkit.models.registry import get_spec  # noqa: E402
@@ -52,7 +55,7 @@ def tutorial_loaders(data: Path) -> dict:
     return {x: torch.utils.data.DataLoader(sets[x], batch_size=8, shuffle=True, num_workers=4) for x in sets}
 
 
-def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, num_epochs):
+def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, num_epochs, device):
     """The seed's train_model, minus its prints: returns (model with best weights, best val acc, seconds
     in its epoch loop, seconds of each epoch)."""
     since = time.perf_counter()  # the seed's own timer
@@ -65,6 +68,7 @@ def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, nu
             model.train() if phase == "train" else model.eval()
             running_corrects = 0
             for inputs, labels in dataloaders[phase]:
+                inputs, labels = inputs.to(device), labels.to(device)
                 optimizer.zero_grad()
                 with torch.set_grad_enabled(phase == "train"):
                     outputs = model(inputs)
@@ -80,17 +84,19 @@ def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, nu
             if phase == "val" and epoch_acc > best_acc:
                 best_acc = epoch_acc.item()
                 best_model_wts = copy.deepcopy(model.state_dict())
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the epoch's GPU work finished before its time is read
         epoch_s.append(time.perf_counter() - epoch_start)
     loop_s = time.perf_counter() - since
     model.load_state_dict(best_model_wts)
     return model, best_acc, loop_s, epoch_s
 
 
-def run_tutorial(data: Path, mode: str, epochs: int) -> dict:
+def run_tutorial(data: Path, mode: str, epochs: int, device: torch.device) -> dict:
     torch.manual_seed(0)
     t0, c0 = time.perf_counter(), cpu_seconds()
     loaders = tutorial_loaders(data)
-    model = build_model(get_spec(MODEL), len(loaders["train"].dataset.classes), pretrained=True)
+    model = build_model(get_spec(MODEL), len(loaders["train"].dataset.classes), pretrained=True).to(device)
     if mode == "feature-extract":
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("classifier.")
@@ -98,7 +104,7 @@ def run_tutorial(data: Path, mode: str, epochs: int) -> dict:
     optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
     _, best, loop_s, epoch_s = tutorial_train_model(model, loaders, nn.CrossEntropyLoss(), optimizer, scheduler,
-                                                    epochs)
+                                                    epochs, device)
     del loaders  # reap the workers so their CPU time is counted
     return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0, "loop_s": loop_s, "best_val_acc": best,
             "later_epoch_s": _later_epochs(epoch_s)}
@@ -110,7 +116,8 @@ def _later_epochs(seconds: list[float]) -> float | None:
     return statistics.median(seconds[1:]) if len(seconds) > 1 else None
 
 
-def run_transferkit(data: Path, out: Path, options: list[str], precision: str, engine_known: bool = False) -> dict:
+def run_transferkit(data: Path, out: Path, options: list[str], precision: str, device: str,
+                    engine_known: bool = False) -> dict:
     """`transferkit train DATA OPTIONS` as a user types it: a fresh process (start-up and imports counted)
     and a cold cache (feature extraction, the engine choice and the ONNX export are part of the time).
     engine_known: the machine's second data set instead of its first: the backbone's ONNX export and engine
@@ -118,7 +125,7 @@ def run_transferkit(data: Path, out: Path, options: list[str], precision: str, e
     cache = tempfile.mkdtemp(prefix="tk-bench-cache-")
     env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": cache, "TRANSFERKIT_QUIET": "1"}
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), *options, "--precision", precision,
-           "--out", str(out), "--overwrite"]
+           "--device", device, "--out", str(out), "--overwrite"]
     if engine_known:
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         for shard in Path(cache).glob("*/shard-*"):
@@ -189,14 +196,19 @@ def main() -> None:
                     "comma-separated words (e.g. 'tutorial', 'auto', 'frozen'); default all")
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--repeats", type=int, default=1, help="transferkit runs per row; the median by wall is kept")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--data", type=Path, help="an ELPV 2-class folder (default: made from the elpv-dataset package)")
     args = ap.parse_args()
     from transferkit.engine.precision import native_bf16
 
-    precisions = [p for p in args.precisions.split(",") if p != "bf16" or native_bf16(torch.device("cpu"))]
+    device = torch.device(args.device)
+    precisions = [p for p in args.precisions.split(",") if p != "bf16" or native_bf16(device)]
     work = Path(args.work)
-    data = stratified_subset(elpv(work / "elpv2", 2), work / "elpv2-seed-sized", 244, 153)
-    n_train = sum(1 for _ in (data / "train").rglob("*.png"))
-    env = environment_line()
+    full = args.data or elpv(work / "elpv2", 2)
+    data = stratified_subset(full, work / f"elpv2-seed-sized-{full.name}", 244, 153)
+    n_train, n_val = (sum(1 for f in (data / split).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+                      for split in ("train", "val"))
+    env = environment_line(device)
     wanted = [w for w in args.rows.split(",") if w]
     rows, tutorial = [], {}
     for i, (mode, label, options) in enumerate(recipes(args.ft_epochs)):
@@ -204,11 +216,12 @@ def main() -> None:
             continue
         epochs = args.fe_epochs if mode == "feature-extract" else args.ft_epochs
         if mode not in tutorial:  # one tutorial run per mode serves each transferkit row
-            tutorial[mode] = run_tutorial(data, mode, epochs)
+            tutorial[mode] = run_tutorial(data, mode, epochs, device)
             print(f"tutorial    {mode}: {tutorial[mode]}", flush=True)
         for precision in precisions:
             runs = sorted((run_transferkit(data, work / f"vs-tutorial-{i}-{precision}", options, precision,
-                                           engine_known="engine known" in label) for _ in range(args.repeats)),
+                                           args.device, engine_known="engine known" in label)
+                           for _ in range(args.repeats)),
                           key=lambda r: r["wall_s"])
             tk = runs[len(runs) // 2]  # the median run by wall time (a 10 s run moves by ±1-2 s on this box)
             tk["wall_range"] = f"{runs[0]['wall_s']:.1f}-{runs[-1]['wall_s']:.1f}" if len(runs) > 1 else ""
@@ -217,10 +230,12 @@ def main() -> None:
     command = (f"python benchmarks/vs_tutorial.py --precisions {','.join(precisions)}"
                + (f" --modes {args.modes}" if args.modes != "feature-extract,finetune" else "")
                + (f" --rows {args.rows}" if args.rows else "") + f" --ft-epochs {args.ft_epochs}"
-               + (f" --repeats {args.repeats}" if args.repeats != 1 else ""))
+               + (f" --repeats {args.repeats}" if args.repeats != 1 else "")
+               + (f" --device {args.device}" if args.device != "cpu" else "")
+               + (f" --data {args.data}" if args.data else ""))
     text = (f"## transferkit vs the tutorial loop{' (' + args.modes + ')' if args.modes != 'feature-extract,finetune' else ''}\n\n"
             f"{env}. Data: seed-sized stratified ELPV subset "
-            f"({n_train} train / {sum(1 for _ in (data / 'val').rglob('*.png'))} val, 2 classes). "
+            f"({n_train} train / {n_val} val, 2 classes{', from ' + str(args.data) if args.data else ''}). "
             f"Command: `{command}`.\n\n"
             "transferkit side: `python -m transferkit train DATA OPTIONS --precision P` in a fresh process with a "
             "cold feature cache, as a user runs it; wall s includes Python start-up, imports, the data scan, "
@@ -238,6 +253,7 @@ def main() -> None:
     print(text)
     section = "vs_tutorial" + "".join("_" + part for part in (args.modes, args.rows) if part and
                                       part != "feature-extract,finetune").replace(",", "_")
+    section += "_cuda" if args.device == "cuda" else ""
     write_section(section, text)
 
 

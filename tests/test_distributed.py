@@ -142,3 +142,12 @@ def test_a_lost_or_stalled_peer_is_one_clear_training_error():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         bug(TrainConfig(data="d"))
+
+
+def test_more_cuda_processes_than_gpus_is_one_usage_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(distributed.UsageError, match="2 processes on CUDA need 2 GPUs, and this machine has 1"):
+        distributed.check_gpu_count(2, "auto")
+    distributed.check_gpu_count(1, "cuda")  # one process per GPU
+    distributed.check_gpu_count(4, "cpu")  # CPU processes: gloo, any number

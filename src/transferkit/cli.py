@@ -276,6 +276,7 @@ def cmd_train(args) -> int:
         raise UsageError("--nproc trains one configured recipe in several processes; add --recipe tutorial with the "
                          "recipe's flags (the recipe search runs in one process: see its reproduce command)")
     if args.nproc != 1 and not distributed.launched():
+        distributed.check_gpu_count(args.nproc, args.device or "auto")
         return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
         logging.getLogger().setLevel(logging.ERROR)

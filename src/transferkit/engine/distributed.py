@@ -94,6 +94,16 @@ def backend_for(device_name: str) -> str:
     return "nccl" if wants_cuda else "gloo"
 
 
+def check_gpu_count(processes: int, device_name: str) -> None:
+    """One process per GPU on a CUDA job: more processes than GPUs is a user's mistake, said in one line
+    (NCCL refuses two ranks on one GPU, and cuda:N past the last GPU is an opaque CUDA error)."""
+    if backend_for(device_name) != "nccl" or processes <= torch.cuda.device_count():
+        return
+    gpus = torch.cuda.device_count()
+    raise UsageError(f"{processes} processes on CUDA need {processes} GPUs, and this machine has {gpus}: use "
+                     f"--nproc {gpus}, or --device cpu for CPU processes")
+
+
 def init(device_name: str = "auto") -> bool:
     """Join torchrun's process group (if launched by it and not joined yet); True if this call joined."""
     global _detached
@@ -102,6 +112,7 @@ def init(device_name: str = "auto") -> bool:
         return False
     backend = backend_for(device_name)
     if backend == "nccl":
+        check_gpu_count(launch.local_world_size, device_name)
         torch.cuda.set_device(launch.local_rank)
     # torchrun sets OMP_NUM_THREADS=1; share the cores of this machine between its ranks instead.
     threads = int(os.environ.get("TRANSFERKIT_THREADS_PER_RANK", 0)) or \
