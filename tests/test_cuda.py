@@ -103,7 +103,7 @@ def test_an_interrupted_gpu_run_resumes_with_the_gpus_random_state(tmp_path):
         fit(TrainConfig(data=str(data), out=str(run), device="cuda", **SMALL_FROM_SCRATCH),
             callbacks=[_InterruptInEpoch2()])
     signals._requested.clear()
-    assert any(k.startswith("rng.cuda.") for k in load_file(str(run / "last.safetensors")))
+    assert any(k.startswith("resume.rng.cuda.") for k in load_file(str(run / "last.safetensors")))
     assert cli.main(["train", "--resume", str(run)]) == 0
     resumed = _metrics(run)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_image_folder
 
 from transferkit import cli
@@ -759,3 +760,18 @@ def test_cv_scores_labels_right_when_a_class_is_missing_from_a_fold():
     x, y = _three_classes_one_rare()
     cv = cross_validate(x[:, None, :], y, np.arange(6), 3, [1.0], folds=3, seed=0)
     assert cv.accuracy >= 19 / 21  # only the rare image itself can be missed
+
+
+def test_the_partial_step_timing_probes_activations_where_the_model_is():
+    """A GPU run's model lives on the GPU: the probe image must too (meta stands in for it here)."""
+    from transferkit.models.adapt import build_model
+    from transferkit.models.registry import get_spec
+    from transferkit.search import _activation_shape, _Context
+
+    spec = get_spec("efficientnet_lite0")
+    meta = torch.device("meta")
+    model = build_model(spec, 2, pretrained=False).to(meta)
+    ctx = _Context(TrainConfig(data="d"), None, spec, model, meta, np.zeros(4, int), (np.arange(2), np.arange(2, 4)),
+                   np.arange(4))
+    shape = _activation_shape(ctx)
+    assert len(shape) == 3 and shape[1] == shape[2] < ctx.pre(None).input_size

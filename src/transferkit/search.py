@@ -1058,8 +1058,8 @@ def _activation_shape(ctx: _Context) -> tuple:
 
     prefix, _, _ = split_stages(ctx.model, ctx.spec, 2)
     size = ctx.pre(None).input_size
-    with torch.inference_mode():
-        return tuple(prefix(torch.zeros(1, 3, size, size)).shape[1:])
+    with torch.inference_mode():  # the probe image where the model's weights are (a GPU run's too)
+        return tuple(prefix(torch.zeros(1, 3, size, size, device=ctx.device)).shape[1:])
 
 
 def _activation_seconds(search: Search, settings: dict, n: int, m: int, cost: float = 1.0) -> float:
