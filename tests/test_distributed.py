@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_image_folder
+from transferkit import cli
 from transferkit.config import TrainConfig
 from transferkit.data.folders import read_manifest
 from transferkit.data.images import load_rgb
@@ -151,3 +152,18 @@ def test_more_cuda_processes_than_gpus_is_one_usage_error(monkeypatch):
         distributed.check_gpu_count(2, "auto")
     distributed.check_gpu_count(1, "cuda")  # one process per GPU
     distributed.check_gpu_count(4, "cpu")  # CPU processes: gloo, any number
+
+
+def test_nproc_counts_gpus_for_the_device_the_processes_will_use(tmp_path, monkeypatch, capsys):
+    """The flag, else --config's or the resumed run's device, else auto: a config saying cpu needs no GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    launched = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    config = tmp_path / "cpu.yaml"
+    config.write_text(f"data: {tmp_path}\nrecipe: tutorial\ndevice: cpu\n")
+    assert cli.main(["train", "--config", str(config), "--nproc", "2"]) == 0 and launched
+    assert cli.main(["train", str(tmp_path), "--recipe", "tutorial", "--nproc", "2"]) != 0  # auto: the GPU
+    assert "2 processes on CUDA need 2 GPUs" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path), "--recipe", "tutorial", "--nproc", "2", "--device", "cpu"]) == 0
+    assert len(launched) == 2

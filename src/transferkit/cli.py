@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from . import __version__
@@ -276,7 +277,7 @@ def cmd_train(args) -> int:
         raise UsageError("--nproc trains one configured recipe in several processes; add --recipe tutorial with the "
                          "recipe's flags (the recipe search runs in one process: see its reproduce command)")
     if args.nproc != 1 and not distributed.launched():
-        distributed.check_gpu_count(args.nproc, args.device or "auto")
+        distributed.check_gpu_count(args.nproc, _device_asked(args, options))
         return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
         logging.getLogger().setLevel(logging.ERROR)
@@ -296,6 +297,19 @@ def cmd_train(args) -> int:
         if hint:
             print(hint)
     return 0
+
+
+def _device_asked(args, options: dict) -> str:
+    """The --device the processes will train on: the flag, else the --config or --resume run's, else auto."""
+    if "device" in options:
+        return options["device"]
+    from .config import TrainConfig
+
+    source = args.config or (Path(args.resume) / "config.yaml" if args.resume else None)
+    try:
+        return TrainConfig.from_yaml(source).device if source else "auto"
+    except Exception:  # noqa: BLE001 - each process reports a bad config in its own words
+        return "auto"
 
 
 def _config(args, options: dict):
@@ -388,7 +402,6 @@ def cmd_predict(args) -> int:
 
 def _predict_engine(checkpoint: str, engine: str) -> str:
     """auto: told by the file's content, not its name; a TorchScript file gets a pointer to what works."""
-    from pathlib import Path
 
     from .errors import CheckpointError, UsageError
     from .inference import model_kind
@@ -605,7 +618,6 @@ def _add_check_command(dsub) -> None:
 
 
 def cmd_data_check(args) -> int:
-    from pathlib import Path
 
     from .datacheck import Thresholds, run_check, strict_failures, summary_lines
     from .errors import UsageError
