@@ -38,6 +38,19 @@ def tiny_folder(tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_gpu_unless_marked(request, monkeypatch):
+    """The suite states the CPU's behaviour (CI has no GPU; `--device auto` means the GPU where there is
+    one): on a machine with a GPU, every test not marked `cuda` sees none, in this process and in the
+    processes it starts."""
+    if request.node.get_closest_marker("cuda"):
+        return
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Feature caches go to a per-test folder; converted pretrained weights are shared (read-only use)."""
     monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(tmp_path / "feature-cache"))

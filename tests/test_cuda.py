@@ -28,7 +28,7 @@ from transferkit.engine.checkpoint import load_checkpoint, preprocessing_of
 from transferkit.engine.fit import fit
 from transferkit.errors import TrainingError
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 TINY = dict(image_size=96, batch_size=4, recipe="tutorial", seed=1)
 SMALL_FROM_SCRATCH = dict(model="resnet18", pretrained=False, image_size=32, mode="finetune", epochs=3,
