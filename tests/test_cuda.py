@@ -13,18 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import make_image_folder
+from tiny_run import evaluate_on_cpu
 from transferkit import cli
 from transferkit.config import TrainConfig
-from transferkit.data.folders import read_manifest
-from transferkit.data.images import load_rgb
-from transferkit.data.transforms import eval_transform
 from transferkit.engine import signals, sources
 from transferkit.engine.callbacks import Callback
-from transferkit.engine.checkpoint import load_checkpoint, preprocessing_of
 from transferkit.engine.fit import fit
 from transferkit.errors import TrainingError
 
@@ -37,17 +33,6 @@ SMALL_FROM_SCRATCH = dict(model="resnet18", pretrained=False, image_size=32, mod
 
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
-
-
-def _cpu_fp32_val_loss(run: Path, data: Path) -> float:
-    """Mean cross-entropy of RUN/best.safetensors on the run's val images, on the CPU in fp32."""
-    model, meta = load_checkpoint(run)
-    tf = eval_transform(preprocessing_of(meta))
-    scan = read_manifest(run / "split.csv", data)
-    x = torch.stack([tf(load_rgb(path)) for path, _ in scan.val])
-    y = torch.tensor([meta["classes"].index(scan.classes[label]) for _, label in scan.val])
-    with torch.inference_mode():
-        return float(F.cross_entropy(model.cpu().float()(x), y))
 
 
 def test_finetune_on_the_gpu_autocasts_bf16_keeps_fp32_weights_and_pins_batches(tmp_path, monkeypatch):
@@ -71,7 +56,7 @@ def test_finetune_on_the_gpu_autocasts_bf16_keeps_fp32_weights_and_pins_batches(
     assert {t.dtype for name, t in weights.items() if t.is_floating_point()} == {torch.float32}
     # The GPU's val loss at the best epoch holds on the CPU in fp32, within bf16's rounding.
     best = m["history"][m["best_epoch"] - 1]
-    assert _cpu_fp32_val_loss(run, data) == pytest.approx(best["val_loss"], rel=0.05, abs=0.02)
+    assert evaluate_on_cpu(run, data)[1] == pytest.approx(best["val_loss"], rel=0.05, abs=0.02)
 
 
 def test_feature_extract_on_the_gpu_matches_the_cpu(tmp_path):

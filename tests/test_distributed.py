@@ -13,16 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_image_folder
+from tiny_run import evaluate_on_cpu
 from transferkit import cli
 from transferkit.config import TrainConfig
-from transferkit.data.folders import read_manifest
-from transferkit.data.images import load_rgb
-from transferkit.data.transforms import eval_transform
 from transferkit.engine import distributed
-from transferkit.engine.checkpoint import load_checkpoint, preprocessing_of
 from transferkit.engine.features import FeatureStore
 from transferkit.engine.fit import fit
 
@@ -42,18 +38,6 @@ def _run(args: list[str], cwd: Path, cache: Path, timeout: float = 240) -> subpr
     return proc
 
 
-def _evaluate_single_process(run: Path, data: Path) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of RUN/best.safetensors on RUN/split.csv's val rows, one process."""
-    model, meta = load_checkpoint(run)
-    tf = eval_transform(preprocessing_of(meta))
-    scan = read_manifest(run / "split.csv", data)
-    x = torch.stack([tf(load_rgb(path)) for path, _ in scan.val])
-    y = torch.tensor([meta["classes"].index(scan.classes[label]) for _, label in scan.val])
-    with torch.inference_mode():
-        logits = model(x)
-    return int((logits.argmax(1) == y).sum()) / len(y), float(F.cross_entropy(logits, y))
-
-
 @pytest.mark.slow  # two torch processes plus torchrun start up: ~25 s of CPU each
 def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(odd_folder, tmp_path):
     args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--mode", "finetune", "--epochs", "1",
@@ -68,7 +52,7 @@ def test_finetune_with_nproc_2_writes_one_run_whose_metrics_match_one_process(od
     assert [h["epoch"] for h in history] == ["1"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["val_images"] == 9
-    acc, loss = _evaluate_single_process(run, odd_folder)
+    acc, loss = evaluate_on_cpu(run, odd_folder)
     assert metrics["best_val_acc"] == pytest.approx(acc, abs=1e-9)
     assert float(history[0]["val_loss"]) == pytest.approx(loss, rel=1e-4)
     # Padding dropped: the report covers each val image exactly once.

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import make_image_folder
 
 from transferkit.config import TrainConfig
@@ -32,3 +34,21 @@ def export_tiny(root: Path) -> tuple[Path, Path, Path]:
 
     data, run = train_tiny(root)
     return data, run, Path(export_run(run, "onnx")["path"])
+
+
+def evaluate_on_cpu(run: Path, data: Path) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of RUN/best.safetensors on RUN/split.csv's val rows: one process,
+    on the CPU in fp32, whatever trained it."""
+    from transferkit.data.folders import read_manifest
+    from transferkit.data.images import load_rgb
+    from transferkit.data.transforms import eval_transform
+    from transferkit.engine.checkpoint import load_checkpoint, preprocessing_of
+
+    model, meta = load_checkpoint(run)
+    tf = eval_transform(preprocessing_of(meta))
+    scan = read_manifest(run / "split.csv", data)
+    x = torch.stack([tf(load_rgb(path)) for path, _ in scan.val])
+    y = torch.tensor([meta["classes"].index(scan.classes[label]) for _, label in scan.val])
+    with torch.inference_mode():
+        logits = model.cpu().float()(x)
+    return int((logits.argmax(1) == y).sum()) / len(y), float(F.cross_entropy(logits, y))
