@@ -27,3 +27,16 @@ def test_a_named_pools_threads_carry_their_names_at_the_os_level():
         names = {pool.submit(comm).result() for _ in range(8)}
     assert names and names <= {"tk-decode_0", "tk-decode_1"}
     assert comm() != "tk-decode_0"  # the calling thread keeps its own name
+
+
+def test_decoding_takes_the_cores_the_network_leaves_free(monkeypatch):
+    from transferkit.engine import features
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(features.os, "cpu_count", lambda: 16)
+    assert features.default_workers() == 4  # the network runs on these cores too
+    assert features.default_workers(accelerator=True) == 15  # the network is on the GPU: all cores but one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 processes on this node share its 16 cores
+    assert features.default_workers(accelerator=True) == 3
+    monkeypatch.setattr(features.os, "cpu_count", lambda: 2)
+    assert features.default_workers() == 2 and features.default_workers(accelerator=True) == 1

@@ -241,6 +241,12 @@ class _Context:
     cost: float = 1.0
     sibling_of_first: bool = False  # another backbone than the run's (see `sibling`), timed by nobody yet
 
+    @property
+    def decode_threads(self) -> int:
+        from .engine.features import default_workers
+
+        return default_workers(accelerator=self.device.type != "cpu")
+
     @classmethod
     def build(cls, cfg, scan):
         from .data.folders import subsample_order
@@ -311,14 +317,13 @@ def _with_pixel_features(search: Search, ctx: _Context, crop, views, x: np.ndarr
     kept beside the taps' features (ctx.feats) so each crop and view is read once. A pass of its own: the
     pixel block is tried on small images only, whose decoding is cheap (digits: 0.9 s for 1,347 images), and it
     keeps the taps' cached vector the same for every run."""
-    from .engine.features import default_workers
     from .engine.probe_train import make_pixel_taps
 
     have = ctx.feats.setdefault((crop, "pixels"), {})
     todo = [v for v in views if v not in have]  # after the first extraction: any subsample is already made
     if todo:
         taps = make_pixel_taps(ctx.spec, ctx.cfg, ctx.pre(crop), ctx.device)
-        got, ok, _ = taps.features([p for p, _ in ctx.scan.train], todo, ctx.scan.digests, default_workers(),
+        got, ok, _ = taps.features([p for p, _ in ctx.scan.train], todo, ctx.scan.digests, ctx.decode_threads,
                                    desc="search pixels")
         _all_read(got, ok)
         have.update({v: got[:, i] for i, v in enumerate(todo)})
@@ -463,7 +468,6 @@ def _crop_options(ctx: _Context) -> list:
 def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     """Extraction rate (views/s, decoding included), timed on training images after a warm-up batch
     (the first batch also pays for the ONNX export and the parity check), for the plan."""
-    from .engine.features import default_workers
 
     paths = [p for p, _ in ctx.scan.train]
     taps = ctx.taps_for(crop)
@@ -474,7 +478,7 @@ def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     for timed in (paths[:64], paths[64:128], paths[128:192]):
         if timed:
             t = time.perf_counter()
-            _, _, stats = taps.features(timed, (0,), ctx.scan.digests, default_workers(), desc="timing")
+            _, _, stats = taps.features(timed, (0,), ctx.scan.digests, ctx.decode_threads, desc="timing")
             first_s = first_s or time.perf_counter() - t
             rates.append(len(timed) / max(time.perf_counter() - t, 1e-3))
             cached += stats["hits"]
@@ -621,7 +625,6 @@ def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, 
 def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, keep_partial: bool, cost: float = 1.0):
     """`cost`: seconds per view of this extraction against one of the first backbone at its own size (the
     views search.rate counts)."""
-    from .engine.features import default_workers
 
     paths = [ctx.scan.train[i][0] for i in ctx.order]
     size = max(128, -(-len(paths) // 8))
@@ -635,7 +638,7 @@ def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, k
                     return None
                 break
         chunk = paths[start:start + size]
-        x, ok, _ = taps.features(chunk, todo, ctx.scan.digests, default_workers(), "search features")
+        x, ok, _ = taps.features(chunk, todo, ctx.scan.digests, ctx.decode_threads, "search features")
         _all_read(x, ok)
         parts.append(x)
     x = np.concatenate(parts)

@@ -97,7 +97,8 @@ class CachedFeatureSource(BatchSource):
         views = [View(k, st.cfg.view_kind, st.cfg.seed) for k in range(st.cfg.views)]
         store = store_for(self._identity())
         extractor = self._extractor(store)
-        workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(self.train_items))
+        workers = (st.cfg.workers if st.cfg.workers is not None
+                   else _auto_workers(len(self.train_items), cpu=st.device.type == "cpu"))
         common = dict(workers=workers, sharding=distributed.sharding(), digests=st.scan.digests)
         train_x, train_ok, s1 = cached_features(extractor, store, [p for p, _ in self.train_items], views,
                                                 st.pre, desc="train features", **common)
@@ -222,7 +223,8 @@ class ImageBatchSource(BatchSource):
         be decoded are dropped and counted as skipped. None where the cache folder cannot be written."""
         st = self.state
         paths = [p for p, _ in self.train_items + self.val_items]
-        workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(paths))
+        workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(paths),
+                                                                                   cpu=st.device.type == "cpu")
         try:
             store = open_store(cache_root(), st.pre)
             keys, self.decode_stats = decode_missing(store, paths, st.scan.digests, st.pre, workers=workers,
@@ -303,7 +305,7 @@ def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> in
         # with the model's threads for the cores: a 2-epoch lite0 finetune on 244 + 153 images took
         # 50-52 s of epochs with one worker, 46-47 s with none (2-core CPU, RESULTS.md notes3).
         return 0
-    return default_workers()  # decoding files, or feeding an accelerator
+    return default_workers(accelerator=not cpu)  # decoding files, or feeding an accelerator
 
 
 def loader_batches(loader: DataLoader, device: torch.device):
