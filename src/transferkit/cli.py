@@ -9,8 +9,8 @@ import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 
 from . import __version__
 from .errors import TransferkitError
@@ -402,7 +402,6 @@ def cmd_predict(args) -> int:
 
 def _predict_engine(checkpoint: str, engine: str) -> str:
     """auto: told by the file's content, not its name; a TorchScript file gets a pointer to what works."""
-
     from .errors import CheckpointError, UsageError
     from .inference import model_kind
 
@@ -618,7 +617,6 @@ def _add_check_command(dsub) -> None:
 
 
 def cmd_data_check(args) -> int:
-
     from .datacheck import Thresholds, run_check, strict_failures, summary_lines
     from .errors import UsageError
 

@@ -468,7 +468,6 @@ def _crop_options(ctx: _Context) -> list:
 def _measure_rate(search: Search, ctx: _Context, crop) -> None:
     """Extraction rate (views/s, decoding included), timed on training images after a warm-up batch
     (the first batch also pays for the ONNX export and the parity check), for the plan."""
-
     paths = [p for p, _ in ctx.scan.train]
     taps = ctx.taps_for(crop)
     # The warm-up (timed too, for sets of fewer than 65 images), then two timed chunks decoded by the search's
@@ -625,7 +624,6 @@ def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, 
 def _extract_chunks(search: Search, ctx: _Context, taps, todo, reserve: float, keep_partial: bool, cost: float = 1.0):
     """`cost`: seconds per view of this extraction against one of the first backbone at its own size (the
     views search.rate counts)."""
-
     paths = [ctx.scan.train[i][0] for i in ctx.order]
     size = max(128, -(-len(paths) // 8))
     parts, t0 = [], time.perf_counter()
