@@ -132,3 +132,17 @@ def test_the_train_summary_gives_the_val_accuracy_with_its_interval(capsys):
     assert "Best val Acc: 0.8552 (epoch 1 of 1;" in out and "optimistic" not in out
     cli._print_train_summary({**metrics, "epochs_run": 15, "best_chosen_on_val": True, "last_val_acc": 0.84})
     assert "the best of 15 epochs was chosen on the val images it is scored on" in capsys.readouterr().out
+
+
+def test_predict_on_a_device_that_is_not_there_or_with_an_onnx_model_is_one_line(tmp_path, capsys):
+    from tiny_run import export_tiny
+
+    data, run, onnx_model = export_tiny(tmp_path)
+    image = str(data / "val" / "ants" / "ants_val_0.png")
+    _check_one_line(capsys, _run(["predict", str(onnx_model), image, "--device", "cuda"]),
+                    ["--device cuda is for the torch engine", "ONNX Runtime"])
+    _check_one_line(capsys, _run(["predict", str(run), image, "--device", "tpu"]), ["--device"])
+    if not torch.cuda.is_available():
+        _check_one_line(capsys, _run(["predict", str(run), image, "--device", "cuda"]), ["no CUDA GPU"])
+    assert _run(["predict", str(run), image, "--device", "cpu"]) == 0
+    assert "ants" in capsys.readouterr().out

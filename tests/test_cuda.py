@@ -74,6 +74,22 @@ def test_feature_extract_on_the_gpu_matches_the_cpu(tmp_path):
         assert gpu["train_loss"] == pytest.approx(cpu["train_loss"], rel=0.01)
 
 
+def test_predict_on_the_gpu_gives_the_cpus_probabilities(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=8, n_val=6, size=48)
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(data), out=str(run), device="cuda", mode="finetune", epochs=1, **TINY))
+    rows = {}
+    for device in ("cuda", "cpu"):
+        assert cli.main(["predict", str(run), str(data / "val"), "--device", device, "--precision", "fp32",
+                         "--format", "json"]) == 0
+        rows[device] = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in rows["cuda"]] == [r["path"] for r in rows["cpu"]] and len(rows["cpu"]) == 12
+    for gpu, cpu in zip(rows["cuda"], rows["cpu"]):  # TF32 convolutions on the GPU: close, not equal
+        assert gpu["error"] is None and cpu["error"] is None
+        assert ({t["label"]: pytest.approx(t["probability"], abs=0.02) for t in gpu["top_k"]}
+                == {t["label"]: t["probability"] for t in cpu["top_k"]})
+
+
 class _InterruptInEpoch2(Callback):
     def on_batch_end(self, trainer, step):
         if (step.epoch, step.batch) == (2, 2):

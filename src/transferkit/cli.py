@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: onnx for an .onnx model, torch for a run folder or .safetensors (told by content)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="torch engine: auto = bf16 autocast where the CPU/GPU has native bf16")
+    p.add_argument("--device", default="cpu",
+                   help="torch engine: where the network runs: cpu, cuda, cuda:N or auto (a GPU where there is one)")
     p.add_argument("--out", metavar="FILE", help="write the rows to FILE instead of standard output")
 
     _add_serve_command(sub)
@@ -378,12 +380,18 @@ def cmd_predict(args) -> int:
     engine = _predict_engine(args.checkpoint, args.engine)
     if engine == "onnx":
         from . import onnx_predict
+        from .errors import UsageError
 
+        if args.device != "cpu":
+            raise UsageError(f"--device {args.device} is for the torch engine; an ONNX model runs on ONNX Runtime's "
+                             "CPU provider (predict with the run folder or its .safetensors for a GPU)")
         rows = onnx_predict.predict_rows(args.checkpoint, args.paths, top_k=args.top_k)
     else:
+        from .engine.environment import pick_device
         from .predict import Predictor, expand_inputs
 
-        predictor = Predictor(args.checkpoint, precision=args.precision)
+        device = str(pick_device(args.device))  # one line for a device that is not there or not a device
+        predictor = Predictor(args.checkpoint, device=device, precision=args.precision)
         rows = predictor.predict_rows(expand_inputs(args.paths), top_k=args.top_k)
     text = _format_rows(rows, args.format)
     if args.out:
