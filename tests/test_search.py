@@ -775,3 +775,29 @@ def test_the_partial_step_timing_probes_activations_where_the_model_is():
                    np.arange(4))
     shape = _activation_shape(ctx)
     assert len(shape) == 3 and shape[1] == shape[2] < ctx.pre(None).input_size
+
+
+def test_a_later_probe_leaves_the_best_probes_final_run_its_time(monkeypatch):
+    """Where a later probe loses, the best one's final run follows it: each later probe is afforded only with
+    the larger of the two final runs reserved (ELPV 4 at 20m once ran 10% over: a stronger backbone's probe on 4
+    views reserved for its own val pass, and the two-scale probe on 8 views then ran its final pass)."""
+    from types import SimpleNamespace
+
+    import transferkit.search as s
+
+    best = s.Candidate("probe crop=1.0 views=dihedral", "probe",
+                       {"crop_fraction": 1.0, "probe_views": "dihedral", "probe_c": 0.01})
+    reserved = []
+    search = SimpleNamespace(setup_s=1.0, affords=lambda cand, reserve, cut_down=False: reserved.append(reserve))
+    ctx = SimpleNamespace(sibling=lambda spec, cost: SimpleNamespace(), pre=lambda crop: SimpleNamespace(input_size=224))
+    monkeypatch.setattr(s, "_stronger_options", lambda search, ctx: [("efficientnet_lite1", 1.5)])
+    monkeypatch.setattr(s, "_view_sets_down_from", lambda search, best: ["dihedral", "turns"])
+    monkeypatch.setattr(s, "_planned_probe", lambda *args, **kwargs: (SimpleNamespace(), 20.0))
+    monkeypatch.setattr(s, "_planned_two_scale", lambda *args: (SimpleNamespace(), 30.0))
+    monkeypatch.setattr(s, "_final_reserve", lambda search, where, settings: 120.0 if where is ctx else 0.0)
+    assert s._stronger_backbone(search, ctx, best) == (best, ctx)
+    assert reserved == [120.0, 120.0]  # the stronger backbone's probe on 8 views, then on 4
+    monkeypatch.setattr(s, "_larger_size", lambda ctx: 300)
+    reserved.clear()
+    assert s._two_scale_candidate(search, ctx, best) is not None  # planned (recorded as skipped), not run
+    assert reserved == [120.0, 120.0]  # the two-scale probe on 8 views at 300+224 px, then on 4

@@ -396,6 +396,10 @@ def _stronger_backbone(search: Search, ctx: _Context, best: Candidate) -> tuple[
             other = ctx.sibling(spec, cost)
             cand, reserve = _planned_probe(search, other, best.settings["crop_fraction"], view_set,
                                            setup_s=search.setup_s * cost)
+            # Where it loses, the best probe's final run follows it, and that may cost more than its own
+            # (ELPV 4 at 20m: a lite1 probe on 4 views reserved for its own val pass, then the two-scale
+            # probe's 8 views at 300+224 px ran 10% past the budget).
+            reserve = max(reserve, _final_reserve(search, ctx, best.settings))
             if not search.affords(cand, reserve, cut_down=view_set != best.settings["probe_views"]):
                 continue  # a cheaper one may fit
             rate = search.rate  # in the first backbone's views
@@ -547,10 +551,19 @@ def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: 
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     cv = _cv_seconds(search, ctx, len(views))
     cand.estimate_s = setup_s + len(missing) * n * _view_seconds(search, ctx) + cv
-    reserve = len(views) * m * _final_view_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
+    reserve = _final_reserve(search, ctx, settings)
     log.debug("search: %s: %d views × %d images at %.0f views/s + CV ~%.0fs; reserve %.0fs",
               name, len(missing), n, 1 / _view_seconds(search, ctx), cv, reserve)
     return cand, reserve
+
+
+def _final_reserve(search: Search, ctx: _Context, settings: dict) -> float:
+    """Seconds the final run of a probe with these settings needs: its val pass over every view (at both
+    scales for a two-scale probe) and the write-up."""
+    from .engine.probe_train import PROBE_VIEWS
+
+    views = len(PROBE_VIEWS[settings["probe_views"]])
+    return views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
 
 
 def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -> None:
@@ -714,6 +727,7 @@ def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Cand
     first = None  # on all the best probe's views: recorded, as skipped where nothing fits
     for view_set in _view_sets_down_from(search, best):
         cand, reserve = _planned_two_scale(search, ctx, best, view_set, size)
+        reserve = max(reserve, _final_reserve(search, ctx, best.settings))  # on fewer views it may lose to best
         first = first or cand
         if search.affords(cand, reserve, cut_down=view_set != best.settings["probe_views"]):
             _run_two_scale(search, ctx, cand, best, reserve)
@@ -733,8 +747,7 @@ def _planned_two_scale(search: Search, ctx: _Context, best: Candidate, view_set:
     cand = search.add(Candidate(name, "probe", {**settings, "probe_views": view_set, "image_size": size,
                                                 "probe_scale": native, "probe_scale_c": s["probe_c"]}))
     cand.estimate_s = _two_scale_seconds(search, ctx, size, len(views))
-    reserve = len(views) * len(ctx.scan.val) * _final_view_seconds(search, ctx, cand.settings) + FIXED_OVERHEAD_S
-    return cand, reserve
+    return cand, _final_reserve(search, ctx, cand.settings)
 
 
 def _run_two_scale(search: Search, ctx: _Context, cand: Candidate, best: Candidate, reserve: float) -> None:
