@@ -345,6 +345,8 @@ def test_partial_pays_for_its_activations_once_not_per_epoch():
     assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once) == FT_EPOCHS[1]
     # ... but not where the activations alone take the time
     assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=195.0) < FT_EPOCHS[0]
+    # ... nor where a lost candidate would leave too little for the probe's final run that follows it
+    assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once, probe_reserve=150.0) < FT_EPOCHS[0]
 
 
 def test_pixel_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):

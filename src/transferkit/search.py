@@ -967,7 +967,9 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
         return cand
     step_s = _step_seconds(search, ctx, settings)
     per_epoch = step_s * n
-    epochs = _affordable_epochs(search, per_epoch, val_pass=m * step_s / 3, once=once)
+    # Where it loses, the probe's final run follows its inner run (a --mode given: it cannot lose).
+    probe_reserve = 0.0 if "mode" in search.given else _final_reserve(search, ctx, probe.settings)
+    epochs = _affordable_epochs(search, per_epoch, val_pass=m * step_s / 3, once=once, probe_reserve=probe_reserve)
     if "epochs" in search.given:
         epochs = search.cfg.epochs if epochs >= FT_EPOCHS[0] else 0
     cand.estimate_s = once + (2 - INNER_FRACTION) * per_epoch * epochs  # the inner run and the refit
@@ -982,9 +984,9 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
     inner_dir = Path(tempfile.mkdtemp(prefix=f"transferkit-inner-{kind}-"))  # a throwaway run folder
     inner_cfg = _candidate_config(search.cfg, settings, inner_dir, best_metric="accuracy")
     answers = _HoldoutAnswers(len(ctx.inner[1]))
+    deadline = min(search.t0 + _inner_share(search), search.deadline - probe_reserve)
     try:
-        metrics = fit(inner_cfg, scan=_inner_scan(ctx), deadline=search.t0 + _inner_share(search), figures=False,
-                      callbacks=[answers])
+        metrics = fit(inner_cfg, scan=_inner_scan(ctx), deadline=deadline, figures=False, callbacks=[answers])
     except signals.Interrupted:
         raise  # the user's Ctrl-C stops the search, not just this candidate
     except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded; the probe still stands
@@ -1084,11 +1086,14 @@ def _activation_seconds(search: Search, settings: dict, n: int, m: int, cost: fl
     return (settings["views"] * n + m) * cost / search.rate if settings["mode"] == "partial" else 0.0
 
 
-def _affordable_epochs(search: Search, per_epoch: float, val_pass: float, once: float = 0.0) -> int:
+def _affordable_epochs(search: Search, per_epoch: float, val_pass: float, once: float = 0.0,
+                       probe_reserve: float = 0.0) -> int:
     """Epochs E such that the inner run (80% of train) and the refit (100%) both fit, with what they pay
-    `once` (partial's activations), the final val pass and write-up, in what is left."""
-    spare = search.left() - FIXED_OVERHEAD_S - 2 * val_pass - once
-    return int(min(FT_EPOCHS[1], max(0.0, spare / (per_epoch * (2 - INNER_FRACTION)))))
+    `once` (partial's activations), the final val pass and write-up, in what is left; and, where the candidate
+    loses, the inner run and the probe's final run (`probe_reserve` seconds)."""
+    if_won = (search.left() - FIXED_OVERHEAD_S - 2 * val_pass - once) / (per_epoch * (2 - INNER_FRACTION))
+    if_lost = (search.left() - probe_reserve - once) / (per_epoch * (1 - INNER_FRACTION))
+    return int(max(0.0, min(FT_EPOCHS[1], if_won, if_lost)))
 
 
 def _inner_share(search: Search) -> float:
