@@ -97,9 +97,9 @@ def backend_for(device_name: str) -> str:
 def check_gpu_count(processes: int, device_name: str) -> None:
     """One process per GPU on a CUDA job: more processes than GPUs is a user's mistake, said in one line
     (NCCL refuses two ranks on one GPU, and cuda:N past the last GPU is an opaque CUDA error)."""
-    if backend_for(device_name) != "nccl" or processes <= torch.cuda.device_count():
-        return
     gpus = torch.cuda.device_count()
+    if backend_for(device_name) != "nccl" or processes <= gpus:
+        return
     raise UsageError(f"{processes} processes on CUDA need {processes} GPUs, and this machine has {gpus}: use "
                      f"--nproc {gpus}, or --device cpu for CPU processes")
 
@@ -111,8 +111,8 @@ def init(device_name: str = "auto") -> bool:
     if launch.world_size <= 1 or dist.is_initialized():
         return False
     backend = backend_for(device_name)
+    check_gpu_count(launch.local_world_size, device_name)
     if backend == "nccl":
-        check_gpu_count(launch.local_world_size, device_name)
         torch.cuda.set_device(launch.local_rank)
     # torchrun sets OMP_NUM_THREADS=1; share the cores of this machine between its ranks instead.
     threads = int(os.environ.get("TRANSFERKIT_THREADS_PER_RANK", 0)) or \

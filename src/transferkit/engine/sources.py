@@ -97,8 +97,7 @@ class CachedFeatureSource(BatchSource):
         views = [View(k, st.cfg.view_kind, st.cfg.seed) for k in range(st.cfg.views)]
         store = store_for(self._identity())
         extractor = self._extractor(store)
-        workers = (st.cfg.workers if st.cfg.workers is not None
-                   else _auto_workers(len(self.train_items), cpu=st.device.type == "cpu"))
+        workers = _workers(st, len(self.train_items))
         common = dict(workers=workers, sharding=distributed.sharding(), digests=st.scan.digests)
         train_x, train_ok, s1 = cached_features(extractor, store, [p for p, _ in self.train_items], views,
                                                 st.pre, desc="train features", **common)
@@ -193,11 +192,7 @@ class ImageBatchSource(BatchSource):
     def prepare(self) -> None:
         cfg = self.state.cfg
         store = self._decoded_store() if cfg.decoded_cache else None
-        if cfg.workers is not None:
-            workers = cfg.workers
-        else:
-            workers = _auto_workers(len(self.train_items), decoded=store is not None,
-                                    cpu=self.state.device.type == "cpu")
+        workers = _workers(self.state, len(self.train_items), decoded=store is not None)
         common = dict(num_workers=workers, collate_fn=skip_broken_collate, pin_memory=self.cuda,
                       persistent_workers=workers > 0)
         # Re-seeded per epoch in train_batches, so a resumed run shuffles exactly as an uninterrupted one.
@@ -223,8 +218,7 @@ class ImageBatchSource(BatchSource):
         be decoded are dropped and counted as skipped. None where the cache folder cannot be written."""
         st = self.state
         paths = [p for p, _ in self.train_items + self.val_items]
-        workers = st.cfg.workers if st.cfg.workers is not None else _auto_workers(len(paths),
-                                                                                   cpu=st.device.type == "cpu")
+        workers = _workers(st, len(paths))
         try:
             store = open_store(cache_root(), st.pre)
             keys, self.decode_stats = decode_missing(store, paths, st.scan.digests, st.pre, workers=workers,
@@ -293,6 +287,13 @@ class ImageBatchSource(BatchSource):
     def describe(self) -> dict:
         return {"kind": "image-batches", "workers": self.train_loader.num_workers,
                 "decoded_cache": self.decode_stats, "precision": self.precision}
+
+
+def _workers(state, n_images: int, decoded: bool = False) -> int:
+    """Decoding threads or loader processes for a run: --workers where given, else _auto_workers."""
+    if state.cfg.workers is not None:
+        return state.cfg.workers
+    return _auto_workers(n_images, decoded=decoded, cpu=state.device.type == "cpu")
 
 
 def _auto_workers(n_images: int, decoded: bool = False, cpu: bool = False) -> int:
