@@ -803,3 +803,91 @@ def test_a_later_probe_leaves_the_best_probes_final_run_its_time(monkeypatch):
     reserved.clear()
     assert s._two_scale_candidate(search, ctx, best) is not None  # planned (recorded as skipped), not run
     assert reserved == [120.0, 120.0]  # the two-scale probe on 8 views at 300+224 px, then on 4
+
+
+def test_mlp_head_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):
+    """--probe-head mlp: the saved model carries the hidden layer (rebuilt from the checkpoint's metadata);
+    through the ordinary predictor each val image gets the probability the run scored from its cached features
+    (cached at lower precision: within 0.01), and the ONNX export matches eager."""
+    import transferkit as tk
+    from transferkit.engine.checkpoint import read_meta
+    from transferkit.engine.fit import fit
+    from transferkit.engine.probe import MLP_HIDDEN
+    from transferkit.export import export_run
+
+    data = _folder(tmp_path / "data", seed=6)
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(data), out=str(run), recipe="tutorial", mode="linear-probe", probe_head="mlp",
+                    probe_views="flip", engine="torch", **SMALL))
+    probe = read_meta(run)["probe"]
+    assert probe["hidden"] == MLP_HIDDEN and probe["C"] is None
+    scored = {Path(r["path"]).name: r["probability_of_true"]
+              for r in json.loads((run / "evaluation.json").read_text())["top_losses"]}
+    val = sorted((data / "val").glob("*/*.png"))
+    clf = tk.load(run)
+    probs = clf.predict_proba(val)
+    for path, row in zip(val, probs):
+        if path.name in scored:
+            assert row[list(clf.classes_).index(path.parent.name)] == pytest.approx(scored[path.name], abs=0.01)
+    assert len(scored) >= 6
+    result = export_run(run, "onnx")
+    assert result["parity"]["top1_agreement"] == 1.0 and result["parity"]["max_abs_prob_diff"] < 1e-3
+
+
+def test_mlp_fit_is_seeded_and_leaves_the_callers_random_state_alone():
+    from transferkit.engine.probe import fit_probe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 2, 12)).astype(np.float32), np.repeat([0, 1, 2, 3], 10)
+    columns = np.arange(12)
+    torch.manual_seed(7)
+    before = torch.rand(1)
+    torch.manual_seed(7)
+    first = fit_probe(x, y, columns, None, 4, head="mlp", seed=3)
+    assert torch.rand(1) == before  # the fit drew its numbers from a forked generator
+    second = fit_probe(x, y, columns, None, 4, head="mlp", seed=3)
+    assert np.array_equal(first.logits(x), second.logits(x))
+    assert first.hidden[0].shape == (256, 12) and first.weight.shape == (4, 256)
+    # separable features are learnt: the head is trained, not left at its random start
+    easy = np.repeat(np.eye(4, 12, dtype=np.float32)[y][:, None] * 3, 2, 1) + x * 0.1
+    assert (fit_probe(easy, y, columns, None, 4, head="mlp").logits(easy).mean(1).argmax(1) == y).mean() == 1.0
+
+
+def test_mlp_fit_gives_up_when_its_projected_end_passes_the_deadline():
+    import time
+
+    from transferkit.engine.probe import cross_validate_mlp, fit_probe
+
+    x, y = np.random.default_rng(1).normal(size=(30, 1, 8)).astype(np.float32), np.repeat([0, 1, 2], 10)
+    assert fit_probe(x, y, np.arange(8), None, 3, head="mlp", deadline=time.perf_counter()) is None
+    assert cross_validate_mlp(x, y, np.arange(8), 3, deadline=time.perf_counter()) is None
+    assert 0.0 <= cross_validate_mlp(x, y, np.arange(8), 3) <= 1.0
+
+
+def test_search_tries_an_mlp_head_on_the_best_probes_features_and_reproduces_it(tmp_path):
+    """The MLP head is a probe candidate like the others (same 3-fold CV, its own time and status in
+    search.json, built on the best linear probe's settings); given, it is the model, and the reproduce command
+    names it without the linear probe's C."""
+    data = _mislabel(_folder(tmp_path / "data"), 2)
+    _, search = _search(data, tmp_path / "auto", budget="5m", mode="linear-probe")
+    mlp = [c for c in search["candidates"] if c["settings"].get("probe_head") == "mlp"]
+    assert len(mlp) == 1 and mlp[0]["status"] == "ran" and 0 <= mlp[0]["score"] <= 1 and mlp[0]["name"].endswith(
+        "head=mlp")
+    linear = next(c for c in search["candidates"] if c["name"] == mlp[0]["name"].removesuffix(" head=mlp"))
+    assert {k: v for k, v in mlp[0]["settings"].items() if k != "probe_head"} == {
+        k: v for k, v in linear["settings"].items() if k != "cv_per_C"}
+    _, given = _search(data, tmp_path / "given", budget="5m", mode="linear-probe", probe_head="mlp")
+    assert given["chosen_settings"]["probe_head"] == "mlp"
+    command = shlex.split(given["reproduce"])
+    assert command[command.index("--probe-head") + 1] == "mlp" and "--probe-c" not in command
+    _, linear_only = _search(data, tmp_path / "linear", budget="5m", mode="linear-probe", probe_head="linear")
+    assert not any(c["settings"].get("probe_head") for c in linear_only["candidates"])
+
+
+@pytest.mark.parametrize("extra", [["--probe-scale", "64", "--image-size", "96"], ["--probe-c", "0.1"],
+                                   ["--mode", "finetune"]])
+def test_mlp_head_with_what_it_cannot_go_with_is_a_one_line_error(extra, tmp_path, capsys):
+    data = _folder(tmp_path / "data")
+    argv = ["--recipe", "tutorial", "--mode", "linear-probe", "--probe-head", "mlp", *extra]
+    assert cli.main(["train", str(data), *argv, "--out", str(tmp_path / "run")]) == 2
+    assert "--probe-head mlp goes with" in capsys.readouterr().err

@@ -40,6 +40,8 @@ TRAIN_HELP = {
     "probe_scale_c": "linear-probe: --probe-c of the --probe-scale probe (default: 3-fold CV on train)",
     "train_subsample": "train on a seeded stratified random N of the training images (the recipe search's "
                        "reproduce command names it where its budget allowed fewer than all)",
+    "probe_head": "linear-probe: the head on the pooled features: logistic regression, or one hidden layer of "
+                  "256 ReLU units (the auto recipe tries it where time allows and keeps it where it wins the CV)",
     "probe_pixels": "linear-probe: also the image's raw pixels (grey, 32×32) as features, for images much smaller "
                     "than the network's input",
     "model": "backbone (see `transferkit models`); with the auto recipe and no --model, the search may move to a "
@@ -120,7 +122,7 @@ def _with_default(help_text: str | None, default) -> str:
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     from .config import (AUGMENT_PRESETS, BATCHNORM_MODES, BEST_METRICS, ENGINES, HEAD_INITS, OPTIMIZERS,
-                         POOLINGS, PROBE_VIEWS, RECIPES, SCHEDULERS, VIEW_KINDS, TrainConfig)
+                         POOLINGS, PROBE_HEADS, PROBE_VIEWS, RECIPES, SCHEDULERS, VIEW_KINDS, TrainConfig)
     from .modes import mode_help, mode_names
 
     helps = {**TRAIN_HELP, "mode": mode_help()}
@@ -128,7 +130,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
                "cache_dtype": ("float16", "float32"), "batchnorm": BATCHNORM_MODES,
                "class_weights": ("none", "auto"), "scale_lr": ("none", "linear"), "recipe": RECIPES,
-               "head_init": HEAD_INITS, "probe_pooling": POOLINGS, "probe_views": PROBE_VIEWS}
+               "head_init": HEAD_INITS, "probe_pooling": POOLINGS, "probe_views": PROBE_VIEWS,
+               "probe_head": PROBE_HEADS}
     from .config import PRECISIONS
 
     choices["precision"] = PRECISIONS

@@ -26,6 +26,7 @@ RECIPES = ("auto", "tutorial")
 HEAD_INITS = ("random", "probe")
 POOLINGS = ("mean", "meanmax")
 PROBE_VIEWS = ("none", "flip", "turns", "dihedral")
+PROBE_HEADS = ("linear", "mlp")
 DEFAULT_TIME_BUDGET = "4m"  # keeps a no-flag ELPV run (2,624 images) within 5 minutes on a 2-core CPU
 ENGINES = ("auto", "torch", "onnxruntime")
 SCALE_LR = ("none", "linear")
@@ -98,6 +99,7 @@ class TrainConfig:
     # linear-probe: also the image's raw pixels (channel mean at 32×32, in the model) as features, for images
     # much smaller than the network's input
     probe_pixels: bool = False
+    probe_head: str = "linear"  # linear-probe: logistic regression, or one hidden layer (engine/probe.py fit_mlp)
     tensorboard: bool = False
     out: str | None = None
     overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
@@ -108,6 +110,7 @@ class TrainConfig:
         _choice("head-init", self.head_init, HEAD_INITS)
         _choice("probe-pooling", self.probe_pooling, POOLINGS)
         _choice("probe-views", self.probe_views, PROBE_VIEWS)
+        _choice("probe-head", self.probe_head, PROBE_HEADS)
         parse_duration(self.time_budget)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
@@ -160,6 +163,10 @@ class TrainConfig:
         if self.probe_pixels and ((self.recipe == "tutorial" and self.mode != "linear-probe")
                                   or self.probe_scale is not None):
             raise UsageError("--probe-pixels goes with --mode linear-probe (or the auto recipe), without --probe-scale")
+        if self.probe_head == "mlp" and ((self.recipe == "tutorial" and self.mode != "linear-probe")
+                                         or self.probe_scale is not None or self.probe_c is not None):
+            raise UsageError("--probe-head mlp goes with --mode linear-probe (or the auto recipe), without "
+                             "--probe-scale or --probe-c (the two-scale probe and C are the linear head's)")
         if self.probe_scale is not None and self.probe_scale < 32:
             raise UsageError(f"--probe-scale must be ≥ 32, not {self.probe_scale}")
         if self.probe_stages is not None:

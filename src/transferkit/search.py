@@ -54,7 +54,7 @@ FT_LR = {"finetune": 1e-4, "partial": 1e-3}
 LOWER_LR_FACTOR = 0.8
 # Pieces of the recipe the search chooses; given explicitly, each stays as given.
 PROBE_PIECES = ("model", "crop_fraction", "probe_views", "probe_stages", "probe_pooling", "probe_c", "image_size",
-                "probe_scale", "probe_scale_c", "probe_pixels")
+                "probe_scale", "probe_scale_c", "probe_pixels", "probe_head")
 # The two-scale probe reads images at this multiple of the input size (FixRes, Touvron et al. 2019: a network
 # sees objects larger at test time than in its training crops, so a larger test input suits it)...
 LARGER_INPUT = 4 / 3
@@ -121,6 +121,7 @@ class Search:
     candidates: list[Candidate] = field(default_factory=list)
     rate: float = 0.0  # feature views per second of the first backbone at its own input size, measured
     cv_row_s: float | None = None  # seconds of probe cross-validation per (image, view), measured
+    mlp_step_s: float | None = None  # seconds of one MLP head training step (engine/probe.py), measured
     bar: object = None  # engine/progress.time_bar over the budget
     feats_done: bool = False  # the first extraction (which never stops) is behind us
     subsample: int | None = None  # training images of the final model, where fewer than all
@@ -374,6 +375,15 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
         best = _better(best, cand)
     if _perfect(best):
         return _stopped_at(search, best), ctx
+    mlp = _mlp_candidate(search, ctx, best)
+    if "probe_head" in given and cfg.probe_head == "mlp":  # asked for: the later probes are linear ones
+        if mlp is not None and mlp.score is not None:
+            return mlp, ctx
+        log.warning("search: no MLP head fitted in the budget, so the model is the linear probe; a larger "
+                    "--time-budget (or --recipe tutorial --mode linear-probe --probe-head mlp) fits one")
+    best = _better(best, mlp)
+    if _perfect(best):
+        return _stopped_at(search, best), ctx
     if "image_size" not in given:
         best = _better(best, _two_scale_candidate(search, ctx, best))
         if _perfect(best):
@@ -511,6 +521,13 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     for before, view_set in zip(view_sets, view_sets[1:]):  # each pays for its new views and its CV
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
+    if not (search.cfg.probe_head == "linear" and "probe_head" in search.given):
+        from .engine.probe import mlp_fit_seconds
+
+        widest = {"crop_fraction": crops[0], "probe_stages": None, "probe_pooling": "meanmax",
+                  "probe_pixels": _tries_pixels(search, ctx)}
+        steps.append(("the best probe with an MLP head, per view",
+                      mlp_fit_seconds(_mlp_step_seconds(search, ctx, widest), n) * (3 - INNER_FRACTION)))
     size = None if "image_size" in search.given else _larger_size(ctx)
     if size is not None:
         steps.append((f"probe at {size}+{ctx.pre(None).input_size} px, the best crop, per view",
@@ -562,27 +579,90 @@ def _final_reserve(search: Search, ctx: _Context, settings: dict) -> float:
     scales for a two-scale probe) and the write-up."""
     from .engine.probe_train import PROBE_VIEWS
 
+    from .engine.probe import mlp_fit_seconds
+
     views = len(PROBE_VIEWS[settings["probe_views"]])
-    return views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
+    fit = 0.0
+    if settings.get("probe_head") == "mlp":  # the linear probe's fit takes a second or two: only the MLP's counts
+        fit = mlp_fit_seconds(_mlp_step_seconds(search, ctx, settings), views * len(ctx.scan.train))
+    return views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings) + fit + FIXED_OVERHEAD_S
 
 
 def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -> None:
     from .engine.probe_train import PROBE_VIEWS
 
     t = time.perf_counter()
-    crop, views = cand.settings["crop_fraction"], PROBE_VIEWS[cand.settings["probe_views"]]
-    x = _train_features(search, ctx, crop, views, reserve)
+    x = _probe_features(search, ctx, cand.settings["crop_fraction"], PROBE_VIEWS[cand.settings["probe_views"]],
+                        reserve)
     if x is None:
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
         log.info("search: %s %s", cand.name, cand.status)
         return
-    if _tries_pixels(search, ctx):
-        x = _with_pixel_features(search, ctx, crop, views, x)
     _score_probe(search, ctx, cand, x, reserve)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
     log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", cand.name, cand.score, _probe_text(cand.settings),
              cand.seconds)
+
+
+def _probe_features(search: Search, ctx: _Context, crop, views, reserve: float) -> np.ndarray | None:
+    """The training features a probe on these views reads (with the pixel block where the probes try it), or
+    None where their extraction had to stop."""
+    x = _train_features(search, ctx, crop, views, reserve)
+    if x is not None and _tries_pixels(search, ctx):
+        x = _with_pixel_features(search, ctx, crop, views, x)
+    return x
+
+
+def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
+    """The best probe's features with an MLP head (engine/probe.py fit_mlp) in place of the logistic
+    regression: no extraction, only its fits (3 CV folds, then the inner hold-out), planned from one timed
+    training step. Scored by the same 3-fold CV; it keeps the linear probe's settings (crop, views, pooling,
+    stages and C), so the later probes build on them as on the linear one's."""
+    from .engine.probe import cross_validate_mlp, fit_probe, mlp_fit_seconds, predict_proba
+    from .engine.probe_train import PROBE_VIEWS
+
+    if best.score is None or search.cfg.probe_head == "linear" and "probe_head" in search.given:
+        return None
+    s = best.settings
+    settings = {**{k: v for k, v in s.items() if k != "cv_per_C"}, "probe_head": "mlp"}
+    cand = search.add(Candidate(f"{best.name} head=mlp", "probe", settings))
+    views = PROBE_VIEWS[s["probe_views"]]
+    rows = len(ctx.scan.train) * len(views)
+    step_s = _mlp_step_seconds(search, ctx, s)
+    # the CV's folds fit 2/3 of the rows each, the inner run 1 - INNER_FRACTION of them
+    cand.estimate_s = mlp_fit_seconds(step_s, rows) * (2 + 1 - INNER_FRACTION)
+    reserve = _final_reserve(search, ctx, settings)  # where it loses, the linear probe's smaller one follows
+    if not search.affords(cand, reserve):
+        return cand
+    t, n_classes, seed = time.perf_counter(), len(ctx.scan.classes), search.cfg.seed
+    x = _probe_features(search, ctx, s["crop_fraction"], views, reserve)  # cached by the probe it builds on
+    columns = ctx.taps_for(s["crop_fraction"]).columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"])
+    deadline, (inner_train, inner_test) = search.deadline - reserve, ctx.inner
+    score = cross_validate_mlp(x, ctx.y, columns, n_classes, seed=seed, deadline=deadline)
+    fit = None if score is None else fit_probe(x[inner_train], ctx.y[inner_train], columns, None, n_classes,
+                                               head="mlp", seed=seed, deadline=deadline)
+    cand.seconds = time.perf_counter() - t
+    if fit is None:
+        cand.status = "stopped: its fits ran slower than planned"
+        log.info("search: %s %s", cand.name, cand.status)
+        return cand
+    cand.score, cand.status = score, "ran"
+    cand.answered(predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test])
+    log.info("search: %s: CV accuracy %.4f (the linear head's %.4f), %.0fs", cand.name, score, best.score,
+             cand.seconds)
+    return cand
+
+
+def _mlp_step_seconds(search: Search, ctx: _Context, settings: dict) -> float:
+    """One MLP training step on this machine over a probe's columns, timed once per search."""
+    from .engine.probe import mlp_step_seconds
+
+    if search.mlp_step_s is None:
+        taps = ctx.taps_for(settings["crop_fraction"])
+        width = len(taps.columns(settings["probe_stages"], settings["probe_pooling"], settings["probe_pixels"]))
+        search.mlp_step_s = mlp_step_seconds(width, len(ctx.scan.classes))
+    return search.mlp_step_s
 
 
 def _missing_views(ctx: _Context, crop, views, size=None) -> list:
@@ -1129,6 +1209,8 @@ def _final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
     subsample = {"train_subsample": search.subsample} if search.subsample else {}  # for the reproduce command
     if winner.kind == "probe":
         settings = {k: winner.settings[k] for k in PROBE_PIECES if k in winner.settings}
+        if settings.get("probe_head") == "mlp":
+            settings.pop("probe_c", None)  # the linear probe's strength it was built on: an MLP head has none
         return _candidate_config(search.cfg, settings, out, mode="linear-probe", **subsample)
     return _candidate_config(search.cfg, winner.settings, out, best_metric="last", **subsample)
 

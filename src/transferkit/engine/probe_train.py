@@ -93,7 +93,11 @@ def make_pixel_taps(spec, cfg, pre: Preprocessing, device) -> Taps:
 def probe_model(taps: Taps, fit: ProbeFit, n_classes: int, views, pixels: bool = False) -> ProbeClassifier:
     scales = [taps.scale] if taps.scale else []
     return ProbeClassifier(taps.pooler, len(fit.columns), n_classes, views, taps.pre.input_size, scales,
-                           PROBE_PIXELS if pixels else 0).load_fit(fit)
+                           PROBE_PIXELS if pixels else 0, _hidden_width(fit)).load_fit(fit)
+
+
+def _hidden_width(fit: ProbeFit) -> int:
+    return 0 if fit.hidden is None else int(fit.hidden[0].shape[0])
 
 
 def probe_meta(taps: Taps, fit: ProbeFit, views, pixels: bool = False) -> dict:
@@ -105,12 +109,17 @@ def probe_meta(taps: Taps, fit: ProbeFit, views, pixels: bool = False) -> dict:
         meta["scales"] = [taps.scale]
     if pixels:
         meta["pixels"] = PROBE_PIXELS
+    if fit.hidden is not None:
+        meta["hidden"] = _hidden_width(fit)
     return meta
 
 
 def choose_and_fit(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, C: float | None,
-                   seed: int = 0) -> tuple[ProbeFit, dict]:
-    """The probe on all of x; C from 3-fold CV on x when not given. Returns the fit and the CV record."""
+                   seed: int = 0, head: str = "linear") -> tuple[ProbeFit, dict]:
+    """The probe on all of x; C from 3-fold CV on x when not given (a linear head). Returns the fit and the CV
+    record. An MLP head (--probe-head mlp) has no strength to choose: its one recipe is fitted as it is."""
+    if head == "mlp":
+        return fit_probe(x, y, columns, None, n_classes, head="mlp", seed=seed), {"head": "mlp"}
     cv = None
     if C is None:
         if np.bincount(y).min() < 3:
@@ -191,7 +200,7 @@ def _fit_scales(cfg, taps: Taps, x: np.ndarray, y: np.ndarray, n_classes: int) -
     """The probe, or with --probe-scale one probe per scale stacked into one head (logits averaged)."""
     columns = taps.columns(cfg.probe_stages, cfg.probe_pooling, cfg.probe_pixels)
     if not cfg.probe_scale:
-        return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed)
+        return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed, cfg.probe_head)
     width = x.shape[2] // 2
     fit1, rec1 = choose_and_fit(x[:, :, :width], y, columns, n_classes, cfg.probe_c, cfg.seed)
     fit2, rec2 = choose_and_fit(x[:, :, width:], y, columns, n_classes, cfg.probe_scale_c, cfg.seed)
