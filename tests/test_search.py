@@ -100,7 +100,8 @@ def test_mode_given_limits_the_search(tmp_path, caplog):
     assert {c["kind"] for c in search["candidates"]} == {"probe"}
     assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
     steps = [r.getMessage() for r in caplog.records if r.getMessage()[:8] in {f"plan: {i}." for i in range(1, 9)}]
-    assert steps and all(", 1 view" in step for step in steps), steps  # one step per crop, no more views
+    # one step per crop and no more views (the MLP head reads the best probe's views, adding none)
+    assert steps and all(", 1 view" in step or "MLP head" in step for step in steps), steps
     assert not any("fine-tuning" in step for step in steps)
 
 
@@ -281,6 +282,7 @@ def test_a_two_scale_probe_too_slow_on_all_the_views_runs_on_fewer(monkeypatch):
     monkeypatch.setattr(search_module, "_larger_size", lambda ctx: 300)
     monkeypatch.setattr(search_module, "_two_scale_seconds", lambda search, ctx, size, views: 30.0 * views)
     monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, settings: 0.0)
+    monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, settings: 0.0)
     monkeypatch.setattr(search_module, "_run_two_scale",
                         lambda search, ctx, cand, best, reserve: ran.append(cand.settings["probe_views"]))
     ctx = SimpleNamespace(pre=lambda crop: SimpleNamespace(input_size=224), scan=SimpleNamespace(val=[]))
@@ -849,7 +851,8 @@ def test_mlp_fit_is_seeded_and_leaves_the_callers_random_state_alone():
     assert np.array_equal(first.logits(x), second.logits(x))
     assert first.hidden[0].shape == (256, 12) and first.weight.shape == (4, 256)
     # separable features are learnt: the head is trained, not left at its random start
-    easy = np.repeat(np.eye(4, 12, dtype=np.float32)[y][:, None] * 3, 2, 1) + x * 0.1
+    y = np.repeat([0, 1, 2, 3], 50)
+    easy = np.repeat(np.eye(4, 12, dtype=np.float32)[y][:, None] * 3, 2, 1) + rng.normal(size=(200, 2, 12)) * 0.1
     assert (fit_probe(easy, y, columns, None, 4, head="mlp").logits(easy).mean(1).argmax(1) == y).mean() == 1.0
 
 

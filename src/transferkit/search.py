@@ -3,7 +3,8 @@
 A ladder of candidates from cheap to expensive, each reusing the caches of the ones before it:
   1. linear probes (engine/probe.py) on pooled multi-stage features: the backbone's eval crop, then the
      whole frame; then the mirror view, then the 8 dihedral views (where --rotation-safe says so, or where
-     the probe on the image and its mirror turned by 90° too won the CV); then, where the images are large
+     the probe on the image and its mirror turned by 90° too won the CV); then the best probe's features with
+     an MLP head in place of the logistic regression (engine/probe.py fit_mlp); then, where the images are large
      enough, a two-scale probe (the best views read at 4/3 of the input size too, one probe per scale, logits
      averaged); then the best crop and views on a stronger backbone of the same family (the registry's
      `stronger`), which fine-tuning and the final run use where it wins; pooling, stages and C by 3-fold CV;
@@ -576,16 +577,12 @@ def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: 
 
 def _final_reserve(search: Search, ctx: _Context, settings: dict) -> float:
     """Seconds the final run of a probe with these settings needs: its val pass over every view (at both
-    scales for a two-scale probe) and the write-up."""
+    scales for a two-scale probe), its fit and the write-up."""
     from .engine.probe_train import PROBE_VIEWS
 
-    from .engine.probe import mlp_fit_seconds
-
     views = len(PROBE_VIEWS[settings["probe_views"]])
-    fit = 0.0
-    if settings.get("probe_head") == "mlp":  # the linear probe's fit takes a second or two: only the MLP's counts
-        fit = mlp_fit_seconds(_mlp_step_seconds(search, ctx, settings), views * len(ctx.scan.train))
-    return views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings) + fit + FIXED_OVERHEAD_S
+    val_pass = views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings)
+    return val_pass + _fit_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
 
 
 def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -> None:
@@ -912,7 +909,7 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     s, n, total = winner.settings, len(ctx.scan.train), len(full.train)
     views = len(PROBE_VIEWS[s["probe_views"]])
     per_view = _final_view_seconds(search, ctx, s)
-    fit_per_image = _fit_seconds(search, ctx, views) / n
+    fit_per_image = _fit_seconds(search, ctx, s) / n
     val_pass = views * len(ctx.scan.val) * per_view
     spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
     grown = min(total, n + max(0, int(spare / (views * per_view + fit_per_image))))
@@ -924,8 +921,15 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     return subsample_train(full, grown, search.cfg.seed)  # the final run's --train-subsample takes the same images
 
 
-def _fit_seconds(search: Search, ctx: _Context, views: int) -> float:
-    """One probe fit on all of ctx's training images, from the CV's measured cost (see FITS_PER_CV)."""
+def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:
+    """One fit of a probe with these settings on all of ctx's training images: an MLP head's from its timed
+    training step, a logistic regression's from the CV's measured cost (see FITS_PER_CV)."""
+    from .engine.probe import mlp_fit_seconds
+    from .engine.probe_train import PROBE_VIEWS
+
+    views = len(PROBE_VIEWS[settings["probe_views"]])
+    if settings.get("probe_head") == "mlp":
+        return mlp_fit_seconds(_mlp_step_seconds(search, ctx, settings), views * len(ctx.scan.train))
     return _cv_seconds(search, ctx, views) / FITS_PER_CV
 
 

@@ -43,9 +43,10 @@ class LinearProbe(Mode):
             _write_history(state)
             save_checkpoint(RunFolder(state.out).best, state.model,
                             {**_meta(state, 1, row), "probe": result["meta"]})
-        log.info("linear probe: %d features, C=%g, views %s: train acc %.4f, val acc %.4f",
-                 result["record"]["features"], result["meta"]["C"], result["meta"]["views"], row["train_acc"],
-                 row["val_acc"])
+        meta = result["meta"]
+        head = f"an MLP head ({meta['hidden']} units)" if meta.get("hidden") else f"C={meta['C']:g}"
+        log.info("linear probe: %d features, %s, views %s: train acc %.4f, val acc %.4f",
+                 result["record"]["features"], head, meta["views"], row["train_acc"], row["val_acc"])
         best = {"epoch": 1, "val": {**val, "indices": np.arange(len(y_val))}}
         return _finish(state, _ProbeRecord(result), best, time.perf_counter() - t_start, figures)
 
