@@ -894,3 +894,26 @@ def test_mlp_head_with_what_it_cannot_go_with_is_a_one_line_error(extra, tmp_pat
     argv = ["--recipe", "tutorial", "--mode", "linear-probe", "--probe-head", "mlp", *extra]
     assert cli.main(["train", str(data), *argv, "--out", str(tmp_path / "run")]) == 2
     assert "--probe-head mlp goes with" in capsys.readouterr().err
+
+
+def test_an_mlp_probes_final_run_reserves_its_fit(monkeypatch):
+    """The final run of an MLP-head probe refits the head on every training row (seconds to a minute, from the
+    timed step), a logistic regression's from the CV's measured cost: each reserve holds its own fit."""
+    import time
+    from types import SimpleNamespace
+
+    import transferkit.search as search_module
+    from transferkit.engine.probe import mlp_fit_seconds
+    from transferkit.search import FITS_PER_CV, FIXED_OVERHEAD_S, Search
+
+    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, settings: 0.0)
+    ctx = SimpleNamespace(scan=SimpleNamespace(train=[None] * 1000, val=[None] * 100, classes=["a", "b"]))
+    now = time.perf_counter()
+    search = Search(TrainConfig(data="d"), set(), deadline=now + 100, t0=now, cv_row_s=0.001, mlp_step_s=0.02)
+    linear = {"crop_fraction": 1.0, "probe_views": "flip", "probe_pooling": "meanmax", "probe_stages": 6}
+    mlp = {**linear, "probe_head": "mlp"}
+    assert search_module._final_reserve(search, ctx, linear) == pytest.approx(
+        FIXED_OVERHEAD_S + 0.001 * 2 * 1000 / FITS_PER_CV)
+    assert search_module._final_reserve(search, ctx, mlp) == pytest.approx(
+        FIXED_OVERHEAD_S + mlp_fit_seconds(0.02, 2000))
+    assert mlp_fit_seconds(0.02, 2000) > 0.02 * 8 * 15  # 8 steps an epoch, 15 epochs, and the measured overhead
