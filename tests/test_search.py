@@ -917,3 +917,19 @@ def test_an_mlp_probes_final_run_reserves_its_fit(monkeypatch):
     assert search_module._final_reserve(search, ctx, mlp) == pytest.approx(
         FIXED_OVERHEAD_S + mlp_fit_seconds(0.02, 2000))
     assert mlp_fit_seconds(0.02, 2000) > 0.02 * 8 * 15  # 8 steps an epoch, 15 epochs, and the measured overhead
+
+
+@pytest.mark.parametrize("options, tried", [({}, True), ({"mode": "linear-probe"}, True),
+                                            ({"mode": "feature-extract"}, True), ({"mode": "finetune"}, False),
+                                            ({"mode": "partial"}, False), ({"probe_head": "linear"}, False),
+                                            ({"probe_head": "mlp", "mode": "linear-probe"}, True)])
+def test_the_mlp_step_is_in_the_ladder_unless_a_given_option_rules_it_out(options, tried):
+    """A --mode that fine-tunes uses the probes only to start and judge the fine-tuning (a linear head), and
+    --probe-head linear asks for the logistic regression: neither pays for an MLP head's fits."""
+    import time
+
+    from transferkit.search import Search, _tries_mlp
+
+    now = time.perf_counter()
+    search = Search(TrainConfig(data="d", **options), set(options), deadline=now + 60, t0=now)
+    assert _tries_mlp(search) is tried

@@ -522,7 +522,7 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     for before, view_set in zip(view_sets, view_sets[1:]):  # each pays for its new views and its CV
         k, new = len(PROBE_VIEWS[view_set]), len(PROBE_VIEWS[view_set]) - len(PROBE_VIEWS[before])
         steps.append((described[view_set], new * per_view + k * cv))
-    if not (search.cfg.probe_head == "linear" and "probe_head" in search.given):
+    if _tries_mlp(search):
         from .engine.probe import mlp_fit_seconds
 
         widest = {"crop_fraction": crops[0], "probe_stages": None, "probe_pooling": "meanmax",
@@ -619,7 +619,7 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     from .engine.probe import cross_validate_mlp, fit_probe, mlp_fit_seconds, predict_proba
     from .engine.probe_train import PROBE_VIEWS
 
-    if best.score is None or search.cfg.probe_head == "linear" and "probe_head" in search.given:
+    if best.score is None or not _tries_mlp(search):
         return None
     s = best.settings
     settings = {**{k: v for k, v in s.items() if k != "cv_per_C"}, "probe_head": "mlp"}
@@ -649,6 +649,17 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     log.info("search: %s: CV accuracy %.4f (the linear head's %.4f), %.0fs", cand.name, score, best.score,
              cand.seconds)
     return cand
+
+
+def _tries_mlp(search: Search) -> bool:
+    """Whether the ladder has the MLP step: not where --probe-head linear was given, nor where a --mode that
+    fine-tunes was (the probes then only start and judge the fine-tuning, which takes a linear head)."""
+    from .modes import get_mode
+
+    cfg, given = search.cfg, search.given
+    if "probe_head" in given:
+        return cfg.probe_head == "mlp"
+    return "mode" not in given or not get_mode(cfg.mode).trains_backbone
 
 
 def _mlp_step_seconds(search: Search, ctx: _Context, settings: dict) -> float:
