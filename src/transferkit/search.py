@@ -81,6 +81,9 @@ GROWTH_SHARE = 0.8
 # the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
 # 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
 FITS_PER_CV = 6
+# The MLP step's fits, in fits on all of the probe's rows: 3 CV folds of 2/3 of them, then the inner run on
+# 1 - INNER_FRACTION of them (the final run's fit is in its reserve).
+MLP_STEP_FITS = 3 * 2 / 3 + (1 - INNER_FRACTION)
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 # Images whose shorter side is at most this share of the network's input (upsampled 2× or more) are small enough
@@ -528,7 +531,7 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
         widest = {"crop_fraction": crops[0], "probe_stages": None, "probe_pooling": "meanmax",
                   "probe_pixels": _tries_pixels(search, ctx)}
         steps.append(("the best probe with an MLP head, per view",
-                      mlp_fit_seconds(_mlp_step_seconds(search, ctx, widest), n) * (3 - INNER_FRACTION)))
+                      mlp_fit_seconds(_mlp_step_seconds(search, ctx, widest), n) * MLP_STEP_FITS))
     size = None if "image_size" in search.given else _larger_size(ctx)
     if size is not None:
         steps.append((f"probe at {size}+{ctx.pre(None).input_size} px, the best crop, per view",
@@ -578,11 +581,15 @@ def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: 
 def _final_reserve(search: Search, ctx: _Context, settings: dict) -> float:
     """Seconds the final run of a probe with these settings needs: its val pass over every view (at both
     scales for a two-scale probe), its fit and the write-up."""
+    return _val_pass_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
+
+
+def _val_pass_seconds(search: Search, ctx: _Context, settings: dict) -> float:
+    """The final run's pass over the val images, every view of a probe with these settings."""
     from .engine.probe_train import PROBE_VIEWS
 
     views = len(PROBE_VIEWS[settings["probe_views"]])
-    val_pass = views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings)
-    return val_pass + _fit_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
+    return views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings)
 
 
 def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -> None:
@@ -627,8 +634,7 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     views = PROBE_VIEWS[s["probe_views"]]
     rows = len(ctx.scan.train) * len(views)
     step_s = _mlp_step_seconds(search, ctx, s)
-    # the CV's folds fit 2/3 of the rows each, the inner run 1 - INNER_FRACTION of them
-    cand.estimate_s = mlp_fit_seconds(step_s, rows) * (2 + 1 - INNER_FRACTION)
+    cand.estimate_s = mlp_fit_seconds(step_s, rows) * MLP_STEP_FITS
     reserve = _final_reserve(search, ctx, settings)  # where it loses, the linear probe's smaller one follows
     if not search.affords(cand, reserve):
         return cand
@@ -921,8 +927,8 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     views = len(PROBE_VIEWS[s["probe_views"]])
     per_view = _final_view_seconds(search, ctx, s)
     fit_per_image = _fit_seconds(search, ctx, s) / n
-    val_pass = views * len(ctx.scan.val) * per_view
-    spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
+    after = search.left() - _val_pass_seconds(search, ctx, s) - FIXED_OVERHEAD_S
+    spare = after * GROWTH_SHARE - n * fit_per_image
     grown = min(total, n + max(0, int(spare / (views * per_view + fit_per_image))))
     if grown <= n:
         return ctx.scan

@@ -315,9 +315,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None
 
 def stack_fits(fits: list[ProbeFit], width: int) -> ProbeFit:
     """One probe whose logits are the mean of `fits`' logits, each fit reading its own scale's block of a
-    concatenated vector (blocks of `width` columns, in the order of `fits`). Linear heads only."""
-    if any(f.hidden is not None for f in fits):
-        raise ValueError("stack_fits averages linear heads; an MLP head has no single matrix to stack")
+    concatenated vector (blocks of `width` columns, in the order of `fits`). Linear heads only (config
+    validation refuses --probe-head mlp with --probe-scale)."""
     return ProbeFit(
         columns=np.concatenate([f.columns + i * width for i, f in enumerate(fits)]),
         mean=np.concatenate([f.mean for f in fits]),
