@@ -1157,7 +1157,7 @@ def _step_seconds(search: Search, ctx: _Context, settings: dict) -> float:
     times = []
     for _ in range(4):  # the first calls also build oneDNN's kernels: take the fastest of the rest
         t = time.perf_counter()
-        with precisions.autocast(ctx.device, precision):
+        with precisions.training_autocast(ctx.device, precision):
             out = model(x)
         (out[0] if isinstance(out, tuple) else out).float().logsumexp(1).mean().backward()
         optimizer.step()

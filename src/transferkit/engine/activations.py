@@ -68,7 +68,7 @@ class CachedActivationSource(CachedFeatureSource):
         x = x.float()
         if self.state.device.type == "cpu" and self.state.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with precisions.autocast(self.state.device, self.precision):  # the unfrozen groups; weights stay fp32
+        with precisions.training_autocast(self.state.device, self.precision):  # the unfrozen groups; fp32 weights
             return self.head(x).float()
 
     def describe(self) -> dict:

@@ -8,7 +8,7 @@ and without AVX512_BF16/AMX and on GPUs with and without bf16 tensor cores.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -60,6 +60,16 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def training_autocast(device: torch.device, precision: str):
+    """autocast for a forward whose backward follows: on a CPU in bf16, depthwise convolutions' gradients are
+    also computed in whichever dtype is faster for their shapes (engine/depthwise.py); elsewhere autocast alone."""
+    from .depthwise import faster_depthwise_grads
+
+    with autocast(device, precision), faster_depthwise_grads(device, precision):
+        yield
 
 
 def describe(precision: str, device: torch.device) -> dict:

@@ -259,7 +259,7 @@ class ImageBatchSource(BatchSource):
     def forward(self, x: torch.Tensor):
         if self.state.device.type == "cpu" and self.state.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with precisions.autocast(self.state.device, self.precision):  # weights stay fp32
+        with precisions.training_autocast(self.state.device, self.precision):  # weights stay fp32
             # DDP only where gradients flow; evaluation needs no synchronisation.
             out = (self.net if torch.is_grad_enabled() else self.state.model)(x)
         if isinstance(out, tuple):  # inception's (logits, aux_logits) while training
