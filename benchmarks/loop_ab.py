@@ -29,6 +29,9 @@ RUNS = {  # name -> TrainConfig options (the tutorial recipe, no search)
                                                                optimizer="adam", scheduler="cosine"),
     "finetune (lite0 at 96 px, batch 16, 1 epoch)": dict(mode="finetune", epochs=1, batch_size=16, image_size=96,
                                                          batchnorm="frozen"),
+    # The depthwise gradients' dtype choice (engine/depthwise.py, session 21) shows at the backbone's own size.
+    "finetune (lite0 at 224 px, batch 32, BN frozen, 2 epochs)": dict(mode="finetune", epochs=2, batch_size=32,
+                                                                      batchnorm="frozen"),
     # A large checkpoint (532 MB): random weights, so nothing is downloaded; the loop does not care.
     "feature-extract vgg11_bn (cached head, 15 epochs)": dict(mode="feature-extract", model="vgg11_bn",
                                                               pretrained=False),
