@@ -69,6 +69,7 @@ def test_gradients_stay_as_close_to_fp32_as_autocasts_own(cache):
     (mine,) = json.loads(cache.read_text()).values()  # one machine's entry
     assert set(mine.values()) <= {"bf16", "fp32"}
     assert sorted(k.split()[0] for k in mine) == ["input", "input", "weight", "weight"]  # 2 depthwise layers
+    assert sum(depthwise.used().values()) >= 4  # what metrics.json reports (engine/precision.py describe)
 
 
 def _autocast_only(model, x, y):
@@ -144,3 +145,18 @@ def test_strided_and_biased_depthwise_gradients_match_fp32(cache):
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and a.shape == b.shape
             assert float((a - b).norm() / b.norm()) < 0.02
+
+
+def test_a_bf16_finetune_of_lite0_uses_and_records_them(cache, tmp_path):
+    from conftest import make_image_folder
+
+    from transferkit.config import TrainConfig
+    from transferkit.engine.fit import fit
+
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=32)
+    m = fit(TrainConfig(data=str(data), out=str(tmp_path / "run"), model="efficientnet_lite0", pretrained=False,
+                        image_size=64, mode="finetune", epochs=1, batch_size=4, workers=0, precision="bf16",
+                        recipe="tutorial", batchnorm="frozen"))
+    counts = m["precision"]["depthwise_gradients"]
+    assert set(counts) == {"bf16", "fp32"} and sum(counts.values()) >= 2 * 16  # lite0: 16 depthwise layers
+    assert cache.is_file()  # kept for the machine's next runs

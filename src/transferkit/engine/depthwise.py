@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _choices: dict[str, str] | None = None  # this machine's: "input|weight shapes…" → "bf16" or "fp32"
+_used: dict[str, str] = {}  # the gradients this process computed, by the same keys
 
 
 class DepthwiseConv(torch.autograd.Function):
@@ -73,6 +74,7 @@ def _in_faster_dtype(key: str, compute) -> torch.Tensor:
     """compute(dtype) in the dtype chosen for `key` on this machine; measured (and saved) the first time."""
     choices = _machine_choices()
     if key in choices:
+        _used[key] = choices[key]
         return compute(DTYPES[choices[key]])
     seconds, results = {}, {}
     for name, dtype in DTYPES.items():
@@ -80,7 +82,7 @@ def _in_faster_dtype(key: str, compute) -> torch.Tensor:
         t = time.perf_counter()
         results[name] = compute(dtype)
         seconds[name] = time.perf_counter() - t
-    choices[key] = min(seconds, key=seconds.get)
+    choices[key] = _used[key] = min(seconds, key=seconds.get)
     _save(key, choices[key])
     return results[choices[key]]
 
@@ -124,6 +126,11 @@ def _save(key: str, choice: str) -> None:
         atomic_write_json(_choice_file(), known)
     except Exception as exc:  # noqa: BLE001 - a read-only cache costs a measurement next time, no more
         log.debug("depthwise gradient choice not saved: %s", exc)
+
+
+def used() -> dict[str, int]:
+    """How many of the depthwise gradients (per layer shape) this process computed in each dtype, for metrics.json."""
+    return {name: sum(choice == name for choice in _used.values()) for name in DTYPES} if _used else {}
 
 
 def forget_choices() -> None:

@@ -74,4 +74,9 @@ def training_autocast(device: torch.device, precision: str):
 
 def describe(precision: str, device: torch.device) -> dict:
     """For metrics.json: what was asked, what it meant on this device, and why."""
-    return {"requested": precision, "resolved": resolve(precision, device), "native_bf16": native_bf16(device)}
+    from .depthwise import used
+
+    info = {"requested": precision, "resolved": resolve(precision, device), "native_bf16": native_bf16(device)}
+    if used():  # bf16 training on a CPU: depthwise gradients by the dtype measured faster (this process's layers)
+        info["depthwise_gradients"] = used()
+    return info
