@@ -4,6 +4,7 @@ each gradient as close to fp32 as autocast's own, the per-shape choice measured 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import pytest
 import timm
@@ -30,16 +31,17 @@ def _lite0() -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str | None) -> dict[str, torch.Tensor]:
-    """Parameter gradients of one loss, in fp32 (precision None) or under the run's training autocast."""
+def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, context=nullcontext) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one loss, its forward in `context()` (fp32 by default)."""
     model.zero_grad(set_to_none=True)
-    if precision is None:
+    with context():
         out = model(x)
-    else:
-        with training_autocast(CPU, precision):
-            out = model(x)
     nn.functional.cross_entropy(out.float(), y).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _routed():
+    return training_autocast(CPU, "bf16")
 
 
 def _relative_errors(got: dict, want: dict) -> dict[str, float]:
@@ -60,9 +62,9 @@ def test_gradients_stay_as_close_to_fp32_as_autocasts_own(cache):
     model = _mobile_block()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 0])
-    reference = _grads(model, x, y, None)
-    plain = _relative_errors(_autocast_only(model, x, y), reference)
-    routed = _relative_errors(_grads(model, x, y, "bf16"), reference)
+    reference = _grads(model, x, y)
+    plain = _relative_errors(_grads(model, x, y, lambda: torch.autocast("cpu", dtype=torch.bfloat16)), reference)
+    routed = _relative_errors(_grads(model, x, y, _routed), reference)
     assert routed.keys() == reference.keys()  # every parameter still gets its gradient
     for name in reference:  # bf16 rounding (0.3-5% here), no worse than autocast's own; a wrong one is off by ~100%
         assert routed[name] < 1.5 * plain[name] + 0.01, (name, routed[name], plain[name])
@@ -72,19 +74,11 @@ def test_gradients_stay_as_close_to_fp32_as_autocasts_own(cache):
     assert sum(depthwise.used().values()) >= 4  # what metrics.json reports (engine/precision.py describe)
 
 
-def _autocast_only(model, x, y):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    nn.functional.cross_entropy(out.float(), y).backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 def test_a_kept_choice_is_reused_without_measuring(cache, monkeypatch):
     model = _lite0()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1])
-    _grads(model, x, y, "bf16")
+    _grads(model, x, y, _routed)
     kept = json.loads(cache.read_text())
     (key,) = kept
     for forced in ("fp32", "bf16"):  # as another process on this machine reads it
@@ -100,7 +94,7 @@ def test_a_kept_choice_is_reused_without_measuring(cache, monkeypatch):
             return real(grad, *args)
 
         monkeypatch.setattr(torch.ops.aten, "convolution_backward", counting)
-        _grads(model, x, y, "bf16")
+        _grads(model, x, y, _routed)
         monkeypatch.setattr(torch.ops.aten, "convolution_backward", real)
         assert calls and set(calls) == {depthwise.DTYPES[forced]}  # one call per gradient, in the kept dtype
 
@@ -108,7 +102,7 @@ def test_a_kept_choice_is_reused_without_measuring(cache, monkeypatch):
 def test_a_damaged_choice_file_is_measured_again(cache):
     cache.write_text("{not json")
     model = _lite0()
-    _grads(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), "bf16")
+    _grads(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), _routed)
     assert json.loads(cache.read_text())  # rewritten whole
 
 

@@ -528,10 +528,8 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     if _tries_mlp(search):
         from .engine.probe import mlp_fit_seconds
 
-        widest = {"crop_fraction": crops[0], "probe_stages": None, "probe_pooling": "meanmax",
-                  "probe_pixels": _tries_pixels(search, ctx)}
         steps.append(("the best probe with an MLP head, per view",
-                      mlp_fit_seconds(_mlp_step_seconds(search, ctx, widest), n) * MLP_STEP_FITS))
+                      mlp_fit_seconds(_mlp_step_seconds(search, ctx), n) * MLP_STEP_FITS))
     size = None if "image_size" in search.given else _larger_size(ctx)
     if size is not None:
         steps.append((f"probe at {size}+{ctx.pre(None).input_size} px, the best crop, per view",
@@ -633,7 +631,7 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     cand = search.add(Candidate(f"{best.name} head=mlp", "probe", settings))
     views = PROBE_VIEWS[s["probe_views"]]
     rows = len(ctx.scan.train) * len(views)
-    step_s = _mlp_step_seconds(search, ctx, s)
+    step_s = _mlp_step_seconds(search, ctx)
     cand.estimate_s = mlp_fit_seconds(step_s, rows) * MLP_STEP_FITS
     reserve = _final_reserve(search, ctx, settings)  # where it loses, the linear probe's smaller one follows
     if not search.affords(cand, reserve):
@@ -668,13 +666,14 @@ def _tries_mlp(search: Search) -> bool:
     return "mode" not in given or not get_mode(cfg.mode).trains_backbone
 
 
-def _mlp_step_seconds(search: Search, ctx: _Context, settings: dict) -> float:
-    """One MLP training step on this machine over a probe's columns, timed once per search."""
+def _mlp_step_seconds(search: Search, ctx: _Context) -> float:
+    """One MLP training step on this machine, timed once per search over the widest vector a probe can read
+    (every tap, mean and max, the pixels where the probes try them): the plan and every MLP estimate use it."""
     from .engine.probe import mlp_step_seconds
 
     if search.mlp_step_s is None:
-        taps = ctx.taps_for(settings["crop_fraction"])
-        width = len(taps.columns(settings["probe_stages"], settings["probe_pooling"], settings["probe_pixels"]))
+        taps = ctx.taps_for(_probe_ladder(search, ctx)[0][0])  # the first probe's crop: its taps exist by then
+        width = len(taps.columns(None, "meanmax", _tries_pixels(search, ctx)))
         search.mlp_step_s = mlp_step_seconds(width, len(ctx.scan.classes))
     return search.mlp_step_s
 
@@ -946,7 +945,7 @@ def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:
 
     views = len(PROBE_VIEWS[settings["probe_views"]])
     if settings.get("probe_head") == "mlp":
-        return mlp_fit_seconds(_mlp_step_seconds(search, ctx, settings), views * len(ctx.scan.train))
+        return mlp_fit_seconds(_mlp_step_seconds(search, ctx), views * len(ctx.scan.train))
     return _cv_seconds(search, ctx, views) / FITS_PER_CV
 
 

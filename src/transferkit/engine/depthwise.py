@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _choices: dict[str, str] | None = None  # this machine's: "input|weight shapes…" → "bf16" or "fp32"
+_key = ""  # the machine key they are kept under (environment.machine_key), read with them
 _used: dict[str, str] = {}  # the gradients this process computed, by the same keys
 
 
@@ -107,21 +108,25 @@ def _read() -> dict:
     return known if isinstance(known, dict) else {}
 
 
+def _mine(known: dict, key: str) -> dict[str, str]:
+    entry = known.get(key)
+    return {k: v for k, v in entry.items() if v in DTYPES} if isinstance(entry, dict) else {}
+
+
 def _machine_choices() -> dict[str, str]:
-    global _choices
+    global _choices, _key
     if _choices is None:
-        mine = _read().get(_machine_key())
-        _choices = {k: v for k, v in mine.items() if v in DTYPES} if isinstance(mine, dict) else {}
+        _key = _machine_key()
+        _choices = _mine(_read(), _key)
     return _choices
 
 
 def _save(key: str, choice: str) -> None:
-    """Into the machine's entry of the cache file, merged with what other processes saved meanwhile."""
+    """Into this machine's entry of the cache file, merged with what other processes saved meanwhile."""
     from ..io import atomic_write_json
 
     known = _read()
-    mine = known.get(_machine_key())
-    known[_machine_key()] = {**(mine if isinstance(mine, dict) else {}), key: choice}
+    known[_key] = {**_mine(known, _key), key: choice}
     try:
         atomic_write_json(_choice_file(), known)
     except Exception as exc:  # noqa: BLE001 - a read-only cache costs a measurement next time, no more
