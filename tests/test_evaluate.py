@@ -87,6 +87,9 @@ def test_split_csv_and_class_checks(tiny_run, tmp_path):
     shutil.copy(next((odd / "ants").iterdir()), odd / "wasps" / "w.png")
     with pytest.raises(DataError, match="wasps"):
         evaluate_run(run, odd, out=tmp_path)
+    (odd / "wasps" / "w.png").unlink()  # an empty folder, as training drops it: skipped with a warning
+    (odd / "wasps" / "notes.txt").write_text("no images here")
+    assert evaluate_run(run, odd, out=tmp_path)["n"] == len(list(odd.rglob("*.png")))
     shutil.rmtree(odd / "wasps")
     shutil.rmtree(odd / "bees")  # a subset of the classes is fine
     assert evaluate_run(run, odd, out=tmp_path)["per_class"][1]["support"] == 0

@@ -32,11 +32,14 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     if not subdirs:
         raise DataError(f"{folder} has no class subfolders; evaluation needs {folder}/<class>/<image>")
     extra = [name for name in subdirs if name not in classes]
-    if extra:
-        raise DataError(f"class folder(s) {', '.join(extra)} in {folder} are not classes of this model "
+    unknown = [name for name in extra if _has_images(folder / name)]
+    if unknown:
+        raise DataError(f"class folder(s) {', '.join(unknown)} in {folder} are not classes of this model "
                         f"({', '.join(classes)})")
+    if extra:  # training drops class folders with no images too: the same folder evaluates as it trained
+        log.warning("skipped class folder(s) with no images: %s", ", ".join(extra))
     items = []
-    for name in subdirs:
+    for name in (name for name in subdirs if name not in extra):
         try:
             items += [(path, classes.index(name)) for path in expand_inputs([str(folder / name)])]
         except DataError:
@@ -44,6 +47,15 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     if not items:
         raise DataError(f"no images found under {folder}")
     return items
+
+
+def _has_images(folder: Path) -> bool:
+    from .inference import expand_inputs
+
+    try:
+        return bool(expand_inputs([str(folder)]))
+    except DataError:
+        return False
 
 
 def manifest_items(manifest: Path, classes: list[str], split: str = "val",
