@@ -132,6 +132,8 @@ def test_the_train_summary_gives_the_val_accuracy_with_its_interval(capsys):
     assert "Best val Acc: 0.8552 (epoch 1 of 1;" in out and "optimistic" not in out
     cli._print_train_summary({**metrics, "epochs_run": 15, "best_chosen_on_val": True, "last_val_acc": 0.84})
     assert "the best of 15 epochs was chosen on the val images it is scored on" in capsys.readouterr().out
+    cli._print_train_summary({**metrics, "mode": "linear-probe"})
+    assert "Best val Acc: 0.8552 (one fit;" in capsys.readouterr().out
 
 
 def test_predict_on_a_device_that_is_not_there_or_with_an_onnx_model_is_one_line(tmp_path, capsys):

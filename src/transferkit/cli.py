@@ -347,7 +347,9 @@ def _print_train_summary(m: dict) -> None:
     interval = m.get("best_val_acc_interval")
     spread = (f"{interval['confidence']:.0%} interval {format_interval(interval)} on {interval['images']} images; "
               if interval else "")
-    print(f"Best val Acc: {m['best_val_acc']:.4f} ({spread}epoch {m['best_epoch']} of {m['epochs_run']}; "
+    # a linear probe is one fit scored once, not a best epoch
+    when = "one fit" if m.get("mode") == "linear-probe" else f"epoch {m['best_epoch']} of {m['epochs_run']}"
+    print(f"Best val Acc: {m['best_val_acc']:.4f} ({spread}{when}; "
           f"balanced acc {m['best_val_balanced_accuracy']:.4f}, macro-F1 {m['best_val_macro_f1']:.4f})")
     if m.get("best_chosen_on_val"):
         print(f"note: the best of {m['epochs_run']} epochs was chosen on the val images it is scored on, so "
