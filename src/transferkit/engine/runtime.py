@@ -301,7 +301,10 @@ class FrozenEngine:
         best = max(["torch", *kept], key=rates.get)
         self.active, self.info["engine"], self.info["choice"] = self._engines.get(best, self.torch_engine), best, \
             "measured"
-        log.info("frozen part runs on %s (%s)", best, ", ".join(f"{n} {r:.0f} images/s" for n, r in rates.items()))
+        refused = [f"{name} out of parity (off fp32 by up to {self.info['parity_max_abs_diff_by_engine'][name]:.3g})"
+                   for name in names[1:] if name not in kept and name in self.info.get("parity_max_abs_diff_by_engine", {})]
+        log.info("frozen part runs on %s (%s)", best, "; ".join(
+            [", ".join(f"{n} {r:.0f} images/s" for n, r in rates.items()), *refused]))
         self._save_choice(key, best, rates, **self._checked(best, x))
         self._to_check = (key, rates)
 
@@ -350,9 +353,9 @@ class FrozenEngine:
         self.info.setdefault("parity_max_abs_diff_by_engine", {})[name] = diff
         if name.startswith("onnxruntime"):
             self.info["parity_max_abs_diff"] = diff
-        if not ok:  # a warning where the engine was asked for by name; one candidate of several: info
+        if not ok:  # a warning where the engine was asked for by name; else _pick's line names it
             asked = self.requested == name or (name == "torch-bf16" and self.info["precision"] == "bf16")
-            (log.warning if asked else log.info)(
+            (log.warning if asked else log.debug)(
                 "%s not used for the frozen part: on the first batch its features are off fp32 torch's by up to %.3g, "
                 "beyond its tolerance (%g%% of their scale)", name, diff, 100 * rtol)
             self.info["fallback_reason"] = f"{name}: parity {diff:.3g} above tolerance"
