@@ -25,37 +25,33 @@ TTA_VIEWS = {"none": (0,), "flip": (0, 4), "dihedral": tuple(range(8))}
 
 
 def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order."""
-    from .inference import expand_inputs
-
+    """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order. A class folder
+    with no images is skipped with a warning, as training drops it; one with images of a class the model does
+    not know is refused."""
     subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not subdirs:
         raise DataError(f"{folder} has no class subfolders; evaluation needs {folder}/<class>/<image>")
-    extra = [name for name in subdirs if name not in classes]
-    unknown = [name for name in extra if _has_images(folder / name)]
+    found = {name: _images_in(folder / name) for name in subdirs}
+    unknown = [name for name in subdirs if name not in classes and found[name]]
     if unknown:
         raise DataError(f"class folder(s) {', '.join(unknown)} in {folder} are not classes of this model "
                         f"({', '.join(classes)})")
-    if extra:  # training drops class folders with no images too: the same folder evaluates as it trained
-        log.warning("skipped class folder(s) with no images: %s", ", ".join(extra))
-    items = []
-    for name in (name for name in subdirs if name not in extra):
-        try:
-            items += [(path, classes.index(name)) for path in expand_inputs([str(folder / name)])]
-        except DataError:
-            log.warning("class folder %s has no images", folder / name)
+    empty = [name for name in subdirs if not found[name]]
+    if empty:
+        log.warning("skipped class folder(s) with no images in %s: %s", folder, ", ".join(empty))
+    items = [(path, classes.index(name)) for name in subdirs if found[name] for path in found[name]]
     if not items:
         raise DataError(f"no images found under {folder}")
     return items
 
 
-def _has_images(folder: Path) -> bool:
+def _images_in(folder: Path) -> list[str]:
     from .inference import expand_inputs
 
     try:
-        return bool(expand_inputs([str(folder)]))
-    except DataError:
-        return False
+        return expand_inputs([str(folder)])
+    except DataError:  # no image files in it
+        return []
 
 
 def manifest_items(manifest: Path, classes: list[str], split: str = "val",

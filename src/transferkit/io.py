@@ -56,6 +56,29 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
 
 
+def read_json_object(path) -> dict:
+    """A JSON object file's content; {} where it is missing, unreadable, damaged or not an object (what a
+    cache of measured choices treats as nothing known: measured again)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def update_json_object(path, key: str, value_of: Callable[[object], object]) -> bool:
+    """Set `key` of a JSON object file to value_of(its value now, or None), keeping the other keys as other
+    processes may have written them meanwhile; atomic. False where it could not be written (a read-only cache
+    costs a measurement next time, no more)."""
+    known = read_json_object(path)
+    known[key] = value_of(known.get(key))
+    try:
+        atomic_write_json(path, known)
+    except (RunFolderError, OSError):
+        return False
+    return True
+
+
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Yield a staging folder next to OUT (an empty or missing folder) that replaces OUT when the

@@ -18,7 +18,6 @@ frozen layers) nothing changes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import nullcontext
@@ -53,12 +52,16 @@ class DepthwiseConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.geometry
         shapes = f"x={list(x.shape)} w={list(weight.shape)} stride={stride} padding={padding} dilation={dilation}"
 
+        grads = {}  # the incoming gradient in each dtype a computation asks for, cast once
+
         def gradient(which: int, dtype):  # aten's backward for one of (input, weight), in `dtype`
             mask = [which == 0, which == 1, False]
             # the tensor whose gradient is asked for is only read for its shape and layout
             inputs = (torch.empty_like(x, dtype=dtype), weight.to(dtype)) if which == 0 else \
                      (x.to(dtype), torch.empty_like(weight, dtype=dtype))
-            return torch.ops.aten.convolution_backward(grad.to(dtype), *inputs, None, stride, padding, dilation,
+            if dtype not in grads:
+                grads[dtype] = grad.to(dtype)
+            return torch.ops.aten.convolution_backward(grads[dtype], *inputs, None, stride, padding, dilation,
                                                        False, [0, 0], groups, mask)[which]
 
         grad_x = grad_w = grad_b = None
@@ -100,37 +103,27 @@ def _machine_key() -> str:
     return machine_key(torch.device("cpu"))
 
 
-def _read() -> dict:
-    try:
-        known = json.loads(_choice_file().read_text())
-    except (OSError, ValueError):  # none yet, or damaged: measured again
-        return {}
-    return known if isinstance(known, dict) else {}
-
-
-def _mine(known: dict, key: str) -> dict[str, str]:
-    entry = known.get(key)
+def _valid(entry) -> dict[str, str]:
+    """A machine's entry of the cache file, without anything damaged in it (measured again)."""
     return {k: v for k, v in entry.items() if v in DTYPES} if isinstance(entry, dict) else {}
 
 
 def _machine_choices() -> dict[str, str]:
     global _choices, _key
     if _choices is None:
+        from ..io import read_json_object
+
         _key = _machine_key()
-        _choices = _mine(_read(), _key)
+        _choices = _valid(read_json_object(_choice_file()).get(_key))
     return _choices
 
 
 def _save(key: str, choice: str) -> None:
     """Into this machine's entry of the cache file, merged with what other processes saved meanwhile."""
-    from ..io import atomic_write_json
+    from ..io import update_json_object
 
-    known = _read()
-    known[_key] = {**_mine(known, _key), key: choice}
-    try:
-        atomic_write_json(_choice_file(), known)
-    except Exception as exc:  # noqa: BLE001 - a read-only cache costs a measurement next time, no more
-        log.debug("depthwise gradient choice not saved: %s", exc)
+    if not update_json_object(_choice_file(), _key, lambda entry: {**_valid(entry), key: choice}):
+        log.debug("depthwise gradient choice not saved in %s", _choice_file())
 
 
 def used() -> dict[str, int]:

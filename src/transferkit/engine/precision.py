@@ -77,6 +77,5 @@ def describe(precision: str, device: torch.device) -> dict:
     from .depthwise import used
 
     info = {"requested": precision, "resolved": resolve(precision, device), "native_bf16": native_bf16(device)}
-    if used():  # bf16 training on a CPU: depthwise gradients by the dtype measured faster (this process's layers)
-        info["depthwise_gradients"] = used()
-    return info
+    depthwise = used()  # bf16 training on a CPU: depthwise gradients by the dtype measured faster (this process's)
+    return {**info, "depthwise_gradients": depthwise} if depthwise else info

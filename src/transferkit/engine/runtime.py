@@ -12,7 +12,6 @@ under this machine's key and the input size, so later runs measure nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .. import inference
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write, read_json_object, update_json_object
 from ..threads import named_pool
 from . import precision as precisions
 from .environment import machine_key
@@ -301,8 +300,9 @@ class FrozenEngine:
         best = max(["torch", *kept], key=rates.get)
         self.active, self.info["engine"], self.info["choice"] = self._engines.get(best, self.torch_engine), best, \
             "measured"
-        refused = [f"{name} out of parity (off fp32 by up to {self.info['parity_max_abs_diff_by_engine'][name]:.3g})"
-                   for name in names[1:] if name not in kept and name in self.info.get("parity_max_abs_diff_by_engine", {})]
+        diffs = self.info.get("parity_max_abs_diff_by_engine", {})
+        refused = [f"{name} out of parity (off fp32 by up to {diffs[name]:.3g})"
+                   for name in names[1:] if name not in kept and name in diffs]
         log.info("frozen part runs on %s (%s)", best, "; ".join(
             [", ".join(f"{n} {r:.0f} images/s" for n, r in rates.items()), *refused]))
         self._save_choice(key, best, rates, **self._checked(best, x))
@@ -399,26 +399,14 @@ class FrozenEngine:
 
     def _cached_entry(self, key: str) -> dict:
         path = self._choice_file()
-        try:
-            entry = json.loads(path.read_text())[key] if path else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            return {}
+        entry = read_json_object(path).get(key) if path else None
         return entry if isinstance(entry, dict) else {}
 
     def _save_choice(self, key: str, engine: str, rates: dict, **checked) -> None:
         path = self._choice_file()
-        if path is None:
-            return
-        try:
-            known = json.loads(path.read_text())
-            known = known if isinstance(known, dict) else {}
-        except (OSError, ValueError):
-            known = {}
-        known[key] = {"engine": engine, "rates": rates, "when": time.strftime("%Y-%m-%d %H:%M:%S"), **checked}
-        try:
-            atomic_write_json(path, known)
-        except Exception as exc:  # noqa: BLE001 - a read-only cache costs a measurement next time, no more
-            log.debug("engine choice not saved: %s", exc)
+        entry = {"engine": engine, "rates": rates, "when": time.strftime("%Y-%m-%d %H:%M:%S"), **checked}
+        if path is not None and not update_json_object(path, key, lambda _: entry):
+            log.debug("engine choice not saved in %s", path)
 
     def _ort_unusable(self) -> str | None:
         if self.device.type != "cpu":
