@@ -524,6 +524,36 @@ def test_the_c_sweep_stops_past_its_peak():
     assert not _past_the_peak([0.80, 0.81, 0.82, 0.83])  # still rising
 
 
+def _probe_whose_accuracy_peaks_at(peak_C: float):
+    """A stand-in for fit_logistic: the head reads feature 0 (the label's sign) plus feature 1 (noise) with a
+    weight that grows with |log C / peak_C|, so the CV accuracy is highest at peak_C and falls away on both sides."""
+    def fit(x, y, C, n_classes, warm=None):
+        noise = abs(np.log10(C / peak_C))
+        row = np.array([1.0, noise], dtype=np.float32)
+        return np.stack([-row, row]), np.zeros(2, dtype=np.float32)
+    return fit
+
+
+@pytest.mark.parametrize("peak_C, chosen, tried_below", [(1e-4, 1e-4, [3e-4, 1e-4, 3e-5]),
+                                                         (1e-3, 1e-3, [3e-4]), (1e-2, 1e-2, [])])
+def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(monkeypatch, peak_C, chosen,
+                                                                               tried_below):
+    """Few images and many features can want a stronger regularization than the grid's strongest C: the sweep
+    then goes on down (1-3 steps) while each step scores strictly better, and stops at the first that does not;
+    where the peak lies inside the grid, nothing below it is fitted."""
+    from transferkit.engine import probe
+
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 2
+    x = np.stack([2.0 * y - 1.0, rng.normal(size=300) * 3.0], axis=1)[:, None, :]
+    monkeypatch.setattr(probe, "fit_logistic", _probe_whose_accuracy_peaks_at(peak_C))
+    monkeypatch.setattr(probe, "standardizer", lambda rows: (np.zeros(2), np.ones(2)))
+    cv = probe.cross_validate(x, y, np.arange(2), 2, [0.001, 0.003, 0.01, 0.03])
+    assert cv.C == pytest.approx(chosen)
+    assert [C for C in cv.per_C if C < 0.001] == pytest.approx(tried_below)
+    assert cv.accuracy == max(cv.per_C.values())
+
+
 def test_subsamples_are_stratified_and_hold_every_class():
     """Any prefix of the seeded order holds each class in proportion to its images (up to rounding: at most
     one image per class above, the number of classes below) and every class once it holds that many images:
@@ -631,7 +661,7 @@ def test_a_class_with_one_training_image_is_cross_validated_quietly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cv = cross_validate(x, y, np.arange(6), 3, [0.1, 1.0])
-    assert set(cv.per_C) == {0.1, 1.0} and 0.0 <= cv.accuracy <= 1.0
+    assert {0.1, 1.0} <= set(cv.per_C) and 0.0 <= cv.accuracy <= 1.0
 
 
 def _stronger_weights_or_skip():
