@@ -540,18 +540,32 @@ def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(mon
                                                                                tried_below):
     """Few images and many features can want a stronger regularization than the grid's strongest C: the sweep
     then goes on down (1-3 steps) while each step scores strictly better, and stops at the first that does not;
-    where the peak lies inside the grid, nothing below it is fitted."""
+    where the peak lies inside the grid, nothing below it is fitted. (A C with every image right ends the sweep:
+    test_a_perfect_cv_ends_the_c_sweep.)"""
     from transferkit.engine import probe
 
     rng = np.random.default_rng(0)
     y = np.arange(300) % 2
-    x = np.stack([2.0 * y - 1.0, rng.normal(size=300) * 3.0], axis=1)[:, None, :]
+    sign = np.where(np.arange(300) % 10 == 0, 1.0 - 2.0 * y, 2.0 * y - 1.0)  # 10% mislabelled: never perfect
+    x = np.stack([sign, rng.normal(size=300) * 3.0], axis=1)[:, None, :]
     monkeypatch.setattr(probe, "fit_logistic", _probe_whose_accuracy_peaks_at(peak_C))
     monkeypatch.setattr(probe, "standardizer", lambda rows: (np.zeros(2), np.ones(2)))
     cv = probe.cross_validate(x, y, np.arange(2), 2, [0.001, 0.003, 0.01, 0.03])
     assert cv.C == pytest.approx(chosen)
     assert [C for C in cv.per_C if C < 0.001] == pytest.approx(tried_below)
     assert cv.accuracy == max(cv.per_C.values())
+
+
+def test_a_perfect_cv_ends_the_c_sweep(monkeypatch):
+    """Every image right at the first C: weaker ones can only tie (and ties go to the stronger C), stronger ones
+    cannot beat it, so nothing else is fitted (easy sets spent most of their CV on ties)."""
+    from transferkit.engine import probe
+
+    y = np.arange(60) % 2
+    x = np.stack([2.0 * y - 1.0, np.zeros(60)], axis=1)[:, None, :]
+    monkeypatch.setattr(probe, "fit_logistic", _probe_whose_accuracy_peaks_at(1e-3))
+    cv = probe.cross_validate(x, y, np.arange(2), 2, [0.001, 0.003, 0.01])
+    assert cv.per_C == {0.001: 1.0} and cv.C == 0.001
 
 
 def test_subsamples_are_stratified_and_hold_every_class():

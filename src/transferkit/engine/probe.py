@@ -373,12 +373,13 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     grid = sorted(grid)
     for C in grid:  # strong to weak regularization, each fold warm-started from the last C
         score(C)
-        if late() or _past_the_peak(list(per_C.values())):
-            break
+        if late() or _past_the_peak(list(per_C.values())) or per_C[C] == 1.0:
+            break  # (every image right: a weaker C can only tie, and ties go to the stronger one)
     best = max(per_C, key=lambda c: (per_C[c], -c))  # ties: the stronger regularization
     # The grid's strongest C scored best: the peak may lie below the grid (few images, many features), so go
     # on down in the grid's 1-3 steps while each stronger C scores strictly better. These fits are the fastest.
-    for C in ([float(f"{grid[0] * f:.1g}") for f in BELOW_THE_GRID] if best == grid[0] and len(grid) > 1 else []):
+    below = best == grid[0] and len(grid) > 1 and per_C[best] < 1.0
+    for C in [float(f"{grid[0] * f:.1g}") for f in BELOW_THE_GRID] if below else []:
         if late():
             break
         score(C)
