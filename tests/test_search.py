@@ -556,6 +556,49 @@ def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(mon
     assert cv.accuracy == max(cv.per_C.values())
 
 
+def test_the_cv_pools_several_splits_on_few_images(monkeypatch):
+    """On few images one 3-fold split moves a probe's CV by as much as candidates differ, so the CV runs with
+    other folds (fold seeds seed, seed + 1, ...) about once per CV_IMAGES_PER_SPLIT images, up to CV_MAX_REPEATS,
+    and scores the pooled answers (the mean of the single splits' accuracies); the MLP's CV holds out the same."""
+    from transferkit.engine import probe
+
+    assert (probe.cv_repeats(100), probe.cv_repeats(244), probe.cv_repeats(600), probe.cv_repeats(2000)) == (5, 4, 2, 1)
+    rng = np.random.default_rng(0)
+    y = np.arange(100) % 2
+    x = (rng.normal(size=(100, 2, 8)) + 0.4 * y[:, None, None]).astype(np.float32)
+    pooled = probe.cross_validate(x, y, np.arange(8), 2, [0.1], seed=3)
+    held_out = []
+    real_fit = probe.fit_probe
+    monkeypatch.setattr(probe, "fit_probe", lambda x, y, *a, **k: held_out.append(len(y)) or real_fit(x, y, *a, **k))
+    probe.cross_validate_mlp(x, y, np.arange(8), 2, seed=3)
+    assert len(held_out) == 15 and sum(100 - n for n in held_out) == 500  # every image held out once a split
+    monkeypatch.setattr(probe, "CV_MAX_REPEATS", 1)
+    single = [probe.cross_validate(x, y, np.arange(8), 2, [0.1], seed=s).accuracy for s in range(3, 8)]
+    assert pooled.accuracy == pytest.approx(np.mean(single)) and len(set(single)) > 1
+
+
+def test_the_cv_fits_a_fold_with_few_rows_in_their_span(monkeypatch):
+    """Where a fold has fewer training rows than half its features, the CV fits it in the rows' span (an
+    orthonormal basis of 60 columns here, not 600): the same logistic regression, so the same held-out logits up
+    to the solver's tolerance, and the same CV accuracies as on every feature."""
+    from transferkit.engine import probe
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = (rng.normal(size=(90, 600)) + 0.3 * rng.normal(size=(3, 600))[y]).astype(np.float32)
+    ztr, zte = probe.in_row_space(x[:60], x[60:, None, :])
+    assert ztr.shape == (60, 60) and zte.shape == (30, 1, 60)
+    for C in (0.001, 0.01, 0.1):
+        w, v = probe.fit_logistic(x[:60], y[:60], C, 3), probe.fit_logistic(ztr, y[:60], C, 3)
+        full, reduced = x[60:, None, :] @ w[0].T + w[1], zte @ v[0].T + v[1]
+        assert np.abs(full - reduced).max() < 0.02 * np.abs(full).max()
+    reduced_cv = probe.cross_validate(x[:, None, :], y, np.arange(600), 3, [0.001, 0.01, 0.1])
+    monkeypatch.setattr(probe, "ROW_SPACE_SHARE", 0.0)
+    full_cv = probe.cross_validate(x[:, None, :], y, np.arange(600), 3, [0.001, 0.01, 0.1])
+    assert reduced_cv.per_C.keys() == full_cv.per_C.keys()
+    assert all(abs(reduced_cv.per_C[C] - full_cv.per_C[C]) <= 1 / 90 for C in full_cv.per_C)
+
+
 def test_a_perfect_cv_ends_the_c_sweep(monkeypatch):
     """Every image right at the first C: weaker ones can only tie (and ties go to the stronger C), stronger ones
     cannot beat it, so nothing else is fitted (easy sets spent most of their CV on ties)."""

@@ -81,9 +81,9 @@ GROWTH_SHARE = 0.8
 # the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
 # 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
 FITS_PER_CV = 6
-# The MLP step's fits, in fits on all of the probe's rows: 3 CV folds of 2/3 of them, then the inner run on
-# 1 - INNER_FRACTION of them (the final run's fit is in its reserve).
-MLP_STEP_FITS = 3 * 2 / 3 + (1 - INNER_FRACTION)
+# The MLP step's fits, in fits on all of the probe's rows: 3 CV folds of 2/3 of them (per repeat of the CV: see
+# engine/probe.py cv_repeats), then the inner run on 1 - INNER_FRACTION of them (the final run's is in its reserve).
+MLP_CV_FITS, MLP_INNER_FITS = 3 * 2 / 3, 1 - INNER_FRACTION
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))
 # Images whose shorter side is at most this share of the network's input (upsampled 2× or more) are small enough
@@ -132,6 +132,7 @@ class Search:
     compared_on: int | None = None  # training images the candidates were compared on, where fewer than all
     setup_s: float = 0.0  # the first backbone's ONNX export and engine choice, measured with the rate
     stopped: str | None = None  # why the ladder ended before its last step, where it did
+    cv_repeats: int = 1  # how many 3-fold splits the probes' CV pools (engine/probe.py cv_repeats)
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -360,7 +361,10 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
     """The best probe, and the context of its backbone (the one given, or a stronger one that won)."""
     cfg, given = search.cfg, search.given
+    from .engine.probe import cv_repeats
+
     crops, views = _probe_ladder(search, ctx)
+    search.cv_repeats = cv_repeats(len(ctx.scan.train))
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
@@ -514,8 +518,9 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_view = n / search.rate
     cv = _cv_seconds(search, ctx, 1)
-    log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left",
-             n, m, search.rate, note, search.deadline - search.t0, search.left())
+    log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left%s",
+             n, m, search.rate, note, search.deadline - search.t0, search.left(),
+             f"; the probes' 3-fold CV runs on {search.cv_repeats} splits (few images)" if search.cv_repeats > 1 else "")
     crops, view_sets = _probe_ladder(search, ctx)
     first = len(PROBE_VIEWS[view_sets[0]])
     steps = [(f"probe, crop {'own' if c is None else c}, {first} view{'s' * (first > 1)}", first * (per_view + cv))
@@ -529,7 +534,7 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
         from .engine.probe import mlp_fit_seconds
 
         steps.append(("the best probe with an MLP head, per view",
-                      mlp_fit_seconds(_mlp_step_seconds(search, ctx), n) * MLP_STEP_FITS))
+                      mlp_fit_seconds(_mlp_step_seconds(search, ctx), n) * _mlp_fits(ctx)))
     size = None if "image_size" in search.given else _larger_size(ctx)
     if size is not None:
         steps.append((f"probe at {size}+{ctx.pre(None).input_size} px, the best crop, per view",
@@ -632,7 +637,7 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     views = PROBE_VIEWS[s["probe_views"]]
     rows = len(ctx.scan.train) * len(views)
     step_s = _mlp_step_seconds(search, ctx)
-    cand.estimate_s = mlp_fit_seconds(step_s, rows) * MLP_STEP_FITS
+    cand.estimate_s = mlp_fit_seconds(step_s, rows) * _mlp_fits(ctx)
     reserve = _final_reserve(search, ctx, settings)  # where it loses, the linear probe's smaller one follows
     if not search.affords(cand, reserve):
         return cand
@@ -664,6 +669,13 @@ def _tries_mlp(search: Search) -> bool:
     if "probe_head" in given:
         return cfg.probe_head == "mlp"
     return "mode" not in given or not get_mode(cfg.mode).trains_backbone
+
+
+def _mlp_fits(ctx: _Context) -> float:
+    """The MLP step's fits, in fits on all of its rows (MLP_CV_FITS)."""
+    from .engine.probe import cv_repeats
+
+    return MLP_CV_FITS * cv_repeats(len(ctx.scan.train)) + MLP_INNER_FITS
 
 
 def _mlp_step_seconds(search: Search, ctx: _Context) -> float:
@@ -704,8 +716,11 @@ def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
     # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features and 2 classes (2-core
     # CPU), no less than for 200 images (each fit has a fixed cost); the multinomial fit grows with the
     # number of classes.
+    from .engine.probe import cv_repeats
+
     rows = views * max(len(ctx.scan.train), 200)
-    return 3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2)
+    return (3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2)
+            * cv_repeats(len(ctx.scan.train)))
 
 
 def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, size=None) -> np.ndarray | None:
@@ -939,14 +954,17 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
 
 def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:
     """One fit of a probe with these settings on all of ctx's training images: an MLP head's from its timed
-    training step, a logistic regression's from the CV's measured cost (see FITS_PER_CV)."""
+    training step, a logistic regression's from the CV's measured cost (see FITS_PER_CV; the CV repeats its
+    folds on few images)."""
     from .engine.probe import mlp_fit_seconds
     from .engine.probe_train import PROBE_VIEWS
 
     views = len(PROBE_VIEWS[settings["probe_views"]])
     if settings.get("probe_head") == "mlp":
         return mlp_fit_seconds(_mlp_step_seconds(search, ctx), views * len(ctx.scan.train))
-    return _cv_seconds(search, ctx, views) / FITS_PER_CV
+    from .engine.probe import cv_repeats
+
+    return _cv_seconds(search, ctx, views) / (FITS_PER_CV * cv_repeats(len(ctx.scan.train)))
 
 
 def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
@@ -1265,6 +1283,10 @@ def reproduce_command(cfg: TrainConfig) -> str:
     return shlex.join(args + ["--out", cfg.out + "-reproduced"])
 
 
+def _repeats_text(repeats: int) -> str:
+    return f", {repeats} splits with other folds pooled" if repeats > 1 else ""
+
+
 def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, metrics: dict | None = None) -> dict:
     """Write the final run's search.json and return it: every candidate, the choice, its reproduce command and,
     once the final run has scored it, its val metrics."""
@@ -1275,8 +1297,8 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
         "train_subsample": search.subsample,
         "compared_on_images": search.compared_on,
         "stopped": search.stopped,
-        "selection": "3-fold CV on train (probes); an inner 20% hold-out of train (fine-tuning); val read once, "
-                     "by the final run",
+        "selection": f"3-fold CV on train (probes{_repeats_text(search.cv_repeats)}); an inner 20% hold-out of train "
+                     "(fine-tuning); val read once, by the final run",
         "candidates": [c.record() for c in search.candidates],
         "chosen": winner.name,
         "chosen_settings": winner.settings,

@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 ABSENT_CLASS_MARGIN = 20.0
 # The C sweep of cross_validate stops once this many C values in a row score below the best before them.
 CV_PATIENCE = 2
+# The probes' 3-fold CV runs once per this many training images, with other folds each time (fold seeds seed,
+# seed + 1, ...), up to CV_MAX_REPEATS times, and pools the held-out answers: on few images the split alone moves
+# a probe's CV by as much as candidates differ (244 ELPV cells, the search's probes: 0.6-1.6 points of standard
+# deviation over five fold seeds; seed 0 alone ranked the eval crop 0.4 point above the whole frame, the five
+# pooled put it 1.2 points below). Beyond ~1,000 images one split measures to about a point (benchmarks/RESULTS.md,
+# notes of session 23).
+CV_IMAGES_PER_SPLIT, CV_MAX_REPEATS = 1000, 5
+# The CV fits a fold in the span of its training rows where they number at most this share of the features
+# (in_row_space): past it, the basis costs more than it saves.
+ROW_SPACE_SHARE = 0.5
 # Where the strongest C of the grid scores best, cross_validate goes on to these multiples of it.
 BELOW_THE_GRID = (0.3, 0.1, 0.03, 0.01)
 # --probe-head mlp: hidden width, epochs, batch, AdamW's peak rate (one-cycle) and decay, and the dropout on the
@@ -347,16 +357,17 @@ class CVResult:
 
 def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
                    folds: int = 3, seed: int = 0, deadline: float | None = None) -> CVResult:
-    """Stratified k-fold accuracy of the probe for each C of the grid (all views of an image stay in one
-    fold; held-out images are scored on the average over their views). Stops early past `deadline`."""
-    splits = stratified_folds(y, folds, seed)
+    """Stratified k-fold accuracy of the probe for each C of the grid, repeated on few images (cv_splits; all
+    views of an image stay in one fold; held-out images are scored on the average over their views). Stops
+    early past `deadline`."""
+    splits = cv_splits(y, folds, seed)
     prepared = []
     for train_idx, test_idx in splits:
         rows = x[train_idx][:, :, columns].reshape(-1, len(columns))
         mean, scale = standardizer(rows)
-        prepared.append(((rows - mean) / scale, np.repeat(y[train_idx], x.shape[1]),
-                         (x[test_idx][:, :, columns] - mean) / scale, y[test_idx]))
-    per_C, warm = {}, [None] * folds
+        xtr, xte = in_row_space((rows - mean) / scale, (x[test_idx][:, :, columns] - mean) / scale)
+        prepared.append((xtr, np.repeat(y[train_idx], x.shape[1]), xte, y[test_idx]))
+    per_C, warm = {}, [None] * len(splits)
 
     def score(C: float) -> None:
         correct = 0
@@ -364,7 +375,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
             warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f])
             logits = xte @ warm[f][0].T + warm[f][1]
             correct += int((logits.mean(1).argmax(-1) == yte).sum())
-        per_C[C] = correct / len(y)
+        per_C[C] = correct / (len(y) * cv_repeats(len(y)))
         signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
 
     def late() -> bool:
@@ -387,6 +398,17 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
             break
         best = C
     return CVResult(best, per_C[best], per_C)
+
+
+def in_row_space(xtr: np.ndarray, xte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides of a fold in an orthonormal basis of the span of its training rows, where they are few against
+    the features (ROW_SPACE_SHARE): an L2-penalized linear model's weights lie in that span (a part outside it
+    leaves every training logit alone and only adds to the penalty), so the fit there is the same model on a
+    fraction of the columns (244 images, one view, 4,048 features: 163)."""
+    if xtr.shape[0] > xtr.shape[1] * ROW_SPACE_SHARE:
+        return xtr, xte
+    basis, _ = np.linalg.qr(xtr.T)  # (features, rows)
+    return xtr @ basis, xte @ basis
 
 
 def _past_the_peak(scores: list[float]) -> bool:
@@ -427,12 +449,23 @@ class _PastDeadline(Exception):
 
 
 def _fold_accuracy(y: np.ndarray, folds: int, seed: int, logits_of) -> float:
-    """Accuracy over stratified k folds: logits_of(train indices, test indices) → (n_test, views, classes)
-    logits of a model fitted on the train fold, averaged over the views."""
+    """Accuracy over cv_splits' folds: logits_of(train indices, test indices) → (n_test, views, classes) logits
+    of a model fitted on the train fold, averaged over the views."""
     correct = 0
-    for train_idx, test_idx in stratified_folds(y, folds, seed):
+    for train_idx, test_idx in cv_splits(y, folds, seed):
         correct += int((logits_of(train_idx, test_idx).mean(1).argmax(-1) == y[test_idx]).sum())
-    return correct / len(y)
+    return correct / (len(y) * cv_repeats(len(y)))
+
+
+def cv_repeats(n_images: int) -> int:
+    """How many times the probes' k-fold CV runs on this many images (see CV_IMAGES_PER_SPLIT)."""
+    return max(1, min(CV_MAX_REPEATS, round(CV_IMAGES_PER_SPLIT / max(n_images, 1))))
+
+
+def cv_splits(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, test) index pairs of cv_repeats(len(y)) stratified k-fold splits, fold seeds seed, seed + 1, …:
+    every image is held out once per repeat."""
+    return [split for r in range(cv_repeats(len(y))) for split in stratified_folds(y, folds, seed + r)]
 
 
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
