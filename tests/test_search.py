@@ -578,7 +578,7 @@ def test_the_cv_pools_several_splits_on_few_images(monkeypatch):
 
 
 def test_the_cv_fits_a_fold_with_few_rows_in_their_span(monkeypatch):
-    """Where a fold has fewer training rows than half its features, the CV fits it in the rows' span (an
+    """Where a fold has at most an eighth as many training rows as features, the CV fits it in their span (an
     orthonormal basis of 60 columns here, not 600): the same logistic regression, so the same held-out logits up
     to the solver's tolerance, and the same CV accuracies as on every feature."""
     from transferkit.engine import probe

@@ -49,8 +49,10 @@ CV_PATIENCE = 2
 # notes of session 23).
 CV_IMAGES_PER_SPLIT, CV_MAX_REPEATS = 1000, 5
 # The CV fits a fold in the span of its training rows where they number at most this share of the features
-# (in_row_space): past it, the basis costs more than it saves.
-ROW_SPACE_SHARE = 0.5
+# (in_row_space). One 3-fold CV over the C grid, ELPV cells' 4,048 features, 2-core EPYC, rows per fold: 163
+# 0.31 s against 2.00 s on every feature, 326 0.58 / 2.32 s, 490 0.87 / 3.20 s, 653 1.18 / 2.35 s; but 816
+# 4.84 / 2.57 s and 1,312 7.8 / 3.8 s (the basis costs more than it saves; benchmarks/RESULTS.md, session 23).
+ROW_SPACE_SHARE = 1 / 8
 # Where the strongest C of the grid scores best, cross_validate goes on to these multiples of it.
 BELOW_THE_GRID = (0.3, 0.1, 0.03, 0.01)
 # --probe-head mlp: hidden width, epochs, batch, AdamW's peak rate (one-cycle) and decay, and the dropout on the
