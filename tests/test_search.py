@@ -760,8 +760,8 @@ def test_a_stronger_backbone_that_wins_the_cv_is_the_final_model(tmp_path, monke
     _stronger_weights_or_skip()
     score = search_module._score_probe
 
-    def stronger_wins(search, ctx, cand, x, reserve):
-        score(search, ctx, cand, x, reserve)
+    def stronger_wins(search, ctx, cand, x, reserve, options=None):
+        score(search, ctx, cand, x, reserve, options)
         if "model" in cand.settings:
             cand.score = 1.0
 
@@ -814,6 +814,27 @@ def test_large_folder_compares_on_a_subsample_and_fits_the_winner_on_more(tmp_pa
     assert record["train_subsample"] is None and "--train-subsample" not in record["reproduce"]
     assert record["compared_on_images"] == 30
     assert "compared on a random 30 of the training images" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_the_view_steps_score_only_the_pooling_their_crop_chose(tmp_path, monkeypatch):
+    """The first probes' CV scores every pooling option (mean+max of every tap, means of the top one); the view
+    steps after them keep the option the best probe chose, as they keep its crop."""
+    import transferkit.engine.probe as probe
+
+    calls = []
+    real = probe.cross_validate
+    monkeypatch.setattr(probe, "cross_validate",
+                        lambda x, y, columns, *a, **k: calls.append((x.shape[1], len(columns))) or real(x, y, columns,
+                                                                                                      *a, **k))
+    data = _mislabel(_folder(tmp_path / "data"), 2)
+    _, record = _search(data, tmp_path / "run", mode="linear-probe", probe_head="linear")
+    probes = [c for c in record["candidates"] if c["status"] == "ran" and "model" not in c["settings"]]
+    assert [c["settings"]["probe_views"] for c in probes][:3] == ["none", "none", "flip"]
+    one_view = {width for views, width in calls if views == 1}
+    assert len(one_view) == 2  # both options on the first probes
+    chosen = {width for views, width in calls if views > 1}
+    best = max(probes[:2], key=lambda c: c["score"])["settings"]
+    assert len(chosen) == 1 and best["probe_pooling"] == probes[2]["settings"]["probe_pooling"]
 
 
 def test_the_images_compared_on_grow_with_the_budget():

@@ -377,7 +377,7 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
             return _stopped_at(search, best), ctx
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
             continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
-        cand = _probe_candidate(search, ctx, crop, view_set)
+        cand = _probe_candidate(search, ctx, crop, view_set, options=_carried_pooling(search, best))
         if cand.score is not None and cand.score <= best.score and not cfg.rotation_safe:
             break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
         best = _better(best, cand)
@@ -551,12 +551,24 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     log.info("plan: then the final run on all training images, val scored once (~%.0fs per view)", m / search.rate)
 
 
-def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str) -> Candidate:
+def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str, options=None) -> Candidate:
     cand, reserve = _planned_probe(search, ctx, crop, view_set)
     first = len(search.candidates) == 1  # the one probe every search runs, whatever the budget
     if first or search.affords(cand, reserve):
-        _run_probe(search, ctx, cand, reserve)
+        _run_probe(search, ctx, cand, reserve, options)
     return cand
+
+
+def _carried_pooling(search: Search, best: Candidate) -> list | None:
+    """The (pooling, stages, pixels) option a view step's CV scores: the one its crop's best probe chose, as it
+    keeps that crop. The other option then costs nothing: on ELPV it never won past the first view (mean+max of
+    six taps, 4,048 features, against the top tap's 1,280 means) yet took about a fifth of each CV, and
+    the 8-view step missed the default budget by 4 s (benchmarks/RESULTS.md, notes of session 23). None (every
+    option) where the pooling or stages were given: those fix it already."""
+    if {"probe_pooling", "probe_stages", "probe_pixels"} & search.given or best.score is None:
+        return None
+    s = best.settings
+    return [(s["probe_pooling"], s["probe_stages"], s["probe_pixels"])]
 
 
 def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: float = 0.0):
@@ -595,7 +607,7 @@ def _val_pass_seconds(search: Search, ctx: _Context, settings: dict) -> float:
     return views * len(ctx.scan.val) * _final_view_seconds(search, ctx, settings)
 
 
-def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -> None:
+def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float, options=None) -> None:
     from .engine.probe_train import PROBE_VIEWS
 
     t = time.perf_counter()
@@ -605,7 +617,7 @@ def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float) -
         cand.seconds, cand.status = time.perf_counter() - t, "stopped: extraction ran slower than planned"
         log.info("search: %s %s", cand.name, cand.status)
         return
-    _score_probe(search, ctx, cand, x, reserve)
+    _score_probe(search, ctx, cand, x, reserve, options)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
     log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", cand.name, cand.score, _probe_text(cand.settings),
@@ -785,20 +797,16 @@ def _keep_subsample(search: Search, ctx: _Context, n: int, asked: bool = False) 
     search.subsample = n
 
 
-def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, reserve: float) -> None:
-    """Pooling/stages and C by 3-fold CV on train, stopping where only `reserve` seconds would be left
-    (the C grid runs from strong to weak regularization, the slow end last); then the inner hold-out
-    score, for comparing with fine-tuning."""
+def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, reserve: float,
+                 options=None) -> None:
+    """Pooling/stages (those of `options`, else every one that is not given) and C by 3-fold CV on train,
+    stopping where only `reserve` seconds would be left (the C grid runs from strong to weak regularization, the
+    slow end last); then the inner hold-out score, for comparing with fine-tuning."""
     from .engine.probe import cross_validate, fit_probe, predict_proba
     from .engine.probe_train import C_GRID
 
     cfg, given, taps = search.cfg, search.given, ctx.taps_for(cand.settings["crop_fraction"])
-    options = [(cfg.probe_pooling, cfg.probe_stages)] if {"probe_pooling", "probe_stages"} & given else POOLING_STAGES
-    options = [(pooling, stages, False) for pooling, stages in options]
-    if "probe_pixels" in given:
-        options = [(pooling, stages, cfg.probe_pixels) for pooling, stages, _ in options]
-    elif ctx.small_images:  # small images: the first option's features with the raw pixels too
-        options.append((*options[0][:2], True))
+    options = options or _pooling_options(search, ctx)
     grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
     n_classes = len(ctx.scan.classes)
     deadline = search.deadline - reserve
@@ -818,6 +826,18 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     fit = fit_probe(x[inner_train], ctx.y[inner_train],
                     taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes)
     cand.answered(predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test])
+
+
+def _pooling_options(search: Search, ctx: _Context) -> list[tuple]:
+    """Every (pooling, stages, pixels) a probe's CV may score, less what was given."""
+    cfg, given = search.cfg, search.given
+    options = [(cfg.probe_pooling, cfg.probe_stages)] if {"probe_pooling", "probe_stages"} & given else POOLING_STAGES
+    options = [(pooling, stages, False) for pooling, stages in options]
+    if "probe_pixels" in given:
+        options = [(pooling, stages, cfg.probe_pixels) for pooling, stages, _ in options]
+    elif ctx.small_images:  # small images: the first option's features with the raw pixels too
+        options.append((*options[0][:2], True))
+    return options
 
 
 def _two_scale_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate | None:
