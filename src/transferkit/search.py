@@ -360,9 +360,9 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
     """The best probe, and the context of its backbone (the one given, or a stronger one that won)."""
-    cfg, given = search.cfg, search.given
     from .engine.probe import cv_repeats
 
+    cfg, given = search.cfg, search.given
     crops, views = _probe_ladder(search, ctx)
     search.cv_repeats = cv_repeats(len(ctx.scan.train))
     _measure_rate(search, ctx, crops[0])
@@ -560,11 +560,11 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str, options
 
 
 def _carried_pooling(search: Search, best: Candidate) -> list | None:
-    """The (pooling, stages, pixels) option a view step's CV scores: the one its crop's best probe chose, as it
-    keeps that crop. The other option then costs nothing: on ELPV it never won past the first view (mean+max of
-    six taps, 4,048 features, against the top tap's 1,280 means) yet took about a fifth of each CV, and
-    the 8-view step missed the default budget by 4 s (benchmarks/RESULTS.md, notes of session 23). None (every
-    option) where the pooling or stages were given: those fix it already."""
+    """The (pooling, stages, pixels) option a view step's CV scores: the one its crop's best probe chose, as the
+    step keeps that crop. On ELPV the other option (the top tap's 1,280 means against mean+max of six taps, 4,048
+    features) never won past the first view, yet took about a fifth of each CV, and the 8-view step missed the
+    default budget by 4 s (benchmarks/RESULTS.md, notes of session 23). None (every option) where the pooling,
+    stages or pixels were given: those fix the options already."""
     if {"probe_pooling", "probe_stages", "probe_pixels"} & search.given or best.score is None:
         return None
     s = best.settings

@@ -359,9 +359,9 @@ class CVResult:
 
 def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
                    folds: int = 3, seed: int = 0, deadline: float | None = None) -> CVResult:
-    """Stratified k-fold accuracy of the probe for each C of the grid, repeated on few images (cv_splits; all
-    views of an image stay in one fold; held-out images are scored on the average over their views). Stops
-    early past `deadline`."""
+    """Stratified k-fold accuracy of the probe for each C of the grid (and below it, where its strongest C wins),
+    repeated on few images (cv_splits; all views of an image stay in one fold; held-out images are scored on the
+    average over their views). Stops early past `deadline`."""
     splits = cv_splits(y, folds, seed)
     prepared = []
     for train_idx, test_idx in splits:
