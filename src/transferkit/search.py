@@ -360,11 +360,9 @@ def _inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
     """The best probe, and the context of its backbone (the one given, or a stronger one that won)."""
-    from .engine.probe import cv_repeats
-
     cfg, given = search.cfg, search.given
     crops, views = _probe_ladder(search, ctx)
-    search.cv_repeats = cv_repeats(len(ctx.scan.train))
+    search.cv_repeats = _cv_repeats(ctx)  # for search.json: the candidates were compared on ctx's images
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
@@ -565,7 +563,7 @@ def _carried_pooling(search: Search, best: Candidate) -> list | None:
     features) never won past the first view, yet took about a fifth of each CV, and the 8-view step missed the
     default budget by 4 s (benchmarks/RESULTS.md, notes of session 23). None (every option) where the pooling,
     stages or pixels were given: those fix the options already."""
-    if {"probe_pooling", "probe_stages", "probe_pixels"} & search.given or best.score is None:
+    if {"probe_pooling", "probe_stages", "probe_pixels"} & search.given:
         return None
     s = best.settings
     return [(s["probe_pooling"], s["probe_stages"], s["probe_pixels"])]
@@ -683,11 +681,16 @@ def _tries_mlp(search: Search) -> bool:
     return "mode" not in given or not get_mode(cfg.mode).trains_backbone
 
 
-def _mlp_fits(ctx: _Context) -> float:
-    """The MLP step's fits, in fits on all of its rows (MLP_CV_FITS)."""
+def _cv_repeats(ctx: _Context) -> int:
+    """How many 3-fold splits the probes' CV pools on ctx's training images (engine/probe.py cv_repeats)."""
     from .engine.probe import cv_repeats
 
-    return MLP_CV_FITS * cv_repeats(len(ctx.scan.train)) + MLP_INNER_FITS
+    return cv_repeats(len(ctx.scan.train))
+
+
+def _mlp_fits(ctx: _Context) -> float:
+    """The MLP step's fits, in fits on all of its rows (MLP_CV_FITS)."""
+    return MLP_CV_FITS * _cv_repeats(ctx) + MLP_INNER_FITS
 
 
 def _mlp_step_seconds(search: Search, ctx: _Context) -> float:
@@ -728,11 +731,8 @@ def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
     # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features and 2 classes (2-core
     # CPU), no less than for 200 images (each fit has a fixed cost); the multinomial fit grows with the
     # number of classes.
-    from .engine.probe import cv_repeats
-
     rows = views * max(len(ctx.scan.train), 200)
-    return (3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2)
-            * cv_repeats(len(ctx.scan.train)))
+    return 3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2) * _cv_repeats(ctx)
 
 
 def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, size=None) -> np.ndarray | None:
@@ -982,9 +982,7 @@ def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:
     views = len(PROBE_VIEWS[settings["probe_views"]])
     if settings.get("probe_head") == "mlp":
         return mlp_fit_seconds(_mlp_step_seconds(search, ctx), views * len(ctx.scan.train))
-    from .engine.probe import cv_repeats
-
-    return _cv_seconds(search, ctx, views) / (FITS_PER_CV * cv_repeats(len(ctx.scan.train)))
+    return _cv_seconds(search, ctx, views) / (FITS_PER_CV * _cv_repeats(ctx))
 
 
 def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:

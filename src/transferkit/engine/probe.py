@@ -363,6 +363,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     repeated on few images (cv_splits; all views of an image stay in one fold; held-out images are scored on the
     average over their views). Stops early past `deadline`."""
     splits = cv_splits(y, folds, seed)
+    held_out = sum(len(test_idx) for _, test_idx in splits)  # each image once per split
     prepared = []
     for train_idx, test_idx in splits:
         rows = x[train_idx][:, :, columns].reshape(-1, len(columns))
@@ -377,7 +378,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
             warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f])
             logits = xte @ warm[f][0].T + warm[f][1]
             correct += int((logits.mean(1).argmax(-1) == yte).sum())
-        per_C[C] = correct / (len(y) * cv_repeats(len(y)))
+        per_C[C] = correct / held_out
         signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
 
     def late() -> bool:
@@ -453,10 +454,10 @@ class _PastDeadline(Exception):
 def _fold_accuracy(y: np.ndarray, folds: int, seed: int, logits_of) -> float:
     """Accuracy over cv_splits' folds: logits_of(train indices, test indices) → (n_test, views, classes) logits
     of a model fitted on the train fold, averaged over the views."""
-    correct = 0
-    for train_idx, test_idx in cv_splits(y, folds, seed):
-        correct += int((logits_of(train_idx, test_idx).mean(1).argmax(-1) == y[test_idx]).sum())
-    return correct / (len(y) * cv_repeats(len(y)))
+    splits = cv_splits(y, folds, seed)
+    correct = sum(int((logits_of(train_idx, test_idx).mean(1).argmax(-1) == y[test_idx]).sum())
+                  for train_idx, test_idx in splits)
+    return correct / sum(len(test_idx) for _, test_idx in splits)
 
 
 def cv_repeats(n_images: int) -> int:
