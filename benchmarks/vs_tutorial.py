@@ -42,6 +42,7 @@ from transferkit.models.registry import get_spec  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 LITE_MEAN = LITE_STD = [0.5, 0.5, 0.5]
+TUTORIAL_BATCH = 8  # the "Finetuning Torchvision Models" seed's batch_size (transferkit's tutorial recipe: 32)
 
 
 def tutorial_loaders(data: Path) -> dict:
@@ -52,7 +53,7 @@ def tutorial_loaders(data: Path) -> dict:
                                    transforms.ToTensor(), transforms.Normalize(LITE_MEAN, LITE_STD)]),
     }
     sets = {x: datasets.ImageFolder(str(data / x), tf[x]) for x in ("train", "val")}
-    return {x: torch.utils.data.DataLoader(sets[x], batch_size=8, shuffle=True, num_workers=4) for x in sets}
+    return {x: torch.utils.data.DataLoader(sets[x], batch_size=TUTORIAL_BATCH, shuffle=True, num_workers=4) for x in sets}
 
 
 def tutorial_train_model(model, dataloaders, criterion, optimizer, scheduler, num_epochs, device):
@@ -154,9 +155,13 @@ def recipes(ft_epochs: int) -> list[tuple[str, str, list[str]]]:
     limited to the feature-extract family (it fits linear probes on cached features and refits the one
     it picks). finetune runs the tutorial recipe, BatchNorm training as the tutorial and frozen."""
     finetune = ["--recipe", "tutorial", "--mode", "finetune", "--epochs", str(ft_epochs)]
+    extract = ["--recipe", "tutorial", "--mode", "feature-extract"]
+    loop_batch = [*extract, "--batch-size", str(TUTORIAL_BATCH)]
     return [
-        ("feature-extract", "--recipe tutorial", ["--recipe", "tutorial", "--mode", "feature-extract"]),
-        ("feature-extract", "--recipe tutorial, engine known", ["--recipe", "tutorial", "--mode", "feature-extract"]),
+        ("feature-extract", "--recipe tutorial", extract),
+        ("feature-extract", "--recipe tutorial, engine known", extract),
+        ("feature-extract", f"--recipe tutorial --batch-size {TUTORIAL_BATCH}", loop_batch),
+        ("feature-extract", f"--recipe tutorial --batch-size {TUTORIAL_BATCH}, engine known", loop_batch),
         ("feature-extract", "default (--recipe auto)", ["--mode", "feature-extract"]),
         ("finetune", "--recipe tutorial", finetune),
         ("finetune", "--recipe tutorial --batchnorm frozen", [*finetune, "--batchnorm", "frozen"]),
