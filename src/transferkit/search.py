@@ -132,7 +132,7 @@ class Search:
     compared_on: int | None = None  # training images the candidates were compared on, where fewer than all
     setup_s: float = 0.0  # the first backbone's ONNX export and engine choice, measured with the rate
     stopped: str | None = None  # why the ladder ended before its last step, where it did
-    cv_repeats: int = 1  # how many 3-fold splits the probes' CV pools (engine/probe.py cv_repeats)
+    cv_repeats: int = 1  # 3-fold splits the last probe CV pooled (engine/probe.py cv_repeats): search.json
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -362,7 +362,6 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
     """The best probe, and the context of its backbone (the one given, or a stronger one that won)."""
     cfg, given = search.cfg, search.given
     crops, views = _probe_ladder(search, ctx)
-    search.cv_repeats = _cv_repeats(ctx)  # for search.json: the candidates were compared on ctx's images
     _measure_rate(search, ctx, crops[0])
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
@@ -375,7 +374,7 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
             return _stopped_at(search, best), ctx
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
             continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
-        cand = _probe_candidate(search, ctx, crop, view_set, options=_carried_pooling(search, best))
+        cand = _probe_candidate(search, ctx, crop, view_set, options=_carried_pooling(best))
         if cand.score is not None and cand.score <= best.score and not cfg.rotation_safe:
             break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
         best = _better(best, cand)
@@ -518,7 +517,7 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     cv = _cv_seconds(search, ctx, 1)
     log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left%s",
              n, m, search.rate, note, search.deadline - search.t0, search.left(),
-             f"; the probes' 3-fold CV runs on {search.cv_repeats} splits (few images)" if search.cv_repeats > 1 else "")
+             f"; the probes' 3-fold CV runs on {_cv_repeats(ctx)} splits (few images)" if _cv_repeats(ctx) > 1 else "")
     crops, view_sets = _probe_ladder(search, ctx)
     first = len(PROBE_VIEWS[view_sets[0]])
     steps = [(f"probe, crop {'own' if c is None else c}, {first} view{'s' * (first > 1)}", first * (per_view + cv))
@@ -557,14 +556,12 @@ def _probe_candidate(search: Search, ctx: _Context, crop, view_set: str, options
     return cand
 
 
-def _carried_pooling(search: Search, best: Candidate) -> list | None:
+def _carried_pooling(best: Candidate) -> list:
     """The (pooling, stages, pixels) option a view step's CV scores: the one its crop's best probe chose, as the
     step keeps that crop. On ELPV the other option (the top tap's 1,280 means against mean+max of six taps, 4,048
     features) never won past the first view, yet took about a fifth of each CV, and the 8-view step missed the
-    default budget by 4 s (benchmarks/RESULTS.md, notes of session 23). None (every option) where the pooling,
-    stages or pixels were given: those fix the options already."""
-    if {"probe_pooling", "probe_stages", "probe_pixels"} & search.given:
-        return None
+    default budget by 4 s (benchmarks/RESULTS.md, notes of session 23). The best probe chose among
+    _pooling_options, so pieces given on the command line are already in its choice."""
     s = best.settings
     return [(s["probe_pooling"], s["probe_stages"], s["probe_pixels"])]
 
@@ -810,6 +807,9 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     grid = [cfg.probe_c] if "probe_c" in given else list(C_GRID)
     n_classes = len(ctx.scan.classes)
     deadline = search.deadline - reserve
+    # What search.json reports: the CV's own images (a subsample taken mid-search, where the budget allowed no
+    # more features, pools more splits than the full set would have)
+    search.cv_repeats = _cv_repeats(ctx)
     t = time.perf_counter()
     for pooling, stages, pixels in options:
         if cand.score is not None and time.perf_counter() > deadline:
