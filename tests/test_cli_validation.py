@@ -107,6 +107,19 @@ def test_collector_settings_belong_to_the_program_not_to_main(tmp_path):
     assert out.splitlines()[-1] == "0 100000 True"
 
 
+def test_verbose_shows_our_debug_lines_not_every_library_s():
+    """-v is for transferkit's own debug lines; at DEBUG, Pillow logs every PNG chunk it reads and matplotlib
+    every font it scores (thousands of lines for one small run)."""
+    import subprocess
+    import sys
+
+    probe = ("import logging; from transferkit import cli; cli.main(['-v', 'models']); "
+             "logging.getLogger('PIL.PngImagePlugin').debug('STREAM IDAT'); "
+             "logging.getLogger('transferkit.engine.fit').debug('ours')")
+    err = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stderr
+    assert "DEBUG ours" in err and "STREAM" not in err
+
+
 def test_top_level_help_tells_a_user_what_the_tool_does_and_how_to_start(capsys):
     """`transferkit --help` is a user's first screen: what the tool does and the first commands to run, not the
     CLI module's docstring for developers."""

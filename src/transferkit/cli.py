@@ -248,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for re-launching under torchrun
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(message)s" if args.verbose else "%(message)s",
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s" if args.verbose else "%(message)s",
                         stream=sys.stderr)
+    if args.verbose:  # ours only: Pillow and matplotlib at DEBUG print a line per PNG chunk and per font tried
+        logging.getLogger("transferkit").setLevel(logging.DEBUG)
     try:
         return COMMANDS[args.command](args)
     except TransferkitError as exc:
@@ -285,7 +286,8 @@ def cmd_train(args) -> int:
         distributed.check_gpu_count(args.nproc, _device_asked(args, options))
         return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
-        logging.getLogger().setLevel(logging.ERROR)
+        for name in ("", "transferkit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if args.resume and args.config:
         raise UsageError(f"--resume continues {args.resume} with the options in its config.yaml; drop --config")
     if not (args.resume or args.config or args.data):
