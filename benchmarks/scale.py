@@ -76,7 +76,9 @@ def run(data: Path, out: Path, cache: Path, extra: list[str]) -> dict:
     computed = src["train"]["computed"] + src["val"]["computed"]
     seconds = src["train"]["seconds"] + src["val"]["seconds"]
     decoded = folder_bytes(cache / "decoded") if (cache / "decoded").exists() else 0
-    features = folder_bytes(cache, "[!d]*/shard-*")  # feature shards + index entries (not decoded/)
+    # Feature shards sit one folder down (<id>/shard-*), decoded-store shards two (decoded/<id>/shard-*). (This
+    # was the glob "[!d]*/shard-*", which also left out every feature folder whose id began with "d".)
+    features = folder_bytes(cache, "*/shard-*")
     return {"wall_s": wall, "extraction_rate": computed / seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
             "feature_bytes": features, "decoded_bytes": decoded,
             "fixed_bytes": folder_bytes(cache) - features - decoded,

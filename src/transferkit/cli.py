@@ -225,8 +225,9 @@ def entry() -> int:
     on the default schedule the cyclic collector walks them again and again as they are created (~1 s of a cold
     `transferkit train`, 2-core EPYC) and once more at the exit (~1.3 s). Here it runs rarely, skips the
     imported heap once the command has it (imports_done), and the exit's last collection skips everything (the
-    run's files are written and closed by then). Freed large blocks stay in the process (malloc.py: a CPU
-    training step ~1.9x faster). `main` itself, called in a Python process, leaves gc and malloc alone."""
+    run's files are written and closed by then). Freed large blocks stay in the process (malloc.py: CPU training
+    steps no longer fault in fresh pages for every activation). `main` itself, called in a Python process,
+    leaves gc and malloc alone."""
     from .malloc import keep_freed_blocks
 
     global _PROGRAM

@@ -3,11 +3,12 @@
 By default glibc serves a block above its mmap threshold (adjusted at run time, at most 32 MB) with a fresh
 mmap() and unmaps it at free(). A CPU forward or backward pass at batch 32 allocates activations of 25-150 MB per
 layer (efficientnet_lite0 at 224 px), so every step maps hundreds of MB of new pages and the kernel faults each
-one in again: on a 2-core EPYC a lite0 training step at batch 32 spent 8.6 s of system time per 5 steps beside
-11.9 s of arithmetic. With blocks up to 1 GiB served from the heap and kept there once freed, the next step
-reuses them: 14.6 -> 27.9 training images/s, inference 79 -> 131 images/s (benchmarks/malloc.py records the
-machine's figures). PyTorch's CPU performance guide suggests jemalloc or tcmalloc for the same reason; this gets
-the effect without preloading a library.
+one in again. 2-core EPYC, lite0 training steps at batch 32 on random tensors (a throwaway script, session 25):
+14.6 images/s and 8.6 s of system time per 5 steps with the defaults, 27.9 images/s and 0.9 s with blocks up to
+1 GiB served from the heap and kept there once freed; inference at batch 32: 79 -> 131 images/s. Whole
+`transferkit train --mode finetune` epochs, which also wait on data loading: 1.27x faster, peak RSS +15%
+(benchmarks/malloc.py, RESULTS.md section malloc). PyTorch's CPU performance guide suggests jemalloc or
+tcmalloc for the same reason; this gets the effect without preloading a library.
 
 The cost: up to TRIM_THRESHOLD of freed memory stays mapped in the process until it exits (a run's largest
 step's worth, which its next step needs again). Set TRANSFERKIT_MALLOC=default to keep glibc's defaults. Only the
