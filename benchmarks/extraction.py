@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -116,6 +117,7 @@ def main() -> None:
     print(text)
     write_section(("extraction_full" if args.full else "extraction")
                   + ("" if args.precision == "auto" else "_" + args.precision), text)
+    shutil.rmtree(tmp, ignore_errors=True)  # the ONNX export and the repeats' caches
 
 
 if __name__ == "__main__":
