@@ -6,6 +6,10 @@ import os
 import random
 import re
 import resource
+import subprocess
+import sys
+import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -37,6 +41,24 @@ def stratified_subset(src: Path, dst: Path, n_train: int, n_val: int, seed: int 
             for f in rng.sample(files, round(n * len(files) / total)):
                 os.link(f, dst / split / name / f.name)
     return dst
+
+
+def run_cli(args: list[str], cache: str | Path, env: dict | None = None) -> tuple[float, resource.struct_rusage]:
+    """`python -m transferkit ARGS` as a user runs it, in a fresh process (start-up and imports counted) with the
+    feature cache `cache`: its wall seconds and its own resource usage (os.wait4: CPU time and peak RSS of this
+    child alone). Its stderr goes to a file, not a pipe, so a chatty run cannot fill the pipe and stall; a failed
+    run ends the benchmark with that stderr's tail."""
+    env = {**os.environ, **(env or {}), "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1"}
+    cmd = [sys.executable, "-m", "transferkit", *args]
+    with tempfile.TemporaryFile() as stderr:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr.read().decode(errors='replace')[-3000:]}")
+    return wall, usage
 
 
 def cpu_seconds() -> float:

@@ -15,31 +15,24 @@ import csv
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import elpv, environment_line, run_cli, stratified_subset, table, write_section  # noqa: E402
 
 SETTINGS = {"kept (the program's)": {}, "glibc defaults": {"TRANSFERKIT_MALLOC": "default"}}
 
 
 def run(data: Path, out: Path, options: list[str], env: dict) -> dict:
-    """One `transferkit train` in a fresh process, with a cold feature cache: its wall, system CPU seconds and
-    peak RSS (os.wait4: this child's own), and its epochs' seconds."""
+    """One `transferkit train` (common.run_cli) with a cold feature cache: its wall, system CPU seconds and peak
+    RSS, and its epochs' seconds."""
     cache = tempfile.mkdtemp(prefix="tk-bench-cache-")
-    cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out), "--overwrite", *options]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **env, "TRANSFERKIT_FEATURE_CACHE": cache,
-                                      "TRANSFERKIT_QUIET": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    shutil.rmtree(cache, ignore_errors=True)
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (status {status})")
+    try:
+        wall, usage = run_cli(["train", str(data), "--out", str(out), "--overwrite", *options], cache, env)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     with open(out / "history.csv", newline="") as f:
         epochs = [float(row["seconds"]) for row in csv.DictReader(f)]
     return {"wall_s": wall, "sys_s": usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024, "epochs_s": epochs}

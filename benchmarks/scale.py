@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import environment_line, run_cli, table, write_section  # noqa: E402
 
 SIDE = 28
 CLASSES = 10
@@ -62,16 +61,8 @@ def folder_bytes(root: Path, pattern: str = "**/*") -> int:
 
 
 def run(data: Path, out: Path, cache: Path, extra: list[str]) -> dict:
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1"}
-    cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--recipe", "tutorial", "--mode", "feature-extract",
-           "--out", str(out), *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stderr = proc.stderr.read().decode(errors="replace")
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    wall, usage = run_cli(["train", str(data), "--recipe", "tutorial", "--mode", "feature-extract", "--out", str(out),
+                           *extra], cache)
     metrics = json.loads((out / "metrics.json").read_text())
     src = metrics["source"]
     computed = src["train"]["computed"] + src["val"]["computed"]

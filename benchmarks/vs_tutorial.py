@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,8 @@ import torch.nn as nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import IMAGE_SUFFIXES, cpu_seconds, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import (IMAGE_SUFFIXES, cpu_seconds, elpv, environment_line, run_cli, stratified_subset, table,  # noqa: E402
+                    write_section)
 
 from transferkit.models.adapt import build_model  # noqa: E402
 from transferkit.models.registry import get_spec  # noqa: E402
@@ -124,21 +124,15 @@ def run_transferkit(data: Path, out: Path, options: list[str], precision: str, d
     engine_known: the machine's second data set instead of its first: the backbone's ONNX export and engine
     choice are in the cache (from an untimed run on the same images), every feature shard is deleted."""
     cache = tempfile.mkdtemp(prefix="tk-bench-cache-")
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": cache, "TRANSFERKIT_QUIET": "1"}
-    cmd = [sys.executable, "-m", "transferkit", "train", str(data), *options, "--precision", precision,
-           "--device", device, "--out", str(out), "--overwrite"]
-    if engine_known:
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-        for shard in Path(cache).glob("*/shard-*"):
-            shard.unlink()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stderr = proc.stderr.read().decode(errors="replace")
-    shutil.rmtree(cache, ignore_errors=True)
-    if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
+    args = ["train", str(data), *options, "--precision", precision, "--device", device, "--out", str(out), "--overwrite"]
+    try:
+        if engine_known:
+            run_cli(args, cache)
+            for shard in Path(cache).glob("*/shard-*"):
+                shard.unlink()
+        wall, usage = run_cli(args, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     m = json.loads((out / "metrics.json").read_text())
     src = m.get("source", {})
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,

@@ -514,10 +514,10 @@ def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
 
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_view = n / search.rate
-    cv = _cv_seconds(search, ctx, 1)
+    cv, splits = _cv_seconds(search, ctx, 1), _cv_repeats(ctx)
     log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left%s",
              n, m, search.rate, note, search.deadline - search.t0, search.left(),
-             f"; the probes' 3-fold CV runs on {_cv_repeats(ctx)} splits (few images)" if _cv_repeats(ctx) > 1 else "")
+             f"; the probes' 3-fold CV runs on {splits} splits (few images)" if splits > 1 else "")
     crops, view_sets = _probe_ladder(search, ctx)
     first = len(PROBE_VIEWS[view_sets[0]])
     steps = [(f"probe, crop {'own' if c is None else c}, {first} view{'s' * (first > 1)}", first * (per_view + cv))
