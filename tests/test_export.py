@@ -185,3 +185,33 @@ def test_the_export_check_keeps_labels_aligned_around_an_unreadable_file(onnx_ex
     expected = float((probs.argmax(1) == np.array([label for _, label in items])).mean())
     assert report["images"] == 12 and not any(errors)
     assert report["accuracy_fp32"] == pytest.approx(expected)
+
+
+def _same_padding_net() -> torch.nn.Module:
+    """Strided TF-'same' convolutions (timm's Conv2dSame, as in the tf_* EfficientNets) with BatchNorm."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(Conv2dSame(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                               Conv2dSame(8, 8, 5, stride=2, groups=8), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten())
+
+
+@pytest.mark.parametrize("size", [224, 225])
+def test_same_padding_is_exported_as_constants_and_matches_eager(size, tmp_path):
+    """The pads TF-'same' layers compute from the input's size become constants for the export's fixed
+    size: no Shape-driven chain in the graph (ONNX Runtime's static quantizer mangled it into 6×6 maps where
+    fp32 has 7×7), the same outputs, and the caller's module untouched (its mode, its BN statistics)."""
+    from transferkit.engine.runtime import OrtEngine, onnx_export
+
+    net = _same_padding_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 3, size, size)
+    path = tmp_path / "same.onnx"
+    onnx_export(net, x[:1], path)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Shape" not in ops and "Conv" in ops
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        expected = net.eval()(x)
+    assert torch.allclose(OrtEngine(path)(x), expected, atol=1e-5)

@@ -120,6 +120,7 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path, input_name: str 
     2-core CPU it takes ~16 s for efficientnet_lite0 where the torch.export-based one takes ~150 s, and it
     traces the frozen part's early-stop hook. Where a torch release has removed it, use the new one."""
     names = {"input_names": [input_name], "output_names": [output_name], "opset_version": opset}
+    module = with_static_same_padding(module, example)
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter warns that it is deprecated
         try:
@@ -129,6 +130,49 @@ def onnx_export(module: nn.Module, example: torch.Tensor, path, input_name: str 
             log.info("legacy ONNX exporter unavailable (%s); using torch.export", str(exc).splitlines()[0])
             torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, **names)
+
+
+def with_static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """`module`, or a copy of it whose TensorFlow-style 'same' convolutions (timm's Conv2dSame, in the tf_*
+    EfficientNets' strided layers) pad by constants worked out for `example`'s spatial size.
+
+    Conv2dSame computes its padding from the input's size on every call, so the exported graph carries a
+    Shape -> arithmetic -> Pad chain per layer. Our exports fix the spatial size, so the pads are constants;
+    and ONNX Runtime's static quantizer mis-handles that chain (it quantizes its arithmetic: the int8 graph
+    of efficientnet_lite0 computed 6×6 maps where fp32 computes 7×7, so its features were off by 0.3-0.9 of
+    their scale whatever the calibration, benchmarks/int8.py). The values computed are the same."""
+    import copy
+
+    try:
+        from timm.layers import Conv2dSame
+        from timm.layers.padding import pad_same_arg
+    except ImportError:  # no timm: no such layers
+        return module
+    same = [name for name, m in module.named_modules() if isinstance(m, Conv2dSame)]
+    if not same:
+        return module
+    static = copy.deepcopy(module).eval()  # the exporters export eval mode; and no BN statistics move here
+    sizes: dict[str, list[int]] = {}
+
+    def record(name):  # a pre-hook that returns something replaces the input: this one returns None
+        return lambda _module, args: sizes.update({name: list(args[0].shape[-2:])}) and None
+
+    hooks = [static.get_submodule(name).register_forward_pre_hook(record(name)) for name in same]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            static(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in same:
+        conv = static.get_submodule(name)
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                          conv.groups, bias=conv.bias is not None)
+        plain.weight, plain.bias = conv.weight, conv.bias
+        pads = pad_same_arg(sizes[name], list(conv.kernel_size), list(conv.stride), list(conv.dilation))
+        parent, _, leaf = name.rpartition(".")
+        setattr(static.get_submodule(parent) if parent else static, leaf, nn.Sequential(nn.ZeroPad2d(pads), plain))
+    return static
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
