@@ -215,3 +215,28 @@ def test_same_padding_is_exported_as_constants_and_matches_eager(size, tmp_path)
     with torch.no_grad():
         expected = net.eval()(x)
     assert torch.allclose(OrtEngine(path)(x), expected, atol=1e-5)
+
+
+class _TwoSizes(torch.nn.Module):
+    """One TF-'same' layer run at two input sizes that pad differently (80 px: 1 pixel, 57 px: 2), as a
+    two-scale probe runs its backbone."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers import Conv2dSame
+
+        self.conv = Conv2dSame(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        small = torch.nn.functional.interpolate(x, size=(57, 57), mode="bilinear", align_corners=False)
+        return torch.cat([self.conv(x).mean((2, 3)), self.conv(small).mean((2, 3))], 1)
+
+
+def test_a_same_padding_layer_run_at_two_sizes_keeps_its_dynamic_pads(tmp_path):
+    from transferkit.engine.runtime import OrtEngine, onnx_export
+
+    torch.manual_seed(0)
+    net, x = _TwoSizes().eval(), torch.randn(3, 3, 80, 80)
+    onnx_export(net, x[:1], tmp_path / "two.onnx")
+    with torch.no_grad():
+        assert torch.allclose(OrtEngine(tmp_path / "two.onnx")(x), net(x), atol=1e-5)

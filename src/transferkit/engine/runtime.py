@@ -152,10 +152,10 @@ def with_static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Mod
     if not same:
         return module
     static = copy.deepcopy(module).eval()  # the exporters export eval mode; and no BN statistics move here
-    sizes: dict[str, list[int]] = {}
+    sizes: dict[str, set] = {name: set() for name in same}
 
     def record(name):  # a pre-hook that returns something replaces the input: this one returns None
-        return lambda _module, args: sizes.update({name: list(args[0].shape[-2:])}) and None
+        return lambda _module, args: sizes[name].add(tuple(args[0].shape[-2:]))
 
     hooks = [static.get_submodule(name).register_forward_pre_hook(record(name)) for name in same]
     try:
@@ -166,10 +166,14 @@ def with_static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Mod
             hook.remove()
     for name in same:
         conv = static.get_submodule(name)
+        pads = {tuple(pad_same_arg(list(size), list(conv.kernel_size), list(conv.stride), list(conv.dilation)))
+                for size in sizes[name]}
+        if len(pads) != 1:  # not run, or run at sizes that pad differently (a two-scale probe): left dynamic
+            continue
         plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
                           conv.groups, bias=conv.bias is not None)
         plain.weight, plain.bias = conv.weight, conv.bias
-        pads = pad_same_arg(sizes[name], list(conv.kernel_size), list(conv.stride), list(conv.dilation))
+        (pads,) = pads
         parent, _, leaf = name.rpartition(".")
         setattr(static.get_submodule(parent) if parent else static, leaf, nn.Sequential(nn.ZeroPad2d(pads), plain))
     return static
