@@ -152,31 +152,41 @@ def with_static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Mod
     if not same:
         return module
     static = copy.deepcopy(module).eval()  # the exporters export eval mode; and no BN statistics move here
-    sizes: dict[str, set] = {name: set() for name in same}
-
-    def record(name):  # a pre-hook that returns something replaces the input: this one returns None
-        return lambda _module, args: sizes[name].add(tuple(args[0].shape[-2:]))
-
-    hooks = [static.get_submodule(name).register_forward_pre_hook(record(name)) for name in same]
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            static(example[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    sizes = _input_sizes(static, same, example[:1])
     for name in same:
         conv = static.get_submodule(name)
         pads = {tuple(pad_same_arg(list(size), list(conv.kernel_size), list(conv.stride), list(conv.dilation)))
                 for size in sizes[name]}
-        if len(pads) != 1:  # not run, or run at sizes that pad differently (a two-scale probe): left dynamic
-            continue
-        plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
-                          conv.groups, bias=conv.bias is not None)
-        plain.weight, plain.bias = conv.weight, conv.bias
-        (pads,) = pads
-        parent, _, leaf = name.rpartition(".")
-        setattr(static.get_submodule(parent) if parent else static, leaf, nn.Sequential(nn.ZeroPad2d(pads), plain))
+        if len(pads) == 1:  # else not run, or run at sizes that pad differently (a two-scale probe): left dynamic
+            parent, _, leaf = name.rpartition(".")
+            setattr(static.get_submodule(parent) if parent else static, leaf,
+                    nn.Sequential(nn.ZeroPad2d(pads.pop()), _unpadded_copy(conv)))
     return static
+
+
+def _input_sizes(module: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, set]:
+    """The spatial sizes each named submodule is called at in one forward of `example`."""
+    sizes: dict[str, set] = {name: set() for name in names}
+
+    def record(name):  # a pre-hook that returns something replaces the input: this one returns None
+        return lambda _module, args: sizes[name].add(tuple(args[0].shape[-2:]))
+
+    hooks = [module.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def _unpadded_copy(conv: nn.Conv2d) -> nn.Conv2d:
+    """A plain Conv2d with `conv`'s settings and parameters (shared), padding 0."""
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                      conv.groups, bias=conv.bias is not None)
+    plain.weight, plain.bias = conv.weight, conv.bias
+    return plain
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
