@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -182,6 +183,7 @@ def main() -> None:
                         "(engine/runtime.py does not offer int8)."))
     print(text)
     write_section("int8", text)
+    shutil.rmtree(tmp, ignore_errors=True)  # the fp32 export and every quantized variant (~60 MB)
 
 
 if __name__ == "__main__":
