@@ -38,8 +38,6 @@ from .progress import progress
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # 2: random views are cropped from the decoded-image store; 3: checksummed shards;
 # 4: large JPEGs decoded at a reduced DCT scale (data/images.py DRAFT_MARGIN)
-# The frozen part's ONNX graph (engine_folder): 2 = TF-'same' pads as constants (runtime.with_static_same_padding).
-EXPORT_VERSION = 2
 SUFFIX = ".safetensors"
 
 
@@ -241,6 +239,8 @@ def engine_folder(identity: dict) -> Path:
     network computes (model, weights, cache point, input size) and not by the crop or the cached dtype,
     which change only what goes in and what is kept: the search's two crops, and the final run after it,
     export and measure once instead of once per crop (~3 s a cold run on a 2-core EPYC)."""
+    from .runtime import EXPORT_VERSION
+
     network = {k: v for k, v in identity.items() if k not in ("preprocessing", "dtype")}
     network["input_size"] = identity.get("preprocessing", {}).get("input_size")
     network["graph"] = EXPORT_VERSION  # a better export of the same network is exported (and measured) again

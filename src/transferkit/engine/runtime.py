@@ -12,6 +12,7 @@ under this machine's key and the input size, so later runs measure nothing.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Max abs difference allowed between ONNX Runtime and eager PyTorch, relative to the output's scale.
 PARITY_RTOL = 1e-3
+# What onnx_export writes; part of the engine folder's key (features.engine_folder), so a machine's exports
+# from before a change are made again. 2: TF-'same' pads as constants (with_static_same_padding).
+EXPORT_VERSION = 2
 
 
 class _Stop(Exception):
@@ -140,9 +144,9 @@ def with_static_same_padding(module: nn.Module, example: torch.Tensor) -> nn.Mod
     Shape -> arithmetic -> Pad chain per layer. Our exports fix the spatial size, so the pads are constants;
     and ONNX Runtime's static quantizer mis-handles that chain (it quantizes its arithmetic: the int8 graph
     of efficientnet_lite0 computed 6×6 maps where fp32 computes 7×7, so its features were off by 0.3-0.9 of
-    their scale whatever the calibration, benchmarks/int8.py). The values computed are the same."""
-    import copy
-
+    their scale whatever the calibration, benchmarks/int8.py). The values computed are the same. (timm's own
+    Conv2dSameExport fixes the pads at its first call, which is wrong for a layer called at two sizes, and is
+    chosen only when the model is built under timm's exportable setting; the models here are built once.)"""
     try:
         from timm.layers import Conv2dSame
         from timm.layers.padding import pad_same_arg
