@@ -161,3 +161,25 @@ def test_predict_on_a_device_that_is_not_there_or_with_an_onnx_model_is_one_line
         _check_one_line(capsys, _run(["predict", str(run), image, "--device", "cuda"]), ["no CUDA GPU"])
     assert _run(["predict", str(run), image, "--device", "cpu"]) == 0
     assert "ants" in capsys.readouterr().out
+
+
+def test_program_skips_the_teardown_but_not_what_an_exit_owes(tmp_path):
+    """`transferkit` (cli.program) ends with os._exit after the command: the exit code and every line of
+    output still arrive, atexit handlers still run, and a thread still working makes it take the ordinary
+    exit, which waits for that thread."""
+    import subprocess
+    import sys
+
+    def program(before: str, *argv: str) -> subprocess.CompletedProcess:
+        code = (f"import atexit, sys, threading, time\n{before}\n"
+                f"sys.argv = ['transferkit', *{list(argv)!r}]\nfrom transferkit.cli import program\nprogram()")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    marker, late = tmp_path / "atexit-ran", tmp_path / "thread-finished"
+    listed = program(f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))", "models")
+    assert listed.returncode == 0 and marker.read_text() == "yes"
+    assert "efficientnet_lite0" in listed.stdout and listed.stdout.endswith("\n")
+    wrong = program("", "train", str(tmp_path / "no-such-folder"))
+    assert wrong.returncode == cli.EXIT_USAGE and wrong.stderr.startswith("transferkit: ") and "Traceback" not in wrong.stderr
+    worker = (f"threading.Thread(target=lambda: (time.sleep(1.0), open({str(late)!r}, 'w').write('done'))).start()")
+    assert program(worker, "models").returncode == 0 and late.read_text() == "done"

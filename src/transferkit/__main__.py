@@ -1,5 +1,5 @@
 """`python -m transferkit` (and `torchrun -m transferkit`) runs the CLI."""
 
-from .cli import entry
+from .cli import program
 
-raise SystemExit(entry())
+program()
