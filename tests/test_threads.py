@@ -40,3 +40,27 @@ def test_decoding_takes_the_cores_the_network_leaves_free(monkeypatch):
     assert features.default_workers(accelerator=True) == 3
     monkeypatch.setattr(features.os, "cpu_count", lambda: 2)
     assert features.default_workers() == 2 and features.default_workers(accelerator=True) == 1
+
+
+def test_prefetch_imports_the_named_modules_on_a_thread_once_and_ignores_failures(tmp_path, monkeypatch):
+    """threads.prefetch_modules/start_prefetch (the feature extraction starts it after its first batch): the
+    modules named and not imported yet are imported on a daemon thread; a module that fails to import is left
+    for the command's own import to report; a second start imports nothing again."""
+    from transferkit import threads
+
+    (tmp_path / "tk_prefetch_ok.py").write_text("import threading\nTHREAD = threading.current_thread().name\n")
+    (tmp_path / "tk_prefetch_bad.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("tk_prefetch_ok", "tk_prefetch_bad"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    threads.prefetch_modules("tk_prefetch_bad", "tk_prefetch_ok", "tk_prefetch_ok", "sys")
+    threads.start_prefetch()
+    prefetching = [t for t in threading.enumerate() if t.name == "transferkit-prefetch"]
+    assert len(prefetching) == 1 and prefetching[0].daemon
+    prefetching[0].join(30)
+    assert sys.modules["tk_prefetch_ok"].THREAD == "transferkit-prefetch"
+    assert "tk_prefetch_bad" not in sys.modules
+    threads.start_prefetch()  # the list was used up: no second thread
+    assert not [t for t in threading.enumerate() if t.name == "transferkit-prefetch"]
+    with pytest.raises(RuntimeError, match="broken on purpose"):
+        __import__("tk_prefetch_bad")

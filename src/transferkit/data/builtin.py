@@ -21,7 +21,6 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
 
 from transferkit.data.fingerprint import (SAME_PICTURE_CORRELATION, fingerprint, groups_of, one_side_per_group,
                                           same_picture_pairs)
@@ -131,6 +130,8 @@ def _elpv_class(record: dict, classes: int) -> str:
 def _write_elpv(out: Path, data_dir: Path, records: list[dict], wanted: dict) -> dict:
     # Stratifying on the four probability levels × cell type also stratifies the 2-class labels.
     strata = [f"{r['level']}-{r['type']}" for r in records]
+    from sklearn.model_selection import train_test_split
+
     train_idx, val_idx = train_test_split(
         list(range(len(records))), test_size=ELPV_VAL_FRACTION, random_state=wanted["seed"], stratify=strata
     )

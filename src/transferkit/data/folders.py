@@ -22,7 +22,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
 from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
@@ -495,6 +494,8 @@ def _stratified_split(paths, labels, n_classes, val_fraction, seed):
         raise DataError(
             f"only {n} usable images for {n_classes} classes: too few to split into train and val; add images"
         )
+    from sklearn.model_selection import train_test_split  # ~0.8 s to import: only a folder without val/ needs it
+
     train_p, val_p, train_y, val_y = train_test_split(
         paths, labels, test_size=n_val, random_state=seed, stratify=labels
     )

@@ -31,7 +31,7 @@ from .. import shards
 from ..io import atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
 from ..models.weights import cache_dir
-from ..threads import named_pool
+from ..threads import named_pool, start_prefetch
 from . import signals
 from .progress import progress
 
@@ -326,6 +326,8 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
             with one_thread():
                 x = normalize_batch(x, pre, out=inputs[: len(x)])
         pending.append(extract(x))
+        if not pending_keys:  # the engine is chosen (its timing is over) and the cores stay busy from here
+            start_prefetch()
         pending_keys += [k for i in items for _, k in todo[i][1]]
         # Write every few thousand rows, and before a requested stop, so an interrupted extraction keeps
         # what it did.

@@ -30,6 +30,7 @@ from ..models.registry import BackboneSpec, get_spec
 from ..modes import make_mode
 from ..novelty import FILE as NOVELTY_FILE
 from ..preprocessing import Preprocessing
+from ..threads import prefetch_modules
 from . import distributed
 from . import precision as precisions
 from .environment import describe_environment, pick_device
@@ -159,6 +160,9 @@ def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, de
     callbacks: engine/callbacks.Callback objects run before the default ones (checkpoints, early stopping,
     signals...)."""
     t_start = time.perf_counter()
+    # Imported beside the feature extraction, where there is one (threads.start_prefetch): the epochs' scores
+    # need scikit-learn's metrics, the end of the run matplotlib.
+    prefetch_modules("transferkit.results.metrics", *(["transferkit.results.plots"] if figures else []))
     state = prepare(cfg, resume, scan, announce=figures)
     return state.mode.train(state, t_start, resume=resume, deadline=deadline, figures=figures, callbacks=callbacks)
 
