@@ -210,20 +210,27 @@ def main() -> None:
     env = environment_line(device)
     wanted = [w for w in args.rows.split(",") if w]
     rows, tutorial = [], {}
-    for i, (mode, label, options) in enumerate(recipes(args.ft_epochs)):
-        if mode not in args.modes.split(",") or (wanted and not any(w in label for w in wanted)):
-            continue
+    chosen = [(i, mode, label, options) for i, (mode, label, options) in enumerate(recipes(args.ft_epochs))
+              if mode in args.modes.split(",") and (not wanted or any(w in label for w in wanted))]
+    for mode in dict.fromkeys(mode for _, mode, _, _ in chosen):  # one tutorial run per mode serves its rows
+        tutorial[mode] = run_tutorial(data, mode, args.fe_epochs if mode == "feature-extract" else args.ft_epochs,
+                                      device)
+        print(f"tutorial    {mode}: {tutorial[mode]}", flush=True)
+    # The repeats go round the rows (every row's first run, then every row's second...), so a slow spell of a
+    # shared box falls on several rows instead of on all of one row's runs.
+    runs = {(i, precision): [] for i, *_ in chosen for precision in precisions}
+    for _ in range(args.repeats):
+        for i, mode, label, options in chosen:
+            for precision in precisions:
+                runs[i, precision].append(run_transferkit(data, work / f"vs-tutorial-{i}-{precision}", options,
+                                                          precision, args.device,
+                                                          engine_known="engine known" in label))
+    for i, mode, label, options in chosen:
         epochs = args.fe_epochs if mode == "feature-extract" else args.ft_epochs
-        if mode not in tutorial:  # one tutorial run per mode serves each transferkit row
-            tutorial[mode] = run_tutorial(data, mode, epochs, device)
-            print(f"tutorial    {mode}: {tutorial[mode]}", flush=True)
         for precision in precisions:
-            runs = sorted((run_transferkit(data, work / f"vs-tutorial-{i}-{precision}", options, precision,
-                                           args.device, engine_known="engine known" in label)
-                           for _ in range(args.repeats)),
-                          key=lambda r: r["wall_s"])
-            tk = runs[len(runs) // 2]  # the median run by wall time (a 10 s run moves by ±1-2 s on this box)
-            tk["wall_range"] = f"{runs[0]['wall_s']:.1f}-{runs[-1]['wall_s']:.1f}" if len(runs) > 1 else ""
+            ordered = sorted(runs[i, precision], key=lambda r: r["wall_s"])
+            tk = ordered[len(ordered) // 2]  # the median run by wall time (a 10 s run moves by ±1-2 s on this box)
+            tk["wall_range"] = f"{ordered[0]['wall_s']:.1f}-{ordered[-1]['wall_s']:.1f}" if len(ordered) > 1 else ""
             print(f"transferkit {mode} {label} {precision}: {tk}", flush=True)
             rows += result_rows(mode, label, epochs, n_train, tutorial[mode], tk, precision, rows)
     command = (f"python benchmarks/vs_tutorial.py --precisions {','.join(precisions)}"
@@ -244,7 +251,7 @@ def main() -> None:
             "the seed's train_model loop in this process (torch already imported), loaders + model + loop. "
             "loop s: the epochs alone (history.csv for transferkit); s / later epoch: the median epoch after the first "
             "(the first also sets up the kernels, a one-time cost). With --repeats N, each transferkit row is the "
-            "median of N runs by wall time (wall range: the fastest and slowest). Ratios are tutorial / transferkit "
+            "median of N runs by wall time (wall range: the fastest and slowest; the repeats go round the rows). Ratios are tutorial / transferkit "
             "(above 1: transferkit faster). Targets (issue 15): feature-extract ≥ 25× wall at ≥ the tutorial's "
             "best val accuracy; finetune ≥ 2.5× per epoch within one point.\n\n"
             + table(rows, ["mode", "side", "precision", "epochs", "wall s", "wall range", "cpu s", "loop s",
