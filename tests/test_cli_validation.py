@@ -165,8 +165,8 @@ def test_predict_on_a_device_that_is_not_there_or_with_an_onnx_model_is_one_line
 
 def test_program_skips_the_teardown_but_not_what_an_exit_owes(tmp_path):
     """`transferkit` (cli.program) ends with os._exit after the command: the exit code and every line of
-    output still arrive, atexit handlers still run, and a thread still working makes it take the ordinary
-    exit, which waits for that thread."""
+    output still arrive, atexit handlers still run, and a thread still working, or a profiler, makes it take
+    the ordinary exit, which waits for that thread (and lets the profiler write its file)."""
     import subprocess
     import sys
 
@@ -183,3 +183,7 @@ def test_program_skips_the_teardown_but_not_what_an_exit_owes(tmp_path):
     assert wrong.returncode == cli.EXIT_USAGE and wrong.stderr.startswith("transferkit: ") and "Traceback" not in wrong.stderr
     worker = (f"threading.Thread(target=lambda: (time.sleep(1.0), open({str(late)!r}, 'w').write('done'))).start()")
     assert program(worker, "models").returncode == 0 and late.read_text() == "done"
+    stats = tmp_path / "profile.out"  # a profiler writes its file after the program returns: it must return
+    profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "transferkit", "models"],
+                              capture_output=True, text=True, timeout=120)
+    assert profiled.returncode == 0 and stats.stat().st_size > 0

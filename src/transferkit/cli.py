@@ -249,10 +249,12 @@ def program() -> None:
     and their C++ libraries' static destructors) took ~0.3 s of a 8.6 s cold feature-extract run (2-core EPYC),
     memory the operating system takes back anyway. What an exit must still do is done first: the atexit
     handlers (logging's flush, temporary folders, multiprocessing's workers) and the standard streams' flush.
-    A thread still working (a non-daemon thread other than this one) gets the ordinary exit, which waits for it."""
+    A thread still working (a non-daemon thread other than this one) gets the ordinary exit, which waits for it,
+    and so does a run under a profiler or tracer (`python -m cProfile -m transferkit` writes its file after the
+    program returns)."""
     code = entry()
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if any(t.is_alive() for t in others):
+    if any(t.is_alive() for t in others) or sys.getprofile() is not None or sys.gettrace() is not None:
         raise SystemExit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
