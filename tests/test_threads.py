@@ -64,3 +64,32 @@ def test_prefetch_imports_the_named_modules_on_a_thread_once_and_ignores_failure
     assert not [t for t in threading.enumerate() if t.name == "transferkit-prefetch"]
     with pytest.raises(RuntimeError, match="broken on purpose"):
         __import__("tk_prefetch_bad")
+
+
+def test_a_fork_waits_for_the_prefetch_so_the_child_never_inherits_a_half_imported_module(tmp_path, monkeypatch):
+    """A child forked while the prefetch thread is inside a module's import would hang on that module's
+    import lock (its owner thread does not exist in the child): the fork waits for the prefetch instead."""
+    import multiprocessing
+    import time
+
+    from transferkit import threads
+
+    (tmp_path / "tk_prefetch_slow.py").write_text("import time\ntime.sleep(1.5)\nREADY = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tk_prefetch_slow", raising=False)
+    threads.prefetch_modules("tk_prefetch_slow")
+    threads.start_prefetch()
+    time.sleep(0.3)  # the thread is inside the module's import now
+    child = multiprocessing.get_context("fork").Process(target=_import_slow_module_and_exit)
+    child.start()  # waits for the prefetch (os.register_at_fork)
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+
+
+def _import_slow_module_and_exit() -> None:
+    import tk_prefetch_slow
+
+    raise SystemExit(0 if tk_prefetch_slow.READY else 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ def named_pool(workers: int, prefix: str) -> ThreadPoolExecutor:
 # while beside the extraction, which keeps both cores busy, it costs about half its time: a cold 397-image
 # feature-extract run went from 7.8-8.1 to 7.4-8.0 s.
 _prefetch: list[str] = []
+_prefetching: threading.Thread | None = None
 
 
 def prefetch_modules(*names: str) -> None:
@@ -56,10 +58,25 @@ def start_prefetch() -> None:
     """Import the modules prefetch_modules named, not imported yet, on a daemon thread (the command's own
     import of one waits for it, Python's import lock, or raises its error itself: failures are ignored here).
     Call it where the work that follows keeps the cores busy for a while and no timing is being taken."""
+    global _prefetching
     names = [name for name in _prefetch if name not in sys.modules]
     _prefetch.clear()
     if names:
-        threading.Thread(target=_import_quietly, args=(names,), name="transferkit-prefetch", daemon=True).start()
+        _prefetching = threading.Thread(target=_import_quietly, args=(names,), name="transferkit-prefetch",
+                                        daemon=True)
+        _prefetching.start()
+
+
+def _finish_prefetch_before_fork() -> None:
+    """A fork (DataLoader workers, multiprocessing) waits for the prefetch: a child forked mid-import inherits
+    that module half-initialized and its import lock held by a thread the child does not have, so its first
+    import of the module (or of one the module was importing, such as a Pillow plugin) would hang for ever."""
+    thread = _prefetching
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=120)
+
+
+os.register_at_fork(before=_finish_prefetch_before_fork)
 
 
 def _import_quietly(names: list[str]) -> None:
