@@ -356,3 +356,19 @@ def test_scan_of_large_jpegs_keeps_their_stored_size_and_finds_copies(tmp_path, 
     full = scan_dataset(tmp_path)
     copies = [e["path"] for e in reduced.problems["same_picture_across_splits"]]
     assert len(copies) >= 4 and copies == [e["path"] for e in full.problems["same_picture_across_splits"]]
+
+
+def test_scanning_a_folder_with_val_imports_no_scikit_learn(tmp_path):
+    """scikit-learn (~0.8 s to import on a 2-core box) is for folders that need a split: a train/ + val/ folder
+    is scanned without it, so a cold run imports it later, beside the feature extraction (threads.start_prefetch)."""
+    import subprocess
+    import sys
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            random_rgb(len(split) + ord(name)).save(tmp_path / split / name / "x.png")
+    code = ("import sys\nfrom transferkit.data.folders import scan_dataset\n"
+            f"scan = scan_dataset({str(tmp_path)!r})\nprint(len(scan.train), len(scan.val), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["2", "2", "False"]
