@@ -93,3 +93,15 @@ def _import_slow_module_and_exit() -> None:
     import tk_prefetch_slow
 
     raise SystemExit(0 if tk_prefetch_slow.READY else 1)
+
+
+def test_threads_imports_where_the_os_cannot_fork(monkeypatch):
+    """os.register_at_fork exists on POSIX only: on Windows the module (and so transferkit) must still import."""
+    import importlib
+    import os
+
+    from transferkit import threads
+
+    monkeypatch.delattr(os, "register_at_fork")
+    reloaded = importlib.reload(threads)
+    assert callable(reloaded.start_prefetch)

@@ -76,7 +76,8 @@ def _finish_prefetch_before_fork() -> None:
         thread.join(timeout=120)
 
 
-os.register_at_fork(before=_finish_prefetch_before_fork)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows starts its processes without forking
+    os.register_at_fork(before=_finish_prefetch_before_fork)
 
 
 def _import_quietly(names: list[str]) -> None:
