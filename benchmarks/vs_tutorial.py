@@ -212,9 +212,11 @@ def main() -> None:
     rows, tutorial = [], {}
     chosen = [(i, mode, label, options) for i, (mode, label, options) in enumerate(recipes(args.ft_epochs))
               if mode in args.modes.split(",") and (not wanted or any(w in label for w in wanted))]
+    def epochs(mode: str) -> int:
+        return args.fe_epochs if mode == "feature-extract" else args.ft_epochs
+
     for mode in dict.fromkeys(mode for _, mode, _, _ in chosen):  # one tutorial run per mode serves its rows
-        tutorial[mode] = run_tutorial(data, mode, args.fe_epochs if mode == "feature-extract" else args.ft_epochs,
-                                      device)
+        tutorial[mode] = run_tutorial(data, mode, epochs(mode), device)
         print(f"tutorial    {mode}: {tutorial[mode]}", flush=True)
     # The repeats go round the rows (every row's first run, then every row's second...), so a slow spell of a
     # shared box falls on several rows instead of on all of one row's runs.
@@ -226,13 +228,12 @@ def main() -> None:
                                                           precision, args.device,
                                                           engine_known="engine known" in label))
     for i, mode, label, options in chosen:
-        epochs = args.fe_epochs if mode == "feature-extract" else args.ft_epochs
         for precision in precisions:
             ordered = sorted(runs[i, precision], key=lambda r: r["wall_s"])
             tk = ordered[len(ordered) // 2]  # the median run by wall time (a 10 s run moves by ±1-2 s on this box)
             tk["wall_range"] = f"{ordered[0]['wall_s']:.1f}-{ordered[-1]['wall_s']:.1f}" if len(ordered) > 1 else ""
             print(f"transferkit {mode} {label} {precision}: {tk}", flush=True)
-            rows += result_rows(mode, label, epochs, n_train, tutorial[mode], tk, precision, rows)
+            rows += result_rows(mode, label, epochs(mode), n_train, tutorial[mode], tk, precision, rows)
     command = (f"python benchmarks/vs_tutorial.py --precisions {','.join(precisions)}"
                + (f" --modes {args.modes}" if args.modes != "feature-extract,finetune" else "")
                + (f" --rows {args.rows}" if args.rows else "") + f" --ft-epochs {args.ft_epochs}"
@@ -251,8 +252,8 @@ def main() -> None:
             "the seed's train_model loop in this process (torch already imported), loaders + model + loop. "
             "loop s: the epochs alone (history.csv for transferkit); s / later epoch: the median epoch after the first "
             "(the first also sets up the kernels, a one-time cost). With --repeats N, each transferkit row is the "
-            "median of N runs by wall time (wall range: the fastest and slowest; the repeats go round the rows). Ratios are tutorial / transferkit "
-            "(above 1: transferkit faster). Targets (issue 15): feature-extract ≥ 25× wall at ≥ the tutorial's "
+            "median of N runs by wall time (wall range: the fastest and slowest; the repeats go round the rows). "
+            "Ratios are tutorial / transferkit (above 1: transferkit faster). Targets (issue 15): feature-extract ≥ 25× wall at ≥ the tutorial's "
             "best val accuracy; finetune ≥ 2.5× per epoch within one point.\n\n"
             + table(rows, ["mode", "side", "precision", "epochs", "wall s", "wall range", "cpu s", "loop s",
                            "s / epoch", "s / later epoch", "best val acc", "engine"]))

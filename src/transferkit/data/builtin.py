@@ -21,7 +21,6 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-
 from transferkit.data.fingerprint import (SAME_PICTURE_CORRELATION, fingerprint, groups_of, one_side_per_group,
                                           same_picture_pairs)
 from transferkit.data.images import load_rgb

@@ -34,6 +34,7 @@ from ..models.weights import cache_dir
 from ..threads import named_pool, start_prefetch
 from . import signals
 from .progress import progress
+from .runtime import EXPORT_VERSION
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # 2: random views are cropped from the decoded-image store; 3: checksummed shards;
@@ -239,8 +240,6 @@ def engine_folder(identity: dict) -> Path:
     network computes (model, weights, cache point, input size) and not by the crop or the cached dtype,
     which change only what goes in and what is kept: the search's two crops, and the final run after it,
     export and measure once instead of once per crop (~3 s a cold run on a 2-core EPYC)."""
-    from .runtime import EXPORT_VERSION
-
     network = {k: v for k, v in identity.items() if k not in ("preprocessing", "dtype")}
     network["input_size"] = identity.get("preprocessing", {}).get("input_size")
     network["graph"] = EXPORT_VERSION  # a better export of the same network is exported (and measured) again
