@@ -74,6 +74,10 @@ STRONGER_COST_MARGIN = 1.1
 # and no other candidate fitted, while on 2,000 the whole frame beat the eval crop by 5.5 points of CV and a
 # stronger backbone by 3 more (benchmarks/RESULTS.md, notes of session 16).
 SEARCH_MAX_IMAGES = 2000
+# ...but no fewer than this many per class: with many classes a probe's accuracy climbs steeply with the images
+# per class (a 100-class folder, 1-view probe, 3-fold CV: 0.36 on 250 images, 0.70 on 1,000, 0.86 on 2,000,
+# 0.92 on 3,000), so comparing recipes on a handful per class compares nothing that matters.
+COMPARED_PER_CLASS = 20
 # Share of the time left after the search that the final run's extra images may take (their extraction has no
 # deadline of its own: rates vary on a busy machine).
 GROWTH_SHARE = 0.8
@@ -200,7 +204,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)
-        compare_on = _compared_on(budget)
+        compare_on = _compared_on(budget, len(scan.classes))
         if cfg.train_subsample:  # the images asked for, for the search and the final model
             if cfg.train_subsample < len(scan.train):
                 _keep_subsample(search, context, cfg.train_subsample, asked=True)
@@ -723,13 +727,22 @@ def _final_view_seconds(search: Search, ctx: _Context, settings: dict) -> float:
 
 
 def _cv_seconds(search: Search, ctx: _Context, views: int) -> float:
-    if search.cv_row_s is not None:  # measured per row of the same images: it includes their fixed costs
-        return search.cv_row_s * views * len(ctx.scan.train)
+    """The probes' CV on ctx's training images and this many views: from the last CV's measured cost per row it
+    fitted (each repeat of the folds fits every row again: few images pool several splits), else a prior."""
+    rows = views * len(ctx.scan.train) * _cv_repeats(ctx)
+    if search.cv_row_s is not None:  # measured on rows of the same kind: it includes their fixed costs
+        return search.cv_row_s * rows
     # Before the first CV is timed: ~3 s per view for 2,000 images × 4,048 features and 2 classes (2-core
-    # CPU), no less than for 200 images (each fit has a fixed cost); the multinomial fit grows with the
-    # number of classes.
-    rows = views * max(len(ctx.scan.train), 200)
-    return 3.0 * rows / 2000 * len(POOLING_STAGES) * max(1.0, len(ctx.scan.classes) / 2) * _cv_repeats(ctx)
+    # CPU), no less than for 200 images (each fit has a fixed cost), times _class_factor.
+    return 3.0 * max(rows, views * 200) / 2000 * len(POOLING_STAGES) * _class_factor(len(ctx.scan.classes))
+
+
+def _class_factor(n_classes: int) -> float:
+    """How much longer the probes' CV takes with this many classes than with two (the multinomial fit's gradient
+    grows with the classes, its iterations do not). Measured (throwaway script, engine/probe.py cross_validate on
+    2,000 images' 4,048 features of a 100-class folder, classes merged for fewer; 2-core EPYC): 2 classes 2.6 s,
+    5 6.1, 10 5.9, 25 6.6, 50 8.8, 100 14.4. The factor stays above those ratios (2 to 4 classes: as before)."""
+    return min(n_classes / 2, 2 + n_classes / 20)
 
 
 def _train_features(search: Search, ctx: _Context, crop, views, reserve: float, size=None) -> np.ndarray | None:
@@ -820,7 +833,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
             cand.score = cv.accuracy
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
                                  probe_pixels=pixels, cv_per_C=cv.per_C)
-    search.cv_row_s = (time.perf_counter() - t) / (x.shape[0] * x.shape[1])
+    search.cv_row_s = (time.perf_counter() - t) / (x.shape[0] * x.shape[1] * search.cv_repeats)
     s = cand.settings
     inner_train, inner_test = ctx.inner
     fit = fit_probe(x[inner_train], ctx.y[inner_train],
@@ -945,9 +958,11 @@ def _median_shorter_side(paths: list[str]) -> int:
     return int(np.median(sides)) if sides else 0
 
 
-def _compared_on(budget_s: float) -> int:
-    """How many training images the candidates are compared on, at most: SEARCH_MAX_IMAGES per default budget."""
-    return int(SEARCH_MAX_IMAGES * max(1.0, budget_s / parse_duration(DEFAULT_TIME_BUDGET)))
+def _compared_on(budget_s: float, n_classes: int = 2) -> int:
+    """How many training images the candidates are compared on, at most: SEARCH_MAX_IMAGES per default budget,
+    and no fewer than COMPARED_PER_CLASS per class."""
+    scaled = int(SEARCH_MAX_IMAGES * max(1.0, budget_s / parse_duration(DEFAULT_TIME_BUDGET)))
+    return max(scaled, COMPARED_PER_CLASS * n_classes)
 
 
 def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):

@@ -236,6 +236,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
         clf.coef_, clf.intercept_ = weight, bias
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # tol is loose enough; max_iter bounds the time
+        # many classes on few rows (a CV fold of a small folder): y is a class label, not a regression target
+        warnings.filterwarnings("ignore", "The number of unique classes is greater than 50%")
         clf.fit(x, y)
     weight, bias = clf.coef_, clf.intercept_
     if weight.shape[0] == 1:  # sklearn's binary form: split evenly between the two classes
