@@ -653,6 +653,36 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     assert sorted(ctx.order.tolist()) == list(range(10))  # the order still covers what is kept
 
 
+def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_for(monkeypatch):
+    """The first probe's extraction goes on chunk by chunk while the next chunk and a CV on the images so far
+    fit the time left; it does not stop after its first chunk because a CV on every image would not fit. The
+    other probes' extractions run on every image or not at all."""
+    import time
+    from types import SimpleNamespace
+
+    import transferkit.search as search_module
+    from transferkit.search import Search, _extract_chunks
+
+    n = 1024  # chunks of 128
+    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None: 0.004 * (images or n))
+
+    class Taps:
+        def features(self, chunk, views, digests, threads, desc):
+            time.sleep(0.001 * len(chunk) / 128)
+            return np.zeros((len(chunk), len(views), 3), np.float32), np.ones(len(chunk), bool), {}
+
+    ctx = SimpleNamespace(scan=SimpleNamespace(train=[(f"{i}.png", i % 2) for i in range(n)], digests=None),
+                          order=np.arange(n), decode_threads=0)
+    now = time.perf_counter()
+    search = Search(TrainConfig(data="d"), set(), deadline=now + 2.0, t0=now)  # a CV on all: ~4 s
+    got = _extract_chunks(search, ctx, Taps(), [0], reserve=0.0, keep_partial=True)
+    kept = len(got[0])
+    assert 128 < kept < n and kept % 128 == 0
+    assert 0.004 * kept < 2.0  # its CV fitted the time left
+    search = Search(TrainConfig(data="d"), set(), deadline=time.perf_counter() + 2.0, t0=now)
+    assert _extract_chunks(search, ctx, Taps(), [0], reserve=0.0, keep_partial=False) is None
+
+
 @pytest.mark.slow
 def test_train_subsample_is_kept_by_the_search_and_its_reproduce_command(tmp_path):
     data = _folder(tmp_path / "data")
