@@ -2,14 +2,15 @@
 enough training images?
 
     python benchmarks/many_classes.py [--work DIR] [--classes 100] [--train-per-class 30] [--baseline SRC]
-                                      [--no-record]
+                                      [--budget 60s] [--no-record]
 
 The folder: generated 128×128 RGB JPEGs, one class per (shape, colour, stripe frequency) of 4 × 5 × 5, each image
 a striped background at a random angle under pixel noise with the class's shape at a random place, size and
 colour. Synthetic: it says how the search spends a budget on 100 classes, not how good a probe is on real photos.
 
 Runs, each `python -m transferkit ...` in a fresh process with a cold feature cache:
-- `train DIR` (the default recipe and budget) with this tree's transferkit;
+- `train DIR` (the default recipe; the default budget, or `--time-budget` of --budget) with this tree's
+  transferkit;
 - the same with the transferkit sources at SRC (`--baseline`, e.g. a `git worktree` of an earlier commit's
   `src`), to compare the two trees in one sitting;
 - `train DIR --recipe tutorial --mode linear-probe --crop-fraction 1.0`: one logistic probe on one view of every
@@ -111,13 +112,16 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=30)
     ap.add_argument("--val-per-class", type=int, default=10)
     ap.add_argument("--baseline", default=None, help="transferkit sources (a src folder) of another tree")
+    ap.add_argument("--budget", default=None, help="--time-budget of the default runs (default: the default)")
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="tk-many-classes-"))
     data = generate(work / "data", args.classes, args.train_per_class, args.val_per_class)
-    runs = [(f"default, this tree ({_commit(None)})", [], None)]
+    budget = ["--time-budget", args.budget] if args.budget else []
+    label = f"--time-budget {args.budget}" if args.budget else "default"
+    runs = [(f"{label}, this tree ({_commit(None)})", budget, None)]
     if args.baseline:
-        runs.append((f"default, baseline tree ({_commit(args.baseline)})", [], args.baseline))
+        runs.append((f"{label}, baseline tree ({_commit(args.baseline)})", budget, args.baseline))
     runs.append(("one probe, one view, every training image (`--recipe tutorial --mode linear-probe "
                  "--crop-fraction 1.0`)", ["--recipe", "tutorial", "--mode", "linear-probe", "--crop-fraction",
                                            "1.0"], None))
@@ -126,8 +130,8 @@ def main() -> None:
         rows.append({"run": name, **run(data, work / f"run{i}", extra, src)})
         print(rows[-1], flush=True)
     command = "python benchmarks/many_classes.py" + (" --baseline SRC" if args.baseline else "") + \
-        (f" --classes {args.classes}" if args.classes != 100 else "")
-    text = (f"## The default recipe on many classes\n\n{environment_line()}. Data: {args.classes} classes of "
+        (f" --classes {args.classes}" if args.classes != 100 else "") + (f" --budget {args.budget}" if args.budget else "")
+    text = (f"## The default recipe on many classes{', ' + label if args.budget else ''}\n\n{environment_line()}. Data: {args.classes} classes of "
             f"generated 128×128 JPEGs (shape × colour × stripe frequency; benchmarks/many_classes.py), "
             f"{args.train_per_class} train / {args.val_per_class} val per class. Each run in a fresh process with a "
             f"cold feature cache. Command: `{command}`.\n\n"
@@ -135,7 +139,7 @@ def main() -> None:
                            "95% interval", "chosen"]) + "\n")
     print(text)
     if not args.no_record:
-        write_section("many_classes", text)
+        write_section("many_classes" + (f"_{args.budget}" if args.budget else ""), text)
 
 
 if __name__ == "__main__":
