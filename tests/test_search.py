@@ -645,11 +645,12 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     ctx = SimpleNamespace(scan=full, y=np.array([label for _, label in full.train]),
                           order=subsample_order([i % 2 for i in range(50)], 0),
                           inner=None, cfg=SimpleNamespace(seed=0))
-    search = SimpleNamespace(subsample=None)
+    search = SimpleNamespace(subsample=None, starved=False)
     _keep_subsample(search, ctx, 30, asked=True)
     assert ctx.scan.train == large and full.train[0] == ("0.png", 0)  # the full scan is not changed
+    assert not search.starved  # asked for: the search goes on as usual
     _keep_subsample(search, ctx, 10)
-    assert ctx.scan.train == small and search.subsample == 10
+    assert ctx.scan.train == small and search.subsample == 10 and search.starved
     assert sorted(ctx.order.tolist()) == list(range(10))  # the order still covers what is kept
 
 
@@ -681,6 +682,23 @@ def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_fo
     assert 0.004 * kept < 2.0  # its CV fitted the time left
     search = Search(TrainConfig(data="d"), set(), deadline=time.perf_counter() + 2.0, t0=now)
     assert _extract_chunks(search, ctx, Taps(), [0], reserve=0.0, keep_partial=False) is None
+
+
+def test_a_search_starved_of_images_fits_its_first_probe_on_more_instead_of_trying_more(tmp_path, monkeypatch):
+    """Where the budget paid for the first probe's features of only some of the images (here: a CV prior too
+    large for more than the first chunk), no other candidate runs on those few: the time left fits that probe
+    on as many training images as it pays for (all of them here), and search.json says why the ladder stopped."""
+    import transferkit.search as search_module
+
+    real = search_module._cv_seconds
+    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None:
+                        1e4 if search.cv_row_s is None else real(search, ctx, views, images))
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
+    metrics, record = _search(data, tmp_path / "run", budget="2m")
+    ran = [c for c in record["candidates"] if c["status"] == "ran"]
+    assert len(ran) == 1 and ran[0]["kind"] == "probe"
+    assert record["compared_on_images"] == 128 and "the budget paid for the first probe" in record["stopped"]
+    assert metrics["train_images"] == 300 and record["train_subsample"] is None
 
 
 @pytest.mark.slow
