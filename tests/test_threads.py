@@ -48,14 +48,22 @@ def test_prefetch_imports_the_named_modules_on_a_thread_once_and_ignores_failure
     for the command's own import to report; a second start imports nothing again."""
     from transferkit import threads
 
-    (tmp_path / "tk_prefetch_ok.py").write_text("import threading\nTHREAD = threading.current_thread().name\n")
+    # the module waits for the test's go, so the thread is still alive when the test looks for it (without the
+    # gate it could finish first on a busy machine: a CI run once found no thread)
+    (tmp_path / "tk_prefetch_gate.py").write_text("import threading\nGO = threading.Event()\n")
+    (tmp_path / "tk_prefetch_ok.py").write_text("import threading\nimport tk_prefetch_gate\n"
+                                                "tk_prefetch_gate.GO.wait(30)\n"
+                                                "THREAD = threading.current_thread().name\n")
     (tmp_path / "tk_prefetch_bad.py").write_text("raise RuntimeError('broken on purpose')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("tk_prefetch_ok", "tk_prefetch_bad"):
+    for name in ("tk_prefetch_ok", "tk_prefetch_bad", "tk_prefetch_gate"):
         monkeypatch.delitem(sys.modules, name, raising=False)
+    import tk_prefetch_gate
+
     threads.prefetch_modules("tk_prefetch_bad", "tk_prefetch_ok", "tk_prefetch_ok", "sys")
     threads.start_prefetch()
     prefetching = [t for t in threading.enumerate() if t.name == "transferkit-prefetch"]
+    tk_prefetch_gate.GO.set()
     assert len(prefetching) == 1 and prefetching[0].daemon
     prefetching[0].join(30)
     assert sys.modules["tk_prefetch_ok"].THREAD == "transferkit-prefetch"
