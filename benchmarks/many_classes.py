@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import environment_line, run_cli, table, write_section  # noqa: E402
 
 SIDE = 128
 SHAPES = ("ellipse", "rectangle", "triangle", "cross")
@@ -78,17 +76,13 @@ def _draw(draw, shape: str, x: int, y: int, r: int, fill: tuple) -> None:
 
 
 def run(data: Path, out: Path, extra: list[str], src: str | None = None) -> dict:
+    """One cold `transferkit train` (common.run_cli), with the sources at `src` where given."""
     cache = tempfile.mkdtemp(prefix="tk-many-classes-")
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": cache, "TRANSFERKIT_QUIET": "1"}
-    if src:
-        env["PYTHONPATH"] = src
-    t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out),
-                           "--overwrite", *extra], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    shutil.rmtree(cache, ignore_errors=True)
-    if done.returncode:
-        sys.exit(f"transferkit failed:\n{done.stderr[-3000:]}")
+    try:
+        wall, _ = run_cli(["train", str(data), "--out", str(out), "--overwrite", *extra], cache,
+                          {"PYTHONPATH": src} if src else None)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     metrics = json.loads((out / "metrics.json").read_text())
     search = json.loads((out / "search.json").read_text()) if (out / "search.json").exists() else {}
     interval = metrics.get("best_val_acc_interval") or {}

@@ -212,6 +212,7 @@ def main() -> None:
     rows, tutorial = [], {}
     chosen = [(i, mode, label, options) for i, (mode, label, options) in enumerate(recipes(args.ft_epochs))
               if mode in args.modes.split(",") and (not wanted or any(w in label for w in wanted))]
+
     def epochs(mode: str) -> int:
         return args.fe_epochs if mode == "feature-extract" else args.ft_epochs
 

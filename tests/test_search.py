@@ -701,6 +701,19 @@ def test_a_search_starved_of_images_fits_its_first_probe_on_more_instead_of_tryi
     assert metrics["train_images"] == 300 and record["train_subsample"] is None
 
 
+def test_a_starved_search_still_fits_an_mlp_head_that_was_asked_for(tmp_path, monkeypatch):
+    """--probe-head mlp, given: a search starved of images stops its ladder but still gives the asked-for head."""
+    import transferkit.search as search_module
+
+    real = search_module._cv_seconds
+    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None:
+                        1e4 if search.cv_row_s is None else real(search, ctx, views, images))
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
+    _, record = _search(data, tmp_path / "run", budget="2m", mode="linear-probe", probe_head="mlp")
+    assert "the budget paid for the first probe" in record["stopped"]
+    assert record["chosen_settings"]["probe_head"] == "mlp"
+
+
 @pytest.mark.slow
 def test_train_subsample_is_kept_by_the_search_and_its_reproduce_command(tmp_path):
     data = _folder(tmp_path / "data")

@@ -390,10 +390,8 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
     if _perfect(best):
         return _stopped_at(search, best), ctx
     mlp = _mlp_candidate(search, ctx, best)
-    if _mlp_asked(search):  # asked for: the later probes are linear ones
-        if mlp is not None and mlp.score is not None:
-            return mlp, ctx
-        _warn_no_mlp()
+    if _asked_mlp_fitted(search, mlp):  # asked for: the later probes are linear ones
+        return mlp, ctx
     best = _better(best, mlp)
     if _perfect(best):
         return _stopped_at(search, best), ctx
@@ -496,21 +494,23 @@ def _starved_at(search: Search, ctx: _Context, best: Candidate) -> Candidate:
     search.stopped = (f"the budget paid for the first probe's features of {search.subsample} of the training "
                       f"images: the rest of it goes to fitting {best.name} on more")
     log.info("search: %s", search.stopped)
-    if _mlp_asked(search):
-        mlp = _mlp_candidate(search, ctx, best)
-        if mlp is not None and mlp.score is not None:
-            return mlp
-        _warn_no_mlp()
-    return best
+    mlp = _mlp_candidate(search, ctx, best) if _mlp_asked(search) else None
+    return mlp if _asked_mlp_fitted(search, mlp) else best
 
 
 def _mlp_asked(search: Search) -> bool:
     return "probe_head" in search.given and search.cfg.probe_head == "mlp"
 
 
-def _warn_no_mlp() -> None:
+def _asked_mlp_fitted(search: Search, mlp: Candidate | None) -> bool:
+    """Whether --probe-head mlp was given and the MLP candidate scored; given and not fitted says so."""
+    if not _mlp_asked(search):
+        return False
+    if mlp is not None and mlp.score is not None:
+        return True
     log.warning("search: no MLP head fitted in the budget, so the model is the linear probe; a larger "
                 "--time-budget (or --recipe tutorial --mode linear-probe --probe-head mlp) fits one")
+    return False
 
 
 def _crop_options(ctx: _Context) -> list:

@@ -325,8 +325,7 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
             with one_thread():
                 x = normalize_batch(x, pre, out=inputs[: len(x)])
         pending.append(extract(x))
-        if not pending_keys:  # the engine is chosen (its timing is over) and the cores stay busy from here
-            start_prefetch()
+        start_prefetch()  # the engine is chosen (its timing is over) and the cores stay busy: once, then a no-op
         pending_keys += [k for i in items for _, k in todo[i][1]]
         # Write every few thousand rows, and before a requested stop, so an interrupted extraction keeps
         # what it did.
