@@ -654,6 +654,43 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     assert sorted(ctx.order.tolist()) == list(range(10))  # the order still covers what is kept
 
 
+def test_a_probe_fitted_on_part_of_the_images_says_what_all_of_them_would_take(monkeypatch, capsys):
+    """Where the budget grows the compared subsample but not to every training image, the search estimates the
+    chosen probe's run on all of them (the reproduce command without --train-subsample), from the same costs
+    that sized the growth; the CLI's summary and the report say it."""
+    import time
+    from types import SimpleNamespace
+
+    import transferkit.search as search_module
+    from transferkit.data.folders import DataScan
+    from transferkit.results.report import _images_compared_on
+    from transferkit.search import FIXED_OVERHEAD_S, Candidate, Search, _grown_scan
+
+    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, s: 0.01)  # per image and view
+    monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, s: 0.001 * len(ctx.scan.train))
+    monkeypatch.setattr(search_module, "_val_pass_seconds", lambda search, ctx, s: 1.0)
+    full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(10_000)], val=[])
+    ctx = SimpleNamespace(scan=SimpleNamespace(train=full.train[:1000]))
+    winner = Candidate("probe crop=1.0 views=flip", "probe", {"probe_views": "flip"})
+    now = time.perf_counter()
+    search = Search(TrainConfig(data="d"), set(), deadline=now + FIXED_OVERHEAD_S + 1.0 + 60.0, t0=now)
+    grown = _grown_scan(search, winner, ctx, full)
+    assert 1000 < len(grown.train) < 10_000 and search.subsample == len(grown.train)
+    per_image = 2 * 0.01 + 0.001
+    assert search.all_images_s == pytest.approx(10_000 * per_image + 1.0 + FIXED_OVERHEAD_S)
+    assert "takes about 3m 39s" in _images_compared_on({"compared_on_images": 1000, "train_subsample": len(grown.train),
+                                                        "all_images_seconds_estimate": search.all_images_s})
+    metrics = {"mode": "linear-probe", "best_val_acc": 0.9, "best_val_balanced_accuracy": 0.9, "best_val_macro_f1": 0.9, "trainable_params": 1,
+               "total_params": 2, "trainable_groups": ["head"], "run_dir": "r",
+               "search": {"chosen": winner.name, "reproduce": "transferkit train d", "wall_seconds": 60.0,
+                          "train_subsample": len(grown.train), "all_images_seconds_estimate": search.all_images_s}}
+    cli._print_train_summary(metrics)
+    assert "fits all of them in about 4 min" in capsys.readouterr().out
+
+    everything = Search(TrainConfig(data="d"), set(), deadline=time.perf_counter() + 1e4, t0=now)
+    assert len(_grown_scan(everything, winner, ctx, full).train) == 10_000 and everything.all_images_s is None
+
+
 def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_for(monkeypatch):
     """The first probe's extraction goes on chunk by chunk while the next chunk and a CV on the images so far
     fit the time left; it does not stop after its first chunk because a CV on every image would not fit. The

@@ -395,6 +395,10 @@ def _print_train_summary(m: dict) -> None:
         print(f"recipe search: chose {m['search']['chosen']} ({m['search']['wall_seconds']:.0f}s in all; "
               f"every candidate in search.json); the same run without the search:")
         print(f"  {m['search']['reproduce']}")
+        if m["search"].get("train_subsample") and m["search"].get("all_images_seconds_estimate"):
+            minutes = max(1, round(m["search"]["all_images_seconds_estimate"] / 60))
+            print(f"  the budget fitted the model on {m['search']['train_subsample']} training images; without "
+                  f"--train-subsample that command fits all of them in about {minutes} min")
     print(f"run folder: {m['run_dir']}")
 
 

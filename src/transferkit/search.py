@@ -138,6 +138,8 @@ class Search:
     stopped: str | None = None  # why the ladder ended before its last step, where it did
     starved: bool = False  # the budget paid for the first probe's features of only some of the images compared
     cv_repeats: int = 1  # 3-fold splits the last probe CV pooled (engine/probe.py cv_repeats): search.json
+    all_images_s: float | None = None  # estimated seconds of the chosen probe's run on every training image, where
+    # the budget fitted it on fewer
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -1018,7 +1020,10 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     fit_per_image = _fit_seconds(search, ctx, s) / n
     after = search.left() - _val_pass_seconds(search, ctx, s) - FIXED_OVERHEAD_S
     spare = after * GROWTH_SHARE - n * fit_per_image
-    grown = min(total, n + max(0, int(spare / (views * per_view + fit_per_image))))
+    per_image = views * per_view + fit_per_image
+    grown = min(total, n + max(0, int(spare / per_image)))
+    if grown < total:  # what the reproduce command takes without --train-subsample: told, so the user can choose
+        search.all_images_s = total * per_image + _val_pass_seconds(search, ctx, s) + FIXED_OVERHEAD_S
     if grown <= n:
         return ctx.scan
     search.subsample = grown if grown < total else None
@@ -1368,6 +1373,7 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
         "wall_seconds": time.perf_counter() - search.t0,
         "extraction_images_per_second": search.rate,
         "train_subsample": search.subsample,
+        "all_images_seconds_estimate": search.all_images_s,
         "compared_on_images": search.compared_on,
         "stopped": search.stopped,
         "selection": f"3-fold CV on train (probes{_repeats_text(search.cv_repeats)}); an inner 20% hold-out of train "
@@ -1385,7 +1391,8 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
 
 def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict) -> None:
     record = _save_search_record(search, winner, final, metrics)
-    metrics["search"] = {"chosen": winner.name, "reproduce": record["reproduce"], "wall_seconds": record["wall_seconds"]}
+    metrics["search"] = {k: record[k] for k in ("chosen", "reproduce", "wall_seconds", "train_subsample",
+                                                 "all_images_seconds_estimate")}
     from .results.report import write_report
 
     write_report(final.out, announce=False)  # again, now with the Search section

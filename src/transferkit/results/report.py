@@ -377,8 +377,11 @@ def _images_compared_on(search: Mapping) -> str:
     if not n:
         return ""
     final = search.get("train_subsample")
+    all_s = search.get("all_images_seconds_estimate")
     return (f" The candidates were compared on a random {n} of the training images; the final model was fitted on "
-            + (f"{final}." if final else "all of them."))
+            + (f"{final}." if final else "all of them.")
+            + (f" On all of them, the reproduce command without --train-subsample takes about {_duration(all_s)}."
+               if final and all_s else ""))
 
 
 def _search(search: dict | None) -> str:
