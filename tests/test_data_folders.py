@@ -11,6 +11,7 @@ from transferkit.data import images
 from transferkit.data.folders import (
     INFORMATIONAL_KINDS,
     DataScan,
+    _verify_one as _real_verify_one,
     file_sha256,
     read_manifest,
     scan_dataset,
@@ -99,6 +100,43 @@ def test_every_file_is_either_used_or_reported(torture):
         for name in filenames + hidden:
             path = os.path.join(dirpath, name)
             assert path in accounted or path in reported, path
+
+
+def test_a_scan_in_processes_gives_what_the_threads_give(torture, monkeypatch):
+    """A large folder's files are checked in forked processes (folders.SCAN_PROCESSES_FROM); the scan must
+    be the same: samples, every problem, digests and fingerprints."""
+    from transferkit.data import folders
+
+    info, threaded = torture
+    monkeypatch.setattr(folders, "SCAN_PROCESSES_FROM", 1)
+    monkeypatch.setattr(folders, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
+    forked = scan_dataset(info["root"])
+    assert (forked.train, forked.val, forked.classes) == (threaded.train, threaded.val, threaded.classes)
+    assert forked.problems == threaded.problems
+    assert forked.digests == threaded.digests and forked.fingerprints == threaded.fingerprints
+
+
+_SCANNING_PID = os.getpid()
+
+
+def _dies_in_a_scan_process(path, no_ext):
+    if os.getpid() != _SCANNING_PID:
+        os._exit(3)  # as a process killed for memory, or a decoder that crashes, would end
+    return _real_verify_one(path, no_ext)
+
+
+def test_a_scan_process_that_dies_leaves_the_checks_to_threads(tmp_path, monkeypatch, caplog):
+    from transferkit.data import folders
+
+    root = _split(tmp_path / "data", {"a": 3, "b": 3}, {"a": 1, "b": 1})
+    expected = scan_dataset(root)
+    monkeypatch.setitem(globals(), "_SCANNING_PID", os.getpid())
+    monkeypatch.setattr(folders, "SCAN_PROCESSES_FROM", 1)
+    monkeypatch.setattr(folders, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
+    monkeypatch.setattr(folders, "_verify_one", _dies_in_a_scan_process)
+    scan = scan_dataset(root)
+    assert (scan.train, scan.val, scan.digests) == (expected.train, expected.val, expected.digests)
+    assert "a data-scan process ended abnormally" in caplog.text
 
 
 def test_permission_denied_file_is_reported(tmp_path, monkeypatch):

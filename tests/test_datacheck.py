@@ -319,6 +319,42 @@ def test_same_picture_pairs_do_not_depend_on_the_comparison_block(monkeypatch):
     assert {(a[0], b[0]) for a, b, _ in whole} >= {(str(i), str(i)) for i in range(4)}  # copies found
 
 
+def test_the_k_d_tree_search_of_a_large_folder_finds_the_pairs_the_buckets_find(monkeypatch):
+    """A large folder's look-alike pairs come from a k-d tree of the thumbnails' principal coordinates
+    (fingerprint._pairs_near) instead of dHash buckets: on smooth pictures, their resized and noisy copies and
+    different pictures that look alike, it finds every pair the buckets find, with the same correlations, in any
+    block size, and nothing below the threshold."""
+    import numpy as np
+    from PIL import Image
+
+    from transferkit.data import fingerprint as fp
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:48, 0:48] / 48.0
+    images = {}
+    for i in range(60):  # smooth pictures, many alike: a few random waves each
+        f = rng.uniform(0.5, 3, 4)
+        pixels = 128 + 60 * np.sin(f[0] * 6 * xx + f[1]) * np.cos(f[2] * 6 * yy + f[3]) + rng.normal(0, 2, xx.shape)
+        img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        images[f"{i:02d}-a.png"] = img
+        if i % 3 == 0:
+            images[f"{i:02d}-b.png"] = img.resize((40, 40), Image.BILINEAR)
+            noisy = np.asarray(img).astype(int) + rng.integers(-2, 3, (48, 48))
+            images[f"{i:02d}-c.png"] = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    prints = {name: fp.fingerprint(img) for name, img in images.items()}
+    copies = {(f"{i:02d}", f"{i:02d}") for i in range(0, 60, 3)}
+    for threshold in (fp.SAME_PICTURE_CORRELATION, 0.99):
+        buckets = fp.same_picture_pairs(prints, threshold)
+        assert {(a[:2], b[:2]) for a, b, _ in buckets} >= copies
+        monkeypatch.setattr(fp, "NEAR_SEARCH_FROM", 2)
+        near = {(a, b): c for a, b, c in fp.same_picture_pairs(prints, threshold)}
+        monkeypatch.setattr(fp, "COMPARE_BLOCK", 7)
+        assert fp.same_picture_pairs(prints, threshold) == sorted((a, b, c) for (a, b), c in near.items())
+        monkeypatch.undo()
+        assert {(a, b) for a, b, _ in buckets} <= set(near) and min(near.values()) >= threshold
+        assert np.allclose([near[a, b] for a, b, _ in buckets], [c for *_, c in buckets], atol=1e-5)
+
+
 def test_train_hint_counts_only_wrong_predictions(tmp_path):
     """evaluation.json's top losses are the highest-loss val images, right ones included where few are wrong:
     a confident right answer is no mistake (a run at val accuracy 1.0 was told 10 images were misclassified)."""
