@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import stat
+import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -412,11 +413,11 @@ def _checked_files(candidates: list[tuple[str, bool]], verify: bool) -> list[tup
     Python (open, header, decode, hash, fingerprint: ~0.2 ms for a small PNG), so threads queue on one GIL: on a
     2-core EPYC, 10,000 64-px PNGs took 3.5 s on two threads against 1.9 s on one, and 1.0-1.25 s in two forked
     processes; on ELPV's 300-px cells, whose decoding releases the GIL, processes 2.0 s and threads 2.2 s. So a
-    large folder is checked in forked processes where the platform forks; small ones, or without fork, in
-    threads."""
+    large folder is checked in forked processes on Linux (macOS's system libraries are not fork-safe, Windows has
+    no fork); small ones, and elsewhere, in threads."""
     check = _verify_one if verify else _sniff_one
     workers = _scan_workers()
-    if len(candidates) >= SCAN_PROCESSES_FROM and workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+    if len(candidates) >= SCAN_PROCESSES_FROM and workers > 1 and sys.platform.startswith("linux"):
         try:
             return _in_pool(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                                 initializer=_ignore_interrupts), check, candidates,
