@@ -686,6 +686,9 @@ def test_a_probe_fitted_on_part_of_the_images_says_what_all_of_them_would_take(m
                           "train_subsample": len(grown.train), "all_images_seconds_estimate": search.all_images_s}}
     cli._print_train_summary(metrics)
     assert "fits all of them in about 4 min" in capsys.readouterr().out
+    metrics["search"]["wall_seconds"] = 179.6
+    cli._print_train_summary(metrics)
+    assert "Training complete in 3m 0s" in capsys.readouterr().out  # not 2m 60s
 
     everything = Search(TrainConfig(data="d"), set(), deadline=time.perf_counter() + 1e4, t0=now)
     assert len(_grown_scan(everything, winner, ctx, full).train) == 10_000 and everything.all_images_s is None

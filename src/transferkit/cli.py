@@ -373,7 +373,8 @@ def _resume(args, options: dict) -> dict:
 
 def _print_train_summary(m: dict) -> None:
     wall = m["search"]["wall_seconds"] if m.get("search") else m["wall_seconds"]
-    print(f"Training complete in {int(wall // 60)}m {wall % 60:.0f}s")
+    minutes, seconds = divmod(round(wall), 60)  # 179.6 s is 3m 0s, not 2m 60s
+    print(f"Training complete in {minutes}m {seconds}s")
     from .results.metrics import format_interval  # sklearn and scipy are loaded by the training already
 
     interval = m.get("best_val_acc_interval")
