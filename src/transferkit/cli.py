@@ -397,9 +397,9 @@ def _print_train_summary(m: dict) -> None:
               f"every candidate in search.json); the same run without the search:")
         print(f"  {m['search']['reproduce']}")
         if m["search"].get("train_subsample") and m["search"].get("all_images_seconds_estimate"):
-            minutes = max(1, round(m["search"]["all_images_seconds_estimate"] / 60))
+            all_minutes = max(1, round(m["search"]["all_images_seconds_estimate"] / 60))
             print(f"  the budget fitted the model on {m['search']['train_subsample']} training images; without "
-                  f"--train-subsample that command fits all of them in about {minutes} min")
+                  f"--train-subsample that command fits all of them in about {all_minutes} min")
     print(f"run folder: {m['run_dir']}")
 
 

@@ -1018,12 +1018,12 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     views = len(PROBE_VIEWS[s["probe_views"]])
     per_view = _final_view_seconds(search, ctx, s)
     fit_per_image = _fit_seconds(search, ctx, s) / n
-    after = search.left() - _val_pass_seconds(search, ctx, s) - FIXED_OVERHEAD_S
-    spare = after * GROWTH_SHARE - n * fit_per_image
+    val_pass = _val_pass_seconds(search, ctx, s)
+    spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
     per_image = views * per_view + fit_per_image
     grown = min(total, n + max(0, int(spare / per_image)))
     if grown < total:  # what the reproduce command takes without --train-subsample: told, so the user can choose
-        search.all_images_s = total * per_image + _val_pass_seconds(search, ctx, s) + FIXED_OVERHEAD_S
+        search.all_images_s = total * per_image + val_pass + FIXED_OVERHEAD_S
     if grown <= n:
         return ctx.scan
     search.subsample = grown if grown < total else None

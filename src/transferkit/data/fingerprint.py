@@ -75,9 +75,13 @@ def same_picture_pairs(fingerprints: dict[str, Fingerprint],
     paths = sorted(fingerprints)
     # The thumbnails stay uint8 (1 KB an image); they become unit vectors only while compared. (All of them as
     # float32 at once took 4 KB an image: 290 MB of a 70,000-image scan's peak.)
-    thumbs = np.stack([np.frombuffer(fingerprints[p].thumb, dtype=np.uint8) for p in paths]) if paths else None
-    find = _pairs_near if len(paths) >= NEAR_SEARCH_FROM else _pairs_in_buckets
-    found = find(thumbs, [fingerprints[p].dhash for p in paths], threshold) if len(paths) > 1 else {}
+    if len(paths) < 2:
+        return []
+    thumbs = np.stack([np.frombuffer(fingerprints[p].thumb, dtype=np.uint8) for p in paths])
+    if len(paths) >= NEAR_SEARCH_FROM:
+        found = _pairs_near(thumbs, threshold)
+    else:
+        found = _pairs_in_buckets(thumbs, [fingerprints[p].dhash for p in paths], threshold)
     return [(paths[i], paths[j], c) for (i, j), c in sorted(found.items())]
 
 
@@ -102,7 +106,7 @@ def _pairs_in_buckets(thumbs: np.ndarray, dhashes: list[int], threshold: float) 
     return found
 
 
-def _pairs_near(thumbs: np.ndarray, dhashes: list[int], threshold: float) -> dict[tuple[int, int], float]:
+def _pairs_near(thumbs: np.ndarray, threshold: float) -> dict[tuple[int, int], float]:
     """Every pair (i < j) at `threshold` or more, found in a k-d tree of the thumbnails' coordinates along their
     NEAR_DIMS principal axes. Two unit vectors correlating at ρ lie sqrt(2 (1 - ρ)) apart, and projecting onto
     any orthonormal axes never lengthens a distance: the pairs within that radius there hold every match, and
@@ -123,8 +127,8 @@ def _pairs_near(thumbs: np.ndarray, dhashes: list[int], threshold: float) -> dic
         for s in range(0, len(i), COMPARE_BLOCK * 64):
             a, b = i[s:s + COMPARE_BLOCK * 64], j[s:s + COMPARE_BLOCK * 64]
             corr = np.einsum("ij,ij->i", _unit_rows(thumbs[a]), _unit_rows(thumbs[b]))
-            for x, y, c in zip(a[corr >= threshold], b[corr >= threshold], corr[corr >= threshold]):
-                found[(int(x), int(y))] = float(c)
+            match = corr >= threshold
+            found.update(((int(x), int(y)), float(c)) for x, y, c in zip(a[match], b[match], corr[match]))
     return found
 
 
