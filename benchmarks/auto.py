@@ -51,7 +51,8 @@ def materialize(name: str, work: Path, given: dict[str, Path]) -> Path:
 
 def transferkit_run(data: Path, out: Path, cache: Path, *flags: str) -> dict:
     """One cold `transferkit train` command: its metrics, search record and wall time."""
-    env = {**__import__("os").environ, "TRANSFERKIT_FEATURE_CACHE": str(cache)}
+    env = {**__import__("os").environ, "TRANSFERKIT_FEATURE_CACHE": str(cache),
+           "TRANSFERKIT_SCAN_CACHE": "off"}
     for old in (out, cache):  # a cold run: no earlier run folder or features
         shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()

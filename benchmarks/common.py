@@ -48,7 +48,8 @@ def run_cli(args: list[str], cache: str | Path, env: dict | None = None) -> tupl
     feature cache `cache`: its wall seconds and its own resource usage (os.wait4: CPU time and peak RSS of this
     child alone). Its stderr goes to a file, not a pipe, so a chatty run cannot fill the pipe and stall; a failed
     run ends the benchmark with that stderr's tail."""
-    env = {**os.environ, **(env or {}), "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1"}
+    env = {**os.environ, **(env or {}), "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1",
+           "TRANSFERKIT_SCAN_CACHE": "off"}
     cmd = [sys.executable, "-m", "transferkit", *args]
     with tempfile.TemporaryFile() as stderr:
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ def extract_once(data: Path, nproc: int, work: Path, tag: str, threads: int | No
     out, cache = work / f"run-{tag}", work / f"cache-{tag}"
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--epochs", "1", "--engine", "torch",
            "--workers", "0", "--out", str(out), "--nproc", str(nproc)]
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache)}
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_SCAN_CACHE": "off"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     load = os.getloadavg()[0]

@@ -58,7 +58,8 @@ def generate(root: Path, n: int, seed: int = 0) -> Path:
 
 def run(data: Path, out: Path, extra: list[str]) -> dict:
     cache = tempfile.mkdtemp(prefix="tk-large-folder-")
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": cache, "TRANSFERKIT_QUIET": "1"}
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": cache, "TRANSFERKIT_QUIET": "1",
+           "TRANSFERKIT_SCAN_CACHE": "off"}
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out), "--overwrite", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

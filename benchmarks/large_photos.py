@@ -92,7 +92,8 @@ def decode_rate(paths: list[str], full: bool) -> tuple[float, list[np.ndarray]]:
 
 def cold_run(data: Path, work: Path, full: bool, tag: str) -> dict:
     out, cache = work / f"run-{tag}", Path(tempfile.mkdtemp(prefix="tk-photos-cache-"))
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "FULL": "1" if full else "0"}
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_SCAN_CACHE": "off",
+           "FULL": "1" if full else "0"}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", RUN, str(data), str(out)], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -60,7 +60,8 @@ def export_revision(rev: str, work: Path) -> Path:
 
 
 def run_side(src: Path, options: dict, out: Path, cache: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src), "TRANSFERKIT_FEATURE_CACHE": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(src), "TRANSFERKIT_FEATURE_CACHE": str(cache),
+           "TRANSFERKIT_SCAN_CACHE": "off"}
     config = {**options, "out": str(out), "overwrite": True, "recipe": "tutorial"}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True, env=env)
     if proc.returncode:

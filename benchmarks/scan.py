@@ -1,5 +1,6 @@
 """The data scan on a large folder: checking every file in forked processes and finding look-alike pairs in a
-k-d tree, against the scan's previous way (threads for the checks, dHash buckets for the pairs), one sitting.
+k-d tree, against the scan's previous way (threads for the checks, dHash buckets for the pairs), and a re-scan
+that finds every file in the folder's scan record (data/scan_record.py), one sitting.
 
     python benchmarks/scan.py --work DIR [--images 10000,100000] [--repeats 2] [--no-record]
 
@@ -7,14 +8,17 @@ The folder: benchmarks/large_folder.py's generated 64×64 grey gratings under no
 small PNGs, where the check of a file is mostly Python). Each measurement is `scan_dataset(DIR)` in a fresh
 Python process with torch imported first (as a `transferkit train` scans); the two ways alternate, and each
 row is the median of --repeats. "threads + buckets" sets folders.SCAN_PROCESSES_FROM and
-fingerprint.NEAR_SEARCH_FROM above the folder's size, which is the code before the change. The pairs columns
-time `same_picture_pairs` alone on the scan's own fingerprints, both ways, in the same process.
+fingerprint.NEAR_SEARCH_FROM above the folder's size, which is the code before the change; both run with the
+scan record off (TRANSFERKIT_SCAN_CACHE=off). "re-scan" is the scan as it is with a record made by two untimed
+scans before (in a folder under --work). The pairs columns time `same_picture_pairs` alone on the scan's own
+fingerprints, both ways, in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +37,10 @@ if sys.argv[2] == "before":
 t = time.perf_counter()
 scan = folders.scan_dataset(sys.argv[1])
 result = {"scan s": time.perf_counter() - t, "images": len(scan.train) + len(scan.val)}
+if sys.argv[2] == "re-scan":
+    from transferkit.data.scan_record import ScanRecord, scan_settings
+    settings = scan_settings(folders.MIN_SIDE, folders.SCAN_SHORTER_SIDE)
+    result["recorded"] = len(ScanRecord(scan.root, settings).entries)
 if sys.argv[3] == "pairs":
     for way, near_from in (("pairs s, buckets", 10 ** 12), ("pairs s, k-d tree", 2)):
         fingerprint.NEAR_SEARCH_FROM = near_from
@@ -43,9 +51,10 @@ print(json.dumps(result))
 """
 
 
-def measure(data: Path, way: str, pairs: bool) -> dict:
+def measure(data: Path, way: str, pairs: bool, records: Path) -> dict:
+    env = dict(os.environ, TRANSFERKIT_SCAN_CACHE=str(records) if way == "re-scan" else "off")
     out = subprocess.run([sys.executable, "-c", MEASURE, str(data), way, "pairs" if pairs else "-"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -60,24 +69,29 @@ def main() -> None:
     rows = []
     for n in (int(x) for x in args.images.split(",")):
         data = generate(Path(args.work) / f"gratings-{n}", n)
-        runs = {"before": [], "after": []}
+        records = Path(args.work) / "scan-records"
+        for _ in range(2):  # the record; the second also records files modified just before the first
+            measure(data, "re-scan", False, records)
+        runs = {"before": [], "after": [], "re-scan": []}
         for r in range(args.repeats):
-            for way in ("before", "after"):
-                runs[way].append(measure(data, way, pairs=(r == 0 and way == "after")))
+            for way in runs:
+                runs[way].append(measure(data, way, (r == 0 and way == "after"), records))
                 print(n, way, runs[way][-1], flush=True)
-        before = statistics.median(x["scan s"] for x in runs["before"])
-        after = statistics.median(x["scan s"] for x in runs["after"])
+        before, after, again = (statistics.median(x["scan s"] for x in runs[way]) for way in runs)
         first = runs["after"][0]
         rows.append({"images": n, "threads + buckets s": before, "processes + k-d tree s": after,
-                     "speed-up": before / after, "pairs s, buckets": first["pairs s, buckets"],
+                     "speed-up": before / after, "re-scan s": again, "re-scan speed-up": after / again,
+                     "pairs s, buckets": first["pairs s, buckets"],
                      "pairs s, k-d tree": first["pairs s, k-d tree"],
                      "pairs found (buckets / k-d tree)":
                          f"{first['pairs s, buckets (found)']} / {first['pairs s, k-d tree (found)']}"})
     text = (f"## Data scan at scale\n\n{machine}. Command: `python benchmarks/scan.py --work DIR --images "
             f"{args.images} --repeats {args.repeats}` (generated 64×64 grey PNG gratings, 10 classes; each scan in "
-            "a fresh process with torch imported; medians of the repeats, the two ways alternated; the pairs "
+            "a fresh process with torch imported; medians of the repeats, the ways alternated; the first two with "
+            "the scan record off; re-scan: every file found unchanged in the folder's scan record; the pairs "
             "columns: `same_picture_pairs` alone on the scan's fingerprints).\n\n"
-            + table(rows, ["images", "threads + buckets s", "processes + k-d tree s", "speed-up", "pairs s, buckets",
+            + table(rows, ["images", "threads + buckets s", "processes + k-d tree s", "speed-up", "re-scan s",
+                           "re-scan speed-up", "pairs s, buckets",
                            "pairs s, k-d tree", "pairs found (buckets / k-d tree)"]))
     print(text)
     if not args.no_record:

@@ -12,6 +12,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TRANSFERKIT_QUIET", "1")
+# Scans record what they found in the user's cache (data/scan_record.py); the tests' throwaway folders must not,
+# and a test sees a scan that checks every file unless it turns recording on in a folder of its own.
+os.environ["TRANSFERKIT_SCAN_CACHE"] = "off"
 
 
 def make_image_folder(root: Path, n_train: int = 8, n_val: int = 4, size: int = 40,

@@ -29,6 +29,7 @@ from PIL import Image
 
 from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
+from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
 
@@ -190,15 +191,20 @@ def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=
     split_dirs = _find_split_dirs(root, problems)
     walked = {split: {name: _walk_class(class_dir, problems) for name, class_dir in _class_dirs(split_dir, problems)}
               for split, split_dir in split_dirs.items()}
-    # Every file checked in one go (one pool for the whole folder, not one per class), then sorted back by class.
-    checks = iter(_checked_files([c for split in walked.values() for cands in split.values() for c in cands],
-                                 verify_images))
+    # Every file checked in one go (one pool for the whole folder, not one per class), then sorted back by class;
+    # a verifying scan takes the checks of files unchanged since an earlier scan from the folder's record.
+    record = ScanRecord(root, scan_settings(MIN_SIDE, SCAN_SHORTER_SIDE)) if verify_images else None
+    candidates = [c for split in walked.values() for cands in split.values() for c in cands]
+    checked = _checked_files(candidates, record)
+    checks = iter(checked)
     found: dict[str, dict[str, list[tuple[str, str | None]]]] = {}
     fingerprints: dict[str, Fingerprint] = {}
     for split, classes in walked.items():
         found[split] = {name: _usable(candidates, checks, problems, fingerprints) for name, candidates in classes.items()}
     digests = _hashes(found)
-    pairs = same_picture_pairs(fingerprints)
+    pairs = record.pairs if record is not None and record.unchanged else same_picture_pairs(fingerprints)
+    if record is not None:
+        record.save([(path, key, check) for (path, _, key), check in zip(candidates, checked)], pairs)
     if "val" in found:
         scan = _assemble_given_split(root, found["train"], found["val"], problems, split_dirs)
     else:
@@ -326,8 +332,8 @@ def _class_dirs(split_dir: Path, problems: _Problems) -> list[tuple[str, Path]]:
     return classes
 
 
-def _walk_class(class_dir: Path, problems: _Problems) -> list[tuple[str, bool]]:
-    """Candidate image files under a class folder as (path, has_no_extension), sorted."""
+def _walk_class(class_dir: Path, problems: _Problems) -> list[tuple[str, bool, tuple]]:
+    """Candidate image files under a class folder as (path, has_no_extension, file key), sorted."""
     candidates = []
     visited: set[tuple[int, int]] = set()
 
@@ -350,7 +356,7 @@ def _walk_class(class_dir: Path, problems: _Problems) -> list[tuple[str, bool]]:
         visited.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if _keep_dir(Path(dirpath), d, problems))
         for name in sorted(filenames):
-            candidate = _classify_file(Path(dirpath) / name, problems)
+            candidate = _classify_file(os.path.join(dirpath, name), problems)
             if candidate is not None:
                 candidates.append(candidate)
     return sorted(candidates)
@@ -370,12 +376,20 @@ def _keep_dir(parent: Path, name: str, problems: _Problems) -> bool:
     return True
 
 
-def _classify_file(path: Path, problems: _Problems) -> tuple[str, bool] | None:
-    name = path.name
-    if _skip_special(name, path, problems):
+def _classify_file(path: str, problems: _Problems) -> tuple[str, bool, tuple] | None:
+    """(path, has_no_extension, file key) of a candidate image, or None (recorded in `problems` where the
+    file is skipped). Plain strings and one lstat per ordinary file: a 100,000-file walk spent ~1 s in
+    pathlib and the second stat."""
+    name = os.path.basename(path)
+    if name.lower() in OS_JUNK_NAMES or name.startswith("."):
+        _skip_special(name, Path(path), problems)  # recorded as OS junk or hidden
         return None
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode):
+            if _skip_special(name, Path(path), problems):
+                return None
+            info = os.stat(path)
     except OSError as exc:
         problems.add("unreadable", path, f"cannot stat file: {exc.strerror or exc}")
         return None
@@ -385,18 +399,18 @@ def _classify_file(path: Path, problems: _Problems) -> tuple[str, bool] | None:
     if info.st_size == 0:
         problems.add("empty_file", path, "empty file (0 bytes)")
         return None
-    ext = path.suffix.lower().lstrip(".")
+    ext = os.path.splitext(name)[1].lower().lstrip(".")
     if ext and ext not in IMAGE_EXTENSIONS:
         problems.add("non_image", path, f"extension .{ext} is not an image type read here")
         return None
-    return str(path), not ext
+    return path, not ext, file_key(info)
 
 
 def _usable(candidates, checks, problems: _Problems, fingerprints: dict[str, Fingerprint]) -> list[tuple[str, str | None]]:
     """The candidates whose check (the next ones of `checks`, in order) found nothing wrong, as (path, sha256 or
     None); what is wrong goes to `problems`, the verified images' fingerprints to `fingerprints`."""
     usable = []
-    for (path, no_ext), (kind, detail, sha, fp) in zip(candidates, checks):
+    for (path, no_ext, _), (kind, detail, sha, fp) in zip(candidates, checks):
         if kind is not None:
             problems.add(kind, path, detail)
             continue
@@ -408,14 +422,27 @@ def _usable(candidates, checks, problems: _Problems, fingerprints: dict[str, Fin
     return usable
 
 
-def _checked_files(candidates: list[tuple[str, bool]], verify: bool) -> list[tuple]:
-    """_verify_one's (or, unverified, _sniff_one's) answer for each candidate, in order. Checking a file is mostly
-    Python (open, header, decode, hash, fingerprint: ~0.2 ms for a small PNG), so threads queue on one GIL: on a
-    2-core EPYC, 10,000 64-px PNGs took 3.5 s on two threads against 1.9 s on one, and 1.0-1.25 s in two forked
-    processes; on ELPV's 300-px cells, whose decoding releases the GIL, processes 2.0 s and threads 2.2 s. So a
-    large folder is checked in forked processes on Linux (macOS's system libraries are not fork-safe, Windows has
-    no fork); small ones, and elsewhere, in threads."""
-    check = _verify_one if verify else _sniff_one
+def _checked_files(candidates: list[tuple[str, bool, tuple]], record: ScanRecord | None) -> list[tuple]:
+    """_verify_one's answer for each candidate, in order, taken from the folder's scan `record` where the file is
+    as recorded (data/scan_record.py); without a record (an unverified scan), _sniff_one's."""
+    if record is None:
+        return _checked_now(candidates, _sniff_one)
+    recorded = [record.get(path, key) for path, _, key in candidates]
+    missing = [c for c, check in zip(candidates, recorded) if check is None]
+    fresh = iter(_checked_now(missing, _verify_one))
+    if missing:
+        logger.debug("scan: %d files checked, %d as an earlier scan recorded them", len(missing),
+                     len(candidates) - len(missing))
+    return [check if check is not None else next(fresh) for check in recorded]
+
+
+def _checked_now(candidates: list[tuple[str, bool, tuple]], check) -> list[tuple]:
+    """`check`'s answer for each candidate, in order. Checking a file is mostly Python (open, header, decode,
+    hash, fingerprint: ~0.2 ms for a small PNG), so threads queue on one GIL: on a 2-core EPYC, 10,000 64-px
+    PNGs took 3.5 s on two threads against 1.9 s on one, and 1.0-1.25 s in two forked processes; on ELPV's
+    300-px cells, whose decoding releases the GIL, processes 2.0 s and threads 2.2 s. So a large folder is
+    checked in forked processes on Linux (macOS's system libraries are not fork-safe, Windows has no fork);
+    small ones, and elsewhere, in threads."""
     workers = _scan_workers()
     if len(candidates) >= SCAN_PROCESSES_FROM and workers > 1 and sys.platform.startswith("linux"):
         try:
@@ -429,7 +456,7 @@ def _checked_files(candidates: list[tuple[str, bool]], verify: bool) -> list[tup
 
 def _in_pool(pool, check, candidates, chunksize: int = 1) -> list[tuple]:
     try:
-        return list(pool.map(check, [path for path, _ in candidates], [no_ext for _, no_ext in candidates],
+        return list(pool.map(check, [c[0] for c in candidates], [c[1] for c in candidates],
                              chunksize=chunksize))
     finally:  # Ctrl-C: the checks not started are dropped, not waited for
         pool.shutdown(wait=True, cancel_futures=True)
