@@ -184,3 +184,36 @@ def test_look_alike_pairs_come_back_from_the_record_and_follow_changes(tmp_path,
     after = scan_dataset(root)
     assert calls == [1] and "same_picture_across_splits" not in after.problems
     assert fingerprint.SAME_PICTURE_CORRELATION == scan_record.scan_settings(8, 128)["same_picture_correlation"]
+
+
+def test_a_stop_during_the_scan_ends_it_at_once_and_keeps_what_was_checked(tmp_path, recording, monkeypatch):
+    """The first Ctrl-C of a run asks the run to stop (engine/signals.py): the scan stops at the next file, and
+    the next scan checks only the files the stopped one did not."""
+    from transferkit.engine import signals
+
+    root = _tiny(tmp_path / "data", n=20)  # 80 files
+    seen, pressed = [], []
+    real = folders._verify_one
+
+    def ctrl_c_after_ten(path, no_ext):
+        seen.append(path)
+        if len(seen) == 10 and not pressed:
+            pressed.append(1)
+            signals._requested.append(2)  # what the handler of a first SIGINT does
+        return real(path, no_ext)
+
+    monkeypatch.setattr(folders, "_verify_one", ctrl_c_after_ten)
+    monkeypatch.setattr(folders, "_scan_workers", lambda: 1)  # one file at a time: the stop lands at file 10
+    try:
+        with pytest.raises(signals.Interrupted, match="interrupted during the data scan") as stopped:
+            scan_dataset(root)
+    finally:
+        signals._requested.clear()
+    assert stopped.value.exit_code == 130
+    assert 10 <= len(seen) < 80
+    first = len(seen)
+    seen.clear()
+    scan = scan_dataset(root)
+    # the ones checked before the stop came from the record (the one in progress at the stop, maybe not)
+    assert 80 - first <= len(seen) <= 80 - first + 2
+    assert len(scan.train) == 40 and len(scan.val) == 40

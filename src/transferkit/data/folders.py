@@ -30,6 +30,7 @@ from PIL import Image
 from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
 from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
+from transferkit.engine import signals
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
 
@@ -424,41 +425,65 @@ def _usable(candidates, checks, problems: _Problems, fingerprints: dict[str, Fin
 
 def _checked_files(candidates: list[tuple[str, bool, tuple]], record: ScanRecord | None) -> list[tuple]:
     """_verify_one's answer for each candidate, in order, taken from the folder's scan `record` where the file is
-    as recorded (data/scan_record.py); without a record (an unverified scan), _sniff_one's."""
+    as recorded (data/scan_record.py); without a record (an unverified scan), _sniff_one's. A scan stopped by
+    Ctrl-C records what it checked, so the same command goes on from there."""
     if record is None:
-        return _checked_now(candidates, _sniff_one)
+        return _checked_now(candidates, _sniff_one, [])
     recorded = [record.get(path, key) for path, _, key in candidates]
     missing = [c for c, check in zip(candidates, recorded) if check is None]
-    fresh = iter(_checked_now(missing, _verify_one))
+    fresh: list[tuple] = []
+    try:
+        _checked_now(missing, _verify_one, fresh)
+    except signals.Interrupted:
+        record.save(_known(candidates, recorded, fresh), pairs=None)
+        raise
     if missing:
         logger.debug("scan: %d files checked, %d as an earlier scan recorded them", len(missing),
                      len(candidates) - len(missing))
-    return [check if check is not None else next(fresh) for check in recorded]
+    answers = iter(fresh)
+    return [check if check is not None else next(answers) for check in recorded]
 
 
-def _checked_now(candidates: list[tuple[str, bool, tuple]], check) -> list[tuple]:
-    """`check`'s answer for each candidate, in order. Checking a file is mostly Python (open, header, decode,
-    hash, fingerprint: ~0.2 ms for a small PNG), so threads queue on one GIL: on a 2-core EPYC, 10,000 64-px
-    PNGs took 3.5 s on two threads against 1.9 s on one, and 1.0-1.25 s in two forked processes; on ELPV's
-    300-px cells, whose decoding releases the GIL, processes 2.0 s and threads 2.2 s. So a large folder is
-    checked in forked processes on Linux (macOS's system libraries are not fork-safe, Windows has no fork);
-    small ones, and elsewhere, in threads."""
+def _known(candidates, recorded, fresh) -> list[tuple]:
+    """(path, file key, check) of the candidates whose check is known: recorded, or among the first `fresh`."""
+    answers = iter(fresh)
+    known = []
+    for (path, _, key), check in zip(candidates, recorded):
+        check = check if check is not None else next(answers, None)
+        if check is not None:
+            known.append((path, key, check))
+    return known
+
+
+def _checked_now(candidates: list[tuple[str, bool, tuple]], check, done: list) -> list[tuple]:
+    """`check`'s answer for each candidate, in order, appended to `done` as they come (and returned). Checking
+    a file is mostly Python (open, header, decode, hash, fingerprint: ~0.2 ms for a small PNG), so threads queue
+    on one GIL: on a 2-core EPYC, 10,000 64-px PNGs took 3.5 s on two threads against 1.9 s on one, and
+    1.0-1.25 s in two forked processes; on ELPV's 300-px cells, whose decoding releases the GIL, processes 2.0 s
+    and threads 2.2 s. So a large folder is checked in forked processes on Linux (macOS's system libraries are
+    not fork-safe, Windows has no fork); small ones, and elsewhere, in threads."""
     workers = _scan_workers()
     if len(candidates) >= SCAN_PROCESSES_FROM and workers > 1 and sys.platform.startswith("linux"):
         try:
             return _in_pool(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                                initializer=_ignore_interrupts), check, candidates,
+                                                initializer=_ignore_interrupts), check, candidates, done,
                             chunksize=max(16, min(256, len(candidates) // (8 * workers))))
         except BrokenProcessPool as exc:  # a process killed (out of memory, a crashing decoder): once more, here
             logger.warning("a data-scan process ended abnormally (%s); checking the files in this process instead", exc)
-    return _in_pool(ThreadPoolExecutor(workers), check, candidates)
+            done.clear()
+    return _in_pool(ThreadPoolExecutor(workers), check, candidates, done)
 
 
-def _in_pool(pool, check, candidates, chunksize: int = 1) -> list[tuple]:
+def _in_pool(pool, check, candidates, done: list, chunksize: int = 1) -> list[tuple]:
+    """The checks in order, appended to `done`. A stop asked for (the first Ctrl-C of a run: engine/signals.py)
+    ends the scan at the next file, not after the last one (a million small files: minutes)."""
     try:
-        return list(pool.map(check, [c[0] for c in candidates], [c[1] for c in candidates],
-                             chunksize=chunksize))
-    finally:  # Ctrl-C: the checks not started are dropped, not waited for
+        for result in pool.map(check, [c[0] for c in candidates], [c[1] for c in candidates], chunksize=chunksize):
+            done.append(result)
+            signals.check_stop("the data scan", "run the same command to go on (the scan record keeps the files "
+                                                "checked so far)")
+        return done
+    finally:  # a stop or a second Ctrl-C: the checks not started are dropped, not waited for
         pool.shutdown(wait=True, cancel_futures=True)
 
 

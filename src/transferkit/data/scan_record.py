@@ -101,9 +101,10 @@ class ScanRecord:
     def pairs(self) -> list[tuple[str, str, float]]:
         return [(self.prefix + a, self.prefix + b, c) for a, b, c in self.recorded_pairs or ()]
 
-    def save(self, checked: list[tuple[str, tuple, tuple]], pairs: list[tuple[str, str, float]]) -> None:
-        """Record (path, file key, check) of this scan's files and the look-alike pairs found among them, in place
-        of the record read (files gone from the folder are dropped); nothing is written where nothing changed."""
+    def save(self, checked: list[tuple[str, tuple, tuple]], pairs: list[tuple[str, str, float]] | None) -> None:
+        """Record (path, file key, check) of this scan's files and the look-alike pairs found among them (None: a
+        scan stopped before it found them), in place of the record read (files gone from the folder are
+        dropped); nothing is written where nothing changed."""
         if self.path is None:
             return
         if self.unchanged:
@@ -119,8 +120,8 @@ class ScanRecord:
         if not keep and not self.entries:
             return  # nothing to record (every file just modified), and no record to replace
         # Pairs are kept only with every file recorded (a file checked again next time may change them).
-        rel_pairs = [(self.relative(a), self.relative(b), c) for a, b, c in pairs] if len(keep) == len(checked) \
-            else None
+        complete = pairs is not None and len(keep) == len(checked)
+        rel_pairs = [(self.relative(a), self.relative(b), c) for a, b, c in pairs] if complete else None
         if rel_pairs is not None and any(a is None or b is None for a, b, _ in rel_pairs):
             rel_pairs = None
         try:

@@ -16,8 +16,6 @@ import threading
 import time
 from contextlib import contextmanager
 
-import torch
-
 from ..errors import TrainingError, TransferkitError
 
 log = logging.getLogger(__name__)
@@ -111,6 +109,8 @@ def after_batch(epoch: int, run_dir) -> None:
 @contextmanager
 def oom_as_training_error(cfg, epoch: int, run_dir):
     """CUDA out of memory → one line naming the batch size that failed and one to try."""
+    import torch  # here, not above: the data scan checks for stops too, and needs no torch
+
     try:
         yield
     except torch.cuda.OutOfMemoryError:
