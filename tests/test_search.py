@@ -724,10 +724,34 @@ def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_fo
     assert _extract_chunks(search, ctx, Taps(), [0], reserve=0.0, keep_partial=False) is None
 
 
-def test_a_search_starved_of_images_fits_its_first_probe_on_more_instead_of_trying_more(tmp_path, monkeypatch):
+def test_a_search_starved_of_images_fits_its_first_probe_on_more_before_trying_more(tmp_path, monkeypatch):
     """Where the budget paid for the first probe's features of only some of the images (here: a CV prior too
-    large for more than the first chunk), no other candidate runs on those few: the time left fits that probe
-    on as many training images as it pays for (all of them here), and search.json says why the ladder stopped."""
+    large for more than the first chunk), the later steps reserve the final run's growth to every image
+    compared: where that leaves no room (here: a growth estimate larger than the budget), no other candidate
+    runs on those few, the time left fits the probe on as many training images as it pays for (all of them
+    here), and search.json says why."""
+    import transferkit.search as search_module
+
+    real = search_module._cv_seconds
+    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None:
+                        1e4 if search.cv_row_s is None else real(search, ctx, views, images))
+    real_growth = search_module._growth_seconds
+    monkeypatch.setattr(search_module, "_growth_seconds",
+                        lambda search, ctx, settings: 1e4 * (real_growth(search, ctx, settings) > 0))
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
+    metrics, record = _search(data, tmp_path / "run", budget="2m")
+    ran = [c for c in record["candidates"] if c["status"] == "ran"]
+    assert len(ran) == 1 and ran[0]["kind"] == "probe"
+    assert all("skipped" in c["status"] for c in record["candidates"][1:])
+    assert record["compared_on_images"] == 128 and "the budget paid for the first probe" in record["stopped"]
+    assert metrics["train_images"] == 300 and record["train_subsample"] is None
+
+
+def test_a_starved_search_with_time_beyond_the_growth_goes_on_up_its_ladder(tmp_path, monkeypatch):
+    """The first probe starved by a CV prior that its own measured CV then shows far too large (a 300-class
+    folder ended its ladder with 147 of 240 s unused): with the growth to every image reserved, the next steps
+    run on the images extracted, no fine-tuning (it would train on too few), and the final model still uses
+    every training image."""
     import transferkit.search as search_module
 
     real = search_module._cv_seconds
@@ -736,7 +760,7 @@ def test_a_search_starved_of_images_fits_its_first_probe_on_more_instead_of_tryi
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
     metrics, record = _search(data, tmp_path / "run", budget="2m")
     ran = [c for c in record["candidates"] if c["status"] == "ran"]
-    assert len(ran) == 1 and ran[0]["kind"] == "probe"
+    assert len(ran) > 1 and all(c["kind"] == "probe" for c in ran)
     assert record["compared_on_images"] == 128 and "the budget paid for the first probe" in record["stopped"]
     assert metrics["train_images"] == 300 and record["train_subsample"] is None
 

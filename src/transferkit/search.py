@@ -137,6 +137,7 @@ class Search:
     setup_s: float = 0.0  # the first backbone's ONNX export and engine choice, measured with the rate
     stopped: str | None = None  # why the ladder ended before its last step, where it did
     starved: bool = False  # the budget paid for the first probe's features of only some of the images compared
+    compared_target: int = 0  # training images the candidates were to be compared on (all, or the subsample asked)
     cv_repeats: int = 1  # 3-fold splits the last probe CV pooled (engine/probe.py cv_repeats): search.json
     all_images_s: float | None = None  # estimated seconds of the chosen probe's run on every training image, where
     # the budget fitted it on fewer
@@ -215,6 +216,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
             log.warning("search: the recipes are compared on a random %d of the %d training images; a chosen probe "
                         "is then fitted on as many as the budget allows", compare_on, len(scan.train))
             _keep_subsample(search, context, compare_on, asked=True)
+        search.compared_target = len(context.scan.train)
         winner, context = _search_probes(search, context)  # the context of the winner's backbone
         winner = _search_finetuning(search, context, winner) or winner
     except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
@@ -374,11 +376,9 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
     for crop in crops:  # eval crop, then the whole frame, on view 0
         if _perfect(best):
             return _stopped_at(search, best), ctx
-        if search.starved:
-            break
         best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
-    if search.starved:
-        return _starved_at(search, ctx, best), ctx
+    if search.starved:  # the later steps run only where the final run's growth to every image compared still fits
+        _starved_note(search, best)
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
         if _perfect(best):
@@ -487,17 +487,32 @@ def _stopped_at(search: Search, best: Candidate) -> Candidate:
     return best
 
 
-def _starved_at(search: Search, ctx: _Context, best: Candidate) -> Candidate:
-    """The budget paid for the first probe on only some of the images: the rest of it fits that probe on more
-    images (_grown_scan) instead of comparing more candidates on too few (an MLP head, where asked for, still
-    gets its try). A 100-class folder of 3,000 training images at --time-budget 60s: the first probe on 1,250
-    (CV 0.73), then the whole frame on the same 1,250 (20 s) and a final fit on them scored 0.844 on val; the
-    first probe fitted on all 3,000 instead, 0.946 (one probe on every image without a search: 0.951)."""
+def _starved_note(search: Search, best: Candidate) -> None:
+    """The budget paid for the first probe on only some of the images compared: every later step of the ladder
+    reserves the final run's features and fit of the rest (_growth_seconds), so more images come first and
+    comparing more candidates on too few second. A 100-class folder of 3,000 training images at
+    --time-budget 60s: the first probe on 1,250 (CV 0.73), then the whole frame on the same 1,250 (20 s) and a
+    final fit on them scored 0.844 on val; the first probe fitted on all 3,000 instead, 0.946 (one probe on every
+    image without a search: 0.951). A 300-class folder of 6,000 at the default budget, where the CV's prior had
+    stopped the first extraction at 2,250, ended the ladder there and left 147 of its 240 s unused."""
     search.stopped = (f"the budget paid for the first probe's features of {search.subsample} of the training "
-                      f"images: the rest of it goes to fitting {best.name} on more")
+                      f"images: the later steps ran only where fitting the chosen probe on more still fitted")
     log.info("search: %s", search.stopped)
-    mlp = _mlp_candidate(search, ctx, best) if _mlp_asked(search) else None
-    return mlp if _asked_mlp_fitted(search, mlp) else best
+
+
+def _growth_seconds(search: Search, ctx: _Context, settings: dict) -> float:
+    """Where the first probe was starved of images: what the final run of a probe with these settings spends on
+    the images compared that the search did not extract (their features in every view, their share of the fit),
+    at the share of the time left that _grown_scan gives them."""
+    from .engine.probe_train import PROBE_VIEWS
+
+    n = len(ctx.scan.train)
+    missing = search.compared_target - n
+    if not search.starved or missing <= 0:
+        return 0.0
+    views = len(PROBE_VIEWS[settings["probe_views"]])
+    per_image = views * _final_view_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) / n
+    return missing * per_image / GROWTH_SHARE
 
 
 def _mlp_asked(search: Search) -> bool:
@@ -626,8 +641,10 @@ def _planned_probe(search: Search, ctx: _Context, crop, view_set: str, setup_s: 
 
 def _final_reserve(search: Search, ctx: _Context, settings: dict) -> float:
     """Seconds the final run of a probe with these settings needs: its val pass over every view (at both
-    scales for a two-scale probe), its fit and the write-up."""
-    return _val_pass_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
+    scales for a two-scale probe), its fit and the write-up, and where the search was starved of images, the
+    features and fit of the rest of the images compared."""
+    return (_val_pass_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) + FIXED_OVERHEAD_S
+            + _growth_seconds(search, ctx, settings))
 
 
 def _val_pass_seconds(search: Search, ctx: _Context, settings: dict) -> float:
