@@ -124,8 +124,11 @@ def main() -> None:
         rows.append({"run": name, **run(data, work / f"run{i}", extra, src)})
         print(rows[-1], flush=True)
     command = "python benchmarks/many_classes.py" + (" --baseline SRC" if args.baseline else "") + \
-        (f" --classes {args.classes}" if args.classes != 100 else "") + (f" --budget {args.budget}" if args.budget else "")
-    text = (f"## The default recipe on many classes{', ' + label if args.budget else ''}\n\n{environment_line()}. Data: {args.classes} classes of "
+        (f" --classes {args.classes}" if args.classes != 100 else "") + \
+        (f" --train-per-class {args.train_per_class}" if args.train_per_class != 30 else "") + \
+        (f" --val-per-class {args.val_per_class}" if args.val_per_class != 10 else "") + \
+        (f" --budget {args.budget}" if args.budget else "")
+    text = (f"## The default recipe on {args.classes} classes{', ' + label if args.budget else ''}\n\n{environment_line()}. Data: {args.classes} classes of "
             f"generated 128×128 JPEGs (shape × colour × stripe frequency; benchmarks/many_classes.py), "
             f"{args.train_per_class} train / {args.val_per_class} val per class. Each run in a fresh process with a "
             f"cold feature cache. Command: `{command}`.\n\n"
@@ -133,7 +136,8 @@ def main() -> None:
                            "95% interval", "chosen"]) + "\n")
     print(text)
     if not args.no_record:
-        write_section("many_classes" + (f"_{args.budget}" if args.budget else ""), text)
+        write_section("many_classes" + (f"_{args.classes}" if args.classes != 100 else "")
+                      + (f"_{args.budget}" if args.budget else ""), text)
 
 
 if __name__ == "__main__":
