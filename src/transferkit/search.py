@@ -506,9 +506,11 @@ def _growth_seconds(search: Search, ctx: _Context, settings: dict) -> float:
     at the share of the time left that _grown_scan gives them."""
     from .engine.probe_train import PROBE_VIEWS
 
+    if not search.starved:
+        return 0.0
     n = len(ctx.scan.train)
     missing = search.compared_target - n
-    if not search.starved or missing <= 0:
+    if missing <= 0:
         return 0.0
     views = len(PROBE_VIEWS[settings["probe_views"]])
     per_image = views * _final_view_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) / n
