@@ -1213,3 +1213,21 @@ def test_the_mlp_step_is_in_the_ladder_unless_a_given_option_rules_it_out(option
     now = time.perf_counter()
     search = Search(TrainConfig(data="d", **options), set(options), deadline=now + 60, t0=now)
     assert _tries_mlp(search) is tried
+
+
+def test_folds_where_every_class_has_fewer_images_than_folds():
+    """StratifiedKFold refuses where no class has 3 images (1,000 classes, the first 750 images a budget paid
+    for: the search ended in a traceback); plain shuffled folds then hold every image out once."""
+    from transferkit.engine.probe import stratified_folds
+
+    for y in (np.arange(750) % 1000, np.repeat(np.arange(4), 2), np.array([0, 1])):
+        folds = stratified_folds(y, 3, seed=0)
+        held_out = np.sort(np.concatenate([test for _, test in folds]))
+        assert np.array_equal(held_out, np.arange(len(y)))
+        assert all(len(train) and not set(train) & set(test) for train, test in folds)
+
+
+def test_a_search_on_two_training_images_per_class_gives_a_model(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_train=2, n_val=2, size=40, classes=("a", "b", "c", "d"))
+    metrics, record = _search(data, tmp_path / "run", budget="30s")
+    assert record["chosen"] and metrics["train_images"] == 8 and 0.0 <= metrics["best_val_acc"] <= 1.0

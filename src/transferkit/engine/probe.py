@@ -476,11 +476,15 @@ def cv_splits(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """StratifiedKFold's (train, test) index pairs. A class with fewer images than folds is absent from
     some test folds; sklearn warns about it on every call (dozens of lines in one search), but the folds
-    are still the right ones, so its warning is not passed on."""
+    are still the right ones, so its warning is not passed on. Where every class has fewer images than
+    folds (1,000 classes, the first 750 images a budget paid for), StratifiedKFold refuses: shuffled plain
+    folds then, as many as there are images where that is fewer."""
     import warnings
 
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
+    if np.bincount(y).max() < folds:
+        return list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(np.zeros(len(y))))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
