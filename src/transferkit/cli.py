@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = dsub.add_parser("hymenoptera", help="the seed tutorials' bees/ants (downloads)")
     h.add_argument("out")
     _add_results_commands(sub)
+    _add_cache_command(sub)
     return parser
 
 
@@ -540,7 +541,37 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "serve": cmd_serve, "data": cmd_data}
+def _add_cache_command(sub) -> None:
+    p = sub.add_parser("cache", help="what transferkit keeps between runs, and how big it is; `cache clear` frees it")
+    p.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="clear: features, decoded, engines, scans, weights (default: all but weights, which may "
+                        "need a download to get back)")
+
+
+def cmd_cache(args) -> int:
+    from .caches import DERIVED, NAMES, WHAT, caches
+    from .errors import UsageError
+
+    unknown = sorted(set(args.names) - set(NAMES))
+    if unknown or (args.names and args.action != "clear"):
+        raise UsageError(f"cache {args.action}: unknown cache {', '.join(unknown)}; one of {', '.join(NAMES)}"
+                         if unknown else "cache list takes no names; `transferkit cache clear NAME...` clears some")
+    found = caches()
+    if args.action == "clear":
+        for name in args.names or DERIVED:
+            freed = found[name].clear()
+            print(f"cleared {name}: {freed / 1e6:.1f} MB freed ({found[name].folder})")
+        return 0
+    print(f"{'cache':<10}{'size':>10}  {'entries':>7}  where / what")
+    for name, cache in found.items():
+        print(f"{name:<10}{cache.size / 1e6:>7.1f} MB  {len(cache.entries):>7}  {cache.folder}\n"
+              f"{'':<31}{WHAT[name]}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "models": cmd_models, "predict": cmd_predict, "serve": cmd_serve, "data": cmd_data,
+            "cache": cmd_cache}
 
 
 COMPARE_OPTIONS = {"batch_size": int, "image_size": int, "lr": float, "optimizer": str, "seed": int,

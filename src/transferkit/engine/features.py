@@ -30,7 +30,6 @@ from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_bat
 from .. import shards
 from ..io import atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
-from ..models.weights import cache_dir
 from ..threads import named_pool, start_prefetch
 from . import signals
 from .progress import progress
@@ -224,8 +223,10 @@ class FeatureStore:
 
 
 def cache_root() -> Path:
-    """Where feature stores live (and the decoded-image store, under decoded/)."""
-    return Path(os.environ.get("TRANSFERKIT_FEATURE_CACHE") or cache_dir() / "features")
+    """Where feature stores live (and the decoded-image store, under decoded/): caches.py, which lists them."""
+    from ..caches import feature_root
+
+    return feature_root()
 
 
 def store_for(identity: dict) -> FeatureStore:
