@@ -20,7 +20,10 @@ from .models.weights import cache_dir
 FEATURES_ENV = "TRANSFERKIT_FEATURE_CACHE"
 _STORE = re.compile(r"[0-9a-f]{20}")  # engine/features.py and data/decoded.py name their stores so
 _RECORD = re.compile(r"[0-9a-f]{24}\.npz")  # data/scan_record.py
-MACHINE_FILES = ("depthwise-grads.json",)  # engine/depthwise.py's per-machine choice, with the engines
+# Under the feature cache's folder, beside the feature stores (the writers use these names too):
+DECODED_DIR = "decoded"  # data/decoded.py's stores
+ENGINES_DIR = "engines"  # engine/features.py's exported frozen parts and engine choices
+DEPTHWISE_FILE = "depthwise-grads.json"  # engine/depthwise.py's per-machine choice, listed with the engines
 DERIVED = ("features", "decoded", "engines", "scans")  # what `cache clear` clears when no name is given
 NAMES = DERIVED + ("weights",)
 WHAT = {"features": "backbone features and activations of images",
@@ -64,9 +67,9 @@ def caches() -> dict[str, Cache]:
     scans = records_folder()
     return {
         "features": Cache("features", root, _named(root, _STORE)),
-        "decoded": Cache("decoded", root / "decoded", _named(root / "decoded", _STORE)),
-        "engines": Cache("engines", root / "engines",
-                         _named(root / "engines", _STORE) + [p for p in map(root.joinpath, MACHINE_FILES) if p.exists()]),
+        "decoded": Cache("decoded", root / DECODED_DIR, _named(root / DECODED_DIR, _STORE)),
+        "engines": Cache("engines", root / ENGINES_DIR,
+                         _named(root / ENGINES_DIR, _STORE) + [p for p in [root / DEPTHWISE_FILE] if p.exists()]),
         "scans": Cache("scans", scans or Path("(off)"), _named(scans, _RECORD) if scans else []),
         "weights": Cache("weights", cache_dir() / "weights", sorted((cache_dir() / "weights").glob("*.safetensors"))),
     }

@@ -378,7 +378,7 @@ def _search_probes(search: Search, ctx: _Context) -> tuple[Candidate, _Context]:
             return _stopped_at(search, best), ctx
         best = _better(best, _probe_candidate(search, ctx, crop, views[0]))
     if search.starved:  # the later steps run only where the final run's growth to every image compared still fits
-        _starved_note(search, best)
+        _starved_note(search)
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
         if _perfect(best):
@@ -487,7 +487,7 @@ def _stopped_at(search: Search, best: Candidate) -> Candidate:
     return best
 
 
-def _starved_note(search: Search, best: Candidate) -> None:
+def _starved_note(search: Search) -> None:
     """The budget paid for the first probe on only some of the images compared: every later step of the ladder
     reserves the final run's features and fit of the rest (_growth_seconds), so more images come first and
     comparing more candidates on too few second. A 100-class folder of 3,000 training images at
@@ -504,17 +504,21 @@ def _growth_seconds(search: Search, ctx: _Context, settings: dict) -> float:
     """Where the first probe was starved of images: what the final run of a probe with these settings spends on
     the images compared that the search did not extract (their features in every view, their share of the fit),
     at the share of the time left that _grown_scan gives them."""
-    from .engine.probe_train import PROBE_VIEWS
-
     if not search.starved:
         return 0.0
-    n = len(ctx.scan.train)
-    missing = search.compared_target - n
+    missing = search.compared_target - len(ctx.scan.train)
     if missing <= 0:
         return 0.0
+    return missing * _final_seconds_per_image(search, ctx, settings) / GROWTH_SHARE
+
+
+def _final_seconds_per_image(search: Search, ctx: _Context, settings: dict) -> float:
+    """What one more training image costs the final run of a probe with these settings: its features in every
+    view and its share of the fit."""
+    from .engine.probe_train import PROBE_VIEWS
+
     views = len(PROBE_VIEWS[settings["probe_views"]])
-    per_image = views * _final_view_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) / n
-    return missing * per_image / GROWTH_SHARE
+    return views * _final_view_seconds(search, ctx, settings) + _fit_seconds(search, ctx, settings) / len(ctx.scan.train)
 
 
 def _mlp_asked(search: Search) -> bool:
@@ -1031,15 +1035,11 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     order, so it keeps the images the search extracted) by as many training images as GROWTH_SHARE of the time
     left pays for: their features in the winner's views and scales, and the larger fit."""
     from .data.folders import subsample_train
-    from .engine.probe_train import PROBE_VIEWS
 
     s, n, total = winner.settings, len(ctx.scan.train), len(full.train)
-    views = len(PROBE_VIEWS[s["probe_views"]])
-    per_view = _final_view_seconds(search, ctx, s)
-    fit_per_image = _fit_seconds(search, ctx, s) / n
     val_pass = _val_pass_seconds(search, ctx, s)
-    spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - n * fit_per_image
-    per_image = views * per_view + fit_per_image
+    spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - _fit_seconds(search, ctx, s)
+    per_image = _final_seconds_per_image(search, ctx, s)
     grown = min(total, n + max(0, int(spare / per_image)))
     if grown < total:  # what the reproduce command takes without --train-subsample: told, so the user can choose
         search.all_images_s = total * per_image + val_pass + FIXED_OVERHEAD_S

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import shards
+from ..caches import DECODED_DIR
 from ..engine import signals
 from ..engine.progress import progress
 from ..io import atomic_write_json
@@ -146,7 +147,7 @@ class DecodedStore:
 def open_store(base, pre: Preprocessing) -> DecodedStore:
     identity = {"resize_size": pre.resize_size, "interpolation": pre.interpolation, "v": STORE_VERSION}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
-    root = Path(base) / "decoded" / key
+    root = Path(base) / DECODED_DIR / key
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "identity.json").exists():
         atomic_write_json(root / "identity.json", identity)

@@ -205,7 +205,7 @@ def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=
     digests = _hashes(found)
     pairs = record.pairs if record is not None and record.unchanged else same_picture_pairs(fingerprints)
     if record is not None:
-        record.save([(path, key, check) for (path, _, key), check in zip(candidates, checked)], pairs)
+        record.save(_record_rows(candidates, checked), pairs)
     if "val" in found:
         scan = _assemble_given_split(root, found["train"], found["val"], problems, split_dirs)
     else:
@@ -435,24 +435,23 @@ def _checked_files(candidates: list[tuple[str, bool, tuple]], record: ScanRecord
     try:
         _checked_now(missing, _verify_one, fresh)
     except signals.Interrupted:
-        record.save(_known(candidates, recorded, fresh), pairs=None)
+        record.save(_record_rows(candidates, _merged(recorded, fresh)), pairs=None)
         raise
     if missing:
         logger.debug("scan: %d files checked, %d as an earlier scan recorded them", len(missing),
                      len(candidates) - len(missing))
-    answers = iter(fresh)
-    return [check if check is not None else next(answers) for check in recorded]
+    return _merged(recorded, fresh)
 
 
-def _known(candidates, recorded, fresh) -> list[tuple]:
-    """(path, file key, check) of the candidates whose check is known: recorded, or among the first `fresh`."""
+def _merged(recorded: list, fresh: list) -> list:
+    """Each candidate's check: the record's, else the next of `fresh` (None past its end: a stopped scan)."""
     answers = iter(fresh)
-    known = []
-    for (path, _, key), check in zip(candidates, recorded):
-        check = check if check is not None else next(answers, None)
-        if check is not None:
-            known.append((path, key, check))
-    return known
+    return [check if check is not None else next(answers, None) for check in recorded]
+
+
+def _record_rows(candidates, checks) -> list[tuple]:
+    """(path, file key, check) of every candidate whose check is known: what a scan record keeps."""
+    return [(path, key, check) for (path, _, key), check in zip(candidates, checks) if check is not None]
 
 
 def _checked_now(candidates: list[tuple[str, bool, tuple]], check, done: list) -> list[tuple]:

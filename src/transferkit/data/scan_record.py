@@ -121,10 +121,8 @@ class ScanRecord:
         if not keep and not self.entries:
             return  # nothing to record (every file just modified), and no record to replace
         # Pairs are kept only with every file recorded (a file checked again next time may change them).
-        complete = pairs is not None and len(keep) == len(checked)
+        complete = pairs is not None and len(keep) == len(checked)  # then every pair's paths are kept ones
         rel_pairs = [(self.relative(a), self.relative(b), c) for a, b, c in pairs] if complete else None
-        if rel_pairs is not None and any(a is None or b is None for a, b, _ in rel_pairs):
-            rel_pairs = None
         try:
             self._write(keep, rel_pairs)
             self._prune()

@@ -92,9 +92,9 @@ def _in_faster_dtype(key: str, compute) -> torch.Tensor:
 
 
 def _choice_file():
-    from .features import cache_root
+    from ..caches import DEPTHWISE_FILE, feature_root
 
-    return cache_root() / "depthwise-grads.json"
+    return feature_root() / DEPTHWISE_FILE
 
 
 def _machine_key() -> str:

@@ -28,6 +28,8 @@ from ..data.decoded import (DecodedStore, content_sha256, decode_missing, failur
 from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
+from ..caches import ENGINES_DIR
+from ..caches import feature_root as cache_root  # where feature stores live, and decoded/ and engines/ beside them
 from ..io import atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
 from ..threads import named_pool, start_prefetch
@@ -222,13 +224,6 @@ class FeatureStore:
             self.index[key] = (name, row)
 
 
-def cache_root() -> Path:
-    """Where feature stores live (and the decoded-image store, under decoded/): caches.py, which lists them."""
-    from ..caches import feature_root
-
-    return feature_root()
-
-
 def store_for(identity: dict) -> FeatureStore:
     root = cache_root() / _digest(identity)
     root.mkdir(parents=True, exist_ok=True)
@@ -244,7 +239,7 @@ def engine_folder(identity: dict) -> Path:
     network = {k: v for k, v in identity.items() if k not in ("preprocessing", "dtype")}
     network["input_size"] = identity.get("preprocessing", {}).get("input_size")
     network["graph"] = EXPORT_VERSION  # a better export of the same network is exported (and measured) again
-    folder = cache_root() / "engines" / _digest(network)
+    folder = cache_root() / ENGINES_DIR / _digest(network)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
