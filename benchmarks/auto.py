@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import cold_env, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.config import DEFAULT_TIME_BUDGET  # noqa: E402
 
@@ -51,8 +51,7 @@ def materialize(name: str, work: Path, given: dict[str, Path]) -> Path:
 
 def transferkit_run(data: Path, out: Path, cache: Path, *flags: str) -> dict:
     """One cold `transferkit train` command: its metrics, search record and wall time."""
-    env = {**__import__("os").environ, "TRANSFERKIT_FEATURE_CACHE": str(cache),
-           "TRANSFERKIT_SCAN_CACHE": "off"}
+    env = cold_env(cache)
     for old in (out, cache):  # a cold run: no earlier run folder or features
         shutil.rmtree(old, ignore_errors=True)
     t0 = time.perf_counter()

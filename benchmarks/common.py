@@ -43,13 +43,18 @@ def stratified_subset(src: Path, dst: Path, n_train: int, n_val: int, seed: int 
     return dst
 
 
+def cold_env(cache: str | Path, **extra: str) -> dict:
+    """The environment of a cold `transferkit` run: an empty feature cache of its own (`cache`) and no scan record,
+    as a user's first run on a folder; `extra` on top."""
+    return {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_SCAN_CACHE": "off", **extra}
+
+
 def run_cli(args: list[str], cache: str | Path, env: dict | None = None) -> tuple[float, resource.struct_rusage]:
     """`python -m transferkit ARGS` as a user runs it, in a fresh process (start-up and imports counted) with the
     feature cache `cache`: its wall seconds and its own resource usage (os.wait4: CPU time and peak RSS of this
     child alone). Its stderr goes to a file, not a pipe, so a chatty run cannot fill the pipe and stall; a failed
     run ends the benchmark with that stderr's tail."""
-    env = {**os.environ, **(env or {}), "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_QUIET": "1",
-           "TRANSFERKIT_SCAN_CACHE": "off"}
+    env = {**cold_env(cache, **(env or {})), "TRANSFERKIT_QUIET": "1"}
     cmd = [sys.executable, "-m", "transferkit", *args]
     with tempfile.TemporaryFile() as stderr:
         t0 = time.perf_counter()

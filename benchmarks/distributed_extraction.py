@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import cold_env, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 
 def extract_once(data: Path, nproc: int, work: Path, tag: str, threads: int | None = None) -> dict:
     out, cache = work / f"run-{tag}", work / f"cache-{tag}"
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--epochs", "1", "--engine", "torch",
            "--workers", "0", "--out", str(out), "--nproc", str(nproc)]
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_SCAN_CACHE": "off"}
+    env = cold_env(cache)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     load = os.getloadavg()[0]

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import cold_env, environment_line, table, write_section  # noqa: E402
 
 SIDE, CLASSES = 64, 10
 
@@ -58,8 +58,7 @@ def generate(root: Path, n: int, seed: int = 0) -> Path:
 
 def run(data: Path, out: Path, extra: list[str]) -> dict:
     cache = tempfile.mkdtemp(prefix="tk-large-folder-")
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": cache, "TRANSFERKIT_QUIET": "1",
-           "TRANSFERKIT_SCAN_CACHE": "off"}
+    env = cold_env(cache, TRANSFERKIT_QUIET="1")
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--out", str(out), "--overwrite", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import cold_env, environment_line, table, write_section  # noqa: E402
 
 from transferkit.data import images  # noqa: E402
 from transferkit.data.transforms import eval_crop  # noqa: E402
@@ -92,8 +92,7 @@ def decode_rate(paths: list[str], full: bool) -> tuple[float, list[np.ndarray]]:
 
 def cold_run(data: Path, work: Path, full: bool, tag: str) -> dict:
     out, cache = work / f"run-{tag}", Path(tempfile.mkdtemp(prefix="tk-photos-cache-"))
-    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(cache), "TRANSFERKIT_SCAN_CACHE": "off",
-           "FULL": "1" if full else "0"}
+    env = cold_env(cache, FULL="1" if full else "0")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", RUN, str(data), str(out)], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

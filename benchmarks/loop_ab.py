@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import cold_env, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 HEAD_SRC = Path(__file__).resolve().parents[1] / "src"
 RUNS = {  # name -> TrainConfig options (the tutorial recipe, no search)
@@ -60,8 +60,7 @@ def export_revision(rev: str, work: Path) -> Path:
 
 
 def run_side(src: Path, options: dict, out: Path, cache: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src), "TRANSFERKIT_FEATURE_CACHE": str(cache),
-           "TRANSFERKIT_SCAN_CACHE": "off"}
+    env = cold_env(cache, PYTHONPATH=str(src))
     config = {**options, "out": str(out), "overwrite": True, "recipe": "tutorial"}
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config)], capture_output=True, text=True, env=env)
     if proc.returncode:
