@@ -1,8 +1,16 @@
-"""`transferkit cache`: what the caches hold after a run, and `clear` removing transferkit's entries only."""
+"""`transferkit cache`: what the caches hold after a run, and `clear` removing transferkit's entries only; the size
+cap over the caches that grow with the data (TRANSFERKIT_CACHE_MAX)."""
 
-from transferkit import cli
+import logging
+import os
+
+import torch
+
+from transferkit import caches, cli
 from transferkit.config import TrainConfig
 from transferkit.data import scan_record
+from transferkit.engine.features import FeatureStore, View, cached_features
+from transferkit.preprocessing import Preprocessing
 from transferkit.search import train
 from conftest import make_image_folder
 
@@ -15,7 +23,7 @@ def _run(data, out):
 def _sizes(capsys) -> dict[str, tuple[float, int]]:
     assert cli.main(["cache"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:] if line and not line.startswith(" ")]
-    return {row[0]: (float(row[1]), int(row[3])) for row in rows}
+    return {row[0]: (float(row[1]), int(row[3])) for row in rows if row[0] in caches.NAMES}
 
 
 def test_cache_lists_a_runs_caches_and_clear_removes_only_transferkits_entries(tmp_path, monkeypatch, capsys):
@@ -54,3 +62,78 @@ def test_cache_names_are_checked(capsys):
     assert cli.main(["cache", "clear", "everything"]) == 2
     assert "unknown cache everything" in capsys.readouterr().err
     assert cli.main(["cache", "list", "features"]) == 2
+
+
+def _age(paths, seconds: float = 3600) -> None:
+    for path in paths:
+        info = path.stat()
+        os.utime(path, (info.st_atime - seconds, info.st_mtime - seconds))
+
+
+def test_the_size_cap_evicts_the_least_recently_used_features_and_records_never_a_runs_own(
+        tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setenv(scan_record.CACHE_ENV, str(tmp_path / "scans"))
+    monkeypatch.setattr(scan_record, "RACY_S", 0.0)
+    first = make_image_folder(tmp_path / "first", n_train=6, n_val=2, size=40, seed=1)
+    second = make_image_folder(tmp_path / "second", n_train=6, n_val=2, size=40, seed=2)
+    before = _run(first, tmp_path / "run1")
+    old = caches.capped_entries()
+    assert any(p.suffix == ".safetensors" for _, _, p in old) and any(p.suffix == ".npz" for _, _, p in old)
+    _age([p for _, _, p in old])  # the first folder's run was an hour ago
+    one_run = sum(size for _, size, _ in old)
+    monkeypatch.setenv(caches.CAP_ENV, str(int(1.5 * one_run)))  # room for one run's entries, not two
+
+    _run(second, tmp_path / "run2")
+    now = {p for _, _, p in caches.capped_entries()}
+    evicted = [p for _, _, p in old if p not in now]
+    assert evicted and sum(size for _, size, _ in caches.capped_entries()) <= 1.5 * one_run
+    assert all(not p.with_suffix(".json").exists() for p in evicted if p.name.startswith("shard-"))
+    assert len(now) > len(old) - len(evicted)  # the second run's own entries all stayed
+
+    assert cli.main(["cache"]) == 0
+    assert f"cap {1.5 * one_run / 1e6:.1f} MB ({caches.CAP_ENV})" in capsys.readouterr().out
+
+    with caplog.at_level(logging.WARNING):
+        again = _run(first, tmp_path / "run3")  # what was evicted is computed again, with no warning
+    assert again["best_val_acc"] == before["best_val_acc"] and "damaged" not in caplog.text
+
+
+def test_a_run_over_the_cap_keeps_its_own_features_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(caches.CAP_ENV, "1K")
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=40)
+    with caplog.at_level(logging.WARNING):
+        _run(data, tmp_path / "run")
+    assert "over their cap of 0.0 MB" in caplog.text
+    assert any(p.suffix == ".safetensors" for _, _, p in caches.capped_entries())
+
+
+def test_features_evicted_under_an_open_store_are_computed_again(tmp_path, caplog):
+    images = make_image_folder(tmp_path / "data", n_train=3, n_val=0, size=32)
+    paths = sorted(str(p) for p in (images / "train").rglob("*.png"))
+    pre = Preprocessing(resize_size=32, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+    calls = []
+
+    def extract(x):
+        calls.append(len(x))
+        return x.float().mean(dim=(2, 3))
+
+    (tmp_path / "cache" / "0123456789abcdef0123").mkdir(parents=True)
+    store = FeatureStore(tmp_path / "cache" / "0123456789abcdef0123")
+    first, ok, _ = cached_features(extract, store, paths, [View(0)], pre)
+    assert all(ok) and sum(calls) == len(paths)
+    for path in store.shard_paths(store.index):  # another run's size cap, while this store is open
+        caches._evict(path)
+    with caplog.at_level(logging.WARNING):
+        again, _, stats = cached_features(extract, store, paths, [View(0)], pre)
+    assert stats["computed"] == len(paths) and torch.equal(again, first) and not caplog.text
+
+    real_get, failures = store.get, [KeyError("shard gone")]
+
+    def get_once_failing(keys):  # evicted between the check and the read
+        if failures:
+            raise failures.pop()
+        return real_get(keys)
+
+    store.get = get_once_failing
+    third, _, _ = cached_features(extract, store, paths, [View(0)], pre)
+    assert torch.equal(third, first)

@@ -187,3 +187,19 @@ def test_program_skips_the_teardown_but_not_what_an_exit_owes(tmp_path):
     profiled = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "transferkit", "models"],
                               capture_output=True, text=True, timeout=120)
     assert profiled.returncode == 0 and stats.stat().st_size > 0
+
+
+def test_a_reader_that_closed_the_pipe_ends_the_command_quietly():
+    # `transferkit models | head -2`: the reader went away before the listing was written; was a traceback.
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the command writes anything: its first write fails, every time
+    try:
+        proc = subprocess.run([sys.executable, "-m", "transferkit", "models"], stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == cli.EXIT_CLOSED_PIPE and proc.stderr == b""

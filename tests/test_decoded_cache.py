@@ -274,12 +274,14 @@ def test_the_size_cap_evicts_least_recently_used_shards_but_never_this_runs(tmp_
     monkeypatch.setenv("TRANSFERKIT_CACHE_MAX", "20K")  # room for one store of 4 × 64×64×3, not two
     new = open_store(tmp_path / "cache", PRE)
     keys, stats = decode_missing(new, paths, None, PRE)
-    assert stats["evicted_shards"] == 1 and not list(old.root.glob("shard-*"))
-    assert stats["cache_bytes"] == stats["store_bytes"] == 4 * 64 * 64 * 3 and stats["cache_cap_bytes"] == 20 * 1024
+    assert stats["evicted_entries"] == 1 and not list(old.root.glob("shard-*"))
+    index_bytes = sum(p.stat().st_size for p in new.root.glob("shard-*.json"))  # counted with their shards
+    assert stats["store_bytes"] == 4 * 64 * 64 * 3 and stats["cache_bytes"] == stats["store_bytes"] + index_bytes
+    assert stats["cache_cap_bytes"] == 20 * 1024
     monkeypatch.setenv("TRANSFERKIT_CACHE_MAX", "1K")  # smaller than this run's own images: kept, said
     with caplog.at_level(logging.WARNING):
         _, stats = decode_missing(open_store(tmp_path / "cache", PRE), paths, None, PRE)
-    assert stats["evicted_shards"] == 0 and stats["hits"] == 4 and "over its cap" in caplog.text
+    assert stats["evicted_entries"] == 0 and stats["hits"] == 4 and "over their cap" in caplog.text
 
 
 def test_decoded_pixels_are_writable_so_torch_wraps_them_without_a_warning(tmp_path):

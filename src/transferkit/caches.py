@@ -9,13 +9,18 @@ cleared finds its entries missing and computes them again.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import shards
 from .models.weights import cache_dir
+
+log = logging.getLogger(__name__)
 
 FEATURES_ENV = "TRANSFERKIT_FEATURE_CACHE"
 _STORE = re.compile(r"[0-9a-f]{20}")  # engine/features.py and data/decoded.py name their stores so
@@ -24,10 +29,17 @@ _RECORD = re.compile(r"[0-9a-f]{24}\.npz")  # data/scan_record.py
 DECODED_DIR = "decoded"  # data/decoded.py's stores
 ENGINES_DIR = "engines"  # engine/features.py's exported frozen parts and engine choices
 DEPTHWISE_FILE = "depthwise-grads.json"  # engine/depthwise.py's per-machine choice, listed with the engines
+FEATURE_SUFFIX = ".safetensors"  # a feature store's shards (engine/features.py)
+DECODED_SUFFIX = ".u8"  # a decoded-image store's shards (data/decoded.py)
+# The size cap over the caches that grow with the data (features, decoded images, scan records); engines and
+# weights are a few MB per backbone and never evicted.
+CAP_ENV = "TRANSFERKIT_CACHE_MAX"
+DEFAULT_CAP_FRACTION = 0.25  # of the space the capped caches may use: their own size + the disk's free space
+RECENT_SECONDS = 600  # entries used this recently are never evicted: another run may be about to read them
 DERIVED = ("features", "decoded", "engines", "scans")  # what `cache clear` clears when no name is given
 NAMES = DERIVED + ("weights",)
 WHAT = {"features": "backbone features and activations of images",
-        "decoded": "decoded images for fine-tuning epochs (capped by TRANSFERKIT_CACHE_MAX)",
+        "decoded": "decoded images for fine-tuning epochs",
         "engines": "frozen parts exported to ONNX, and this machine's engine choices",
         "scans": "what the data scan found about each file (TRANSFERKIT_SCAN_CACHE)",
         "weights": "pretrained weights converted to safetensors"}
@@ -89,3 +101,86 @@ def _size(path: Path) -> int:
         return path.lstat().st_size
     except OSError:
         return 0
+
+
+# ---- the size cap: least recently used entries go first ------------------------------------------------------------
+
+
+def cache_cap(root: Path, used: int) -> int:
+    """The capped caches' size cap in bytes: TRANSFERKIT_CACHE_MAX (bytes, or with K/M/G/T), else
+    DEFAULT_CAP_FRACTION of what they may use (their size now + the free space of `root`'s disk)."""
+    text = os.environ.get(CAP_ENV, "").strip()
+    if text:
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+        scale = units.get(text[-1].upper(), 1)
+        try:
+            return int(float(text[:-1] if scale > 1 else text) * scale)
+        except ValueError:
+            from .errors import UsageError
+
+            raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}") from None
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return 1 << 62  # unknown: no cap
+    return int(DEFAULT_CAP_FRACTION * (used + free))
+
+
+def capped_entries(root: Path | None = None) -> list[tuple[float, int, Path]]:
+    """(last use, bytes, path) of every entry the cap counts: feature and decoded-image shards under the feature
+    cache `root` (default feature_root()), and scan records. A shard's index entry is counted with its data."""
+    from .data.scan_record import records_folder
+
+    root = feature_root() if root is None else Path(root)
+    files = [p for store in _named(root, _STORE) for p in store.glob(f"shard-*{FEATURE_SUFFIX}")]
+    files += [p for store in _named(root / DECODED_DIR, _STORE) for p in store.glob(f"shard-*{DECODED_SUFFIX}")]
+    scans = records_folder()
+    files += _named(scans, _RECORD) if scans else []
+    entries = []
+    for path in files:
+        try:
+            info = path.stat()
+            size = info.st_size + (path.with_suffix(".json").stat().st_size if path.name.startswith("shard-") else 0)
+        except OSError:  # evicted or dropped by another run meanwhile
+            continue
+        entries.append((info.st_mtime, size, path))
+    return entries
+
+
+def evict_to_cap(root: Path | None = None, keep: set[Path] = frozenset()) -> dict:
+    """Delete the least recently used capped entries (capped_entries) until they are under the cap; never those
+    in `keep` (what the calling run uses now) or used in the last RECENT_SECONDS. Stats for the run's record."""
+    root = feature_root() if root is None else Path(root)
+    entries = capped_entries(root)
+    used = sum(size for _, size, _ in entries)
+    cap = cache_cap(root, used)
+    evicted, freed, now = 0, 0, time.time()
+    for mtime, size, path in sorted(entries):
+        if used - freed <= cap:
+            break
+        if path in keep or now - mtime < RECENT_SECONDS:
+            continue
+        _evict(path)
+        evicted, freed = evicted + 1, freed + size
+    if used - freed > cap:
+        log.warning("transferkit's caches hold %.1f MB, over their cap of %.1f MB (%s), in entries in use",
+                    (used - freed) / 1e6, cap / 1e6, CAP_ENV)
+    elif evicted:
+        log.info("caches: %d least recently used entries evicted (%.1f MB) to stay under %.1f MB (%s)",
+                 evicted, freed / 1e6, cap / 1e6, CAP_ENV)
+    return {"cache_bytes": used - freed, "cache_cap_bytes": cap, "evicted_entries": evicted}
+
+
+def _evict(path: Path) -> None:
+    if path.name.startswith("shard-"):  # data first, then its index entry (shards.py)
+        shards.drop(path.parent, path.name[: -len(path.suffix)], path.suffix)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def touch(path: Path) -> None:
+    """Mark a capped entry used now: the least recently used are evicted first."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: it is simply not evicted by recency
+        pass

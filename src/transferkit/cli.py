@@ -23,6 +23,7 @@ log = logging.getLogger("transferkit")
 EXIT_USAGE = 2
 EXIT_CHECK_FAILED = 9  # data check --strict: train/val leakage or cross-class duplicates
 EXIT_INTERRUPTED = 130
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a program killed by it (`yes | head`)
 # Installed by the `train` extra only (pyproject.toml); the base install predicts with ONNX Runtime.
 TRAIN_EXTRA_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn", "matplotlib", "tqdm", "onnx",
                        "onnxscript"}
@@ -291,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("transferkit: interrupted\n")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `transferkit models | head`: the reader is gone, so is what was left to print
+        # The standard output points at /dev/null from here, so no later flush (the exit's) fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE
     except ModuleNotFoundError as exc:  # a deployment install (no torch) asked for a training command
         if (exc.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
@@ -550,7 +555,7 @@ def _add_cache_command(sub) -> None:
 
 
 def cmd_cache(args) -> int:
-    from .caches import DERIVED, NAMES, WHAT, caches
+    from .caches import CAP_ENV, DERIVED, NAMES, WHAT, cache_cap, caches, capped_entries, feature_root
     from .errors import UsageError
 
     unknown = sorted(set(args.names) - set(NAMES))
@@ -567,6 +572,10 @@ def cmd_cache(args) -> int:
     for name, cache in found.items():
         print(f"{name:<10}{cache.size / 1e6:>7.1f} MB  {len(cache.entries):>7}  {cache.folder}\n"
               f"{'':<31}{WHAT[name]}")
+    used = sum(size for _, size, _ in capped_entries())
+    how = CAP_ENV if os.environ.get(CAP_ENV, "").strip() else f"{CAP_ENV} unset: a quarter of their size + the free disk"
+    print(f"\nfeatures, decoded and scans: {used / 1e6:.1f} MB, cap {cache_cap(feature_root(), used) / 1e6:.1f} MB "
+          f"({how})\n{'':<31}the least recently used entries are evicted first")
     return 0
 
 

@@ -12,6 +12,7 @@ preprocessing gets its own folder; images are keyed by their file's sha256, so a
 again alone. Shards are written and checked as in shards.py: a shard of the wrong size, without its json,
 or holding an image whose crc32 differs from the one recorded at write time is dropped and its images
 are decoded again (decode_missing verifies every image a run asks for before it decides what to decode).
+The store counts towards the caches' size cap (caches.evict_to_cap, TRANSFERKIT_CACHE_MAX).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 import zlib
@@ -32,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .. import shards
-from ..caches import DECODED_DIR
+from ..caches import DECODED_DIR, DECODED_SUFFIX, evict_to_cap, touch
 from ..engine import signals
 from ..engine.progress import progress
 from ..io import atomic_write_json
@@ -44,11 +44,8 @@ from .transforms import resize_shorter
 log = logging.getLogger(__name__)
 STORE_VERSION = 4  # 2: checksummed shards; 3: own resolution when smaller, grey as one channel;
 # 4: large JPEGs decoded at a reduced DCT scale (data/images.py DRAFT_MARGIN)
-SUFFIX = ".u8"
+SUFFIX = DECODED_SUFFIX
 SHARD_BYTES = 1 << 28  # a new shard every 256 MiB: the unit an interrupted build keeps and eviction drops
-CAP_ENV = "TRANSFERKIT_CACHE_MAX"
-DEFAULT_CAP_FRACTION = 0.25  # of the space the store may use: its own size + the free disk
-RECENT_SECONDS = 600  # shards used this recently are never evicted: another run may be about to read them
 MAX_LISTED = 20  # failed files named in the warning
 
 
@@ -133,7 +130,7 @@ class DecodedStore:
             # Copy-on-write: a transform writing in place could never reach the file, and torch does
             # not warn about wrapping a read-only array.
             self._maps[shard] = np.memmap(path, dtype=np.uint8, mode="c")
-            _touch(path)  # least recently used shards are evicted first
+            touch(path)  # least recently used shards are evicted first (caches.evict_to_cap)
         return self._maps[shard][offset:offset + height * width * channels]
 
     def nbytes(self) -> int:
@@ -274,7 +271,8 @@ def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str
     keys = [k if k in store else None for k in keys]
     failed = [p for p, k in zip(paths, keys) if k is None]
     warn_undecodable({p: store.errors.get(p, "cannot be read") for p in failed})
-    evicted = evict_to_cap(store.root.parent, keep={store.index[k][0] for k in keys if k is not None})
+    in_use = {store.root / f"{store.index[k][0]}{SUFFIX}" for k in keys if k is not None}
+    evicted = evict_to_cap(store.root.parent.parent, keep=in_use)
     stats = {"hits": hits, "decoded": store.decoded, "failed": len(failed),
              "seconds": round(time.perf_counter() - t0, 3), "store_bytes": store.nbytes(), **evicted}
     log.info("decoded-image cache: %.1f MB for %d images here (%s)", stats["store_bytes"] / 1e6, len(store.index),
@@ -290,60 +288,6 @@ def warn_undecodable(failed: dict[str, str]) -> None:
     if len(failed) > MAX_LISTED:
         listed += f"\n  ... and {len(failed) - MAX_LISTED} more"
     log.warning("%d image(s) could not be decoded and are left out of training:\n  %s", len(failed), listed)
-
-
-def cache_cap(base: Path, used: int) -> int:
-    """The decoded store's size cap in bytes: TRANSFERKIT_CACHE_MAX (bytes, or with K/M/G/T), else
-    DEFAULT_CAP_FRACTION of what the store may use (its size now + the disk's free space)."""
-    text = os.environ.get(CAP_ENV, "").strip()
-    if text:
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-        scale = units.get(text[-1].upper(), 1)
-        try:
-            return int(float(text[:-1] if scale > 1 else text) * scale)
-        except ValueError:
-            from ..errors import UsageError
-
-            raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}") from None
-    try:
-        free = shutil.disk_usage(base).free
-    except OSError:
-        return 1 << 62  # unknown: no cap
-    return int(DEFAULT_CAP_FRACTION * (used + free))
-
-
-def evict_to_cap(base: Path, keep: set[str]) -> dict:
-    """Delete the least recently used shards under BASE/decoded/* (any preprocessing) until the total is
-    under the cap; never those in `keep` (this run's) or used in the last RECENT_SECONDS."""
-    shards_now = []
-    for path in Path(base).glob(f"*/shard-*{SUFFIX}"):
-        try:
-            info = path.stat()
-        except OSError:  # evicted by another run meanwhile
-            continue
-        shards_now.append((info.st_mtime, info.st_size, path))
-    used = sum(size for _, size, _ in shards_now)
-    cap = cache_cap(Path(base), used)
-    evicted, freed = 0, 0
-    now = time.time()
-    for mtime, size, path in sorted(shards_now):
-        if used - freed <= cap:
-            break
-        if path.stem in keep or now - mtime < RECENT_SECONDS:
-            continue
-        shards.drop(path.parent, path.stem, SUFFIX)
-        evicted, freed = evicted + 1, freed + size
-    if used - freed > cap:
-        log.warning("decoded-image cache %s holds %.1f MB, over its cap of %.1f MB (%s), in shards in use",
-                    base, (used - freed) / 1e6, cap / 1e6, CAP_ENV)
-    return {"cache_bytes": used - freed, "cache_cap_bytes": cap, "evicted_shards": evicted}
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:  # a read-only cache: it is simply not evicted by recency
-        pass
 
 
 def content_sha256(path: str, digests: dict[str, str] | None) -> str | None:

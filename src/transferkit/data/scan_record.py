@@ -15,8 +15,9 @@ the same clock tick could leave its times as they were (git's "racily clean" ent
 The record of a folder is one .npz file per data root (the root's resolved path names it) under
 TRANSFERKIT_SCAN_CACHE (default: the transferkit cache's scans/; "off" turns recording off), written
 atomically, about 1.1 KB per image (the 32×32 fingerprint thumbnail is most of it). The KEEP_RECORDS most
-recently used are kept. A record that cannot be read, or was made by another Pillow or other scan settings,
-is set aside with one line at debug level and rewritten: it only ever saves time.
+recently used are kept, and they count towards the caches' size cap (caches.evict_to_cap). A record that cannot be
+read, or was made by another Pillow or other scan settings, is set aside with one line at debug level and
+rewritten: it only ever saves time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import PIL
 from PIL import Image
 
 from transferkit.data.fingerprint import NEAR_SEARCH_FROM, SAME_PICTURE_CORRELATION, THUMB_SIDE, Fingerprint
+from transferkit.caches import evict_to_cap
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ class ScanRecord:
         try:
             self._write(keep, rel_pairs)
             self._prune()
+            evict_to_cap(keep={self.path})  # records count towards the caches' size cap
         except (OSError, TransferkitError) as exc:  # a read-only or full cache disk: the scan is done all the same
             logger.debug("scan record %s not written: %s", self.path, exc)
 

@@ -28,7 +28,7 @@ from ..data.decoded import (DecodedStore, content_sha256, decode_missing, failur
 from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
-from ..caches import ENGINES_DIR
+from ..caches import ENGINES_DIR, FEATURE_SUFFIX, evict_to_cap, touch
 from ..caches import feature_root as cache_root  # where feature stores live, and decoded/ and engines/ beside them
 from ..io import atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
@@ -40,7 +40,7 @@ from .runtime import EXPORT_VERSION
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # 2: random views are cropped from the decoded-image store; 3: checksummed shards;
 # 4: large JPEGs decoded at a reduced DCT scale (data/images.py DRAFT_MARGIN)
-SUFFIX = ".safetensors"
+SUFFIX = FEATURE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,8 @@ class FeatureStore:
     Each shard's json index entry records its keys, size and sha256 (shards.py); a shard is checked when
     it is first read, and a damaged or foreign one is dropped, so its keys read as missing and the caller
     recomputes them. `verify(keys)` does that for the shards holding `keys` and warns once about what it
-    dropped; cached_features calls it before deciding what to compute."""
+    dropped; cached_features calls it before deciding what to compute. A shard whose data file is
+    gone was evicted (caches.evict_to_cap) or dropped by another run: its keys read as missing, without a warning."""
 
     def __init__(self, root: Path, onnx_path: Path | None = None):
         self.root = Path(root)
@@ -187,10 +188,14 @@ class FeatureStore:
     def _load(self, name: str) -> torch.Tensor | None:
         """The shard's tensor, read and checked; None (and dropped) where damaged."""
         entry = self._entries[name]
+        path = self.root / f"{name}{SUFFIX}"
         try:
-            blob = (self.root / f"{name}{SUFFIX}").read_bytes()
+            blob = path.read_bytes()
+        except FileNotFoundError:  # evicted by the size cap, or dropped by another run (which said so)
+            return self._forget(name)
         except OSError as exc:
             return self._drop(name, f"unreadable ({exc.strerror or exc})")
+        touch(path)  # least recently used shards are evicted first
         if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
             return self._drop(name, "checksum mismatch")
         try:
@@ -204,10 +209,18 @@ class FeatureStore:
     def _drop(self, name: str, why: str) -> None:
         self.damaged.append((name, why))
         shards.drop(self.root, name, SUFFIX)
+        return self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        """Take shard `name` out of the index: its keys read as missing."""
         for key in self._entries.pop(name)["keys"]:
             if self.index.get(key, (None,))[0] == name:
                 del self.index[key]
         return None
+
+    def shard_paths(self, keys) -> set[Path]:
+        """The data files holding `keys` (those in the index)."""
+        return {self.root / f"{self.index[k][0]}{SUFFIX}" for k in keys if k in self.index}
 
     def put(self, keys: list[str], features: torch.Tensor) -> None:
         if not keys:
@@ -264,10 +277,26 @@ def cached_features(
 
     Only what is not in the store is computed. `digests` are the files' sha256 where the caller already
     has them (the data scan hashes every file); others are hashed here. Returns stats: hits, computed,
-    skipped, seconds. With `sharding` (engine/distributed.py) each rank computes its share of the
-    missing images, then sees every rank's."""
+    skipped, seconds, and the caches' size against their cap (caches.evict_to_cap, run after the features are
+    read: never evicting this call's). With `sharding` (engine/distributed.py) each rank computes its share of
+    the missing images, then sees every rank's."""
     sha = {p: content_sha256(p, digests) for p in paths}  # None: the file cannot be read any more
     keys = [[f"{sha[p]}|{v.key}" for v in views] if sha[p] else [] for p in paths]
+    flat_keys = [k for row in keys for k in row]
+    for attempt in range(3):
+        try:
+            features, ok, stats = _features_once(extract, store, paths, views, keys, sha, pre, batch_size, workers,
+                                                 desc, sharding)
+            break
+        except KeyError as exc:  # a shard evicted by another run, or damaged, between the check and the read
+            if attempt == 2:
+                raise
+            log.info("feature cache: %s; computing those features again", exc)
+    stats.update(evict_to_cap(store.root.parent, keep=store.shard_paths(flat_keys)))
+    return features, ok, stats
+
+
+def _features_once(extract, store, paths, views, keys, sha, pre, batch_size, workers, desc, sharding):
     store.verify([k for row in keys for k in row])  # damaged shards drop out here and are recomputed
     todo = [(p, [(v, k) for v, k in zip(views, row) if k not in store]) for p, row in zip(paths, keys) if row]
     todo = [(p, missing) for p, missing in todo if missing]
@@ -286,8 +315,7 @@ def cached_features(
     if not good_keys:
         return None, ok, stats
     flat = store.get([k for row in good_keys for k in row])
-    features = flat.reshape(len(good_keys), len(views), *flat.shape[1:])
-    return features, ok, stats
+    return flat.reshape(len(good_keys), len(views), *flat.shape[1:]), ok, stats
 
 
 def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) -> None:
