@@ -36,6 +36,7 @@ DECODED_SUFFIX = ".u8"  # a decoded-image store's shards (data/decoded.py)
 CAP_ENV = "TRANSFERKIT_CACHE_MAX"
 DEFAULT_CAP_FRACTION = 0.25  # of the space the capped caches may use: their own size + the disk's free space
 RECENT_SECONDS = 600  # entries used this recently are never evicted: another run may be about to read them
+_over_cap_said: set[Path] = set()  # feature cache roots whose being over the cap was said in this process
 DERIVED = ("features", "decoded", "engines", "scans")  # what `cache clear` clears when no name is given
 NAMES = DERIVED + ("weights",)
 WHAT = {"features": "backbone features and activations of images",
@@ -163,8 +164,11 @@ def evict_to_cap(root: Path | None = None, keep: set[Path] = frozenset()) -> dic
         _evict(path)
         evicted, freed = evicted + 1, freed + size
     if used - freed > cap:
-        log.warning("transferkit's caches hold %.1f MB, over their cap of %.1f MB (%s), in entries in use",
-                    (used - freed) / 1e6, cap / 1e6, CAP_ENV)
+        # Once a process and cache: a search checks the cap after each of its extractions.
+        log.log(logging.DEBUG if root in _over_cap_said else logging.WARNING,
+                "transferkit's caches hold %.1f MB, over their cap of %.1f MB (%s), in entries in use",
+                (used - freed) / 1e6, cap / 1e6, CAP_ENV)
+        _over_cap_said.add(root)
     elif evicted:
         log.info("caches: %d least recently used entries evicted (%.1f MB) to stay under %.1f MB (%s)",
                  evicted, freed / 1e6, cap / 1e6, CAP_ENV)
