@@ -669,6 +669,7 @@ def test_a_probe_fitted_on_part_of_the_images_says_what_all_of_them_would_take(m
     monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, s: 0.01)  # per image and view
     monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, s: 0.001 * len(ctx.scan.train))
     monkeypatch.setattr(search_module, "_val_pass_seconds", lambda search, ctx, s: 1.0)
+    monkeypatch.setattr(search_module, "_images_memory_holds", lambda ctx, s, n_val: 1 << 62)  # memory: no limit
     full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(10_000)], val=[])
     ctx = SimpleNamespace(scan=SimpleNamespace(train=full.train[:1000]))
     winner = Candidate("probe crop=1.0 views=flip", "probe", {"probe_views": "flip"})
@@ -692,6 +693,59 @@ def test_a_probe_fitted_on_part_of_the_images_says_what_all_of_them_would_take(m
 
     everything = Search(TrainConfig(data="d"), set(), deadline=time.perf_counter() + 1e4, t0=now)
     assert len(_grown_scan(everything, winner, ctx, full).train) == 10_000 and everything.all_images_s is None
+
+
+def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkeypatch, caplog):
+    """Time alone (a GPU's extraction, a long budget) would grow the final probe's training images past the
+    machine's memory: the growth stops where their features, the fit's copies and val's take half of it."""
+    import logging
+    import time
+    from types import SimpleNamespace
+
+    import transferkit.engine.environment as environment
+    import transferkit.search as search_module
+    from transferkit.data.folders import DataScan
+    from transferkit.search import FIT_MEMORY_COPIES, FIXED_OVERHEAD_S, MEMORY_SHARE, Candidate, Search, _grown_scan
+
+    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, s: 0.001)
+    monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, s: 0.0001 * len(ctx.scan.train))
+    monkeypatch.setattr(search_module, "_val_pass_seconds", lambda search, ctx, s: 1.0)
+    full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(10_000)],
+                    val=[(f"v{i}.png", i % 2) for i in range(500)])
+    taps = SimpleNamespace(columns=lambda stages, pooling, pixels=False: np.arange(1000 + 24 * pixels))
+    ctx = SimpleNamespace(scan=SimpleNamespace(train=full.train[:1000]), taps_for=lambda crop, size=None: taps)
+    winner = Candidate("probe crop=1.0 views=flip", "probe", {"probe_views": "flip", "crop_fraction": 1.0})
+    image_bytes = 2 * 1000 * 4  # two views of 1,000 float32 features
+    memory = (3000 * FIT_MEMORY_COPIES + 2 * 500) * image_bytes / MEMORY_SHARE  # holds 3,000 training images
+    monkeypatch.setattr(environment, "available_memory", lambda: memory)
+    now = time.perf_counter()
+    search = Search(TrainConfig(data="d"), set(), deadline=now + FIXED_OVERHEAD_S + 1e4, t0=now)  # time for all
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        grown = _grown_scan(search, winner, ctx, full)
+    assert len(grown.train) == search.subsample == 3000 and search.all_images_s is not None
+    assert "3000 of the 10000 training images (what the memory holds)" in caplog.text
+    monkeypatch.setattr(environment, "available_memory", lambda: 10 * memory)
+    assert len(_grown_scan(search, winner, ctx, full).train) == 10_000  # enough memory: time decides
+    monkeypatch.setattr(environment, "available_memory", lambda: None)  # unknown: time decides
+    assert len(_grown_scan(search, winner, ctx, full).train) == 10_000
+
+
+def test_available_memory_is_the_least_of_the_machines_and_its_cgroups(tmp_path, monkeypatch):
+    import transferkit.engine.environment as environment
+
+    assert (environment.available_memory() or 1) > 0  # this machine's
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:    2000000 kB\n")
+    monkeypatch.setattr(environment, "_MEMINFO", str(meminfo))
+    machine = 2000000 * 1024
+    limit, usage, stat = (tmp_path / name for name in ("memory.max", "memory.current", "memory.stat"))
+    usage.write_text("600000\n")
+    stat.write_text("anon 400000\ninactive_file 100000\nactive_file 100000\n")
+    monkeypatch.setattr(environment, "_CGROUPS", ((str(limit), str(usage), str(stat), "inactive_file"),))
+    limit.write_text("1000000\n")  # a container's 1 MB: its limit, less what it uses but cannot take back
+    assert environment.available_memory() == 1000000 - 600000 + 100000
+    limit.write_text("max\n")  # no limit: the machine's
+    assert environment.available_memory() == machine
 
 
 def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_for(monkeypatch):

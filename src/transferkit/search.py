@@ -81,6 +81,13 @@ COMPARED_PER_CLASS = 20
 # Share of the time left after the search that the final run's extra images may take (their extraction has no
 # deadline of its own: rates vary on a busy machine).
 GROWTH_SHARE = 0.8
+# ...and the memory they may take: the final run holds its training images' features (every view, the widest vector
+# it reads: 4,048 floats a view on lite0) and at its fit's peak ~2 copies more of them (the columns taken,
+# standardized; a throwaway fit_probe on 20,000 × 4,048 took 1.2× its features more), and the val features with
+# their predictions. The grown images are capped so that all of it stays within MEMORY_SHARE of the memory available
+# when the search ends: with a GPU's extraction rate, or a long budget on a large folder, time alone would grow an
+# 8-view probe past the machine's memory (8 views of a million images: 130 GB).
+FIT_MEMORY_COPIES, MEMORY_SHARE = 3, 0.5
 # A probe's CV (both poolings over the C grid, 3 folds) costs as much as this many fits on all of its images at
 # the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
 # 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
@@ -1040,15 +1047,35 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     val_pass = _val_pass_seconds(search, ctx, s)
     spare = (search.left() - val_pass - FIXED_OVERHEAD_S) * GROWTH_SHARE - _fit_seconds(search, ctx, s)
     per_image = _final_seconds_per_image(search, ctx, s)
-    grown = min(total, n + max(0, int(spare / per_image)))
+    by_time = n + max(0, int(spare / per_image))
+    by_memory = _images_memory_holds(ctx, s, len(full.val))
+    grown = min(total, by_time, max(n, by_memory))
     if grown < total:  # what the reproduce command takes without --train-subsample: told, so the user can choose
         search.all_images_s = total * per_image + val_pass + FIXED_OVERHEAD_S
     if grown <= n:
         return ctx.scan
     search.subsample = grown if grown < total else None
-    log.info("search: the chosen probe is fitted on %s", f"{grown} of the {total} training images (what the budget "
-             f"allows)" if grown < total else f"all {total} training images")
+    limit = "what the memory holds" if by_memory < min(total, by_time) else "what the budget allows"
+    log.info("search: the chosen probe is fitted on %s", f"{grown} of the {total} training images ({limit})"
+             if grown < total else f"all {total} training images")
     return subsample_train(full, grown, search.cfg.seed)  # the final run's --train-subsample takes the same images
+
+
+def _images_memory_holds(ctx: _Context, settings: dict, n_val: int) -> int:
+    """Training images whose features the final run of a probe with these settings can hold and fit within
+    MEMORY_SHARE of the memory available now (FIT_MEMORY_COPIES; the val images' features and predictions
+    first); unbounded where the available memory is not known."""
+    from .engine.environment import available_memory
+    from .engine.probe_train import PROBE_VIEWS
+
+    available = available_memory()
+    if available is None:
+        return 1 << 62
+    taps = ctx.taps_for(settings["crop_fraction"], settings.get("image_size"))
+    width = len(taps.columns(None, "meanmax", bool(settings.get("probe_pixels"))))
+    scales = 2 if settings.get("probe_scale") else 1  # a two-scale probe reads both sizes' vectors
+    image_bytes = len(PROBE_VIEWS[settings["probe_views"]]) * width * scales * 4  # float32
+    return max(0, int((MEMORY_SHARE * available / image_bytes - 2 * n_val) / FIT_MEMORY_COPIES))
 
 
 def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:

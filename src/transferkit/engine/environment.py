@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,52 @@ def cpu_flags() -> list[str]:
     except OSError:
         pass
     return [platform.machine()]
+
+
+_MEMINFO = "/proc/meminfo"
+# A cgroup's (container's, job scheduler's) memory limit and usage, v2 then v1, and the statistic of page cache
+# the kernel reclaims first, which usage counts but allocations can take back.
+_CGROUPS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+             "inactive_file"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+             "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: the machine's available memory (Linux: MemAvailable; elsewhere the
+    free physical pages), or less where its cgroup's limit leaves less; None where neither is known."""
+    sizes = []
+    try:
+        with open(_MEMINFO, encoding="utf-8") as fh:
+            sizes += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not sizes:
+        try:
+            sizes.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, ValueError, OSError):  # not on this system (macOS has no SC_AVPHYS_PAGES)
+            pass
+    for limit_file, usage_file, stat_file, reclaimable in _CGROUPS:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # "max", or v1's huge number: no limit
+            sizes.append(int(limit) - usage + _stat_value(stat_file, reclaimable))
+        break
+    return max(0, min(sizes)) if sizes else None
+
+
+def _stat_value(path: str, name: str) -> int:
+    try:
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def machine_key(device: torch.device) -> str:
