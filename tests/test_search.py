@@ -730,6 +730,33 @@ def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkey
     assert len(_grown_scan(search, winner, ctx, full).train) == 10_000
 
 
+def test_the_images_compared_are_as_many_as_the_memory_holds(tmp_path, monkeypatch, caplog):
+    """The probes' features in their largest view set and the CV's copies of them within half of the available
+    memory; no fewer than COMPARED_PER_CLASS a class (the budget's own floor); the search runs to a model."""
+    import logging
+    from types import SimpleNamespace
+
+    import transferkit.engine.environment as environment
+    from transferkit.search import CV_MEMORY_COPIES, MEMORY_SHARE, Search, _compared_memory_holds
+
+    taps = SimpleNamespace(columns=lambda stages, pooling, pixels=False: np.arange(1000 + 24 * pixels))
+    ctx = SimpleNamespace(taps_for=lambda crop, size=None: taps, spec=SimpleNamespace(
+        preprocessing=SimpleNamespace(crop_fraction=0.875)), small_images=False)
+    search = Search(TrainConfig(data="d"), set(), deadline=0.0, t0=0.0)  # the ladder: 2 crops, up to 8 views
+    image_bytes = (8 * (1 + CV_MEMORY_COPIES) + 1) * 1000 * 4
+    monkeypatch.setattr(environment, "available_memory", lambda: 2500 * image_bytes / MEMORY_SHARE)
+    assert _compared_memory_holds(search, ctx) == 2500
+    monkeypatch.setattr(environment, "available_memory", lambda: None)
+    assert _compared_memory_holds(search, ctx) > 10 ** 12
+
+    monkeypatch.setattr(environment, "available_memory", lambda: 1)  # holds nothing: the floor, 20 a class
+    data = make_image_folder(tmp_path / "data", n_train=30, n_val=4, size=40)
+    with caplog.at_level(logging.WARNING, logger="transferkit"):
+        metrics, record = _search(data, tmp_path / "run", budget="30s", probe_views="none")
+    assert "compared on a random 40 of the 60 training images (what the memory holds)" in caplog.text
+    assert record["compared_on_images"] == 40 and metrics["best_val_acc"] is not None
+
+
 def test_available_memory_is_the_least_of_the_machines_and_its_cgroups(tmp_path, monkeypatch):
     import transferkit.engine.environment as environment
 

@@ -88,6 +88,11 @@ GROWTH_SHARE = 0.8
 # when the search ends: with a GPU's extraction rate, or a long budget on a large folder, time alone would grow an
 # 8-view probe past the machine's memory (8 views of a million images: 130 GB).
 FIT_MEMORY_COPIES, MEMORY_SHARE = 3, 0.5
+# The images the candidates are compared on are capped the same way: the search holds their features in every view
+# and crop it extracts, and a CV's peak adds ~3.3 copies of its rows (the folds' standardized rows: a throwaway
+# cross_validate on 5,000 images × 8 views × 4,048 features took 2.2 GB beside their 0.65 GB). Binds only on long
+# budgets (4 minutes compare on 2,000 images: ~1.3 GB at 8 views).
+CV_MEMORY_COPIES = 4
 # A probe's CV (both poolings over the C grid, 3 folds) costs as much as this many fits on all of its images at
 # the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
 # 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
@@ -215,13 +220,16 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)
-        compare_on = _compared_on(budget, len(scan.classes))
+        by_budget = _compared_on(budget, len(scan.classes))
+        # no fewer than COMPARED_PER_CLASS per class, as by the budget: on fewer the comparisons say nothing
+        compare_on = min(by_budget, max(_compared_memory_holds(search, context), COMPARED_PER_CLASS * len(scan.classes)))
         if cfg.train_subsample:  # the images asked for, for the search and the final model
             if cfg.train_subsample < len(scan.train):
                 _keep_subsample(search, context, cfg.train_subsample, asked=True)
         elif len(scan.train) > compare_on:
-            log.warning("search: the recipes are compared on a random %d of the %d training images; a chosen probe "
-                        "is then fitted on as many as the budget allows", compare_on, len(scan.train))
+            log.warning("search: the recipes are compared on a random %d of the %d training images%s; a chosen probe "
+                        "is then fitted on as many as the budget allows", compare_on, len(scan.train),
+                        " (what the memory holds)" if compare_on < by_budget else "")
             _keep_subsample(search, context, compare_on, asked=True)
         search.compared_target = len(context.scan.train)
         winner, context = _search_probes(search, context)  # the context of the winner's backbone
@@ -1059,6 +1067,23 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     log.info("search: the chosen probe is fitted on %s", f"{grown} of the {total} training images ({limit})"
              if grown < total else f"all {total} training images")
     return subsample_train(full, grown, search.cfg.seed)  # the final run's --train-subsample takes the same images
+
+
+def _compared_memory_holds(search: Search, ctx: _Context) -> int:
+    """Training images the probes can be compared on within MEMORY_SHARE of the memory available now: their features
+    in the ladder's largest view set (and one view of every other crop), the widest vector, and the CV's copies
+    (CV_MEMORY_COPIES); unbounded where the available memory is not known."""
+    from .engine.environment import available_memory
+    from .engine.probe_train import PROBE_VIEWS
+
+    available = available_memory()
+    if available is None:
+        return 1 << 62
+    crops, view_sets = _probe_ladder(search, ctx)
+    views = max(len(PROBE_VIEWS[v]) for v in view_sets)
+    width = len(ctx.taps_for(crops[0]).columns(None, "meanmax", _tries_pixels(search, ctx)))
+    image_bytes = (views * (1 + CV_MEMORY_COPIES) + len(crops) - 1) * width * 4  # float32
+    return max(1, int(MEMORY_SHARE * available / image_bytes))
 
 
 def _images_memory_holds(ctx: _Context, settings: dict, n_val: int) -> int:
