@@ -137,3 +137,11 @@ def test_features_evicted_under_an_open_store_are_computed_again(tmp_path, caplo
     store.get = get_once_failing
     third, _, _ = cached_features(extract, store, paths, [View(0)], pre)
     assert torch.equal(third, first)
+
+
+def test_a_cap_that_is_not_a_size_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(caches.CAP_ENV, "lots")
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=40)
+    assert cli.main(["train", str(data), "--out", str(tmp_path / "run")]) == 2
+    assert "TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not caches.capped_entries()  # nothing scanned, extracted or written

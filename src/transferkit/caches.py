@@ -107,19 +107,28 @@ def _size(path: Path) -> int:
 # ---- the size cap: least recently used entries go first ------------------------------------------------------------
 
 
-def cache_cap(root: Path, used: int) -> int:
-    """The capped caches' size cap in bytes: TRANSFERKIT_CACHE_MAX (bytes, or with K/M/G/T), else
-    DEFAULT_CAP_FRACTION of what they may use (their size now + the free space of `root`'s disk)."""
+def cap_setting() -> int | None:
+    """TRANSFERKIT_CACHE_MAX in bytes (a number, or with K/M/G/T), None where unset; a UsageError where it is not
+    a size (`train` checks it before any work, not at its first extraction's end)."""
     text = os.environ.get(CAP_ENV, "").strip()
-    if text:
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-        scale = units.get(text[-1].upper(), 1)
-        try:
-            return int(float(text[:-1] if scale > 1 else text) * scale)
-        except ValueError:
-            from .errors import UsageError
+    if not text:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    scale = units.get(text[-1].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        from .errors import UsageError
 
-            raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}") from None
+        raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}") from None
+
+
+def cache_cap(root: Path, used: int) -> int:
+    """The capped caches' size cap in bytes: TRANSFERKIT_CACHE_MAX, else DEFAULT_CAP_FRACTION of what they may use
+    (their size now + the free space of `root`'s disk)."""
+    asked = cap_setting()
+    if asked is not None:
+        return asked
     try:
         free = shutil.disk_usage(root).free
     except OSError:

@@ -183,12 +183,14 @@ class Search:
 def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
     """The one entry for training: the search for --recipe auto, else the configured run (engine/fit.py).
     `given`: the options set explicitly (each fixes its piece of the recipe)."""
+    from .caches import cap_setting
     from .engine.fit import fit, refuse_to_overwrite
     from .models.adapt import check_freeze
     from .models.registry import get_spec
 
     if not resume:  # what can be refused is refused before any search time is spent
         cfg.validate()
+        cap_setting()
         check_freeze(get_spec(cfg.model), cfg.mode, cfg.unfreeze)
         if cfg.out:
             refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
