@@ -402,9 +402,13 @@ def _print_train_summary(m: dict) -> None:
         print(f"recipe search: chose {m['search']['chosen']} ({m['search']['wall_seconds']:.0f}s in all; "
               f"every candidate in search.json); the same run without the search:")
         print(f"  {m['search']['reproduce']}")
-        if m["search"].get("train_subsample") and m["search"].get("all_images_seconds_estimate"):
+        subsample, needs = m["search"].get("train_subsample"), m["search"].get("all_images_memory_bytes_estimate")
+        if subsample and needs:
+            print(f"  the memory held the features of {subsample} training images; without --train-subsample that "
+                  f"command needs about {needs / 1e9:.1f} GB of memory for all of them")
+        elif subsample and m["search"].get("all_images_seconds_estimate"):
             all_minutes = max(1, round(m["search"]["all_images_seconds_estimate"] / 60))
-            print(f"  the budget fitted the model on {m['search']['train_subsample']} training images; without "
+            print(f"  the budget fitted the model on {subsample} training images; without "
                   f"--train-subsample that command fits all of them in about {all_minutes} min")
     print(f"run folder: {m['run_dir']}")
 

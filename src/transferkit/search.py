@@ -153,6 +153,7 @@ class Search:
     cv_repeats: int = 1  # 3-fold splits the last probe CV pooled (engine/probe.py cv_repeats): search.json
     all_images_s: float | None = None  # estimated seconds of the chosen probe's run on every training image, where
     # the budget fitted it on fewer
+    all_images_bytes: int | None = None  # and the memory that run needs, where the memory held fewer (_grown_scan)
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -1062,10 +1063,13 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
     grown = min(total, by_time, max(n, by_memory))
     if grown < total:  # what the reproduce command takes without --train-subsample: told, so the user can choose
         search.all_images_s = total * per_image + val_pass + FIXED_OVERHEAD_S
+    memory_bound = by_memory < min(total, by_time)
+    if memory_bound:  # and the memory it needs, where that is what stopped the growth
+        search.all_images_bytes = (total * FIT_MEMORY_COPIES + 2 * len(full.val)) * _final_image_bytes(ctx, s)
     if grown <= n:
         return ctx.scan
     search.subsample = grown if grown < total else None
-    limit = "what the memory holds" if by_memory < min(total, by_time) else "what the budget allows"
+    limit = "what the memory holds" if memory_bound else "what the budget allows"
     log.info("search: the chosen probe is fitted on %s", f"{grown} of the {total} training images ({limit})"
              if grown < total else f"all {total} training images")
     return subsample_train(full, grown, search.cfg.seed)  # the final run's --train-subsample takes the same images
@@ -1093,16 +1097,21 @@ def _images_memory_holds(ctx: _Context, settings: dict, n_val: int) -> int:
     MEMORY_SHARE of the memory available now (FIT_MEMORY_COPIES; the val images' features and predictions
     first); unbounded where the available memory is not known."""
     from .engine.environment import available_memory
-    from .engine.probe_train import PROBE_VIEWS
 
     available = available_memory()
     if available is None:
         return 1 << 62
+    return max(0, int((MEMORY_SHARE * available / _final_image_bytes(ctx, settings) - 2 * n_val) / FIT_MEMORY_COPIES))
+
+
+def _final_image_bytes(ctx: _Context, settings: dict) -> int:
+    """The features of one image in the final run of a probe with these settings: every view, the widest vector."""
+    from .engine.probe_train import PROBE_VIEWS
+
     taps = ctx.taps_for(settings["crop_fraction"], settings.get("image_size"))
     width = len(taps.columns(None, "meanmax", bool(settings.get("probe_pixels"))))
     scales = 2 if settings.get("probe_scale") else 1  # a two-scale probe reads both sizes' vectors
-    image_bytes = len(PROBE_VIEWS[settings["probe_views"]]) * width * scales * 4  # float32
-    return max(0, int((MEMORY_SHARE * available / image_bytes - 2 * n_val) / FIT_MEMORY_COPIES))
+    return len(PROBE_VIEWS[settings["probe_views"]]) * width * scales * 4  # float32
 
 
 def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:
@@ -1447,6 +1456,7 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
         "extraction_images_per_second": search.rate,
         "train_subsample": search.subsample,
         "all_images_seconds_estimate": search.all_images_s,
+        "all_images_memory_bytes_estimate": search.all_images_bytes,
         "compared_on_images": search.compared_on,
         "stopped": search.stopped,
         "selection": f"3-fold CV on train (probes{_repeats_text(search.cv_repeats)}); an inner 20% hold-out of train "
@@ -1465,7 +1475,7 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
 def _write_search(search: Search, winner: Candidate, final: TrainConfig, metrics: dict) -> None:
     record = _save_search_record(search, winner, final, metrics)
     metrics["search"] = {k: record[k] for k in ("chosen", "reproduce", "wall_seconds", "train_subsample",
-                                                 "all_images_seconds_estimate")}
+                                                 "all_images_seconds_estimate", "all_images_memory_bytes_estimate")}
     from .results.report import write_report
 
     write_report(final.out, announce=False)  # again, now with the Search section

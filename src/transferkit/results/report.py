@@ -377,11 +377,15 @@ def _images_compared_on(search: Mapping) -> str:
     if not n:
         return ""
     final = search.get("train_subsample")
-    all_s = search.get("all_images_seconds_estimate")
-    return (f" The candidates were compared on a random {n} of the training images; the final model was fitted on "
-            + (f"{final}." if final else "all of them.")
-            + (f" On all of them, the reproduce command without --train-subsample takes about {_duration(all_s)}."
-               if final and all_s else ""))
+    all_s, all_bytes = search.get("all_images_seconds_estimate"), search.get("all_images_memory_bytes_estimate")
+    text = f" The candidates were compared on a random {n} of the training images; the final model was fitted on "
+    if not final:
+        return text + "all of them."
+    if all_bytes:
+        return text + (f"{final}, as many as the memory held; on all of them, the reproduce command without "
+                       f"--train-subsample needs about {all_bytes / 1e9:.1f} GB of memory.")
+    return text + f"{final}." + (f" On all of them, the reproduce command without --train-subsample takes about "
+                                 f"{_duration(all_s)}." if all_s else "")
 
 
 def _search(search: dict | None) -> str:
