@@ -730,7 +730,7 @@ def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkey
     told = {"compared_on_images": 1000, "train_subsample": 3000, "all_images_seconds_estimate": search.all_images_s,
             "all_images_memory_bytes_estimate": search.all_images_bytes}
     assert "fitted on 3000, as many as the memory held; on all of them, the reproduce command without " \
-           "--train-subsample needs about 0.4 GB of memory." in _images_compared_on(told)
+           "--train-subsample needs about 0.3 GB of memory." in _images_compared_on(told)
     metrics = {"mode": "linear-probe", "best_val_acc": 0.9, "best_val_balanced_accuracy": 0.9, "best_val_macro_f1": 0.9,
                "trainable_params": 1, "total_params": 2, "trainable_groups": ["head"], "run_dir": "r",
                "search": {"chosen": winner.name, "reproduce": "transferkit train d", "wall_seconds": 60.0,
@@ -738,7 +738,7 @@ def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkey
                           "all_images_memory_bytes_estimate": search.all_images_bytes}}
     cli._print_train_summary(metrics)
     assert "the memory held the features of 3000 training images; without --train-subsample that command needs " \
-           "about 0.4 GB of memory for all of them" in capsys.readouterr().out
+           "about 0.3 GB of memory for all of them" in capsys.readouterr().out
     monkeypatch.setattr(environment, "available_memory", lambda: 10 * memory)
     assert len(_grown_scan(search, winner, ctx, full).train) == 10_000  # enough memory: time decides
     monkeypatch.setattr(environment, "available_memory", lambda: None)  # unknown: time decides
