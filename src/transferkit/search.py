@@ -82,18 +82,18 @@ COMPARED_PER_CLASS = 20
 # deadline of its own: rates vary on a busy machine).
 GROWTH_SHARE = 0.8
 # ...and the memory they may take: the final run holds its training images' features (every view, the widest vector
-# it reads: 4,048 floats a view on lite0), and its fit's peak takes 2.0-2.5 times as much again (the columns taken
-# and standardized, the solver's work; throwaway fit_probe runs on 20,000 × 1 and 5,000 × 8 views of 4,048 float32
-# features, 2 and 50 classes, peak RSS against the features' bytes), and the val features with their predictions.
+# it reads: 4,048 floats a view on lite0), and its fit's peak takes 2.1-2.6 times as much again (the columns taken
+# and standardized, the solver's work: benchmarks/probe_memory.py, fit_probe on 20,000 × 1 and 5,000 × 8 views of
+# 4,048 float32 features, 2 and 50 classes), and the val features with their predictions.
 # The grown images are capped so that all of it stays within MEMORY_SHARE of the memory available when the search
 # ends: with a GPU's extraction rate, or a long budget on a large folder, time alone would grow an 8-view probe past
 # the machine's memory (8 views of a million images: 130 GB of features).
 FIT_MEMORY_COPIES, MEMORY_SHARE = 4, 0.5  # the features and 3 times as much again
 # The images the candidates are compared on are capped the same way: the search holds their features in every view
-# and crop it extracts, and a CV's peak takes 3.6 times the features of its rows again (the folds' standardized
-# rows and fits: a throwaway cross_validate on 5,000 images × 8 views × 4,048 features took 2.35 GB beside their
-# 0.65 GB). Binds only on long budgets (4 minutes compare on 2,000 images: ~1.3 GB at 8 views).
-CV_MEMORY_COPIES = 4
+# and crop it extracts, and a CV's peak takes 3.8-4.2 times the features of its rows again (the folds' standardized
+# rows and fits; benchmarks/probe_memory.py, which also measures the fit's multiple above). Binds only on long
+# budgets (4 minutes compare on 2,000 images: ~1.6 GB at 8 views).
+CV_MEMORY_COPIES = 5
 # A probe's CV (both poolings over the C grid, 3 folds) costs as much as this many fits on all of its images at
 # the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
 # 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
