@@ -74,6 +74,7 @@ def test_the_size_cap_evicts_the_least_recently_used_features_and_records_never_
         tmp_path, monkeypatch, caplog, capsys):
     monkeypatch.setenv(scan_record.CACHE_ENV, str(tmp_path / "scans"))
     monkeypatch.setattr(scan_record, "RACY_S", 0.0)
+    monkeypatch.setattr(caches, "RECHECK_SECONDS", 0.0)  # runs seconds apart in one process: every write checks
     first = make_image_folder(tmp_path / "first", n_train=6, n_val=2, size=40, seed=1)
     second = make_image_folder(tmp_path / "second", n_train=6, n_val=2, size=40, seed=2)
     before = _run(first, tmp_path / "run1")
@@ -145,3 +146,12 @@ def test_a_cap_that_is_not_a_size_is_refused_before_any_work(tmp_path, monkeypat
     assert cli.main(["train", str(data), "--out", str(tmp_path / "run")]) == 2
     assert "TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not 'lots'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not caches.capped_entries()  # nothing scanned, extracted or written
+
+
+def test_a_process_checks_a_caches_cap_at_most_every_few_seconds(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    (root / "0123456789abcdef0123").mkdir(parents=True)
+    assert caches.evict_to_cap(root)["cache_bytes"] == 0  # the first check of this cache in the process
+    assert caches.evict_to_cap(root) == {}  # a search's next extraction, seconds later: not checked again
+    monkeypatch.setattr(caches, "RECHECK_SECONDS", 0.0)
+    assert "cache_bytes" in caches.evict_to_cap(root)

@@ -266,6 +266,9 @@ def test_small_and_grey_images_are_stored_at_their_own_size_and_crop_as_the_file
 
 
 def test_the_size_cap_evicts_least_recently_used_shards_but_never_this_runs(tmp_path, monkeypatch, caplog):
+    from transferkit import caches
+
+    monkeypatch.setattr(caches, "RECHECK_SECONDS", 0.0)  # three stores' writes seconds apart: each checks the cap
     paths = _images(tmp_path / "img", [(64, 64)] * 4)
     old = open_store(tmp_path / "cache", PRE.at_size(32))
     decode_missing(old, paths, None, PRE.at_size(32))

@@ -36,6 +36,10 @@ DECODED_SUFFIX = ".u8"  # a decoded-image store's shards (data/decoded.py)
 CAP_ENV = "TRANSFERKIT_CACHE_MAX"
 DEFAULT_CAP_FRACTION = 0.25  # of the space the capped caches may use: their own size + the disk's free space
 RECENT_SECONDS = 600  # entries used this recently are never evicted: another run may be about to read them
+# A process checks the cap of a cache at most this often: a search writes after each of its extractions (~40 times),
+# and a check stats every shard (10,000 shards: 0.13-0.19 s); 10 s of a GPU's extraction is ~0.3 GB of features.
+RECHECK_SECONDS = 10.0
+_checked_at: dict[Path, float] = {}  # feature cache root -> when this process last checked its cap
 _over_cap_said: set[Path] = set()  # feature cache roots whose being over the cap was said in this process
 DERIVED = ("features", "decoded", "engines", "scans")  # what `cache clear` clears when no name is given
 NAMES = DERIVED + ("weights",)
@@ -159,8 +163,12 @@ def capped_entries(root: Path | None = None) -> list[tuple[float, int, Path]]:
 
 def evict_to_cap(root: Path | None = None, keep: set[Path] = frozenset()) -> dict:
     """Delete the least recently used capped entries (capped_entries) until they are under the cap; never those
-    in `keep` (what the calling run uses now) or used in the last RECENT_SECONDS. Stats for the run's record."""
+    in `keep` (what the calling run uses now) or used in the last RECENT_SECONDS. Stats for the run's record (none
+    where this process checked within RECHECK_SECONDS)."""
     root = feature_root() if root is None else Path(root)
+    if time.monotonic() - _checked_at.get(root, -RECHECK_SECONDS) < RECHECK_SECONDS:
+        return {}
+    _checked_at[root] = time.monotonic()
     entries = capped_entries(root)
     used = sum(size for _, size, _ in entries)
     cap = cache_cap(root, used)
