@@ -226,7 +226,8 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         context = _Context.build(cfg, scan)
         by_budget = _compared_on(budget, len(scan.classes))
         # no fewer than COMPARED_PER_CLASS per class, as by the budget: on fewer the comparisons say nothing
-        compare_on = min(by_budget, max(_compared_memory_holds(search, context), COMPARED_PER_CLASS * len(scan.classes)))
+        floor = COMPARED_PER_CLASS * len(scan.classes)
+        compare_on = min(by_budget, max(_compared_memory_holds(search, context), floor))
         if cfg.train_subsample:  # the images asked for, for the search and the final model
             if cfg.train_subsample < len(scan.train):
                 _keep_subsample(search, context, cfg.train_subsample, asked=True)
