@@ -758,7 +758,7 @@ def test_the_images_compared_are_as_many_as_the_memory_holds(tmp_path, monkeypat
     ctx = SimpleNamespace(taps_for=lambda crop, size=None: taps, spec=SimpleNamespace(
         preprocessing=SimpleNamespace(crop_fraction=0.875)), small_images=False)
     search = Search(TrainConfig(data="d"), set(), deadline=0.0, t0=0.0)  # the ladder: 2 crops, up to 8 views
-    image_bytes = (8 * (1 + CV_MEMORY_COPIES) + 1) * 1000 * 4
+    image_bytes = (8 * (3 + CV_MEMORY_COPIES) + 1) * 1000 * 4  # 8 views: 2 held beside, the CV's; 1 of the other crop
     monkeypatch.setattr(environment, "available_memory", lambda: 2500 * image_bytes / MEMORY_SHARE)
     assert _compared_memory_holds(search, ctx) == 2500
     monkeypatch.setattr(environment, "available_memory", lambda: None)

@@ -92,7 +92,7 @@ FIT_MEMORY_COPIES, MEMORY_SHARE = 4, 0.5  # the features and 3 times as much aga
 # The images the candidates are compared on are capped the same way: the search holds their features in every view
 # and crop it extracts, and a CV's peak takes 3.8-4.2 times the features of its rows again (the folds' standardized
 # rows and fits; benchmarks/probe_memory.py, which also measures the fit's multiple above). Binds only on long
-# budgets (4 minutes compare on 2,000 images: ~1.6 GB at 8 views).
+# budgets (4 minutes compare on 2,000 images: ~2.1 GB at 8 views, with a second scale's and backbone's features).
 CV_MEMORY_COPIES = 5
 # A probe's CV (both poolings over the C grid, 3 folds) costs as much as this many fits on all of its images at
 # the chosen C: measured 6.5-6.6 on ELPV's 1,968 training images with 1, 2 and 4 views (CV 6.5-19.2 s against
@@ -1079,8 +1079,9 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
 
 def _compared_memory_holds(search: Search, ctx: _Context) -> int:
     """Training images the probes can be compared on within MEMORY_SHARE of the memory available now: their features
-    in the ladder's largest view set (and one view of every other crop), the widest vector, and the CV's copies
-    (CV_MEMORY_COPIES); unbounded where the available memory is not known."""
+    in the ladder's largest view set (and one view of every other crop), the widest vector, the CV's copies
+    (CV_MEMORY_COPIES), and as many views again twice: the two-scale probe's larger input and a stronger backbone
+    hold theirs beside the first's; unbounded where the available memory is not known."""
     from .engine.environment import available_memory
     from .engine.probe_train import PROBE_VIEWS
 
@@ -1090,7 +1091,7 @@ def _compared_memory_holds(search: Search, ctx: _Context) -> int:
     crops, view_sets = _probe_ladder(search, ctx)
     views = max(len(PROBE_VIEWS[v]) for v in view_sets)
     width = len(ctx.taps_for(crops[0]).columns(None, "meanmax", _tries_pixels(search, ctx)))
-    image_bytes = (views * (1 + CV_MEMORY_COPIES) + len(crops) - 1) * width * 4  # float32
+    image_bytes = (views * (3 + CV_MEMORY_COPIES) + len(crops) - 1) * width * 4  # float32
     return max(1, int(MEMORY_SHARE * available / image_bytes))
 
 
