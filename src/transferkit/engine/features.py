@@ -141,6 +141,9 @@ class FeatureStore:
         # one per network, whatever the crop.
         self.onnx_path = Path(onnx_path) if onnx_path is not None else self.root / "frozen.onnx"
         self.index: dict[str, tuple[str, int]] = {}
+        # Shards this store has read and found whole: shards never change once written, so their checksum is not
+        # taken again (cached_features verifies, then reads, the same shards: the search reads them call after call).
+        self._checked: set[str] = set()
         self._entries, self.damaged = shards.list_shards(self.root, SUFFIX)
         for name, _ in self.damaged:
             shards.drop(self.root, name, SUFFIX)
@@ -162,8 +165,8 @@ class FeatureStore:
         self.damaged += fresh.damaged
 
     def verify(self, keys) -> None:
-        """Read (and check) every shard holding one of `keys`; drop damaged ones with one warning."""
-        for name in {self.index[k][0] for k in keys if k in self.index}:
+        """Read (and check) every shard holding one of `keys` not checked yet; drop damaged ones with one warning."""
+        for name in {self.index[k][0] for k in keys if k in self.index} - self._checked:
             self._load(name)
         shards.warn_dropped("feature cache", self.root, self.damaged)
         self.damaged = []
@@ -196,7 +199,8 @@ class FeatureStore:
         except OSError as exc:
             return self._drop(name, f"unreadable ({exc.strerror or exc})")
         touch(path)  # least recently used shards are evicted first
-        if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry.get("sha256"):
+        if len(blob) != entry["bytes"] or (name not in self._checked
+                                           and hashlib.sha256(blob).hexdigest() != entry.get("sha256")):
             return self._drop(name, "checksum mismatch")
         try:
             tensor = load(blob)["features"]
@@ -204,6 +208,7 @@ class FeatureStore:
             return self._drop(name, f"bad content ({type(exc).__name__})")
         if tensor.shape[0] != len(entry["keys"]):
             return self._drop(name, f"{tensor.shape[0]} rows for {len(entry['keys'])} keys")
+        self._checked.add(name)
         return tensor
 
     def _drop(self, name: str, why: str) -> None:
@@ -213,6 +218,7 @@ class FeatureStore:
 
     def _forget(self, name: str) -> None:
         """Take shard `name` out of the index: its keys read as missing."""
+        self._checked.discard(name)
         for key in self._entries.pop(name)["keys"]:
             if self.index.get(key, (None,))[0] == name:
                 del self.index[key]
@@ -285,8 +291,8 @@ def cached_features(
     flat_keys = [k for row in keys for k in row]
     for attempt in range(3):
         try:
-            features, ok, stats = _features_once(extract, store, paths, views, keys, sha, pre, batch_size, workers,
-                                                 desc, sharding)
+            features, ok, stats = _features_once(extract, store, paths, views, keys, flat_keys, sha, pre, batch_size,
+                                                 workers, desc, sharding)
             break
         except KeyError as exc:  # a shard evicted by another run, or damaged, between the check and the read
             if attempt == 2:
@@ -296,8 +302,8 @@ def cached_features(
     return features, ok, stats
 
 
-def _features_once(extract, store, paths, views, keys, sha, pre, batch_size, workers, desc, sharding):
-    store.verify([k for row in keys for k in row])  # damaged shards drop out here and are recomputed
+def _features_once(extract, store, paths, views, keys, flat_keys, sha, pre, batch_size, workers, desc, sharding):
+    store.verify(flat_keys)  # damaged shards drop out here and are recomputed
     todo = [(p, [(v, k) for v, k in zip(views, row) if k not in store]) for p, row in zip(paths, keys) if row]
     todo = [(p, missing) for p, missing in todo if missing]
     stats = {"hits": sum(1 for row in keys for k in row if k in store), "computed": 0, "seconds": 0.0}
