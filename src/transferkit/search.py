@@ -775,10 +775,15 @@ def _mlp_step_seconds(search: Search, ctx: _Context) -> float:
     from .engine.probe import mlp_step_seconds
 
     if search.mlp_step_s is None:
-        taps = ctx.taps_for(_probe_ladder(search, ctx)[0][0])  # the first probe's crop: its taps exist by then
-        width = len(taps.columns(None, "meanmax", _tries_pixels(search, ctx)))
-        search.mlp_step_s = mlp_step_seconds(width, len(ctx.scan.classes))
+        search.mlp_step_s = mlp_step_seconds(_widest_vector(search, ctx), len(ctx.scan.classes))
     return search.mlp_step_s
+
+
+def _widest_vector(search: Search, ctx: _Context) -> int:
+    """Columns of the widest vector a probe of this search reads: every tap, mean and max, and the pixels where the
+    probes try them (the first probe's crop: its taps exist by then)."""
+    taps = ctx.taps_for(_probe_ladder(search, ctx)[0][0])
+    return len(taps.columns(None, "meanmax", _tries_pixels(search, ctx)))
 
 
 def _missing_views(ctx: _Context, crop, views, size=None) -> list:
@@ -1067,7 +1072,7 @@ def _grown_scan(search: Search, winner: Candidate, ctx: _Context, full):
         search.all_images_s = total * per_image + val_pass + FIXED_OVERHEAD_S
     memory_bound = by_memory < min(total, by_time)
     if memory_bound:  # and the memory it needs, where that is what stopped the growth
-        search.all_images_bytes = (total * FIT_MEMORY_COPIES + 2 * len(full.val)) * _final_image_bytes(ctx, s)
+        search.all_images_bytes = _final_run_bytes(ctx, s, total, len(full.val))
     if grown <= n:
         return ctx.scan
     search.subsample = grown if grown < total else None
@@ -1082,39 +1087,45 @@ def _compared_memory_holds(search: Search, ctx: _Context) -> int:
     in the ladder's largest view set (and one view of every other crop), the widest vector, the CV's copies
     (CV_MEMORY_COPIES), and as many views again twice: the two-scale probe's larger input and a stronger backbone
     hold theirs beside the first's; unbounded where the available memory is not known."""
-    from .engine.environment import available_memory
     from .engine.probe_train import PROBE_VIEWS
 
-    available = available_memory()
-    if available is None:
+    budget = _memory_budget()
+    if budget is None:
         return 1 << 62
     crops, view_sets = _probe_ladder(search, ctx)
     views = max(len(PROBE_VIEWS[v]) for v in view_sets)
-    width = len(ctx.taps_for(crops[0]).columns(None, "meanmax", _tries_pixels(search, ctx)))
-    image_bytes = (views * (3 + CV_MEMORY_COPIES) + len(crops) - 1) * width * 4  # float32
-    return max(1, int(MEMORY_SHARE * available / image_bytes))
+    image_bytes = (views * (3 + CV_MEMORY_COPIES) + len(crops) - 1) * _widest_vector(search, ctx) * 4  # float32
+    return max(1, int(budget / image_bytes))
 
 
 def _images_memory_holds(ctx: _Context, settings: dict, n_val: int) -> int:
-    """Training images whose features the final run of a probe with these settings can hold and fit within
-    MEMORY_SHARE of the memory available now (FIT_MEMORY_COPIES; the val images' features and predictions
-    first); unbounded where the available memory is not known."""
+    """Training images the final run of a probe with these settings can hold and fit within MEMORY_SHARE of the
+    memory available now (_final_run_bytes, the val images first); unbounded where that memory is not known."""
+    budget = _memory_budget()
+    if budget is None:
+        return 1 << 62
+    return max(0, int((budget - _final_run_bytes(ctx, settings, 0, n_val)) / _final_run_bytes(ctx, settings, 1, 0)))
+
+
+def _memory_budget() -> float | None:
+    """MEMORY_SHARE of the memory available now (engine/environment.py); None where it is not known."""
     from .engine.environment import available_memory
 
     available = available_memory()
-    if available is None:
-        return 1 << 62
-    return max(0, int((MEMORY_SHARE * available / _final_image_bytes(ctx, settings) - 2 * n_val) / FIT_MEMORY_COPIES))
+    return None if available is None else MEMORY_SHARE * available
 
 
-def _final_image_bytes(ctx: _Context, settings: dict) -> int:
-    """The features of one image in the final run of a probe with these settings: every view, the widest vector."""
+def _final_run_bytes(ctx: _Context, settings: dict, n_train: int, n_val: int) -> int:
+    """Peak memory of the final run of a probe with these settings on this many images: the training images'
+    features and the fit's copies (FIT_MEMORY_COPIES), the val images' features and their predictions; every view,
+    the widest vector the probe reads."""
     from .engine.probe_train import PROBE_VIEWS
 
     taps = ctx.taps_for(settings["crop_fraction"], settings.get("image_size"))
     width = len(taps.columns(None, "meanmax", bool(settings.get("probe_pixels"))))
     scales = 2 if settings.get("probe_scale") else 1  # a two-scale probe reads both sizes' vectors
-    return len(PROBE_VIEWS[settings["probe_views"]]) * width * scales * 4  # float32
+    image_bytes = len(PROBE_VIEWS[settings["probe_views"]]) * width * scales * 4  # float32
+    return (n_train * FIT_MEMORY_COPIES + 2 * n_val) * image_bytes
 
 
 def _fit_seconds(search: Search, ctx: _Context, settings: dict) -> float:
