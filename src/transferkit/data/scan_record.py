@@ -34,7 +34,7 @@ import PIL
 from PIL import Image
 
 from transferkit.data.fingerprint import NEAR_SEARCH_FROM, SAME_PICTURE_CORRELATION, THUMB_SIDE, Fingerprint
-from transferkit.caches import evict_to_cap
+from transferkit.caches import evict_to_cap, touch
 from transferkit.errors import TransferkitError
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class ScanRecord:
         if self.path is None:
             return
         if self.unchanged:
-            self._touch()
+            touch(self.path)  # used: the oldest records are the ones pruned and evicted
             return
         racy_from = self.started_ns - int(RACY_S * 1e9)
         keep = {}
@@ -178,13 +178,6 @@ class ScanRecord:
 
         atomic_write(self.path, write)
         self.entries, self.recorded_pairs = entries, pairs
-
-    def _touch(self) -> None:
-        """Mark the record used (the oldest records are the ones pruned)."""
-        try:
-            os.utime(self.path)
-        except OSError:
-            pass
 
     def _prune(self) -> None:
         records = sorted(self.path.parent.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
