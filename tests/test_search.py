@@ -223,6 +223,29 @@ def test_stacked_probe_averages_the_logits_of_its_probes():
     assert np.allclose(stacked.logits(x), (a.logits(x[:, :, :6]) + b.logits(x[:, :, 6:])) / 2, atol=1e-5)
 
 
+
+def test_head_init_probe_does_not_magnify_a_channel_that_is_silent_on_the_clean_view():
+    """LP-FT's head is fitted on clean views and fine-tuned on augmented ones: a channel all but silent on
+    the clean view that fires a little on a crop must not swing the logits (probe_train.HEAD_INIT_SCALE_FLOOR;
+    without the floor the swing is tens of logits, with it a fraction of one)."""
+    from transferkit.engine.probe_train import HEAD_INIT_SCALE_FLOOR, choose_and_fit
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    informative = rng.normal(size=(200, 30)) + 0.7 * (2 * y[:, None] - 1)
+    # ReLU channels that barely fire on these images, a little more on one class's: on their own deviation,
+    # as informative as the others
+    silent = np.abs(rng.normal(scale=1e-3, size=(200, 10))) + 1e-3 * y[:, None]
+    x = np.concatenate([informative, silent], 1).astype(np.float32)[:, None]
+    fired = x[:1].copy()
+    fired[..., 30:] += 0.05  # the silent channels fire a little, as they do on an augmented view
+
+    def swing(scale_floor):
+        fit, _ = choose_and_fit(x, y, np.arange(40), 2, 1.0, scale_floor=scale_floor)
+        return np.abs(fit.logits(fired) - fit.logits(x[:1])).max()
+
+    assert swing(HEAD_INIT_SCALE_FLOOR) < 1.0 < 10.0 < swing(0.0)
+
 @pytest.mark.slow
 def _predicts_what_it_scored_and_exports(run: Path, data: Path, metrics: dict) -> None:
     """Through the ordinary predictor the saved model gives the val accuracy the run reported, and its ONNX
@@ -549,7 +572,7 @@ def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(mon
     sign = np.where(np.arange(300) % 10 == 0, 1.0 - 2.0 * y, 2.0 * y - 1.0)  # 10% mislabelled: never perfect
     x = np.stack([sign, rng.normal(size=300) * 3.0], axis=1)[:, None, :]
     monkeypatch.setattr(probe, "fit_logistic", _probe_whose_accuracy_peaks_at(peak_C))
-    monkeypatch.setattr(probe, "standardizer", lambda rows: (np.zeros(2), np.ones(2)))
+    monkeypatch.setattr(probe, "standardizer", lambda rows, *floor: (np.zeros(2), np.ones(2)))
     cv = probe.cross_validate(x, y, np.arange(2), 2, [0.001, 0.003, 0.01, 0.03])
     assert cv.C == pytest.approx(chosen)
     assert [C for C in cv.per_C if C < 0.001] == pytest.approx(tried_below)

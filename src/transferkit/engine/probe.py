@@ -209,9 +209,13 @@ class ProbeFit:
         return z @ self.weight.T + self.bias
 
 
-def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def standardizer(x: np.ndarray, scale_floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and standard deviation; `scale_floor` raises deviations below that share of the
+    median one to it, so a column that is nearly constant on these rows is not magnified (init_head_from_probe)."""
     mean = x.mean(0)
     scale = x.std(0)
+    if scale_floor > 0:
+        scale = np.maximum(scale, scale_floor * np.median(scale))
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
@@ -316,12 +320,14 @@ def fit_mlp(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, deadlin
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None, n_classes: int,
-              head: str = "linear", seed: int = 0, deadline: float | None = None) -> ProbeFit | None:
+              head: str = "linear", seed: int = 0, deadline: float | None = None,
+              scale_floor: float = 0.0) -> ProbeFit | None:
     """x: (n, views, d) training features; every view of an image is a training row. head: linear (the
-    logistic regression at strength C) or mlp (fit_mlp; None where it passed `deadline`)."""
+    logistic regression at strength C) or mlp (fit_mlp; None where it passed `deadline`). scale_floor: as
+    standardizer's."""
     rows = x[:, :, columns].reshape(-1, len(columns))  # a copy (integer indexing): standardized in place
     labels = np.repeat(y, x.shape[1])
-    mean, scale = standardizer(rows)
+    mean, scale = standardizer(rows, scale_floor)
     rows -= mean  # in place: the fit peaks at ~3.5 times the features, not ~4.4 (search.py FIT_MEMORY_COPIES)
     rows /= scale
     if head == "mlp":
@@ -362,7 +368,7 @@ class CVResult:
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
-                   folds: int = 3, seed: int = 0, deadline: float | None = None) -> CVResult:
+                   folds: int = 3, seed: int = 0, deadline: float | None = None, scale_floor: float = 0.0) -> CVResult:
     """Stratified k-fold accuracy of the probe for each C of the grid (and below it, where its strongest C wins),
     repeated on few images (cv_splits; all views of an image stay in one fold; held-out images are scored on the
     average over their views). Stops early past `deadline`."""
@@ -372,7 +378,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     for train_idx, test_idx in splits:
         rows = x[train_idx][:, :, columns].reshape(-1, len(columns))  # copies (integer indexing): standardized
         test = x[test_idx][:, :, columns]  # in place, as fit_probe does
-        mean, scale = standardizer(rows)
+        mean, scale = standardizer(rows, scale_floor)
         for part in (rows, test):
             part -= mean
             part /= scale
