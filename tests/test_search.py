@@ -448,14 +448,22 @@ def test_fine_tuning_must_also_win_image_by_image():
 
 
 @pytest.mark.slow
-def test_mode_finetune_given_gives_a_fine_tuned_model(tmp_path):
+def test_mode_finetune_given_gives_a_fine_tuned_model(tmp_path, caplog):
     """`--mode finetune` with the auto recipe: the probes still run (the head starts from the best one), but the
-    model is the fine-tuned candidate, whatever the probe scored on the hold-out."""
+    model is the fine-tuned candidate, whatever the probe scored on the hold-out. The candidate's epoch lines
+    name what they are scored on, the inner hold-out of train; only the final run's name val."""
+    import logging
+
     data = _folder(tmp_path / "data")
-    metrics, search = _search(data, tmp_path / "run", budget="5m", mode="finetune", epochs=2)
+    with caplog.at_level(logging.INFO, logger="transferkit"):
+        metrics, search = _search(data, tmp_path / "run", budget="5m", mode="finetune", epochs=2)
     kinds = {c["name"]: c["kind"] for c in search["candidates"]}
     assert kinds[search["chosen"]] == "finetune"
     assert "--mode finetune" in search["reproduce"] and metrics["best_val_acc"] is not None
+    epochs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    final = epochs.index(next(line for line in epochs if " val loss " in line))
+    assert final > 0 and all(" hold-out loss " in line for line in epochs[:final])
+    assert all(" val loss " in line for line in epochs[final:])
 
 
 @pytest.mark.slow
