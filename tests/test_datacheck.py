@@ -55,7 +55,7 @@ def _save_jpeg(img, path, quality=85):
 def _plant(root, files):
     """Plant every kind of problem; return what was planted, as paths relative to root."""
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
-    train, val = files["train"], files["val"]
+    train = files["train"]
     planted = {"copies": [], "near": [], "flipped": [], "unrelated": [], "conflict": []}
     for k in range(N_PLANTED):
         src = train["mono"][k]  # byte copy, renamed, in val

@@ -31,7 +31,7 @@ from .data.fingerprint import CROP_SOURCE_SIDE, aligned_similarity, crop_thumbna
 from .config import Thresholds  # torch-free: the CLI parser reads its defaults
 from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
 from .data.images import load_rgb
-from .errors import DataError, UsageError
+from .errors import DataError
 from .io import atomic_write_json
 
 log = logging.getLogger(__name__)

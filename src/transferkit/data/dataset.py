@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch.utils.data import Dataset, default_collate
 
 from .images import load_rgb

@@ -4,7 +4,6 @@ features or the network on decoded images; each source knows which modules train
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 
 import numpy as np
