@@ -155,3 +155,14 @@ def test_a_process_checks_a_caches_cap_at_most_every_few_seconds(tmp_path, monke
     assert caches.evict_to_cap(root) == {}  # a search's next extraction, seconds later: not checked again
     monkeypatch.setattr(caches, "RECHECK_SECONDS", 0.0)
     assert "cache_bytes" in caches.evict_to_cap(root)
+
+
+def test_the_default_cap_of_a_cache_not_made_yet_is_a_share_of_its_disk(tmp_path, monkeypatch):
+    """A fresh machine has no feature cache folder yet: its cap comes from the disk it will be made on (it was
+    unbounded, and `transferkit cache` printed a cap of 4.6 billion MB)."""
+    import shutil
+
+    monkeypatch.delenv(caches.CAP_ENV, raising=False)
+    cap = caches.cache_cap(tmp_path / "not" / "made" / "yet", used=0)
+    expected = caches.DEFAULT_CAP_FRACTION * shutil.disk_usage(tmp_path).free
+    assert abs(cap - expected) < 1 << 24  # within 16 MB: other programs write to the disk meanwhile

@@ -133,8 +133,9 @@ def cache_cap(root: Path, used: int) -> int:
     asked = cap_setting()
     if asked is not None:
         return asked
+    existing = next((folder for folder in (root, *root.parents) if folder.exists()), root)  # not made yet: its disk
     try:
-        free = shutil.disk_usage(root).free
+        free = shutil.disk_usage(existing).free
     except OSError:
         return 1 << 62  # unknown: no cap
     return int(DEFAULT_CAP_FRACTION * (used + free))
