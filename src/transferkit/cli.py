@@ -559,7 +559,8 @@ def _add_cache_command(sub) -> None:
 
 
 def cmd_cache(args) -> int:
-    from .caches import CAP_ENV, DERIVED, NAMES, WHAT, cache_cap, cap_setting, caches, capped_entries, feature_root
+    from .caches import (CAP_ENV, DEFAULT_CAP_FRACTION, DERIVED, NAMES, WHAT, cache_cap, cap_setting, caches,
+                         capped_entries, feature_root)
     from .errors import UsageError
 
     unknown = sorted(set(args.names) - set(NAMES))
@@ -577,7 +578,8 @@ def cmd_cache(args) -> int:
         print(f"{name:<10}{cache.size / 1e6:>7.1f} MB  {len(cache.entries):>7}  {cache.folder}\n"
               f"{'':<31}{WHAT[name]}")
     used = sum(size for _, size, _ in capped_entries())
-    how = CAP_ENV if cap_setting() is not None else f"{CAP_ENV} unset: a quarter of their size + the free disk"
+    how = CAP_ENV if cap_setting() is not None else \
+        f"{CAP_ENV} unset: {DEFAULT_CAP_FRACTION:.0%} of their size + the free disk"
     print(f"\nfeatures, decoded and scans: {used / 1e6:.1f} MB, cap {cache_cap(feature_root(), used) / 1e6:.1f} MB "
           f"({how})\n{'':<31}the least recently used entries are evicted first")
     return 0

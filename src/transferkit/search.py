@@ -35,7 +35,7 @@ import numpy as np
 
 from .config import DEFAULT_TIME_BUDGET, TrainConfig, parse_duration
 from .engine import signals
-from .engine.callbacks import INNER_HOLDOUT_SOURCE, Callback
+from .engine.callbacks import Callback
 from .io import atomic_write_json
 from .run_folder import RunFolder
 
@@ -1400,7 +1400,7 @@ def _inner_scan(ctx: _Context):
     scan = copy.copy(ctx.scan)
     scan.train = [ctx.scan.train[i] for i in inner_train]
     scan.val = [ctx.scan.train[i] for i in inner_test]
-    scan.split_source = INNER_HOLDOUT_SOURCE
+    scan.split_source, scan.val_name = "inner hold-out of train", "hold-out"
     return scan
 
 

@@ -185,18 +185,13 @@ class Checkpoints(Callback):
         self.best_epoch_on_disk = best["epoch"]
 
 
-# The split a recipe search's fine-tuning candidate is scored on (search._inner_scan): part of the training
-# images, which its epoch lines name as such, so that nobody reads them as the val split being used to choose.
-INNER_HOLDOUT_SOURCE = "inner hold-out of train"
-
-
 class EpochLog(Callback):
     """One line per epoch."""
 
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None:
-        scored_on = "hold-out" if getattr(trainer.state.scan, "split_source", None) == INNER_HOLDOUT_SOURCE else "val"
         log.info("epoch %d/%d  train loss %.4f acc %.4f  %s loss %s acc %s  (%.1fs)", row["epoch"],
-                 trainer.state.cfg.epochs, row["train_loss"], row["train_acc"], scored_on, _fmt(row["val_loss"]),
+                 trainer.state.cfg.epochs, row["train_loss"], row["train_acc"], trainer.state.scan.val_name,
+                 _fmt(row["val_loss"]),
                  _fmt(row["val_acc"]), row["seconds"])
 
 

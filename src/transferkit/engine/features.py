@@ -28,8 +28,7 @@ from ..data.decoded import (DecodedStore, content_sha256, decode_missing, failur
 from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
-from ..caches import ENGINES_DIR, FEATURE_SUFFIX, evict_to_cap, touch
-from ..caches import feature_root as cache_root  # where feature stores live, and decoded/ and engines/ beside them
+from ..caches import ENGINES_DIR, FEATURE_SUFFIX, evict_to_cap, feature_root, touch
 from ..io import atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
 from ..threads import named_pool, start_prefetch
@@ -244,7 +243,7 @@ class FeatureStore:
 
 
 def store_for(identity: dict) -> FeatureStore:
-    root = cache_root() / _digest(identity)
+    root = feature_root() / _digest(identity)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "identity.json", identity)
     return FeatureStore(root, engine_folder(identity) / "frozen.onnx")
@@ -258,7 +257,7 @@ def engine_folder(identity: dict) -> Path:
     network = {k: v for k, v in identity.items() if k not in ("preprocessing", "dtype")}
     network["input_size"] = identity.get("preprocessing", {}).get("input_size")
     network["graph"] = EXPORT_VERSION  # a better export of the same network is exported (and measured) again
-    folder = cache_root() / ENGINES_DIR / _digest(network)
+    folder = feature_root() / ENGINES_DIR / _digest(network)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -371,7 +370,7 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
 
 
 def _stored_views(todo, sha, pre, workers, desc) -> "ViewDataset":
-    pixels = open_store(cache_root(), pre)
+    pixels = open_store(feature_root(), pre)
     pixel_keys, _ = decode_missing(pixels, [p for p, _ in todo], sha, pre, workers=workers,
                                    desc=f"{desc}: decoding")
     return ViewDataset([(k, [v for v, _ in missing]) for k, (_, missing) in zip(pixel_keys, todo)], pixels, pre)

@@ -19,7 +19,8 @@ from ..models.batchnorm import Folding, freeze_statistics
 from ..data.folders import file_sha256
 from . import distributed
 from . import precision as precisions
-from .features import View, cache_root, cached_features, default_workers, one_thread, store_for
+from ..caches import feature_root
+from .features import View, cached_features, default_workers, one_thread, store_for
 from .runtime import FrozenEngine, FrozenPart
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ class ImageBatchSource(BatchSource):
         paths = [p for p, _ in self.train_items + self.val_items]
         workers = _workers(st, len(paths))
         try:
-            store = open_store(cache_root(), st.pre)
+            store = open_store(feature_root(), st.pre)
             keys, self.decode_stats = decode_missing(store, paths, st.scan.digests, st.pre, workers=workers,
                                                      sharding=distributed.sharding())
         except (OSError, RunFolderError) as exc:  # a full or read-only cache folder costs speed, not the run
