@@ -57,6 +57,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     lower_lr_factor: float = 1.0  # each group below the head trains at this × the one above it
     label_smoothing: float = 0.0
+    ema_epochs: float = 0.0  # evaluate and keep a moving average of the weights over about this many epochs (0: off)
     augment: str = "standard"
     views: int = 1  # feature-extract: cached views per training image (view 0 is the eval crop)
     view_kind: str = "dihedral"  # extra views: the square's symmetries, or random train augmentations
@@ -150,8 +151,8 @@ class TrainConfig:
             raise UsageError(f"--lower-lr-factor must be in (0, 1], not {self.lower_lr_factor}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
-        if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0:
-            raise UsageError("--weight-decay, --momentum and --warmup-epochs must be ≥ 0")
+        if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0 or self.ema_epochs < 0:
+            raise UsageError("--weight-decay, --momentum, --warmup-epochs and --ema-epochs must be ≥ 0")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
             raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
         for name, c in (("probe-c", self.probe_c), ("probe-scale-c", self.probe_scale_c)):

@@ -171,7 +171,7 @@ class Checkpoints(Callback):
         self._save_best(trainer)  # first: `last` names the best epoch on disk
         if distributed.is_main():
             save_last(trainer.state, _meta(trainer.state, epoch, row), trainer.optimizer, trainer.schedule,
-                      trainer.best, trainer.source, trainer.elapsed())
+                      trainer.best, trainer.source, trainer.elapsed(), trainer.averaging)
         self.written_at = time.perf_counter()
         self.write_seconds = self.written_at - t
 

@@ -29,10 +29,16 @@ def fresh_best() -> dict:
     return {"score": None, "epoch": 0, "weights": None, "val": None}
 
 
-def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapsed: float) -> None:
-    """Write RUN/last.safetensors for the epoch in meta['epoch'] (0 = before the first epoch)."""
+def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapsed: float,
+              averaging=None) -> None:
+    """Write RUN/last.safetensors for the epoch in meta['epoch'] (0 = before the first epoch). With
+    --ema-epochs the model's tensors are the averaged weights after an epoch (the training ones before the
+    first); the training weights are stored beside them."""
     tensors, optim_json = _flatten_optimizer(optimizer.state_dict())
     tensors.update(_rng_tensors(source))
+    if averaging is not None:
+        training = averaging.training_weights or averaging.tensors  # applied after an epoch, not before it
+        tensors.update({f"averaging.training.{i}": t.detach().cpu().contiguous() for i, t in enumerate(training)})
     for key, value in (best["val"] or {}).items():
         if hasattr(value, "shape"):  # per-sample arrays (probs, labels, indices) of the best epoch
             tensors[f"best.val.{key}"] = torch.as_tensor(np.ascontiguousarray(value))
@@ -47,12 +53,13 @@ def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapse
         "split_sha256": state.split_sha256,
         "skipped_in_training": state.skipped_in_training,
         "elapsed_seconds": elapsed,
+        "averaging_steps": averaging.steps if averaging is not None else None,
     }
     save_checkpoint(RunFolder(state.out).last, state.model, {**meta, "resume": resume},
                     extra={RESUME_PREFIX + k: v for k, v in tensors.items()})
 
 
-def restore_last(state, optimizer, schedule, source) -> tuple[int, dict, float]:
+def restore_last(state, optimizer, schedule, source, averaging=None) -> tuple[int, dict, float]:
     """Load RUN/last.safetensors into the live objects; return (next epoch, best, elapsed seconds)."""
     path = RunFolder(state.out).last
     meta = read_meta(path)
@@ -70,6 +77,8 @@ def restore_last(state, optimizer, schedule, source) -> tuple[int, dict, float]:
         state.model.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(_unflatten_optimizer(resume["optimizer"], extra))
         schedule.load_state_dict(resume["scheduler"])
+        if averaging is not None:
+            _restore_averaging(averaging, resume, extra)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} does not match this run's model or optimizer: "
                               f"{str(exc).splitlines()[0]}") from None
@@ -84,6 +93,13 @@ def restore_last(state, optimizer, schedule, source) -> tuple[int, dict, float]:
     patience = state.cfg.patience
     stopped = bool(patience and epoch - best["epoch"] >= patience)  # killed right after early stopping
     return (state.cfg.epochs + 1 if stopped else epoch + 1), best, float(resume.get("elapsed_seconds", 0.0))
+
+
+def _restore_averaging(averaging, resume: dict, extra: dict) -> None:
+    training = [extra.get(f"averaging.training.{i}") for i in range(len(averaging.tensors))]
+    if resume.get("averaging_steps") is None or any(t is None for t in training):
+        raise KeyError("the weight average (--ema-epochs) is not in it")
+    averaging.restore(training, int(resume["averaging_steps"]))
 
 
 def _check_same_run(state, resume: dict, path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ..data.folders import file_sha256
 from ..run_folder import RunFolder
 from . import distributed
 from .callbacks import HOOKS, Callback, Step, added_callbacks, default_callbacks
+from .averaging import WeightAverage
 from .fit import RunState, _finish, evaluate_source
 from .optim import make_optimizer, make_schedule
 from .progress import progress
@@ -42,7 +44,7 @@ class Trainer:
         self._hooks = {name: [getattr(cb, name) for cb in self.callbacks
                               if getattr(type(cb), name) is not getattr(Callback, name)] for name in HOOKS}
         self.best = fresh_best()
-        self.source = self.optimizer = self.schedule = self.criterion = None
+        self.source = self.optimizer = self.schedule = self.criterion = self.averaging = None
         self.epoch, self.start_epoch, self.restored = 0, 1, False
         self.final, self.stop_reason = False, None
 
@@ -69,6 +71,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.mode.param_groups(state.plan, scaled.lr), scaled)
         self.schedule = make_schedule(self.optimizer, scaled, max(1, self.source.steps_per_epoch()))
         self.criterion = nn.CrossEntropyLoss(weight=_class_weights(state), label_smoothing=cfg.label_smoothing)
+        if cfg.ema_epochs:
+            self.averaging = WeightAverage(state.model, cfg.ema_epochs, max(1, self.source.steps_per_epoch()))
         self._start()
         self.emit("on_train_start")
         try:
@@ -93,7 +97,7 @@ class Trainer:
             state.split_sha256 = file_sha256(RunFolder(state.out).split)
         if self.resume and RunFolder(state.out).last.is_file():  # no `last`: stopped before training began
             self.start_epoch, self.best, state.elapsed_before = restore_last(state, self.optimizer, self.schedule,
-                                                                             self.source)
+                                                                             self.source, self.averaging)
             self.restored = True
         self.t_start -= state.elapsed_before
 
@@ -104,17 +108,20 @@ class Trainer:
         t0 = time.perf_counter()
         with oom_as_training_error(cfg, epoch, self.state.out), self.source.compute_threads():
             train_loss, train_acc = self._train_phase(epoch)
-            # --best-metric last chooses nothing on val: it is scored once, after the last epoch.
-            if self.final or cfg.best_metric != "last":
-                val = evaluate_source(self.source, self.criterion)
-            else:
-                val = dict.fromkeys(("loss", "accuracy", "balanced_accuracy", "macro_f1"))
         self.schedule.epoch_end()
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val["loss"], "val_acc": val["accuracy"],
-               "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
-               "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0}
-        self.emit("on_epoch_end", row, val)  # history, checkpoints, the epoch's line, early stopping
+        # --ema-epochs: the averaged weights are the ones evaluated, kept as the best and written.
+        with self.averaging.applied() if self.averaging else nullcontext():
+            with oom_as_training_error(cfg, epoch, self.state.out), self.source.compute_threads():
+                # --best-metric last chooses nothing on val: it is scored once, after the last epoch.
+                if self.final or cfg.best_metric != "last":
+                    val = evaluate_source(self.source, self.criterion)
+                else:
+                    val = dict.fromkeys(("loss", "accuracy", "balanced_accuracy", "macro_f1"))
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_loss": val["loss"], "val_acc": val["accuracy"],
+                   "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
+                   "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0}
+            self.emit("on_epoch_end", row, val)  # history, checkpoints, the epoch's line, early stopping
 
     def _train_phase(self, epoch: int) -> tuple[float, float]:
         source, optimizer, schedule, criterion = self.source, self.optimizer, self.schedule, self.criterion
@@ -130,6 +137,8 @@ class Trainer:
                 call(self, step)
             step.loss.backward()
             optimizer.step()
+            if self.averaging:
+                self.averaging.update()
             schedule.batch_end()
             total_loss += step.loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
