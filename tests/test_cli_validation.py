@@ -24,6 +24,8 @@ BAD_TRAIN_OPTIONS = [
     (["--image-size", "8"], ["--image-size", "≥ 32"]),
     (["--patience", "-3"], ["--patience", "≥ 0"]),
     (["--label-smoothing", "1"], ["--label-smoothing", "[0, 1)"]),
+    (["--ema-epochs", "-1"], ["--ema-epochs", "≥ 0"]),
+    (["--mode", "linear-probe", "--ema-epochs", "1"], ["--ema-epochs", "one fit"]),
     (["--mode", "bogus"], ["--mode", "invalid choice", "finetune"]),
     (["--optimizer", "rmsprop"], ["--optimizer", "invalid choice", "adamw"]),
     (["--best-metric", "f2"], ["--best-metric", "balanced_accuracy"]),

@@ -351,6 +351,9 @@ def test_lp_ft_steps_are_small_and_given_pieces_win():
     assert _finetune_settings(Search(cfg, set(), 0.0, 0.0), probe, "partial")["lower_lr_factor"] == 1.0
     given = _finetune_settings(Search(cfg, {"lr"}, 0.0, 0.0), probe, "finetune")
     assert given["lr"] == 0.01 and given["lower_lr_factor"] == free["lower_lr_factor"]
+    assert free["ema_epochs"] == 0.0  # no weight average unless asked for
+    averaged = TrainConfig(data="d", ema_epochs=2.0)
+    assert _finetune_settings(Search(averaged, {"ema_epochs"}, 0.0, 0.0), probe, "partial")["ema_epochs"] == 2.0
 
 
 def test_partial_pays_for_its_activations_once_not_per_epoch():

@@ -153,6 +153,8 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0 or self.ema_epochs < 0:
             raise UsageError("--weight-decay, --momentum, --warmup-epochs and --ema-epochs must be ≥ 0")
+        if self.ema_epochs and self.recipe == "tutorial" and self.mode == "linear-probe":
+            raise UsageError("--ema-epochs goes with a mode that trains in epochs (a linear probe is one fit)")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
             raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
         for name, c in (("probe-c", self.probe_c), ("probe-scale-c", self.probe_scale_c)):

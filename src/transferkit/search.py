@@ -1233,6 +1233,8 @@ def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
                 "lr": FT_LR[kind], "lower_lr_factor": LOWER_LR_FACTOR if kind == "finetune" else 1.0,
                 "weight_decay": 0.05, "scheduler": "cosine",
                 "warmup_epochs": 0.3, "label_smoothing": 0.1, "batch_size": 32,
+                # No weight average: on ELPV's inner hold-out it scored no better (RESULTS.md, session 33).
+                "ema_epochs": 0.0,
                 "augment": "dihedral" if dihedral else "light", "crop_fraction": probe.settings["crop_fraction"]}
     if "model" in probe.settings:  # the probe won on a stronger backbone: fine-tune that one
         settings["model"] = probe.settings["model"]
