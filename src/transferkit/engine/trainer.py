@@ -2,7 +2,8 @@
 trains, and on which batches, is the run's mode (modes/); what happens around the steps (checkpoints,
 history, early stopping, the time budget, signals, non-finite loss, TensorBoard) is callbacks
 (engine/callbacks.py). Per step the loop does what it always did: zero_grad, forward, loss, backward,
-optimizer step, scheduler step, and the callbacks that step hooks name (no others are called).
+optimizer step, the weight average's update (--ema-epochs, engine/averaging.py), scheduler step, and the
+callbacks that step hooks name (no others are called).
 """
 
 from __future__ import annotations
