@@ -54,7 +54,7 @@ TRAIN_HELP = {
     "lr": "learning rate (seed tutorial: 0.001 with SGD)",
     "scheduler": "step (StepLR, --step-size/--gamma), cosine (with --warmup-epochs), onecycle, none",
     "ema_epochs": "evaluate, keep and export an exponential moving average of the weights over about this many "
-                  "epochs of steps (0 = off; the auto recipe's fine-tuning uses it)",
+                  "epochs of steps (0 = off; the auto recipe's fine-tuning runs without it unless given)",
     "lower_lr_factor": "each layer group below the head trains at this × the lr of the group above",
     "views": "feature-extract: cached views per training image (1 = the eval crop only)",
     "view_kind": "extra views: dihedral (flips/rotations, for rotation-safe data) or random augmentations",

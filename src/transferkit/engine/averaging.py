@@ -1,8 +1,7 @@
 """--ema-epochs: an exponential moving average of the weights (Polyak averaging, as timm's ModelEma), which
-is what each epoch evaluates, keeps as its best and saves. Fine-tuning with a small batch moves the weights
-from step to step by more than the data asks: on ELPV a fine-tuned lite0's accuracy swung by several points
-from one epoch to the next at the same loss. The average over the last epoch or so of steps sits in the
-middle of that wandering.
+is what each epoch evaluates, keeps as its best and saves. It smooths the step-to-step wander of long runs at a
+steady learning rate; on ELPV's short cosine fine-tuning it scored no better than the last step's weights
+(benchmarks/RESULTS.md, notes of session 33), so the recipe search leaves it off.
 
 Averaged: the parameters that train and the floating-point buffers (BatchNorm's running statistics, where
 they learn). The training steps keep working on the raw weights; the averaged ones are swapped into the
@@ -35,7 +34,7 @@ class WeightAverage:
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (WARMUP_STEPS + self.steps))
         with torch.no_grad():
-            torch._foreach_lerp_(self.average, [t.detach() for t in self.tensors], 1.0 - decay)
+            torch._foreach_lerp_(self.average, self.tensors, 1.0 - decay)
 
     @contextmanager
     def applied(self):
@@ -48,6 +47,10 @@ class WeightAverage:
         finally:
             self._copy(self.training_weights)
             self.training_weights = None
+
+    def training(self) -> list[torch.Tensor]:
+        """The training weights, whether the average is applied (after an epoch) or not (before the first)."""
+        return self.training_weights if self.training_weights is not None else self.tensors
 
     def restore(self, training_weights: list[torch.Tensor], steps: int) -> None:
         """Resume: the model holds the averaged weights (as saved); put them in the average and the

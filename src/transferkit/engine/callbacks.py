@@ -191,8 +191,7 @@ class EpochLog(Callback):
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None:
         log.info("epoch %d/%d  train loss %.4f acc %.4f  %s loss %s acc %s  (%.1fs)", row["epoch"],
                  trainer.state.cfg.epochs, row["train_loss"], row["train_acc"], trainer.state.scan.val_name,
-                 _fmt(row["val_loss"]),
-                 _fmt(row["val_acc"]), row["seconds"])
+                 _fmt(row["val_loss"]), _fmt(row["val_acc"]), row["seconds"])
 
 
 class EarlyStopping(Callback):

@@ -217,8 +217,8 @@ def _fit_scales(cfg, taps: Taps, x: np.ndarray, y: np.ndarray, n_classes: int) -
 # the head that scores 0.85 on val started `--mode partial --augment light` at a train loss of 11.2 (at a
 # learning rate of 1e-9, so the head as fitted), and the first steps followed that gradient. Deviations floored
 # at a tenth of the median one: 0.56 and the same val score; on all of ELPV the partial candidate's first epoch
-# ended at a train loss of 0.56 against 0.92 (benchmarks/RESULTS.md, notes of session 32). The linear probe itself is scored on the
-# views it is fitted on and keeps the plain standardization (a floor did not move its CV).
+# ended at a train loss of 0.56 against 0.92 (benchmarks/RESULTS.md, notes of session 32). The linear probe
+# itself is scored on the views it is fitted on and keeps the plain standardization (a floor did not move its CV).
 HEAD_INIT_SCALE_FLOOR = 0.1
 
 

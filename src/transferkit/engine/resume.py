@@ -37,8 +37,8 @@ def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapse
     tensors, optim_json = _flatten_optimizer(optimizer.state_dict())
     tensors.update(_rng_tensors(source))
     if averaging is not None:
-        training = averaging.training_weights or averaging.tensors  # applied after an epoch, not before it
-        tensors.update({f"averaging.training.{i}": t.detach().cpu().contiguous() for i, t in enumerate(training)})
+        tensors.update({f"averaging.training.{i}": t.detach().cpu().contiguous()
+                        for i, t in enumerate(averaging.training())})
     for key, value in (best["val"] or {}).items():
         if hasattr(value, "shape"):  # per-sample arrays (probs, labels, indices) of the best epoch
             tensors[f"best.val.{key}"] = torch.as_tensor(np.ascontiguousarray(value))

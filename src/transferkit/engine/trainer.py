@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -107,12 +107,12 @@ class Trainer:
         self.epoch, self.final = epoch, epoch == cfg.epochs
         self.emit("on_epoch_start")  # the time budget may make this epoch the last
         t0 = time.perf_counter()
-        with oom_as_training_error(cfg, epoch, self.state.out), self.source.compute_threads():
+        with self._computing(epoch):
             train_loss, train_acc = self._train_phase(epoch)
         self.schedule.epoch_end()
         # --ema-epochs: the averaged weights are the ones evaluated, kept as the best and written.
         with self.averaging.applied() if self.averaging else nullcontext():
-            with oom_as_training_error(cfg, epoch, self.state.out), self.source.compute_threads():
+            with self._computing(epoch):
                 # --best-metric last chooses nothing on val: it is scored once, after the last epoch.
                 if self.final or cfg.best_metric != "last":
                     val = evaluate_source(self.source, self.criterion)
@@ -123,6 +123,13 @@ class Trainer:
                    "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
                    "lr": self.optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - t0}
             self.emit("on_epoch_end", row, val)  # history, checkpoints, the epoch's line, early stopping
+
+    @contextmanager
+    def _computing(self, epoch: int):
+        """Around the epoch's training and its evaluation: out of memory as a one-line error, the source's
+        compute threads."""
+        with oom_as_training_error(self.state.cfg, epoch, self.state.out), self.source.compute_threads():
+            yield
 
     def _train_phase(self, epoch: int) -> tuple[float, float]:
         source, optimizer, schedule, criterion = self.source, self.optimizer, self.schedule, self.criterion
