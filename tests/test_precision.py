@@ -257,3 +257,32 @@ def test_a_kept_engine_as_fast_as_its_trial_stays_chosen(lite0_frozen, tmp_path,
     assert engine.info["engine"] == "onnxruntime-lanes" and engine.info["sustained_images_per_s"] > 2.0
     saved = _saved_choice(tmp_path)
     assert saved["engine"] == "onnxruntime-lanes" and "demoted" not in saved
+
+
+def test_predict_auto_precision_is_the_one_the_run_scored_its_val_images_in(tmp_path, monkeypatch):
+    """`predict --precision auto` reproduces the run's reported accuracy: bf16 only where the run trained and
+    scored in bf16 (and the device has it), fp32 where its frozen part ran on an fp32 engine or the run
+    folder does not say."""
+    from transferkit.predict import Predictor
+
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=32)
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(data), out=str(run), model="resnet18", pretrained=False, image_size=32,
+                    mode="finetune", epochs=1, batch_size=4, workers=0, precision="bf16"))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert Predictor(run).precision == "bf16"
+    assert Predictor(run, precision="fp32").precision == "fp32"
+    metrics_file = run / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["source"]["engine"] = "onnxruntime-lanes"  # features made in fp32: bf16 would not reproduce them
+    metrics_file.write_text(json.dumps(metrics))
+    assert Predictor(run).precision == "fp32"
+    assert Predictor(run, precision="bf16").precision == "bf16"  # asked for by name: as asked
+    metrics["source"]["engine"] = "torch-bf16"
+    metrics_file.write_text(json.dumps(metrics))
+    assert Predictor(run).precision == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert Predictor(run).precision == "fp32"  # a device without native bf16
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    metrics_file.unlink()  # an unfinished or copied run: nothing says how its numbers were computed
+    assert Predictor(run).precision == "fp32"

@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto: onnx for an .onnx model, torch for a run folder or .safetensors (told by content)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="torch engine: auto = bf16 autocast where the CPU/GPU has native bf16")
+                   help="torch engine: auto = the precision the run scored its val images in (bf16 autocast only where "
+                        "it trained and scored in bf16 and this CPU/GPU has native bf16), else fp32")
     p.add_argument("--device", default="cpu",
                    help="torch engine: where the network runs: cpu, cuda, cuda:N or auto (a GPU where there is one)")
     p.add_argument("--out", metavar="FILE", help="write the rows to FILE instead of standard output")
@@ -522,7 +523,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--lanes", type=int, default=d.lanes,
                    help="forward passes run side by side (default: ONNX engine, cores / threads; torch engine, 1)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="torch engine: as `transferkit predict --precision` (auto: bf16 where the CPU/GPU has it)")
+                   help="torch engine: as `transferkit predict --precision` (auto: the run's own precision)")
     p.add_argument("--access-log", action="store_true", default=d.access_log,
                    help="print a line per request (off: the logging costs CPU the forward passes need; refused "
                         "requests and failures are logged either way)")

@@ -52,8 +52,9 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
         path = export_onnx(model, meta, out / RunFolder.ONNX_MODEL, x[:1])
         exported = _onnx_logits(path, x.numpy())
     else:
-        path = export_torchscript(model, meta, out / RunFolder.TORCHSCRIPT_MODEL, x[:1])
-        exported = _torch_logits(torch.jit.load(str(path)), x)
+        with _jit_deprecation_said_once():
+            path = export_torchscript(model, meta, out / RunFolder.TORCHSCRIPT_MODEL, x[:1])
+            exported = _torch_logits(torch.jit.load(str(path)), x)
     result = {"format": fmt, "path": str(path), "checkpoint": str(checkpoint), "bytes": path.stat().st_size,
               "parity": parity(eager, exported)}
     _require_parity(result["parity"], fmt)
@@ -87,6 +88,24 @@ def set_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
         entry = existing.get(key) or proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(proto, str(path))
+
+
+@contextmanager
+def _jit_deprecation_said_once():
+    """PyTorch deprecates TorchScript: trace, save and load each warn with a FutureWarning and a source line
+    (four two-line warnings per export). The user gets one line instead, and the file works as before."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    deprecated = [w for w in caught if issubclass(w.category, FutureWarning) and "torch.jit" in str(w.message)]
+    if deprecated:
+        log.warning("PyTorch %s marks TorchScript (torch.jit) as deprecated; the file loads with torch.jit.load "
+                    "today, and --format onnx is the longer-lived format", torch.__version__.split("+")[0])
+    for w in caught:
+        if w not in deprecated:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def export_torchscript(model: torch.nn.Module, meta: dict, path: Path, example: torch.Tensor) -> Path:

@@ -22,13 +22,28 @@ from .run_folder import RunFolder
 log = logging.getLogger(__name__)
 
 
+def run_precision(checkpoint: str | Path, device: torch.device) -> str:
+    """What `--precision auto` means for a trained run: the precision its reported numbers were computed in, so
+    that predicting its val images gives its val accuracy. bf16 only where the run trained and scored in bf16
+    and this device computes bf16 natively; fp32 where its frozen part ran on an fp32 engine (the engine choice
+    refuses bf16 features that stray past their parity bound: on ELPV cells a probe run predicted in bf16 scored
+    0.8643 on the val images its run reported at 0.8674) and where the run folder does not say (a copied
+    checkpoint, an unfinished run)."""
+    metrics = RunFolder.read_json(RunFolder(resolve_checkpoint(checkpoint).parent).metrics) or {}
+    trained = (metrics.get("precision") or {}).get("resolved")
+    frozen = (metrics.get("source") or {}).get("engine")  # features and activations: the engine that made them
+    in_bf16 = trained == "bf16" and (frozen is None or str(frozen).endswith("bf16"))
+    return precisions.resolve("auto", device) if in_bf16 else "fp32"
+
+
 class Predictor:
     """A checkpoint ready to classify images, with the preprocessing it was trained with."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", precision: str = "auto"):
         self.model, self.meta = load_checkpoint(checkpoint)
         self.device = torch.device(device)
-        self.precision = precisions.resolve(precision, self.device)  # engine/precision.py
+        self.precision = (run_precision(checkpoint, self.device) if precision == "auto"
+                          else precisions.resolve(precision, self.device))  # engine/precision.py
         self.model.to(self.device)
         self.classes: list[str] = self.meta["classes"]
         self.preprocessing = preprocessing_of(self.meta)
