@@ -108,3 +108,8 @@ def test_a_fresh_venv_without_torch_installs_and_runs_the_deployment_path(export
     finally:
         assert server.stop(), server.log.read_text()
     assert status == 200 and body["predictions"][0]["label"] == json.loads(here.stdout)[0]["label"]
+
+
+def test_the_package_lists_its_api_without_importing_torch():
+    stdout = _torch_free("import transferkit as tk\nprint(' '.join(dir(tk)))\n")
+    assert {"train", "load", "resume", "Classifier", "TrainConfig", "__version__"} <= set(stdout.split())

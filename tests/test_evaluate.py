@@ -68,6 +68,19 @@ def test_tta_averages_the_views_and_reports_the_gain(tiny_run, tmp_path):
     np.testing.assert_allclose(per_view[1], np.stack(flipped), atol=1e-5)
 
 
+def test_test_time_views_that_a_probe_already_averages_over_are_not_scored_again():
+    from transferkit.data.transforms import dihedral, dihedral_after
+    from transferkit.evaluate import _absorbs
+
+    x = np.random.default_rng(0).random((2, 5, 5))
+    for j in range(8):
+        for k in range(8):
+            np.testing.assert_array_equal(dihedral(dihedral(x, k), j), dihedral(x, dihedral_after(j, k)))
+    flip, turns, every = TTA_VIEWS["flip"], (0, 4, 1, 5), TTA_VIEWS["dihedral"]
+    assert _absorbs(flip, flip) and _absorbs(turns, flip) and _absorbs(every, every) and _absorbs(every, flip)
+    assert not _absorbs((0,), flip) and not _absorbs(flip, every) and not _absorbs(turns, every)
+
+
 def test_auto_tta_uses_dihedral_views_only_where_the_run_declared_them():
     assert tta_kind("auto", {"view_kind": "dihedral", "views": 4}) == "dihedral"
     assert tta_kind("auto", {"view_kind": "dihedral", "views": 1}) == "flip"

@@ -139,6 +139,21 @@ def test_probe_run_predicts_what_it_scored(tmp_path):
     accuracy = np.mean([label == path.parent.name for label, path in zip(predicted, val)])
     assert accuracy == pytest.approx(metrics["best_val_acc"])
 
+    # evaluate reads the run's own cached val features (both views) and scores what the run reported
+    from transferkit.evaluate import evaluate_run
+
+    ev = evaluate_run(run, data, out=tmp_path / "ev")
+    assert ev["features"] == {"cached": 2 * len(val), "computed": 0}
+    assert ev["accuracy"] == pytest.approx(metrics["best_val_acc"])
+    # the mirror is in the model already: --tta flip would score the same average twice
+    flip = evaluate_run(run, data, tta="flip", out=tmp_path / "ev")
+    assert flip["tta"] == {"kind": "none", "views": 1, "in_model": "flip", "model_views": 2}
+    assert flip["accuracy"] == ev["accuracy"]
+    # turns change it: the 8 views are scored, the 6 not cached computed once
+    turned = evaluate_run(run, data, tta="dihedral", out=tmp_path / "ev")
+    assert turned["tta"]["kind"] == "dihedral" and turned["tta"]["accuracy_without"] == ev["accuracy"]
+    assert turned["features"] == {"cached": 2 * len(val), "computed": 6 * len(val)}
+
 
 @pytest.mark.slow
 def test_recipe_tutorial_is_the_seed_defaults(tmp_path):

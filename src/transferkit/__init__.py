@@ -19,3 +19,8 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")
+
+
+def __dir__():
+    # The lazy attributes too: dir(transferkit) and tab completion list the API without importing torch.
+    return sorted({*globals(), *_LAZY})

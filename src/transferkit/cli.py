@@ -651,6 +651,9 @@ def cmd_evaluate(args) -> int:
     if tta["kind"] != "none":
         print(f"TTA ({tta['kind']}, {tta['views']} views): accuracy {tta['accuracy_with']:.4f} vs "
               f"{tta['accuracy_without']:.4f} without ({tta['gain']:+.4f})")
+    elif tta.get("in_model"):
+        print(f"TTA ({tta['in_model']}): already in the model, which averages over its {tta['model_views']} views; "
+              "scored once")
     for row in ev.get("top_losses", [])[:5]:
         print(f"worst: {row['path']}  true {row['true']}  predicted {row['predicted']} "
               f"({row['probability_of_predicted']:.3f})")

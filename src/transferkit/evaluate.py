@@ -118,6 +118,21 @@ def tta_kind(tta: str | None, config: dict) -> str:
     return tta
 
 
+def views_in_model(meta: dict) -> tuple[int, ...]:
+    """The dihedral views a model averages its logits over itself (a probe's --probe-views), else (0,)."""
+    return tuple(int(v) for v in (meta.get("probe") or {}).get("views", (0,)))
+
+
+def _absorbs(model_views: tuple[int, ...], tta_views: tuple[int, ...]) -> bool:
+    """True where test-time views cannot change the model's own average: each maps the model's views onto
+    themselves (the mirror of a probe over the image and its mirror, any view of one over all eight), so every
+    TTA view would score the same probabilities again, at the model's cost each."""
+    from .data.transforms import dihedral_after
+
+    own = set(model_views)
+    return all({dihedral_after(j, k) for j in own} == own for k in tta_views)
+
+
 def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, out: str | Path | None = None,
                  batch_size: int = 32, include_train: bool = False) -> dict:
     """Metrics of RUN's best checkpoint on TARGET; written to OUT (default: the run folder).
@@ -135,6 +150,12 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
         raise DataError(f"every image in {source} was used to train this run; evaluate on other images "
                         "(e.g. RUN/split.csv for its val split) or pass --include-train")
     kind = tta_kind(tta, predictor.meta.get("config", {}))
+    in_model = views_in_model(predictor.meta)
+    absorbed = kind if kind != "none" and _absorbs(in_model, TTA_VIEWS[kind]) else None
+    if absorbed:
+        log.info("--tta %s: the model already averages over its %d views, which %s views leave as they are; "
+                 "scored once", absorbed, len(in_model), absorbed)
+        kind = "none"
     paths = [p for p, _ in items]
     cached = cached_view_probs(predictor, paths, TTA_VIEWS[kind])
     per_view, errors, features = cached or (*view_probs(predictor, paths, TTA_VIEWS[kind], batch_size), None)
@@ -147,7 +168,8 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
     ev = evaluation_summary(y, per_view[:, ok].mean(axis=0), classes, paths=kept, split=source,
                             checkpoint=_as_seen_from(folder, checkpoint), trained_on=trained_on, features=features,
                             skipped=[{"path": p, "error": e} for p, e in zip(paths, errors) if e is not None],
-                            tta={"kind": kind, "views": len(TTA_VIEWS[kind])})
+                            tta={"kind": kind, "views": len(TTA_VIEWS[kind]),
+                                 **({"in_model": absorbed, "model_views": len(in_model)} if absorbed else {})})
     if kind != "none":
         plain = classification_metrics(y, per_view[0, ok], classes)
         ev["tta"].update(accuracy_without=plain["accuracy"], accuracy_with=ev["accuracy"],
@@ -184,34 +206,70 @@ def _without_training_images(items, checkpoint: Path, meta: dict, include_train:
 
 
 def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
-    """view_probs from the feature cache, for a feature-extract run that cached its features: its backbone
-    is the cached one, untouched by training, so only the head runs on what is cached, and missing features
-    are computed once and cached. None where that does not hold (the caller runs the whole network)."""
+    """view_probs from the feature cache, for a feature-extract or linear-probe run that cached its features:
+    its backbone is the cached one, untouched by training, so only what was trained runs on what is cached
+    (the val features of the run itself are there), and missing features are computed once and cached. None
+    where that does not hold (the caller runs the whole network)."""
     import torch
 
-    from .engine.features import View, cached_features, store_for
-    from .engine.runtime import FrozenPart
+    from .engine.features import cached_features, store_for
+    from .engine.runtime import FrozenEngine
     from .engine.sources import feature_identity
     from .models.registry import get_spec
 
     meta, config = predictor.meta, predictor.meta.get("config", {})
     weights = config.get("weights")
-    if meta.get("mode") != "feature-extract" or not config.get("cache") or (weights and not Path(weights).is_file()):
+    if not config.get("cache") or (weights and not Path(weights).is_file()):
         return None
-    spec = get_spec(meta["architecture"])
-    store = store_for(feature_identity(spec, meta["preprocessing"], weights, config.get("pretrained", True),
-                                       config.get("seed", 0)))
-    head, frozen = predictor.model.get_submodule(spec.cache_point), FrozenPart(predictor.model, spec.cache_point)
+    plan = _cached_plan(predictor, meta, views)
+    if plan is None:
+        return None
+    frozen, point, cached_views, logits_of = plan
+    identity = feature_identity(get_spec(meta["architecture"]), meta["preprocessing"], weights,
+                                config.get("pretrained", True), config.get("seed", 0))
+    store = store_for({**identity, "point": point} if point else identity)
+    # Missing features are computed as training computed them: on the engine chosen for this machine (the
+    # export and the choice are the run's where they are still cached), eager fp32 torch only as its reference.
+    engine = FrozenEngine(frozen, predictor.device, "auto", store.onnx_path, precision=predictor.precision)
     with torch.inference_mode():
-        features, ok, stats = cached_features(frozen, store, paths, [View(k) for k in views],
-                                              predictor.preprocessing, desc="evaluation features")
+        features, ok, stats = cached_features(engine, store, paths, cached_views, predictor.preprocessing,
+                                              desc="evaluation features")
         per_view = np.full((len(views), len(paths), len(predictor.classes)), np.nan, dtype=np.float32)
         if features is not None:
-            for v in range(len(views)):
-                logits = head(features[:, v].float()).flatten(1)
-                per_view[v, np.flatnonzero(ok)] = torch.softmax(logits.float(), dim=1).numpy()
+            for v, k in enumerate(views):
+                per_view[v, np.flatnonzero(ok)] = torch.softmax(logits_of(features.float(), k), dim=1).numpy()
     errors = [None if good else "cannot be read" for good in ok]
     return per_view, errors, {"cached": stats["hits"], "computed": stats["computed"]}
+
+
+def _cached_plan(predictor, meta: dict, views: tuple[int, ...]):
+    """What the feature cache holds for this run's model, or None: (the frozen part that computes a missing
+    feature, its point in the store's identity, the views to read, logits of test-time view k from the
+    features (N, views read, ...)). A probe averages its own views: view j of test-time view k is cached view
+    dihedral_after(j, k)."""
+    import torch
+
+    from .data.transforms import dihedral_after
+    from .engine.features import View
+    from .engine.runtime import FrozenPart
+    from .models.registry import get_spec
+
+    model = predictor.model
+    if meta.get("mode") == "feature-extract":
+        spec = get_spec(meta["architecture"])
+        head = model.get_submodule(spec.cache_point)
+        return (FrozenPart(model, spec.cache_point), None, [View(k) for k in views],
+                lambda features, k: head(features[:, views.index(k)]).flatten(1))
+    probe = meta.get("probe")
+    if not isinstance(probe, dict) or probe.get("scales") or probe.get("pixels"):
+        return None  # a two-scale or pixel probe caches its vector in parts: the whole network runs
+    needed = sorted({dihedral_after(j, k) for k in views for j in model.views})
+
+    def logits_of(features, k):
+        return torch.stack([model.head(model.standardized(features[:, needed.index(dihedral_after(j, k))]))
+                            for j in model.views]).mean(0)
+
+    return model.pooler, f"taps{model.pooler.taps}-meanmax", [View(m) for m in needed], logits_of
 
 
 def _write(ev: dict, classes: list[str], folder: Path) -> None:

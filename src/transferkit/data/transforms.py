@@ -78,6 +78,13 @@ class RandomDihedral(torch.nn.Module):
         return dihedral(x, int(torch.randint(8, ())))
 
 
+def dihedral_after(j: int, k: int) -> int:
+    """The m with dihedral(dihedral(x, k), j) == dihedral(x, m) for every x: view j of view k."""
+    square = np.arange(9).reshape(3, 3)
+    target = dihedral(dihedral(square, k), j)
+    return next(m for m in range(8) if np.array_equal(dihedral(square, m), target))
+
+
 def dihedral(x, k: int):
     """The k-th of the 8 symmetries of the square (k=0 is identity), on the last two dims of a tensor or
     a numpy array (rot90 turns the same way in both)."""

@@ -542,8 +542,12 @@ class ProbeClassifier(nn.Module):
         return WithPixels(pooled, self.pixels) if self.pixels is not None else pooled
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.pooled()(x).index_select(1, self.columns)
-        return (z - self.feature_mean) / self.feature_scale
+        return self.standardized(self.pooled()(x))
+
+    def standardized(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled vector (as cached by the feature store) → the head's input: the probe's columns,
+        standardized."""
+        return (pooled.index_select(1, self.columns) - self.feature_mean) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..data.transforms import dihedral
