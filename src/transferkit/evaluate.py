@@ -206,70 +206,37 @@ def _without_training_images(items, checkpoint: Path, meta: dict, include_train:
 
 
 def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
-    """view_probs from the feature cache, for a feature-extract or linear-probe run that cached its features:
-    its backbone is the cached one, untouched by training, so only what was trained runs on what is cached
-    (the val features of the run itself are there), and missing features are computed once and cached. None
-    where that does not hold (the caller runs the whole network)."""
-    import torch
-
-    from .engine.features import cached_features, store_for
-    from .engine.runtime import FrozenEngine
-    from .engine.sources import feature_identity
-    from .models.registry import get_spec
-
-    meta, config = predictor.meta, predictor.meta.get("config", {})
-    weights = config.get("weights")
-    if not config.get("cache") or (weights and not Path(weights).is_file()):
-        return None
-    plan = _cached_plan(predictor, meta, views)
-    if plan is None:
-        return None
-    frozen, point, cached_views, logits_of = plan
-    identity = feature_identity(get_spec(meta["architecture"]), meta["preprocessing"], weights,
-                                config.get("pretrained", True), config.get("seed", 0))
-    store = store_for({**identity, "point": point} if point else identity)
-    # Missing features are computed as training computed them: on the engine chosen for this machine (the
-    # export and the choice are the run's where they are still cached), eager fp32 torch only as its reference.
-    engine = FrozenEngine(frozen, predictor.device, "auto", store.onnx_path, precision=predictor.precision)
-    with torch.inference_mode():
-        features, ok, stats = cached_features(engine, store, paths, cached_views, predictor.preprocessing,
-                                              desc="evaluation features")
-        per_view = np.full((len(views), len(paths), len(predictor.classes)), np.nan, dtype=np.float32)
-        if features is not None:
-            for v, k in enumerate(views):
-                per_view[v, np.flatnonzero(ok)] = torch.softmax(logits_of(features.float(), k), dim=1).numpy()
-    errors = [None if good else "cannot be read" for good in ok]
-    return per_view, errors, {"cached": stats["hits"], "computed": stats["computed"]}
-
-
-def _cached_plan(predictor, meta: dict, views: tuple[int, ...]):
-    """What the feature cache holds for this run's model, or None: (the frozen part that computes a missing
-    feature, its point in the store's identity, the views to read, logits of test-time view k from the
-    features (N, views read, ...)). A probe averages its own views: view j of test-time view k is cached view
-    dihedral_after(j, k)."""
+    """view_probs from the feature cache, for a feature-extract or linear-probe run that cached its features
+    (predict.frozen_split): its backbone is the cached one, untouched by training, so only what was trained
+    runs on what is cached (the run's own val features are there), and missing features are computed once and
+    cached. A probe averages its own views: view j of test-time view k is the cached view dihedral_after(j, k).
+    None where that does not hold (the caller runs the whole network)."""
     import torch
 
     from .data.transforms import dihedral_after
-    from .engine.features import View
-    from .engine.runtime import FrozenPart
-    from .models.registry import get_spec
+    from .engine.features import View, cached_features, store_for
+    from .engine.runtime import FrozenEngine
+    from .predict import frozen_split
 
-    model = predictor.model
-    if meta.get("mode") == "feature-extract":
-        spec = get_spec(meta["architecture"])
-        head = model.get_submodule(spec.cache_point)
-        return (FrozenPart(model, spec.cache_point), None, [View(k) for k in views],
-                lambda features, k: head(features[:, views.index(k)]).flatten(1))
-    probe = meta.get("probe")
-    if not isinstance(probe, dict) or probe.get("scales") or probe.get("pixels"):
-        return None  # a two-scale or pixel probe caches its vector in parts: the whole network runs
-    needed = sorted({dihedral_after(j, k) for k in views for j in model.views})
-
-    def logits_of(features, k):
-        return torch.stack([model.head(model.standardized(features[:, needed.index(dihedral_after(j, k))]))
-                            for j in model.views]).mean(0)
-
-    return model.pooler, f"taps{model.pooler.taps}-meanmax", [View(m) for m in needed], logits_of
+    split = frozen_split(predictor.model, predictor.meta)
+    if split is None:
+        return None
+    store = store_for(split.identity)
+    # Missing features are computed as training computed them: on the engine chosen for this machine (the
+    # export and the choice are the run's where they are still cached), eager fp32 torch only as its reference.
+    engine = FrozenEngine(split.frozen, predictor.device, "auto", store.onnx_path, precision=predictor.precision)
+    needed = sorted({dihedral_after(j, k) for k in views for j in split.views})
+    with torch.inference_mode():
+        features, ok, stats = cached_features(engine, store, paths, [View(m) for m in needed],
+                                              predictor.preprocessing, desc="evaluation features")
+        per_view = np.full((len(views), len(paths), len(predictor.classes)), np.nan, dtype=np.float32)
+        if features is not None:
+            for v, k in enumerate(views):
+                own = [features[:, needed.index(dihedral_after(j, k))] for j in split.views]
+                logits = split.logits(split.head_inputs(own))
+                per_view[v, np.flatnonzero(ok)] = torch.softmax(logits.float(), dim=1).numpy()
+    errors = [None if good else "cannot be read" for good in ok]
+    return per_view, errors, {"cached": stats["hits"], "computed": stats["computed"]}
 
 
 def _write(ev: dict, classes: list[str], folder: Path) -> None:
