@@ -106,8 +106,8 @@ class Predictor:
     def _frozen_engine(self):
         """A run whose backbone stayed frozen runs, on a CPU, its frozen part on the engine its training chose
         on this machine (the same export and choice, from the feature cache; measured anew elsewhere), and the
-        trained rest in torch: the default ELPV probe's 656 val images × 8 views took 78 s in eager fp32 torch,
-        38 s this way. (None, None): the whole model runs eagerly."""
+        trained rest in torch: the default ELPV probe's 656 val images × 8 views took 61.7 s in eager fp32 torch,
+        34.8 s this way (benchmarks/predict_run.py). (None, None): the whole model runs eagerly."""
         split = frozen_split(self.model, self.meta) if self.device.type == "cpu" else None
         if split is None:
             return None, None

@@ -1,0 +1,116 @@
+"""Predicting and evaluating with a trained run folder: the frozen part on its chosen engine against the eager model.
+
+    python benchmarks/predict_run.py --work DIR [--classes 2]
+
+Trains once (untimed) the kind of model `make demo`'s search chooses on ELPV: `transferkit train DATA --recipe
+tutorial --mode linear-probe --probe-views dihedral --crop-fraction 1.0` (a probe over the 8 dihedral views),
+with a feature cache of its own. Then, in this one process (torch imported once, rows in turn), predicts the
+val images with `Predictor` as `transferkit predict RUN DATA/val` does (the program's malloc settings), and scores them with `evaluate_run`:
+- the whole model eager, under bf16 autocast (what `predict --precision auto` ran before on a CPU with bf16)
+  and in fp32;
+- this tree's default: the precision the run scored its val images in, the frozen part on the engine its
+  training chose on this machine and the trained rest in torch (predict.FrozenSplit);
+- evaluate with the run's cached val features, and with an empty feature cache (export and engine choice
+  included).
+Each row: seconds, images/s, val accuracy, and the largest probability difference from the eager fp32 row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import cold_env, elpv, environment_line, table, write_section  # noqa: E402
+
+
+def train(data: Path, run: Path, cache: Path) -> dict:
+    import json
+
+    if not (run / "metrics.json").is_file():
+        cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--recipe", "tutorial", "--mode",
+               "linear-probe", "--probe-views", "dihedral", "--crop-fraction", "1.0", "--out", str(run),
+               "--overwrite"]
+        subprocess.run(cmd, env={**cold_env(cache), "TRANSFERKIT_QUIET": "1"}, check=True,
+                       stdout=subprocess.DEVNULL)
+    return json.loads((run / "metrics.json").read_text())
+
+
+def predicted(predictor, paths: list[str]) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    probs, errors = predictor.predict_proba(paths)
+    assert not any(errors), errors
+    return time.perf_counter() - t0, probs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", required=True, help="folder for the data, the run and its feature caches")
+    ap.add_argument("--classes", type=int, default=2, choices=(2, 4))
+    args = ap.parse_args()
+    work = Path(args.work)
+    data = work / f"elpv{args.classes}"
+    if not (data / "train").is_dir():
+        elpv(data, args.classes)
+    cache, run = work / "feature-cache", work / "run"
+    metrics = train(data, run, cache)
+    os.environ["TRANSFERKIT_FEATURE_CACHE"] = str(cache)  # the run's own cache: its engine choice and features
+
+    from transferkit.evaluate import evaluate_run
+    from transferkit.malloc import keep_freed_blocks
+    from transferkit.predict import Predictor
+
+    # As the `transferkit` program sets up its process (cli.entry): without it, eager torch here took twice as
+    # long (each batch's activations mapped afresh: 124.6 s against ~60 s in `transferkit predict`)
+    keep_freed_blocks()
+
+    classes = metrics["classes"]
+    paths = sorted(str(p) for p in (data / "val").rglob("*.png"))
+    y = np.array([classes.index(Path(p).parent.name) for p in paths])
+    rows, reference = [], None
+    for name, precision, whole in (("the whole model eager, bf16 autocast (predict's auto before)", "bf16", True),
+                                   ("the whole model eager, fp32", "fp32", True),
+                                   ("the frozen part on its engine, the rest in torch (predict's auto now)", "auto",
+                                    False)):
+        predictor = Predictor(run, precision=precision)
+        if whole:
+            predictor._engine = None  # the path predict took before FrozenSplit
+        seconds, probs = predicted(predictor, paths)
+        reference = probs if precision == "fp32" else reference
+        engine = "eager" if whole else predictor._engine.info.get("engine")
+        rows.append({"how": name, "precision": predictor.precision, "engine": engine, "seconds": seconds,
+                     "images/s": len(paths) / seconds, "val acc": float((probs.argmax(1) == y).mean()), "probs": probs})
+    for row in rows:
+        row["max prob diff vs eager fp32"] = float(np.abs(row.pop("probs") - reference).max())
+    for name, feature_cache in (("evaluate, the run's cached val features", cache),
+                                ("evaluate, an empty feature cache", work / "empty-cache")):
+        shutil.rmtree(work / "empty-cache", ignore_errors=True)
+        os.environ["TRANSFERKIT_FEATURE_CACHE"] = str(feature_cache)
+        t0 = time.perf_counter()
+        ev = evaluate_run(run, data, out=work / "evaluation")
+        seconds = time.perf_counter() - t0
+        rows.append({"how": name, "precision": "auto", "engine": "cache" if ev["features"]["computed"] == 0 else
+                     "chosen", "seconds": seconds, "images/s": ev["n"] / seconds, "val acc": ev["accuracy"]})
+    shutil.rmtree(work / "empty-cache", ignore_errors=True)
+
+    print(environment_line())
+    columns = ["how", "precision", "engine", "seconds", "images/s", "val acc", "max prob diff vs eager fp32"]
+    text = table(rows, columns)
+    print(text)
+    write_section(f"predict_run_elpv{args.classes}", (
+        f"## Predicting with a run folder: ELPV {args.classes} classes\n\n{environment_line()}. Command: `python "
+        f"benchmarks/predict_run.py --work DIR --classes {args.classes}`: a linear probe over the 8 dihedral views "
+        f"(`--recipe tutorial --mode linear-probe --probe-views dihedral --crop-fraction 1.0`; its run reported val "
+        f"{metrics['best_val_acc']:.4f}), its {len(paths)} val images predicted in one process (torch imported "
+        f"once; each image's 8 views), then evaluated.\n\n{text}\n"))
+
+
+if __name__ == "__main__":
+    main()
