@@ -404,6 +404,13 @@ def test_onnx_lanes_fill_the_cores_and_the_torch_engine_keeps_one(monkeypatch, e
         served_model.load_served_model(exported[1], engine="torch", lanes=2)
 
 
+def test_the_torch_engine_chooses_its_frozen_engine_before_the_first_request(exported):
+    from transferkit.serve.model import load_served_model
+
+    served = load_served_model(exported[1], engine="torch")
+    assert served.classifier._engine.active is not None  # exported, checked and chosen at load
+
+
 def test_the_engine_is_told_by_the_model_content_not_its_name(exported, tmp_path):
     from transferkit.serve.model import load_served_model
 

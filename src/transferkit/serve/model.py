@@ -59,12 +59,23 @@ def load_served_model(model: str | Path, engine: str | None = None, threads: int
 
         path = resolve_checkpoint(path)
         clf = Predictor(path, precision=precision)
+        warm_up(clf)
         facts = {**{k: clf.meta[k] for k in ("architecture", "classes", "preprocessing")}, "precision": clf.precision}
         run = RunFolder(path.parent)
         export = RunFolder.read_json(run.export_record)
     card = {**facts, "engine": engine, "model": str(path), "model_date": _date_of(path),
             "export": _parity_of(export, path), **_training(run)}
     return ServedModel(clf, engine, path, card, lanes)
+
+
+def warm_up(clf) -> None:
+    """One forward pass on a blank image before the server listens: the kernels are set up and a frozen part's
+    engine is exported and chosen (predict.FrozenSplit; ~1.5 s on a machine that has not chosen it yet) before
+    the first request, not during it."""
+    import torch
+
+    size = clf.preprocessing.input_size
+    clf.table_of([torch.zeros(3, size, size)])
 
 
 def onnx_layout(lanes: int | None, threads: int | None) -> tuple[int, int]:
