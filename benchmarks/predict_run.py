@@ -81,10 +81,10 @@ def main() -> None:
                                     False)):
         predictor = Predictor(run, precision=precision)
         if whole:
-            predictor._engine = None  # the path predict took before FrozenSplit
+            predictor.frozen_engine = None  # the path predict took before FrozenSplit
         seconds, probs = predicted(predictor, paths)
         reference = probs if precision == "fp32" else reference
-        engine = "eager" if whole else predictor._engine.info.get("engine")
+        engine = "eager" if whole else predictor.frozen_engine.info.get("engine")
         rows.append({"how": name, "precision": predictor.precision, "engine": engine, "seconds": seconds,
                      "images/s": len(paths) / seconds, "val acc": float((probs.argmax(1) == y).mean()), "probs": probs})
     for row in rows:

@@ -140,10 +140,10 @@ def test_probe_run_predicts_what_it_scored(tmp_path):
     accuracy = np.mean([label == path.parent.name for label, path in zip(predicted, val)])
     assert accuracy == pytest.approx(metrics["best_val_acc"])
     # its frozen part ran on the machine's engine for it (the trained rest in torch), not the eager model
-    assert clf._predictor._engine.info["engine"] in ("torch", "torch-bf16", "onnxruntime", "onnxruntime-lanes")
+    assert clf._predictor.frozen_engine.info["engine"] in ("torch", "torch-bf16", "onnxruntime", "onnxruntime-lanes")
     # in fp32 the split model (frozen part on its engine, the rest in torch) is the eager model
     split, eager = Predictor(run, precision="fp32"), Predictor(run, precision="fp32")
-    eager._engine = None
+    eager.frozen_engine = None
     paths = [str(p) for p in val]
     np.testing.assert_allclose(split.predict_proba(paths)[0], eager.predict_proba(paths)[0], atol=1e-4)
 

@@ -408,7 +408,7 @@ def test_the_torch_engine_chooses_its_frozen_engine_before_the_first_request(exp
     from transferkit.serve.model import load_served_model
 
     served = load_served_model(exported[1], engine="torch")
-    assert served.classifier._engine.active is not None  # exported, checked and chosen at load
+    assert served.classifier.frozen_engine.active is not None  # exported, checked and chosen at load
 
 
 def test_the_engine_is_told_by_the_model_content_not_its_name(exported, tmp_path):

@@ -207,7 +207,7 @@ def _without_training_images(items, checkpoint: Path, meta: dict, include_train:
 
 def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
     """view_probs from the feature cache, for a feature-extract or linear-probe run that cached its features
-    (predict.frozen_split): its backbone is the cached one, untouched by training, so only what was trained
+    (the predictor's FrozenSplit): its backbone is the cached one, untouched by training, so only what was trained
     runs on what is cached (the run's own val features are there), and missing features are computed once and
     cached. A probe averages its own views: view j of test-time view k is the cached view dihedral_after(j, k).
     None where that does not hold (the caller runs the whole network)."""
@@ -215,16 +215,13 @@ def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
 
     from .data.transforms import dihedral_after
     from .engine.features import View, cached_features, store_for
-    from .engine.runtime import FrozenEngine
-    from .predict import frozen_split
 
-    split = frozen_split(predictor.model, predictor.meta)
-    if split is None:
+    split, engine = predictor.split, predictor.frozen_engine
+    if engine is None:
         return None
     store = store_for(split.identity)
     # Missing features are computed as training computed them: on the engine chosen for this machine (the
     # export and the choice are the run's where they are still cached), eager fp32 torch only as its reference.
-    engine = FrozenEngine(split.frozen, predictor.device, "auto", store.onnx_path, precision=predictor.precision)
     needed = sorted({dihedral_after(j, k) for k in views for j in split.views})
     with torch.inference_mode():
         features, ok, stats = cached_features(engine, store, paths, [View(m) for m in needed],

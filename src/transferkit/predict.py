@@ -101,7 +101,8 @@ class Predictor:
         # A linear probe's head reads the standardized pooled features; its first call is the image itself.
         head = "head" if isinstance(self.meta.get("probe"), dict) else get_spec(self.meta["architecture"]).cache_point
         self._head = self.model.get_submodule(head) if self.novelty is not None else None
-        self._split, self._engine = self._frozen_engine()
+        # evaluate's cached path reads both: the same split, and the same engine for the features it lacks
+        self.split, self.frozen_engine = self._frozen_engine()
 
     def _frozen_engine(self):
         """A run whose backbone stayed frozen runs, on a CPU, its frozen part on the engine its training chose
@@ -111,11 +112,11 @@ class Predictor:
         split = frozen_split(self.model, self.meta) if self.device.type == "cpu" else None
         if split is None:
             return None, None
-        from .engine.features import engine_folder
+        from .engine.features import frozen_onnx_path
         from .engine.runtime import FrozenEngine
 
         try:
-            onnx_path = engine_folder(split.identity) / "frozen.onnx"
+            onnx_path = frozen_onnx_path(split.identity)
         except OSError as exc:  # no writable cache folder: eager torch, as before
             log.debug("no engine folder for the frozen part (%s); the whole model runs in torch", exc)
             return None, None
@@ -149,7 +150,7 @@ class Predictor:
         x = torch.stack(tensors).to(self.device)
         if self.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
-        if self._engine is not None:
+        if self.frozen_engine is not None:
             logits, head_input = self._split_forward(x)
             return F.softmax(logits.float(), dim=1).cpu().numpy(), head_input.float().cpu()
         seen = []
@@ -169,9 +170,9 @@ class Predictor:
         autocast, which the engine applies itself where it chose bf16 (its parity reference is fp32)."""
         from .data.transforms import dihedral
 
-        inputs = self._split.head_inputs([self._engine(dihedral(x, k)) for k in self._split.views])
+        inputs = self.split.head_inputs([self.frozen_engine(dihedral(x, k)) for k in self.split.views])
         with precisions.autocast(self.device, self.precision):
-            return self._split.logits(inputs), inputs[0]
+            return self.split.logits(inputs), inputs[0]
 
     # The rows' table: probabilities, plus the novelty score as a last column where the run has a novelty
     # reference, from one forward pass. Every consumer (predict, the API, serve's batcher) fills a table of

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torchvision.transforms import v2 as T
@@ -78,6 +80,7 @@ class RandomDihedral(torch.nn.Module):
         return dihedral(x, int(torch.randint(8, ())))
 
 
+@functools.cache
 def dihedral_after(j: int, k: int) -> int:
     """The m with dihedral(dihedral(x, k), j) == dihedral(x, m) for every x: view j of view k."""
     square = np.arange(9).reshape(3, 3)

@@ -246,7 +246,12 @@ def store_for(identity: dict) -> FeatureStore:
     root = feature_root() / _digest(identity)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "identity.json", identity)
-    return FeatureStore(root, engine_folder(identity) / "frozen.onnx")
+    return FeatureStore(root, frozen_onnx_path(identity))
+
+
+def frozen_onnx_path(identity: dict) -> Path:
+    """Where the frozen part of a feature store's `identity` is exported (FrozenEngine adds the input size)."""
+    return engine_folder(identity) / "frozen.onnx"
 
 
 def engine_folder(identity: dict) -> Path:
