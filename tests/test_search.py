@@ -668,6 +668,24 @@ def test_a_perfect_cv_ends_the_c_sweep(monkeypatch):
     assert cv.per_C == {0.001: 1.0} and cv.C == 0.001
 
 
+def test_the_cv_of_two_images_a_class_folds_in_two_and_fits_every_fold():
+    """Two images a class (a user's first try): 3 plain folds left a fold with one class, whose logistic fit
+    sklearn refuses (a traceback). The CV then folds in two, stratified, so each training fold holds every class;
+    a fold that still holds one class (one image a class) is fitted as a head that always answers it."""
+    from transferkit.engine import probe
+
+    y = np.array([0, 0, 1, 1])
+    assert probe.fold_count(y) == 2 and probe.fold_count(np.arange(30) % 3) == 3
+    for _, test_idx in probe.cv_splits(y, 3, seed=0):
+        assert sorted(y[test_idx]) == [0, 1]
+    x = np.stack([2.0 * y - 1.0, np.ones(4)], axis=1)[:, None, :].astype(np.float32)
+    assert probe.cross_validate(x, y, np.arange(2), 2, [0.1, 1.0]).accuracy == 1.0
+    weight, bias = probe.fit_logistic(x[:2, 0], y[:2], 0.1, 3)
+    assert not weight.any() and bias.argmax() == 0 and bias[0] - bias[1:].max() >= probe.ABSENT_CLASS_MARGIN
+    one_each = np.array([0, 1])
+    assert probe.cross_validate(x[1:3], one_each, np.arange(2), 2, [0.1]).accuracy == 0.0  # fitted, nothing learnt
+
+
 def test_subsamples_are_stratified_and_hold_every_class():
     """Any prefix of the seeded order holds each class in proportion to its images (up to rounding: at most
     one image per class above, the number of classes below) and every class once it holds that many images:

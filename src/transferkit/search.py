@@ -587,14 +587,16 @@ def _measure_rate(search: Search, ctx: _Context, crop) -> None:
 def _log_plan(search: Search, ctx: _Context, note: str = "") -> None:
     """The ladder with an estimate for each step, from the measured rate (steps run while they fit); the steps
     the given options rule out are not listed."""
+    from .engine.probe import fold_count
     from .engine.probe_train import PROBE_VIEWS
 
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     per_view = n / search.rate
     cv, splits = _cv_seconds(search, ctx, 1), _cv_repeats(ctx)
+    folds = fold_count(ctx.y)
     log.info("plan: %d train / %d val images; extraction %.0f images/s (measured%s); budget %.0fs, %.0fs left%s",
              n, m, search.rate, note, search.deadline - search.t0, search.left(),
-             f"; the probes' 3-fold CV runs on {splits} splits (few images)" if splits > 1 else "")
+             f"; the probes' {folds}-fold CV runs on {splits} splits (few images)" if splits > 1 else "")
     crops, view_sets = _probe_ladder(search, ctx)
     first = len(PROBE_VIEWS[view_sets[0]])
     steps = [(f"probe, crop {'own' if c is None else c}, {first} view{'s' * (first > 1)}", first * (per_view + cv))

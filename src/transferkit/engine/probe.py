@@ -230,6 +230,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
     from sklearn.linear_model import LogisticRegression
 
     present = np.unique(y)
+    full_weight = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
+    if len(present) == 1:  # a CV fold of a folder with one or two images per class: nothing to separate
+        full_bias = np.full(n_classes, -ABSENT_CLASS_MARGIN, dtype=np.float32)
+        full_bias[present] = 0.0
+        return full_weight, full_bias
     # tol 1e-3 on standardized features: accuracy no longer moves, and a 10-class fit on 4,000 features
     # takes a fraction of the default's iterations
     clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, warm_start=warm is not None)
@@ -247,7 +252,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
     if weight.shape[0] == 1:  # sklearn's binary form: split evenly between the two classes
         weight = np.concatenate([-weight / 2, weight / 2])
         bias = np.concatenate([-bias / 2, bias / 2])
-    full_weight = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
     full_bias = np.full(n_classes, bias.min() - ABSENT_CLASS_MARGIN, dtype=np.float32)
     full_weight[present], full_bias[present] = weight, bias
     return full_weight, full_bias
@@ -485,18 +489,25 @@ def cv_splits(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np
     return [split for r in range(cv_repeats(len(y))) for split in stratified_folds(y, folds, seed + r)]
 
 
+def fold_count(y: np.ndarray, folds: int = 3) -> int:
+    """The k of the stratified k-fold CV on labels y: `folds`, or fewer where no class has that many images."""
+    return max(2, min(folds, int(np.bincount(y).max())))
+
+
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """StratifiedKFold's (train, test) index pairs. A class with fewer images than folds is absent from
     some test folds; sklearn warns about it on every call (dozens of lines in one search), but the folds
     are still the right ones, so its warning is not passed on. Where every class has fewer images than
-    folds (1,000 classes, the first 750 images a budget paid for), StratifiedKFold refuses: shuffled plain
-    folds then, as many as there are images where that is fewer."""
+    folds (two images a class; 1,000 classes, the first 750 images a budget paid for), StratifiedKFold refuses:
+    as many stratified folds as the largest class has images then, and where that is one image, shuffled plain
+    folds, as many as there are images where that is fewer."""
     import warnings
 
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    if np.bincount(y).max() < folds:
+    if np.bincount(y).max() < 2:
         return list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(np.zeros(len(y))))
+    folds = fold_count(y, folds)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
