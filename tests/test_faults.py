@@ -98,6 +98,65 @@ def test_disk_full_leaves_no_half_written_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "best.safetensors").exists() and not _leftovers(tmp_path)
 
 
+def test_disk_full_inside_safetensors_is_the_same_one_line_error(tmp_path, monkeypatch):
+    """safetensors writes in Rust: a full disk reaches Python as SafetensorError("... (os error 28)"), not as an
+    OSError, and ended a real run on a full disk in that traceback. It is the same RunFolderError now; any other
+    failure of the write still passes through as it is."""
+    from safetensors import SafetensorError
+
+    from transferkit.engine import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(io.RunFolderError, match="best.safetensors: the disk is full; nothing was left half-written"):
+        save_checkpoint(tmp_path / "best.safetensors", torch.nn.Linear(3, 2), {"architecture": "x"})
+    assert not list(tmp_path.iterdir())
+    assert io.os_error_of(SafetensorError("I/O error: Permission denied (os error 13)")).errno == errno.EACCES
+    with pytest.raises(ValueError, match="not an OS error"):
+        io.atomic_write(tmp_path / "x.bin", lambda tmp: (_ for _ in ()).throw(ValueError("not an OS error")))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_feature_cache_that_cannot_be_written_keeps_the_features_in_memory(tmp_path, monkeypatch, caplog):
+    """A full or read-only cache disk costs the run its cache, not the run: one warning for the folder, the
+    features kept in memory for this run, nothing left on the disk (it ended the run in a one-line error, and
+    before that in a traceback)."""
+    import logging
+
+    from transferkit.engine import features
+    from transferkit.engine.features import View, cached_features, store_for
+    from transferkit.preprocessing import Preprocessing
+    from conftest import make_image_folder
+
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(tmp_path / "cache"))
+    paths = sorted(str(p) for p in (make_image_folder(tmp_path / "data", n_train=3, n_val=0, size=32) / "train")
+                   .rglob("*.png"))
+    pre = Preprocessing(resize_size=32, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear")
+
+    def extract(x):
+        return x.float().mean(dim=(2, 3))
+
+    expected, _, _ = cached_features(extract, features.FeatureStore(tmp_path / "fresh" / "store"), paths,
+                                     [View(0)], pre)
+
+    def refuse(path, *args):
+        raise io.RunFolderError(f"could not write {path}: the disk is full; nothing was left half-written")
+
+    monkeypatch.setattr(features, "atomic_write", refuse)
+    monkeypatch.setattr(features, "atomic_write_json", refuse)
+    with caplog.at_level(logging.WARNING):
+        for identity in ({"backbone": "a"}, {"backbone": "b"}):  # two stores of one cache folder: one warning
+            store = store_for(identity)
+            got, ok, stats = cached_features(extract, store, paths, [View(0)], pre)
+            assert all(ok) and stats["computed"] == len(paths) and torch.equal(got, expected)
+            again, _, stats = cached_features(extract, store, paths, [View(0)], pre)
+            assert stats["computed"] == 0 and torch.equal(again, expected)  # from memory
+    assert caplog.text.count("feature cache not written") == 1 and "the disk is full" in caplog.text
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
 @pytest.mark.slow
 def test_disk_full_during_training_is_one_line(tiny_folder, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -34,14 +35,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         _remove(tmp)
-        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        failed = os_error_of(exc)
+        if failed is None:
+            raise
+        why = "the disk is full" if failed.errno == errno.ENOSPC else (failed.strerror or str(failed))
         raise RunFolderError(f"could not write {path}: {why}; nothing was left half-written") from None
-    except BaseException:
-        _remove(tmp)
-        raise
     return path
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The operating system's error behind a failed read or write: an OSError, or the I/O error of a library
+    written in Rust (safetensors raises SafetensorError "... No space left on device (os error 28)"); None for
+    any other failure."""
+    if isinstance(exc, OSError):
+        return exc
+    found = _RUST_OS_ERROR.search(str(exc)) if isinstance(exc, Exception) else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def atomic_write_text(path, text: str) -> Path:

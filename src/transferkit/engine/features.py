@@ -29,7 +29,7 @@ from ..data.images import load_rgb
 from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
 from ..caches import ENGINES_DIR, FEATURE_SUFFIX, evict_to_cap, feature_root, touch
-from ..io import atomic_write, atomic_write_json
+from ..io import RunFolderError, atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
 from ..threads import named_pool, start_prefetch
 from . import signals
@@ -125,6 +125,9 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+_REFUSING_CACHES: set[Path] = set()  # cache folders whose disk refused a write in this process (said once)
+
+
 class FeatureStore:
     """Append-only shards of (key → feature) in safetensors, one folder per backbone configuration.
 
@@ -143,6 +146,8 @@ class FeatureStore:
         # Shards this store has read and found whole: shards never change once written, so their checksum is not
         # taken again (cached_features verifies, then reads, the same shards: the search reads them call after call).
         self._checked: set[str] = set()
+        # Shards written since the cache's disk refused a write (keep_in_memory); None while it takes them.
+        self._in_memory: dict[str, torch.Tensor] | None = None
         self._entries, self.damaged = shards.list_shards(self.root, SUFFIX)
         for name, _ in self.damaged:
             shards.drop(self.root, name, SUFFIX)
@@ -187,8 +192,21 @@ class FeatureStore:
             out[[pos for pos, _ in rows]] = tensor[[row for _, row in rows]]
         return out if out is not None else torch.empty(0)
 
+    def keep_in_memory(self, refused: Exception) -> None:
+        """The cache's disk refused a write (full, read-only): the run goes on, this store's new shards in memory."""
+        if self._in_memory is not None:
+            return
+        self._in_memory = {}
+        base = self.root.parent
+        if base not in _REFUSING_CACHES:  # one line per cache folder and process, not one per store
+            _REFUSING_CACHES.add(base)
+            log.warning("feature cache not written (%s): features are kept in memory; free space (`transferkit "
+                        "cache clear`) or point TRANSFERKIT_FEATURE_CACHE elsewhere", refused)
+
     def _load(self, name: str) -> torch.Tensor | None:
         """The shard's tensor, read and checked; None (and dropped) where damaged."""
+        if self._in_memory is not None and name in self._in_memory:
+            return self._in_memory[name]
         entry = self._entries[name]
         path = self.root / f"{name}{SUFFIX}"
         try:
@@ -234,9 +252,17 @@ class FeatureStore:
         tensor = features.detach().cpu().contiguous()
         blob = save({"features": tensor})
         entry = shards.new_entry(self.root, len(blob), keys=list(keys), sha256=hashlib.sha256(blob).hexdigest())
-        # Index entry first, then the data (shards.py): a crash in between leaves no dangling keys.
-        atomic_write_json(self.root / f"{name}.json", entry)
-        atomic_write(self.root / f"{name}{SUFFIX}", lambda tmp: Path(tmp).write_bytes(blob))
+        if self._in_memory is None:
+            try:
+                # Index entry first, then the data (shards.py): a crash in between leaves no dangling keys.
+                atomic_write_json(self.root / f"{name}.json", entry)
+                atomic_write(self.root / f"{name}{SUFFIX}", lambda tmp: Path(tmp).write_bytes(blob))
+            except RunFolderError as exc:
+                shards.drop(self.root, name, SUFFIX)
+                self.keep_in_memory(exc)
+        if self._in_memory is not None:
+            self._in_memory[name] = tensor
+            self._checked.add(name)
         self._entries[name] = entry
         for row, key in enumerate(keys):
             self.index[key] = (name, row)
@@ -244,8 +270,13 @@ class FeatureStore:
 
 def store_for(identity: dict) -> FeatureStore:
     root = feature_root() / _digest(identity)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "identity.json", identity)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root / "identity.json", identity)
+    except (OSError, RunFolderError) as exc:
+        store = FeatureStore(root, frozen_onnx_path(identity))
+        store.keep_in_memory(exc)
+        return store
     return FeatureStore(root, frozen_onnx_path(identity))
 
 
