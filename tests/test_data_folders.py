@@ -241,6 +241,29 @@ def test_class_with_one_image_cannot_be_split_randomly(tmp_path):
     assert "only 1 usable image" in _fatal(_flat(tmp_path, {"a": 5, "b": 1}))
 
 
+def test_run_folders_inside_the_data_are_not_classes(tmp_path):
+    """`--out` inside a flat data folder, or `runs/` where `transferkit train .` ran in it: the next scan read the
+    run's figures as a class of images ("run1": 11 PNGs and non-images). Run folders (a config plus the scan's
+    report, split or metrics), `runs/` of nothing but run folders, and a run folder nested in a class are
+    ignored and reported; a class folder that merely holds a config.yaml is still a class."""
+    root = _flat(tmp_path / "data", {"a": 6, "b": 6})
+    runs = [root / "run1", root / "runs" / "20261206-efficientnet_lite0-auto", root / "a" / "sub" / "run9"]
+    for run, marker in zip(runs, ("data_report.json", "split.csv", "metrics.json")):
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("mode: linear-probe\n")
+        (run / marker).write_text("{}")
+        random_rgb(7, (64, 64)).save(run / "confusion.png")
+    (root / "b" / "config.yaml").write_text("not a run\n")
+    scan = scan_dataset(root)
+    assert scan.classes == ["a", "b"]
+    used = _paths(scan.train) + _paths(scan.val)
+    assert len(used) == 12 and not any("confusion" in p for p in used)
+    assert [e["path"] for e in scan.problems["run_folder"]] == ["run1", "runs", "a/sub/run9"]
+    assert "run_folder" in INFORMATIONAL_KINDS
+    assert any(line.startswith("ignored 3 transferkit run folders inside the data folder")
+               for line in scan.summary_lines())
+
+
 def test_bad_val_fraction(tmp_path):
     with pytest.raises(UsageError):
         scan_dataset(_flat(tmp_path, {"a": 5, "b": 5}), val_fraction=1.5)

@@ -33,6 +33,7 @@ from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
 from transferkit.engine import signals
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
+from transferkit.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ IMBALANCE_WARN_RATIO = 3.0
 MANIFEST_COLUMNS = ("path", "class", "split")
 
 # Kinds that skip nothing the user meant to train on; strict mode does not stop on them.
-INFORMATIONAL_KINDS = frozenset({"no_extension", "hidden", "os_junk", "outside_class_folder", "unused_folder"})
+INFORMATIONAL_KINDS = frozenset({"no_extension", "hidden", "os_junk", "outside_class_folder", "unused_folder",
+                                 "run_folder"})
 
 # Summary wording per kind, in report order; "{n}" is the count, the other fields are
 # nouns that agree with it.
@@ -75,6 +77,7 @@ _KIND_TEXT = {
     "os_junk": "ignored {n} OS metadata {files} (.DS_Store, Thumbs.db, desktop.ini)",
     "outside_class_folder": "ignored {n} non-image {files} outside class folders",
     "unused_folder": "ignored {n} {folders} that {are} neither train nor val",
+    "run_folder": "ignored {n} transferkit run {folders} inside the data folder",
 }
 
 
@@ -329,11 +332,26 @@ def _class_dirs(split_dir: Path, problems: _Problems) -> list[tuple[str, Path]]:
     for name, path in _sorted_entries(split_dir):
         if _skip_special(name, path, problems):
             continue
-        if path.is_dir():
-            classes.append((name, path))
-        else:
+        if not path.is_dir():
             _outside_class_folder(path, problems)
+        elif _is_run_folder(path) or _holds_only_runs(path):
+            problems.add("run_folder", path, "transferkit's run folder(s), not training data")
+        else:
+            classes.append((name, path))
     return classes
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A run folder of this program (`--out` inside the data folder, or `runs/` where the command ran in it): its
+    figures are not images of a class. Its config is written first, then the scan's report and split."""
+    return (path / RunFolder.CONFIG).is_file() and any(
+        (path / name).is_file() for name in (RunFolder.DATA_REPORT, RunFolder.SPLIT, RunFolder.METRICS))
+
+
+def _holds_only_runs(path: Path) -> bool:
+    """`runs/` of the default `--out`: run folders and nothing else (hidden entries aside)."""
+    entries = [p for name, p in _sorted_entries(path) if not name.startswith(".")]
+    return bool(entries) and all(p.is_dir() and _is_run_folder(p) for p in entries)
 
 
 def _walk_class(class_dir: Path, problems: _Problems) -> list[tuple[str, bool, tuple]]:
@@ -377,6 +395,9 @@ def _keep_dir(parent: Path, name: str, problems: _Problems) -> bool:
         if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
             problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
             return False
+    if _is_run_folder(path):
+        problems.add("run_folder", path, "transferkit's run folder, not training data")
+        return False
     return True
 
 
