@@ -55,8 +55,8 @@ INFORMATIONAL_KINDS = frozenset({"no_extension", "hidden", "os_junk", "outside_c
 # nouns that agree with it.
 _KIND_TEXT = {
     "corrupt": "skipped {n} corrupt or truncated {images}",
-    "not_an_image": "skipped {n} {files} with an image extension that {are} not images",
-    "non_image": "skipped {n} {files} that {are} not images",
+    "not_an_image": "skipped {n} {files} with an image extension but no image inside",
+    "non_image": "skipped {n} non-image {files}",
     "empty_file": "skipped {n} empty (0-byte) {files}",
     "unreadable": "skipped {n} unreadable {files} (permission denied or not a regular file)",
     "missing": "skipped {n} {files} listed in the manifest that no longer exist",
