@@ -100,6 +100,32 @@ def test_checkpoint_round_trip_gives_identical_predictions(tiny_folder, tmp_path
 
 
 @pytest.mark.slow
+def test_the_api_classifies_images_held_in_memory_as_it_does_their_files(tiny_folder, tmp_path):
+    """PIL images and numpy arrays (grey, RGB, RGBA, floats in 0-1, a N×H×W×C batch), alone or mixed with paths
+    and folders: the probabilities of the same pictures read from files (they were a TypeError and an OSError
+    "File name too long"). An array that is no image is a one-line UsageError."""
+    from PIL import Image
+
+    from transferkit.errors import UsageError
+
+    clf = tk.train(tiny_folder, recipe="tutorial", mode="linear-probe", out=str(tmp_path / "run"))
+    files = sorted((tiny_folder / "val").rglob("*.png"))
+    expected = clf.predict_proba(files[:2])
+    rgb = [np.asarray(Image.open(f)) for f in files[:2]]
+    for images in ([Image.open(f) for f in files[:2]], rgb, np.stack(rgb), [r / 255.0 for r in rgb],
+                   [np.dstack([r, np.full(r.shape[:2], 255, np.uint8)]) for r in rgb], [files[0], rgb[1]]):
+        assert np.allclose(clf.predict_proba(images), expected, atol=1e-6)
+    grey = np.asarray(Image.open(files[0]).convert("L"))
+    assert np.allclose(clf.predict_proba(grey), clf.predict_proba(np.dstack([grey] * 3)), atol=1e-6)
+    rows = clf.predict_table([rgb[0], tiny_folder / "val"], top_k=1)
+    assert [r["path"] for r in rows[:2]] == ["<image 0>", str(files[0])] and len(rows) == 1 + len(files)
+    for bad, why in ((np.zeros((3, 40, 40), np.uint8), "channels last"), (rgb[0] * 2.0, "spans"),
+                     (rgb[0] > 9, "not bool")):
+        with pytest.raises(UsageError, match=why):
+            clf.predict(bad)
+
+
+@pytest.mark.slow
 def test_checkpoint_has_no_pickle(tiny_folder, tmp_path):
     _train(tiny_folder, tmp_path / "run")
     head = (tmp_path / "run" / "best.safetensors").read_bytes()[:8]

@@ -2,7 +2,7 @@
 
     import transferkit as tk
     clf = tk.train("data/elpv", model="efficientnet_lite0", mode="feature-extract", epochs=15)
-    clf.predict(["cell.png"])        # labels
+    clf.predict(["cell.png"])        # labels; also folders, PIL images and numpy arrays (H×W or H×W×3/4)
     clf.run_dir_                     # the run folder (config, split, checkpoints, report)
     clf = tk.load("runs/...")        # a run folder or a .safetensors checkpoint
     clf = tk.resume("runs/...")      # continue an interrupted run (the CLI's `train --resume`)
@@ -46,15 +46,22 @@ class Classifier:
     def model_(self):
         return self._predictor.model
 
-    def predict_proba(self, paths) -> np.ndarray:
-        probs, errors = self._predictor.predict_proba(expand_inputs(_as_list(paths)))
+    def predict_proba(self, images) -> np.ndarray:
+        """Probabilities (N, classes); a row of NaN where an image could not be read."""
+        items, _ = _items(images)
+        probs, errors = self._predictor.predict_proba(items)
         return probs
 
-    def predict(self, paths) -> list[str | None]:
-        return [row["label"] for row in self.predict_table(paths, top_k=1)]
+    def predict(self, images) -> list[str | None]:
+        return [row["label"] for row in self.predict_table(images, top_k=1)]
 
-    def predict_table(self, paths, top_k: int = 3) -> list[dict]:
-        return self._predictor.predict_rows(expand_inputs(_as_list(paths)), top_k=top_k)
+    def predict_table(self, images, top_k: int = 3) -> list[dict]:
+        """One row per image as `transferkit predict` writes it; `path` is "<image N>" for one held in memory."""
+        items, names = _items(images)
+        rows = self._predictor.predict_rows(items, top_k=top_k)
+        for row, name in zip(rows, names):
+            row["path"] = name
+        return rows
 
 
 def train(data: str | Path | None = None, config: TrainConfig | None = None, **options) -> Classifier:
@@ -159,7 +166,50 @@ def load(run_or_checkpoint: str | Path, device: str = "cpu") -> Classifier:
     return Classifier(run_or_checkpoint, device=device)
 
 
-def _as_list(paths) -> list[str]:
-    if isinstance(paths, (str, Path)):
-        return [str(paths)]
-    return [str(p) for p in paths]
+def _items(images) -> tuple[list, list[str]]:
+    """What Predictor reads (file paths, folders walked; PIL images), and a name per item for the rows. `images`:
+    one of, or a list of: a path (file or folder), a PIL image, a numpy array (H×W grey, H×W×3 RGB, H×W×4 RGBA;
+    uint8, or floats in 0-1), or a batch of arrays (N×H×W×C)."""
+    from PIL import Image
+
+    one = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4)
+    items, names, paths = [], [], []
+
+    def flush_paths():
+        for path in expand_inputs(paths) if paths else []:
+            items.append(path)
+            names.append(path)
+        paths.clear()
+
+    for item in [images] if one else list(images):
+        if isinstance(item, (str, Path)):
+            paths.append(str(item))
+            continue
+        flush_paths()  # files in the order given, each folder expanded in place
+        items.append(item if isinstance(item, Image.Image) else _array_image(item))
+        names.append(f"<image {len(names)}>")
+    flush_paths()
+    return items, names
+
+
+def _array_image(array):
+    """A numpy image as a PIL image, the way it would have been saved to a file."""
+    from PIL import Image
+
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise UsageError(f"an image array is H×W (grey) or H×W×3/4 (RGB/RGBA, channels last), not shape {a.shape}; "
+                         "several images: a list of arrays, or one N×H×W×C array")
+    if a.dtype == np.bool_ or a.dtype.kind not in "uif":
+        raise UsageError(f"an image array holds numbers (uint8 0-255, or floats 0-1), not {a.dtype}")
+    if a.dtype != np.uint8:
+        low, high = float(np.nanmin(a)), float(np.nanmax(a))
+        if a.dtype.kind == "f" and 0.0 <= low and high <= 1.0:
+            a = np.rint(np.nan_to_num(a) * 255.0)
+        elif not (a.dtype.kind in "iu" and 0 <= low and high <= 255):
+            raise UsageError(f"an image array holds uint8 0-255 or floats 0-1; this {a.dtype} one spans "
+                             f"{low:g} to {high:g}")
+        a = a.astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a))

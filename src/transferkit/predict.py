@@ -10,9 +10,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from .data.images import load_rgb, load_rgb_bytes
+from .data.images import load_rgb, load_rgb_bytes, to_rgb
 from .data.transforms import eval_transform
 from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
@@ -127,8 +128,11 @@ class Predictor:
         """Probabilities (N, C) and, per path, an error message when it could not be read (row is NaN)."""
         return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
 
-    def preprocess(self, path: str) -> torch.Tensor:
-        return self.preprocess_image(load_rgb(path, shorter_side=self.preprocessing.resize_size))
+    def preprocess(self, item) -> torch.Tensor:
+        """A file path, or an image already in memory (a PIL image: the Python API) -> the model's input."""
+        if isinstance(item, Image.Image):
+            return self.preprocess_image(to_rgb(item))
+        return self.preprocess_image(load_rgb(item, shorter_side=self.preprocessing.resize_size))
 
     def preprocess_bytes(self, data: bytes, name: str) -> torch.Tensor:
         """An image file held in memory (an upload) -> the model's input."""
