@@ -243,3 +243,34 @@ def test_a_best_checkpoint_newer_than_last_resumes(tiny_folder, tmp_path, monkey
         _assert_same_run(_resume(run), reference, run)
     assert "from epoch 3, after the last checkpoint" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING" and "best" in r.getMessage()]
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused_in_one_line(tiny_folder, tmp_path, capsys):
+    """A second `train --out RUN` (with --overwrite or not) or `train --resume RUN` while another process trains
+    into RUN: both wrote into the folder at once, and the second was told the running run was "interrupted". Now
+    one line naming the process; once that process is gone (killed: no clean-up), RUN is free again."""
+    from transferkit.run_folder import claimed
+
+    run = tmp_path / "run"
+    train = ["train", str(tiny_folder), "--out", str(run), "--recipe", "tutorial", "--mode", "feature-extract",
+             "--epochs", "1"]
+    assert cli.main(train) == 0
+    (run / "metrics.json").unlink()  # as the running run's folder looks: config, split, last checkpoint
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from transferkit.run_folder import claimed\n"
+         f"with claimed({str(run)!r}):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for argv in (train, [*train, "--overwrite"], ["train", "--resume", str(run)]):
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1] == (f"transferkit: error: --out {run} is in use by another transferkit run (process "
+                               f"{holder.pid}); wait for it to end, or choose another --out")
+        assert (run / "last.safetensors").is_file() and not (run / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with claimed(run), claimed(run):  # nested claims of one process share the lock
+        pass
+    assert cli.main([*train, "--overwrite"]) == 0 and (run / "metrics.json").is_file()

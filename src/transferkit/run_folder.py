@@ -12,14 +12,17 @@
     RUN/curves.png, confusion.png, top_losses.png, batch_grid.png, report.html
     RUN/search.json          the recipe search's candidates (search.py)
     RUN/export/              model.onnx / model.pt (+ model.int8.onnx) and export.json (export.py)
+    RUN/.lock                held by the process training into RUN (`claimed`)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 from .errors import CheckpointError, UsageError
 
@@ -108,3 +111,57 @@ class RunFolder:
             raise CheckpointError(f"--resume: {self.path} already finished ({self.METRICS} exists); "
                                   "nothing to resume")
         return self.config
+
+
+# Run folders this process trains into: lock file descriptor and how many nested claims hold it (the search's
+# claim and its final run's).
+_HELD: dict[Path, list[int]] = {}
+
+
+@contextmanager
+def claimed(out: Path) -> Iterator[None]:
+    """Hold RUN/.lock for the block, so that no other process trains into RUN meanwhile: a second `train --out
+    RUN` (with --overwrite or not) or `train --resume RUN` while a run is writing there is refused in one line
+    (both wrote into the folder at once). An advisory lock of the operating system (flock), released when the
+    block ends or the process dies; nested claims of one process share it. Where there is no flock (Windows),
+    nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    key = Path(out).resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        _HELD[key] = [_lock(Path(out), fcntl), 1]
+    try:
+        yield
+    finally:
+        held = _HELD[key]
+        held[1] -= 1
+        if not held[1]:
+            del _HELD[key]
+            os.close(held[0])  # closing the descriptor releases the lock; the file stays (see _lock)
+
+
+def _lock(out: Path, fcntl) -> int:
+    """The locked descriptor of OUT/.lock. The file is never deleted: a process that opened it just before a
+    deletion would lock a file no one else sees."""
+    from .io import RunFolderError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunFolderError(f"cannot write in {out}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"--out {out} is in use by another transferkit run (process {holder}); wait for it to "
+                         "end, or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -189,17 +190,20 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
     from .engine.fit import fit, refuse_to_overwrite
     from .models.adapt import check_freeze
     from .models.registry import get_spec
+    from .engine import distributed
+    from .run_folder import claimed
 
     if not resume:  # what can be refused is refused before any search time is spent
         cfg.validate()
         cap_setting()
         check_freeze(get_spec(cfg.model), cfg.mode, cfg.unfreeze)
-        if cfg.out:
+    # The whole search holds --out, not just its final run (under torchrun rank 0 alone: fit).
+    with claimed(Path(cfg.out)) if cfg.out and distributed.is_main() else nullcontext():
+        if cfg.out and not resume:
             refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
-    if cfg.recipe == "auto" and not resume:
-        return run(cfg, set(given))
-
-    return fit(cfg, resume=resume)
+        if cfg.recipe == "auto" and not resume:
+            return run(cfg, set(given))
+        return fit(cfg, resume=resume)
 
 
 def run(cfg: TrainConfig, given: set[str]) -> dict:

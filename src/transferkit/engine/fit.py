@@ -9,6 +9,7 @@ import io
 import logging
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..models.registry import BackboneSpec, get_spec
 from ..modes import make_mode
 from ..novelty import FILE as NOVELTY_FILE
 from ..preprocessing import Preprocessing
+from ..run_folder import claimed
 from ..threads import prefetch_modules
 from . import distributed
 from . import precision as precisions
@@ -84,8 +86,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     run folder (a throwaway one, in the temp folder, that the user never sees) nor the class-imbalance
     advice is logged."""
     cfg.validate()
-    if cfg.out and not resume:
-        refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
+    out = Path(cfg.out)  # fit named it (with_run_dir) and holds it
+    if not resume:
+        refuse_to_overwrite(out, cfg.overwrite)
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
     pre = spec.preprocessing.at_size(cfg.image_size, cfg.crop_fraction)
@@ -109,8 +112,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
             and cfg.best_metric == "accuracy"):
         log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
                     "(and --class-weights auto or --balanced-sampler)")
-    out = Path(distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
-    cfg = replace(cfg, out=str(out))  # the run's own copy: the caller's config is not changed
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     mode = make_mode(cfg)
     plan = mode.freeze(model, spec)
@@ -163,8 +164,12 @@ def fit(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None, de
     # Imported beside the feature extraction, where there is one (threads.start_prefetch): the epochs' scores
     # need scikit-learn's metrics, the end of the run matplotlib.
     prefetch_modules("transferkit.results.metrics", *(["transferkit.results.plots"] if figures else []))
-    state = prepare(cfg, resume, scan, announce=figures)
-    return state.mode.train(state, t_start, resume=resume, deadline=deadline, figures=figures, callbacks=callbacks)
+    # The run's own copy of the config, with its folder named (under torchrun by rank 0, which alone holds it).
+    cfg = replace(cfg, out=distributed.share_from_main(lambda: cfg.out or str(default_run_dir(cfg))))
+    with claimed(Path(cfg.out)) if distributed.is_main() else nullcontext():
+        state = prepare(cfg, resume, scan, announce=figures)
+        return state.mode.train(state, t_start, resume=resume, deadline=deadline, figures=figures,
+                                callbacks=callbacks)
 
 
 def _nll(p: np.ndarray, y: np.ndarray) -> float:
