@@ -91,6 +91,8 @@ def test_cli_rejects_bad_format_and_quantized_torchscript(tiny_run, capsys):
     assert main(["export", str(tiny_run[1]), "--format", "tflite"]) == 2
     assert main(["export", str(tiny_run[1]), "--format", "torchscript", "--quantize", "int8"]) == 2
     assert "onnx only" in capsys.readouterr().err
+    assert main(["export", str(tiny_run[1]), "--quantize", "int4"]) == 2  # was told int8 needs onnx, as it had
+    assert capsys.readouterr().err.strip().endswith("--quantize must be int8, not 'int4'")
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])

@@ -39,8 +39,10 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
 
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    if quantize is not None and (quantize not in QUANTIZATIONS or fmt != "onnx"):
-        raise UsageError("--quantize int8 works with --format onnx only")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UsageError(f"--quantize must be {' or '.join(QUANTIZATIONS)}, not {quantize!r}")
+    if quantize is not None and fmt != "onnx":
+        raise UsageError(f"--quantize {quantize} works with --format onnx only")
     checkpoint = resolve_checkpoint(run)
     model, meta = load_checkpoint(checkpoint)
     out = Path(out) if out else RunFolder(checkpoint.parent).export_dir
