@@ -33,6 +33,12 @@ BAD_TRAIN_OPTIONS = [
     (["--model", "resnt18"], ["unknown model", "did you mean resnet18"]),
     (["--device", "tpu"], ["--device"]),
     (["--no-such-option"], ["unrecognized arguments", "--no-such-option"]),
+    (["--seed", "-1"], ["--seed", "2**32 - 1"]),  # were numpy's ValueError tracebacks
+    (["--seed", "4294967296"], ["--seed", "2**32 - 1"]),
+    (["--momentum", "1.5"], ["--momentum", "[0, 1)"]),
+    (["--gamma", "0"], ["--gamma", "> 0"]),
+    (["--train-subsample", "1"], ["--train-subsample 1", "fewer training images than there are classes (2)"]),
+    (["--recipe", "tutorial", "--train-subsample", "1"], ["--train-subsample 1", "than there are classes"]),
 ]
 
 

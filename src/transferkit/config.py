@@ -153,6 +153,12 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0 or self.ema_epochs < 0:
             raise UsageError("--weight-decay, --momentum, --warmup-epochs and --ema-epochs must be ≥ 0")
+        if self.momentum >= 1:  # the step's running sum would grow without bound
+            raise UsageError(f"--momentum must be in [0, 1), not {self.momentum}")
+        if not 0 < self.gamma < float("inf"):
+            raise UsageError(f"--gamma must be > 0 (StepLR multiplies the lr by it), not {self.gamma}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be a whole number from 0 to 2**32 - 1, not {self.seed!r}")
         if self.ema_epochs and self.recipe == "tutorial" and self.mode == "linear-probe":
             raise UsageError("--ema-epochs goes with a mode that trains in epochs (a linear probe is one fit)")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:

@@ -113,8 +113,8 @@ class RunFolder:
         return self.config
 
 
-# Run folders this process trains into: lock file descriptor and how many nested claims hold it (the search's
-# claim and its final run's).
+# Run folders this process trains into: the lock's file descriptor, how many nested claims hold it (the search's
+# claim and its final run's), and whether the first claim made the folder.
 _HELD: dict[Path, list[int]] = {}
 
 
@@ -130,11 +130,13 @@ def claimed(out: Path) -> Iterator[None]:
     except ImportError:
         yield
         return
-    key = Path(out).resolve()
+    out = Path(out)
+    key = out.resolve()
     if key in _HELD:
         _HELD[key][1] += 1
     else:
-        _HELD[key] = [_lock(Path(out), fcntl), 1]
+        created = not out.exists()
+        _HELD[key] = [_lock(out, fcntl), 1, created]
     try:
         yield
     finally:
@@ -143,11 +145,24 @@ def claimed(out: Path) -> Iterator[None]:
         if not held[1]:
             del _HELD[key]
             os.close(held[0])  # closing the descriptor releases the lock; the file stays (see _lock)
+            if held[2]:
+                _remove_if_only_the_lock(out)
+
+
+def _remove_if_only_the_lock(out: Path) -> None:
+    """A folder the claim made for a run refused before its first file (a bad option, a busy GPU) goes again:
+    a refused command leaves nothing behind."""
+    try:
+        if [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink()
+            out.rmdir()
+    except OSError:  # another process wrote there meanwhile: its folder now
+        pass
 
 
 def _lock(out: Path, fcntl) -> int:
-    """The locked descriptor of OUT/.lock. The file is never deleted: a process that opened it just before a
-    deletion would lock a file no one else sees."""
+    """The locked descriptor of OUT/.lock. The file stays with the run (a process that opened it just before a
+    deletion would lock a file no one else sees); only a folder the claim made and nothing else wrote in goes."""
     from .io import RunFolderError
 
     try:

@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
 
 def run(cfg: TrainConfig, given: set[str]) -> dict:
     """Search, refit the winner on all training images, evaluate it once on val; return its metrics."""
-    from .data.folders import scan_dataset
+    from .data.folders import check_subsample, scan_dataset
     from .engine.fit import default_run_dir
 
     from .models.registry import get_spec
@@ -225,6 +225,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
                         group_duplicates=cfg.group_duplicates)
     for line in scan.summary_lines():
         log.warning(line)
+    check_subsample(cfg.train_subsample, scan)
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)

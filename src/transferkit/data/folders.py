@@ -245,11 +245,19 @@ def subsample_order(labels, seed: int) -> np.ndarray:
     return np.lexsort((rng.random(len(labels)), rank))
 
 
+def check_subsample(n: int | None, scan: DataScan) -> None:
+    """--train-subsample keeps at least one image of each class (subsample_order takes one of each first)."""
+    if n and n < min(len(scan.train), len(scan.classes)):
+        raise UsageError(f"--train-subsample {n} keeps fewer training images than there are classes "
+                         f"({len(scan.classes)}): a model learns no class it has not seen")
+
+
 def subsample_train(scan: DataScan, n: int | None, seed: int) -> DataScan:
     """`scan` with a seeded stratified random n of its training images (the first n of subsample_order, kept in
     scan order); the scan itself where n is None or not below the number of training images."""
     if not n or n >= len(scan.train):
         return scan
+    check_subsample(n, scan)
     keep = np.sort(subsample_order([label for _, label in scan.train], seed)[:n])
     return replace(scan, train=[scan.train[i] for i in keep])
 
