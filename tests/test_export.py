@@ -142,6 +142,24 @@ def test_onnx_prediction_runs_without_torch_and_matches_torch_labels(onnx_export
     assert set(onnx_rows[0]) == set(torch_rows[0])
 
 
+def test_predict_engine_onnx_with_a_run_folder_uses_its_export(tiny_run, tmp_path, capsys):
+    """As serve does: `predict RUN --engine onnx` reads RUN/export/model.onnx (it said there was no ONNX model at
+    RUN), and says to export first where there is none."""
+    data, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("export"))
+    image = str(sorted((data / "val").rglob("*.png"))[0])
+    assert main(["predict", str(copy), image, "--engine", "onnx"]) == 5  # CheckpointError's exit code
+    assert f"no exported model at {copy / 'export' / 'model.onnx'}; run `transferkit export {copy}`" in \
+        capsys.readouterr().err
+    assert main(["export", str(copy)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(copy), image, "--engine", "onnx", "--format", "json"]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(copy / "export" / "model.onnx"), image, "--format", "json"]) == 0
+    assert by_folder == json.loads(capsys.readouterr().out) and by_folder[0]["label"] in ("ants", "bees")
+
+
 # ---- an unreadable file in the middle of a batch shifts no label (predict, evaluate, export's check) ----
 
 

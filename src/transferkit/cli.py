@@ -436,11 +436,12 @@ def cmd_predict(args) -> int:
     if engine == "onnx":
         from . import onnx_predict
         from .errors import UsageError
+        from .run_folder import onnx_model_path
 
         if args.device != "cpu":
             raise UsageError(f"--device {args.device} is for the torch engine; an ONNX model runs on ONNX Runtime's "
                              "CPU provider (predict with the run folder or its .safetensors for a GPU)")
-        rows = onnx_predict.predict_rows(args.checkpoint, args.paths, top_k=args.top_k)
+        rows = onnx_predict.predict_rows(onnx_model_path(args.checkpoint), args.paths, top_k=args.top_k)
     else:
         from .engine.environment import pick_device
         from .predict import Predictor, expand_inputs

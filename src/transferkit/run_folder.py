@@ -113,6 +113,18 @@ class RunFolder:
         return self.config
 
 
+def onnx_model_path(path: str | Path) -> Path:
+    """An .onnx file as given; a run folder means the model `transferkit export RUN` wrote into it (predict and
+    serve with --engine onnx)."""
+    path = Path(path)
+    if path.is_dir():
+        exported = RunFolder(path).onnx_model
+        if not exported.is_file():
+            raise CheckpointError(f"no exported model at {exported}; run `transferkit export {path}` first")
+        return exported
+    return path
+
+
 # Run folders this process trains into: the lock's file descriptor, how many nested claims hold it (the search's
 # claim and its final run's), and whether the first claim made the folder.
 _HELD: dict[Path, list[int]] = {}

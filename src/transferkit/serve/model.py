@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import CheckpointError, UsageError
-from ..run_folder import RunFolder
+from ..errors import UsageError
+from ..run_folder import RunFolder, onnx_model_path
 
 TRAINING_KEYS = ("mode", "best_val_acc", "best_val_acc_interval", "best_val_balanced_accuracy", "best_val_macro_f1",
                  "best_epoch", "epochs_run", "train_images", "val_images")
@@ -86,16 +86,6 @@ def onnx_layout(lanes: int | None, threads: int | None) -> tuple[int, int]:
     if threads is None:
         threads = max(1, cores // lanes) if lanes else 1
     return lanes or max(1, cores // threads), threads
-
-
-def onnx_model_path(path: Path) -> Path:
-    """An .onnx file as given; a run folder means the model `transferkit export RUN` wrote into it."""
-    if path.is_dir():
-        exported = RunFolder(path).onnx_model
-        if not exported.is_file():
-            raise CheckpointError(f"no exported model at {exported}; run `transferkit export {path}` first")
-        return exported
-    return path
 
 
 def _run_of_onnx(path: Path) -> tuple[RunFolder | None, dict | None]:
