@@ -418,3 +418,24 @@ def test_the_engine_is_told_by_the_model_content_not_its_name(exported, tmp_path
     renamed.write_bytes(exported[2].read_bytes())
     served = load_served_model(renamed)
     assert served.engine == "onnx" and served.card["classes"] == ["ants", "bees"]
+
+
+def test_a_run_whose_int8_model_was_refused_is_served(exported, tmp_path):
+    """`export --quantize int8` records a refused int8 model with "path": null; serving that run ended in a
+    TypeError traceback (the model card compared null with the served file's name): by default (the torch engine,
+    the checkpoint served) and with --engine onnx (the float model, whose parity its card gives)."""
+    import json
+    import shutil
+
+    from transferkit.serve.model import load_served_model
+
+    run = tmp_path / "run"
+    shutil.copytree(exported[1], run)
+    record = run / "export" / "export.json"
+    export = json.loads(record.read_text())
+    export["path"] = str(run / "export" / "model.onnx")
+    export["int8"] = {"top1_agreement": 0.88, "path": None}
+    record.write_text(json.dumps(export))
+    assert load_served_model(run, engine="onnx").card["export"]["top1_agreement"] == 1.0
+    served = load_served_model(run)  # the torch engine: no export check of its checkpoint to show
+    assert served.engine == "torch" and served.card["export"] is None

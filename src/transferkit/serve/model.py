@@ -102,10 +102,10 @@ def _parity_of(export: dict | None, model: Path) -> dict | None:
     """The export check of this very file: the float model's parity or the int8 model's agreement."""
     if not export:
         return None
-    if Path(export.get("path", "")).name == model.name:
+    if Path(export.get("path") or "").name == model.name:
         return {"format": export.get("format"), **export.get("parity", {})}
     int8 = export.get("int8") or {}
-    if Path(int8.get("path", "")).name == model.name:
+    if Path(int8.get("path") or "").name == model.name:  # None where the int8 model was refused and removed
         return {"format": "onnx int8", **int8}
     return None
 
