@@ -110,6 +110,18 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(flat_run, tmp_path)
     metrics = fit(TrainConfig(data=str(flat_run.data), out=str(copy), epochs=1, image_size=96, overwrite=True))
     assert json.loads((copy / "metrics.json").read_text())["wall_seconds"] == metrics["wall_seconds"] != first
 
+    # What the replaced run left that the new one does not write (an exported model, which `serve RUN --engine
+    # onnx` would have served, a search record, curves a probe does not draw, a checkpoint to resume) goes; a
+    # file of the user's stays.
+    for stale in ("export/model.onnx", "search.json", "last.safetensors", "tensorboard/events"):
+        (copy / stale).parent.mkdir(exist_ok=True)
+        (copy / stale).write_text("old run")
+    (copy / "notes.txt").write_text("mine")
+    fit(TrainConfig(data=str(flat_run.data), out=str(copy), mode="linear-probe", image_size=96, overwrite=True))
+    assert not any((copy / name).exists() for name in ("export", "search.json", "curves.png", "last.safetensors",
+                                                         "tensorboard"))
+    assert (copy / "notes.txt").read_text() == "mine" and (copy / "metrics.json").is_file()
+
 
 @pytest.mark.slow
 def test_an_interrupted_run_is_pointed_at_resume(flat_run, tmp_path):

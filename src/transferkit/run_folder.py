@@ -52,6 +52,12 @@ class RunFolder:
     ONNX_MODEL: ClassVar[str] = "model.onnx"
     INT8_MODEL: ClassVar[str] = "model.int8.onnx"
     TORCHSCRIPT_MODEL: ClassVar[str] = "model.pt"
+    TENSORBOARD: ClassVar[str] = "tensorboard"  # --tensorboard's event files
+    # The files a run (and `evaluate`) writes at the top of its folder; best.json and last.json: the checkpoints'
+    # metadata.
+    WRITTEN: ClassVar[tuple[str, ...]] = (CONFIG, SPLIT, DATA_REPORT, HISTORY, METRICS, EVALUATION, BEST, "best.json",
+                                          LAST, "last.json", NOVELTY, CURVES, CONFUSION, TOP_LOSSES, BATCH_GRID,
+                                          REPORT, SEARCH)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -84,6 +90,17 @@ class RunFolder:
 
     def finished(self) -> bool:
         return self.metrics.is_file()
+
+    def clear(self) -> None:
+        """Remove what a run, its evaluations and its exports wrote here (`train --overwrite`), so that nothing of
+        the run replaced (an exported model, a search record, curves a probe does not draw) passes for the new
+        run's; other files in the folder stay."""
+        import shutil
+
+        for name in self.WRITTEN:
+            (self.path / name).unlink(missing_ok=True)
+        for name in (self.EXPORT, self.TENSORBOARD):
+            shutil.rmtree(self.path / name, ignore_errors=True)
 
     @staticmethod
     def read_json(path: Path) -> dict | None:

@@ -31,7 +31,7 @@ from ..models.registry import BackboneSpec, get_spec
 from ..modes import make_mode
 from ..novelty import FILE as NOVELTY_FILE
 from ..preprocessing import Preprocessing
-from ..run_folder import claimed
+from ..run_folder import RunFolder, claimed
 from ..threads import prefetch_modules
 from . import distributed
 from . import precision as precisions
@@ -140,9 +140,8 @@ def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out} holds an interrupted run; continue it with `transferkit train --resume "
                          f"{out}`, or pass --overwrite to replace it")
     log.warning("replacing the run in %s (--overwrite)", out)
-    if distributed.is_main():  # until the new run finishes, the folder must not look finished
-        for name in ("metrics.json", "last.safetensors", "last.json", NOVELTY_FILE):
-            (out / name).unlink(missing_ok=True)
+    if distributed.is_main():  # nothing of the old run stays to pass for the new one's (nor a finished look)
+        RunFolder(out).clear()
 
 
 def make_source(state: RunState) -> BatchSource:

@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import UsageError
+from ..run_folder import RunFolder
 
 SCALARS = {"train_loss": "loss/train", "val_loss": "loss/val", "train_acc": "accuracy/train",
            "val_acc": "accuracy/val", "val_balanced_accuracy": "balanced_accuracy/val",
@@ -23,7 +24,7 @@ def log_epoch(run_dir: str | Path, row: dict) -> None:
     reads every event file in the folder."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")) as writer:
+    with SummaryWriter(log_dir=str(Path(run_dir) / RunFolder.TENSORBOARD)) as writer:
         for key, tag in SCALARS.items():
             if row.get(key) is not None:
                 writer.add_scalar(tag, float(row[key]), global_step=int(row["epoch"]))
