@@ -87,8 +87,10 @@ def test_bad_paths(tiny_folder, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_gpu(tiny_folder, tmp_path, capsys):
-    code = _run(["train", str(tiny_folder), "--recipe", "tutorial", "--out", str(tmp_path / "run"), "--device", "cuda"])
+    out = tmp_path / "runs" / "a" / "run"
+    code = _run(["train", str(tiny_folder), "--recipe", "tutorial", "--out", str(out), "--device", "cuda"])
     _check_one_line(capsys, code, ["--device cuda", "no CUDA GPU"])
+    assert not (tmp_path / "runs").exists()  # the folders made to hold the run folder's lock went again
 
 
 def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):

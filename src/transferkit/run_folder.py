@@ -143,8 +143,8 @@ def onnx_model_path(path: str | Path) -> Path:
 
 
 # Run folders this process trains into: the lock's file descriptor, how many nested claims hold it (the search's
-# claim and its final run's), and whether the first claim made the folder.
-_HELD: dict[Path, list[int]] = {}
+# claim and its final run's), and the first folder of the path the first claim made (None: it made none).
+_HELD: dict[Path, list] = {}
 
 
 @contextmanager
@@ -164,8 +164,8 @@ def claimed(out: Path) -> Iterator[None]:
     if key in _HELD:
         _HELD[key][1] += 1
     else:
-        created = not out.exists()
-        _HELD[key] = [_lock(out, fcntl), 1, created]
+        made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
+        _HELD[key] = [_lock(out, fcntl), 1, made]
     try:
         yield
     finally:
@@ -174,17 +174,21 @@ def claimed(out: Path) -> Iterator[None]:
         if not held[1]:
             del _HELD[key]
             os.close(held[0])  # closing the descriptor releases the lock; the file stays (see _lock)
-            if held[2]:
-                _remove_if_only_the_lock(out)
+            if held[2] is not None:
+                _remove_if_only_the_lock(out, held[2])
 
 
-def _remove_if_only_the_lock(out: Path) -> None:
-    """A folder the claim made for a run refused before its first file (a bad option, a busy GPU) goes again:
-    a refused command leaves nothing behind."""
+def _remove_if_only_the_lock(out: Path, made: Path) -> None:
+    """The folders the claim made (`made` and those below it, down to `out`) for a run refused before its first
+    file (a bad option, a busy GPU) go again: a refused command leaves nothing behind."""
     try:
-        if [p.name for p in out.iterdir()] == [".lock"]:
-            (out / ".lock").unlink()
-            out.rmdir()
+        if [p.name for p in out.iterdir()] != [".lock"]:
+            return
+        (out / ".lock").unlink()
+        for folder in [out, *out.parents]:
+            folder.rmdir()
+            if folder == made:
+                break
     except OSError:  # another process wrote there meanwhile: its folder now
         pass
 
