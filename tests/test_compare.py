@@ -33,3 +33,10 @@ def test_compare_writes_three_runs_a_table_and_the_figure(tmp_path, capsys):
     splits = {(out / name / "split.csv").read_text() for name in VARIANTS}
     assert len(splits) == 1  # the same split for every run
     assert (out / "compare.png").stat().st_size > 5000
+
+    # Again into the same folder: refused in one line, which names --overwrite, an option compare now has.
+    args = ["compare", str(data), "--epochs", "1", "--image-size", "64", "--batch-size", "4", "--out", str(out)]
+    assert main(args) == 2
+    assert "holds a finished run; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "compare.json").read_text())["runs"].keys() == result["runs"].keys()

@@ -624,6 +624,7 @@ def _add_results_commands(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                        help=_with_default(TRAIN_HELP.get(name), _train_default(name)))
     p.add_argument("--out", help="folder for the three runs, compare.json and compare.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier compare in --out")
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against the eager model")
     p.add_argument("run", help="run folder or .safetensors checkpoint (its split.csv gives the check images)")
@@ -675,7 +676,7 @@ def cmd_compare(args) -> int:
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/compare-{model}-{datetime.now():%Y%m%d-%H%M%S}"
     options = {k: getattr(args, k) for k in COMPARE_OPTIONS if hasattr(args, k)}
-    result = compare(args.data, model, out, epochs=args.epochs, **options)
+    result = compare(args.data, model, out, epochs=args.epochs, overwrite=args.overwrite, **options)
     print(format_compare_table(result))
     print(f"figure: {result['figure']}")
     return 0
