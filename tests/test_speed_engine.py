@@ -52,6 +52,33 @@ def test_onnxruntime_is_used_when_in_parity_and_the_diff_is_reported(frozen, tmp
     assert torch.allclose(first, frozen(x), atol=1e-5)
 
 
+def test_an_export_removed_once_its_session_loaded_it_is_no_traceback(frozen, tmp_path, monkeypatch):
+    """`transferkit cache clear` during a run removed the frozen part's ONNX file between its session's load and
+    the checksum the engine choice records: a FileNotFoundError traceback ended the run. The chosen session runs
+    on; the choice is saved without the checksum, so the next run checks its export again."""
+    import json
+
+    real_export = runtime.export_onnx
+
+    def export_then_cleared(module, example, path):
+        made = real_export(module, example, path)
+        real_session = runtime.OrtEngine.__init__
+
+        def load_then_clear(self, *args, **kwargs):
+            real_session(self, *args, **kwargs)
+            made.unlink(missing_ok=True)
+
+        monkeypatch.setattr(runtime.OrtEngine, "__init__", load_then_clear)
+        return made
+
+    monkeypatch.setattr(runtime, "export_onnx", export_then_cleared)
+    engine = FrozenEngine(frozen, CPU, "auto", tmp_path / "frozen.onnx")
+    x = torch.randn(8, 3, 16, 16)
+    assert torch.allclose(engine(x), frozen(x), atol=1e-4)
+    chosen = json.loads((tmp_path / "engine-choice.json").read_text())
+    assert all("onnx_sha256" not in entry for entry in chosen.values())
+
+
 def test_falls_back_to_torch_when_onnxruntime_cannot_be_imported(frozen, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
     engine = FrozenEngine(frozen, CPU, "auto", tmp_path / "frozen.onnx")

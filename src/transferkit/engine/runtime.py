@@ -377,8 +377,11 @@ class FrozenEngine:
             return {}
         from ..data.folders import file_sha256
 
-        return {"onnx_sha256": file_sha256(self._sized_path(x)),
-                "parity_max_abs_diff": self.info["parity_max_abs_diff_by_engine"][name]}
+        try:
+            sha = file_sha256(self._sized_path(x))
+        except OSError:  # removed since its session loaded it (`transferkit cache clear` meanwhile): checked again
+            return {}
+        return {"onnx_sha256": sha, "parity_max_abs_diff": self.info["parity_max_abs_diff_by_engine"][name]}
 
     def _candidates(self, fp32: bool = False) -> list[str]:
         """Engines the options allow (fp32: as if --precision fp32 was asked); "torch" (fp32, the parity
