@@ -70,9 +70,11 @@ def test_bad_train_option(tiny_folder, tmp_path, capsys, options, words):
 
 def test_bad_paths(tiny_folder, tmp_path, capsys):
     a_file = tiny_folder / "train" / "ants" / "ants_train_0.png"
+    (tmp_path / "data.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
     cases = [
         (["train", str(tmp_path / "missing")], ["DATA folder", "does not exist"]),
         (["train", str(a_file)], ["is a file", "expected a folder"]),
+        (["train", str(tmp_path / "data.zip")], ["is an archive: unpack it and pass the folder"]),
         (["train", str(tiny_folder), "--out", str(a_file)], ["--out", "is a file"]),
         (["train", str(tiny_folder), "--weights", str(tmp_path / "none.pth")], ["--weights", "not a file"]),
         (["train", str(tiny_folder), "--config", str(tmp_path / "none.yaml")], ["cannot read config"]),

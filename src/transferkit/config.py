@@ -190,7 +190,9 @@ class TrainConfig:
         if not data.exists():
             raise UsageError(f"DATA folder {data} does not exist")
         if not data.is_dir():
-            raise UsageError(f"DATA {data} is a file; expected a folder of class folders (DATA/<class>/*.jpg)")
+            archive = any(data.name.lower().endswith(s) for s in (".zip", ".tar", ".tgz", ".tar.gz", ".tar.xz", ".7z"))
+            raise UsageError(f"DATA {data} is {'an archive: unpack it and pass the folder' if archive else 'a file'}"
+                             "; expected a folder of class folders (DATA/<class>/*.jpg)")
         if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
             raise UsageError(f"--out {self.out} is a file; expected a run folder (new or existing)")
         if self.weights and not Path(self.weights).is_file():
