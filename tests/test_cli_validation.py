@@ -101,6 +101,35 @@ def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["unknown config keys", "learning_rate"])
     bad.write_text(f"data: {tiny_folder}\nepochs: -5\n")
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs", "≥ 1"])
+    bad.write_text(f"data: {tiny_folder}\nepochs: three\n")  # was a TypeError comparing 'three' with 1
+    _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs must be a whole number, not 'three'"])
+
+
+def test_a_config_file_s_numbers_without_a_dot_are_numbers(tiny_folder, tmp_path):
+    """YAML 1.1 reads `lr: 1e-3` as the text "1e-3"; an option that holds a number takes it as one."""
+    from transferkit.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: {tiny_folder}\nlr: 1e-3\nweight_decay: 5e-4\nmode: linear-probe\n")
+    cfg = TrainConfig.from_yaml(path).validate()
+    assert (cfg.lr, cfg.weight_decay, cfg.mode) == (0.001, 0.0005, "linear-probe")
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"epochs": "3"}, "epochs must be a whole number, not '3'"),
+    ({"lr": "0.1"}, "lr must be a number, not '0.1'"),
+    ({"seed": 1.5}, "seed must be a whole number, not 1.5"),
+    ({"batch_size": True}, "batch_size must be a whole number, not True"),
+    ({"mode": 3}, "mode must be text, not 3"),
+])
+def test_the_api_names_an_option_of_the_wrong_kind(tiny_folder, tmp_path, options, words):
+    """Options of the wrong kind through the Python API (or a config file) ended in a TypeError traceback."""
+    import transferkit as tk
+    from transferkit.errors import UsageError
+
+    with pytest.raises(UsageError, match=words.replace("(", r"\(")):
+        tk.train(tiny_folder, recipe="tutorial", out=tmp_path / "run", **options)
+    assert not (tmp_path / "run").exists()
 
 
 def test_collector_settings_belong_to_the_program_not_to_main(tmp_path):

@@ -8,6 +8,7 @@ a choice import its names from here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -106,6 +107,7 @@ class TrainConfig:
     overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
 
     def validate(self) -> "TrainConfig":
+        self._check_types()
         _choice("recipe", self.recipe, RECIPES)
         _choice("mode", self.mode, mode_names())
         _choice("head-init", self.head_init, HEAD_INITS)
@@ -184,6 +186,18 @@ class TrainConfig:
             raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
         return self
 
+    def _check_types(self) -> None:
+        """Each option of the kind its field holds (a config file or the Python API can give any value): "3" for
+        epochs ended in a TypeError comparing it with 1. Whole numbers pass as floats; bools are checked below."""
+        kinds = {"int": (int,), "float": (int, float), "str": (str, os.PathLike)}  # paths: data, out, weights
+        for f in fields(self):
+            value, (kind, _, optional) = getattr(self, f.name), str(f.type).partition(" | ")
+            if kind not in kinds or (optional and value is None) or f.name == "time_budget":  # 300 is 300 s
+                continue
+            if isinstance(value, bool) or not isinstance(value, kinds[kind]):
+                wanted = {"int": "a whole number", "float": "a number", "str": "text"}[kind]
+                raise UsageError(f"--{f.name.replace('_', '-')} must be {wanted}, not {value!r}")
+
     def check_paths(self) -> None:
         """Folders and files the config names exist and are of the right kind (exit code 2)."""
         data = Path(self.data)
@@ -220,7 +234,18 @@ class TrainConfig:
             raise UsageError(f"cannot read config {path}: {exc}") from None
         if not isinstance(d, dict):
             raise UsageError(f"config {path} must be a mapping of option: value")
-        return cls.from_dict(d)
+        return cls.from_dict({key: _yaml_number(key, value) for key, value in d.items()})
+
+
+def _yaml_number(key, value):
+    """YAML 1.1 reads `lr: 1e-3` (no dot) as the text "1e-3": a number where the option holds one."""
+    kind = next((str(f.type).partition(" | ")[0] for f in fields(TrainConfig) if f.name == key), None)
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # validate names the option
+    return value
 
 
 def parse_duration(text) -> float:
