@@ -105,6 +105,17 @@ def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs must be a whole number, not 'three'"])
 
 
+def test_an_out_folder_of_someone_else_s_files_is_refused_and_left_as_it_was(tiny_folder, tmp_path, capsys):
+    """`--out .` in a home folder wrote the run's fifteen files among the user's; an empty folder is fine."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "letter.txt").write_text("mine")
+    for recipe in ("tutorial", "auto"):
+        code = _run(["train", str(tiny_folder), "--recipe", recipe, "--out", str(docs)])
+        _check_one_line(capsys, code, [f"--out {docs} holds other files (letter.txt)", "a new or empty folder"])
+        assert sorted(p.name for p in docs.iterdir()) == ["letter.txt"]  # not even the lock file stays
+
+
 def test_a_config_file_s_numbers_without_a_dot_are_numbers(tiny_folder, tmp_path):
     """YAML 1.1 reads `lr: 1e-3` as the text "1e-3"; an option that holds a number takes it as one."""
     from transferkit.config import TrainConfig

@@ -676,7 +676,9 @@ def cmd_compare(args) -> int:
     model = args.model or DEFAULT_MODEL
     out = args.out or f"runs/compare-{model}-{datetime.now():%Y%m%d-%H%M%S}"
     options = {k: getattr(args, k) for k in COMPARE_OPTIONS if hasattr(args, k)}
-    result = compare(args.data, model, out, epochs=args.epochs, overwrite=args.overwrite, **options)
+    if args.overwrite:
+        options["overwrite"] = True
+    result = compare(args.data, model, out, epochs=args.epochs, **options)
     print(format_compare_table(result))
     print(f"figure: {result['figure']}")
     return 0

@@ -143,7 +143,8 @@ def onnx_model_path(path: str | Path) -> Path:
 
 
 # Run folders this process trains into: the lock's file descriptor, how many nested claims hold it (the search's
-# claim and its final run's), and the first folder of the path the first claim made (None: it made none).
+# claim and its final run's), the first folder of the path the first claim made (None: it made none), and whether
+# it made the lock file.
 _HELD: dict[Path, list] = {}
 
 
@@ -165,7 +166,8 @@ def claimed(out: Path) -> Iterator[None]:
         _HELD[key][1] += 1
     else:
         made = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
-        _HELD[key] = [_lock(out, fcntl), 1, made]
+        lock_made = not (out / ".lock").exists()
+        _HELD[key] = [_lock(out, fcntl), 1, made, lock_made]
     try:
         yield
     finally:
@@ -174,18 +176,19 @@ def claimed(out: Path) -> Iterator[None]:
         if not held[1]:
             del _HELD[key]
             os.close(held[0])  # closing the descriptor releases the lock; the file stays (see _lock)
-            if held[2] is not None:
-                _remove_if_only_the_lock(out, held[2])
+            if held[3]:
+                _undo_claim(out, held[2])
 
 
-def _remove_if_only_the_lock(out: Path, made: Path) -> None:
-    """The folders the claim made (`made` and those below it, down to `out`) for a run refused before its first
-    file (a bad option, a busy GPU) go again: a refused command leaves nothing behind."""
+def _undo_claim(out: Path, made: Path | None) -> None:
+    """A run refused before its first file (a bad option, a busy GPU, a folder of someone else's files) leaves
+    nothing behind: the lock file this claim made goes, and so do the folders it made (`made` and those below it,
+    down to `out`) where they are empty."""
+    if any((out / name).exists() for name in (*RunFolder.WRITTEN, RunFolder.EXPORT)):
+        return
     try:
-        if [p.name for p in out.iterdir()] != [".lock"]:
-            return
         (out / ".lock").unlink()
-        for folder in [out, *out.parents]:
+        for folder in [out, *out.parents] if made is not None else []:
             folder.rmdir()
             if folder == made:
                 break
@@ -195,7 +198,7 @@ def _remove_if_only_the_lock(out: Path, made: Path) -> None:
 
 def _lock(out: Path, fcntl) -> int:
     """The locked descriptor of OUT/.lock. The file stays with the run (a process that opened it just before a
-    deletion would lock a file no one else sees); only a folder the claim made and nothing else wrote in goes."""
+    deletion would lock a file no one else sees); it goes only where the run wrote nothing (_undo_claim)."""
     from .io import RunFolderError
 
     try:

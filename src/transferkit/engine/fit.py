@@ -132,6 +132,7 @@ def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
     """A run folder that holds a run (finished, or resumable) is replaced only when asked to."""
     finished, started = (out / "metrics.json").is_file(), (out / "last.safetensors").is_file()
     if not (finished or started):
+        _refuse_a_foreign_folder(out)
         return
     if not overwrite:
         if finished:
@@ -142,6 +143,18 @@ def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
     log.warning("replacing the run in %s (--overwrite)", out)
     if distributed.is_main():  # nothing of the old run stays to pass for the new one's (nor a finished look)
         RunFolder(out).clear()
+
+
+def _refuse_a_foreign_folder(out: Path) -> None:
+    """`--out` naming a folder that holds files, none of them a run's (`--out .` in a home folder): the run's
+    fifteen files would land among them."""
+    try:
+        names = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    except OSError:  # missing (a new run folder), or not a folder (check_paths says so)
+        return
+    if names and not set(names) & {*RunFolder.WRITTEN, RunFolder.EXPORT}:
+        raise UsageError(f"--out {out} holds other files ({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)})"
+                         "; choose a new or empty folder for the run")
 
 
 def make_source(state: RunState) -> BatchSource:
