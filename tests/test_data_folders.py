@@ -264,6 +264,16 @@ def test_run_folders_inside_the_data_are_not_classes(tmp_path):
                for line in scan.summary_lines())
 
 
+def test_a_mac_zip_s_resource_fork_folder_is_not_a_class(tmp_path):
+    """A zip made on a Mac unpacks with __MACOSX/<class>/._<image> beside the class folders: a flat scan took it
+    for a class with no usable images (and --strict stopped on it). It is OS metadata, ignored and counted."""
+    root = _flat(tmp_path / "data", {"a": 6, "b": 6})
+    (root / "__MACOSX" / "a").mkdir(parents=True)
+    (root / "__MACOSX" / "a" / "._a_000.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X")
+    scan = scan_dataset(root, strict=True)
+    assert scan.classes == ["a", "b"] and [e["path"] for e in scan.problems["os_junk"]] == ["__MACOSX"]
+
+
 def test_bad_val_fraction(tmp_path):
     with pytest.raises(UsageError):
         scan_dataset(_flat(tmp_path, {"a": 5, "b": 5}), val_fraction=1.5)

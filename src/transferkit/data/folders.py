@@ -38,7 +38,8 @@ from transferkit.run_folder import RunFolder
 logger = logging.getLogger(__name__)
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
-OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini"})
+# __MACOSX: the folder of resource forks (`._name` files) a zip made on a Mac carries, a class folder to a flat scan
+OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
 MIN_SIDE = 8  # below this a side carries no usable detail even after resizing
 # The scan decodes every file to check it and fingerprint it (32×32 thumbnails): a large JPEG may be decoded at a
 # reduced scale, its shorter side still ≥ 2 × this (data/images.py DRAFT_MARGIN); a damaged file fails alike.
@@ -74,7 +75,7 @@ _KIND_TEXT = {
                                   "training image (leakage; kept)",
     "no_extension": "used {n} {images} that {have} no file extension",
     "hidden": "ignored {n} hidden {entries} (files or folders)",
-    "os_junk": "ignored {n} OS metadata {files} (.DS_Store, Thumbs.db, desktop.ini)",
+    "os_junk": "ignored {n} OS metadata {entries} (.DS_Store, Thumbs.db, desktop.ini, __MACOSX)",
     "outside_class_folder": "ignored {n} non-image {files} outside class folders",
     "unused_folder": "ignored {n} {folders} that {are} neither train nor val",
     "run_folder": "ignored {n} transferkit run {folders} inside the data folder",
@@ -306,7 +307,7 @@ def _sorted_entries(folder: Path) -> list[tuple[str, Path]]:
 def _skip_special(name: str, path: Path, problems: _Problems) -> bool:
     """Record hidden entries, OS junk and bad symlinks; True when the entry is to be skipped."""
     if name.lower() in OS_JUNK_NAMES:
-        problems.add("os_junk", path, "operating system metadata file")
+        problems.add("os_junk", path, "operating system metadata " + ("folder" if path.is_dir() else "file"))
         return True
     if name.startswith("."):
         problems.add("hidden", path, "hidden folder (contents not read)" if path.is_dir() else "hidden file")
