@@ -274,3 +274,20 @@ def test_a_run_folder_in_use_by_another_process_is_refused_in_one_line(tiny_fold
     with claimed(run), claimed(run):  # nested claims of one process share the lock
         pass
     assert cli.main([*train, "--overwrite"]) == 0 and (run / "metrics.json").is_file()
+
+
+def test_a_file_system_without_locks_does_not_stop_a_run(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some network mounts: that is no other run, so the claim goes on unguarded (only
+    a lock held by another process refuses the folder)."""
+    import errno
+    import fcntl
+
+    from transferkit.run_folder import claimed
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with claimed(tmp_path / "run"):
+        (tmp_path / "run" / "config.yaml").write_text("x")
+    assert (tmp_path / "run" / "config.yaml").is_file()

@@ -208,11 +208,13 @@ def _lock(out: Path, fcntl) -> int:
         raise RunFolderError(f"cannot write in {out}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise UsageError(f"--out {out} is in use by another transferkit run (process {holder}); wait for it to "
                          "end, or choose another --out") from None
+    except OSError as exc:  # a file system without locks (some network mounts): the run goes on unguarded
+        log.debug("no lock on %s (%s)", out / ".lock", exc.strerror or exc)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
