@@ -201,6 +201,8 @@ def _lock(out: Path, fcntl) -> int:
     deletion would lock a file no one else sees); it goes only where the run wrote nothing (_undo_claim)."""
     from .io import RunFolderError
 
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a run folder (new or existing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
