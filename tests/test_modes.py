@@ -45,3 +45,17 @@ def test_a_mode_registered_in_process_is_a_valid_choice(tiny_folder):
         _ADDED.pop("top-group-only")
     with pytest.raises(UsageError, match="--mode must be one of"):
         TrainConfig(data=str(tiny_folder), mode="top-group-only").validate()
+
+
+def test_a_linear_probe_says_it_has_no_epochs_for_tensorboard(tiny_folder, tmp_path, caplog):
+    """--tensorboard with a linear probe (asked for, or chosen by the search) wrote nothing and said nothing."""
+    import logging
+
+    pytest.importorskip("tensorboard")
+    from transferkit import cli
+
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["train", str(tiny_folder), "--recipe", "tutorial", "--mode", "linear-probe", "--tensorboard",
+                         "--out", str(tmp_path / "run")]) == 0
+    assert "--tensorboard: a linear probe is one fit, with no epochs to log" in caplog.text
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -27,6 +27,9 @@ class LinearProbe(Mode):
         from ..engine.fit import _finish, _meta, _nll, _summarize, _write_history
         from ..engine.probe_train import train_linear_probe
 
+        if state.cfg.tensorboard and figures:
+            log.info("--tensorboard: a linear probe is one fit, with no epochs to log (its numbers are in "
+                     "metrics.json and history.csv)")
         t0 = time.perf_counter()
         result = train_linear_probe(state)
         (p_train, y_train), (p_val, y_val) = result["train"], result["val"]
