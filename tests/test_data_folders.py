@@ -274,6 +274,17 @@ def test_a_mac_zip_s_resource_fork_folder_is_not_a_class(tmp_path):
     assert scan.classes == ["a", "b"] and [e["path"] for e in scan.problems["os_junk"]] == ["__MACOSX"]
 
 
+def test_a_val_fraction_asked_for_beside_a_val_folder_is_said_to_be_unused(tmp_path, caplog):
+    """`--val-fraction 0.5` on a folder with its own val/ was dropped without a word."""
+    import logging
+
+    root = _split(tmp_path / "data", {"a": 4, "b": 4}, {"a": 2, "b": 2})
+    with caplog.at_level(logging.WARNING):
+        assert len(scan_dataset(root).val) == 4 and not caplog.text
+        assert len(scan_dataset(root, val_fraction=0.5).val) == 4
+    assert f"--val-fraction 0.5 is not used: {root} has its own val/ folder" in caplog.text
+
+
 def test_bad_val_fraction(tmp_path):
     with pytest.raises(UsageError):
         scan_dataset(_flat(tmp_path, {"a": 5, "b": 5}), val_fraction=1.5)

@@ -35,6 +35,9 @@ CACHE_DTYPES = ("float16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16")  # engine/precision.py
 
 
+DEFAULT_VAL_FRACTION = 0.2  # of a folder without val/, held out for validation (--val-fraction)
+
+
 @dataclass
 class TrainConfig:
     data: str
@@ -67,7 +70,7 @@ class TrainConfig:
     cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
     decoded_cache: bool = True  # image training: decode + resize each image once into a memory-mapped store
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
-    val_fraction: float = 0.2
+    val_fraction: float = DEFAULT_VAL_FRACTION
     # a seeded stratified random N of the training images (the first N of one seeded order, data/folders.py
     # subsample_order: a smaller subsample is inside a larger one); the recipe search names it in its reproduce
     # command when its budget allowed fewer

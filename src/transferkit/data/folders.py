@@ -31,6 +31,7 @@ from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, on
 from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
 from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
 from transferkit.engine import signals
+from transferkit.config import DEFAULT_VAL_FRACTION
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
 from transferkit.run_folder import RunFolder
@@ -186,7 +187,7 @@ def file_sha256(path) -> str:
 # ---------------------------------------------------------------- scanning
 
 
-def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=True,
+def scan_dataset(root, *, val_fraction=DEFAULT_VAL_FRACTION, seed=0, strict=False, verify_images=True,
                  group_duplicates=True) -> DataScan:
     """Scan `root`, check every candidate image and return the usable train/val samples.
 
@@ -214,6 +215,8 @@ def scan_dataset(root, *, val_fraction=0.2, seed=0, strict=False, verify_images=
     if record is not None:
         record.save(_record_rows(candidates, checked), pairs)
     if "val" in found:
+        if val_fraction != DEFAULT_VAL_FRACTION:  # asked for: a split the folder's own val/ overrides
+            logger.warning("--val-fraction %g is not used: %s has its own val/ folder", val_fraction, root)
         scan = _assemble_given_split(root, found["train"], found["val"], problems, split_dirs)
     else:
         scan = _assemble_random_split(root, found["train"], problems, split_dirs["train"], val_fraction, seed)
