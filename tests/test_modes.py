@@ -47,8 +47,9 @@ def test_a_mode_registered_in_process_is_a_valid_choice(tiny_folder):
         TrainConfig(data=str(tiny_folder), mode="top-group-only").validate()
 
 
-def test_a_linear_probe_says_it_has_no_epochs_for_tensorboard(tiny_folder, tmp_path, caplog):
-    """--tensorboard with a linear probe (asked for, or chosen by the search) wrote nothing and said nothing."""
+def test_a_linear_probe_says_what_of_the_epoch_options_it_does_not_use(tiny_folder, tmp_path, caplog):
+    """--tensorboard, --class-weights auto and --balanced-sampler with a linear probe (asked for, or chosen by the
+    search) changed nothing and said nothing: one line each now."""
     import logging
 
     pytest.importorskip("tensorboard")
@@ -56,6 +57,7 @@ def test_a_linear_probe_says_it_has_no_epochs_for_tensorboard(tiny_folder, tmp_p
 
     with caplog.at_level(logging.INFO):
         assert cli.main(["train", str(tiny_folder), "--recipe", "tutorial", "--mode", "linear-probe", "--tensorboard",
-                         "--out", str(tmp_path / "run")]) == 0
+                         "--class-weights", "auto", "--balanced-sampler", "--out", str(tmp_path / "run")]) == 0
     assert "--tensorboard: a linear probe is one fit, with no epochs to log" in caplog.text
+    assert "--class-weights auto and --balanced-sampler: the linear probe weighs every image alike" in caplog.text
     assert not (tmp_path / "run" / "tensorboard").exists()
