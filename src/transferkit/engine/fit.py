@@ -86,7 +86,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     run folder (a throwaway one, in the temp folder, that the user never sees) nor the class-imbalance
     advice is logged."""
     cfg.validate()
-    out = Path(cfg.out)  # fit named it (with_run_dir) and holds it
+    out = Path(cfg.out)  # fit named it and holds it (run_folder.claimed)
     if not resume:
         refuse_to_overwrite(out, cfg.overwrite)
     set_seed(cfg.seed)
