@@ -162,7 +162,7 @@ class TrainConfig:
             raise UsageError(f"--momentum must be in [0, 1), not {self.momentum}")
         if not 0 < self.gamma < float("inf"):
             raise UsageError(f"--gamma must be > 0 (StepLR multiplies the lr by it), not {self.gamma}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if not 0 <= self.seed < 2**32:  # a whole number: _check_types
             raise UsageError(f"--seed must be a whole number from 0 to 2**32 - 1, not {self.seed!r}")
         if self.ema_epochs and self.recipe == "tutorial" and self.mode == "linear-probe":
             raise UsageError("--ema-epochs goes with a mode that trains in epochs (a linear probe is one fit)")
@@ -194,7 +194,7 @@ class TrainConfig:
         epochs ended in a TypeError comparing it with 1. Whole numbers pass as floats; bools are checked below."""
         kinds = {"int": (int,), "float": (int, float), "str": (str, os.PathLike)}  # paths: data, out, weights
         for f in fields(self):
-            value, (kind, _, optional) = getattr(self, f.name), str(f.type).partition(" | ")
+            value, (kind, optional) = getattr(self, f.name), _kind_of(f)
             if kind not in kinds or (optional and value is None) or f.name == "time_budget":  # 300 is 300 s
                 continue
             if isinstance(value, bool) or not isinstance(value, kinds[kind]):
@@ -240,10 +240,16 @@ class TrainConfig:
         return cls.from_dict({key: _yaml_number(key, value) for key, value in d.items()})
 
 
+def _kind_of(field: dataclasses.Field) -> tuple[str, bool]:
+    """A TrainConfig field's kind ("int", "float", "str", "bool") and whether it may be None."""
+    kind, _, rest = str(field.type).partition(" | ")
+    return kind, rest == "None"
+
+
 def _yaml_number(key, value):
     """YAML 1.1 reads `lr: 1e-3` (no dot) as the text "1e-3": a number where the option holds one."""
-    kind = next((str(f.type).partition(" | ")[0] for f in fields(TrainConfig) if f.name == key), None)
-    if kind == "float" and isinstance(value, str):
+    field = next((f for f in fields(TrainConfig) if f.name == key), None)
+    if field is not None and _kind_of(field)[0] == "float" and isinstance(value, str):
         try:
             return float(value)
         except ValueError:

@@ -91,6 +91,14 @@ class RunFolder:
     def finished(self) -> bool:
         return self.metrics.is_file()
 
+    def is_run(self) -> bool:
+        """Whether the folder is a run's (its config is written first, then the scan's report and split)."""
+        return self.config.is_file() and any(p.is_file() for p in (self.data_report, self.split, self.metrics))
+
+    def holds_run_files(self) -> bool:
+        """Whether anything a run, its evaluations or its exports write is here."""
+        return any((self.path / name).exists() for name in (*self.WRITTEN, self.EXPORT))
+
     def clear(self) -> None:
         """Remove what a run, its evaluations and its exports wrote here (`train --overwrite`), so that nothing of
         the run replaced (an exported model, a search record, curves a probe does not draw) passes for the new
@@ -184,7 +192,7 @@ def _undo_claim(out: Path, made: Path | None) -> None:
     """A run refused before its first file (a bad option, a busy GPU, a folder of someone else's files) leaves
     nothing behind: the lock file this claim made goes, and so do the folders it made (`made` and those below it,
     down to `out`) where they are empty."""
-    if any((out / name).exists() for name in (*RunFolder.WRITTEN, RunFolder.EXPORT)):
+    if RunFolder(out).holds_run_files():
         return
     try:
         (out / ".lock").unlink()

@@ -346,24 +346,17 @@ def _class_dirs(split_dir: Path, problems: _Problems) -> list[tuple[str, Path]]:
             continue
         if not path.is_dir():
             _outside_class_folder(path, problems)
-        elif _is_run_folder(path) or _holds_only_runs(path):
+        elif RunFolder(path).is_run() or _holds_only_runs(path):  # --out inside DATA, or runs/ of `train .`
             problems.add("run_folder", path, "transferkit's run folder(s), not training data")
         else:
             classes.append((name, path))
     return classes
 
 
-def _is_run_folder(path: Path) -> bool:
-    """A run folder of this program (`--out` inside the data folder, or `runs/` where the command ran in it): its
-    figures are not images of a class. Its config is written first, then the scan's report and split."""
-    return (path / RunFolder.CONFIG).is_file() and any(
-        (path / name).is_file() for name in (RunFolder.DATA_REPORT, RunFolder.SPLIT, RunFolder.METRICS))
-
-
 def _holds_only_runs(path: Path) -> bool:
     """`runs/` of the default `--out`: run folders and nothing else (hidden entries aside)."""
     entries = [p for name, p in _sorted_entries(path) if not name.startswith(".")]
-    return bool(entries) and all(p.is_dir() and _is_run_folder(p) for p in entries)
+    return bool(entries) and all(p.is_dir() and RunFolder(p).is_run() for p in entries)
 
 
 def _walk_class(class_dir: Path, problems: _Problems) -> list[tuple[str, bool, tuple]]:
@@ -407,7 +400,7 @@ def _keep_dir(parent: Path, name: str, problems: _Problems) -> bool:
         if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
             problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
             return False
-    if _is_run_folder(path):
+    if RunFolder(path).is_run():
         problems.add("run_folder", path, "transferkit's run folder, not training data")
         return False
     return True

@@ -270,14 +270,16 @@ class FeatureStore:
 
 def store_for(identity: dict) -> FeatureStore:
     root = feature_root() / _digest(identity)
+    refused = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(root / "identity.json", identity)
-    except (OSError, RunFolderError) as exc:
-        store = FeatureStore(root, frozen_onnx_path(identity))
-        store.keep_in_memory(exc)
-        return store
-    return FeatureStore(root, frozen_onnx_path(identity))
+    except (OSError, RunFolderError) as exc:  # a full or read-only cache disk: the run goes on (keep_in_memory)
+        refused = exc
+    store = FeatureStore(root, frozen_onnx_path(identity))
+    if refused is not None:
+        store.keep_in_memory(refused)
+    return store
 
 
 def frozen_onnx_path(identity: dict) -> Path:

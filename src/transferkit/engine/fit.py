@@ -152,7 +152,7 @@ def _refuse_a_foreign_folder(out: Path) -> None:
         names = [p.name for p in out.iterdir() if not p.name.startswith(".")]
     except OSError:  # missing (a new run folder), or not a folder (check_paths says so)
         return
-    if names and not set(names) & {*RunFolder.WRITTEN, RunFolder.EXPORT}:
+    if names and not RunFolder(out).holds_run_files():
         raise UsageError(f"--out {out} holds other files ({', '.join(sorted(names)[:3])}{', ...' * (len(names) > 3)})"
                          "; choose a new or empty folder for the run")
 
