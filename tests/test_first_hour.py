@@ -318,6 +318,25 @@ def test_api_names_arguments_suggests_close_names_and_tells_the_run_folder(flat_
 
 
 @pytest.mark.slow
+def test_a_loaded_run_says_what_it_is_evaluates_and_exports(flat_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(flat_run.cache))
+    clf = tk.load(flat_run.run)
+    saved = json.loads((flat_run.run / "metrics.json").read_text())
+    assert clf.metrics_ == saved  # a loaded run knows how its training went, as a trained one does
+    assert f"val_acc={saved['best_val_acc']:.4f}" in repr(clf) and repr(clf.classes_) in repr(clf)
+    # evaluate: the CLI's, in Python; the flat folder's training images are left out, its val split scored.
+    ev = clf.evaluate(flat_run.data, out=tmp_path / "ev")
+    assert ev["trained_on"]["left_out"] == saved["train_images"] and ev["n"] == saved["val_images"]
+    assert ev["accuracy"] == pytest.approx(saved["best_val_acc"], abs=1.01 / ev["n"])
+    assert (tmp_path / "ev" / "evaluation.json").exists()
+    result = clf.export("onnx", out=tmp_path / "export")
+    assert Path(result["path"]).is_file() and result["parity"]["top1_agreement"] == 1.0
+    with pytest.raises(UsageError, match="^format must be one of onnx, torchscript, not 'tflite'$"):
+        clf.export("tflite")
+    assert tk.load(flat_run.run / "last.safetensors").metrics_ is None  # not the checkpoint metrics.json describes
+
+
+@pytest.mark.slow
 def test_a_config_is_not_changed_by_the_runs_that_read_it(flat_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run without `out` goes to ./runs/<name>
     cfg = TrainConfig(data=str(flat_run.data), recipe="tutorial", epochs=3, image_size=96)

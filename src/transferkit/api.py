@@ -6,6 +6,8 @@
     clf.run_dir_                     # the run folder (config, split, checkpoints, report)
     clf = tk.load("runs/...")        # a run folder or a .safetensors checkpoint
     clf = tk.resume("runs/...")      # continue an interrupted run (the CLI's `train --resume`)
+    clf.evaluate("more/labelled")    # the CLI's `evaluate`: metrics dict, RUN/evaluation.json and figures
+    clf.export("onnx")               # the CLI's `export`: RUN/export/model.onnx, parity-checked
 
 Mistakes raise transferkit.errors.UsageError worded with the argument names (epochs=, not --epochs).
 """
@@ -25,6 +27,7 @@ from .config import TrainConfig
 from .errors import UsageError
 from .engine.checkpoint import resolve_checkpoint
 from .predict import Predictor, expand_inputs
+from .io import read_json_object
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,16 @@ class Classifier:
         self.classes_ = self._predictor.classes
         self.preprocessing_ = self._predictor.preprocessing
         self.meta_ = self._predictor.meta
+        # The training run's summary (metrics.json) where this is the run's own best checkpoint.
         self.metrics_: dict | None = None
+        if self.checkpoint_.name == RunFolder.BEST:
+            self.metrics_ = read_json_object(RunFolder(self.run_dir_).metrics) or None
+
+    def __repr__(self) -> str:
+        val = self.meta_.get("val", {}).get("val_acc")
+        shown = f", val_acc={val:.4f}" if isinstance(val, float) else ""
+        return (f"Classifier({str(self.checkpoint_)!r}, model={self.meta_.get('architecture')!r}, "
+                f"mode={self.meta_.get('mode')!r}, classes={self.classes_!r}{shown})")
 
     @property
     def model_(self):
@@ -62,6 +74,23 @@ class Classifier:
         for row, name in zip(rows, names):
             row["path"] = name
         return rows
+
+    def evaluate(self, data, tta: str | None = None, include_train: bool = False, out=None) -> dict:
+        """The CLI's `evaluate`: metrics on a labelled folder (DATA/<class>/* or DATA/val/<class>/*) or a split
+        CSV, leaving out images this run trained on unless include_train; also writes evaluation.json,
+        confusion.png and top_losses.png to `out` (default: the run folder)."""
+        from .evaluate import evaluate_run
+
+        with _api_wording():
+            return evaluate_run(self.checkpoint_, data, tta=tta, out=out, include_train=include_train)
+
+    def export(self, format: str = "onnx", quantize: str | None = None, out=None) -> dict:
+        """The CLI's `export`: RUN/export/model.onnx (or model.pt for format="torchscript"; quantize="int8"
+        adds model.int8.onnx), checked against the eager model; returns what export.json records."""
+        from .export import export_run
+
+        with _api_wording():
+            return export_run(self.checkpoint_, format, quantize=quantize, out=out)
 
 
 def train(data: str | Path | None = None, config: TrainConfig | None = None, **options) -> Classifier:
