@@ -308,10 +308,29 @@ def test_random_split_is_stratified_and_seeded(tmp_path):
 def test_train_folder_without_val_is_split_randomly(tmp_path):
     root = _flat(tmp_path / "train", {"a": 5, "b": 5}).parent
     (root / "test").mkdir()
-    scan = scan_dataset(root, val_fraction=0.4)
+    (root / "extra").mkdir()
+    scan = scan_dataset(root, val_fraction=0.4, strict=True)  # neither folder stops a strict scan
     assert scan.split_source == "stratified"
     assert scan.class_counts()["val"] == {"a": 2, "b": 2}
-    assert [e["path"] for e in scan.problems["unused_folder"]] == ["test"]
+    # test/ is a held-out split the run never reads, and the summary says how to score a run on it.
+    assert [e["path"] for e in scan.problems["test_folder"]] == ["test"]
+    assert [e["path"] for e in scan.problems["unused_folder"]] == ["extra"]
+    assert any(line.startswith("kept 1 test folder out of training and the recipe search") and
+               "`transferkit evaluate RUN DATA/test`" in line for line in scan.summary_lines())
+
+
+def test_the_train_summary_names_the_command_that_scores_the_test_folder(tmp_path, monkeypatch, capsys):
+    from transferkit.cli import _print_test_folders
+
+    root = _flat(tmp_path / "data" / "train", {"a": 5, "b": 5}).parent
+    _flat(root / "test", {"a": 2, "b": 2})
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    scan_dataset(root, val_fraction=0.4).write_report(run / "data_report.json")
+    monkeypatch.chdir(tmp_path)
+    _print_test_folders("runs/r")
+    assert capsys.readouterr().out == ("held-out test folder, not read by this run: score it once with "
+                                       "`transferkit evaluate runs/r data/test`\n")
 
 
 def test_tiny_classes_still_get_a_val_image(tmp_path):

@@ -413,7 +413,20 @@ def _print_train_summary(m: dict) -> None:
             all_minutes = max(1, round(m["search"]["all_images_seconds_estimate"] / 60))
             print(f"  the budget fitted the model on {subsample} training images; without "
                   f"--train-subsample that command fits all of them in about {all_minutes} min")
+    _print_test_folders(m["run_dir"])
     print(f"run folder: {m['run_dir']}")
+
+
+def _print_test_folders(run_dir: str) -> None:
+    """The command that scores the run on the data's held-out test/ folder, which nothing in the run read."""
+    from .io import read_json_object
+    from .run_folder import RunFolder
+
+    report = read_json_object(RunFolder(run_dir).data_report)
+    for problem in report.get("problems", {}).get("test_folder", []):
+        test = Path(report["root"]) / problem["path"]
+        test = test.relative_to(Path.cwd()) if test.is_relative_to(Path.cwd()) else test
+        print(f"held-out test folder, not read by this run: score it once with `transferkit evaluate {run_dir} {test}`")
 
 
 def cmd_models(args) -> int:

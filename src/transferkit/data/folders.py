@@ -39,6 +39,8 @@ from transferkit.run_folder import RunFolder
 logger = logging.getLogger(__name__)
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
+# Beside train/, a held-out test split: never read by training or the search, and named so the user can score it.
+TEST_DIR_NAMES = frozenset({"test", "testing", "holdout"})
 # __MACOSX: the folder of resource forks (`._name` files) a zip made on a Mac carries, a class folder to a flat scan
 OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
 MIN_SIDE = 8  # below this a side carries no usable detail even after resizing
@@ -51,7 +53,7 @@ MANIFEST_COLUMNS = ("path", "class", "split")
 
 # Kinds that skip nothing the user meant to train on; strict mode does not stop on them.
 INFORMATIONAL_KINDS = frozenset({"no_extension", "hidden", "os_junk", "outside_class_folder", "unused_folder",
-                                 "run_folder"})
+                                 "test_folder", "run_folder"})
 
 # Summary wording per kind, in report order; "{n}" is the count, the other fields are
 # nouns that agree with it.
@@ -79,6 +81,8 @@ _KIND_TEXT = {
     "os_junk": "ignored {n} OS metadata {entries} (.DS_Store, Thumbs.db, desktop.ini, __MACOSX)",
     "outside_class_folder": "ignored {n} non-image {files} outside class folders",
     "unused_folder": "ignored {n} {folders} that {are} neither train nor val",
+    "test_folder": "kept {n} test {folders} out of training and the recipe search (score a run on it once with "
+                   "`transferkit evaluate RUN DATA/test`)",
     "run_folder": "ignored {n} transferkit run {folders} inside the data folder",
 }
 
@@ -290,7 +294,9 @@ def _find_split_dirs(root: Path, problems: _Problems) -> dict[str, Path]:
             continue
         if _skip_special(name, path, problems):
             continue
-        if path.is_dir():
+        if path.is_dir() and name.lower() in TEST_DIR_NAMES:
+            problems.add("test_folder", path, "a held-out test split: not read by training or the recipe search")
+        elif path.is_dir():
             problems.add("unused_folder", path, "only train/ and val/ are read when a train/ folder exists")
         else:
             _outside_class_folder(path, problems)
