@@ -209,7 +209,14 @@ def test_file_as_root(tmp_path):
 
 
 def test_single_class(tmp_path):
-    assert "need at least 2" in _fatal(_flat(tmp_path, {"only": 5}))
+    assert "need at least 2" in _fatal(_flat(tmp_path / "one", {"only": 5}))
+    # An unzipped archive's extra folder (DATA/mydata/{train,test}/<class>/ or DATA/images/<class>/) reads as one
+    # class: the message names the folder to pass instead.
+    _flat(tmp_path / "zip" / "mydata" / "train", {"a": 3, "b": 3})
+    _flat(tmp_path / "zip" / "mydata" / "test", {"a": 2, "b": 2})
+    message = _fatal(tmp_path / "zip")
+    assert "mydata/, whose images are all in subfolders of its own" in message
+    assert message.endswith(f"pass {(tmp_path / 'zip' / 'mydata').resolve()} as the data folder")
 
 
 def test_no_images_at_all(tmp_path):

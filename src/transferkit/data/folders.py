@@ -578,7 +578,7 @@ def _assemble_given_split(root: Path, train: dict, val: dict, problems: _Problem
         if name not in train:
             for path, _ in val[name]:
                 problems.add("val_class_not_in_train", path, f"class {name!r} has no {train_dir.name}/{name}/ folder; skipped")
-    _require_two_classes(root, classes)
+    _require_two_classes(root, classes, train_dir)
     for name in classes:
         if not val.get(name):
             problems.add("no_val_images", val_dir / name, f"class {name!r} has no validation images")
@@ -597,7 +597,7 @@ def _assemble_random_split(
         if not train[name]:
             problems.add("empty_class", train_dir / name, "no usable images; class dropped")
     classes = sorted(name for name in train if train[name])
-    _require_two_classes(root, classes)
+    _require_two_classes(root, classes, train_dir)
     for name in classes:
         if len(train[name]) < 2:
             raise DataError(
@@ -630,13 +630,29 @@ def _sample_key(sample: tuple[str, int]) -> tuple[int, str]:
     return sample[1], sample[0]
 
 
-def _require_two_classes(root: Path, classes: list[str]) -> None:
+def _require_two_classes(root: Path, classes: list[str], class_parent: Path) -> None:
     if len(classes) < 2:
         found = ", ".join(classes) if classes else "none"
+        wrapper = class_parent / classes[0] if classes else None
+        if wrapper is not None and _holds_image_folders(wrapper):
+            # An unzipped archive often wraps the data in one more folder: DATA/<name>/{train,val}/ or DATA/<name>/<class>/.
+            raise DataError(f"found 1 class in {root}, {classes[0]}/, whose images are all in subfolders of its own: "
+                            f"if those are the classes (or train/ and val/), pass {wrapper} as the data folder")
         raise DataError(
             f"found {len(classes)} class with usable images in {root} ({found}); need at least 2: "
             "put each class's images in its own subfolder, e.g. cats/ and dogs/"
         )
+
+
+def _holds_image_folders(folder: Path) -> bool:
+    """Whether `folder` has subfolders and no image files of its own (its images are all further down)."""
+    try:
+        entries = list(os.scandir(folder))
+        return (any(e.is_dir() and not e.name.startswith(".") for e in entries) and
+                not any(e.is_file() and os.path.splitext(e.name)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
+                        for e in entries))
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- duplicates and logging
