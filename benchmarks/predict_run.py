@@ -11,7 +11,10 @@ val images with `Predictor` as `transferkit predict RUN DATA/val` does (the prog
 - this tree's default: the precision the run scored its val images in, the frozen part on the engine its
   training chose on this machine and the trained rest in torch (predict.FrozenSplit);
 - evaluate with the run's cached val features, and with an empty feature cache (export and engine choice
-  included).
+  included);
+- the default again with the files read in turn before each batch (inference.READ_THREADS = 1, how predict read
+  them before), against reading the next batches on threads beside the network; for this 8-view probe and for
+  a 1-view probe trained on the same features (`--probe-views none`), where reading is a larger share.
 Each row: seconds, images/s, val accuracy, and the largest probability difference from the eager fp32 row.
 """
 
@@ -31,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import cold_env, elpv, environment_line, table, write_section  # noqa: E402
 
 
-def train(data: Path, run: Path, cache: Path) -> dict:
+def train(data: Path, run: Path, cache: Path, views: str = "dihedral") -> dict:
     import json
 
     if not (run / "metrics.json").is_file():
         cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--recipe", "tutorial", "--mode",
-               "linear-probe", "--probe-views", "dihedral", "--crop-fraction", "1.0", "--out", str(run),
+               "linear-probe", "--probe-views", views, "--crop-fraction", "1.0", "--out", str(run),
                "--overwrite"]
         subprocess.run(cmd, env={**cold_env(cache), "TRANSFERKIT_QUIET": "1"}, check=True,
                        stdout=subprocess.DEVNULL)
@@ -89,6 +92,7 @@ def main() -> None:
                      "images/s": len(paths) / seconds, "val acc": float((probs.argmax(1) == y).mean()), "probs": probs})
     for row in rows:
         row["max prob diff vs eager fp32"] = float(np.abs(row.pop("probs") - reference).max())
+    rows += reading_rows(data, work, cache, paths, y)
     for name, feature_cache in (("evaluate, the run's cached val features", cache),
                                 ("evaluate, an empty feature cache", work / "empty-cache")):
         shutil.rmtree(work / "empty-cache", ignore_errors=True)
@@ -109,7 +113,35 @@ def main() -> None:
         f"benchmarks/predict_run.py --work DIR --classes {args.classes}`: a linear probe over the 8 dihedral views "
         f"(`--recipe tutorial --mode linear-probe --probe-views dihedral --crop-fraction 1.0`; its run reported val "
         f"{metrics['best_val_acc']:.4f}), its {len(paths)} val images predicted in one process (torch imported "
-        f"once; each image's 8 views), then evaluated.\n\n{text}\n"))
+        f"once; each image's 8 views), then evaluated; last, the files read in turn against read ahead on threads "
+        f"(the faster of 2 alternated runs each), for that probe and a 1-view one.\n\n{text}\n"))
+
+
+def reading_rows(data: Path, work: Path, cache: Path, paths: list[str], y: np.ndarray) -> list[dict]:
+    """The default predictor with the files read in turn and read ahead on threads, alternated twice (the
+    faster of each kept), for the 8-view probe and a 1-view one."""
+    from transferkit import inference
+    from transferkit.predict import Predictor
+
+    one_view = work / "run-1view"
+    train(data, one_view, cache, views="none")
+    default_threads, rows = inference.READ_THREADS, []
+    for run, views in ((work / "run", "8 views"), (one_view, "1 view")):
+        predictor = Predictor(run)
+        predicted(predictor, paths[:64])  # the engine is chosen (and its first batch run) outside the timing
+        best = {}
+        for _ in range(2):
+            for threads in (1, default_threads):
+                inference.READ_THREADS = threads
+                seconds, probs = predicted(predictor, paths)
+                best[threads] = min(best.get(threads, (np.inf,)), (seconds, probs), key=lambda t: t[0])
+        inference.READ_THREADS = default_threads
+        for threads, (seconds, probs) in best.items():
+            how = "files read in turn (before)" if threads == 1 else f"next batches read on {threads} threads (now)"
+            rows.append({"how": f"the default, {views}: {how}", "precision": predictor.precision,
+                         "engine": predictor.frozen_engine.info.get("engine"), "seconds": seconds,
+                         "images/s": len(paths) / seconds, "val acc": float((probs.argmax(1) == y).mean())})
+    return rows
 
 
 if __name__ == "__main__":

@@ -68,6 +68,30 @@ def test_tta_averages_the_views_and_reports_the_gain(tiny_run, tmp_path):
     np.testing.assert_allclose(per_view[1], np.stack(flipped), atol=1e-5)
 
 
+def test_the_predictor_feeds_the_network_what_the_eval_transform_gives(tiny_run, tmp_path):
+    """Prediction crops uint8 on reader threads and normalizes whole batches: bit for bit the eval transform's
+    input, for a colour file, a grey file and a PIL image in memory."""
+    import torch
+    from PIL import Image
+
+    from transferkit.data.images import load_rgb
+    from transferkit.data.transforms import eval_transform, normalize_batch
+
+    data, run = tiny_run
+    predictor = Predictor(run)
+    colour = sorted((data / "val").rglob("*.png"))[0]
+    Image.open(colour).convert("L").resize((70, 45)).save(tmp_path / "grey.png")
+    reference = eval_transform(predictor.preprocessing)
+    for item in (str(colour), str(tmp_path / "grey.png"), Image.open(colour)):
+        crop = predictor.preprocess(item)
+        assert crop.dtype == torch.uint8 and crop.shape[0] == 3
+        image = item.convert("RGB") if isinstance(item, Image.Image) else load_rgb(item)
+        expected = reference(image)
+        assert torch.equal(normalize_batch(crop[None], predictor.preprocessing)[0], expected)
+        with torch.inference_mode():
+            assert np.array_equal(predictor.probs_of([crop]), predictor.probs_of([expected]))
+
+
 def test_test_time_views_that_a_probe_already_averages_over_are_not_scored_again():
     from transferkit.data.transforms import dihedral, dihedral_after
     from transferkit.evaluate import _absorbs

@@ -37,6 +37,41 @@ def test_chunks_put_each_row_where_its_file_was():
     assert starts == [0, 3, 6]
 
 
+def test_reading_ahead_on_threads_gives_the_batches_of_reading_in_turn():
+    import threading
+
+    items = [f"{'bad' if i % 7 == 3 else 'a'}{i}" for i in range(50)]
+    readers = set()
+
+    def preprocess(item):
+        readers.add(threading.current_thread().name)
+        return _preprocess(item)
+
+    serial = list(read_batches(items, preprocess, batch_size=8, threads=1))
+    assert readers == {threading.current_thread().name}
+    ahead = list(read_batches(items, preprocess, batch_size=8, threads=3))
+    assert any(name.startswith("transferkit-read") for name in readers)  # the chunks were read on threads
+    assert [(start, b.inputs, b.rows, b.errors) for start, b in ahead] == \
+           [(start, b.inputs, b.rows, b.errors) for start, b in serial]
+
+
+def test_a_reader_stopped_early_leaves_nothing_queued():
+    import time
+
+    read = []
+
+    def slow(item):
+        time.sleep(0.01)
+        read.append(item)
+        return 0.0
+
+    batches = read_batches([f"a{i}" for i in range(400)], slow, batch_size=4, threads=2, ahead=2)
+    next(batches)
+    batches.close()  # a caller that stops (an error in its network, Ctrl-C) cancels what was queued
+    time.sleep(0.1)
+    assert len(read) <= 4 * 4  # the chunk given, the two read ahead and the one queued as it was taken
+
+
 def test_parity_of_logits_and_of_features():
     logits = np.array([[2.0, -1.0], [0.3, 0.1], [-1.0, 1.0]])
     same = parity(logits, logits + 1e-6)

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from .data.images import load_rgb, load_rgb_bytes, to_rgb
-from .data.transforms import eval_transform
+from .data.transforms import eval_crop, normalize_batch
 from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
 from .models.batchnorm import Folding
@@ -94,7 +94,7 @@ class Predictor:
         self.model.to(self.device)
         self.classes: list[str] = self.meta["classes"]
         self.preprocessing = preprocessing_of(self.meta)
-        self.transform = eval_transform(self.preprocessing)
+        self.crop = eval_crop(self.preprocessing)
         self._folding = Folding(self.model)
         # The run's novelty reference (novelty.py), where its training wrote one; it compares the input
         # of the classifier head, caught by a hook on the head during the forward pass.
@@ -131,16 +131,22 @@ class Predictor:
     def preprocess(self, item) -> torch.Tensor:
         """A file path, or an image already in memory (a PIL image: the Python API) -> the model's input."""
         if isinstance(item, Image.Image):
-            return self.preprocess_image(to_rgb(item))
-        return self.preprocess_image(load_rgb(item, shorter_side=self.preprocessing.resize_size))
+            return self.preprocess_image(to_rgb(item, keep_gray=True))
+        return self.preprocess_image(load_rgb(item, keep_gray=True, shorter_side=self.preprocessing.resize_size))
 
     def preprocess_bytes(self, data: bytes, name: str) -> torch.Tensor:
         """An image file held in memory (an upload) -> the model's input."""
-        return self.preprocess_image(load_rgb_bytes(data, name, shorter_side=self.preprocessing.resize_size))
+        return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True,
+                                                    shorter_side=self.preprocessing.resize_size))
 
     def preprocess_image(self, img) -> torch.Tensor:
-        """A decoded RGB PIL image -> the model's input."""
-        return self.transform(img)
+        """A decoded RGB (or 8-bit grey) PIL image -> its eval crop, uint8 3×H×W; the forward pass normalizes
+        whole batches (normalize_batch: the eval transform's numbers, bit for bit). Pillow and numpy only, which
+        release the GIL, so the readers of the next batch run on threads beside the network (inference.py); a
+        grey image is resized as one band, a third of the work, and repeated to three channels after."""
+        crop = np.asarray(self.crop(img))
+        crop = np.repeat(crop[None], 3, axis=0) if crop.ndim == 2 else crop.transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(crop))
 
     @torch.inference_mode()
     def probs_of(self, tensors: list[torch.Tensor]) -> np.ndarray:
@@ -151,12 +157,15 @@ class Predictor:
         # BatchNorm folded into the convs for the call only (same outputs, faster); the model itself
         # stays as loaded for whoever exports it. On a CPU a channels_last batch alone (weights left as
         # they are) runs oneDNN's faster kernels: lite0 21 -> 36 images/s on 2 cores.
-        x = torch.stack(tensors).to(self.device)
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.frozen_engine is not None:
+        x = torch.stack(tensors)
+        if x.dtype == torch.uint8:  # crops from preprocess
+            x = normalize_batch(x, self.preprocessing)
+        x = x.to(self.device)
+        if self.frozen_engine is not None:  # its engine takes the batch as it is (ONNX Runtime: NCHW)
             logits, head_input = self._split_forward(x)
             return F.softmax(logits.float(), dim=1).cpu().numpy(), head_input.float().cpu()
+        if self.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         seen = []
         hook = self._head and self._head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
         self._folding.fold()
