@@ -12,9 +12,10 @@ val images with `Predictor` as `transferkit predict RUN DATA/val` does (the prog
   training chose on this machine and the trained rest in torch (predict.FrozenSplit);
 - evaluate with the run's cached val features, and with an empty feature cache (export and engine choice
   included);
-- the default again with the files read in turn before each batch (inference.READ_THREADS = 1, how predict read
-  them before), against reading the next batches on threads beside the network; for this 8-view probe and for
-  a 1-view probe trained on the same features (`--probe-views none`), where reading is a larger share.
+- the default again, its files read three ways (reading_rows): the eval transform per image in turn, as predict
+  read them before; uint8 crops normalized a batch at a time, in turn; and those crops read ahead on threads
+  beside the network (now); for this 8-view probe and for a 1-view probe trained on the same features
+  (`--probe-views none`), where reading is a larger share.
 Each row: seconds, images/s, val accuracy, and the largest probability difference from the eager fp32 row.
 """
 
@@ -113,32 +114,44 @@ def main() -> None:
         f"benchmarks/predict_run.py --work DIR --classes {args.classes}`: a linear probe over the 8 dihedral views "
         f"(`--recipe tutorial --mode linear-probe --probe-views dihedral --crop-fraction 1.0`; its run reported val "
         f"{metrics['best_val_acc']:.4f}), its {len(paths)} val images predicted in one process (torch imported "
-        f"once; each image's 8 views), then evaluated; last, the files read in turn against read ahead on threads "
-        f"(the faster of 2 alternated runs each), for that probe and a 1-view one.\n\n{text}\n"))
+        f"once; each image's 8 views), then evaluated; last, the files read three ways (the faster of 2 alternated "
+        f"runs each), for that probe and a 1-view one.\n\n{text}\n"))
 
 
 def reading_rows(data: Path, work: Path, cache: Path, paths: list[str], y: np.ndarray) -> list[dict]:
-    """The default predictor with the files read in turn and read ahead on threads, alternated twice (the
-    faster of each kept), for the 8-view probe and a 1-view one."""
+    """The default predictor reading its files three ways, alternated twice (the faster of each kept), for the
+    8-view probe and a 1-view one: the eval transform per image, in turn (how predict read before 2026-12-06);
+    uint8 eval crops normalized a batch at a time, in turn; the same crops read ahead on threads (now)."""
     from transferkit import inference
+    from transferkit.data.images import load_rgb
+    from transferkit.data.transforms import eval_transform
     from transferkit.predict import Predictor
 
     one_view = work / "run-1view"
     train(data, one_view, cache, views="none")
     default_threads, rows = inference.READ_THREADS, []
+    ways = {"the eval transform per image, read in turn (before)": 1,
+            "uint8 crops, batch-normalized, read in turn": 1,
+            f"uint8 crops, batch-normalized, next batches read on {default_threads} threads (now)": default_threads}
     for run, views in ((work / "run", "8 views"), (one_view, "1 view")):
         predictor = Predictor(run)
+        new_way = predictor.preprocess
+        transform = eval_transform(predictor.preprocessing)
+
+        def old_way(path):
+            return transform(load_rgb(path, shorter_side=predictor.preprocessing.resize_size))
+
         predicted(predictor, paths[:64])  # the engine is chosen (and its first batch run) outside the timing
         best = {}
         for _ in range(2):
-            for threads in (1, default_threads):
+            for way, threads in ways.items():
                 inference.READ_THREADS = threads
+                predictor.preprocess = old_way if way.startswith("the eval transform") else new_way
                 seconds, probs = predicted(predictor, paths)
-                best[threads] = min(best.get(threads, (np.inf,)), (seconds, probs), key=lambda t: t[0])
+                best[way] = min(best.get(way, (np.inf,)), (seconds, probs), key=lambda t: t[0])
         inference.READ_THREADS = default_threads
-        for threads, (seconds, probs) in best.items():
-            how = "files read in turn (before)" if threads == 1 else f"next batches read on {threads} threads (now)"
-            rows.append({"how": f"the default, {views}: {how}", "precision": predictor.precision,
+        for way, (seconds, probs) in best.items():
+            rows.append({"how": f"the default, {views}: {way}", "precision": predictor.precision,
                          "engine": predictor.frozen_engine.info.get("engine"), "seconds": seconds,
                          "images/s": len(paths) / seconds, "val acc": float((probs.argmax(1) == y).mean())})
     return rows

@@ -72,6 +72,23 @@ def test_a_reader_stopped_early_leaves_nothing_queued():
     assert len(read) <= 4 * 4  # the chunk given, the two read ahead and the one queued as it was taken
 
 
+def test_a_large_prediction_shows_its_progress_in_images(monkeypatch, capsys):
+    from transferkit.engine import progress
+
+    monkeypatch.setattr(progress, "_quiet", lambda: False)  # as on a terminal
+
+    def infer(inputs):
+        return np.zeros((len(inputs), 2), dtype=np.float32)
+
+    items = [f"a{i}" for i in range(40)]
+    batched_proba(items, 2, _preprocess, infer, batch_size=8, desc="predicting")
+    shown = capsys.readouterr().err
+    assert "predicting:" in shown and "/40 " in shown  # a bar over the 40 images (cleared when done)
+    batched_proba(items, 2, _preprocess, infer, batch_size=8)  # no desc (a library caller): no bar
+    batched_proba(items[:8], 2, _preprocess, infer, batch_size=8, desc="predicting")  # one batch: no bar
+    assert capsys.readouterr().err == ""
+
+
 def test_parity_of_logits_and_of_features():
     logits = np.array([[2.0, -1.0], [0.3, 0.1], [-1.0, 1.0]])
     same = parity(logits, logits + 1e-6)

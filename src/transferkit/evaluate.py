@@ -99,7 +99,8 @@ def view_probs(predictor, paths: list[str], views: tuple[int, ...], batch_size: 
         return np.concatenate([predictor.probs_of(list(dihedral(x, k))) for k in views], axis=1)
 
     with torch.inference_mode():
-        flat, errors = batched_proba(paths, n_classes * len(views), predictor.preprocess, infer, batch_size)
+        flat, errors = batched_proba(paths, n_classes * len(views), predictor.preprocess, infer, batch_size,
+                                     desc="evaluating")
     return flat.reshape(len(paths), len(views), n_classes).transpose(1, 0, 2), errors
 
 

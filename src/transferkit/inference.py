@@ -170,15 +170,20 @@ def read_batches(items, preprocess, batch_size: int = 32, threads: int | None = 
                 future.cancel()
 
 
-def batched_proba(paths, n_classes: int, preprocess, infer, batch_size: int = 32):
+def batched_proba(paths, n_classes: int, preprocess, infer, batch_size: int = 32, desc: str | None = None):
     """Outputs (N, n_classes) and per-path errors, for any runtime: `infer(inputs)` gives the (n, C)
-    outputs of a chunk's readable inputs; a file that cannot be read gets a NaN row and its error."""
+    outputs of a chunk's readable inputs; a file that cannot be read gets a NaN row and its error. `desc`: a
+    progress bar of images on a terminal (predicting a large folder takes minutes)."""
+    from .engine.progress import progress  # tqdm only: torch-free
+
     probs = np.full((len(paths), n_classes), np.nan, dtype=np.float32)
     errors: list[str | None] = []
-    for start, batch in read_batches(paths, preprocess, batch_size):
-        if batch.inputs:
-            probs[[start + i for i in batch.rows]] = infer(batch.inputs)
-        errors += batch.errors
+    with progress(None, desc=desc or "", total=len(paths), disable=desc is None or len(paths) <= batch_size) as bar:
+        for start, batch in read_batches(paths, preprocess, batch_size):
+            if batch.inputs:
+                probs[[start + i for i in batch.rows]] = infer(batch.inputs)
+            errors += batch.errors
+            bar.update(len(batch.errors))
     return probs, errors
 
 

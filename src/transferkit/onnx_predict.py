@@ -104,13 +104,13 @@ class OnnxClassifier:
     def rows_of_table(self, paths, table: np.ndarray, errors, top_k: int) -> list[dict]:
         return rows_from_probs(paths, table, errors, self.classes, top_k)
 
-    def predict_proba(self, paths: list[str], batch_size: int = 32):
-        return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
+    def predict_proba(self, paths: list[str], batch_size: int = 32, desc: str | None = None):
+        return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size, desc)
 
 
 def predict_rows(model_path: str | Path, paths: list[str], top_k: int = 3) -> list[dict]:
     """Rows like `transferkit.predict.rows_from_probs` (path, label, probability, top_k, error)."""
     clf = OnnxClassifier(model_path)
     files = expand_inputs(paths)
-    probs, errors = clf.predict_proba(files)
+    probs, errors = clf.predict_proba(files, desc="predicting")
     return rows_from_probs(files, probs, errors, clf.classes, top_k)

@@ -209,5 +209,5 @@ class Predictor:
 
     def predict_rows(self, paths: list[str], top_k: int = 3) -> list[dict]:
         check_top_k(top_k)
-        table, errors = batched_proba(paths, self.table_width, self.preprocess, self.table_of)
+        table, errors = batched_proba(paths, self.table_width, self.preprocess, self.table_of, desc="predicting")
         return self.rows_of_table(paths, table, errors, top_k)
