@@ -334,6 +334,16 @@ def test_a_loaded_run_says_what_it_is_evaluates_and_exports(flat_run, tmp_path, 
     with pytest.raises(UsageError, match="^format must be one of onnx, torchscript, not 'tflite'$"):
         clf.export("tflite")
     assert tk.load(flat_run.run / "last.safetensors").metrics_ is None  # not the checkpoint metrics.json describes
+    # The export loads too, and predicts with ONNX Runtime alone what the run predicts (files and images in memory).
+    exported = tk.load(result["path"])
+    assert "format='onnx'" in repr(exported) and exported.classes_ == clf.classes_
+    files = sorted(str(p) for p in flat_run.data.rglob("*.png"))[:4]
+    images = [Image.open(files[0]), np.zeros((40, 30), dtype=np.uint8)]
+    for items in (files, images):
+        np.testing.assert_allclose(exported.predict_proba(items), clf.predict_proba(items), atol=1e-4)
+    assert [row["path"] for row in exported.predict_table(images)] == ["<image 0>", "<image 1>"]
+    with pytest.raises(UsageError, match="^evaluate needs the run folder or its .safetensors checkpoint"):
+        exported.evaluate(flat_run.data)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@
     clf = tk.train("data/elpv", model="efficientnet_lite0", mode="feature-extract", epochs=15)
     clf.predict(["cell.png"])        # labels; also folders, PIL images and numpy arrays (H×W or H×W×3/4)
     clf.run_dir_                     # the run folder (config, split, checkpoints, report)
-    clf = tk.load("runs/...")        # a run folder or a .safetensors checkpoint
+    clf = tk.load("runs/...")        # a run folder, a .safetensors checkpoint or an exported .onnx model
     clf = tk.resume("runs/...")      # continue an interrupted run (the CLI's `train --resume`)
     clf.evaluate("more/labelled")    # the CLI's `evaluate`: metrics dict, RUN/evaluation.json and figures
     clf.export("onnx")               # the CLI's `export`: RUN/export/model.onnx, parity-checked
@@ -26,7 +26,9 @@ import numpy as np
 from .config import TrainConfig
 from .errors import UsageError
 from .engine.checkpoint import resolve_checkpoint
+from .inference import model_kind
 from .predict import Predictor, expand_inputs
+from .preprocessing import Preprocessing
 from .io import read_json_object
 from .run_folder import RunFolder
 
@@ -39,10 +41,16 @@ class Classifier:
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
         self.checkpoint_ = resolve_checkpoint(checkpoint)
         self.run_dir_ = self.checkpoint_.parent
-        self._predictor = Predictor(self.checkpoint_, device=device)
+        if model_kind(self.checkpoint_) == "onnx":
+            self._predictor = _onnx_predictor(self.checkpoint_, device)
+            self.meta_ = {"format": "onnx", "architecture": self._predictor.architecture,
+                          "classes": self._predictor.classes, "preprocessing": self._predictor.preprocessing}
+            self.preprocessing_ = Preprocessing.from_dict(self._predictor.preprocessing)
+        else:
+            self._predictor = Predictor(self.checkpoint_, device=device)
+            self.meta_ = self._predictor.meta
+            self.preprocessing_ = self._predictor.preprocessing
         self.classes_ = self._predictor.classes
-        self.preprocessing_ = self._predictor.preprocessing
-        self.meta_ = self._predictor.meta
         # The training run's summary (metrics.json) where this is the run's own best checkpoint.
         self.metrics_: dict | None = None
         if self.checkpoint_.name == RunFolder.BEST:
@@ -51,12 +59,14 @@ class Classifier:
     def __repr__(self) -> str:
         val = self.meta_.get("val", {}).get("val_acc")
         shown = f", val_acc={val:.4f}" if isinstance(val, float) else ""
-        return (f"Classifier({str(self.checkpoint_)!r}, model={self.meta_.get('architecture')!r}, "
-                f"mode={self.meta_.get('mode')!r}, classes={self.classes_!r}{shown})")
+        kind = "format='onnx'" if self.meta_.get("format") == "onnx" else f"mode={self.meta_.get('mode')!r}"
+        return (f"Classifier({str(self.checkpoint_)!r}, model={self.meta_.get('architecture')!r}, {kind}, "
+                f"classes={self.classes_!r}{shown})")
 
     @property
     def model_(self):
-        return self._predictor.model
+        """The torch module; for an exported .onnx model, its ONNX Runtime session."""
+        return getattr(self._predictor, "model", None) or self._predictor.session
 
     def predict_proba(self, images) -> np.ndarray:
         """Probabilities (N, classes); a row of NaN where an image could not be read."""
@@ -81,6 +91,7 @@ class Classifier:
         confusion.png and top_losses.png to `out` (default: the run folder)."""
         from .evaluate import evaluate_run
 
+        self._needs_checkpoint("evaluate")
         with _api_wording():
             return evaluate_run(self.checkpoint_, data, tta=tta, out=out, include_train=include_train)
 
@@ -89,8 +100,14 @@ class Classifier:
         adds model.int8.onnx), checked against the eager model; returns what export.json records."""
         from .export import export_run
 
+        self._needs_checkpoint("export")
         with _api_wording():
             return export_run(self.checkpoint_, format, quantize=quantize, out=out)
+
+    def _needs_checkpoint(self, what: str) -> None:
+        if self.meta_.get("format") == "onnx":
+            raise UsageError(f"{what} needs the run folder or its .safetensors checkpoint, not the exported "
+                             f"{self.checkpoint_.name}: tk.load(RUN).{what}(...)")
 
 
 def train(data: str | Path | None = None, config: TrainConfig | None = None, **options) -> Classifier:
@@ -192,7 +209,17 @@ def api_wording(message: str) -> str:
 
 
 def load(run_or_checkpoint: str | Path, device: str = "cpu") -> Classifier:
+    """A run folder, a .safetensors checkpoint, or an exported .onnx model (predicts with ONNX Runtime alone)."""
     return Classifier(run_or_checkpoint, device=device)
+
+
+def _onnx_predictor(path: Path, device: str):
+    from .onnx_predict import OnnxClassifier
+
+    if device != "cpu":
+        raise UsageError(f"device={device!r} is for a run folder or checkpoint; an ONNX model runs on ONNX "
+                         "Runtime's CPU provider")
+    return OnnxClassifier(path)
 
 
 def _items(images) -> tuple[list, list[str]]:

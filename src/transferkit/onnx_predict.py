@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data.images import load_rgb, load_rgb_bytes
+from .data.images import load_rgb, load_rgb_bytes, to_rgb
 from .errors import CheckpointError
-from .inference import batched_proba, expand_inputs, ort_session, rows_from_probs, softmax
+from .inference import batched_proba, check_top_k, expand_inputs, ort_session, rows_from_probs, softmax
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,11 @@ class OnnxClassifier:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
 
-    def preprocess(self, path: str) -> np.ndarray:
-        return self.preprocess_image(load_rgb(path, keep_gray=True, shorter_side=self.preprocessing["resize_size"]))
+    def preprocess(self, item) -> np.ndarray:
+        """A file path, or an image already in memory (a PIL image: the Python API) -> the model's input."""
+        if isinstance(item, Image.Image):
+            return self.preprocess_image(to_rgb(item, keep_gray=True))
+        return self.preprocess_image(load_rgb(item, keep_gray=True, shorter_side=self.preprocessing["resize_size"]))
 
     def preprocess_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An image file held in memory (an upload) -> the model's input."""
@@ -104,13 +107,16 @@ class OnnxClassifier:
     def rows_of_table(self, paths, table: np.ndarray, errors, top_k: int) -> list[dict]:
         return rows_from_probs(paths, table, errors, self.classes, top_k)
 
-    def predict_proba(self, paths: list[str], batch_size: int = 32, desc: str | None = None):
+    def predict_proba(self, paths: list, batch_size: int = 32, desc: str | None = None):
         return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size, desc)
+
+    def predict_rows(self, items: list, top_k: int = 3) -> list[dict]:
+        """Rows like `transferkit.predict.rows_from_probs` (path, label, probability, top_k, error)."""
+        check_top_k(top_k)
+        probs, errors = self.predict_proba(items, desc="predicting")
+        return self.rows_of_table(items, probs, errors, top_k)
 
 
 def predict_rows(model_path: str | Path, paths: list[str], top_k: int = 3) -> list[dict]:
-    """Rows like `transferkit.predict.rows_from_probs` (path, label, probability, top_k, error)."""
-    clf = OnnxClassifier(model_path)
-    files = expand_inputs(paths)
-    probs, errors = clf.predict_proba(files, desc="predicting")
-    return rows_from_probs(files, probs, errors, clf.classes, top_k)
+    """`OnnxClassifier.predict_rows` of the files in `paths` (folders walked)."""
+    return OnnxClassifier(model_path).predict_rows(expand_inputs(paths), top_k)
