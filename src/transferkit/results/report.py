@@ -404,7 +404,7 @@ def _search(search: dict | None) -> str:
                      _duration(c.get("estimate_s")),
                      "–" if str(c.get("status")).startswith("skipped") else _duration(c.get("seconds")),
                      str(c.get("status")),
-                     ", ".join(f"{k}={v}" for k, v in settings.items())])
+                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())])
     head = (f"<h2>Search</h2><p>Budget {_duration(search.get('budget_seconds'))}, used "
             f"{_duration(search.get('wall_seconds'))}. {_e(str(search.get('selection', '')))}. "
             f"Chosen: <b>{_e(str(search.get('chosen')))}</b>."
