@@ -174,17 +174,32 @@ def batched_proba(paths, n_classes: int, preprocess, infer, batch_size: int = 32
     """Outputs (N, n_classes) and per-path errors, for any runtime: `infer(inputs)` gives the (n, C)
     outputs of a chunk's readable inputs; a file that cannot be read gets a NaN row and its error. `desc`: a
     progress bar of images on a terminal (predicting a large folder takes minutes)."""
-    from .engine.progress import progress  # tqdm only: torch-free
-
     probs = np.full((len(paths), n_classes), np.nan, dtype=np.float32)
     errors: list[str | None] = []
-    with progress(None, desc=desc or "", total=len(paths), disable=desc is None or len(paths) <= batch_size) as bar:
+    bar = _progress_bar(desc, len(paths), batch_size)
+    try:
         for start, batch in read_batches(paths, preprocess, batch_size):
             if batch.inputs:
                 probs[[start + i for i in batch.rows]] = infer(batch.inputs)
             errors += batch.errors
-            bar.update(len(batch.errors))
+            if bar is not None:
+                bar.update(len(batch.errors))
+    finally:
+        if bar is not None:
+            bar.close()
     return probs, errors
+
+
+def _progress_bar(desc: str | None, total: int, batch_size: int):
+    """A bar where there is more than one batch, or None; none either on the torch-free deployment install,
+    which has no tqdm."""
+    if desc is None or total <= batch_size:
+        return None
+    try:
+        from .engine.progress import progress
+    except ImportError:
+        return None
+    return progress(None, desc=desc, total=total)
 
 
 # ---- ONNX Runtime ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ def _quiet() -> bool:
     return not sys.stderr.isatty() or os.environ.get("TRANSFERKIT_QUIET") == "1"
 
 
-def progress(iterable, desc: str = "", total: int | None = None, leave: bool = False, disable: bool = False):
-    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable or _quiet(), file=sys.stderr,
+def progress(iterable, desc: str = "", total: int | None = None, leave: bool = False):
+    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=_quiet(), file=sys.stderr,
                 dynamic_ncols=True)
 
 
