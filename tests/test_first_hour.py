@@ -347,6 +347,25 @@ def test_a_loaded_run_says_what_it_is_evaluates_and_exports(flat_run, tmp_path, 
 
 
 @pytest.mark.slow
+def test_tk_train_says_what_it_does_unless_told_not_or_the_program_has_set_up_logging(flat_run, tmp_path):
+    def stderr_of(setup: str, call: str) -> str:
+        code = (f"import logging, transferkit as tk\n{setup}\n"
+                f"tk.train({str(flat_run.data)!r}, recipe='tutorial', epochs=1, image_size=96, "
+                f"out={str(tmp_path / 'r')!r}, overwrite=True{call})")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(flat_run.cache)})
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    said = stderr_of("", "")  # a plain script or notebook: no logging set up, as the CLI would say it
+    assert "scanned " in said and "epoch 1/1" in said and f"run folder: {tmp_path / 'r'}" in said
+    assert "best val acc " in said
+    assert "scanned " not in stderr_of("", ", verbose=False")
+    # A program with its own logging keeps it: its WARNING level hides our INFO lines, and no handler is added.
+    assert "scanned " not in stderr_of("logging.basicConfig(level=logging.WARNING)", "")
+
+
+@pytest.mark.slow
 def test_a_config_is_not_changed_by_the_runs_that_read_it(flat_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a run without `out` goes to ./runs/<name>
     cfg = TrainConfig(data=str(flat_run.data), recipe="tutorial", epochs=3, image_size=96)

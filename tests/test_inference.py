@@ -89,6 +89,21 @@ def test_a_large_prediction_shows_its_progress_in_images(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_bars_show_on_a_terminal_and_in_a_notebook_only(monkeypatch):
+    import sys
+    import types
+
+    from transferkit.engine import progress
+
+    monkeypatch.delenv("TRANSFERKIT_QUIET", raising=False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert progress._quiet()  # pytest's stderr is no terminal: a CI log
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # a Jupyter kernel runs us
+    assert not progress._quiet()
+    monkeypatch.setenv("TRANSFERKIT_QUIET", "1")
+    assert progress._quiet()
+
+
 def test_parity_of_logits_and_of_features():
     logits = np.array([[2.0, -1.0], [0.3, 0.1], [-1.0, 1.0]])
     same = parity(logits, logits + 1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import sys
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from pathlib import Path
@@ -110,28 +111,29 @@ class Classifier:
                              f"{self.checkpoint_.name}: tk.load(RUN).{what}(...)")
 
 
-def train(data: str | Path | None = None, config: TrainConfig | None = None, **options) -> Classifier:
+def train(data: str | Path | None = None, config: TrainConfig | None = None, *, verbose: bool = True,
+          **options) -> Classifier:
     """Train on an image folder; options are TrainConfig's fields (e.g. time_budget="5m", recipe="tutorial",
     model=, mode=, epochs=, out=). With the default recipe="auto" the options given fix their pieces of the
     recipe and the search chooses the rest on the training images (search.py). `config`: a TrainConfig to
-    start from (not changed); `data` and the options override its fields. The run folder is `clf.run_dir_`
-    (and logged)."""
+    start from (not changed); `data` and the options override its fields. The run folder is `clf.run_dir_`.
+    verbose: say what the run does on stderr, as the CLI does (_messages)."""
     from .search import train as train_run
 
-    with _api_wording():
+    with _messages(verbose), _api_wording():
         if config is None and data is None:
             raise UsageError("train() needs the data folder (or config=)")
         cfg = _configured(config, data, options)
         metrics = train_run(cfg, given=options)
-    return _trained(metrics)
+        return _trained(metrics)
 
 
-def resume(run: str | Path, **options) -> Classifier:
+def resume(run: str | Path, *, verbose: bool = True, **options) -> Classifier:
     """Continue an interrupted run from RUN/last.safetensors with the options in RUN/config.yaml (options
     given must equal the saved ones: a run is one config); the run then ends as an uninterrupted one would."""
-    with _api_wording():
+    with _messages(verbose), _api_wording():
         metrics = resume_run(run, options)
-    return _trained(metrics)
+        return _trained(metrics)
 
 
 def resume_run(run: str | Path, options: dict) -> dict:
@@ -168,8 +170,29 @@ def _configured(config: TrainConfig | None, data, options: dict) -> TrainConfig:
 def _trained(metrics: dict) -> Classifier:
     clf = Classifier(Path(metrics["run_dir"]))
     clf.metrics_ = metrics
-    log.info("run folder: %s", clf.run_dir_)
+    log.info("best val acc %.4f; run folder: %s", metrics["best_val_acc"], clf.run_dir_)
     return clf
+
+
+@contextmanager
+def _messages(verbose: bool):
+    """What the run does (the scan, the search's plan and candidates, the result) on stderr, as the CLI prints
+    it, where the program calling has not set up logging: without a handler Python shows warnings only, and a
+    notebook user would wait minutes before a word. A program that has set up logging keeps its own handlers."""
+    logger = logging.getLogger("transferkit")
+    if not verbose or logger.hasHandlers():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if level in (logging.NOTSET, logging.WARNING) else level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @contextmanager

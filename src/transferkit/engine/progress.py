@@ -1,4 +1,5 @@
-"""Progress bars on stderr that stay quiet when stderr is not a terminal (CI logs stay readable)."""
+"""Progress bars on stderr that stay quiet when stderr is not a terminal (CI logs stay readable), except in a
+Jupyter notebook, which draws them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from tqdm.auto import tqdm
 
 
 def _quiet() -> bool:
-    return not sys.stderr.isatty() or os.environ.get("TRANSFERKIT_QUIET") == "1"
+    if os.environ.get("TRANSFERKIT_QUIET") == "1":
+        return True
+    return not (sys.stderr.isatty() or _in_notebook())
+
+
+def _in_notebook() -> bool:
+    """A Jupyter kernel: its stderr is no terminal, yet it draws bars (tqdm.auto picks its notebook ones)."""
+    return "ipykernel" in sys.modules
 
 
 def progress(iterable, desc: str = "", total: int | None = None, leave: bool = False):
