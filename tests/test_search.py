@@ -96,7 +96,11 @@ def test_mode_given_limits_the_search(tmp_path, caplog):
 
     data = _folder(tmp_path / "data")
     with caplog.at_level(logging.INFO, logger="transferkit.search"):
-        _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none")
+        _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none",
+                            best_metric="balanced_accuracy")
+    # the one given piece the search cannot honour is said, not dropped without a word
+    assert any(r.getMessage().startswith("--best-metric balanced_accuracy: the recipe search chooses by accuracy")
+               for r in caplog.records)
     assert {c["kind"] for c in search["candidates"]} == {"probe"}
     assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
     steps = [r.getMessage() for r in caplog.records if r.getMessage()[:8] in {f"plan: {i}." for i in range(1, 9)}]

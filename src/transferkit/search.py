@@ -226,6 +226,12 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     for line in scan.summary_lines():
         log.warning(line)
     check_subsample(cfg.train_subsample, scan)
+    if "best_metric" in given:
+        # The search compares its candidates by accuracy (CV folds, a hold-out's right and wrong answers), and its
+        # final run is one probe fit or a fine-tuning's last epoch: the option would otherwise go without a word.
+        log.warning("--best-metric %s: the recipe search chooses by accuracy on the training images and keeps its "
+                    "run's last state; the run reports balanced accuracy and macro-F1 beside it (with --recipe "
+                    "tutorial, --best-metric picks the epoch)", cfg.best_metric)
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)
