@@ -80,6 +80,22 @@ def test_torchscript_matches_eager_and_keeps_classes(tiny_run, tmp_path):
     assert json.loads((tmp_path / "export.json").read_text())["format"] == "torchscript"
 
 
+def test_a_run_whose_data_has_moved_exports_with_its_place_now(tiny_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    data, run = tiny_run
+    moved = shutil.copytree(run, tmp_path / "run")
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["data"] = str(tmp_path / "where-it-was")  # the data folder is gone from where the run saw it
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ex.ExportError, match="has moved, give its place now with --data DIR$"):
+        ex.export_run(moved, "onnx", out=tmp_path / "refused")
+    result = ex.export_run(moved, "onnx", out=tmp_path / "export", data=data)
+    assert result["parity"]["images"] > 0 and result["parity"]["top1_agreement"] == 1.0
+
+
 def test_an_export_that_disagrees_is_refused():
     logits = np.array([[2.0, -1.0], [0.3, 0.1], [-1.0, 1.0]])
     ex._require_parity(ex.parity(logits, logits + 1e-6), "onnx")  # within tolerance: accepted

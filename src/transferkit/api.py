@@ -96,14 +96,15 @@ class Classifier:
         with _api_wording():
             return evaluate_run(self.checkpoint_, data, tta=tta, out=out, include_train=include_train)
 
-    def export(self, format: str = "onnx", quantize: str | None = None, out=None) -> dict:
+    def export(self, format: str = "onnx", quantize: str | None = None, out=None, data=None) -> dict:
         """The CLI's `export`: RUN/export/model.onnx (or model.pt for format="torchscript"; quantize="int8"
-        adds model.int8.onnx), checked against the eager model; returns what export.json records."""
+        adds model.int8.onnx), checked against the eager model on the run's val images (data: where the run's
+        data folder is now, if it has moved); returns what export.json records."""
         from .export import export_run
 
         self._needs_checkpoint("export")
         with _api_wording():
-            return export_run(self.checkpoint_, format, quantize=quantize, out=out)
+            return export_run(self.checkpoint_, format, quantize=quantize, out=out, data=data)
 
     def _needs_checkpoint(self, what: str) -> None:
         if self.meta_.get("format") == "onnx":

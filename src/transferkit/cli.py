@@ -644,6 +644,8 @@ def _add_results_commands(sub) -> None:
     p.add_argument("--format", default="onnx", help="onnx or torchscript")
     p.add_argument("--quantize", help="int8: also write an int8 ONNX model (static, QDQ, per-channel)")
     p.add_argument("--out", help="folder (default RUN/export)")
+    p.add_argument("--data", metavar="DIR", help="the run's data folder where it is now, if it has moved since the "
+                   "run (the check images are its val split; default: the folder in RUN/config.yaml)")
 
     p = sub.add_parser("report", help="(re)write RUN/report.html from the run folder")
     p.add_argument("run")
@@ -700,7 +702,7 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run, format_export
 
-    print(format_export(export_run(args.run, args.format, quantize=args.quantize, out=args.out)))
+    print(format_export(export_run(args.run, args.format, quantize=args.quantize, out=args.out, data=args.data)))
     return 0
 
 

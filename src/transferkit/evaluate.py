@@ -54,14 +54,15 @@ def _images_in(folder: Path) -> list[str]:
         return []
 
 
-def manifest_items(manifest: Path, classes: list[str], split: str = "val",
-                   data_root: str | None = None) -> list[tuple[str, int]]:
-    """The samples of one split of a run's split.csv, relative to the data root that run trained on."""
+def manifest_items(manifest: Path, classes: list[str], split: str = "val", data_root: str | None = None,
+                   moved_to: str | Path | None = None) -> list[tuple[str, int]]:
+    """The samples of one split of a run's split.csv, relative to the data root that run trained on (or
+    `moved_to`: where that folder is now)."""
     from .config import TrainConfig
     from .data.folders import read_manifest
 
     config = RunFolder(manifest.parent).config
-    root = TrainConfig.from_yaml(config).data if config.is_file() else data_root
+    root = moved_to or (TrainConfig.from_yaml(config).data if config.is_file() else data_root)
     if root is None:
         raise DataError(f"cannot tell which data folder {manifest} refers to (no config.yaml beside it)")
     scan = read_manifest(manifest, root)

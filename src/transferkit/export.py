@@ -33,8 +33,9 @@ CALIBRATION_IMAGES = 64
 
 
 def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, out: str | Path | None = None,
-               check_images: int = 64) -> dict:
-    """Write RUN/export/model.{onnx,pt} (+ model.int8.onnx) and export.json with the parity numbers."""
+               check_images: int = 64, data: str | Path | None = None) -> dict:
+    """Write RUN/export/model.{onnx,pt} (+ model.int8.onnx) and export.json with the parity numbers. The check
+    images are the run's val split; `data`: where its data folder is now, where it has moved since the run."""
     from .engine.checkpoint import load_checkpoint, resolve_checkpoint
 
     if fmt not in FORMATS:
@@ -47,7 +48,7 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     model, meta = load_checkpoint(checkpoint)
     out = Path(out) if out else RunFolder(checkpoint.parent).export_dir
     out.mkdir(parents=True, exist_ok=True)
-    val = _split_items(checkpoint, meta, "val")
+    val = _split_items(checkpoint, meta, "val", data)
     x = _load_batch(_spread(val, check_images), meta)
     eager = _torch_logits(model, x)
     if fmt == "onnx":
@@ -136,7 +137,7 @@ def _require_parity(result: dict, fmt: str) -> None:
         )
 
 
-def _split_items(checkpoint: Path, meta: dict, split: str) -> list[tuple[str, int]]:
+def _split_items(checkpoint: Path, meta: dict, split: str, moved_to=None) -> list[tuple[str, int]]:
     from .errors import DataError
     from .evaluate import manifest_items
 
@@ -144,9 +145,10 @@ def _split_items(checkpoint: Path, meta: dict, split: str) -> list[tuple[str, in
     if not manifest.is_file():
         raise ExportError(f"cannot check the export: no {manifest.name} beside {checkpoint} (export a run folder)")
     try:
-        items = manifest_items(manifest, meta["classes"], split, meta.get("config", {}).get("data"))
+        items = manifest_items(manifest, meta["classes"], split, meta.get("config", {}).get("data"), moved_to)
     except DataError as exc:
-        raise ExportError(f"cannot check the export against real images: {exc}") from None
+        moved = "" if moved_to else "; where the run's data folder has moved, give its place now with --data DIR"
+        raise ExportError(f"cannot check the export against real images: {exc}{moved}") from None
     if not items:
         raise ExportError(f"cannot check the export: the run's {split} split lists no readable images")
     return items
