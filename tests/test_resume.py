@@ -223,6 +223,27 @@ def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_f
         tk.resume(run)
 
 
+def test_a_run_whose_data_folder_moved_resumes_from_its_place_now(tiny_folder, tmp_path, monkeypatch):
+    import shutil
+
+    import transferkit as tk
+    from transferkit.errors import UsageError
+
+    data = shutil.copytree(tiny_folder, tmp_path / "data-copy")
+    reference = fit(TrainConfig(data=str(data), out=str(tmp_path / "ref"), **FE))
+    run = tmp_path / "run"
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)
+    with pytest.raises(signals.Interrupted):
+        fit(TrainConfig(data=str(data), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
+    signals._requested.clear()
+    with pytest.raises(UsageError, match=r"drop or match data \(saved: "):
+        tk.resume(run, data=str(tiny_folder))  # another folder, while the run's own is still there
+    moved = data.rename(tmp_path / "moved")
+    clf = tk.resume(run, data=str(moved))
+    _assert_same_run(clf.metrics_, reference, run)  # the same images, by content: the same run
+    assert TrainConfig.from_yaml(run / "config.yaml").data == str(moved)  # later commands find them there
+
+
 @pytest.mark.slow
 def test_a_best_checkpoint_newer_than_last_resumes(tiny_folder, tmp_path, monkeypatch, caplog):
     """best.safetensors written after `last` (killed between the two writes, or kept when the run stopped):

@@ -145,13 +145,31 @@ def resume_run(run: str | Path, options: dict) -> dict:
     folder = RunFolder(run)
     cfg = TrainConfig.from_yaml(folder.resumable_config())
     saved = cfg.to_dict()
-    differ = [k for k, v in _known_options(options).items() if not _same_option(k, v, saved[k])]
+    moved = _data_moved_to(options.get("data"), saved["data"])
+    differ = [k for k, v in _known_options(options).items()
+              if not _same_option(k, v, saved[k]) and not (k == "data" and moved)]
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)})" for k in differ)
         raise UsageError(f"--resume continues {run} with the options in its {folder.CONFIG}; drop or match {shown}")
-    cfg = replace(cfg, out=str(run))  # the folder may have moved since
+    cfg = replace(cfg, out=str(run), **({"data": moved} if moved else {}))  # either folder may have moved since
     cfg.check_paths()
+    if moved:
+        from .engine import distributed
+        from .io import atomic_write_text
+
+        log.warning("--resume: the data folder %s is gone; reading the run's images in %s from here on",
+                    saved["data"], moved)
+        if distributed.is_main():  # later commands (export, evaluate of the split) find the images there too
+            atomic_write_text(folder.config, cfg.to_yaml())
     return train_run(cfg, resume=True)
+
+
+def _data_moved_to(given, saved) -> str | None:
+    """The data folder given to a resumed run in place of its saved one, where that one is gone and the given
+    one exists (split.csv lists the images relative to it, and the caches know them by content), else None."""
+    if given and saved and not Path(saved).exists() and Path(given).is_dir():
+        return str(given)
+    return None
 
 
 def _same_option(key: str, given, saved) -> bool:
