@@ -251,6 +251,33 @@ def test_stacked_probe_averages_the_logits_of_its_probes():
 
 
 
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_class_weights_auto_weighs_the_probe_toward_the_small_class(head):
+    """--class-weights auto weighs a probe's fit (and its CV) by the inverse class counts, as it weighs the loss
+    of the modes that train in epochs; it was ignored with a warning."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from transferkit.engine.probe import balanced_class_weights, cross_validate, cv_score, fit_probe, predict_proba
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 180 + [1] * 20)
+    x = (rng.normal(size=(200, 1, 8)) + 0.5 * y[:, None, None]).astype(np.float32)  # overlapping classes
+    test_y = np.array([0] * 500 + [1] * 500)
+    test_x = (rng.normal(size=(1000, 1, 8)) + 0.5 * test_y[:, None, None]).astype(np.float32)
+    C = None if head == "mlp" else 1.0
+    plain, weighted = (fit_probe(x, y, np.arange(8), C, 2, head=head, balanced=b) for b in (False, True))
+    said = {b: predict_proba(f, test_x).argmax(1) for b, f in ((False, plain), (True, weighted))}
+    assert said[True].sum() > 2 * said[False].sum()  # the small class is answered far more often
+    assert balanced_accuracy_score(test_y, said[True]) > balanced_accuracy_score(test_y, said[False]) + 0.04
+    np.testing.assert_allclose(balanced_class_weights(y, 3), [200 / (2 * 180), 200 / (2 * 20), 0])
+    # The CV a weighted probe is chosen by scores what the weights aim at: each class counting alike.
+    right, labels = np.array([True, True, True, False]), np.array([0, 0, 0, 1])
+    assert cv_score(right, labels) == 0.75 and cv_score(right, labels, balanced=True) == 0.5
+    if head == "linear":
+        cv = cross_validate(x, y, np.arange(8), 2, [0.01, 0.1, 1.0], balanced=True)
+        assert 0.5 < cv.accuracy < cross_validate(x, y, np.arange(8), 2, [0.01, 0.1, 1.0]).accuracy
+
+
 def test_head_init_probe_does_not_magnify_a_channel_that_is_silent_on_the_clean_view():
     """LP-FT's head is fitted on clean views and fine-tuned on augmented ones: a channel all but silent on
     the clean view that fires a little on a crop must not swing the logits (probe_train.HEAD_INIT_SCALE_FLOOR;
@@ -588,7 +615,7 @@ def test_the_c_sweep_stops_past_its_peak():
 def _probe_whose_accuracy_peaks_at(peak_C: float):
     """A stand-in for fit_logistic: the head reads feature 0 (the label's sign) plus feature 1 (noise) with a
     weight that grows with |log C / peak_C|, so the CV accuracy is highest at peak_C and falls away on both sides."""
-    def fit(x, y, C, n_classes, warm=None):
+    def fit(x, y, C, n_classes, warm=None, balanced=False):
         noise = abs(np.log10(C / peak_C))
         row = np.array([1.0, noise], dtype=np.float32)
         return np.stack([-row, row]), np.zeros(2, dtype=np.float32)

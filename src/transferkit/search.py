@@ -707,8 +707,8 @@ def _run_probe(search: Search, ctx: _Context, cand: Candidate, reserve: float, o
     _score_probe(search, ctx, cand, x, reserve, options)
     cand.seconds = time.perf_counter() - t
     cand.status = "ran"
-    log.info("search: %s: CV accuracy %.4f (%s, %.0fs)", cand.name, cand.score, _probe_text(cand.settings),
-             cand.seconds)
+    log.info("search: %s: %s %.4f (%s, %.0fs)", cand.name, _cv_name(search), cand.score,
+             _probe_text(cand.settings), cand.seconds)
 
 
 def _probe_features(search: Search, ctx: _Context, crop, views, reserve: float) -> np.ndarray | None:
@@ -744,9 +744,10 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     x = _probe_features(search, ctx, s["crop_fraction"], views, reserve)  # cached by the probe it builds on
     columns = ctx.taps_for(s["crop_fraction"]).columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"])
     deadline, (inner_train, inner_test) = search.deadline - reserve, ctx.inner
-    score = cross_validate_mlp(x, ctx.y, columns, n_classes, seed=seed, deadline=deadline)
+    balanced = search.cfg.class_weights == "auto"
+    score = cross_validate_mlp(x, ctx.y, columns, n_classes, seed=seed, deadline=deadline, balanced=balanced)
     fit = None if score is None else fit_probe(x[inner_train], ctx.y[inner_train], columns, None, n_classes,
-                                               head="mlp", seed=seed, deadline=deadline)
+                                               head="mlp", seed=seed, deadline=deadline, balanced=balanced)
     cand.seconds = time.perf_counter() - t
     if fit is None:
         cand.status = "stopped: its fits ran slower than planned"
@@ -754,8 +755,8 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
         return cand
     cand.score, cand.status = score, "ran"
     cand.answered(predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test])
-    log.info("search: %s: CV accuracy %.4f (the linear head's %.4f), %.0fs", cand.name, score, best.score,
-             cand.seconds)
+    log.info("search: %s: %s %.4f (the linear head's %.4f), %.0fs", cand.name, _cv_name(search), score,
+             best.score, cand.seconds)
     return cand
 
 
@@ -931,7 +932,8 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
         if cand.score is not None and time.perf_counter() > deadline:
             break
         columns = taps.columns(stages, pooling, pixels)
-        cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed, deadline=deadline)
+        cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed, deadline=deadline,
+                            balanced=cfg.class_weights == "auto")
         if cand.score is None or cv.accuracy > cand.score:
             cand.score = cv.accuracy
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
@@ -940,7 +942,8 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     s = cand.settings
     inner_train, inner_test = ctx.inner
     fit = fit_probe(x[inner_train], ctx.y[inner_train],
-                    taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes)
+                    taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes,
+                    balanced=cfg.class_weights == "auto")
     cand.answered(predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test])
 
 
@@ -1011,16 +1014,19 @@ def _run_two_scale(search: Search, ctx: _Context, cand: Candidate, best: Candida
     columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"])
     grid = [search.cfg.probe_c] if "probe_c" in search.given else list(C_GRID)
     n_classes, seed, deadline = len(ctx.scan.classes), search.cfg.seed, search.deadline - reserve
-    large = cross_validate(x_large, ctx.y, columns, n_classes, grid, seed=seed, deadline=deadline)
+    balanced = search.cfg.class_weights == "auto"
+    large = cross_validate(x_large, ctx.y, columns, n_classes, grid, seed=seed, deadline=deadline, balanced=balanced)
     Cs = [large.C, s["probe_scale_c"]]
     s.update(probe_c=large.C, cv_at_larger_size=large.accuracy)
-    cand.score = cross_validate_stacked([x_large, x_native], ctx.y, columns, Cs, n_classes, seed=seed)
+    cand.score = cross_validate_stacked([x_large, x_native], ctx.y, columns, Cs, n_classes, seed=seed,
+                                        balanced=balanced)
     inner_train, inner_test = ctx.inner
-    logits = sum(fit_probe(x[inner_train], ctx.y[inner_train], columns, C, n_classes).logits(x[inner_test])
-                 for x, C in zip((x_large, x_native), Cs))
+    logits = sum(fit_probe(x[inner_train], ctx.y[inner_train], columns, C, n_classes, balanced=balanced)
+                 .logits(x[inner_test]) for x, C in zip((x_large, x_native), Cs))
     cand.answered(logits.mean(1).argmax(-1) == ctx.y[inner_test])
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
-    log.info("search: %s: CV accuracy %.4f (%d px alone %.4f; best so far %.4f), %.0fs", cand.name, cand.score,
+    log.info("search: %s: %s %.4f (%d px alone %.4f; best so far %.4f), %.0fs", cand.name, _cv_name(search),
+             cand.score,
              size, large.accuracy, best.score, cand.seconds)
 
 
@@ -1158,6 +1164,12 @@ def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
     if cand is None or cand.score is None:
         return best
     return cand if best is None or cand.score > best.score else best
+
+
+def _cv_name(search: Search) -> str:
+    """What the probes' CV scores: with --class-weights auto their fits weigh the classes alike, and so does the
+    score they are chosen by (engine/probe.py cross_validate)."""
+    return "CV balanced accuracy" if search.cfg.class_weights == "auto" else "CV accuracy"
 
 
 def _probe_text(s: dict) -> str:
@@ -1472,6 +1484,10 @@ def reproduce_command(cfg: TrainConfig) -> str:
     return shlex.join(args + ["--out", cfg.out + "-reproduced"])
 
 
+def _balanced_text(search: Search) -> str:
+    return ", scored by balanced accuracy: --class-weights auto" if search.cfg.class_weights == "auto" else ""
+
+
 def _repeats_text(repeats: int) -> str:
     return f", {repeats} splits with other folds pooled" if repeats > 1 else ""
 
@@ -1488,8 +1504,8 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
         "all_images_memory_bytes_estimate": search.all_images_bytes,
         "compared_on_images": search.compared_on,
         "stopped": search.stopped,
-        "selection": f"3-fold CV on train (probes{_repeats_text(search.cv_repeats)}); an inner 20% hold-out of train "
-                     "(fine-tuning); val read once, by the final run",
+        "selection": f"3-fold CV on train (probes{_repeats_text(search.cv_repeats)}{_balanced_text(search)}); an inner "
+                     "20% hold-out of train (fine-tuning); val read once, by the final run",
         "candidates": [c.record() for c in search.candidates],
         "chosen": winner.name,
         "chosen_settings": winner.settings,

@@ -219,11 +219,13 @@ def standardizer(x: np.ndarray, scale_floor: float = 0.0) -> tuple[np.ndarray, n
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 200):
+def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 200,
+                 balanced: bool = False):
     """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d); warm: an earlier (weight, bias) of
-    this function to start from. Returns (weight, bias) with one row per class of the run, also for a class
-    absent from y (a CV fold or an inner split of a class with few images): a zero row whose bias is
-    ABSENT_CLASS_MARGIN below the lowest, so it is never predicted and the head keeps the run's shape."""
+    this function to start from; balanced: each class's rows weighted by the inverse of its count (--class-weights
+    auto). Returns (weight, bias) with one row per class of the run, also for a class absent from y (a CV fold or
+    an inner split of a class with few images): a zero row whose bias is ABSENT_CLASS_MARGIN below the lowest, so
+    it is never predicted and the head keeps the run's shape."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -237,7 +239,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
         return full_weight, full_bias
     # tol 1e-3 on standardized features: accuracy no longer moves, and a 10-class fit on 4,000 features
     # takes a fraction of the default's iterations
-    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, warm_start=warm is not None)
+    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, warm_start=warm is not None,
+                             class_weight="balanced" if balanced else None)
     if warm is not None:
         weight, bias = warm[0][present], warm[1][present]
         if len(present) == 2:  # sklearn's binary form: one row, class 1's logit minus class 0's
@@ -264,8 +267,8 @@ def _mlp_net(width: int, n_classes: int) -> nn.Sequential:
                          nn.Linear(MLP_HIDDEN, n_classes)).train()
 
 
-def _mlp_step(net: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = nn.functional.cross_entropy(net(x), y, label_smoothing=MLP_LABEL_SMOOTHING)
+def _mlp_step(net: nn.Module, optimizer, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    loss = nn.functional.cross_entropy(net(x), y, weight=weight, label_smoothing=MLP_LABEL_SMOOTHING)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -297,12 +300,14 @@ def mlp_fit_seconds(step_s: float, rows: int) -> float:
     return step_s * -(-rows // MLP_BATCH) * MLP_EPOCHS * MLP_FIT_OVERHEAD
 
 
-def fit_mlp(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, deadline: float | None = None):
+def fit_mlp(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, deadline: float | None = None,
+            balanced: bool = False):
     """One hidden ReLU layer on standardized rows z (n, d), trained with AdamW on a one-cycle schedule (the
-    MLP_* constants). Returns ((hidden weight, hidden bias), (weight, bias)) as float32 numpy arrays, or None
-    as soon as its projected end passes `deadline` (perf_counter seconds). Seeded, and the caller's random
-    state is left alone."""
+    MLP_* constants); balanced: the loss weighs classes by the inverse of their counts. Returns ((hidden weight,
+    hidden bias), (weight, bias)) as float32 numpy arrays, or None as soon as its projected end passes `deadline`
+    (perf_counter seconds). Seeded, and the caller's random state is left alone."""
     x, labels = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), torch.from_numpy(y).long()
+    weight = torch.from_numpy(balanced_class_weights(y, n_classes)) if balanced else None
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
@@ -312,7 +317,7 @@ def fit_mlp(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, deadlin
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, MLP_LR, total_steps=MLP_EPOCHS * steps)
         for epoch in range(1, MLP_EPOCHS + 1):
             for batch in torch.randperm(len(x)).split(MLP_BATCH):
-                _mlp_step(net, optimizer, x[batch], labels[batch])
+                _mlp_step(net, optimizer, x[batch], labels[batch], weight)
                 schedule.step()
             signals.check_stop("the MLP head's training")
             now = time.perf_counter()
@@ -325,20 +330,29 @@ def fit_mlp(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, deadlin
 
 def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None, n_classes: int,
               head: str = "linear", seed: int = 0, deadline: float | None = None,
-              scale_floor: float = 0.0) -> ProbeFit | None:
+              scale_floor: float = 0.0, balanced: bool = False) -> ProbeFit | None:
     """x: (n, views, d) training features; every view of an image is a training row. head: linear (the
     logistic regression at strength C) or mlp (fit_mlp; None where it passed `deadline`). scale_floor: as
-    standardizer's."""
+    standardizer's; balanced: classes weighted by the inverse of their counts (--class-weights auto)."""
     rows = x[:, :, columns].reshape(-1, len(columns))  # a copy (integer indexing): standardized in place
     labels = np.repeat(y, x.shape[1])
     mean, scale = standardizer(rows, scale_floor)
     rows -= mean  # in place: the fit peaks at ~3.5 times the features, not ~4.4 (search.py FIT_MEMORY_COPIES)
     rows /= scale
     if head == "mlp":
-        layers = fit_mlp(rows, labels, n_classes, seed, deadline)
+        layers = fit_mlp(rows, labels, n_classes, seed, deadline, balanced)
         return None if layers is None else ProbeFit(columns, mean, scale, *layers[1], None, hidden=layers[0])
-    weight, bias = fit_logistic(rows, labels, C, n_classes)
+    weight, bias = fit_logistic(rows, labels, C, n_classes, balanced=balanced)
     return ProbeFit(columns, mean, scale, weight, bias, C)
+
+
+def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """n / (classes present × count) per class, as scikit-learn's class_weight="balanced" (0 for an absent one)."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float32)
+    present = counts > 0
+    weights = np.zeros(n_classes, dtype=np.float32)
+    weights[present] = len(y) / (present.sum() * counts[present])
+    return weights
 
 
 def stack_fits(fits: list[ProbeFit], width: int) -> ProbeFit:
@@ -372,12 +386,14 @@ class CVResult:
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
-                   folds: int = 3, seed: int = 0, deadline: float | None = None, scale_floor: float = 0.0) -> CVResult:
+                   folds: int = 3, seed: int = 0, deadline: float | None = None, scale_floor: float = 0.0,
+                   balanced: bool = False) -> CVResult:
     """Stratified k-fold accuracy of the probe for each C of the grid (and below it, where its strongest C wins),
     repeated on few images (cv_splits; all views of an image stay in one fold; held-out images are scored on the
-    average over their views). Stops early past `deadline`."""
+    average over their views). Stops early past `deadline`. balanced: the fits weigh classes by the inverse of
+    their counts, and the score is the balanced accuracy (the mean recall of the classes) that weighting aims
+    at: chosen by plain accuracy, a weighted probe drifts to the strength that undoes its weights."""
     splits = cv_splits(y, folds, seed)
-    held_out = sum(len(test_idx) for _, test_idx in splits)  # each image once per split
     prepared = []
     for train_idx, test_idx in splits:
         rows = x[train_idx][:, :, columns].reshape(-1, len(columns))  # copies (integer indexing): standardized
@@ -391,12 +407,12 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     per_C, warm = {}, [None] * len(splits)
 
     def score(C: float) -> None:
-        correct = 0
+        right = []
         for f, (xtr, ytr, xte, yte) in enumerate(prepared):
-            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f])
+            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f], balanced=balanced)
             logits = xte @ warm[f][0].T + warm[f][1]
-            correct += int((logits.mean(1).argmax(-1) == yte).sum())
-        per_C[C] = correct / held_out
+            right.append(logits.mean(1).argmax(-1) == yte)
+        per_C[C] = cv_score(np.concatenate(right), np.concatenate([yte for *_, yte in prepared]), balanced)
         signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
 
     def late() -> bool:
@@ -442,25 +458,27 @@ def _past_the_peak(scores: list[float]) -> bool:
 
 
 def cross_validate_stacked(xs: list[np.ndarray], y: np.ndarray, columns: np.ndarray, Cs: list[float],
-                           n_classes: int, folds: int = 3, seed: int = 0) -> float:
+                           n_classes: int, folds: int = 3, seed: int = 0, balanced: bool = False) -> float:
     """Stratified k-fold accuracy of the multi-scale probe: per fold, one probe per scale (features xs[i],
     strength Cs[i]) and their logits averaged; same folds as cross_validate."""
     return _fold_accuracy(y, folds, seed, lambda train, test: sum(
-        fit_probe(x[train], y[train], columns, C, n_classes).logits(x[test]) for x, C in zip(xs, Cs)))
+        fit_probe(x[train], y[train], columns, C, n_classes, balanced=balanced).logits(x[test])
+        for x, C in zip(xs, Cs)), balanced)
 
 
 def cross_validate_mlp(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, folds: int = 3,
-                       seed: int = 0, deadline: float | None = None) -> float | None:
+                       seed: int = 0, deadline: float | None = None, balanced: bool = False) -> float | None:
     """Stratified k-fold accuracy of the MLP head on the same folds as cross_validate; None where a fold's
     fit passed `deadline`."""
     def logits(train, test):
-        fit = fit_probe(x[train], y[train], columns, None, n_classes, head="mlp", seed=seed, deadline=deadline)
+        fit = fit_probe(x[train], y[train], columns, None, n_classes, head="mlp", seed=seed, deadline=deadline,
+                        balanced=balanced)
         if fit is None:
             raise _PastDeadline
         return fit.logits(x[test])
 
     try:
-        return _fold_accuracy(y, folds, seed, logits)
+        return _fold_accuracy(y, folds, seed, logits, balanced)
     except _PastDeadline:
         return None
 
@@ -469,13 +487,20 @@ class _PastDeadline(Exception):
     pass
 
 
-def _fold_accuracy(y: np.ndarray, folds: int, seed: int, logits_of) -> float:
-    """Accuracy over cv_splits' folds: logits_of(train indices, test indices) → (n_test, views, classes) logits
-    of a model fitted on the train fold, averaged over the views."""
+def _fold_accuracy(y: np.ndarray, folds: int, seed: int, logits_of, balanced: bool = False) -> float:
+    """Accuracy (balanced: balanced accuracy) over cv_splits' folds: logits_of(train indices, test indices) →
+    (n_test, views, classes) logits of a model fitted on the train fold, averaged over the views."""
     splits = cv_splits(y, folds, seed)
-    correct = sum(int((logits_of(train_idx, test_idx).mean(1).argmax(-1) == y[test_idx]).sum())
-                  for train_idx, test_idx in splits)
-    return correct / sum(len(test_idx) for _, test_idx in splits)
+    right = [logits_of(train_idx, test_idx).mean(1).argmax(-1) == y[test_idx] for train_idx, test_idx in splits]
+    return cv_score(np.concatenate(right), np.concatenate([y[test_idx] for _, test_idx in splits]), balanced)
+
+
+def cv_score(right: np.ndarray, y: np.ndarray, balanced: bool = False) -> float:
+    """The share of held-out answers that are right (balanced: the mean of the classes' shares, each class
+    counting alike)."""
+    if not balanced:
+        return float(right.mean())
+    return float(np.mean([right[y == c].mean() for c in np.unique(y)]))
 
 
 def cv_repeats(n_images: int) -> int:

@@ -30,11 +30,9 @@ class LinearProbe(Mode):
         if state.cfg.tensorboard and figures:
             log.info("--tensorboard: a linear probe is one fit, with no epochs to log (its numbers are in "
                      "metrics.json and history.csv)")
-        unweighted = [flag for flag, on in (("--class-weights auto", state.cfg.class_weights == "auto"),
-                                             ("--balanced-sampler", state.cfg.balanced_sampler)) if on]
-        if unweighted and figures:
-            log.warning("%s: the linear probe weighs every image alike (the options apply to the modes that train "
-                        "in epochs: --mode feature-extract, partial or finetune)", " and ".join(unweighted))
+        if state.cfg.balanced_sampler and figures:  # (--class-weights auto weighs its fit: probe.fit_logistic)
+            log.warning("--balanced-sampler: the linear probe sees every image once, with no batches to draw (it "
+                        "applies to the modes that train in epochs; --class-weights auto weighs the probe's fit)")
         t0 = time.perf_counter()
         result = train_linear_probe(state)
         (p_train, y_train), (p_val, y_val) = result["train"], result["val"]
