@@ -203,16 +203,22 @@ class CtrlCInEpoch3(Callback):
 
 
 @pytest.mark.slow
+def _interrupted_in_epoch_3(data: Path, tmp_path: Path, monkeypatch) -> tuple[dict, Path]:
+    """An uninterrupted run's metrics, and the run folder of the same run stopped by Ctrl-C in epoch 3."""
+    reference = fit(TrainConfig(data=str(data), out=str(tmp_path / "ref"), **FE))
+    run = tmp_path / "run"
+    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)  # every epoch written, as for epochs of images
+    with pytest.raises(signals.Interrupted):
+        fit(TrainConfig(data=str(data), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
+    signals._requested.clear()
+    return reference, run
+
+
 def test_tk_resume_continues_an_interrupted_run_and_refuses_other_options(tiny_folder, tmp_path, monkeypatch):
     import transferkit as tk
     from transferkit.errors import CheckpointError, UsageError
 
-    reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
-    run = tmp_path / "run"
-    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)  # every epoch written, as for epochs of images
-    with pytest.raises(signals.Interrupted):
-        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
-    signals._requested.clear()
+    reference, run = _interrupted_in_epoch_3(tiny_folder, tmp_path, monkeypatch)
     assert read_meta(run / "last.safetensors")["epoch"] == 2
     with pytest.raises(UsageError, match=r"^resume continues .* drop or match epochs \(saved: 4\)$"):
         tk.resume(run, epochs=9)
@@ -230,12 +236,7 @@ def test_a_run_whose_data_folder_moved_resumes_from_its_place_now(tiny_folder, t
     from transferkit.errors import UsageError
 
     data = shutil.copytree(tiny_folder, tmp_path / "data-copy")
-    reference = fit(TrainConfig(data=str(data), out=str(tmp_path / "ref"), **FE))
-    run = tmp_path / "run"
-    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)
-    with pytest.raises(signals.Interrupted):
-        fit(TrainConfig(data=str(data), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
-    signals._requested.clear()
+    reference, run = _interrupted_in_epoch_3(data, tmp_path, monkeypatch)
     with pytest.raises(UsageError, match=r"drop or match data \(saved: "):
         tk.resume(run, data=str(tiny_folder))  # another folder, while the run's own is still there
     moved = data.rename(tmp_path / "moved")
@@ -250,12 +251,7 @@ def test_a_best_checkpoint_newer_than_last_resumes(tiny_folder, tmp_path, monkey
     the resumed epochs redo its epoch and the run ends as an uninterrupted one."""
     from transferkit.engine.checkpoint import save_checkpoint
 
-    reference = fit(TrainConfig(data=str(tiny_folder), out=str(tmp_path / "ref"), **FE))
-    run = tmp_path / "run"
-    monkeypatch.setattr(callbacks, "CHECKPOINT_SHARE", 1e9)
-    with pytest.raises(signals.Interrupted):
-        fit(TrainConfig(data=str(tiny_folder), out=str(run), **FE), callbacks=[CtrlCInEpoch3()])
-    signals._requested.clear()
+    reference, run = _interrupted_in_epoch_3(tiny_folder, tmp_path, monkeypatch)
     assert read_meta(run / "last.safetensors")["epoch"] == 2
     meta = read_meta(run / "best.safetensors")
     weights = load_file(str(run / "best.safetensors"))
