@@ -92,6 +92,17 @@ def test_the_predictor_feeds_the_network_what_the_eval_transform_gives(tiny_run,
             assert np.array_equal(predictor.probs_of([crop]), predictor.probs_of([expected]))
 
 
+def test_a_class_folder_named_in_another_case_is_refused_with_the_rename(tmp_path):
+    from transferkit.evaluate import folder_items
+
+    for name in ("Ants", "bees", "wasps"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"are not classes of this model \(ants, bees\); rename Ants → ants "
+                                        r"\(class names are case-sensitive\)$"):
+        folder_items(tmp_path, ["ants", "bees"])
+
+
 def test_test_time_views_that_a_probe_already_averages_over_are_not_scored_again():
     from transferkit.data.transforms import dihedral, dihedral_after
     from transferkit.evaluate import _absorbs

@@ -34,8 +34,11 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     found = {name: _images_in(folder / name) for name in subdirs}
     unknown = [name for name in subdirs if name not in classes and found[name]]
     if unknown:
+        by_case = {c.casefold(): c for c in classes}
+        renames = [f"{name} → {by_case[name.casefold()]}" for name in unknown if name.casefold() in by_case]
+        hint = f"; rename {', '.join(renames)} (class names are case-sensitive)" if renames else ""
         raise DataError(f"class folder(s) {', '.join(unknown)} in {folder} are not classes of this model "
-                        f"({', '.join(classes)})")
+                        f"({', '.join(classes)}){hint}")
     empty = [name for name in subdirs if not found[name]]
     if empty:
         log.warning("skipped class folder(s) with no images in %s: %s", folder, ", ".join(empty))
