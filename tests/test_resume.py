@@ -240,6 +240,8 @@ def test_a_run_whose_data_folder_moved_resumes_from_its_place_now(tiny_folder, t
     with pytest.raises(UsageError, match=r"drop or match data \(saved: "):
         tk.resume(run, data=str(tiny_folder))  # another folder, while the run's own is still there
     moved = data.rename(tmp_path / "moved")
+    with pytest.raises(UsageError, match=r"^DATA folder \S+/nowhere does not exist$"):
+        tk.resume(run, data=str(tmp_path / "nowhere"))
     clf = tk.resume(run, data=str(moved))
     _assert_same_run(clf.metrics_, reference, run)  # the same images, by content: the same run
     assert TrainConfig.from_yaml(run / "config.yaml").data == str(moved)  # later commands find them there

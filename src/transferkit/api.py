@@ -145,6 +145,8 @@ def resume_run(run: str | Path, options: dict) -> dict:
     folder = RunFolder(run)
     cfg = TrainConfig.from_yaml(folder.resumable_config())
     saved = cfg.to_dict()
+    if options.get("data") and not Path(options["data"]).exists():
+        raise UsageError(f"DATA folder {options['data']} does not exist")
     moved = _data_moved_to(options.get("data"), saved["data"])
     differ = [k for k, v in _known_options(options).items()
               if not _same_option(k, v, saved[k]) and not (k == "data" and moved)]
