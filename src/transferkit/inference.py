@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from .data.images import IMAGE_EXTENSIONS
 from .errors import CheckpointError, DataError, UsageError
+from .threads import named_pool
 
 # A float export must match the eager model's probabilities to this (and every clear top-1 label).
 PROB_TOLERANCE = 1e-3
@@ -147,25 +148,34 @@ READ_THREADS = min(4, os.cpu_count() or 1)
 
 
 def read_batches(items, preprocess, batch_size: int = 32, threads: int | None = None, ahead: int = 2):
-    """(start, Batch) for consecutive chunks of `batch_size` items. The next `ahead` chunks are read on
-    `threads` threads while the caller runs the network on this one: decoding and resizing are Pillow's and
-    numpy's, which release the GIL (ELPV cells through a lite0 probe, 2-core EPYC: `predict` over 2,624 files
-    went from decode-then-network to both at once; benchmarks/RESULTS.md). One chunk or one thread: no pool."""
+    """(start, Batch) for consecutive chunks of `batch_size` items, the next `ahead` chunks read on `threads`
+    threads while the caller runs the network on this one (read_ahead; ELPV cells through a lite0 probe,
+    2-core EPYC: benchmarks/RESULTS.md, predict_run_elpv2). One chunk or one thread: read here, in turn."""
     threads = READ_THREADS if threads is None else threads
-    if threads <= 1 or len(items) <= batch_size:
-        for start in range(0, len(items), batch_size):
-            yield start, read_batch(items[start:start + batch_size], preprocess)
+    in_turn = threads <= 1 or len(items) <= batch_size
+    for start, results in read_ahead(items, partial(_read_one, preprocess), batch_size, 0 if in_turn else threads,
+                                     ahead):
+        yield start, _batch_of(results)
+
+
+def read_ahead(items, read, chunk: int, threads: int, ahead: int = 2, name: str = "transferkit-read"):
+    """(start, [read(item) for each item of the chunk]) for consecutive chunks of `items` (a list or a range), in
+    order. With threads ≥ 1 the next `ahead` chunks are read on that many named threads (threads.named_pool)
+    while the caller works on this one: decoding and resizing are Pillow's and numpy's, which release the GIL.
+    threads 0: read here, in turn. A stop (an error downstream, a closed generator) leaves nothing queued."""
+    if threads < 1:
+        for start in range(0, len(items), chunk):
+            yield start, [read(item) for item in items[start:start + chunk]]
         return
-    window = batch_size * (ahead + 1)
-    with ThreadPoolExecutor(threads, thread_name_prefix="transferkit-read") as pool:
-        queued = deque(pool.submit(_read_one, preprocess, item) for item in items[:window])
+    window = chunk * (ahead + 1)
+    with named_pool(threads, name) as pool:
+        queued = deque(pool.submit(read, item) for item in items[:window])
         try:
-            for start in range(0, len(items), batch_size):
-                chunk = [queued.popleft().result() for _ in range(min(batch_size, len(items) - start))]
-                queued.extend(pool.submit(_read_one, preprocess, item)
-                              for item in items[start + window:start + window + len(chunk)])
-                yield start, _batch_of(chunk)
-        finally:  # a stop (an error downstream, a closed generator) leaves nothing queued behind it
+            for start in range(0, len(items), chunk):
+                results = [queued.popleft().result() for _ in range(min(chunk, len(items) - start))]
+                queued.extend(pool.submit(read, item) for item in items[start + window:start + window + len(results)])
+                yield start, results
+        finally:
             for future in queued:
                 future.cancel()
 

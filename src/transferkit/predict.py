@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from .data.images import load_rgb, load_rgb_bytes, to_rgb
-from .data.transforms import eval_crop, normalize_batch
+from .data.transforms import crop_pixels, eval_crop, normalize_batch
 from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
 from .models.batchnorm import Folding
@@ -140,13 +140,12 @@ class Predictor:
                                                     shorter_side=self.preprocessing.resize_size))
 
     def preprocess_image(self, img) -> torch.Tensor:
-        """A decoded RGB (or 8-bit grey) PIL image -> its eval crop, uint8 3×H×W; the forward pass normalizes
-        whole batches (normalize_batch: the eval transform's numbers, bit for bit). Pillow and numpy only, which
-        release the GIL, so the readers of the next batch run on threads beside the network (inference.py); a
-        grey image is resized as one band, a third of the work, and repeated to three channels after."""
-        crop = np.asarray(self.crop(img))
-        crop = np.repeat(crop[None], 3, axis=0) if crop.ndim == 2 else crop.transpose(2, 0, 1)
-        return torch.from_numpy(np.ascontiguousarray(crop))
+        """A decoded RGB (or 8-bit grey) PIL image -> its eval crop, uint8 3×H×W, as the training extraction
+        crops it (transforms.crop_pixels); the forward pass normalizes whole batches (normalize_batch: the eval
+        transform's numbers, bit for bit). Pillow and numpy only, which release the GIL, so the readers of the
+        next batch run on threads beside the network (inference.read_batches)."""
+        # a copy (Pillow's pixels are read-only); a grey image's one band is seen as three channels
+        return torch.tensor(crop_pixels(self.crop, img)).expand(3, -1, -1)
 
     @torch.inference_mode()
     def probs_of(self, tensors: list[torch.Tensor]) -> np.ndarray:

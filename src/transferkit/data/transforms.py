@@ -36,6 +36,13 @@ def eval_crop(pre: Preprocessing) -> T.Compose:
     return T.Compose([resize_shorter(pre), T.CenterCrop(pre.input_size)])
 
 
+def crop_pixels(crop: T.Compose, image) -> np.ndarray:
+    """eval_crop's output for a decoded PIL image as the uint8 C×H×W row normalize_batch takes: one channel for an
+    8-bit grey image (load_rgb's keep_gray: resized as one band, a third of the work), three for colour."""
+    pixels = np.asarray(crop(image))
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
 def normalize_batch(x: torch.Tensor, pre: Preprocessing, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 N×C×H×W crops (C = 1 or 3) to the network's float input: the same float32 operations, in
     the same order, as eval_transform's ToDtype and Normalize (so the same values, bit for bit). `out`

@@ -13,7 +13,6 @@ import logging
 import os
 import time
 import uuid
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.decoded import (DecodedStore, content_sha256, decode_missing, failure_reason, open_store,
                             warn_undecodable)
 from ..data.images import load_rgb
-from ..data.transforms import dihedral, eval_crop, eval_transform, normalize_batch, train_transform
+from ..data.transforms import crop_pixels, dihedral, eval_crop, eval_transform, normalize_batch, train_transform
 from .. import shards
 from ..caches import ENGINES_DIR, FEATURE_SUFFIX, evict_to_cap, feature_root, touch
 from ..io import RunFolderError, atomic_write, atomic_write_json
 from ..preprocessing import Preprocessing
-from ..threads import named_pool, start_prefetch
+from ..inference import read_ahead
+from ..threads import start_prefetch
 from . import signals
 from .progress import progress
 from .runtime import EXPORT_VERSION
@@ -432,10 +432,9 @@ class FileViewDataset(Dataset):
     def __getitem__(self, i):
         path, views = self.entries[i]
         try:
-            crop = np.asarray(self.crop(load_rgb(path, keep_gray=True, shorter_side=self.shorter_side)))
+            crop = crop_pixels(self.crop, load_rgb(path, keep_gray=True, shorter_side=self.shorter_side))
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
             return {path: failure_reason(exc)}
-        crop = crop[None] if crop.ndim == 2 else crop.transpose(2, 0, 1)  # CHW
         return np.stack([dihedral(crop, v.index) for v in views]), i
 
 
@@ -444,28 +443,19 @@ class _DecodedAhead:
     the caller runs the network on the batch before. Threads, not DataLoader processes: the items are
     Pillow decodes and resizes, which release the GIL, and threads cost no process start-up, no fork of
     a large process and no copy of every crop between processes (2-core EPYC, lite0 on ELPV: worker
-    processes took 4.2 CPU ms per image beside the network's 9.5). At most `ahead` batches wait."""
+    processes took 4.2 CPU ms per image beside the network's 9.5). At most `ahead` batches wait
+    (inference.read_ahead, which prediction reads its files with too)."""
 
     def __init__(self, dataset, per_batch: int, threads: int, ahead: int = 2):
-        self.dataset, self.per_batch, self.threads = dataset, per_batch, threads
-        self.window = per_batch * (ahead + 1)
+        self.dataset, self.per_batch, self.threads, self.ahead = dataset, per_batch, threads, ahead
 
     def __len__(self):
         return (len(self.dataset) + self.per_batch - 1) // self.per_batch
 
     def __iter__(self):
-        n = len(self.dataset)
-        with named_pool(self.threads, "transferkit-decode") as pool:
-            queued = deque(pool.submit(self.dataset.__getitem__, i) for i in range(min(n, self.window)))
-            try:
-                for start in range(0, n, self.per_batch):
-                    items = [queued.popleft().result() for _ in range(min(self.per_batch, n - start))]
-                    more = range(start + self.window, min(n, start + self.window + len(items)))
-                    queued.extend(pool.submit(self.dataset.__getitem__, i) for i in more)
-                    yield _collate(items)
-            finally:  # a stop (Ctrl-C, an error downstream) leaves nothing queued behind it
-                for future in queued:
-                    future.cancel()
+        for _, items in read_ahead(range(len(self.dataset)), self.dataset.__getitem__, self.per_batch, self.threads,
+                                   self.ahead, name="transferkit-decode"):
+            yield _collate(items)
 
 
 def default_workers(accelerator: bool = False) -> int:
