@@ -60,14 +60,18 @@ class Classifier:
     def __repr__(self) -> str:
         val = self.meta_.get("val", {}).get("val_acc")
         shown = f", val_acc={val:.4f}" if isinstance(val, float) else ""
-        kind = "format='onnx'" if self.meta_.get("format") == "onnx" else f"mode={self.meta_.get('mode')!r}"
+        kind = "format='onnx'" if self._is_onnx else f"mode={self.meta_.get('mode')!r}"
         return (f"Classifier({str(self.checkpoint_)!r}, model={self.meta_.get('architecture')!r}, {kind}, "
                 f"classes={self.classes_!r}{shown})")
 
     @property
     def model_(self):
         """The torch module; for an exported .onnx model, its ONNX Runtime session."""
-        return getattr(self._predictor, "model", None) or self._predictor.session
+        return self._predictor.session if self._is_onnx else self._predictor.model
+
+    @property
+    def _is_onnx(self) -> bool:
+        return self.meta_.get("format") == "onnx"
 
     def predict_proba(self, images) -> np.ndarray:
         """Probabilities (N, classes); a row of NaN where an image could not be read."""
@@ -107,7 +111,7 @@ class Classifier:
             return export_run(self.checkpoint_, format, quantize=quantize, out=out, data=data)
 
     def _needs_checkpoint(self, what: str) -> None:
-        if self.meta_.get("format") == "onnx":
+        if self._is_onnx:
             raise UsageError(f"{what} needs the run folder or its .safetensors checkpoint, not the exported "
                              f"{self.checkpoint_.name}: tk.load(RUN).{what}(...)")
 
@@ -145,8 +149,6 @@ def resume_run(run: str | Path, options: dict) -> dict:
     folder = RunFolder(run)
     cfg = TrainConfig.from_yaml(folder.resumable_config())
     saved = cfg.to_dict()
-    if options.get("data") and not Path(options["data"]).exists():
-        raise UsageError(f"DATA folder {options['data']} does not exist")
     moved = _data_moved_to(options.get("data"), saved["data"])
     differ = [k for k, v in _known_options(options).items()
               if not _same_option(k, v, saved[k]) and not (k == "data" and moved)]
@@ -167,11 +169,9 @@ def resume_run(run: str | Path, options: dict) -> dict:
 
 
 def _data_moved_to(given, saved) -> str | None:
-    """The data folder given to a resumed run in place of its saved one, where that one is gone and the given
-    one exists (split.csv lists the images relative to it, and the caches know them by content), else None."""
-    if given and saved and not Path(saved).exists() and Path(given).is_dir():
-        return str(given)
-    return None
+    """The data folder given to a resumed run in place of its saved one, where that one is gone (split.csv lists
+    the images relative to it, and the caches know them by content), else None; check_paths checks it."""
+    return str(given) if given and saved and not Path(saved).exists() else None
 
 
 def _same_option(key: str, given, saved) -> bool:
@@ -208,7 +208,7 @@ def _messages(verbose: bool):
     handler.setFormatter(logging.Formatter("%(message)s"))
     level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if level in (logging.NOTSET, logging.WARNING) else level)
+    logger.setLevel(level or logging.INFO)  # a level the program set stays
     try:
         yield
     finally:

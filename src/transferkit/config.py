@@ -189,6 +189,12 @@ class TrainConfig:
             raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
         return self
 
+    @property
+    def balanced_classes(self) -> bool:
+        """--class-weights auto: each class counts alike, in the loss (engine/trainer.py), in a probe's fit and in
+        the CV that chooses it (engine/probe.py)."""
+        return self.class_weights == "auto"
+
     def _check_types(self) -> None:
         """Each option of the kind its field holds (a config file or the Python API can give any value): "3" for
         epochs ended in a TypeError comparing it with 1. Whole numbers pass as floats; bools are checked below."""

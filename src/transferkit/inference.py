@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.images import IMAGE_EXTENSIONS
+from .data.images import has_image_extension
 from .errors import CheckpointError, DataError, UsageError
 from .threads import named_pool
 
@@ -40,7 +40,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 out += [str(Path(root) / f) for f in sorted(files)
-                        if Path(f).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and not f.startswith(".")]
+                        if has_image_extension(f) and not f.startswith(".")]
         elif path.exists():
             out.append(str(path))
         else:
@@ -198,6 +198,16 @@ def batched_proba(paths, n_classes: int, preprocess, infer, batch_size: int = 32
         if bar is not None:
             bar.close()
     return probs, errors
+
+
+def table_rows(classifier, items, top_k: int) -> list[dict]:
+    """One row per item (rows_from_probs) through the row protocol Predictor and OnnxClassifier share:
+    `table_width`, `preprocess`, `table_of` (probabilities, and the novelty score where there is one) and
+    `rows_of_table`; a progress bar on a terminal."""
+    check_top_k(top_k)
+    table, errors = batched_proba(items, classifier.table_width, classifier.preprocess, classifier.table_of,
+                                  desc="predicting")
+    return classifier.rows_of_table(items, table, errors, top_k)
 
 
 def _progress_bar(desc: str | None, total: int, batch_size: int):

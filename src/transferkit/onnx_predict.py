@@ -18,7 +18,7 @@ from PIL import Image
 
 from .data.images import load_rgb, load_rgb_bytes, to_rgb
 from .errors import CheckpointError
-from .inference import batched_proba, check_top_k, expand_inputs, ort_session, rows_from_probs, softmax
+from .inference import batched_proba, expand_inputs, ort_session, rows_from_probs, softmax, table_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,12 @@ class OnnxClassifier:
     def rows_of_table(self, paths, table: np.ndarray, errors, top_k: int) -> list[dict]:
         return rows_from_probs(paths, table, errors, self.classes, top_k)
 
-    def predict_proba(self, paths: list, batch_size: int = 32, desc: str | None = None):
-        return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size, desc)
+    def predict_proba(self, paths: list, batch_size: int = 32):
+        return batched_proba(paths, len(self.classes), self.preprocess, self.probs_of, batch_size)
 
     def predict_rows(self, items: list, top_k: int = 3) -> list[dict]:
         """Rows like `transferkit.predict.rows_from_probs` (path, label, probability, top_k, error)."""
-        check_top_k(top_k)
-        probs, errors = self.predict_proba(items, desc="predicting")
-        return self.rows_of_table(items, probs, errors, top_k)
+        return table_rows(self, items, top_k)
 
 
 def predict_rows(model_path: str | Path, paths: list[str], top_k: int = 3) -> list[dict]:

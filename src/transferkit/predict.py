@@ -20,7 +20,7 @@ from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkp
 from .models.batchnorm import Folding
 from .models.registry import get_spec
 from .novelty import NoveltyReference
-from .inference import batched_proba, check_top_k, expand_inputs, rows_from_probs  # noqa: F401
+from .inference import batched_proba, expand_inputs, rows_from_probs, table_rows  # noqa: F401
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,4 @@ class Predictor:
                                novelty=table[:, -1], threshold=self.novelty.threshold)
 
     def predict_rows(self, paths: list[str], top_k: int = 3) -> list[dict]:
-        check_top_k(top_k)
-        table, errors = batched_proba(paths, self.table_width, self.preprocess, self.table_of, desc="predicting")
-        return self.rows_of_table(paths, table, errors, top_k)
+        return table_rows(self, paths, top_k)

@@ -744,7 +744,7 @@ def _mlp_candidate(search: Search, ctx: _Context, best: Candidate) -> Candidate 
     x = _probe_features(search, ctx, s["crop_fraction"], views, reserve)  # cached by the probe it builds on
     columns = ctx.taps_for(s["crop_fraction"]).columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"])
     deadline, (inner_train, inner_test) = search.deadline - reserve, ctx.inner
-    balanced = search.cfg.class_weights == "auto"
+    balanced = search.cfg.balanced_classes
     score = cross_validate_mlp(x, ctx.y, columns, n_classes, seed=seed, deadline=deadline, balanced=balanced)
     fit = None if score is None else fit_probe(x[inner_train], ctx.y[inner_train], columns, None, n_classes,
                                                head="mlp", seed=seed, deadline=deadline, balanced=balanced)
@@ -933,7 +933,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
             break
         columns = taps.columns(stages, pooling, pixels)
         cv = cross_validate(x, ctx.y, columns, n_classes, grid, seed=cfg.seed, deadline=deadline,
-                            balanced=cfg.class_weights == "auto")
+                            balanced=cfg.balanced_classes)
         if cand.score is None or cv.accuracy > cand.score:
             cand.score = cv.accuracy
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
@@ -943,7 +943,7 @@ def _score_probe(search: Search, ctx: _Context, cand: Candidate, x: np.ndarray, 
     inner_train, inner_test = ctx.inner
     fit = fit_probe(x[inner_train], ctx.y[inner_train],
                     taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes,
-                    balanced=cfg.class_weights == "auto")
+                    balanced=cfg.balanced_classes)
     cand.answered(predict_proba(fit, x[inner_test]).argmax(1) == ctx.y[inner_test])
 
 
@@ -1014,7 +1014,7 @@ def _run_two_scale(search: Search, ctx: _Context, cand: Candidate, best: Candida
     columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"])
     grid = [search.cfg.probe_c] if "probe_c" in search.given else list(C_GRID)
     n_classes, seed, deadline = len(ctx.scan.classes), search.cfg.seed, search.deadline - reserve
-    balanced = search.cfg.class_weights == "auto"
+    balanced = search.cfg.balanced_classes
     large = cross_validate(x_large, ctx.y, columns, n_classes, grid, seed=seed, deadline=deadline, balanced=balanced)
     Cs = [large.C, s["probe_scale_c"]]
     s.update(probe_c=large.C, cv_at_larger_size=large.accuracy)
@@ -1169,7 +1169,7 @@ def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
 def _cv_name(search: Search) -> str:
     """What the probes' CV scores: with --class-weights auto their fits weigh the classes alike, and so does the
     score they are chosen by (engine/probe.py cross_validate)."""
-    return "CV balanced accuracy" if search.cfg.class_weights == "auto" else "CV accuracy"
+    return "CV balanced accuracy" if search.cfg.balanced_classes else "CV accuracy"
 
 
 def _probe_text(s: dict) -> str:
@@ -1485,7 +1485,7 @@ def reproduce_command(cfg: TrainConfig) -> str:
 
 
 def _balanced_text(search: Search) -> str:
-    return ", scored by balanced accuracy: --class-weights auto" if search.cfg.class_weights == "auto" else ""
+    return ", scored by balanced accuracy: --class-weights auto" if search.cfg.balanced_classes else ""
 
 
 def _repeats_text(repeats: int) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
-from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, read_rgb
+from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, has_image_extension, read_rgb
 from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
 from transferkit.engine import signals
 from transferkit.config import DEFAULT_VAL_FRACTION
@@ -339,7 +339,7 @@ def _bad_symlink_kind(path: Path) -> str | None:
 
 
 def _outside_class_folder(path: Path, problems: _Problems) -> None:
-    if path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+    if has_image_extension(path.name):
         problems.add("image_outside_class_folder", path, "images must sit inside a class folder to get a label")
     else:
         problems.add("outside_class_folder", path, "not inside a class folder")
@@ -649,8 +649,7 @@ def _holds_image_folders(folder: Path) -> bool:
     try:
         entries = list(os.scandir(folder))
         return (any(e.is_dir() and not e.name.startswith(".") for e in entries) and
-                not any(e.is_file() and os.path.splitext(e.name)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
-                        for e in entries))
+                not any(e.is_file() and has_image_extension(e.name) for e in entries))
     except OSError:
         return False
 

@@ -347,12 +347,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None
 
 
 def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
-    """n / (classes present × count) per class, as scikit-learn's class_weight="balanced" (0 for an absent one)."""
-    counts = np.bincount(y, minlength=n_classes).astype(np.float32)
+    """n / (classes present × count) per class, as scikit-learn's class_weight="balanced" (0 for an absent one):
+    --class-weights auto, for the loss of the modes that train in epochs and for a probe's MLP head alike."""
+    counts = np.bincount(y, minlength=n_classes)
     present = counts > 0
-    weights = np.zeros(n_classes, dtype=np.float32)
+    weights = np.zeros(n_classes)
     weights[present] = len(y) / (present.sum() * counts[present])
-    return weights
+    return weights.astype(np.float32)
 
 
 def stack_fits(fits: list[ProbeFit], width: int) -> ProbeFit:

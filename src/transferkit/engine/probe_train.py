@@ -204,7 +204,7 @@ def _with_block(x, ok, x2, ok2):
 def _fit_scales(cfg, taps: Taps, x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[ProbeFit, dict]:
     """The probe, or with --probe-scale one probe per scale stacked into one head (logits averaged)."""
     columns = taps.columns(cfg.probe_stages, cfg.probe_pooling, cfg.probe_pixels)
-    balanced = cfg.class_weights == "auto"
+    balanced = cfg.balanced_classes
     if not cfg.probe_scale:
         return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed, cfg.probe_head, balanced=balanced)
     width = x.shape[2] // 2
@@ -243,7 +243,7 @@ def init_head_from_probe(state) -> dict:
         raise DataError("no image could be read during feature extraction")
     y = np.array([lab for (_, lab), good in zip(scan.train, ok) if good])
     fit, record = choose_and_fit(x, y, taps.columns(1, "mean"), len(scan.classes), cfg.probe_c, cfg.seed,
-                                 scale_floor=HEAD_INIT_SCALE_FLOOR, balanced=cfg.class_weights == "auto")
+                                 scale_floor=HEAD_INIT_SCALE_FLOOR, balanced=cfg.balanced_classes)
     weight = fit.weight / fit.scale  # logits = W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(weight))

@@ -23,6 +23,7 @@ from .callbacks import HOOKS, Callback, Step, added_callbacks, default_callbacks
 from .averaging import WeightAverage
 from .fit import RunState, _finish, evaluate_source
 from .optim import make_optimizer, make_schedule
+from .probe import balanced_class_weights
 from .progress import progress
 from .resume import fresh_best, restore_last
 from .signals import oom_as_training_error
@@ -167,8 +168,7 @@ def _loss(output, y, criterion, spec):
 
 
 def _class_weights(state) -> torch.Tensor | None:
-    if state.cfg.class_weights != "auto":
+    if not state.cfg.balanced_classes:
         return None
-    counts = np.bincount([label for _, label in state.scan.train], minlength=len(state.scan.classes))
-    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
-    return torch.tensor(weights, dtype=torch.float32, device=state.device)
+    labels = np.array([label for _, label in state.scan.train])
+    return torch.from_numpy(balanced_class_weights(labels, len(state.scan.classes))).to(state.device)
