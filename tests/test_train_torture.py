@@ -66,7 +66,7 @@ def test_large_imbalance_suggests_balanced_accuracy(tmp_path, caplog):
 @pytest.mark.slow
 def test_class_weights_auto_weights_the_loss_by_inverse_frequency():
     labels = [0] * 12 + [1] * 3
-    state = SimpleNamespace(cfg=SimpleNamespace(class_weights="auto"), device=torch.device("cpu"),
+    state = SimpleNamespace(cfg=TrainConfig(data="x", class_weights="auto"), device=torch.device("cpu"),
                             scan=SimpleNamespace(train=[("x", y) for y in labels], classes=["a", "b"]))
     weights = trainer_module._class_weights(state)
     assert weights.tolist() == pytest.approx([15 / 24, 15 / 6])
