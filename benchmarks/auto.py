@@ -4,13 +4,16 @@ recipe (`--recipe tutorial`) and a raw-pixel SVM, on real labelled image sets th
     python benchmarks/auto.py --work DIR [--sets elpv2,elpv4,elpv2-seed-sized,digits,lfw_faces,textures]
                               [--budget 4m] [--long elpv2,elpv4 --long-budget 20m] [--no-tutorial]
                               [--device cpu|cuda] [--data NAME=FOLDER,...]
+                              [--best-metrics balanced_accuracy,macro_f1]
 
 Every transferkit run starts with an empty feature cache (cold, as a new user's first run), through the
 public CLI, and is timed as a whole command. The SVM: images resized to 32x32 grey, standardized, an RBF SVC
 with C chosen by 3-fold CV on train (scikit-learn), scored once on val. Each set's row goes to its own
 section of benchmarks/RESULTS.md as soon as it is done, with the machine and its load. --device cuda runs
 transferkit on the GPU (its own sections); --data takes a set's folder made elsewhere (a machine without the
-package that holds it).
+package that holds it); --best-metrics adds an auto row per metric at the first budget, the search told to
+choose by it (`--best-metric M`), in a section of its own with the val macro-F1 beside accuracy and balanced
+accuracy.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ def transferkit_run(data: Path, out: Path, cache: Path, *flags: str) -> dict:
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     search = json.loads((out / "search.json").read_text()) if (out / "search.json").exists() else None
-    return {"acc": metrics["best_val_acc"], "balanced": metrics["best_val_balanced_accuracy"], "wall_s": wall,
-            "search": search}
+    return {"acc": metrics["best_val_acc"], "balanced": metrics["best_val_balanced_accuracy"],
+            "macro_f1": metrics["best_val_macro_f1"], "wall_s": wall, "search": search}
 
 
 def image_matrix(folder: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +104,7 @@ def chosen_text(search: dict | None) -> str:
 
 
 def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True, device: str = "cpu",
-              given: dict[str, Path] | None = None) -> None:
+              given: dict[str, Path] | None = None, best_metrics: tuple[str, ...] = ()) -> None:
     data = materialize(name, work, given or {})
     env = environment_line(torch.device(device))
     on_device = ("--device", device)
@@ -119,21 +122,30 @@ def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True, 
                                "--time-budget", budget, *on_device)
         rows.append({"recipe": f"auto, `--time-budget {budget}`" + (" (the default)" if budget == DEFAULT_TIME_BUDGET else ""),
                      "val_acc": auto["acc"], "balanced": auto["balanced"], "wall_s": auto["wall_s"],
-                     "chosen": chosen_text(auto["search"])})
+                     "macro_f1": auto["macro_f1"], "chosen": chosen_text(auto["search"])})
+    for metric in best_metrics:  # the search told what to choose by
+        run = transferkit_run(data, work / "runs" / f"{name}-auto-{metric}", work / "cache" / f"{name}-auto-{metric}",
+                              "--time-budget", budgets[0], "--best-metric", metric, *on_device)
+        rows.append({"recipe": f"auto, `--time-budget {budgets[0]} --best-metric {metric}`", "val_acc": run["acc"],
+                     "balanced": run["balanced"], "macro_f1": run["macro_f1"], "wall_s": run["wall_s"],
+                     "chosen": chosen_text(run["search"])})
     autos = rows[2:] if tutorial else rows[1:]
     versus_tutorial = f"auto - tutorial = {100 * (autos[0]['val_acc'] - tut['acc']):+.1f} points, " if tutorial else ""
     verdict = (f"{versus_tutorial}auto - SVM = {100 * (autos[0]['val_acc'] - svm['acc']):+.1f} points "
                f"(`--time-budget {budgets[0]}`); best auto {max(r['val_acc'] for r in autos):.4f}")
     flags = "" if budgets == [DEFAULT_TIME_BUDGET] else f" --budget {budgets[0]}"
     flags += f" --device {device}" if device != "cpu" else ""
+    flags += f" --best-metrics {','.join(best_metrics)}" if best_metrics else ""
     command = (f"python benchmarks/auto.py --sets {name}{flags}" + ("" if tutorial else " --no-tutorial")
                + (f" --data {name}={data}" if name in (given or {}) else ""))
     text = (f"## Recipe search: {name}{flags}\n\n{env}. `{command}` "
             f"({svm['n_train']} train / {svm['n_val']} val images, {svm['classes']} classes; cold feature cache "
             f"for every transferkit run; wall = the whole command).\n\n"
-            + table(rows, ["recipe", "val_acc", "balanced", "wall_s", "chosen"]) + f"\n\n{verdict}.\n")
+            + table(rows, ["recipe", "val_acc", "balanced"] + ["macro_f1"] * bool(best_metrics) + ["wall_s", "chosen"])
+            + f"\n\n{verdict}.\n")
     print(text, flush=True)
-    write_section(f"auto-{name}" + flags.replace(" --budget ", "-").replace(" --device ", "-"), text)
+    write_section(f"auto-{name}" + flags.replace(" --budget ", "-").replace(" --device ", "-")
+                  .replace(" --best-metrics ", "-metrics-").replace(",", "-"), text)
 
 
 def main() -> None:
@@ -146,12 +158,14 @@ def main() -> None:
     ap.add_argument("--no-tutorial", action="store_true", help="skip the tutorial recipe's row")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--data", default="", help="NAME=FOLDER,...: sets made elsewhere")
+    ap.add_argument("--best-metrics", default="", help="METRIC,...: an auto row each with --best-metric METRIC")
     args = ap.parse_args()
     given = {name: Path(folder) for name, folder in (item.split("=", 1) for item in args.data.split(",") if item)}
     long = set(filter(None, args.long.split(",")))
     for name in args.sets.split(","):
         bench_set(name, args.work, [args.budget] + ([args.long_budget] if name in long else []),
-                  tutorial=not args.no_tutorial, device=args.device, given=given)
+                  tutorial=not args.no_tutorial, device=args.device, given=given,
+                  best_metrics=tuple(filter(None, args.best_metrics.split(","))))
 
 
 if __name__ == "__main__":

@@ -94,13 +94,14 @@ def test_mode_given_limits_the_search(tmp_path, caplog):
     told the user of work the search would never do)."""
     import logging
 
-    data = _folder(tmp_path / "data")
+    data = _mislabel(_folder(tmp_path / "data"), 1)
     with caplog.at_level(logging.INFO, logger="transferkit.search"):
         _, search = _search(data, tmp_path / "run", mode="linear-probe", probe_views="none",
-                            best_metric="balanced_accuracy")
-    # the one given piece the search cannot honour is said, not dropped without a word
-    assert any(r.getMessage().startswith("--best-metric balanced_accuracy: the recipe search chooses by accuracy")
-               for r in caplog.records)
+                            best_metric="macro_f1")
+    # --best-metric is what the candidates are compared by (it was said to be ignored)
+    scored = [r.getMessage() for r in caplog.records if ": CV " in r.getMessage()]
+    assert scored and all(": CV macro-F1 " in line for line in scored), scored
+    assert "scored by macro-F1: --best-metric" in search["selection"]
     assert {c["kind"] for c in search["candidates"]} == {"probe"}
     assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
     steps = [r.getMessage() for r in caplog.records if r.getMessage()[:8] in {f"plan: {i}." for i in range(1, 9)}]
@@ -271,11 +272,11 @@ def test_class_weights_auto_weighs_the_probe_toward_the_small_class(head):
     assert balanced_accuracy_score(test_y, said[True]) > balanced_accuracy_score(test_y, said[False]) + 0.04
     np.testing.assert_allclose(balanced_class_weights(y, 3), [200 / (2 * 180), 200 / (2 * 20), 0])
     # The CV a weighted probe is chosen by scores what the weights aim at: each class counting alike.
-    right, labels = np.array([True, True, True, False]), np.array([0, 0, 0, 1])
-    assert cv_score(right, labels) == 0.75 and cv_score(right, labels, balanced=True) == 0.5
+    pred, labels = np.array([0, 0, 0, 0]), np.array([0, 0, 0, 1])
+    assert cv_score(pred, labels) == 0.75 and cv_score(pred, labels, "balanced_accuracy") == 0.5
     if head == "linear":
-        cv = cross_validate(x, y, np.arange(8), 2, [0.01, 0.1, 1.0], balanced=True)
-        assert 0.5 < cv.accuracy < cross_validate(x, y, np.arange(8), 2, [0.01, 0.1, 1.0]).accuracy
+        cv = cross_validate(x, y, np.arange(8), 2, [0.01, 0.1, 1.0], balanced=True, metric="balanced_accuracy")
+        assert 0.5 < cv.score < cross_validate(x, y, np.arange(8), 2, [0.01, 0.1, 1.0]).score
 
 
 def test_head_init_probe_does_not_magnify_a_channel_that_is_silent_on_the_clean_view():
@@ -470,6 +471,48 @@ def test_probe_pixels_with_two_scales_is_a_one_line_error(tmp_path, capsys):
     assert "--probe-pixels goes with" in capsys.readouterr().err
 
 
+class _Stop(Exception):
+    """Raised in place of the search's first step: a test of what the search says before it."""
+
+
+def _stop_before_the_ladder(monkeypatch) -> None:
+    import transferkit.search as search_module
+
+    def stop(*args):
+        raise _Stop
+
+    monkeypatch.setattr(search_module._Context, "build", stop)
+
+
+def test_best_metric_the_search_cannot_choose_by_is_said(tmp_path, monkeypatch, caplog):
+    """--best-metric loss (or last) picks a tutorial run's epoch; the search chooses by a score of its candidates'
+    answers, and says which, before it starts."""
+    import logging
+
+    _stop_before_the_ladder(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="transferkit"), pytest.raises(_Stop):
+        _search(_folder(tmp_path / "data"), tmp_path / "run", best_metric="loss", class_weights="auto")
+    said = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("--best-metric loss: the recipe search chooses by balanced accuracy") for line in said)
+
+
+@pytest.mark.parametrize("options, advised", [({}, True), ({"best_metric": "balanced_accuracy"}, False),
+                                              ({"class_weights": "auto"}, False)])
+def test_the_search_advises_on_imbalanced_classes(tmp_path, monkeypatch, caplog, options, advised):
+    """A search on imbalanced classes that would choose by plain accuracy names the options that count the classes
+    alike (the advice was given only by runs that train in epochs)."""
+    import logging
+
+    data = _folder(tmp_path / "data")
+    for path in sorted((data / "train" / "bees").glob("*.png"))[:9]:  # 12 ants, 3 bees
+        path.unlink()
+    _stop_before_the_ladder(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="transferkit"), pytest.raises(_Stop):
+        _search(data, tmp_path / "run", **options)
+    said = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("accuracy flatters the large classes") for line in said) == advised
+
+
 def test_fine_tuning_must_beat_the_probe_by_more_than_the_hold_out_noise():
     """The one-standard-error rule for fine-tuning candidates: on 49 hold-out images 2 more right (0.816 → 0.857)
     is within the noise; on 394 the same gain is not."""
@@ -485,23 +528,77 @@ def test_fine_tuning_must_also_win_image_by_image():
     0.997) but is one image; more images won than lost, by more than √(won + lost), is needed."""
     from transferkit.search import Candidate, _not_clearly_better, holdout_standard_error
 
-    def cand(right, kind="partial"):
+    def cand(right, kind="partial"):  # every image of class 1: a right answer is 1, a wrong one 0
         right = np.array(right, dtype=bool)
-        return Candidate(kind, kind, {}, score=float(right.mean()), holdout=float(right.mean()), holdout_right=right)
+        return Candidate(kind, kind, {}, score=float(right.mean()), holdout=float(right.mean()),
+                         holdout_pred=right.astype(np.int64))
 
     probe = cand([1] * 11 + [0], "probe")
     bar = probe.holdout + holdout_standard_error(probe.holdout, 12)
-    assert "√1" in _not_clearly_better(cand([1] * 12), probe, bar)
+    assert "√1" in _not_clearly_better(cand([1] * 12), probe, bar, np.ones(12, dtype=np.int64))
     # 40 hold-out images: the probe right on 30, the fine-tuned model on 36 (6 won, 0 lost): clearly better
-    probe = cand([1] * 30 + [0] * 10, "probe")
+    probe, y = cand([1] * 30 + [0] * 10, "probe"), np.ones(40, dtype=np.int64)
     bar = probe.holdout + holdout_standard_error(probe.holdout, 40)
-    assert _not_clearly_better(cand([1] * 36 + [0] * 4), probe, bar) is None
+    assert _not_clearly_better(cand([1] * 36 + [0] * 4), probe, bar, y) is None
     # the same accuracy from 10 won and 4 lost: 6 > √14, better; 7 won and 4 lost: above the bar, but 3 ≤ √11
-    assert _not_clearly_better(cand([0] * 4 + [1] * 26 + [1] * 10), probe, bar) is None
+    assert _not_clearly_better(cand([0] * 4 + [1] * 26 + [1] * 10), probe, bar, y) is None
     seven_four = cand([0] * 4 + [1] * 26 + [1] * 7 + [0] * 3)
     assert seven_four.score == 33 / 40 > bar and "within one standard error" in _not_clearly_better(
-        seven_four, probe, bar)
-    assert "one standard error," in _not_clearly_better(cand([1] * 31 + [0] * 9), probe, bar)  # below the bar
+        seven_four, probe, bar, y)
+    assert "one standard error," in _not_clearly_better(cand([1] * 31 + [0] * 9), probe, bar, y)  # below the bar
+
+
+def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
+    """With --best-metric balanced_accuracy or macro_f1 the fine-tuning candidates are judged by that score: the
+    random-swap spread of the paired difference is the sign test's √(b + c) images for accuracy, and a fine-tuned
+    model that wins only images of the large class clears the accuracy rule but not the balanced one."""
+    from transferkit.engine.probe import cv_score
+    from transferkit.search import Candidate, _not_clearly_better, _paired_difference, _standard_error
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 300)
+    a = np.where(rng.random(300) < 0.8, y, (y + 1) % 3)
+    b = np.where(rng.random(300) < 0.8, y, (y + 2) % 3)
+    difference, spread = _paired_difference(a, b, y, "accuracy", seed=0, n_classes=3)
+    won, lost = int(((a == y) & (b != y)).sum()), int(((b == y) & (a != y)).sum())
+    assert difference == pytest.approx((won - lost) / 300)
+    assert spread * 300 == pytest.approx(np.sqrt(won + lost), rel=0.05)  # 1,000 draws: within a few percent
+    # 360 hold-out images: 300 of class 0, 60 of class 1. The probe is right on 240 / 30, the candidate on
+    # 300 / 10: 40 more right (accuracy clears both rules), but two thirds fewer of the small class right.
+    y = np.array([0] * 300 + [1] * 60)
+    probe_pred = np.array([0] * 240 + [1] * 60 + [1] * 30 + [0] * 30)
+    cand_pred = np.array([0] * 300 + [1] * 10 + [0] * 50)
+
+    def candidate(pred, metric, kind="partial"):
+        score = cv_score(pred, y, metric, 2)
+        return Candidate(kind, kind, {}, score=score, holdout=score, holdout_pred=pred)
+
+    for metric, better in (("accuracy", True), ("balanced_accuracy", False), ("macro_f1", False)):
+        probe, cand = candidate(probe_pred, metric, "probe"), candidate(cand_pred, metric)
+        bar = probe.holdout + _standard_error(probe, y, metric, seed=0, n_classes=2)
+        assert 0 < bar - probe.holdout < 0.1
+        why = _not_clearly_better(cand, probe, bar, y, metric, seed=0, n_classes=2)
+        assert (why is None) == better, (metric, why)
+    # a candidate better by the metric on both classes clears the balanced rules too
+    cand = candidate(np.array([0] * 280 + [1] * 20 + [1] * 50 + [0] * 10), "balanced_accuracy")
+    probe = candidate(probe_pred, "balanced_accuracy", "probe")
+    bar = probe.holdout + _standard_error(probe, y, "balanced_accuracy", seed=0, n_classes=2)
+    assert _not_clearly_better(cand, probe, bar, y, "balanced_accuracy", seed=0, n_classes=2) is None
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn's, on purpose here
+def test_cv_scores_macro_f1_and_balanced_accuracy_as_the_val_metrics_do():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    from transferkit.engine.probe import cv_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 50)
+    pred = np.where(rng.random(50) < 0.6, y, rng.integers(0, 4, 50))  # sometimes a 4th class, absent from y
+    assert cv_score(pred, y, "macro_f1", 4) == pytest.approx(
+        f1_score(y, pred, labels=range(4), average="macro", zero_division=0))
+    assert cv_score(pred, y, "balanced_accuracy", 4) == pytest.approx(balanced_accuracy_score(y, pred))
+    assert cv_score(pred, y, "accuracy") == pytest.approx((pred == y).mean())
 
 
 @pytest.mark.slow
@@ -531,15 +628,15 @@ def test_fine_tuning_candidates_are_compared_with_the_probe_image_by_image(tmp_p
 
     compared = []
     rule = search_module._not_clearly_better
-    monkeypatch.setattr(search_module, "_not_clearly_better",
-                        lambda cand, probe, bar: compared.append((cand, probe)) or rule(cand, probe, bar))
+    monkeypatch.setattr(search_module, "_not_clearly_better", lambda cand, probe, bar, y, **judged:
+                        compared.append((cand, probe, y)) or rule(cand, probe, bar, y, **judged))
     data = _mislabel(_folder(tmp_path / "data"), 2)
     _, search = _search(data, tmp_path / "run", budget="5m", epochs=2)
-    assert {cand.kind for cand, _ in compared} == {"partial", "finetune"}
-    for cand, probe in compared:
-        assert len(cand.holdout_right) == len(probe.holdout_right) == 5  # 20% of 24 training images
-        assert cand.holdout_right.mean() == cand.score
-        assert probe.holdout_right.mean() == probe.holdout
+    assert {cand.kind for cand, *_ in compared} == {"partial", "finetune"}
+    for cand, probe, y in compared:
+        assert len(cand.holdout_pred) == len(probe.holdout_pred) == len(y) == 5  # 20% of 24 training images
+        assert (cand.holdout_pred == y).mean() == cand.score
+        assert (probe.holdout_pred == y).mean() == probe.holdout
 
 
 @pytest.mark.slow
@@ -641,7 +738,7 @@ def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(mon
     cv = probe.cross_validate(x, y, np.arange(2), 2, [0.001, 0.003, 0.01, 0.03])
     assert cv.C == pytest.approx(chosen)
     assert [C for C in cv.per_C if C < 0.001] == pytest.approx(tried_below)
-    assert cv.accuracy == max(cv.per_C.values())
+    assert cv.score == max(cv.per_C.values())
 
 
 def test_the_cv_pools_several_splits_on_few_images(monkeypatch):
@@ -661,8 +758,8 @@ def test_the_cv_pools_several_splits_on_few_images(monkeypatch):
     probe.cross_validate_mlp(x, y, np.arange(8), 2, seed=3)
     assert len(held_out) == 15 and sum(100 - n for n in held_out) == 500  # every image held out once a split
     monkeypatch.setattr(probe, "CV_MAX_REPEATS", 1)
-    single = [probe.cross_validate(x, y, np.arange(8), 2, [0.1], seed=s).accuracy for s in range(3, 8)]
-    assert pooled.accuracy == pytest.approx(np.mean(single)) and len(set(single)) > 1
+    single = [probe.cross_validate(x, y, np.arange(8), 2, [0.1], seed=s).score for s in range(3, 8)]
+    assert pooled.score == pytest.approx(np.mean(single)) and len(set(single)) > 1
 
 
 def test_the_cv_fits_a_fold_with_few_rows_in_their_span(monkeypatch):
@@ -710,11 +807,11 @@ def test_the_cv_of_two_images_a_class_folds_in_two_and_fits_every_fold():
     for _, test_idx in probe.cv_splits(y, 3, seed=0):
         assert sorted(y[test_idx]) == [0, 1]
     x = np.stack([2.0 * y - 1.0, np.ones(4)], axis=1)[:, None, :].astype(np.float32)
-    assert probe.cross_validate(x, y, np.arange(2), 2, [0.1, 1.0]).accuracy == 1.0
+    assert probe.cross_validate(x, y, np.arange(2), 2, [0.1, 1.0]).score == 1.0
     weight, bias = probe.fit_logistic(x[:2, 0], y[:2], 0.1, 3)
     assert not weight.any() and bias.argmax() == 0 and bias[0] - bias[1:].max() >= probe.ABSENT_CLASS_MARGIN
     one_each = np.array([0, 1])
-    assert probe.cross_validate(x[1:3], one_each, np.arange(2), 2, [0.1]).accuracy == 0.0  # fitted, nothing learnt
+    assert probe.cross_validate(x[1:3], one_each, np.arange(2), 2, [0.1]).score == 0.0  # fitted, nothing learnt
 
 
 def test_subsamples_are_stratified_and_hold_every_class():
@@ -1045,7 +1142,7 @@ def test_a_class_with_one_training_image_is_cross_validated_quietly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cv = cross_validate(x, y, np.arange(6), 3, [0.1, 1.0])
-    assert {0.1, 1.0} <= set(cv.per_C) and 0.0 <= cv.accuracy <= 1.0
+    assert {0.1, 1.0} <= set(cv.per_C) and 0.0 <= cv.score <= 1.0
 
 
 def _stronger_weights_or_skip():
@@ -1245,7 +1342,7 @@ def test_cv_scores_labels_right_when_a_class_is_missing_from_a_fold():
 
     x, y = _three_classes_one_rare()
     cv = cross_validate(x[:, None, :], y, np.arange(6), 3, [1.0], folds=3, seed=0)
-    assert cv.accuracy >= 19 / 21  # only the rare image itself can be missed
+    assert cv.score >= 19 / 21  # only the rare image itself can be missed
 
 
 def test_the_partial_step_timing_probes_activations_where_the_model_is():

@@ -61,9 +61,10 @@ TRAIN_HELP = {
     "image_size": "input resolution (default: the backbone's own)",
     "crop_fraction": "eval crop as a fraction of the resize (default: the backbone's; 1.0 keeps the whole frame)",
     "weights": "a .safetensors or .pth file of backbone weights to start from",
-    "best_metric": "metric that picks the best epoch",
+    "best_metric": "metric that picks the best epoch (balanced_accuracy, macro_f1: also what a probe's CV and "
+                   "the recipe search choose by)",
     "patience": "early stopping after this many epochs without improvement (0 = off)",
-    "class_weights": "auto = weight the loss by inverse class frequency",
+    "class_weights": "auto = weight the loss (and a probe's fit) by inverse class frequency",
     "engine": "runtime for the frozen part when it is cached: auto (the fastest in parity, measured once per "
               "machine), torch, onnxruntime",
     "precision": "auto (bf16 autocast where the CPU/GPU has native bf16, else fp32), fp32, bf16; weights stay fp32",

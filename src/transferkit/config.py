@@ -191,9 +191,19 @@ class TrainConfig:
 
     @property
     def balanced_classes(self) -> bool:
-        """--class-weights auto: each class counts alike, in the loss (engine/trainer.py), in a probe's fit and in
-        the CV that chooses it (engine/probe.py)."""
+        """--class-weights auto: each class counts alike, in the loss (engine/trainer.py), in a probe's fit
+        (engine/probe.py) and, unless --best-metric names another score, in what its CV chooses by
+        (selection_metric)."""
         return self.class_weights == "auto"
+
+    @property
+    def selection_metric(self) -> str:
+        """What a CV on the training images (a probe's strength, the recipe search's candidates) and the search's
+        inner hold-out choose by: the --best-metric a run picks its epoch by, where that is a score of the
+        answers (balanced_accuracy, macro_f1); else balanced accuracy under --class-weights auto; else accuracy."""
+        if self.best_metric in ("balanced_accuracy", "macro_f1"):
+            return self.best_metric
+        return "balanced_accuracy" if self.balanced_classes else "accuracy"
 
     def _check_types(self) -> None:
         """Each option of the kind its field holds (a config file or the Python API can give any value): "3" for

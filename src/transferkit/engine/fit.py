@@ -79,12 +79,20 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.model.replace(':', '.')}-{cfg.mode}"  # model: maybe module:function
 
 
+def advise_on_imbalance(scan: DataScan, chooses_by: str) -> None:
+    """Where the classes are imbalanced and the run chooses (a run in epochs its best epoch; a probe its strength;
+    the recipe search its recipe) by plain accuracy, name the options that count the classes alike."""
+    if scan.imbalance_ratio() > IMBALANCE_WARN_RATIO and chooses_by == "accuracy":
+        log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy (what the run "
+                    "chooses by) and --class-weights auto (the classes weighed alike in training)")
+
+
 def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None,
             announce: bool = True) -> RunState:
     """Validate, scan (or take the given split), write the run's config and split, build the model.
-    `scan`: a split made by the caller (the recipe search's inner hold-out). announce=False: neither the
-    run folder (a throwaway one, in the temp folder, that the user never sees) nor the class-imbalance
-    advice is logged."""
+    `scan`: a split made by the caller (the recipe search's inner hold-out), who has said what there is to say
+    of it (summary, class-imbalance advice). announce=False: the run folder (a throwaway one, in the temp
+    folder, that the user never sees) is not logged."""
     cfg.validate()
     out = Path(cfg.out)  # fit named it and holds it (run_folder.claimed)
     if not resume:
@@ -106,12 +114,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         log.warning("training on a seeded stratified random %d of the %d training images (--train-subsample)",
                     cfg.train_subsample, len(scan.train))
         scan = subsample_train(scan, cfg.train_subsample, cfg.seed)
-    # Not for a throwaway run (the user cannot act on the search's inner split), nor for a linear probe (one
-    # epoch: no best epoch to choose).
-    if (announce and cfg.mode != "linear-probe" and scan.imbalance_ratio() > IMBALANCE_WARN_RATIO
-            and cfg.best_metric == "accuracy"):
-        log.warning("accuracy flatters the large classes: consider --best-metric balanced_accuracy "
-                    "(and --class-weights auto or --balanced-sampler)")
+    if given is None:  # said by whoever made the split (the recipe search: its own scan, not its inner split)
+        advise_on_imbalance(scan, cfg.selection_metric if cfg.mode == "linear-probe" else cfg.best_metric)
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     mode = make_mode(cfg)
     plan = mode.freeze(model, spec)

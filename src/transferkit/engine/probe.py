@@ -382,18 +382,19 @@ def predict_proba(fit: ProbeFit, x: np.ndarray) -> np.ndarray:
 @dataclass
 class CVResult:
     C: float
-    accuracy: float
+    score: float  # in the CV's metric (cv_score)
     per_C: dict = field(default_factory=dict)
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
                    folds: int = 3, seed: int = 0, deadline: float | None = None, scale_floor: float = 0.0,
-                   balanced: bool = False) -> CVResult:
-    """Stratified k-fold accuracy of the probe for each C of the grid (and below it, where its strongest C wins),
-    repeated on few images (cv_splits; all views of an image stay in one fold; held-out images are scored on the
-    average over their views). Stops early past `deadline`. balanced: the fits weigh classes by the inverse of
-    their counts, and the score is the balanced accuracy (the mean recall of the classes) that weighting aims
-    at: chosen by plain accuracy, a weighted probe drifts to the strength that undoes its weights."""
+                   balanced: bool = False, metric: str = "accuracy") -> CVResult:
+    """Stratified k-fold score (`metric`: cv_score) of the probe for each C of the grid (and below it, where its
+    strongest C wins), repeated on few images (cv_splits; all views of an image stay in one fold; held-out images
+    are scored on the average over their views). Stops early past `deadline`. balanced: the fits weigh classes
+    by the inverse of their counts (--class-weights auto; TrainConfig.selection_metric then scores the balanced
+    accuracy that weighting aims at: chosen by plain accuracy, a weighted probe drifts to the strength that
+    undoes its weights)."""
     splits = cv_splits(y, folds, seed)
     prepared = []
     for train_idx, test_idx in splits:
@@ -408,12 +409,12 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     per_C, warm = {}, [None] * len(splits)
 
     def score(C: float) -> None:
-        right = []
+        pred = []
         for f, (xtr, ytr, xte, yte) in enumerate(prepared):
             warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f], balanced=balanced)
             logits = xte @ warm[f][0].T + warm[f][1]
-            right.append(logits.mean(1).argmax(-1) == yte)
-        per_C[C] = cv_score(np.concatenate(right), np.concatenate([yte for *_, yte in prepared]), balanced)
+            pred.append(logits.mean(1).argmax(-1))
+        per_C[C] = cv_score(np.concatenate(pred), np.concatenate([yte for *_, yte in prepared]), metric, n_classes)
         signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
 
     def late() -> bool:
@@ -459,18 +460,20 @@ def _past_the_peak(scores: list[float]) -> bool:
 
 
 def cross_validate_stacked(xs: list[np.ndarray], y: np.ndarray, columns: np.ndarray, Cs: list[float],
-                           n_classes: int, folds: int = 3, seed: int = 0, balanced: bool = False) -> float:
-    """Stratified k-fold accuracy of the multi-scale probe: per fold, one probe per scale (features xs[i],
-    strength Cs[i]) and their logits averaged; same folds as cross_validate."""
-    return _fold_accuracy(y, folds, seed, lambda train, test: sum(
+                           n_classes: int, folds: int = 3, seed: int = 0, balanced: bool = False,
+                           metric: str = "accuracy") -> float:
+    """Stratified k-fold score of the multi-scale probe: per fold, one probe per scale (features xs[i],
+    strength Cs[i]) and their logits averaged; same folds and metric as cross_validate."""
+    return _fold_score(y, folds, seed, lambda train, test: sum(
         fit_probe(x[train], y[train], columns, C, n_classes, balanced=balanced).logits(x[test])
-        for x, C in zip(xs, Cs)), balanced)
+        for x, C in zip(xs, Cs)), metric, n_classes)
 
 
 def cross_validate_mlp(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, folds: int = 3,
-                       seed: int = 0, deadline: float | None = None, balanced: bool = False) -> float | None:
-    """Stratified k-fold accuracy of the MLP head on the same folds as cross_validate; None where a fold's
-    fit passed `deadline`."""
+                       seed: int = 0, deadline: float | None = None, balanced: bool = False,
+                       metric: str = "accuracy") -> float | None:
+    """Stratified k-fold score of the MLP head on the same folds and metric as cross_validate; None where a
+    fold's fit passed `deadline`."""
     def logits(train, test):
         fit = fit_probe(x[train], y[train], columns, None, n_classes, head="mlp", seed=seed, deadline=deadline,
                         balanced=balanced)
@@ -479,7 +482,7 @@ def cross_validate_mlp(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_clas
         return fit.logits(x[test])
 
     try:
-        return _fold_accuracy(y, folds, seed, logits, balanced)
+        return _fold_score(y, folds, seed, logits, metric, n_classes)
     except _PastDeadline:
         return None
 
@@ -488,20 +491,29 @@ class _PastDeadline(Exception):
     pass
 
 
-def _fold_accuracy(y: np.ndarray, folds: int, seed: int, logits_of, balanced: bool = False) -> float:
-    """Accuracy (balanced: balanced accuracy) over cv_splits' folds: logits_of(train indices, test indices) →
-    (n_test, views, classes) logits of a model fitted on the train fold, averaged over the views."""
+def _fold_score(y: np.ndarray, folds: int, seed: int, logits_of, metric: str, n_classes: int) -> float:
+    """cv_score over cv_splits' folds: logits_of(train indices, test indices) → (n_test, views, classes) logits
+    of a model fitted on the train fold, averaged over the views."""
     splits = cv_splits(y, folds, seed)
-    right = [logits_of(train_idx, test_idx).mean(1).argmax(-1) == y[test_idx] for train_idx, test_idx in splits]
-    return cv_score(np.concatenate(right), np.concatenate([y[test_idx] for _, test_idx in splits]), balanced)
+    pred = [logits_of(train_idx, test_idx).mean(1).argmax(-1) for train_idx, test_idx in splits]
+    return cv_score(np.concatenate(pred), np.concatenate([y[test_idx] for _, test_idx in splits]), metric, n_classes)
 
 
-def cv_score(right: np.ndarray, y: np.ndarray, balanced: bool = False) -> float:
-    """The share of held-out answers that are right (balanced: the mean of the classes' shares, each class
-    counting alike)."""
-    if not balanced:
-        return float(right.mean())
-    return float(np.mean([right[y == c].mean() for c in np.unique(y)]))
+def cv_score(pred: np.ndarray, y: np.ndarray, metric: str = "accuracy", n_classes: int | None = None) -> float:
+    """Held-out predictions scored as the run's val split is (results/metrics.py): accuracy, the share right;
+    balanced_accuracy, the mean of the classes' shares right (the classes present in y); macro_f1, the F1 of
+    every one of the n_classes averaged (a class never predicted nor present counts 0, as on val)."""
+    if metric == "accuracy":
+        return float((pred == y).mean())
+    if metric == "balanced_accuracy":
+        return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
+    if metric == "macro_f1":
+        k = n_classes or int(max(y.max(), pred.max())) + 1
+        confusion = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+        right = np.diag(confusion)
+        # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + present); 0 where neither
+        return float(np.mean(2 * right / np.maximum(confusion.sum(0) + confusion.sum(1), 1)))
+    raise ValueError(f"unknown metric {metric!r}")
 
 
 def cv_repeats(n_images: int) -> int:

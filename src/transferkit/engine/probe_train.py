@@ -116,11 +116,12 @@ def probe_meta(taps: Taps, fit: ProbeFit, views, pixels: bool = False) -> dict:
 
 def choose_and_fit(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, C: float | None,
                    seed: int = 0, head: str = "linear", scale_floor: float = 0.0,
-                   balanced: bool = False) -> tuple[ProbeFit, dict]:
-    """The probe on all of x; C from 3-fold CV on x when not given (a linear head). Returns the fit and the CV
-    record. An MLP head (--probe-head mlp) has no strength to choose: its one recipe is fitted as it is.
-    scale_floor: the standardization's (probe.standardizer), in the CV and the fit alike; balanced: classes
-    weighted by the inverse of their counts (--class-weights auto), in the CV and the fit alike."""
+                   balanced: bool = False, metric: str = "accuracy") -> tuple[ProbeFit, dict]:
+    """The probe on all of x; C from 3-fold CV on x when not given (a linear head), by `metric`
+    (TrainConfig.selection_metric). Returns the fit and the CV record. An MLP head (--probe-head mlp) has no
+    strength to choose: its one recipe is fitted as it is. scale_floor: the standardization's
+    (probe.standardizer), in the CV and the fit alike; balanced: classes weighted by the inverse of their counts
+    (--class-weights auto), in the CV and the fit alike."""
     if head == "mlp":
         return (fit_probe(x, y, columns, None, n_classes, head="mlp", seed=seed, balanced=balanced),
                 {"head": "mlp"})
@@ -130,9 +131,9 @@ def choose_and_fit(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
             C, cv = 0.1, None  # too few images per class for 3 folds: a moderate default
         else:
             cv = cross_validate(x, y, columns, n_classes, list(C_GRID), seed=seed, scale_floor=scale_floor,
-                                balanced=balanced)
+                                balanced=balanced, metric=metric)
             C = cv.C
-    record = {"C": C, "cv_accuracy": cv.accuracy if cv else None, "cv_per_C": cv.per_C if cv else None}
+    record = {"C": C, "cv_metric": metric, "cv_score": cv.score if cv else None, "cv_per_C": cv.per_C if cv else None}
     return fit_probe(x, y, columns, C, n_classes, scale_floor=scale_floor, balanced=balanced), record
 
 
@@ -204,13 +205,12 @@ def _with_block(x, ok, x2, ok2):
 def _fit_scales(cfg, taps: Taps, x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[ProbeFit, dict]:
     """The probe, or with --probe-scale one probe per scale stacked into one head (logits averaged)."""
     columns = taps.columns(cfg.probe_stages, cfg.probe_pooling, cfg.probe_pixels)
-    balanced = cfg.balanced_classes
+    weighting = {"balanced": cfg.balanced_classes, "metric": cfg.selection_metric}
     if not cfg.probe_scale:
-        return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed, cfg.probe_head, balanced=balanced)
+        return choose_and_fit(x, y, columns, n_classes, cfg.probe_c, cfg.seed, cfg.probe_head, **weighting)
     width = x.shape[2] // 2
-    fit1, rec1 = choose_and_fit(x[:, :, :width], y, columns, n_classes, cfg.probe_c, cfg.seed, balanced=balanced)
-    fit2, rec2 = choose_and_fit(x[:, :, width:], y, columns, n_classes, cfg.probe_scale_c, cfg.seed,
-                                balanced=balanced)
+    fit1, rec1 = choose_and_fit(x[:, :, :width], y, columns, n_classes, cfg.probe_c, cfg.seed, **weighting)
+    fit2, rec2 = choose_and_fit(x[:, :, width:], y, columns, n_classes, cfg.probe_scale_c, cfg.seed, **weighting)
     return stack_fits([fit1, fit2], width), {**rec1, "scale": cfg.probe_scale, "scale_probe": rec2}
 
 
@@ -243,11 +243,12 @@ def init_head_from_probe(state) -> dict:
         raise DataError("no image could be read during feature extraction")
     y = np.array([lab for (_, lab), good in zip(scan.train, ok) if good])
     fit, record = choose_and_fit(x, y, taps.columns(1, "mean"), len(scan.classes), cfg.probe_c, cfg.seed,
-                                 scale_floor=HEAD_INIT_SCALE_FLOOR, balanced=cfg.balanced_classes)
+                                 scale_floor=HEAD_INIT_SCALE_FLOOR, balanced=cfg.balanced_classes,
+                                 metric=cfg.selection_metric)
     weight = fit.weight / fit.scale  # logits = W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(weight))
         head.bias.copy_(torch.as_tensor(fit.bias - weight @ fit.mean))
-    log.info("head initialised from a linear probe (C=%g, 3-fold CV accuracy %s)", fit.C,
-             f"{record['cv_accuracy']:.4f}" if record["cv_accuracy"] is not None else "n/a")
+    log.info("head initialised from a linear probe (C=%g, 3-fold CV %s %s)", fit.C, record["cv_metric"].replace("_", " "),
+             f"{record['cv_score']:.4f}" if record["cv_score"] is not None else "n/a")
     return record
