@@ -435,6 +435,58 @@ def test_valid_is_a_class_name_in_a_flat_layout(tmp_path):
     assert scan.classes == ["invalid", "valid"] and scan.split_source == "stratified"
 
 
+def test_split_folders_are_found_in_any_case(tmp_path):
+    """Kaggle's zips name them Training/ and Testing/ (a brain-tumour MRI set), Roboflow's Train/ and Valid/: read
+    as a flat folder, Training and Testing became the two classes, a classifier of where an image was stored."""
+    kaggle = tmp_path / "kaggle"
+    _flat(kaggle / "Training", {"glioma": 5, "meningioma": 5})
+    _flat(kaggle / "Testing", {"glioma": 2, "meningioma": 2})
+    scan = scan_dataset(kaggle, val_fraction=0.4)
+    assert scan.classes == ["glioma", "meningioma"] and scan.split_source == "stratified"
+    assert scan.class_counts()["val"] == {"glioma": 2, "meningioma": 2}
+    assert [e["path"] for e in scan.problems["test_folder"]] == ["Testing"]
+    roboflow = _split(tmp_path / "roboflow", {"a": 3, "b": 3}, {"a": 1, "b": 1})
+    (roboflow / "train").rename(roboflow / "Train")
+    (roboflow / "val").rename(roboflow / "Valid")
+    scan = scan_dataset(roboflow)
+    assert scan.split_source == "folders" and scan.class_counts() == {"train": {"a": 3, "b": 3},
+                                                                      "val": {"a": 1, "b": 1}}
+    (roboflow / "Train").rename(roboflow / "elsewhere")  # a val folder without a train folder
+    (roboflow / "Valid").rename(roboflow / "VAL")
+    assert "has a VAL/ folder but no train/ folder" in _fatal(roboflow)
+
+
+def test_val_class_folders_that_differ_from_train_only_in_case_are_named(tmp_path):
+    root = _split(tmp_path / "data", {"Cat": 3, "Dog": 3}, {"Cat": 1, "dog": 1})
+    scan = scan_dataset(root)
+    [skipped] = scan.problems["val_class_not_in_train"]
+    assert "train/Dog/ differs only in case: rename one" in skipped["detail"]
+    (root / "val" / "Cat").rename(root / "val" / "cat")
+    assert "its class folders cat, dog differ from train/'s only in case" in _fatal(root)
+
+
+def test_a_train_folder_given_for_its_data_root_is_said(tmp_path, caplog):
+    root = _split(tmp_path / "data", {"a": 5, "b": 5}, {"a": 1, "b": 1})
+    with caplog.at_level("WARNING"):
+        scan = scan_dataset(root / "train", val_fraction=0.4)
+    assert scan.split_source == "stratified"
+    assert f"{root / 'train'} is the train folder of {root}, whose val/ folder is not read" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scan_dataset(root)
+    assert "is the train folder of" not in caplog.text
+
+
+def test_evaluate_finds_the_val_folder_as_training_does(tmp_path):
+    from transferkit.evaluate import resolve_items
+
+    root = _split(tmp_path / "data", {"a": 3, "b": 3}, {"a": 1, "b": 2})
+    (root / "train").rename(root / "Training")
+    (root / "val").rename(root / "Validation")
+    items, where = resolve_items(root, ["a", "b"], {})
+    assert where == str(root / "Validation") and sorted(label for _, label in items) == [0, 1, 1]
+
+
 def test_valid_folder_is_the_val_split_next_to_train(tmp_path):
     root = _split(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
     (root / "val").rename(root / "valid")

@@ -79,12 +79,15 @@ def manifest_items(manifest: Path, classes: list[str], split: str = "val", data_
 
 
 def resolve_items(target: str | Path, classes: list[str], meta: dict) -> tuple[list[tuple[str, int]], str]:
-    """What DATA_OR_SPLIT means: a split.csv (its val split), a data root with val/, or class folders."""
+    """What DATA_OR_SPLIT means: a split.csv (its val split), a data root with a val folder (as training finds
+    it: data/folders.py split_folders), or class folders."""
+    from .data.folders import split_folders
+
     target = Path(target)
     if target.is_file() and target.suffix.lower() == ".csv":
         return manifest_items(target, classes, "val", meta.get("config", {}).get("data")), f"{target} (val)"
     if target.is_dir():
-        folder = target / "val" if (target / "val").is_dir() else target
+        folder = split_folders(target).get("val", target)
         return folder_items(folder, classes), str(folder)
     raise UsageError(f"{target} is neither an image folder nor a split.csv")
 

@@ -38,6 +38,10 @@ from transferkit.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
+# Split folders are recognised in any case (Kaggle's and Roboflow's zips: Training/ and Testing/, Train/ and Valid/):
+# a layout of Training/<class>/ and Testing/<class>/ read as two classes, "Testing" and "Training", trained a
+# classifier of which folder an image came from.
+TRAIN_DIR_NAMES = ("train", "training")
 VAL_DIR_NAMES = ("val", "valid", "validation")
 # Beside train/, a held-out test split: never read by training or the search, and named so the user can score it.
 TEST_DIR_NAMES = frozenset({"test", "testing", "holdout"})
@@ -202,6 +206,8 @@ def scan_dataset(root, *, val_fraction=DEFAULT_VAL_FRACTION, seed=0, strict=Fals
     root = _check_root(root)
     problems = _Problems(root, strict)
     split_dirs = _find_split_dirs(root, problems)
+    if "val" not in split_dirs:
+        _say_val_beside(root)
     walked = {split: {name: _walk_class(class_dir, problems) for name, class_dir in _class_dirs(split_dir, problems)}
               for split, split_dir in split_dirs.items()}
     # Every file checked in one go (one pool for the whole folder, not one per class), then sorted back by class;
@@ -279,18 +285,41 @@ def _check_root(root) -> Path:
     return path.resolve()
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """The subfolders of a data root that hold its splits: {"train": ..., "val": ...} as far as there are any,
+    their names in any case (TRAIN_DIR_NAMES, VAL_DIR_NAMES; the first of each list present). Without a train
+    folder, only a val folder named val counts ("valid" and "validation" may be the classes valid/invalid)."""
+    by_name: dict[str, Path] = {}
+    for name, path in _sorted_entries(root):
+        if path.is_dir():
+            by_name.setdefault(name.lower(), path)
+    found = {split: next((by_name[n] for n in names if n in by_name), None)
+             for split, names in (("train", TRAIN_DIR_NAMES), ("val", VAL_DIR_NAMES))}
+    if found["train"] is None and found["val"] is not None and found["val"].name.lower() != "val":
+        found["val"] = None
+    return {split: path for split, path in found.items() if path is not None}
+
+
+def _say_val_beside(root: Path) -> None:
+    """DATA/train given where DATA was meant: a val split is drawn at random from it, and the val folder beside
+    it would go unread without a word."""
+    beside = split_folders(root.parent) if root.parent != root else {}
+    if beside.get("train") == root and "val" in beside:
+        logger.warning("%s is the train folder of %s, whose %s/ folder is not read: a val split is drawn from %s "
+                       "instead (pass %s to validate on %s/)", root, root.parent, beside["val"].name, root.name,
+                       root.parent, beside["val"].name)
+
+
 def _find_split_dirs(root: Path, problems: _Problems) -> dict[str, Path]:
     """Return {"train": dir} or {"train": dir, "val": dir}; flat layouts use root as "train"."""
-    entries = _sorted_entries(root)
-    dirs = {name: path for name, path in entries if path.is_dir()}
-    val_name = next((name for name in VAL_DIR_NAMES if name in dirs), None)
-    if "train" not in dirs:
-        # "valid"/"validation" may be real class names (valid/invalid); a lone "val" is a split.
-        if val_name == "val":
-            raise DataError(f"{root} has a {val_name}/ folder but no train/ folder; add train/<class>/ folders next to it")
+    split_dirs = split_folders(root)
+    if "train" not in split_dirs:
+        if "val" in split_dirs:
+            val = split_dirs["val"].name
+            raise DataError(f"{root} has a {val}/ folder but no train/ folder; add train/<class>/ folders next to it")
         return {"train": root}
-    for name, path in entries:
-        if name in ("train", val_name):
+    for name, path in _sorted_entries(root):
+        if path in split_dirs.values():
             continue
         if _skip_special(name, path, problems):
             continue
@@ -300,9 +329,6 @@ def _find_split_dirs(root: Path, problems: _Problems) -> dict[str, Path]:
             problems.add("unused_folder", path, "only train/ and val/ are read when a train/ folder exists")
         else:
             _outside_class_folder(path, problems)
-    split_dirs = {"train": dirs["train"]}
-    if val_name is not None:
-        split_dirs["val"] = dirs[val_name]
     return split_dirs
 
 
@@ -574,10 +600,14 @@ def _assemble_given_split(root: Path, train: dict, val: dict, problems: _Problem
                 )
             problems.add("empty_class", train_dir / name, "no usable images; class dropped")
     classes = sorted(name for name in train if train[name])
+    by_case = {name.lower(): name for name in classes}
     for name in sorted(val):
         if name not in train:
+            same = by_case.get(name.lower())  # Cat/ in train, cat/ in val: one class to the user, two to a scan
+            hint = f" ({train_dir.name}/{same}/ differs only in case: rename one)" if same else ""
             for path, _ in val[name]:
-                problems.add("val_class_not_in_train", path, f"class {name!r} has no {train_dir.name}/{name}/ folder; skipped")
+                problems.add("val_class_not_in_train", path,
+                             f"class {name!r} has no {train_dir.name}/{name}/ folder{hint}; skipped")
     _require_two_classes(root, classes, train_dir)
     for name in classes:
         if not val.get(name):
@@ -586,7 +616,10 @@ def _assemble_given_split(root: Path, train: dict, val: dict, problems: _Problem
     train_samples = [(path, index[name]) for name in classes for path, _ in train[name]]
     val_samples = [(path, index[name]) for name in classes for path, _ in val.get(name, [])]
     if not val_samples:
-        raise DataError(f"the validation folder {val_dir} has no usable images; put some images in {val_dir.name}/<class>/ folders")
+        renames = sorted(name for name in val if name not in train and name.lower() in by_case)
+        hint = (f" (its class folders {', '.join(renames)} differ from {train_dir.name}/'s only in case: rename them)"
+                if renames else f"; put some images in {val_dir.name}/<class>/ folders")
+        raise DataError(f"the validation folder {val_dir} has no usable images{hint}")
     return DataScan(root, classes, train_samples, val_samples, split_source="folders")
 
 
