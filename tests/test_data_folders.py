@@ -477,6 +477,20 @@ def test_a_train_folder_given_for_its_data_root_is_said(tmp_path, caplog):
     assert "is the train folder of" not in caplog.text
 
 
+def test_class_folders_named_like_splits_are_said(tmp_path, caplog):
+    """A Kaggle zip's seg_train/seg_train/<class>/ and seg_test/seg_test/<class>/: as a flat folder, two classes."""
+    nested = tmp_path / "intel"
+    _flat(nested / "seg_train" / "seg_train", {"buildings": 3, "forest": 3})
+    _flat(nested / "seg_test" / "seg_test", {"buildings": 2, "forest": 2})
+    with caplog.at_level("WARNING"):
+        scan_dataset(nested)
+    assert "the class folders seg_test, seg_train of" in caplog.text and "look like splits" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scan_dataset(_flat(tmp_path / "vehicles", {"trains": 3, "test_rigs": 3, "buses": 3}))
+    assert "look like splits" not in caplog.text  # "trains" is a class
+
+
 def test_evaluate_finds_the_val_folder_as_training_does(tmp_path):
     from transferkit.evaluate import resolve_items
 

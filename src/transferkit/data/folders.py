@@ -15,6 +15,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import stat
 import sys
@@ -631,6 +632,7 @@ def _assemble_random_split(
             problems.add("empty_class", train_dir / name, "no usable images; class dropped")
     classes = sorted(name for name in train if train[name])
     _require_two_classes(root, classes, train_dir)
+    _say_split_like_classes(classes, train_dir)
     for name in classes:
         if len(train[name]) < 2:
             raise DataError(
@@ -641,6 +643,19 @@ def _assemble_random_split(
     labels = [i for i, name in enumerate(classes) for _ in train[name]]
     train_samples, val_samples = _stratified_split(paths, labels, len(classes), val_fraction, seed)
     return DataScan(root, classes, train_samples, val_samples, split_source="stratified")
+
+
+def _say_split_like_classes(classes: list[str], class_parent: Path) -> None:
+    """Class folders named like splits, one like a train folder and one like a test or val folder (seg_train/ and
+    seg_test/, as a Kaggle zip nests its splits): a classifier of where an image was stored, unless said. A word of
+    the name, not a part of one: "trains" is a class."""
+    words = {name: set(re.split(r"[\W_]+", name.lower())) for name in classes}
+    trains = [name for name in classes if words[name] & set(TRAIN_DIR_NAMES)]
+    others = [name for name in classes if words[name] & (set(VAL_DIR_NAMES) | TEST_DIR_NAMES)]
+    if trains and others:
+        logger.warning("the class folders %s of %s look like splits, not classes: if they are, pass the folder "
+                       "that holds the class folders of %s", ", ".join(sorted(trains + others)), class_parent,
+                       trains[0])
 
 
 def _stratified_split(paths, labels, n_classes, val_fraction, seed):
