@@ -491,6 +491,21 @@ def test_class_folders_named_like_splits_are_said(tmp_path, caplog):
     assert "look like splits" not in caplog.text  # "trains" is a class
 
 
+@pytest.mark.parametrize("peak, said", [(4000, True), (60000, False)])
+def test_a_12_bit_camera_in_16_bit_images_is_said(tmp_path, caplog, peak, said):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        for i in range(4):
+            path = tmp_path / "data" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, peak + 1, (16, 16)).astype(np.uint16)).save(path)
+    with caplog.at_level("WARNING"):
+        scan_dataset(tmp_path / "data", val_fraction=0.25)
+    assert ("sampled training images are 16-bit with values only up to" in caplog.text) == said
+
+
 def test_evaluate_finds_the_val_folder_as_training_does(tmp_path):
     from transferkit.evaluate import resolve_items
 

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from transferkit.data.fingerprint import Fingerprint, fingerprint, groups_of, one_side_per_group, same_picture_pairs
-from transferkit.data.images import IMAGE_EXTENSIONS, ImageDecodeError, has_image_extension, read_rgb
+from transferkit.data.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, ImageDecodeError, has_image_extension,
+                                     read_rgb)
 from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
 from transferkit.engine import signals
 from transferkit.config import DEFAULT_VAL_FRACTION
@@ -54,6 +55,7 @@ MIN_SIDE = 8  # below this a side carries no usable detail even after resizing
 SCAN_SHORTER_SIDE = 128
 SCAN_PROCESSES_FROM = 1000  # files from which the scan checks them in processes (_checked_files); fewer: threads
 IMBALANCE_WARN_RATIO = 3.0
+BIT_DEPTH_SAMPLE = 16  # training images whose pixel values are checked for a 12-bit camera's range (_say_unused_bits)
 MANIFEST_COLUMNS = ("path", "class", "split")
 
 # Kinds that skip nothing the user meant to train on; strict mode does not stop on them.
@@ -238,6 +240,7 @@ def scan_dataset(root, *, val_fraction=DEFAULT_VAL_FRACTION, seed=0, strict=Fals
     _report_same_pictures(scan, pairs, problems)
     scan.problems = dict(problems.items)
     _log_summary(scan)
+    _say_unused_bits([path for path, _ in scan.train[:: max(1, len(scan.train) // BIT_DEPTH_SAMPLE)]])
     return scan
 
 
@@ -299,6 +302,25 @@ def split_folders(root: Path) -> dict[str, Path]:
     if found["train"] is None and found["val"] is not None and found["val"].name.lower() != "val":
         found["val"] = None
     return {split: path for split, path in found.items() if path is not None}
+
+
+def _say_unused_bits(paths: list[str]) -> None:
+    """16-bit images whose values all fit in 12 bits (a 12-bit camera's frames in a 16-bit PNG or TIFF, as
+    microscopes and EL cameras write them) are read as 16-bit, 0-65535 to 0-255 (data/images.py): they reach the
+    network at a sixteenth of full brightness, in 16 grey levels. Said from a sample of the training images."""
+    peaks = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+                    peaks.append(int(np.asarray(image).max()))
+        except (OSError, ValueError):
+            continue
+    wide = [peak for peak in peaks if peak > 255]  # mode I within 0-255 is read as 8-bit already
+    if wide and max(wide) < 1 << 12:
+        logger.warning("%d of %d sampled training images are 16-bit with values only up to %d (12 bits used): "
+                       "read as 16-bit, they reach the network in 16 grey levels at 1/16 of full brightness; "
+                       "rescale them to 8 bits first (× 255 / 4095)", len(wide), len(paths), max(wide))
 
 
 def _say_val_beside(root: Path) -> None:

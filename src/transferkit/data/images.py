@@ -29,7 +29,7 @@ def has_image_extension(name: str) -> bool:
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 # A JPEG can be decoded at 1/2, 1/4 or 1/8 scale inside its inverse DCT, for a fraction of the work (a 12-MP
 # camera JPEG: ~180 → ~38 ms here, benchmarks/large_photos.py). A caller that shrinks the image anyway passes
 # `shorter_side`, the size it resizes the shorter side to; the decoder keeps at least DRAFT_MARGIN times that,
@@ -175,7 +175,7 @@ def _convert(img: Image.Image, keep_gray: bool = False) -> Image.Image:
     mode = img.mode
     if mode == "RGB" or (keep_gray and mode == "L" and "transparency" not in img.info):
         return img
-    if mode in _SIXTEEN_BIT_MODES:
+    if mode in SIXTEEN_BIT_MODES:
         return _gray_array_to_rgb(np.asarray(img).astype(np.float64) / 257.0)
     if mode == "I":
         return _gray_array_to_rgb(_scale_int32(np.asarray(img)))
