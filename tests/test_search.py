@@ -258,7 +258,8 @@ def test_class_weights_auto_weighs_the_probe_toward_the_small_class(head):
     of the modes that train in epochs; it was ignored with a warning."""
     from sklearn.metrics import balanced_accuracy_score
 
-    from transferkit.engine.probe import balanced_class_weights, cross_validate, cv_score, fit_probe, predict_proba
+    from transferkit.engine.probe import balanced_class_weights, cross_validate, fit_probe, predict_proba
+    from transferkit.engine.scores import cv_score
 
     rng = np.random.default_rng(0)
     y = np.array([0] * 180 + [1] * 20)
@@ -516,7 +517,7 @@ def test_the_search_advises_on_imbalanced_classes(tmp_path, monkeypatch, caplog,
 def test_fine_tuning_must_beat_the_probe_by_more_than_the_hold_out_noise():
     """The one-standard-error rule for fine-tuning candidates: on 49 hold-out images 2 more right (0.816 → 0.857)
     is within the noise; on 394 the same gain is not."""
-    from transferkit.search import holdout_standard_error
+    from transferkit.engine.scores import holdout_standard_error
 
     assert 0.816 + holdout_standard_error(0.816, 49) > 0.857
     assert 0.816 + holdout_standard_error(0.816, 394) < 0.857
@@ -526,7 +527,8 @@ def test_fine_tuning_must_beat_the_probe_by_more_than_the_hold_out_noise():
 def test_fine_tuning_must_also_win_image_by_image():
     """The paired rule: 12 of 12 against the probe's 11 of 12 clears the one-standard-error bar (1.0 >
     0.997) but is one image; more images won than lost, by more than √(won + lost), is needed."""
-    from transferkit.search import Candidate, _not_clearly_better, holdout_standard_error
+    from transferkit.engine.scores import holdout_standard_error
+    from transferkit.search import Candidate, _not_clearly_better
 
     def cand(right, kind="partial"):  # every image of class 1: a right answer is 1, a wrong one 0
         right = np.array(right, dtype=bool)
@@ -552,14 +554,14 @@ def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
     """With --best-metric balanced_accuracy or macro_f1 the fine-tuning candidates are judged by that score: the
     random-swap spread of the paired difference is the sign test's √(b + c) images for accuracy, and a fine-tuned
     model that wins only images of the large class clears the accuracy rule but not the balanced one."""
-    from transferkit.engine.probe import cv_score
-    from transferkit.search import Candidate, _not_clearly_better, _paired_difference, _standard_error
+    from transferkit.engine.scores import cv_score, paired_difference, standard_error
+    from transferkit.search import Candidate, _not_clearly_better
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 300)
     a = np.where(rng.random(300) < 0.8, y, (y + 1) % 3)
     b = np.where(rng.random(300) < 0.8, y, (y + 2) % 3)
-    difference, spread = _paired_difference(a, b, y, "accuracy", seed=0, n_classes=3)
+    difference, spread = paired_difference(a, b, y, "accuracy", seed=0, n_classes=3)
     won, lost = int(((a == y) & (b != y)).sum()), int(((b == y) & (a != y)).sum())
     assert difference == pytest.approx((won - lost) / 300)
     assert spread * 300 == pytest.approx(np.sqrt(won + lost), rel=0.05)  # 1,000 draws: within a few percent
@@ -575,14 +577,14 @@ def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
 
     for metric, better in (("accuracy", True), ("balanced_accuracy", False), ("macro_f1", False)):
         probe, cand = candidate(probe_pred, metric, "probe"), candidate(cand_pred, metric)
-        bar = probe.holdout + _standard_error(probe, y, metric, seed=0, n_classes=2)
+        bar = probe.holdout + standard_error(probe.holdout_pred, y, metric, seed=0, n_classes=2)
         assert 0 < bar - probe.holdout < 0.1
         why = _not_clearly_better(cand, probe, bar, y, metric, seed=0, n_classes=2)
         assert (why is None) == better, (metric, why)
     # a candidate better by the metric on both classes clears the balanced rules too
     cand = candidate(np.array([0] * 280 + [1] * 20 + [1] * 50 + [0] * 10), "balanced_accuracy")
     probe = candidate(probe_pred, "balanced_accuracy", "probe")
-    bar = probe.holdout + _standard_error(probe, y, "balanced_accuracy", seed=0, n_classes=2)
+    bar = probe.holdout + standard_error(probe.holdout_pred, y, "balanced_accuracy", seed=0, n_classes=2)
     assert _not_clearly_better(cand, probe, bar, y, "balanced_accuracy", seed=0, n_classes=2) is None
 
 
@@ -590,7 +592,7 @@ def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
 def test_cv_scores_macro_f1_and_balanced_accuracy_as_the_val_metrics_do():
     from sklearn.metrics import balanced_accuracy_score, f1_score
 
-    from transferkit.engine.probe import cv_score
+    from transferkit.engine.scores import cv_score
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 50)

@@ -39,6 +39,7 @@ import numpy as np
 from .config import DEFAULT_TIME_BUDGET, TrainConfig, parse_duration
 from .engine import signals
 from .engine.callbacks import Callback
+from .engine.scores import cv_score, paired_difference, standard_error
 from .io import atomic_write_json
 from .run_folder import RunFolder
 
@@ -130,8 +131,6 @@ class Candidate:
 
     def answered(self, pred: np.ndarray, y: np.ndarray, metric: str, n_classes: int) -> None:
         """A probe's answers on the inner hold-out (labels y), and its score there."""
-        from .engine.probe import cv_score
-
         self.holdout_pred, self.holdout = pred, cv_score(pred, y, metric, n_classes)
 
     def record(self) -> dict:
@@ -1211,7 +1210,7 @@ def _search_finetuning(search: Search, ctx: _Context, probe: Candidate) -> Candi
     # against the probe's 0.8497. A --mode that fine-tunes, given, asks for a fine-tuned model: the candidate of
     # that mode wins if it ran.
     y, judged = ctx.y[ctx.inner[1]], {"metric": search.metric, "seed": cfg.seed, "n_classes": len(ctx.scan.classes)}
-    bar = -1.0 if "mode" in given else probe.holdout + _standard_error(probe, y, **judged)
+    bar = -1.0 if "mode" in given else probe.holdout + standard_error(probe.holdout_pred, y, **judged)
     if bar >= 1.0:  # the probe is right on every inner hold-out image: no fine-tuning score can be above it
         why = "no fine-tuning: the probe is right on the whole inner hold-out"
         search.stopped = f"{search.stopped}; {why}" if search.stopped else why
@@ -1266,48 +1265,11 @@ def _not_clearly_better(cand: Candidate, probe: Candidate, bar: float, y: np.nda
             return (f"right on {b} hold-out images the probe gets wrong and wrong on {c} it gets right: "
                     f"a difference within one standard error (√{b + c} = {np.sqrt(b + c):.1f})")
         return None
-    difference, spread = _paired_difference(cand.holdout_pred, probe.holdout_pred, y, metric, seed, n_classes)
+    difference, spread = paired_difference(cand.holdout_pred, probe.holdout_pred, y, metric, seed, n_classes)
     if difference <= spread:
         return (f"{_metric_words(metric)} {difference:+.4f} against the probe's on the same hold-out images: within "
                 f"one standard error of a tie ({spread:.4f}: their answers swapped at random where they differ)")
     return None
-
-
-# Draws of the resampling that measures a hold-out score's spread where no formula gives it (the metrics other
-# than accuracy): ~30 ms for 400 hold-out images.
-RESAMPLES = 1000
-
-
-def _paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, metric: str, seed: int,
-                       n_classes: int | None = None) -> tuple[float, float]:
-    """A's score minus B's on the same images, and that difference's standard deviation were A and B equally good:
-    their answers swapped at random on the images where they differ (a paired permutation test; for accuracy its
-    spread is the sign test's √(b + c) images)."""
-    from .engine.probe import cv_score
-
-    observed = cv_score(pred_a, y, metric, n_classes) - cv_score(pred_b, y, metric, n_classes)
-    rng = np.random.default_rng(seed)
-    swaps = rng.random((RESAMPLES, len(y))) < 0.5
-    null = [cv_score(np.where(swap, pred_b, pred_a), y, metric, n_classes)
-            - cv_score(np.where(swap, pred_a, pred_b), y, metric, n_classes) for swap in swaps]
-    return float(observed), float(np.std(null))
-
-
-def _standard_error(probe: Candidate, y: np.ndarray, metric: str, seed: int, n_classes: int | None = None) -> float:
-    """Standard error of the probe's score on the inner hold-out (labels y): the binomial one for accuracy, a
-    seeded bootstrap of the hold-out images for the other metrics."""
-    if metric == "accuracy" or probe.holdout_pred is None:
-        return holdout_standard_error(probe.holdout, len(y))
-    from .engine.probe import cv_score
-
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(y), (RESAMPLES, len(y)))
-    return float(np.std([cv_score(probe.holdout_pred[d], y[d], metric, n_classes) for d in draws]))
-
-
-def holdout_standard_error(accuracy: float, n: int) -> float:
-    """Standard error of an accuracy measured on n images (binomial)."""
-    return float(np.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(n, 1)))
 
 
 def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:

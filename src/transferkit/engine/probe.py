@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import signals
+from .scores import cv_score
 
 log = logging.getLogger(__name__)
 
@@ -497,23 +498,6 @@ def _fold_score(y: np.ndarray, folds: int, seed: int, logits_of, metric: str, n_
     splits = cv_splits(y, folds, seed)
     pred = [logits_of(train_idx, test_idx).mean(1).argmax(-1) for train_idx, test_idx in splits]
     return cv_score(np.concatenate(pred), np.concatenate([y[test_idx] for _, test_idx in splits]), metric, n_classes)
-
-
-def cv_score(pred: np.ndarray, y: np.ndarray, metric: str = "accuracy", n_classes: int | None = None) -> float:
-    """Held-out predictions scored as the run's val split is (results/metrics.py): accuracy, the share right;
-    balanced_accuracy, the mean of the classes' shares right (the classes present in y); macro_f1, the F1 of
-    every one of the n_classes averaged (a class never predicted nor present counts 0, as on val)."""
-    if metric == "accuracy":
-        return float((pred == y).mean())
-    if metric == "balanced_accuracy":
-        return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
-    if metric == "macro_f1":
-        k = n_classes or int(max(y.max(), pred.max())) + 1
-        confusion = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-        right = np.diag(confusion)
-        # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + present); 0 where neither
-        return float(np.mean(2 * right / np.maximum(confusion.sum(0) + confusion.sum(1), 1)))
-    raise ValueError(f"unknown metric {metric!r}")
 
 
 def cv_repeats(n_images: int) -> int:
