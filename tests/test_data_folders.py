@@ -222,7 +222,19 @@ def test_single_class(tmp_path):
 def test_no_images_at_all(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    assert "found 0 class" in _fatal(tmp_path)
+    assert "found 0 classes with usable images" in _fatal(tmp_path)
+
+
+def test_images_named_by_class_get_the_folders_to_make(tmp_path):
+    """Kaggle's dogs-vs-cats: train/cat.0.jpg, train/dog.0.jpg, no class folders."""
+    for name in ("cat.0.jpg", "cat.1.jpg", "dog.0.jpg", "dog.1.jpg", "dog12.jpg", "IMG_1.jpg"):
+        (tmp_path / "train").mkdir(exist_ok=True)
+        random_rgb(len(name)).save(tmp_path / "train" / name)
+    message = _fatal(tmp_path)
+    assert f"the 6 images in {tmp_path.resolve() / 'train'} are named by class (cat.*, dog.*)" in message
+    assert message.endswith("for c in cat dog; do mkdir -p $c && mv $c[^a-zA-Z]* $c/; done")
+    (tmp_path / "train" / "cat.1.jpg").unlink()  # one name of one image is no class
+    assert "named by class" not in _fatal(tmp_path)
 
 
 def test_empty_val_split(tmp_path):

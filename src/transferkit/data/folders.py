@@ -709,9 +709,31 @@ def _require_two_classes(root: Path, classes: list[str], class_parent: Path) -> 
             raise DataError(f"found 1 class in {root}, {classes[0]}/, whose images are all in subfolders of its own: "
                             f"if those are the classes (or train/ and val/), pass {wrapper} as the data folder")
         raise DataError(
-            f"found {len(classes)} class with usable images in {root} ({found}); need at least 2: "
-            "put each class's images in its own subfolder, e.g. cats/ and dogs/"
+            f"found {len(classes)} class{'es' * (len(classes) != 1)} with usable images in {root} ({found}); need "
+            f"at least 2: {_named_by_class(class_parent) or 'put each class' + chr(39) + 's images in its own subfolder, e.g. cats/ and dogs/'}"
         )
+
+
+def _named_by_class(folder: Path) -> str | None:
+    """Where the loose images of `folder` are named by class (cat.0.jpg, dog.0.jpg: Kaggle's dogs-vs-cats), the
+    folders to make: at least two names, each the leading letters of two or more images."""
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.is_file() and has_image_extension(entry.name)]
+    except OSError:
+        return None
+    prefixes: dict[str, int] = defaultdict(int)
+    for name in names:
+        match = re.match(r"[^\W\d_]+", name)
+        if match:
+            prefixes[match.group()] += 1
+    classes = sorted(prefix for prefix, n in prefixes.items() if n >= 2)
+    if len(classes) < 2:
+        return None
+    listed = ", ".join(c + ".*" for c in classes[:4]) + (", ..." if len(classes) > 4 else "")
+    how = "move each class's images into a folder of its name"
+    if len(classes) <= 8:  # a command short enough to read
+        how += f", e.g. in that folder: for c in {' '.join(classes)}; do mkdir -p $c && mv $c[^a-zA-Z]* $c/; done"
+    return f"the {len(names)} images in {folder} are named by class ({listed}): {how}"
 
 
 def _holds_image_folders(folder: Path) -> bool:
