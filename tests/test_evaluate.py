@@ -103,6 +103,16 @@ def test_a_class_folder_named_in_another_case_is_refused_with_the_rename(tmp_pat
         folder_items(tmp_path, ["ants", "bees"])
 
 
+def test_a_data_root_of_training_and_testing_points_at_its_test_folder(tmp_path):
+    from transferkit.evaluate import folder_items
+
+    for name in ("Training", "Testing"):
+        (tmp_path / name / "ants").mkdir(parents=True)
+        (tmp_path / name / "ants" / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match=f"to score the held-out split, pass {tmp_path / 'Testing'}$"):
+        folder_items(tmp_path, ["ants", "bees"])
+
+
 def test_test_time_views_that_a_probe_already_averages_over_are_not_scored_again():
     from transferkit.data.transforms import dihedral, dihedral_after
     from transferkit.evaluate import _absorbs

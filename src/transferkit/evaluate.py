@@ -28,6 +28,8 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order. A class folder
     with no images is skipped with a warning, as training drops it; one with images of a class the model does
     not know is refused."""
+    from .data.folders import TEST_DIR_NAMES
+
     subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not subdirs:
         raise DataError(f"{folder} has no class subfolders; evaluation needs {folder}/<class>/<image>")
@@ -37,6 +39,9 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
         by_case = {c.casefold(): c for c in classes}
         renames = [f"{name} → {by_case[name.casefold()]}" for name in unknown if name.casefold() in by_case]
         hint = f"; rename {', '.join(renames)} (class names are case-sensitive)" if renames else ""
+        splits = [name for name in unknown if name.lower() in TEST_DIR_NAMES]  # Training/ and Testing/: a data root
+        if splits and not renames:
+            hint = f"; to score the held-out split, pass {folder / splits[0]}"
         raise DataError(f"class folder(s) {', '.join(unknown)} in {folder} are not classes of this model "
                         f"({', '.join(classes)}){hint}")
     empty = [name for name in subdirs if not found[name]]
