@@ -326,7 +326,12 @@ def _say_unused_bits(paths: list[str]) -> None:
 def _say_val_beside(root: Path) -> None:
     """DATA/train given where DATA was meant: a val split is drawn at random from it, and the val folder beside
     it would go unread without a word."""
-    beside = split_folders(root.parent) if root.parent != root else {}
+    if root.name.lower() not in TRAIN_DIR_NAMES or root.parent == root:
+        return
+    try:
+        beside = split_folders(root.parent)
+    except (DataError, OSError):  # a parent we may not list: nothing to say
+        return
     if beside.get("train") == root and "val" in beside:
         logger.warning("%s is the train folder of %s, whose %s/ folder is not read: a val split is drawn from %s "
                        "instead (pass %s to validate on %s/)", root, root.parent, beside["val"].name, root.name,
