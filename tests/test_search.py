@@ -101,7 +101,8 @@ def test_mode_given_limits_the_search(tmp_path, caplog):
     # --best-metric is what the candidates are compared by (it was said to be ignored)
     scored = [r.getMessage() for r in caplog.records if ": CV " in r.getMessage()]
     assert scored and all(": CV macro-F1 " in line for line in scored), scored
-    assert "scored by macro-F1: --best-metric" in search["selection"]
+    assert "scored by macro-F1: --best-metric" in search["selection"] and search["metric"] == "macro_f1"
+    assert "<th>CV / inner macro-F1</th>" in (tmp_path / "run" / "report.html").read_text()
     assert {c["kind"] for c in search["candidates"]} == {"probe"}
     assert all(c["settings"]["probe_views"] == "none" for c in search["candidates"])
     steps = [r.getMessage() for r in caplog.records if r.getMessage()[:8] in {f"plan: {i}." for i in range(1, 9)}]

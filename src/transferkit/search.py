@@ -39,7 +39,7 @@ import numpy as np
 from .config import DEFAULT_TIME_BUDGET, TrainConfig, parse_duration
 from .engine import signals
 from .engine.callbacks import Callback
-from .engine.scores import cv_score, paired_difference, standard_error
+from .engine.scores import cv_score, metric_words, paired_difference, standard_error
 from .io import atomic_write_json
 from .run_folder import RunFolder
 
@@ -241,7 +241,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
         # run is one probe fit or a fine-tuning's last epoch: the option would otherwise go without a word.
         log.warning("--best-metric %s: the recipe search chooses by %s on the training images and keeps its run's "
                     "last state (with --recipe tutorial, --best-metric picks the epoch)", cfg.best_metric,
-                    _metric_words(search.metric))
+                    metric_words(search.metric))
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = _Context.build(cfg, scan)
@@ -1178,11 +1178,7 @@ def _better(best: Candidate | None, cand: Candidate | None) -> Candidate:
 
 def _cv_name(search: Search) -> str:
     """What the probes' CV scores (search.metric)."""
-    return f"CV {_metric_words(search.metric)}"
-
-
-def _metric_words(metric: str) -> str:
-    return {"macro_f1": "macro-F1"}.get(metric, metric.replace("_", " "))
+    return f"CV {metric_words(search.metric)}"
 
 
 def _answered(search: Search, ctx: _Context, cand: Candidate, pred: np.ndarray) -> None:
@@ -1255,7 +1251,7 @@ def _not_clearly_better(cand: Candidate, probe: Candidate, bar: float, y: np.nda
     single image: 12 of 12 against the probe's 11 of 12 is no evidence. `n_classes`: the run's (macro-F1
     averages over them all); `seed`: the resampling's."""
     if cand.score <= bar:
-        return f"not above the probe's hold-out {_metric_words(metric)} + one standard error, {bar:.4f}"
+        return f"not above the probe's hold-out {metric_words(metric)} + one standard error, {bar:.4f}"
     if cand.holdout_pred is None or probe.holdout_pred is None:
         return None
     if metric == "accuracy":
@@ -1267,7 +1263,7 @@ def _not_clearly_better(cand: Candidate, probe: Candidate, bar: float, y: np.nda
         return None
     difference, spread = paired_difference(cand.holdout_pred, probe.holdout_pred, y, metric, seed, n_classes)
     if difference <= spread:
-        return (f"{_metric_words(metric)} {difference:+.4f} against the probe's on the same hold-out images: within "
+        return (f"{metric_words(metric)} {difference:+.4f} against the probe's on the same hold-out images: within "
                 f"one standard error of a tie ({spread:.4f}: their answers swapped at random where they differ)")
     return None
 
@@ -1343,7 +1339,7 @@ def _finetune_candidate(search: Search, ctx: _Context, probe: Candidate, kind: s
     cand.holdout_pred = answers.by_epoch.get(metrics["best_epoch"])
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
     log.info("search: %s: inner hold-out %s %.4f at epoch %d (probe %.4f), %.0fs", cand.name,
-             _metric_words(search.metric), cand.score, metrics["best_epoch"], probe.holdout, cand.seconds)
+             metric_words(search.metric), cand.score, metrics["best_epoch"], probe.holdout, cand.seconds)
     return cand
 
 
@@ -1513,7 +1509,7 @@ def _metric_text(search: Search) -> str:
     if search.metric == "accuracy":
         return ""
     asked = "--best-metric" if search.cfg.best_metric == search.metric else "--class-weights auto"
-    return f", scored by {_metric_words(search.metric)}: {asked}"
+    return f", scored by {metric_words(search.metric)}: {asked}"
 
 
 def _repeats_text(repeats: int) -> str:
@@ -1531,6 +1527,7 @@ def _save_search_record(search: Search, winner: Candidate, final: TrainConfig, m
         "all_images_seconds_estimate": search.all_images_s,
         "all_images_memory_bytes_estimate": search.all_images_bytes,
         "compared_on_images": search.compared_on,
+        "metric": search.metric,
         "stopped": search.stopped,
         "selection": f"3-fold CV on train (probes{_repeats_text(search.cv_repeats)}{_metric_text(search)}); an inner "
                      "20% hold-out of train (fine-tuning); val read once, by the final run",

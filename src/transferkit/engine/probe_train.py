@@ -20,6 +20,7 @@ from .features import FeatureStore, View, cached_features, store_for
 from .probe import (PixelBlock, ProbeClassifier, ProbeFit, Rescale, ScaledPooler, TapPooler, cross_validate,
                     feature_columns, fit_probe, predict_proba, stack_fits, tap_body, tap_widths)
 from .runtime import FrozenEngine
+from .scores import metric_words
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,6 @@ def init_head_from_probe(state) -> dict:
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(weight))
         head.bias.copy_(torch.as_tensor(fit.bias - weight @ fit.mean))
-    log.info("head initialised from a linear probe (C=%g, 3-fold CV %s %s)", fit.C, record["cv_metric"].replace("_", " "),
+    log.info("head initialised from a linear probe (C=%g, 3-fold CV %s %s)", fit.C, metric_words(record["cv_metric"]),
              f"{record['cv_score']:.4f}" if record["cv_score"] is not None else "n/a")
     return record

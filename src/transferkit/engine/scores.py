@@ -16,6 +16,11 @@ import numpy as np
 RESAMPLES = 1000
 
 
+def metric_words(metric: str) -> str:
+    """A metric's name in messages and reports: "balanced accuracy", "macro-F1"."""
+    return {"macro_f1": "macro-F1"}.get(metric, metric.replace("_", " "))
+
+
 def cv_score(pred: np.ndarray, y: np.ndarray, metric: str = "accuracy", n_classes: int | None = None) -> float:
     """Held-out predictions scored as the run's val split is (results/metrics.py): accuracy, the share right;
     balanced_accuracy, the mean of the classes' shares right (the classes present in y); macro_f1, the F1 of

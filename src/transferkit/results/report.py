@@ -412,8 +412,11 @@ def _search(search: dict | None) -> str:
             + (f" The ladder stopped early: {_e(str(search['stopped']))}." if search.get("stopped") else "")
             + " The same run without the search:</p>"
             f"<pre>{_e(str(search.get('reproduce', '')))}</pre>")
-    return head + _table(["candidate", "CV / inner score", "probe on inner hold-out", "estimate", "took", "status",
-                          "settings"], rows)
+    from ..engine.scores import metric_words
+
+    metric = metric_words(search["metric"]) if search.get("metric") else "score"  # older records: accuracy
+    return head + _table(["candidate", f"CV / inner {metric}", "probe on inner hold-out", "estimate", "took",
+                          "status", "settings"], rows)
 
 
 def _environment(metrics: dict | None) -> str:
