@@ -28,7 +28,7 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order. A class folder
     with no images is skipped with a warning, as training drops it; one with images of a class the model does
     not know is refused."""
-    from .data.folders import TEST_DIR_NAMES
+    from .data.folders import TEST_DIR_NAMES, case_twins
 
     subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     if not subdirs:
@@ -36,8 +36,7 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     found = {name: _images_in(folder / name) for name in subdirs}
     unknown = [name for name in subdirs if name not in classes and found[name]]
     if unknown:
-        by_case = {c.casefold(): c for c in classes}
-        renames = [f"{name} → {by_case[name.casefold()]}" for name in unknown if name.casefold() in by_case]
+        renames = [f"{name} → {known}" for name, known in case_twins(unknown, classes).items()]
         hint = f"; rename {', '.join(renames)} (class names are case-sensitive)" if renames else ""
         splits = [name for name in unknown if name.lower() in TEST_DIR_NAMES]  # Training/ and Testing/: a data root
         if splits and not renames:

@@ -240,7 +240,8 @@ def scan_dataset(root, *, val_fraction=DEFAULT_VAL_FRACTION, seed=0, strict=Fals
     _report_same_pictures(scan, pairs, problems)
     scan.problems = dict(problems.items)
     _log_summary(scan)
-    _say_unused_bits([path for path, _ in scan.train[:: max(1, len(scan.train) // BIT_DEPTH_SAMPLE)]])
+    step = max(1, len(scan.train) // BIT_DEPTH_SAMPLE)  # spread over the classes (the list is sorted by class)
+    _say_unused_bits([path for path, _ in scan.train[::step][:BIT_DEPTH_SAMPLE]])
     return scan
 
 
@@ -628,11 +629,10 @@ def _assemble_given_split(root: Path, train: dict, val: dict, problems: _Problem
                 )
             problems.add("empty_class", train_dir / name, "no usable images; class dropped")
     classes = sorted(name for name in train if train[name])
-    by_case = {name.lower(): name for name in classes}
+    twins = case_twins(val, classes)  # Cat/ in train, cat/ in val: one class to the user, two to a scan
     for name in sorted(val):
         if name not in train:
-            same = by_case.get(name.lower())  # Cat/ in train, cat/ in val: one class to the user, two to a scan
-            hint = f" ({train_dir.name}/{same}/ differs only in case: rename one)" if same else ""
+            hint = f" ({train_dir.name}/{twins[name]}/ differs only in case: rename one)" if name in twins else ""
             for path, _ in val[name]:
                 problems.add("val_class_not_in_train", path,
                              f"class {name!r} has no {train_dir.name}/{name}/ folder{hint}; skipped")
@@ -644,7 +644,7 @@ def _assemble_given_split(root: Path, train: dict, val: dict, problems: _Problem
     train_samples = [(path, index[name]) for name in classes for path, _ in train[name]]
     val_samples = [(path, index[name]) for name in classes for path, _ in val.get(name, [])]
     if not val_samples:
-        renames = sorted(name for name in val if name not in train and name.lower() in by_case)
+        renames = sorted(twins)
         hint = (f" (its class folders {', '.join(renames)} differ from {train_dir.name}/'s only in case: rename them)"
                 if renames else f"; put some images in {val_dir.name}/<class>/ folders")
         raise DataError(f"the validation folder {val_dir} has no usable images{hint}")
@@ -670,6 +670,13 @@ def _assemble_random_split(
     labels = [i for i, name in enumerate(classes) for _ in train[name]]
     train_samples, val_samples = _stratified_split(paths, labels, len(classes), val_fraction, seed)
     return DataScan(root, classes, train_samples, val_samples, split_source="stratified")
+
+
+def case_twins(names, known) -> dict[str, str]:
+    """Each of `names` that is not one of `known` but is in another case (cat/ against Cat/) → that one: one name
+    to a user, two to a file system that keeps case."""
+    by_case = {name.casefold(): name for name in known}
+    return {name: by_case[name.casefold()] for name in names if name not in known and name.casefold() in by_case}
 
 
 def _say_split_like_classes(classes: list[str], class_parent: Path) -> None:
@@ -713,10 +720,9 @@ def _require_two_classes(root: Path, classes: list[str], class_parent: Path) -> 
             # An unzipped archive often wraps the data in one more folder: DATA/<name>/{train,val}/ or DATA/<name>/<class>/.
             raise DataError(f"found 1 class in {root}, {classes[0]}/, whose images are all in subfolders of its own: "
                             f"if those are the classes (or train/ and val/), pass {wrapper} as the data folder")
-        raise DataError(
-            f"found {len(classes)} class{'es' * (len(classes) != 1)} with usable images in {root} ({found}); need "
-            f"at least 2: {_named_by_class(class_parent) or 'put each class' + chr(39) + 's images in its own subfolder, e.g. cats/ and dogs/'}"
-        )
+        advice = _named_by_class(class_parent) or "put each class's images in its own subfolder, e.g. cats/ and dogs/"
+        raise DataError(f"found {len(classes)} class{'es' * (len(classes) != 1)} with usable images in {root} "
+                        f"({found}); need at least 2: {advice}")
 
 
 def _named_by_class(folder: Path) -> str | None:

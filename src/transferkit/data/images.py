@@ -27,6 +27,7 @@ def has_image_extension(name: str) -> bool:
     """Whether a file name ends in one of IMAGE_EXTENSIONS (any case)."""
     return os.path.splitext(name)[1].lower().lstrip(".") in IMAGE_EXTENSIONS
 
+
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
