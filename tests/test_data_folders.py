@@ -503,8 +503,8 @@ def test_class_folders_named_like_splits_are_said(tmp_path, caplog):
     assert "look like splits" not in caplog.text  # "trains" is a class
 
 
-@pytest.mark.parametrize("peak, said", [(4000, True), (60000, False)])
-def test_a_12_bit_camera_in_16_bit_images_is_said(tmp_path, caplog, peak, said):
+@pytest.mark.parametrize("peak, white", [(4000, 4095), (1000, 1023), (60000, 65535), (200, 255)])
+def test_the_white_of_16_bit_images_is_found_from_their_values(tmp_path, caplog, peak, white):
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -513,9 +513,15 @@ def test_a_12_bit_camera_in_16_bit_images_is_said(tmp_path, caplog, peak, said):
             path = tmp_path / "data" / name / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, peak + 1, (16, 16)).astype(np.uint16)).save(path)
-    with caplog.at_level("WARNING"):
-        scan_dataset(tmp_path / "data", val_fraction=0.25)
-    assert ("sampled training images are 16-bit with values only up to" in caplog.text) == said
+    with caplog.at_level("INFO"):
+        scan = scan_dataset(tmp_path / "data", val_fraction=0.25)
+    assert scan.sixteen_bit_white == white
+    assert (f"read with {white} as white" in caplog.text) == (white != 65535)
+
+
+def test_8_bit_data_has_no_16_bit_white(tmp_path):
+    root = _split(tmp_path, {"a": 3, "b": 3}, {"a": 1, "b": 1})
+    assert scan_dataset(root).sixteen_bit_white is None
 
 
 def test_evaluate_finds_the_val_folder_as_training_does(tmp_path):

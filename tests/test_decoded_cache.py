@@ -85,16 +85,17 @@ def test_scan_digests_are_used_instead_of_hashing(tmp_path, monkeypatch):
     assert keys == ["ab" * 32]
 
 
-def test_other_resize_size_or_interpolation_is_another_store(tmp_path, counted_decodes):
+def test_other_resize_size_interpolation_or_16_bit_white_is_another_store(tmp_path, counted_decodes):
     paths = _images(tmp_path / "img", [(300, 200), (90, 90)])
     decode_missing(open_store(tmp_path / "cache", PRE), paths, None, PRE)
-    for pre in (PRE.at_size(160), Preprocessing(224, 256, "bilinear", PRE.mean, PRE.std)):
+    assert open_store(tmp_path / "cache", PRE.reading(65535)).root == open_store(tmp_path / "cache", PRE).root
+    for pre in (PRE.at_size(160), Preprocessing(224, 256, "bilinear", PRE.mean, PRE.std), PRE.reading(4095)):
         counted_decodes.clear()
         store = open_store(tmp_path / "cache", pre)
         keys, stats = decode_missing(store, paths, None, pre)
         assert stats["decoded"] == 2 and len(counted_decodes) == 2
         assert min(store.get(keys[0]).shape[1:]) == min(pre.resize_size, 200)  # never enlarged
-    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 3
+    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 4
 
 
 def test_broken_and_vanished_files_are_skipped_with_a_warning(tmp_path, caplog):

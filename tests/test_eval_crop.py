@@ -43,7 +43,8 @@ def test_eval_crop_takes_tensors_as_torchvision_does():
 
 def test_a_square_image_is_cut_while_it_is_resized():
     """The fast path is taken where it can be (else the test above would pass on torchvision alone)."""
-    pre = Preprocessing(224, 256, "bicubic", (0.5,) * 3, (0.5,) * 3)
-    crop = eval_crop(pre)
-    assert crop._box(Image.new("L", (300, 300))) == (18.75, 18.75, 281.25, 281.25)
-    assert crop._box(Image.new("L", (300, 280))) is None and crop._box(Image.new("L", (256, 256))) is None
+    from transferkit.data.images import _square_crop_box
+
+    assert _square_crop_box(Image.new("L", (300, 300)), 256, 224) == (18.75, 18.75, 281.25, 281.25)
+    assert _square_crop_box(Image.new("L", (300, 280)), 256, 224) is None
+    assert _square_crop_box(Image.new("L", (256, 256)), 256, 224) is None  # already at size: cut only

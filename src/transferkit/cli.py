@@ -60,6 +60,8 @@ TRAIN_HELP = {
     "view_kind": "extra views: dihedral (flips/rotations, for rotation-safe data) or random augmentations",
     "image_size": "input resolution (default: the backbone's own)",
     "crop_fraction": "eval crop as a fraction of the resize (default: the backbone's; 1.0 keeps the whole frame)",
+    "bit_depth": "bits the values of 16-bit grey images use: 12 reads 4095 as white (default: found from a sample "
+                 "of the training images)",
     "weights": "a .safetensors or .pth file of backbone weights to start from",
     "best_metric": "metric that picks the best epoch (balanced_accuracy, macro_f1: also what a probe's CV and "
                    "the recipe search choose by)",
@@ -139,9 +141,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                "class_weights": ("none", "auto"), "scale_lr": ("none", "linear"), "recipe": RECIPES,
                "head_init": HEAD_INITS, "probe_pooling": POOLINGS, "probe_views": PROBE_VIEWS,
                "probe_head": PROBE_HEADS}
-    from .config import PRECISIONS
+    from .config import PRECISIONS, SENSOR_BITS
 
-    choices["precision"] = PRECISIONS
+    choices["precision"], choices["bit_depth"] = PRECISIONS, SENSOR_BITS
     for f in fields(TrainConfig):
         if f.name == "data":
             continue

@@ -15,7 +15,10 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .preprocessing import SIXTEEN_BIT_WHITE
 from .modes import mode_names  # torch-free: the names, not the classes
+
+SENSOR_BITS = (8, 10, 12, 14, 16)  # the bit depths cameras write into 16-bit files (--bit-depth)
 
 AUGMENT_PRESETS = ("none", "light", "standard", "strong", "dihedral")  # data/transforms.py
 VIEW_KINDS = ("dihedral", "random")
@@ -67,6 +70,7 @@ class TrainConfig:
     view_kind: str = "dihedral"  # extra views: the square's symmetries, or random train augmentations
     image_size: int | None = None  # override the backbone's input size (keeps its crop fraction)
     crop_fraction: float | None = None  # eval crop / resize (1.0 = no crop, for objects filling the frame)
+    bit_depth: int | None = None  # bits a 16-bit grey image's values use (None: found by the scan, data/folders.py)
     cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
     decoded_cache: bool = True  # image training: decode + resize each image once into a memory-mapped store
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
@@ -108,6 +112,18 @@ class TrainConfig:
     tensorboard: bool = False
     out: str | None = None
     overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
+
+    def keep_bit_depth(self, found_white: int | None) -> None:
+        """The scan's white of 16-bit grey images (data/folders.py sixteen_bit_white) where --bit-depth was not
+        given and it is not 16-bit's: kept in the config, so a resumed run and the reproduce command read the
+        images as this run did."""
+        if self.bit_depth is None and found_white not in (None, SIXTEEN_BIT_WHITE):
+            self.bit_depth = found_white.bit_length()
+
+    @property
+    def sixteen_bit_white(self) -> int | None:
+        """The value that is white in a 16-bit grey image (None: the reader's default, SIXTEEN_BIT_WHITE)."""
+        return None if self.bit_depth is None else (1 << self.bit_depth) - 1
 
     def validate(self) -> "TrainConfig":
         self._check_types()
@@ -166,6 +182,8 @@ class TrainConfig:
             raise UsageError(f"--seed must be a whole number from 0 to 2**32 - 1, not {self.seed!r}")
         if self.ema_epochs and self.recipe == "tutorial" and self.mode == "linear-probe":
             raise UsageError("--ema-epochs goes with a mode that trains in epochs (a linear probe is one fit)")
+        if self.bit_depth is not None and self.bit_depth not in SENSOR_BITS:
+            raise UsageError(f"--bit-depth must be one of {', '.join(map(str, SENSOR_BITS))}, not {self.bit_depth}")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
             raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
         for name, c in (("probe-c", self.probe_c), ("probe-scale-c", self.probe_scale_c)):

@@ -69,7 +69,8 @@ def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Threshol
     scan = scan_dataset(data)
     samples = scan.train + scan.val
     splits = ["train"] * len(scan.train) + ["val"] * len(scan.val)
-    x, ok, stats = embed_images([p for p, _ in samples], scan.digests, model, image_size, crop_fraction)
+    x, ok, stats = embed_images([p for p, _ in samples], scan.digests, model, image_size, crop_fraction,
+                                sixteen_bit_white=scan.sixteen_bit_white)
     if x is None:
         raise DataError(f"no image in {data} could be read for the check")
     kept = [i for i, good in enumerate(ok) if good]

@@ -187,6 +187,7 @@ def evaluate_run(run: str | Path, target: str | Path, tta: str | None = None, ou
         ev["tta"].update(accuracy_without=plain["accuracy"], accuracy_with=ev["accuracy"],
                          gain=ev["accuracy"] - plain["accuracy"],
                          balanced_accuracy_without=plain["balanced_accuracy"])
+    ev["sixteen_bit_white"] = predictor.preprocessing.sixteen_bit_white  # the thumbnails read images so
     _write(ev, classes, folder)
     return ev
 

@@ -172,7 +172,7 @@ def _image_batches(items: list[tuple[str, int]], meta: dict, batch_size: int = 3
     transform = eval_transform(pre)
 
     def read(item):
-        return transform(load_rgb(item[0], shorter_side=pre.resize_size))
+        return transform(load_rgb(item[0], shorter_side=pre.resize_size, sixteen_bit_white=pre.sixteen_bit_white))
 
     for start, batch in read_batches(items, read, batch_size):
         chunk = items[start:start + batch_size]

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data.images import load_rgb, load_rgb_bytes, to_rgb
+from .data.images import SIXTEEN_BIT_WHITE, center_crop, load_rgb_bytes, read_for_model
 from .errors import CheckpointError
 from .inference import batched_proba, expand_inputs, ort_session, rows_from_probs, softmax, table_rows
 
 log = logging.getLogger(__name__)
 
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 METADATA_KEYS = ("classes", "preprocessing", "architecture")
 
 
@@ -30,15 +29,8 @@ def preprocess_pil(img: Image.Image, pre: dict) -> np.ndarray:
     """RGB (or 8-bit grey, mode L) PIL image -> float32 (3, H, W), as torchvision's eval transform would
     produce it from the RGB image. A grey image is resized as one band and broadcast to three channels at
     the end: the same numbers (Pillow resamples every band alike; tested), a third of the resizing."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = pre["resize_size"], int(pre["resize_size"] * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
-    img = img.resize(size, _RESAMPLE[pre["interpolation"]])
     crop = pre["input_size"]
-    left = int(round((img.width - crop) / 2.0))
-    top = int(round((img.height - crop) / 2.0))
-    img = img.crop((left, top, left + crop, top + crop))
+    img = center_crop(img, pre["resize_size"], crop, pre["interpolation"])
     # (x / 255 - mean) / std as one multiply-add per pixel, written straight into CHW order (a third of
     # the time of the step-by-step version; equal within float rounding, 5e-7).
     mean, std = np.asarray(pre["mean"], dtype=np.float32), np.asarray(pre["std"], dtype=np.float32)
@@ -80,14 +72,18 @@ class OnnxClassifier:
 
     def preprocess(self, item) -> np.ndarray:
         """A file path, or an image already in memory (a PIL image: the Python API) -> the model's input."""
-        if isinstance(item, Image.Image):
-            return self.preprocess_image(to_rgb(item, keep_gray=True))
-        return self.preprocess_image(load_rgb(item, keep_gray=True, shorter_side=self.preprocessing["resize_size"]))
+        return self.preprocess_image(read_for_model(item, self.preprocessing["resize_size"], self.sixteen_bit_white))
 
     def preprocess_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An image file held in memory (an upload) -> the model's input."""
         return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True,
-                                                    shorter_side=self.preprocessing["resize_size"]))
+                                                    shorter_side=self.preprocessing["resize_size"],
+                                                    sixteen_bit_white=self.sixteen_bit_white))
+
+    @property
+    def sixteen_bit_white(self) -> int:
+        """The training data's white of 16-bit grey images (export.json says it where it is not 65535)."""
+        return int(self.preprocessing.get("sixteen_bit_white", SIXTEEN_BIT_WHITE))
 
     def preprocess_image(self, img: Image.Image) -> np.ndarray:
         """A decoded RGB (or 8-bit grey) PIL image -> the model's input."""

@@ -10,10 +10,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from .data.images import load_rgb, load_rgb_bytes, to_rgb
+from .data.images import load_rgb_bytes, read_for_model
 from .data.transforms import crop_pixels, eval_crop, normalize_batch
 from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
@@ -130,14 +129,14 @@ class Predictor:
 
     def preprocess(self, item) -> torch.Tensor:
         """A file path, or an image already in memory (a PIL image: the Python API) -> the model's input."""
-        if isinstance(item, Image.Image):
-            return self.preprocess_image(to_rgb(item, keep_gray=True))
-        return self.preprocess_image(load_rgb(item, keep_gray=True, shorter_side=self.preprocessing.resize_size))
+        pre = self.preprocessing
+        return self.preprocess_image(read_for_model(item, pre.resize_size, pre.sixteen_bit_white))
 
     def preprocess_bytes(self, data: bytes, name: str) -> torch.Tensor:
         """An image file held in memory (an upload) -> the model's input."""
         return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True,
-                                                    shorter_side=self.preprocessing.resize_size))
+                                                    shorter_side=self.preprocessing.resize_size,
+                                                    sixteen_bit_white=self.preprocessing.sixteen_bit_white))
 
     def preprocess_image(self, img) -> torch.Tensor:
         """A decoded RGB (or 8-bit grey) PIL image -> its eval crop, uint8 3×H×W, as the training extraction

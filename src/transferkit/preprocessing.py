@@ -9,7 +9,9 @@ use it. The registry derives each backbone's recipe from what its weights declar
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+SIXTEEN_BIT_WHITE = 65535  # white in a 16-bit image that uses all 16 bits (4095 where a 12-bit camera wrote it)
 
 
 @dataclass(frozen=True)
@@ -21,13 +23,20 @@ class Preprocessing:
     interpolation: str  # "bilinear" | "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # Not the weights' but the data's: the value that is white in its 16-bit grey images (4095 for a 12-bit
+    # camera's frames), found by the scan (data/folders.py sixteen_bit_white) and kept with the run, so that
+    # predict, serve and the export read new images as training did.
+    sixteen_bit_white: int = SIXTEEN_BIT_WHITE
 
     @property
     def crop_fraction(self) -> float:
         return self.input_size / self.resize_size
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["sixteen_bit_white"] == SIXTEEN_BIT_WHITE:  # said only where it matters: cache keys of 8-bit data stay as they were
+            del d["sixteen_bit_white"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
@@ -37,13 +46,18 @@ class Preprocessing:
             interpolation=str(d["interpolation"]),
             mean=tuple(float(x) for x in d["mean"]),
             std=tuple(float(x) for x in d["std"]),
+            sixteen_bit_white=int(d.get("sixteen_bit_white", SIXTEEN_BIT_WHITE)),  # runs from before it was recorded
         )
 
     def at_size(self, input_size: int | None = None, crop_fraction: float | None = None) -> "Preprocessing":
         """Same recipe at another input resolution and/or crop fraction (default: keep both)."""
         input_size = input_size or self.input_size
         resize = int(math.floor(input_size / (crop_fraction or self.crop_fraction)))
-        return Preprocessing(input_size, resize, self.interpolation, self.mean, self.std)
+        return replace(self, input_size=input_size, resize_size=resize)
+
+    def reading(self, sixteen_bit_white: int | None) -> "Preprocessing":
+        """The same recipe for data whose 16-bit images have this white (None: as they are)."""
+        return self if sixteen_bit_white is None else replace(self, sixteen_bit_white=int(sixteen_bit_white))
 
     @classmethod
     def from_pretrained_cfg(cls, cfg: dict) -> "Preprocessing":

@@ -234,6 +234,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
                         group_duplicates=cfg.group_duplicates)
     for line in scan.summary_lines():
         log.warning(line)
+    search.cfg.keep_bit_depth(scan.sixteen_bit_white)  # every candidate and the final run read images alike
     advise_on_imbalance(scan, search.metric)
     check_subsample(cfg.train_subsample, scan)
     if cfg.best_metric in ("loss", "last") and "best_metric" in given:
@@ -345,7 +346,7 @@ class _Context:
         return 0 < self.shorter_side <= self.pre(None).input_size * PIXELS_MAX_SHARE
 
     def pre(self, crop, size=None):  # noqa: D102
-        return self.spec.preprocessing.at_size(size or self.cfg.image_size, crop)
+        return self.spec.preprocessing.at_size(size or self.cfg.image_size, crop).reading(self.cfg.sixteen_bit_white)
 
     def taps_for(self, crop, size=None):
         from .engine.probe_train import make_taps

@@ -6,7 +6,7 @@ import logging
 
 from torch.utils.data import Dataset, default_collate
 
-from .images import load_rgb
+from .images import SIXTEEN_BIT_WHITE, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -15,11 +15,13 @@ class ImageListDataset(Dataset):
     """Items are (path, label). A file that cannot be read any more (deleted or truncated after the
     scan) yields None; `skip_broken_collate` drops it and the loop counts it."""
 
-    def __init__(self, items, transform, view_transform=None, shorter_side: int | None = None):
+    def __init__(self, items, transform, view_transform=None, shorter_side: int | None = None,
+                 sixteen_bit_white: int = SIXTEEN_BIT_WHITE):
         self.items = list(items)
         self.transform = transform
         self.view_transform = view_transform  # optional fn(tensor, index) applied after transform
         self.shorter_side = shorter_side  # the preprocessing's resize size: large JPEGs may decode smaller
+        self.sixteen_bit_white = sixteen_bit_white
 
     def __len__(self) -> int:
         return len(self.items)
@@ -27,7 +29,7 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.items[index]
         try:
-            image = load_rgb(path, shorter_side=self.shorter_side)
+            image = load_rgb(path, shorter_side=self.shorter_side, sixteen_bit_white=self.sixteen_bit_white)
         except Exception as exc:  # noqa: BLE001 - any failure of one file must not end the run
             log.warning("skipping %s during training: %s", path, exc)
             return None

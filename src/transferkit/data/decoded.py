@@ -143,6 +143,8 @@ class DecodedStore:
 
 def open_store(base, pre: Preprocessing) -> DecodedStore:
     identity = {"resize_size": pre.resize_size, "interpolation": pre.interpolation, "v": STORE_VERSION}
+    if "sixteen_bit_white" in pre.to_dict():  # 16-bit images read with another white are other pixels
+        identity["sixteen_bit_white"] = pre.sixteen_bit_white
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(base) / DECODED_DIR / key
     root.mkdir(parents=True, exist_ok=True)
@@ -185,7 +187,8 @@ class _DecodeDataset(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = load_rgb(self.paths[i], shorter_side=self.pre.resize_size)
+            image = load_rgb(self.paths[i], shorter_side=self.pre.resize_size,
+                             sixteen_bit_white=self.pre.sixteen_bit_white)
             pixels = stored_pixels(image, self.pre.resize_size, self.resize)
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
             return i, None, failure_reason(exc)

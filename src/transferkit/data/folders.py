@@ -33,7 +33,8 @@ from transferkit.data.images import (IMAGE_EXTENSIONS, SIXTEEN_BIT_MODES, ImageD
                                      read_rgb)
 from transferkit.data.scan_record import ScanRecord, file_key, scan_settings
 from transferkit.engine import signals
-from transferkit.config import DEFAULT_VAL_FRACTION
+from transferkit.config import DEFAULT_VAL_FRACTION, SENSOR_BITS
+from transferkit.preprocessing import SIXTEEN_BIT_WHITE
 from transferkit.errors import DataError, UsageError
 from transferkit.io import atomic_write_json
 from transferkit.run_folder import RunFolder
@@ -55,7 +56,7 @@ MIN_SIDE = 8  # below this a side carries no usable detail even after resizing
 SCAN_SHORTER_SIDE = 128
 SCAN_PROCESSES_FROM = 1000  # files from which the scan checks them in processes (_checked_files); fewer: threads
 IMBALANCE_WARN_RATIO = 3.0
-BIT_DEPTH_SAMPLE = 16  # training images whose pixel values are checked for a 12-bit camera's range (_say_unused_bits)
+BIT_DEPTH_SAMPLE = 16  # training images whose pixel values give the data's 16-bit white (sixteen_bit_white)
 MANIFEST_COLUMNS = ("path", "class", "split")
 
 # Kinds that skip nothing the user meant to train on; strict mode does not stop on them.
@@ -119,6 +120,8 @@ class DataScan:
     # Picture fingerprints from the same scan (data/fingerprint.py), and what the group-aware split did.
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict, repr=False)
     grouping: dict = field(default_factory=dict)
+    # White of the 16-bit grey images, from a sample of the training images (sixteen_bit_white; None: none seen).
+    sixteen_bit_white: int | None = None
 
     def class_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
@@ -241,7 +244,7 @@ def scan_dataset(root, *, val_fraction=DEFAULT_VAL_FRACTION, seed=0, strict=Fals
     scan.problems = dict(problems.items)
     _log_summary(scan)
     step = max(1, len(scan.train) // BIT_DEPTH_SAMPLE)  # spread over the classes (the list is sorted by class)
-    _say_unused_bits([path for path, _ in scan.train[::step][:BIT_DEPTH_SAMPLE]])
+    scan.sixteen_bit_white = sixteen_bit_white([path for path, _ in scan.train[::step][:BIT_DEPTH_SAMPLE]])
     return scan
 
 
@@ -305,10 +308,12 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {split: path for split, path in found.items() if path is not None}
 
 
-def _say_unused_bits(paths: list[str]) -> None:
-    """16-bit images whose values all fit in 12 bits (a 12-bit camera's frames in a 16-bit PNG or TIFF, as
-    microscopes and EL cameras write them) are read as 16-bit, 0-65535 to 0-255 (data/images.py): they reach the
-    network at a sixteenth of full brightness, in 16 grey levels. Said from a sample of the training images."""
+def sixteen_bit_white(paths: list[str]) -> int | None:
+    """The white of a data set's 16-bit grey images, from a sample of them: a 12-bit camera's frames in a 16-bit PNG
+    or TIFF (as microscopes and EL cameras write them) use values up to 4095 only, and read as 16-bit (0-65535 to
+    0-255) they would reach the network in 16 grey levels at a sixteenth of full brightness. The smallest of
+    SENSOR_BITS that holds every sampled value (None: no 16-bit image in the sample; a brighter image outside it
+    reads its brightest values as white)."""
     peaks = []
     for path in paths:
         try:
@@ -317,11 +322,14 @@ def _say_unused_bits(paths: list[str]) -> None:
                     peaks.append(int(np.asarray(image).max()))
         except (OSError, ValueError):
             continue
-    wide = [peak for peak in peaks if peak > 255]  # mode I within 0-255 is read as 8-bit already
-    if wide and max(wide) < 1 << 12:
-        logger.warning("%d of %d sampled training images are 16-bit with values only up to %d (12 bits used): "
-                       "read as 16-bit, they reach the network in 16 grey levels at 1/16 of full brightness; "
-                       "rescale them to 8 bits first (× 255 / 4095)", len(wide), len(paths), max(wide))
+    if not peaks or max(peaks) > SIXTEEN_BIT_WHITE:  # mode I beyond 16 bits is stretched image by image (data/images.py)
+        return None
+    bits = next(b for b in SENSOR_BITS if max(peaks) < 1 << b)
+    if bits < 16:
+        logger.info("%d of %d sampled training images are 16-bit with values up to %d: read with %d as white "
+                    "(%d-bit; --bit-depth 16 reads them as 16-bit)", len(peaks), len(paths), max(peaks),
+                    (1 << bits) - 1, bits)
+    return (1 << bits) - 1
 
 
 def _say_val_beside(root: Path) -> None:

@@ -13,6 +13,7 @@ from torchvision.transforms.functional import InterpolationMode
 from ..config import AUGMENT_PRESETS
 from ..errors import UsageError
 from ..preprocessing import Preprocessing
+from .images import center_crop
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
@@ -39,33 +40,18 @@ def eval_crop(pre: Preprocessing) -> "EvalCrop":
 
 class EvalCrop:
     """Resize the shorter side to pre.resize_size, then cut the centre pre.input_size square: torchvision's
-    Resize + CenterCrop, pixel for pixel. A square PIL image (ELPV's cells, most patch data sets) is resized
-    and cut in one Pillow call that computes only the pixels the crop keeps: a 300 px ELPV cell costs 0.4 ms
-    instead of 0.6, a fifth of a decode thread's work beside the network."""
+    Resize + CenterCrop, pixel for pixel; a PIL image goes through images.center_crop (one Pillow call for a
+    square image), tensors (the decoded-image store's pixels) and crops that pad through torchvision."""
 
     def __init__(self, pre: Preprocessing):
-        self.size, self.crop = pre.resize_size, pre.input_size
-        self.resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[pre.interpolation]
+        self.pre = pre
         self.slow = T.Compose([resize_shorter(pre), T.CenterCrop(pre.input_size)])
 
     def __call__(self, image):
-        box = self._box(image)
-        return self.slow(image) if box is None else image.resize((self.crop, self.crop), self.resample, box=box)
-
-    def _box(self, image) -> tuple[float, float, float, float] | None:
-        """The source square the crop covers, where Pillow resamples it to the very pixels of resize-then-cut;
-        None elsewhere. Pillow takes the box as float32 and places each output pixel from the box's ends, so
-        the ends must be exact in float32 (they are for a square: side/256 has few bits); and it may run its
-        two passes in either order, which the same square box on both axes leaves as the full resize runs them.
-        Non-square images, tensors (the decoded-image store's pixels) and crops that pad take torchvision's
-        way (tests compare both over random sizes)."""
-        if not isinstance(image, Image.Image) or image.width != image.height or self.size < self.crop:
-            return None
-        start = int(round((self.size - self.crop) / 2.0))  # torchvision's CenterCrop offset
-        scale = image.width / self.size
-        low, high = start * scale, (start + self.crop) * scale
-        exact = float(np.float32(low)) == low and float(np.float32(high)) == high and (high - low) / self.crop == scale
-        return (low, low, high, high) if exact and image.width != self.size else None
+        pre = self.pre
+        if isinstance(image, Image.Image) and pre.resize_size >= pre.input_size:
+            return center_crop(image, pre.resize_size, pre.input_size, pre.interpolation)
+        return self.slow(image)
 
 
 def crop_pixels(crop: "EvalCrop", image) -> np.ndarray:

@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 def embed_images(paths: list[str], digests: dict[str, str] | None = None, model: str = "efficientnet_lite0",
                  image_size: int | None = None, crop_fraction: float | None = None,
-                 device: str = "auto", engine: str = "auto") -> tuple[np.ndarray | None, list[bool], dict]:
+                 device: str = "auto", engine: str = "auto",
+                 sixteen_bit_white: int | None = None) -> tuple[np.ndarray | None, list[bool], dict]:
     """(features as float32 (n_ok, d), which paths worked, cache stats) for the eval view of each image,
     the same cache entries `transferkit train --model MODEL` (with these sizes) reads and writes."""
     spec = get_spec(model)
-    pre = spec.preprocessing.at_size(image_size, crop_fraction)
+    pre = spec.preprocessing.at_size(image_size, crop_fraction).reading(sixteen_bit_white)
     store = store_for(feature_identity(spec, pre.to_dict(), None, pretrained=True, seed=0))
     torch_device = pick_device(device)
     # Built lazily inside the extractor: a fully cached call never loads the weights.

@@ -424,7 +424,7 @@ class FileViewDataset(Dataset):
     def __init__(self, entries: list[tuple[str, list[View]]], pre: Preprocessing):
         self.entries = entries
         self.crop = eval_crop(pre)
-        self.shorter_side = pre.resize_size
+        self.shorter_side, self.sixteen_bit_white = pre.resize_size, pre.sixteen_bit_white
 
     def __len__(self):
         return len(self.entries)
@@ -432,7 +432,8 @@ class FileViewDataset(Dataset):
     def __getitem__(self, i):
         path, views = self.entries[i]
         try:
-            crop = crop_pixels(self.crop, load_rgb(path, keep_gray=True, shorter_side=self.shorter_side))
+            crop = crop_pixels(self.crop, load_rgb(path, keep_gray=True, shorter_side=self.shorter_side,
+                                                       sixteen_bit_white=self.sixteen_bit_white))
         except Exception as exc:  # noqa: BLE001 - one bad file is reported and skipped, never fatal
             return {path: failure_reason(exc)}
         return np.stack([dihedral(crop, v.index) for v in views]), i

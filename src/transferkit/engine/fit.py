@@ -99,7 +99,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         refuse_to_overwrite(out, cfg.overwrite)
     set_seed(cfg.seed)
     spec = get_spec(cfg.model)
-    pre = spec.preprocessing.at_size(cfg.image_size, cfg.crop_fraction)
     device = distributed.device_for(pick_device(cfg.device))  # a bad --device fails before any file is written
     # Under torchrun rank 0 scans and names the run folder; every rank gets the same split and folder.
     given = scan
@@ -114,6 +113,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
         log.warning("training on a seeded stratified random %d of the %d training images (--train-subsample)",
                     cfg.train_subsample, len(scan.train))
         scan = subsample_train(scan, cfg.train_subsample, cfg.seed)
+    cfg.keep_bit_depth(scan.sixteen_bit_white)  # before config.yaml is written: a resume reads as this run
+    pre = spec.preprocessing.at_size(cfg.image_size, cfg.crop_fraction).reading(cfg.sixteen_bit_white)
     if given is None:  # said by whoever made the split (the recipe search: its own scan, not its inner split)
         advise_on_imbalance(scan, cfg.selection_metric if cfg.mode == "linear-probe" else cfg.best_metric)
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
@@ -334,7 +335,8 @@ def _training_sample(state: RunState, source: BatchSource, n: int):
     images, labels = [], []
     for path, label in items:
         try:
-            images.append(seen(load_rgb(path, shorter_side=state.pre.resize_size)))
+            images.append(seen(load_rgb(path, shorter_side=state.pre.resize_size,
+                                        sixteen_bit_white=state.pre.sixteen_bit_white)))
             labels.append(label)
         except Exception:  # noqa: BLE001 - a sample picture is not worth failing the run
             continue
@@ -371,5 +373,6 @@ def _write_evaluation(state: RunState, source: BatchSource, val: dict) -> dict:
     ev = evaluation_summary(val["labels"], val["probs"], state.scan.classes, paths=paths, split="val",
                             checkpoint=run.BEST, trained_on={"left_out": 0, "included": 0, "known": True},
                             skipped=[{"path": source.val_items[i][0], "error": "could not be read"} for i in skipped])
+    ev["sixteen_bit_white"] = state.pre.sixteen_bit_white  # the figures' and the report's thumbnails read so
     atomic_write_json(run.evaluation, ev)
     return ev

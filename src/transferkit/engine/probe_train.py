@@ -187,7 +187,7 @@ def _scale_taps(state, taps: Taps) -> tuple[Taps, Taps]:
     scale, size = state.cfg.probe_scale, state.pre.input_size
     if scale >= size:
         raise UsageError(f"--probe-scale {scale} must be smaller than the input size {size} (--image-size)")
-    pre = state.spec.preprocessing.at_size(scale, state.cfg.crop_fraction)  # as the search's probes were made
+    pre = state.pre.at_size(scale)  # as the search's probes were made (its crop, its 16-bit white)
     small = make_taps(state.model, state.spec, state.cfg, pre, state.device, like=taps)
     both = make_taps(state.model, state.spec, state.cfg, state.pre, state.device, like=taps, scale=scale)
     return small, both

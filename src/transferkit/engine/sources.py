@@ -236,7 +236,8 @@ class ImageBatchSource(BatchSource):
 
     def _dataset(self, items, transform, store):
         if store is None:
-            return ImageListDataset(items, transform, shorter_side=self.state.pre.resize_size)
+            return ImageListDataset(items, transform, shorter_side=self.state.pre.resize_size,
+                                    sixteen_bit_white=self.state.pre.sixteen_bit_white)
         return DecodedDataset(items, [self.keys[p] for p, _ in items], store, transform)
 
     def trainable_module(self) -> nn.Module:

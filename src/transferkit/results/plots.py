@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ..preprocessing import SIXTEEN_BIT_WHITE  # noqa: E402
 from ..run_folder import RunFolder  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -221,23 +222,25 @@ def plot_image_grid(
     return _mosaic(list(pictures), [str(t) for t in titles], path, ncols, cell_px=200)
 
 
-def _load_thumbnail(path: Any, size: int) -> np.ndarray | None:
+def _load_thumbnail(path: Any, size: int, sixteen_bit_white: int = SIXTEEN_BIT_WHITE) -> np.ndarray | None:
     """RGB thumbnail of an image file, or None when it cannot be read."""
     from ..data.images import load_thumbnail
     from ..errors import DataError
 
     try:
-        return np.asarray(load_thumbnail(path, size))
+        return np.asarray(load_thumbnail(path, size, sixteen_bit_white))
     except (DataError, OSError, ValueError, TypeError) as exc:  # missing, truncated, not an image
         log.warning("top losses: skipping unreadable image %s (%s)", path, exc)
         return None
 
 
-def plot_top_losses(items: Sequence[Mapping[str, Any]], path: str | Path, image_size: int = 160) -> Path:
-    """Gallery of the worst-predicted images, titled "true / pred" over "p=0.93" (of the prediction)."""
+def plot_top_losses(items: Sequence[Mapping[str, Any]], path: str | Path, image_size: int = 160,
+                    sixteen_bit_white: int = SIXTEEN_BIT_WHITE) -> Path:
+    """Gallery of the worst-predicted images, titled "true / pred" over "p=0.93" (of the prediction);
+    16-bit grey images read with the run's white (Preprocessing.sixteen_bit_white)."""
     pictures, titles = [], []
     for item in items:
-        picture = _load_thumbnail(item.get("path"), image_size)
+        picture = _load_thumbnail(item.get("path"), image_size, sixteen_bit_white)
         if picture is not None:
             probability = float(item.get("probability_of_predicted", float("nan")))
             pictures.append(picture)
@@ -276,4 +279,5 @@ def plot_evaluation(evaluation: Mapping[str, Any], classes: Sequence[str], folde
     folder = RunFolder(folder)
     plot_confusion(evaluation["confusion_matrix"], classes, folder.confusion)
     if evaluation.get("top_losses"):
-        plot_top_losses(evaluation["top_losses"][:top_losses], folder.top_losses)
+        plot_top_losses(evaluation["top_losses"][:top_losses], folder.top_losses,
+                        sixteen_bit_white=evaluation.get("sixteen_bit_white", SIXTEEN_BIT_WHITE))

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from transferkit.errors import CheckpointError, DataError
 from transferkit.io import atomic_write_text
+from transferkit.preprocessing import SIXTEEN_BIT_WHITE
 from transferkit.results import plots
 from transferkit.run_folder import RunFolder
 
@@ -165,13 +166,13 @@ def _image(path: Path, alt: str) -> str:
     return f'<img class="fig" alt="{_e(alt)}" src="{_data_uri(path.read_bytes())}">'
 
 
-def _thumbnail_uri(path: Any) -> str | None:
+def _thumbnail_uri(path: Any, sixteen_bit_white: int = SIXTEEN_BIT_WHITE) -> str | None:
     """A small PNG data URI of an image file, or None when it cannot be read."""
     from ..data.images import load_thumbnail
 
     try:
         buffer = io.BytesIO()
-        load_thumbnail(path, THUMBNAIL_SIZE).save(buffer, format="PNG")
+        load_thumbnail(path, THUMBNAIL_SIZE, sixteen_bit_white).save(buffer, format="PNG")
     except (DataError, OSError, ValueError, TypeError):
         return None
     return _data_uri(buffer.getvalue())
@@ -343,7 +344,7 @@ def _top_losses(run: RunFolder, evaluation: dict | None) -> str:
     head = "<h2>Top losses</h2>"
     figures = []
     for item in ((evaluation or {}).get("top_losses") or [])[:MAX_GALLERY_ITEMS]:
-        uri = _thumbnail_uri(item.get("path"))
+        uri = _thumbnail_uri(item.get("path"), (evaluation or {}).get("sixteen_bit_white", SIXTEEN_BIT_WHITE))
         if uri is None:
             continue
         prob = item.get("probability_of_predicted")
