@@ -31,6 +31,7 @@ from .data.fingerprint import CROP_SOURCE_SIDE, aligned_similarity, crop_thumbna
 from .config import Thresholds  # torch-free: the CLI parser reads its defaults
 from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
 from .data.images import load_rgb
+from .preprocessing import SIXTEEN_BIT_WHITE
 from .errors import DataError
 from .io import atomic_write_json
 
@@ -52,6 +53,7 @@ class Items:
     labels: np.ndarray
     splits: list[str]
     z: np.ndarray
+    sixteen_bit_white: int | None = None  # the scan's, for 16-bit grey images (data/folders.py sixteen_bit_white)
 
     def describe(self, i: int) -> dict:
         return {"path": Path(os.path.relpath(self.paths[i], self.root)).as_posix(),
@@ -75,7 +77,8 @@ def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Threshol
         raise DataError(f"no image in {data} could be read for the check")
     kept = [i for i, good in enumerate(ok) if good]
     items = Items(scan.root, scan.classes, [samples[i][0] for i in kept],
-                  np.array([samples[i][1] for i in kept]), [splits[i] for i in kept], _unit_rows(x))
+                  np.array([samples[i][1] for i in kept]), [splits[i] for i in kept], _unit_rows(x),
+                  scan.sixteen_bit_white)
     neighbours = _nearest(items.z, NEIGHBOURS)
     report = {
         "data": str(scan.root),
@@ -170,7 +173,7 @@ def _near_duplicates(items: Items, neighbours, digests: dict[str, str], th: Thre
             a, b = sorted((i, int(j)))
             if c >= th.near_cosine and digests.get(items.paths[a], a) != digests.get(items.paths[b], b):
                 candidates[(a, b)] = float(c)
-    thumbs = _crop_thumbnails(items.paths, sorted({k for pair in candidates for k in pair}))
+    thumbs = _crop_thumbnails(items, sorted({k for pair in candidates for k in pair}))
     found = []
     for (a, b), c in candidates.items():
         if a in thumbs and b in thumbs:
@@ -180,10 +183,12 @@ def _near_duplicates(items: Items, neighbours, digests: dict[str, str], th: Thre
     return sorted(found, key=lambda p: (-p["pixel"], -p["cosine"]))
 
 
-def _crop_thumbnails(paths: list[str], which: list[int]) -> dict[int, np.ndarray]:
+def _crop_thumbnails(items: Items, which: list[int]) -> dict[int, np.ndarray]:
+    white = items.sixteen_bit_white or SIXTEEN_BIT_WHITE
+
     def one(i):
         try:
-            return i, crop_thumbnails(load_rgb(paths[i], shorter_side=CROP_SOURCE_SIDE))
+            return i, crop_thumbnails(load_rgb(items.paths[i], shorter_side=CROP_SOURCE_SIDE, sixteen_bit_white=white))
         except Exception:  # noqa: BLE001 - a file that changed since the scan just drops out
             return i, None
 
