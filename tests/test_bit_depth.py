@@ -102,3 +102,17 @@ def test_a_sixteen_bit_image_is_read_with_the_white_given():
     values = np.array([[0, 4095, 2048, 65535]], dtype=np.uint16)
     assert np.asarray(to_rgb(Image.fromarray(values), sixteen_bit_white=4095))[0, :, 0].tolist() == [0, 255, 128, 255]
     assert np.asarray(to_rgb(Image.fromarray(values)))[0, :, 0].tolist() == [0, 16, 8, 255]
+
+
+def test_data_check_pages_show_twelve_bit_images_at_full_brightness(runs):
+    import base64
+    import io
+    import re
+
+    from transferkit.results.check_html import _figure, _Pictures
+
+    _, data12, data8, _ = runs
+    html = _figure(_Pictures(data12, 4095), {"path": "val/intact/0.png", "class": "intact", "split": "val"})
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
+    shown = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    assert np.array_equal(shown, np.asarray(Image.open(data8 / "val" / "intact" / "0.png")))

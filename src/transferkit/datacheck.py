@@ -87,6 +87,7 @@ def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Threshol
         "thresholds": asdict(th),
         "features": {k: stats[k] for k in ("model", "hits", "computed", "seconds", "cache")},
         "summary": _summary(scan, items),
+        "sixteen_bit_white": scan.sixteen_bit_white,  # how 16-bit grey images were read (None: none sampled)
         "exact_duplicates": _exact_duplicates(items, scan.digests),
         "near_duplicates": _near_duplicates(items, neighbours, scan.digests, th),
         "label_errors": _label_errors(items, th),

@@ -3,9 +3,11 @@ self-contained file (thumbnails are data URIs, the CSS is the run report's)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..preprocessing import SIXTEEN_BIT_WHITE
 from .report import _CSS, _e, _table, _thumbnail_uri
 
 _EXTRA_CSS = """
@@ -15,7 +17,7 @@ _EXTRA_CSS = """
 
 
 def write_check_html(report: dict, path: Path) -> Path:
-    root = Path(report["data"])
+    root = _Pictures(Path(report["data"]), report.get("sixteen_bit_white") or SIXTEEN_BIT_WHITE)
     th = report["thresholds"]
     sections = [
         f"<h1>Data check</h1><p class=\"sub\">{_e(report['data'])}: {report['summary']['images']} images, "
@@ -57,8 +59,16 @@ def _section(title: str, report: dict, kind: str, render) -> str:
     return f"<h2>{_e(title)}{_e(more)}</h2>{body}"
 
 
-def _figure(root: Path, item: dict, note: str = "") -> str:
-    uri = _thumbnail_uri(root / item["path"])
+@dataclass(frozen=True)
+class _Pictures:
+    """Where the checked images are, and the white their 16-bit grey images are read with (the scan's)."""
+
+    folder: Path
+    sixteen_bit_white: int
+
+
+def _figure(root: _Pictures, item: dict, note: str = "") -> str:
+    uri = _thumbnail_uri(root.folder / item["path"], root.sixteen_bit_white)
     img = f'<img alt="{_e(item["path"])}" src="{uri}">' if uri else '<p class="na">cannot be read</p>'
     caption = f"<code>{_e(item['path'])}</code><br>{_e(item['class'])} · {_e(item['split'])}{_e(note)}"
     return f"<figure>{img}<figcaption>{caption}</figcaption></figure>"
@@ -68,13 +78,13 @@ def _row(figures: list[str], why: str, css: str = "") -> str:
     return f'<div class="row"><div class="why {css}">{_e(why)}</div>{"".join(figures)}</div>'
 
 
-def _pair_row(root: Path, pair: dict, scores: str) -> str:
+def _pair_row(root: _Pictures, pair: dict, scores: str) -> str:
     relation = pair["relation"]
     return _row([_figure(root, pair["a"]), _figure(root, pair["b"])],
                 f"{relation.replace('_', ' ')}: {scores}", relation)
 
 
-def _label_row(root: Path, row: dict) -> str:
+def _label_row(root: _Pictures, row: dict) -> str:
     figures = [_figure(root, row, f" (self-confidence {row['self_confidence']})")]
     figures += [_figure(root, n) for n in row["neighbours_of_suggested"]]
     verdict = "confident learning: label issue" if row["confident"] else "probe disagrees"
