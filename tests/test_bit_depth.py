@@ -116,3 +116,11 @@ def test_data_check_pages_show_twelve_bit_images_at_full_brightness(runs):
     png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
     shown = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
     assert np.array_equal(shown, np.asarray(Image.open(data8 / "val" / "intact" / "0.png")))
+
+
+def test_a_32_bit_grey_image_takes_the_data_s_white_too():
+    from transferkit.data.images import to_rgb
+
+    dark = Image.fromarray(np.array([[0, 200, 4095]], dtype=np.int32), "I")  # a dark 12-bit frame read as mode I
+    assert np.asarray(to_rgb(dark, sixteen_bit_white=4095))[0, :, 0].tolist() == [0, 12, 255]
+    assert np.asarray(to_rgb(Image.fromarray(np.array([[0, 200]], dtype=np.int32), "I")))[0, :, 0].tolist() == [0, 200]

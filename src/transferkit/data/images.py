@@ -255,9 +255,10 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
 
 def _scale_int32(arr: np.ndarray, sixteen_bit_white: int = SIXTEEN_BIT_WHITE) -> np.ndarray:
     """Mode "I" carries no bit depth: values within 0..255 are 8-bit, within 0..65535 are
-    16-bit (PNG/TIFF; `sixteen_bit_white` is white), anything else is stretched over its own range."""
+    16-bit (PNG/TIFF; `sixteen_bit_white` is white), anything else is stretched over its own range. Where the
+    data set's white is known (not 65535), it holds for a dark image within 0..255 too."""
     lo, hi = int(arr.min()), int(arr.max())
-    if lo >= 0 and hi <= 255:
+    if lo >= 0 and hi <= 255 and sixteen_bit_white == SIXTEEN_BIT_WHITE:
         return arr.astype(np.float64)
     if lo >= 0 and hi <= 65535:
         return arr.astype(np.float64) / (sixteen_bit_white / 255.0)
