@@ -326,9 +326,9 @@ def sixteen_bit_white(paths: list[str]) -> int | None:
         return None
     bits = next(b for b in SENSOR_BITS if max(peaks) < 1 << b)
     if bits < 16:
-        logger.info("%d of %d sampled training images are 16-bit with values up to %d: read with %d as white "
-                    "(%d-bit; --bit-depth 16 reads them as 16-bit)", len(peaks), len(paths), max(peaks),
-                    (1 << bits) - 1, bits)
+        logger.info("%d of %d sampled training images are 16-bit with values up to %d, as a %d-bit camera writes "
+                    "them: read with %d as white (unless --bit-depth says otherwise; 16 reads them as 16-bit)",
+                    len(peaks), len(paths), max(peaks), bits, (1 << bits) - 1)
     return (1 << bits) - 1
 
 
