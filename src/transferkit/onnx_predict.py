@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data.images import SIXTEEN_BIT_WHITE, center_crop, load_rgb_bytes, read_for_model
+from .data.images import SIXTEEN_BIT_WHITE, center_crop, read_for_model
 from .errors import CheckpointError
 from .inference import batched_proba, expand_inputs, ort_session, rows_from_probs, softmax, table_rows
 
@@ -76,9 +76,8 @@ class OnnxClassifier:
 
     def preprocess_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An image file held in memory (an upload) -> the model's input."""
-        return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True,
-                                                    shorter_side=self.preprocessing["resize_size"],
-                                                    sixteen_bit_white=self.sixteen_bit_white))
+        return self.preprocess_image(read_for_model(data, self.preprocessing["resize_size"], self.sixteen_bit_white,
+                                                    name))
 
     @property
     def sixteen_bit_white(self) -> int:

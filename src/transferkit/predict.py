@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.images import load_rgb_bytes, read_for_model
+from .data.images import read_for_model
 from .data.transforms import crop_pixels, eval_crop, normalize_batch
 from .engine import precision as precisions
 from .engine.checkpoint import load_checkpoint, preprocessing_of, resolve_checkpoint
@@ -134,9 +134,8 @@ class Predictor:
 
     def preprocess_bytes(self, data: bytes, name: str) -> torch.Tensor:
         """An image file held in memory (an upload) -> the model's input."""
-        return self.preprocess_image(load_rgb_bytes(data, name, keep_gray=True,
-                                                    shorter_side=self.preprocessing.resize_size,
-                                                    sixteen_bit_white=self.preprocessing.sixteen_bit_white))
+        pre = self.preprocessing
+        return self.preprocess_image(read_for_model(data, pre.resize_size, pre.sixteen_bit_white, name))
 
     def preprocess_image(self, img) -> torch.Tensor:
         """A decoded RGB (or 8-bit grey) PIL image -> its eval crop, uint8 3×H×W, as the training extraction

@@ -36,7 +36,7 @@ from ..caches import DECODED_DIR, DECODED_SUFFIX, evict_to_cap, touch
 from ..engine import signals
 from ..engine.progress import progress
 from ..io import atomic_write_json
-from ..preprocessing import Preprocessing
+from ..preprocessing import SIXTEEN_BIT_WHITE, Preprocessing
 from .folders import file_sha256
 from .images import load_rgb
 from .transforms import resize_shorter
@@ -143,7 +143,7 @@ class DecodedStore:
 
 def open_store(base, pre: Preprocessing) -> DecodedStore:
     identity = {"resize_size": pre.resize_size, "interpolation": pre.interpolation, "v": STORE_VERSION}
-    if "sixteen_bit_white" in pre.to_dict():  # 16-bit images read with another white are other pixels
+    if pre.sixteen_bit_white != SIXTEEN_BIT_WHITE:  # 16-bit images read with another white are other pixels
         identity["sixteen_bit_white"] = pre.sixteen_bit_white
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(base) / DECODED_DIR / key

@@ -134,11 +134,16 @@ def _square_crop_box(image: Image.Image, resize_size: int, input_size: int) -> t
     return (low, low, high, high)
 
 
-def read_for_model(item, shorter_side: int, sixteen_bit_white: int = SIXTEEN_BIT_WHITE) -> Image.Image:
-    """A file path, or an image already in memory (a PIL image: the Python API), as a run reads new images to
-    predict them (8-bit grey kept as one band; its preprocessing's shorter side and 16-bit white)."""
+def read_for_model(item, shorter_side: int, sixteen_bit_white: int = SIXTEEN_BIT_WHITE,
+                   name: str = "<upload>") -> Image.Image:
+    """A file path, an image already in memory (a PIL image: the Python API) or an image file's bytes (an upload
+    called `name`), as a run reads new images to predict them (8-bit grey kept as one band; its preprocessing's
+    shorter side and 16-bit white)."""
     if isinstance(item, Image.Image):
         return to_rgb(item, keep_gray=True, sixteen_bit_white=sixteen_bit_white)
+    if isinstance(item, (bytes, bytearray)):
+        return load_rgb_bytes(item, name, keep_gray=True, shorter_side=shorter_side,
+                              sixteen_bit_white=sixteen_bit_white)
     return load_rgb(item, keep_gray=True, shorter_side=shorter_side, sixteen_bit_white=sixteen_bit_white)
 
 
