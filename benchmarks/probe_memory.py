@@ -1,4 +1,4 @@
-"""Peak memory of the probe's fit and CV against the features they read: the multiples behind search.py's memory caps
+"""Peak memory of the probe's fit and CV against the features they read: the multiples behind search/costs.py's memory caps
 (FIT_MEMORY_COPIES, CV_MEMORY_COPIES), which keep a long budget or a GPU's extraction rate from growing the images
 the search compares on, or the final probe's, past the machine's memory.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment_line, table, write_section  # noqa: E402
 
-from transferkit.search import CV_MEMORY_COPIES, FIT_MEMORY_COPIES  # noqa: E402
+from transferkit.search.costs import CV_MEMORY_COPIES, FIT_MEMORY_COPIES  # noqa: E402
 
 # The measurement, in a process of its own (ru_maxrss is a process's high-water mark).
 _MEASURE = r"""
@@ -75,7 +75,7 @@ def main() -> None:
     markdown = (f"## Probe fit and CV: peak memory against their features\n\n{environment_line()}. Command: `python "
                 f"benchmarks/probe_memory.py --shapes {args.shapes} --features {args.features}`. Each row a fresh "
                 "process; extra = (peak RSS after - before) / the float32 features' bytes; total = 1 + extra, against "
-                "what search.py budgets for them (fit: FIT_MEMORY_COPIES; CV: 1 + CV_MEMORY_COPIES per view held).\n\n"
+                "what search/costs.py budgets for them (fit: FIT_MEMORY_COPIES; CV: 1 + CV_MEMORY_COPIES per view held).\n\n"
                 + table(rows, columns))
     print(markdown)
     if not args.no_record:

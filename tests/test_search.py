@@ -356,14 +356,14 @@ def test_a_two_scale_probe_too_slow_on_all_the_views_runs_on_fewer(monkeypatch):
     from types import SimpleNamespace
 
     import transferkit.search as search_module
-    from transferkit.search import Candidate, Search
+    from transferkit.search.state import Candidate, Search
 
     ran = []
-    monkeypatch.setattr(search_module, "_larger_size", lambda ctx: 300)
-    monkeypatch.setattr(search_module, "_two_scale_seconds", lambda search, ctx, size, views: 30.0 * views)
-    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, settings: 0.0)
-    monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, settings: 0.0)
-    monkeypatch.setattr(search_module, "_run_two_scale",
+    monkeypatch.setattr(search_module.ladder, "larger_size", lambda ctx: 300)
+    monkeypatch.setattr(search_module.costs, "two_scale_seconds", lambda search, ctx, size, views: 30.0 * views)
+    monkeypatch.setattr(search_module.costs, "_final_view_seconds", lambda search, ctx, settings: 0.0)
+    monkeypatch.setattr(search_module.costs, "fit_seconds", lambda search, ctx, settings: 0.0)
+    monkeypatch.setattr(search_module.probes, "_run_two_scale",
                         lambda search, ctx, cand, best, reserve: ran.append(cand.settings["probe_views"]))
     ctx = SimpleNamespace(pre=lambda crop: SimpleNamespace(input_size=224), scan=SimpleNamespace(val=[]))
     best = Candidate("probe", "probe", {"crop_fraction": 1.0, "probe_views": "turns", "probe_pooling": "meanmax",
@@ -374,7 +374,7 @@ def test_a_two_scale_probe_too_slow_on_all_the_views_runs_on_fewer(monkeypatch):
         ran.clear()
         now = time.perf_counter()
         search = Search(TrainConfig(data="d"), given, deadline=now + seconds, t0=now)
-        cand = search_module._two_scale_candidate(search, ctx, best)
+        cand = search_module.probes._two_scale_candidate(search, ctx, best)
         assert ran == ([expected] if expected else [])
         assert search.candidates[0].settings["probe_views"] == "turns"
         assert search.candidates[0].status.startswith("skipped")
@@ -382,11 +382,11 @@ def test_a_two_scale_probe_too_slow_on_all_the_views_runs_on_fewer(monkeypatch):
         assert cand is search.candidates[-1] and cand.settings["probe_views"] == (expected or "turns")
         assert cand.settings["probe_scale"] == 224 and cand.settings["image_size"] == 300
         # the stronger backbone's probe cuts its views down the same way
-        assert search_module._view_sets_down_from(search, best) == (["turns"] if given else ["turns", "flip"])
+        assert search_module.ladder.view_sets_down_from(search, best) == (["turns"] if given else ["turns", "flip"])
     search.given = set()
     for mine, down in (("dihedral", ["dihedral", "turns"]), ("flip", ["flip", "none"]), ("none", ["none"])):
         best.settings["probe_views"] = mine
-        assert search_module._view_sets_down_from(search, best) == down
+        assert search_module.ladder.view_sets_down_from(search, best) == down
 
 
 @pytest.mark.parametrize("argv", [["--probe-scale", "64"], ["--recipe", "tutorial", "--probe-scale", "64"]])
@@ -399,7 +399,8 @@ def test_probe_scale_outside_a_tutorial_probe_is_a_one_line_error(argv, tmp_path
 def test_lp_ft_steps_are_small_and_given_pieces_win():
     """Full fine-tuning from the probe's head runs at a small rate with lower groups slower still (a larger
     rate wrecked the fitted head on ELPV: benchmarks/RESULTS.md); a rate given on the command line wins."""
-    from transferkit.search import Candidate, Search, _finetune_settings
+    from transferkit.search.finetuning import _finetune_settings
+    from transferkit.search.state import Candidate, Search
 
     probe = Candidate("probe", "probe", {"crop_fraction": 1.0, "probe_views": "flip"})
     cfg = TrainConfig(data="d", lr=0.01)
@@ -420,18 +421,19 @@ def test_partial_pays_for_its_activations_once_not_per_epoch():
     none, where it fits."""
     import time
 
-    from transferkit.search import FT_EPOCHS, Search, _activation_seconds, _affordable_epochs
+    from transferkit.search.costs import activation_seconds, affordable_epochs
+    from transferkit.search.state import FT_EPOCHS, Search
 
     search = Search(TrainConfig(data="d"), set(), time.perf_counter() + 200, time.perf_counter(), rate=100.0)
-    once = _activation_seconds(search, {"mode": "partial", "views": 8}, n=1000, m=200)
+    once = activation_seconds(search, {"mode": "partial", "views": 8}, n=1000, m=200)
     assert once == pytest.approx((8 * 1000 + 200) / 100)
-    assert _activation_seconds(search, {"mode": "finetune", "views": 8}, n=1000, m=200) == 0.0
+    assert activation_seconds(search, {"mode": "finetune", "views": 8}, n=1000, m=200) == 0.0
     # 82 s of activations, then 1 s an epoch: 200 s leave room for the most epochs worth paying for
-    assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once) == FT_EPOCHS[1]
+    assert affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once) == FT_EPOCHS[1]
     # ... but not where the activations alone take the time
-    assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=195.0) < FT_EPOCHS[0]
+    assert affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=195.0) < FT_EPOCHS[0]
     # ... nor where a lost candidate would leave too little for the probe's final run that follows it
-    assert _affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once, probe_reserve=150.0) < FT_EPOCHS[0]
+    assert affordable_epochs(search, per_epoch=1.0, val_pass=0.1, once=once, probe_reserve=150.0) < FT_EPOCHS[0]
 
 
 def test_pixel_probe_predicts_what_it_scored_and_exports_in_parity(tmp_path):
@@ -483,7 +485,7 @@ def _stop_before_the_ladder(monkeypatch) -> None:
     def stop(*args):
         raise _Stop
 
-    monkeypatch.setattr(search_module._Context, "build", stop)
+    monkeypatch.setattr(search_module.state.Context, "build", stop)
 
 
 def test_best_metric_the_search_cannot_choose_by_is_said(tmp_path, monkeypatch, caplog):
@@ -529,7 +531,8 @@ def test_fine_tuning_must_also_win_image_by_image():
     """The paired rule: 12 of 12 against the probe's 11 of 12 clears the one-standard-error bar (1.0 >
     0.997) but is one image; more images won than lost, by more than √(won + lost), is needed."""
     from transferkit.engine.scores import holdout_standard_error
-    from transferkit.search import Candidate, _not_clearly_better
+    from transferkit.search.finetuning import not_clearly_better
+    from transferkit.search.state import Candidate
 
     def cand(right, kind="partial"):  # every image of class 1: a right answer is 1, a wrong one 0
         right = np.array(right, dtype=bool)
@@ -538,17 +541,17 @@ def test_fine_tuning_must_also_win_image_by_image():
 
     probe = cand([1] * 11 + [0], "probe")
     bar = probe.holdout + holdout_standard_error(probe.holdout, 12)
-    assert "√1" in _not_clearly_better(cand([1] * 12), probe, bar, np.ones(12, dtype=np.int64))
+    assert "√1" in not_clearly_better(cand([1] * 12), probe, bar, np.ones(12, dtype=np.int64))
     # 40 hold-out images: the probe right on 30, the fine-tuned model on 36 (6 won, 0 lost): clearly better
     probe, y = cand([1] * 30 + [0] * 10, "probe"), np.ones(40, dtype=np.int64)
     bar = probe.holdout + holdout_standard_error(probe.holdout, 40)
-    assert _not_clearly_better(cand([1] * 36 + [0] * 4), probe, bar, y) is None
+    assert not_clearly_better(cand([1] * 36 + [0] * 4), probe, bar, y) is None
     # the same accuracy from 10 won and 4 lost: 6 > √14, better; 7 won and 4 lost: above the bar, but 3 ≤ √11
-    assert _not_clearly_better(cand([0] * 4 + [1] * 26 + [1] * 10), probe, bar, y) is None
+    assert not_clearly_better(cand([0] * 4 + [1] * 26 + [1] * 10), probe, bar, y) is None
     seven_four = cand([0] * 4 + [1] * 26 + [1] * 7 + [0] * 3)
-    assert seven_four.score == 33 / 40 > bar and "within one standard error" in _not_clearly_better(
+    assert seven_four.score == 33 / 40 > bar and "within one standard error" in not_clearly_better(
         seven_four, probe, bar, y)
-    assert "one standard error," in _not_clearly_better(cand([1] * 31 + [0] * 9), probe, bar, y)  # below the bar
+    assert "one standard error," in not_clearly_better(cand([1] * 31 + [0] * 9), probe, bar, y)  # below the bar
 
 
 def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
@@ -556,7 +559,8 @@ def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
     random-swap spread of the paired difference is the sign test's √(b + c) images for accuracy, and a fine-tuned
     model that wins only images of the large class clears the accuracy rule but not the balanced one."""
     from transferkit.engine.scores import cv_score, paired_difference, standard_error
-    from transferkit.search import Candidate, _not_clearly_better
+    from transferkit.search.finetuning import not_clearly_better
+    from transferkit.search.state import Candidate
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 300)
@@ -580,13 +584,13 @@ def test_the_paired_rule_follows_the_metric_the_search_chooses_by():
         probe, cand = candidate(probe_pred, metric, "probe"), candidate(cand_pred, metric)
         bar = probe.holdout + standard_error(probe.holdout_pred, y, metric, seed=0, n_classes=2)
         assert 0 < bar - probe.holdout < 0.1
-        why = _not_clearly_better(cand, probe, bar, y, metric, seed=0, n_classes=2)
+        why = not_clearly_better(cand, probe, bar, y, metric, seed=0, n_classes=2)
         assert (why is None) == better, (metric, why)
     # a candidate better by the metric on both classes clears the balanced rules too
     cand = candidate(np.array([0] * 280 + [1] * 20 + [1] * 50 + [0] * 10), "balanced_accuracy")
     probe = candidate(probe_pred, "balanced_accuracy", "probe")
     bar = probe.holdout + standard_error(probe.holdout_pred, y, "balanced_accuracy", seed=0, n_classes=2)
-    assert _not_clearly_better(cand, probe, bar, y, "balanced_accuracy", seed=0, n_classes=2) is None
+    assert not_clearly_better(cand, probe, bar, y, "balanced_accuracy", seed=0, n_classes=2) is None
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn's, on purpose here
@@ -630,8 +634,8 @@ def test_fine_tuning_candidates_are_compared_with_the_probe_image_by_image(tmp_p
     import transferkit.search as search_module
 
     compared = []
-    rule = search_module._not_clearly_better
-    monkeypatch.setattr(search_module, "_not_clearly_better", lambda cand, probe, bar, y, **judged:
+    rule = search_module.finetuning.not_clearly_better
+    monkeypatch.setattr(search_module.finetuning, "not_clearly_better", lambda cand, probe, bar, y, **judged:
                         compared.append((cand, probe, y)) or rule(cand, probe, bar, y, **judged))
     data = _mislabel(_folder(tmp_path / "data"), 2)
     _, search = _search(data, tmp_path / "run", budget="5m", epochs=2)
@@ -652,13 +656,13 @@ def test_ctrl_c_stops_the_whole_search(tmp_path, monkeypatch):
     import transferkit.search as search_module
     from transferkit.engine import signals
 
-    inner_scan = search_module._inner_scan
+    inner_scan = search_module.finetuning._inner_scan
 
     def ctrl_c_then_scan(ctx):
         signals._requested.append(signal.SIGINT)  # what the handler does on Ctrl-C
         return inner_scan(ctx)
 
-    monkeypatch.setattr(search_module, "_inner_scan", ctrl_c_then_scan)
+    monkeypatch.setattr(search_module.finetuning, "_inner_scan", ctrl_c_then_scan)
     data = _mislabel(_folder(tmp_path / "data"), 2)
     try:
         with pytest.raises(signals.Interrupted, match="interrupted during the recipe search; the features") as stop:
@@ -678,13 +682,13 @@ def test_a_search_stopped_in_its_final_run_resumes_with_its_record(tmp_path, mon
     import transferkit.search as search_module
     from transferkit.engine import signals
 
-    refit = search_module._refit
+    refit = search_module.final_run.refit
 
     def ctrl_c_then_refit(*args):
         signals._requested.append(signal.SIGINT)
         return refit(*args)
 
-    monkeypatch.setattr(search_module, "_refit", ctrl_c_then_refit)
+    monkeypatch.setattr(search_module.final_run, "refit", ctrl_c_then_refit)
     run = tmp_path / "run"
     try:
         with pytest.raises(signals.Interrupted, match=f"resume with: transferkit train --resume {run}"):
@@ -841,7 +845,7 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
     from types import SimpleNamespace
 
     from transferkit.data.folders import DataScan, subsample_order, subsample_train
-    from transferkit.search import _keep_subsample
+    from transferkit.search.features import keep_subsample
 
     full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(50)], val=[])
     assert subsample_train(full, None, 0) is full and subsample_train(full, 50, 0) is full
@@ -852,10 +856,10 @@ def test_budget_subsamples_are_the_seeded_subsample_a_plain_run_takes():
                           order=subsample_order([i % 2 for i in range(50)], 0),
                           inner=None, cfg=SimpleNamespace(seed=0))
     search = SimpleNamespace(subsample=None, starved=False)
-    _keep_subsample(search, ctx, 30, asked=True)
+    keep_subsample(search, ctx, 30, asked=True)
     assert ctx.scan.train == large and full.train[0] == ("0.png", 0)  # the full scan is not changed
     assert not search.starved  # asked for: the search goes on as usual
-    _keep_subsample(search, ctx, 10)
+    keep_subsample(search, ctx, 10)
     assert ctx.scan.train == small and search.subsample == 10 and search.starved
     assert sorted(ctx.order.tolist()) == list(range(10))  # the order still covers what is kept
 
@@ -870,18 +874,19 @@ def test_a_probe_fitted_on_part_of_the_images_says_what_all_of_them_would_take(m
     import transferkit.search as search_module
     from transferkit.data.folders import DataScan
     from transferkit.results.report import _images_compared_on
-    from transferkit.search import FIXED_OVERHEAD_S, Candidate, Search, _grown_scan
+    from transferkit.search.final_run import grown_scan
+    from transferkit.search.state import FIXED_OVERHEAD_S, Candidate, Search
 
-    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, s: 0.01)  # per image and view
-    monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, s: 0.001 * len(ctx.scan.train))
-    monkeypatch.setattr(search_module, "_val_pass_seconds", lambda search, ctx, s: 1.0)
-    monkeypatch.setattr(search_module, "_images_memory_holds", lambda ctx, s, n_val: 1 << 62)  # memory: no limit
+    monkeypatch.setattr(search_module.costs, "_final_view_seconds", lambda search, ctx, s: 0.01)  # per image and view
+    monkeypatch.setattr(search_module.costs, "fit_seconds", lambda search, ctx, s: 0.001 * len(ctx.scan.train))
+    monkeypatch.setattr(search_module.costs, "val_pass_seconds", lambda search, ctx, s: 1.0)
+    monkeypatch.setattr(search_module.costs, "images_memory_holds", lambda ctx, s, n_val: 1 << 62)  # memory: no limit
     full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(10_000)], val=[])
     ctx = SimpleNamespace(scan=SimpleNamespace(train=full.train[:1000]))
     winner = Candidate("probe crop=1.0 views=flip", "probe", {"probe_views": "flip"})
     now = time.perf_counter()
     search = Search(TrainConfig(data="d"), set(), deadline=now + FIXED_OVERHEAD_S + 1.0 + 60.0, t0=now)
-    grown = _grown_scan(search, winner, ctx, full)
+    grown = grown_scan(search, winner, ctx, full)
     assert 1000 < len(grown.train) < 10_000 and search.subsample == len(grown.train)
     per_image = 2 * 0.01 + 0.001
     assert search.all_images_s == pytest.approx(10_000 * per_image + 1.0 + FIXED_OVERHEAD_S)
@@ -898,7 +903,7 @@ def test_a_probe_fitted_on_part_of_the_images_says_what_all_of_them_would_take(m
     assert "Training complete in 3m 0s" in capsys.readouterr().out  # not 2m 60s
 
     everything = Search(TrainConfig(data="d"), set(), deadline=time.perf_counter() + 1e4, t0=now)
-    assert len(_grown_scan(everything, winner, ctx, full).train) == 10_000 and everything.all_images_s is None
+    assert len(grown_scan(everything, winner, ctx, full).train) == 10_000 and everything.all_images_s is None
 
 
 def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkeypatch, caplog, capsys):
@@ -911,11 +916,13 @@ def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkey
     import transferkit.engine.environment as environment
     import transferkit.search as search_module
     from transferkit.data.folders import DataScan
-    from transferkit.search import FIT_MEMORY_COPIES, FIXED_OVERHEAD_S, MEMORY_SHARE, Candidate, Search, _grown_scan
+    from transferkit.search.costs import FIT_MEMORY_COPIES, MEMORY_SHARE
+    from transferkit.search.final_run import grown_scan
+    from transferkit.search.state import FIXED_OVERHEAD_S, Candidate, Search
 
-    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, s: 0.001)
-    monkeypatch.setattr(search_module, "_fit_seconds", lambda search, ctx, s: 0.0001 * len(ctx.scan.train))
-    monkeypatch.setattr(search_module, "_val_pass_seconds", lambda search, ctx, s: 1.0)
+    monkeypatch.setattr(search_module.costs, "_final_view_seconds", lambda search, ctx, s: 0.001)
+    monkeypatch.setattr(search_module.costs, "fit_seconds", lambda search, ctx, s: 0.0001 * len(ctx.scan.train))
+    monkeypatch.setattr(search_module.costs, "val_pass_seconds", lambda search, ctx, s: 1.0)
     full = DataScan(root=Path("."), classes=["a", "b"], train=[(f"{i}.png", i % 2) for i in range(10_000)],
                     val=[(f"v{i}.png", i % 2) for i in range(500)])
     taps = SimpleNamespace(columns=lambda stages, pooling, pixels=False: np.arange(1000 + 24 * pixels))
@@ -927,7 +934,7 @@ def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkey
     now = time.perf_counter()
     search = Search(TrainConfig(data="d"), set(), deadline=now + FIXED_OVERHEAD_S + 1e4, t0=now)  # time for all
     with caplog.at_level(logging.INFO, logger="transferkit"):
-        grown = _grown_scan(search, winner, ctx, full)
+        grown = grown_scan(search, winner, ctx, full)
     assert len(grown.train) == search.subsample == 3000 and search.all_images_s is not None
     assert "3000 of the 10000 training images (what the memory holds)" in caplog.text
     assert search.all_images_bytes == (10_000 * FIT_MEMORY_COPIES + 2 * 500) * image_bytes  # told, with the command
@@ -946,9 +953,9 @@ def test_a_probe_grows_only_to_the_images_whose_features_the_memory_holds(monkey
     assert "the memory held the features of 3000 training images; without --train-subsample that command needs " \
            "about 0.3 GB of memory for all of them" in capsys.readouterr().out
     monkeypatch.setattr(environment, "available_memory", lambda: 10 * memory)
-    assert len(_grown_scan(search, winner, ctx, full).train) == 10_000  # enough memory: time decides
+    assert len(grown_scan(search, winner, ctx, full).train) == 10_000  # enough memory: time decides
     monkeypatch.setattr(environment, "available_memory", lambda: None)  # unknown: time decides
-    assert len(_grown_scan(search, winner, ctx, full).train) == 10_000
+    assert len(grown_scan(search, winner, ctx, full).train) == 10_000
 
 
 def test_the_images_compared_are_as_many_as_the_memory_holds(tmp_path, monkeypatch, caplog):
@@ -958,7 +965,8 @@ def test_the_images_compared_are_as_many_as_the_memory_holds(tmp_path, monkeypat
     from types import SimpleNamespace
 
     import transferkit.engine.environment as environment
-    from transferkit.search import CV_MEMORY_COPIES, MEMORY_SHARE, Search, _compared_memory_holds
+    from transferkit.search.costs import CV_MEMORY_COPIES, MEMORY_SHARE, compared_memory_holds
+    from transferkit.search.state import Search
 
     taps = SimpleNamespace(columns=lambda stages, pooling, pixels=False: np.arange(1000 + 24 * pixels))
     ctx = SimpleNamespace(taps_for=lambda crop, size=None: taps, spec=SimpleNamespace(
@@ -966,9 +974,9 @@ def test_the_images_compared_are_as_many_as_the_memory_holds(tmp_path, monkeypat
     search = Search(TrainConfig(data="d"), set(), deadline=0.0, t0=0.0)  # the ladder: 2 crops, up to 8 views
     image_bytes = (8 * (3 + CV_MEMORY_COPIES) + 1) * 1000 * 4  # 8 views: 2 held beside, the CV's; 1 of the other crop
     monkeypatch.setattr(environment, "available_memory", lambda: 2500 * image_bytes / MEMORY_SHARE)
-    assert _compared_memory_holds(search, ctx) == 2500
+    assert compared_memory_holds(search, ctx) == 2500
     monkeypatch.setattr(environment, "available_memory", lambda: None)
-    assert _compared_memory_holds(search, ctx) > 10 ** 12
+    assert compared_memory_holds(search, ctx) > 10 ** 12
 
     monkeypatch.setattr(environment, "available_memory", lambda: 1)  # holds nothing: the floor, 20 a class
     data = make_image_folder(tmp_path / "data", n_train=30, n_val=4, size=40)
@@ -1004,10 +1012,11 @@ def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_fo
     from types import SimpleNamespace
 
     import transferkit.search as search_module
-    from transferkit.search import Search, _extract_chunks
+    from transferkit.search.features import _extract_chunks
+    from transferkit.search.state import Search
 
     n = 1024  # chunks of 128
-    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None: 0.004 * (images or n))
+    monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None: 0.004 * (images or n))
 
     class Taps:
         def features(self, chunk, views, digests, threads, desc):
@@ -1034,11 +1043,11 @@ def test_a_search_starved_of_images_fits_its_first_probe_on_more_before_trying_m
     here), and search.json says why."""
     import transferkit.search as search_module
 
-    real = search_module._cv_seconds
-    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None:
+    real = search_module.costs.cv_seconds
+    monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None:
                         1e4 if search.cv_row_s is None else real(search, ctx, views, images))
-    real_growth = search_module._growth_seconds
-    monkeypatch.setattr(search_module, "_growth_seconds",
+    real_growth = search_module.costs.growth_seconds
+    monkeypatch.setattr(search_module.costs, "growth_seconds",
                         lambda search, ctx, settings: 1e4 * (real_growth(search, ctx, settings) > 0))
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
     metrics, record = _search(data, tmp_path / "run", budget="2m")
@@ -1056,8 +1065,8 @@ def test_a_starved_search_with_time_beyond_the_growth_goes_on_up_its_ladder(tmp_
     every training image."""
     import transferkit.search as search_module
 
-    real = search_module._cv_seconds
-    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None:
+    real = search_module.costs.cv_seconds
+    monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None:
                         1e4 if search.cv_row_s is None else real(search, ctx, views, images))
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
     metrics, record = _search(data, tmp_path / "run", budget="2m")
@@ -1071,8 +1080,8 @@ def test_a_starved_search_still_fits_an_mlp_head_that_was_asked_for(tmp_path, mo
     """--probe-head mlp, given: a search starved of images stops its ladder but still gives the asked-for head."""
     import transferkit.search as search_module
 
-    real = search_module._cv_seconds
-    monkeypatch.setattr(search_module, "_cv_seconds", lambda search, ctx, views, images=None:
+    real = search_module.costs.cv_seconds
+    monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None:
                         1e4 if search.cv_row_s is None else real(search, ctx, views, images))
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
     _, record = _search(data, tmp_path / "run", budget="2m", mode="linear-probe", probe_head="mlp")
@@ -1110,12 +1119,12 @@ def test_a_perfect_probe_ends_the_ladder(tmp_path):
 def test_a_probe_estimate_pays_only_for_the_views_not_extracted_yet():
     from types import SimpleNamespace
 
-    from transferkit.search import _missing_views
+    from transferkit.search.costs import missing_views
 
     ctx = SimpleNamespace(feats={(1.0, None): {0: None, 1: None}, (1.0, 300): {0: None}})
-    assert _missing_views(ctx, 1.0, (0, 1, 2, 3)) == [2, 3]
-    assert _missing_views(ctx, 1.0, (0, 1), size=300) == [1]
-    assert _missing_views(ctx, None, (0,)) == [0]
+    assert missing_views(ctx, 1.0, (0, 1, 2, 3)) == [2, 3]
+    assert missing_views(ctx, 1.0, (0, 1), size=300) == [1]
+    assert missing_views(ctx, None, (0,)) == [0]
 
 
 def test_the_plan_says_when_its_timed_images_were_cached(tmp_path, caplog):
@@ -1160,19 +1169,19 @@ def test_stronger_backbones_are_offered_strongest_first_unless_the_backbone_is_g
     from types import SimpleNamespace
 
     from transferkit.models.registry import get_spec
-    from transferkit.search import STRONGER_COST_MARGIN, _stronger_options
+    from transferkit.search.ladder import STRONGER_COST_MARGIN, stronger_options
 
     _stronger_weights_or_skip()
     lite0, lite2 = get_spec("efficientnet_lite0"), get_spec("efficientnet_lite2")
     ctx = SimpleNamespace(spec=lite0, cost=1.0)
     search = SimpleNamespace(given=set(), cfg=TrainConfig(data="x"))
-    options = _stronger_options(search, ctx)
+    options = stronger_options(search, ctx)
     assert [spec.name for spec, _ in options] == ["efficientnet_lite2", "efficientnet_lite1"]
     assert options[0][1] == pytest.approx(lite2.macs / lite0.macs * STRONGER_COST_MARGIN) and options[0][1] > 2
     for given in ({"model"}, {"weights"}, {"image_size"}):  # each fixes the backbone or its input
-        assert _stronger_options(SimpleNamespace(given=given, cfg=search.cfg), ctx) == []
-    assert _stronger_options(SimpleNamespace(given=set(), cfg=TrainConfig(data="x", pretrained=False)), ctx) == []
-    assert _stronger_options(search, SimpleNamespace(spec=lite2, cost=1.0)) == []  # the strongest of its family
+        assert stronger_options(SimpleNamespace(given=given, cfg=search.cfg), ctx) == []
+    assert stronger_options(SimpleNamespace(given=set(), cfg=TrainConfig(data="x", pretrained=False)), ctx) == []
+    assert stronger_options(search, SimpleNamespace(spec=lite2, cost=1.0)) == []  # the strongest of its family
 
 
 @pytest.mark.slow
@@ -1185,14 +1194,14 @@ def test_a_stronger_backbone_that_wins_the_cv_is_the_final_model(tmp_path, monke
     import transferkit.search as search_module
 
     _stronger_weights_or_skip()
-    score = search_module._score_probe
+    score = search_module.probes._score_probe
 
     def stronger_wins(search, ctx, cand, x, reserve, options=None):
         score(search, ctx, cand, x, reserve, options)
         if "model" in cand.settings:
             cand.score = 1.0
 
-    monkeypatch.setattr(search_module, "_score_probe", stronger_wins)
+    monkeypatch.setattr(search_module.probes, "_score_probe", stronger_wins)
     data = _mislabel(_folder(tmp_path / "data"), 2)  # the first probes miss some: the ladder goes on
     out = tmp_path / "run"
     metrics = train(TrainConfig(data=str(data), out=str(out), time_budget="3m", mode="linear-probe"), given={"mode"})
@@ -1209,7 +1218,7 @@ def test_a_stronger_backbone_that_wins_the_cv_is_the_final_model(tmp_path, monke
 @pytest.mark.slow
 def test_the_plan_lists_the_probe_steps_in_the_order_they_run(tmp_path, caplog):
     """Views, then the two-scale probe (the images are larger than the input), then the stronger backbone, then
-    fine-tuning: the order _search_probes runs them in (the two-scale step was once missing from the plan)."""
+    fine-tuning: the order search_probes runs them in (the two-scale step was once missing from the plan)."""
     import logging
 
     _stronger_weights_or_skip()
@@ -1230,8 +1239,8 @@ def test_large_folder_compares_on_a_subsample_and_fits_the_winner_on_more(tmp_pa
     import transferkit.engine.probe as probe
     import transferkit.search as search
 
-    monkeypatch.setattr(search, "SEARCH_MAX_IMAGES", 30)
-    monkeypatch.setattr(search, "COMPARED_PER_CLASS", 10)
+    monkeypatch.setattr(search.costs, "SEARCH_MAX_IMAGES", 30)
+    monkeypatch.setattr(search.costs, "COMPARED_PER_CLASS", 10)
     seen = []
     real = probe.cross_validate
     monkeypatch.setattr(probe, "cross_validate", lambda x, y, *a, **k: seen.append(len(y)) or real(x, y, *a, **k))
@@ -1266,19 +1275,19 @@ def test_the_view_steps_score_only_the_pooling_their_crop_chose(tmp_path, monkey
 
 
 def test_the_images_compared_on_grow_with_the_budget():
-    from transferkit.search import SEARCH_MAX_IMAGES, _compared_on
+    from transferkit.search.costs import SEARCH_MAX_IMAGES, compared_on
 
-    assert _compared_on(parse_duration("4m")) == SEARCH_MAX_IMAGES == _compared_on(parse_duration("30s"))
-    assert _compared_on(parse_duration("20m")) == 5 * SEARCH_MAX_IMAGES
+    assert compared_on(parse_duration("4m")) == SEARCH_MAX_IMAGES == compared_on(parse_duration("30s"))
+    assert compared_on(parse_duration("20m")) == 5 * SEARCH_MAX_IMAGES
 
 
 def test_many_classes_are_compared_on_enough_images_each():
     """With many classes the comparison subsample keeps COMPARED_PER_CLASS images per class (a 100-class folder
     compared on 250 images scored 0.36 in the CV against 0.86 on 2,000)."""
-    from transferkit.search import COMPARED_PER_CLASS, SEARCH_MAX_IMAGES, _compared_on
+    from transferkit.search.costs import COMPARED_PER_CLASS, SEARCH_MAX_IMAGES, compared_on
 
-    assert _compared_on(parse_duration("4m"), 10) == SEARCH_MAX_IMAGES
-    assert _compared_on(parse_duration("4m"), 500) == 500 * COMPARED_PER_CLASS > SEARCH_MAX_IMAGES
+    assert compared_on(parse_duration("4m"), 10) == SEARCH_MAX_IMAGES
+    assert compared_on(parse_duration("4m"), 500) == 500 * COMPARED_PER_CLASS > SEARCH_MAX_IMAGES
 
 
 def _cv_context(images: int, classes: int):
@@ -1294,15 +1303,16 @@ def test_the_cv_estimate_counts_the_repeated_splits_of_few_images():
     import time
 
     from transferkit.engine.probe import cv_repeats
-    from transferkit.search import Search, _cv_seconds
+    from transferkit.search.costs import cv_seconds
+    from transferkit.search.state import Search
 
     now = time.perf_counter()
     search = Search(TrainConfig(data="d"), set(), deadline=now + 100, t0=now)
     search.cv_row_s = 13.8 / (250 * cv_repeats(250))  # as _score_probe measures it
     assert cv_repeats(250) == 4 and cv_repeats(2000) == 1
-    assert _cv_seconds(search, _cv_context(250, 100), 1) == pytest.approx(13.8)
-    assert _cv_seconds(search, _cv_context(2000, 100), 1) == pytest.approx(2 * 13.8)
-    assert _cv_seconds(search, _cv_context(2000, 100), 4) == pytest.approx(8 * 13.8)
+    assert cv_seconds(search, _cv_context(250, 100), 1) == pytest.approx(13.8)
+    assert cv_seconds(search, _cv_context(2000, 100), 1) == pytest.approx(2 * 13.8)
+    assert cv_seconds(search, _cv_context(2000, 100), 4) == pytest.approx(8 * 13.8)
 
 
 def test_the_cv_prior_grows_with_the_classes_far_less_than_in_proportion():
@@ -1310,11 +1320,12 @@ def test_the_cv_prior_grows_with_the_classes_far_less_than_in_proportion():
     classes 7× the 2-class one (measured 5.5×), not 50× (which left a 100-class folder 250 training images)."""
     import time
 
-    from transferkit.search import Search, _cv_seconds
+    from transferkit.search.costs import cv_seconds
+    from transferkit.search.state import Search
 
     now = time.perf_counter()
     search = Search(TrainConfig(data="d"), set(), deadline=now + 100, t0=now)
-    two, four, hundred = (_cv_seconds(search, _cv_context(2000, k), 1) for k in (2, 4, 100))
+    two, four, hundred = (cv_seconds(search, _cv_context(2000, k), 1) for k in (2, 4, 100))
     assert four == pytest.approx(2 * two) and hundred == pytest.approx(7 * two)
 
 
@@ -1352,12 +1363,13 @@ def test_the_partial_step_timing_probes_activations_where_the_model_is():
     """A GPU run's model lives on the GPU: the probe image must too (meta stands in for it here)."""
     from transferkit.models.adapt import build_model
     from transferkit.models.registry import get_spec
-    from transferkit.search import _activation_shape, _Context
+    from transferkit.search.costs import _activation_shape
+    from transferkit.search.state import Context
 
     spec = get_spec("efficientnet_lite0")
     meta = torch.device("meta")
     model = build_model(spec, 2, pretrained=False).to(meta)
-    ctx = _Context(TrainConfig(data="d"), None, spec, model, meta, np.zeros(4, int), (np.arange(2), np.arange(2, 4)),
+    ctx = Context(TrainConfig(data="d"), None, spec, model, meta, np.zeros(4, int), (np.arange(2), np.arange(2, 4)),
                    np.arange(4))
     shape = _activation_shape(ctx)
     assert len(shape) == 3 and shape[1] == shape[2] < ctx.pre(None).input_size
@@ -1371,21 +1383,21 @@ def test_a_later_probe_leaves_the_best_probes_final_run_its_time(monkeypatch):
 
     import transferkit.search as s
 
-    best = s.Candidate("probe crop=1.0 views=dihedral", "probe",
+    best = s.state.Candidate("probe crop=1.0 views=dihedral", "probe",
                        {"crop_fraction": 1.0, "probe_views": "dihedral", "probe_c": 0.01})
     reserved = []
     search = SimpleNamespace(setup_s=1.0, affords=lambda cand, reserve, cut_down=False: reserved.append(reserve))
     ctx = SimpleNamespace(sibling=lambda spec, cost: SimpleNamespace(), pre=lambda crop: SimpleNamespace(input_size=224))
-    monkeypatch.setattr(s, "_stronger_options", lambda search, ctx: [("efficientnet_lite1", 1.5)])
-    monkeypatch.setattr(s, "_view_sets_down_from", lambda search, best: ["dihedral", "turns"])
-    monkeypatch.setattr(s, "_planned_probe", lambda *args, **kwargs: (SimpleNamespace(), 20.0))
-    monkeypatch.setattr(s, "_planned_two_scale", lambda *args: (SimpleNamespace(), 30.0))
-    monkeypatch.setattr(s, "_final_reserve", lambda search, where, settings: 120.0 if where is ctx else 0.0)
-    assert s._stronger_backbone(search, ctx, best) == (best, ctx)
+    monkeypatch.setattr(s.ladder, "stronger_options", lambda search, ctx: [("efficientnet_lite1", 1.5)])
+    monkeypatch.setattr(s.ladder, "view_sets_down_from", lambda search, best: ["dihedral", "turns"])
+    monkeypatch.setattr(s.probes, "_planned_probe", lambda *args, **kwargs: (SimpleNamespace(), 20.0))
+    monkeypatch.setattr(s.probes, "_planned_two_scale", lambda *args: (SimpleNamespace(), 30.0))
+    monkeypatch.setattr(s.costs, "final_reserve", lambda search, where, settings: 120.0 if where is ctx else 0.0)
+    assert s.probes.stronger_backbone(search, ctx, best) == (best, ctx)
     assert reserved == [120.0, 120.0]  # the stronger backbone's probe on 8 views, then on 4
-    monkeypatch.setattr(s, "_larger_size", lambda ctx: 300)
+    monkeypatch.setattr(s.ladder, "larger_size", lambda ctx: 300)
     reserved.clear()
-    assert s._two_scale_candidate(search, ctx, best) is not None  # planned (recorded as skipped), not run
+    assert s.probes._two_scale_candidate(search, ctx, best) is not None  # planned (recorded as skipped), not run
     assert reserved == [120.0, 120.0]  # the two-scale probe on 8 views at 300+224 px, then on 4
 
 
@@ -1486,17 +1498,18 @@ def test_an_mlp_probes_final_run_reserves_its_fit(monkeypatch):
 
     import transferkit.search as search_module
     from transferkit.engine.probe import mlp_fit_seconds
-    from transferkit.search import FITS_PER_CV, FIXED_OVERHEAD_S, Search
+    from transferkit.search.costs import FITS_PER_CV
+    from transferkit.search.state import FIXED_OVERHEAD_S, Search
 
-    monkeypatch.setattr(search_module, "_final_view_seconds", lambda search, ctx, settings: 0.0)
+    monkeypatch.setattr(search_module.costs, "_final_view_seconds", lambda search, ctx, settings: 0.0)
     ctx = SimpleNamespace(scan=SimpleNamespace(train=[None] * 1000, val=[None] * 100, classes=["a", "b"]))
     now = time.perf_counter()
     search = Search(TrainConfig(data="d"), set(), deadline=now + 100, t0=now, cv_row_s=0.001, mlp_step_s=0.02)
     linear = {"crop_fraction": 1.0, "probe_views": "flip", "probe_pooling": "meanmax", "probe_stages": 6}
     mlp = {**linear, "probe_head": "mlp"}
-    assert search_module._final_reserve(search, ctx, linear) == pytest.approx(
+    assert search_module.costs.final_reserve(search, ctx, linear) == pytest.approx(
         FIXED_OVERHEAD_S + 0.001 * 2 * 1000 / FITS_PER_CV)
-    assert search_module._final_reserve(search, ctx, mlp) == pytest.approx(
+    assert search_module.costs.final_reserve(search, ctx, mlp) == pytest.approx(
         FIXED_OVERHEAD_S + mlp_fit_seconds(0.02, 2000))
     assert mlp_fit_seconds(0.02, 2000) > 0.02 * 8 * 15  # 8 steps an epoch, 15 epochs, and the measured overhead
 
@@ -1510,11 +1523,12 @@ def test_the_mlp_step_is_in_the_ladder_unless_a_given_option_rules_it_out(option
     --probe-head linear asks for the logistic regression: neither pays for an MLP head's fits."""
     import time
 
-    from transferkit.search import Search, _tries_mlp
+    from transferkit.search.ladder import tries_mlp
+    from transferkit.search.state import Search
 
     now = time.perf_counter()
     search = Search(TrainConfig(data="d", **options), set(options), deadline=now + 60, t0=now)
-    assert _tries_mlp(search) is tried
+    assert tries_mlp(search) is tried
 
 
 def test_folds_where_every_class_has_fewer_images_than_folds():

@@ -120,7 +120,7 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, *, 
           **options) -> Classifier:
     """Train on an image folder; options are TrainConfig's fields (e.g. time_budget="5m", recipe="tutorial",
     model=, mode=, epochs=, out=). With the default recipe="auto" the options given fix their pieces of the
-    recipe and the search chooses the rest on the training images (search.py). `config`: a TrainConfig to
+    recipe and the search chooses the rest on the training images (search/). `config`: a TrainConfig to
     start from (not changed); `data` and the options override its fields. The run folder is `clf.run_dir_`.
     verbose: say what the run does on stderr, as the CLI does (_messages)."""
     from .search import train as train_run

@@ -44,7 +44,7 @@ DEFAULT_VAL_FRACTION = 0.2  # of a folder without val/, held out for validation 
 @dataclass
 class TrainConfig:
     data: str
-    # auto: search for the best recipe within --time-budget (search.py), choosing on training images only;
+    # auto: search for the best recipe within --time-budget (search/), choosing on training images only;
     # tutorial: train exactly as configured, the seed tutorials' values where nothing is given.
     recipe: str = "auto"
     time_budget: str = DEFAULT_TIME_BUDGET

@@ -10,7 +10,7 @@
     RUN/best.safetensors     the best epoch's model (+ best.json, its metadata); last.* to resume
     RUN/novelty.safetensors  the novelty reference (novelty.py), where the run made one
     RUN/curves.png, confusion.png, top_losses.png, batch_grid.png, report.html
-    RUN/search.json          the recipe search's candidates (search.py)
+    RUN/search.json          the recipe search's candidates (search/)
     RUN/export/              model.onnx / model.pt (+ model.int8.onnx) and export.json (export.py)
     RUN/.lock                held by the process training into RUN (`claimed`)
 """

@@ -113,7 +113,7 @@ class DataScan:
     problems: dict[str, list[dict]] = field(default_factory=dict)
     split_source: str = "folders"  # "folders", "stratified" (made here) or "manifest"
     # What the `val` split is called where it is scored: "hold-out" for the recipe search's inner split of the
-    # training images (search._inner_scan), so that a candidate's epoch lines do not read as the val split choosing.
+    # training images (search/finetuning.py inner_scan), so that a candidate's epoch lines do not read as the val split choosing.
     val_name: str = "val"
     # sha256 of each usable file, from the verifying scan (empty without it); the feature cache keys on it.
     digests: dict[str, str] = field(default_factory=dict, repr=False)

@@ -338,7 +338,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None
     rows = x[:, :, columns].reshape(-1, len(columns))  # a copy (integer indexing): standardized in place
     labels = np.repeat(y, x.shape[1])
     mean, scale = standardizer(rows, scale_floor)
-    rows -= mean  # in place: the fit peaks at ~3.5 times the features, not ~4.4 (search.py FIT_MEMORY_COPIES)
+    rows -= mean  # in place: the fit peaks at ~3.5 times the features, not ~4.4 (search/costs.py FIT_MEMORY_COPIES)
     rows /= scale
     if head == "mlp":
         layers = fit_mlp(rows, labels, n_classes, seed, deadline, balanced)

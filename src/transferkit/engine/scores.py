@@ -1,6 +1,6 @@
 """How a model's answers on held-out images are scored, and how noisy those scores are.
 
-The probes' cross-validation (engine/probe.py) and the recipe search's inner hold-out (search.py) score answers
+The probes' cross-validation (engine/probe.py) and the recipe search's inner hold-out (search/finetuning.py) score answers
 as the run's val split is scored (results/metrics.py): accuracy, balanced accuracy or macro-F1
 (TrainConfig.selection_metric). The search compares a fine-tuned candidate with the probe on the same hold-out
 images, so it also needs each score's standard error and the spread of a paired difference under a tie.

@@ -390,7 +390,7 @@ def _images_compared_on(search: Mapping) -> str:
 
 
 def _search(search: dict | None) -> str:
-    """The recipe search (search.py): every candidate, its inner score and time, why it stopped, the choice."""
+    """The recipe search (search/): every candidate, its inner score and time, why it stopped, the choice."""
     if not isinstance(search, Mapping) or not isinstance(search.get("candidates"), list):
         return ""
     rows = []
