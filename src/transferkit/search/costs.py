@@ -60,7 +60,7 @@ MLP_CV_FITS, MLP_INNER_FITS = 3 * 2 / 3, 1 - INNER_FRACTION
 def growth_seconds(search: Search, ctx: Context, settings: dict) -> float:
     """Where the first probe was starved of images: what the final run of a probe with these settings spends on
     the images compared that the search did not extract (their features in every view, their share of the fit),
-    at the share of the time left that grown_scan gives them."""
+    at the share of the time left that final_run.grown_scan gives them."""
     if not search.starved:
         return 0.0
     missing = search.compared_target - len(ctx.scan.train)
@@ -197,7 +197,7 @@ def missing_views(ctx: Context, crop, views, size=None) -> list:
 
 def view_seconds(search: Search, ctx: Context, size=None) -> float:
     """Seconds to extract one view of one image on ctx's backbone at input `size` (default: its own)."""
-    return ctx.cost * pixels(ctx, size) / search.rate
+    return ctx.cost * pixel_ratio(ctx, size) / search.rate
 
 
 def _final_view_seconds(search: Search, ctx: Context, settings: dict) -> float:
@@ -232,7 +232,7 @@ def _class_factor(n_classes: int) -> float:
     return min(n_classes / 2, 2 + n_classes / 20)
 
 
-def pixels(ctx: Context, size) -> float:
+def pixel_ratio(ctx: Context, size) -> float:
     """Cost of an extraction at input `size` against one at the backbone's own size."""
     return 1.0 if size is None else (size / ctx.pre(None).input_size) ** 2
 

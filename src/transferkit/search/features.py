@@ -60,7 +60,7 @@ def train_features(search: Search, ctx: Context, crop, views, reserve: float, si
     if todo:
         first = not search.feats_done
         got = _extract_chunks(search, ctx, ctx.taps_for(crop, size), todo, reserve, keep_partial=first,
-                              cost=ctx.cost * costs.pixels(ctx, size))
+                              cost=ctx.cost * costs.pixel_ratio(ctx, size))
         if got is None:
             return None
         if first and len(got[todo[0]]) < len(ctx.scan.train):

@@ -13,7 +13,7 @@ LARGER_INPUT = 4 / 3
 # ...where the images have that many pixels (upsampling adds no detail) and it differs enough to matter;
 # images up to LARGER_INPUT_MAX × the input are read at their own size (no resampling to blur fine detail).
 LARGER_INPUT_MIN, LARGER_INPUT_MAX = 1.15, 1.5
-# A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see stronger_backbone).
+# A stronger backbone's cost is first guessed from its multiply-accumulates, times this (see probes.stronger_backbone).
 STRONGER_COST_MARGIN = 1.1
 # (pooling, top stages; None = every tap), the usual winner first: the CV stops where the budget does
 POOLING_STAGES = (("meanmax", None), ("mean", 1))

@@ -95,7 +95,7 @@ def _stopped_at(search: Search, best: Candidate) -> Candidate:
 
 def _starved_note(search: Search) -> None:
     """The budget paid for the first probe on only some of the images compared: every later step of the ladder
-    reserves the final run's features and fit of the rest (growth_seconds), so more images come first and
+    reserves the final run's features and fit of the rest (costs.growth_seconds), so more images come first and
     comparing more candidates on too few second. A 100-class folder of 3,000 training images at
     --time-budget 60s: the first probe on 1,250 (CV 0.73), then the whole frame on the same 1,250 (20 s) and a
     final fit on them scored 0.844 on val; the first probe fitted on all 3,000 instead, 0.946 (one probe on every
@@ -244,7 +244,7 @@ def _score_probe(search: Search, ctx: Context, cand: Candidate, x: np.ndarray, r
 def _two_scale_candidate(search: Search, ctx: Context, best: Candidate) -> Candidate | None:
     """The best probe's views read at a larger input size too, one probe per scale and their logits
     averaged (engine/probe.py stack_fits), scored by the same 3-fold CV as every probe. Where that does not
-    fit in the time left, the same with half of those views (view_sets_down_from), still compared by CV with
+    fit in the time left, the same with half of those views (ladder.view_sets_down_from), still compared by CV with
     the best probe on all its views: a second scale may pay more than the extra views (ELPV 2 classes at the
     default budget: the 4 views at two scales needed ~202 s of 112 left)."""
     size, native = ladder.larger_size(ctx), ctx.pre(None).input_size

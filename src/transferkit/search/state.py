@@ -38,7 +38,7 @@ class Candidate:
     score: float | None = None
     holdout: float | None = None  # probes: the score on the fine-tuning candidates' inner hold-out
     # Its answer (a class index) for each inner hold-out image: fine-tuning is compared with the probe image by
-    # image (not_clearly_better). Not recorded in search.json.
+    # image (finetuning.not_clearly_better). Not recorded in search.json.
     holdout_pred: np.ndarray | None = field(default=None, repr=False)
     seconds: float = 0.0
     started_at: float | None = None  # seconds into the search
@@ -74,7 +74,7 @@ class Search:
     cv_repeats: int = 1  # 3-fold splits the last probe CV pooled (engine/probe.py cv_repeats): search.json
     all_images_s: float | None = None  # estimated seconds of the chosen probe's run on every training image, where
     # the budget fitted it on fewer
-    all_images_bytes: int | None = None  # and the memory that run needs, where the memory held fewer (grown_scan)
+    all_images_bytes: int | None = None  # and the memory that run needs, where the memory held fewer (final_run.grown_scan)
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -184,7 +184,7 @@ class Context:
             taps = make_taps(self.model, self.spec, self.cfg, self.pre(crop, size), self.device, like)
             if (like is None and self.sibling_of_first) or (like is not None and taps.engine is not like.engine):
                 # a new runtime (another size, or another backbone's first) is chosen, exported and checked on
-                # its first batch: not in the timed chunks (the first backbone's is timed by measure_rate)
+                # its first batch: not in the timed chunks (the first backbone's is timed by costs.measure_rate)
                 taps.features([p for p, _ in self.scan.train[:8]], (0,), self.scan.digests, desc="warm-up")
             self.taps[crop, size] = taps
         return self.taps[crop, size]
