@@ -98,19 +98,7 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     out = Path(cfg.out or default_run_dir(cfg).with_name(default_run_dir(cfg).name.replace(cfg.mode, "auto")))
     try:
         context = Context.build(cfg, scan)
-        by_budget = costs.compared_on(budget, len(scan.classes))
-        # no fewer than COMPARED_PER_CLASS per class, as by the budget: on fewer the comparisons say nothing
-        floor = costs.COMPARED_PER_CLASS * len(scan.classes)
-        compare_on = min(by_budget, max(costs.compared_memory_holds(search, context), floor))
-        if cfg.train_subsample:  # the images asked for, for the search and the final model
-            if cfg.train_subsample < len(scan.train):
-                features.keep_subsample(search, context, cfg.train_subsample, asked=True)
-        elif len(scan.train) > compare_on:
-            log.warning("search: the recipes are compared on a random %d of the %d training images%s; a chosen probe "
-                        "is then fitted on as many as the budget allows", compare_on, len(scan.train),
-                        " (what the memory holds)" if compare_on < by_budget else "")
-            features.keep_subsample(search, context, compare_on, asked=True)
-        search.compared_target = len(context.scan.train)
+        _compare_on_enough_images(search, context, budget)
         winner, context = probes.search_probes(search, context)  # the context of the winner's backbone
         winner = finetuning.search_finetuning(search, context, winner) or winner
     except signals.Interrupted as exc:  # inside a candidate's throwaway run: its resume command means nothing
@@ -128,3 +116,23 @@ def run(cfg: TrainConfig, given: set[str]) -> dict:
     metrics = final_run.refit(search, winner, final, scan)
     final_run.write_search(search, winner, final, metrics)
     return metrics
+
+
+def _compare_on_enough_images(search: Search, context: Context, budget: float) -> None:
+    """The training images the candidates are compared on: those --train-subsample asks for, else on a large
+    folder a seeded random subsample of as many as the budget and the memory allow (costs.compared_on,
+    costs.compared_memory_holds), and never fewer than COMPARED_PER_CLASS per class."""
+    cfg, scan = search.cfg, context.scan
+    by_budget = costs.compared_on(budget, len(scan.classes))
+    # no fewer than COMPARED_PER_CLASS per class, as by the budget: on fewer the comparisons say nothing
+    floor = costs.COMPARED_PER_CLASS * len(scan.classes)
+    compare_on = min(by_budget, max(costs.compared_memory_holds(search, context), floor))
+    if cfg.train_subsample:  # the images asked for, for the search and the final model
+        if cfg.train_subsample < len(scan.train):
+            features.keep_subsample(search, context, cfg.train_subsample, asked=True)
+    elif len(scan.train) > compare_on:
+        log.warning("search: the recipes are compared on a random %d of the %d training images%s; a chosen probe "
+                    "is then fitted on as many as the budget allows", compare_on, len(scan.train),
+                    " (what the memory holds)" if compare_on < by_budget else "")
+        features.keep_subsample(search, context, compare_on, asked=True)
+    search.compared_target = len(context.scan.train)
