@@ -185,6 +185,9 @@ def test_a_searched_probe_run_reads_as_one(run_dir):
     html = write_report(run_dir).read_text(encoding="utf-8")
     assert html.index("<h2>Headline") < html.index("<h2>Search") < html.index("<h2>Config")
     assert "2m 05s" in html and "wall time (search)" in html
+    # the reproduce command wraps at its spaces rather than running off the page
+    command = '<pre class="command"><span>transferkit</span> <span>train</span> <span>d</span> <span>--recipe</span>'
+    assert command in html and "pre.command{white-space:pre-wrap}" in html
     changed = html[html.index("<h2>Config"):html.index("<details>", html.index("<h2>Config"))]
     assert "auto: the recipe search chose" in changed and "linear-probe" in changed and "0.01" in changed
     assert "momentum" not in changed and "epochs" not in changed  # the defaults' values: in the fold only

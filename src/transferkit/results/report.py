@@ -49,7 +49,7 @@ img.fig{max-width:100%;height:auto;border:1px solid #eef1f6}
 .gallery{display:flex;flex-wrap:wrap;gap:.8em}
 figure{margin:0;width:180px;font-size:.8em}figure img{display:block;margin-bottom:.2em}
 figcaption code{word-break:break-all}
-pre{background:#f5f7fb;padding:.8em;overflow:auto}
+pre{background:#f5f7fb;padding:.8em;overflow:auto}pre.command{white-space:pre-wrap}pre.command span{white-space:nowrap}
 details{margin:.3em 0}summary{cursor:pointer}
 """
 
@@ -372,6 +372,13 @@ def _timing(metrics: dict | None, history: list[dict]) -> str:
     return "<h2>Timing</h2>" + _table(["", "value"], rows)
 
 
+def _command(command: str) -> str:
+    """A command line that wraps only at the spaces between its arguments (each one kept whole, so a flag is never
+    cut at its hyphens), so all of it shows; a copy still gives one line."""
+    words = " ".join(f"<span>{_e(word)}</span>" for word in command.split(" "))
+    return f'<pre class="command">{words}</pre>'
+
+
 def _images_compared_on(search: Mapping) -> str:
     """Where the candidates were compared on a subsample: on how many, and how many the final model got."""
     n = search.get("compared_on_images")
@@ -412,7 +419,7 @@ def _search(search: dict | None) -> str:
             + _images_compared_on(search)
             + (f" The ladder stopped early: {_e(str(search['stopped']))}." if search.get("stopped") else "")
             + " The same run without the search:</p>"
-            f"<pre>{_e(str(search.get('reproduce', '')))}</pre>")
+            f"{_command(str(search.get('reproduce', '')))}")
     from ..engine.scores import metric_words
 
     metric = metric_words(search["metric"]) if search.get("metric") else "score"  # older records: accuracy
