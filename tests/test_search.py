@@ -1016,7 +1016,8 @@ def test_the_first_extraction_keeps_as_many_images_as_it_and_their_cv_can_pay_fo
     from transferkit.search.state import Search
 
     n = 1024  # chunks of 128
-    monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None: 0.004 * (images or n))
+    monkeypatch.setattr(search_module.costs, "cv_seconds",
+                        lambda search, ctx, views, images=None: 0.004 * (images or n))
 
     class Taps:
         def features(self, chunk, views, digests, threads, desc):

@@ -72,9 +72,10 @@ class Search:
     starved: bool = False  # the budget paid for the first probe's features of only some of the images compared
     compared_target: int = 0  # training images the candidates were to be compared on (all, or the subsample asked)
     cv_repeats: int = 1  # 3-fold splits the last probe CV pooled (engine/probe.py cv_repeats): search.json
-    all_images_s: float | None = None  # estimated seconds of the chosen probe's run on every training image, where
-    # the budget fitted it on fewer
-    all_images_bytes: int | None = None  # and the memory that run needs, where the memory held fewer (final_run.grown_scan)
+    # The estimated seconds of the chosen probe's run on every training image, where the budget fitted it on fewer,
+    # and the memory that run needs, where the memory held fewer (final_run.grown_scan)
+    all_images_s: float | None = None
+    all_images_bytes: int | None = None
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
