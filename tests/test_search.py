@@ -77,6 +77,8 @@ def test_tiny_budget_returns_a_probe_on_time(tmp_path):
 def test_reproduce_command_gives_the_same_metrics(tmp_path):
     data = _folder(tmp_path / "data")
     metrics, search = _search(data, tmp_path / "run", mode="linear-probe")
+    # nothing fine-tunes: no probe is fitted on the inner hold-out (the ladder compares them by CV alone)
+    assert all(c["holdout"] is None for c in search["candidates"])
     command = shlex.split(search["reproduce"])
     assert command[:2] == ["transferkit", "train"] and "--recipe" in command
     subprocess.run([sys.executable, "-m", "transferkit", *command[1:]], check=True, capture_output=True)
@@ -644,6 +646,9 @@ def test_fine_tuning_candidates_are_compared_with_the_probe_image_by_image(tmp_p
         assert len(cand.holdout_pred) == len(probe.holdout_pred) == len(y) == 5  # 20% of 24 training images
         assert (cand.holdout_pred == y).mean() == cand.score
         assert (probe.holdout_pred == y).mean() == probe.holdout
+    # only the probe the fine-tuning is judged against paid for a fit on the inner hold-out
+    answered = [c["name"] for c in search["candidates"] if c["kind"] == "probe" and c["holdout"] is not None]
+    assert answered == [compared[0][1].name]
 
 
 @pytest.mark.slow
@@ -1548,3 +1553,21 @@ def test_a_search_on_two_training_images_per_class_gives_a_model(tmp_path):
     data = make_image_folder(tmp_path / "data", n_train=2, n_val=2, size=40, classes=("a", "b", "c", "d"))
     metrics, record = _search(data, tmp_path / "run", budget="30s")
     assert record["chosen"] and metrics["train_images"] == 8 and 0.0 <= metrics["best_val_acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_fine_tuning_waits_for_the_probes_hold_out_answers_and_skips_without_them(tmp_path, monkeypatch):
+    """The chosen probe's answers on the inner hold-out are fitted only once fine-tuning is to be judged against
+    them; where that fit and the cheapest candidate do not fit together, every candidate is skipped with the
+    numbers and the probe stays the model."""
+    import transferkit.search as search_module
+
+    monkeypatch.setattr(search_module.costs, "hold_out_seconds", lambda search, ctx, settings: 1e5)
+    data = _mislabel(_folder(tmp_path / "data"), 2)
+    metrics, search = _search(data, tmp_path / "run", budget="5m", epochs=2)
+    tuned = [c for c in search["candidates"] if c["kind"] != "probe"]
+    assert [c["kind"] for c in tuned] == ["partial", "finetune"]
+    assert all(c["status"].startswith("skipped: needs") and "inner hold-out fit (~100000s)" in c["status"]
+               for c in tuned)
+    assert all(c["holdout"] is None for c in search["candidates"])
+    assert search["chosen"].startswith("probe") and metrics["best_val_acc"] is not None

@@ -53,8 +53,8 @@ CV_MEMORY_COPIES = 5
 # 1.0-2.9 s for the fit; a throwaway timing of engine/probe.py cross_validate and fit_probe).
 FITS_PER_CV = 6
 # The MLP step's fits, in fits on all of the probe's rows: 3 CV folds of 2/3 of them (per repeat of the CV: see
-# engine/probe.py cv_repeats), then the inner run on 1 - INNER_FRACTION of them (the final run's is in its reserve).
-MLP_CV_FITS, MLP_INNER_FITS = 3 * 2 / 3, 1 - INNER_FRACTION
+# engine/probe.py cv_repeats; the final run's fit is in its reserve, an inner hold-out fit in fine-tuning's estimate).
+MLP_CV_FITS = 3 * 2 / 3
 
 
 def growth_seconds(search: Search, ctx: Context, settings: dict) -> float:
@@ -169,7 +169,7 @@ def cv_repeats(ctx: Context) -> int:
 
 def mlp_fits(ctx: Context) -> float:
     """The MLP step's fits, in fits on all of its rows (MLP_CV_FITS)."""
-    return MLP_CV_FITS * cv_repeats(ctx) + MLP_INNER_FITS
+    return MLP_CV_FITS * cv_repeats(ctx)
 
 
 def mlp_step_seconds(search: Search, ctx: Context) -> float:
@@ -310,6 +310,13 @@ def fit_seconds(search: Search, ctx: Context, settings: dict) -> float:
     if settings.get("probe_head") == "mlp":
         return mlp_fit_seconds(mlp_step_seconds(search, ctx), views * len(ctx.scan.train))
     return cv_seconds(search, ctx, views) / (FITS_PER_CV * cv_repeats(ctx))
+
+
+def hold_out_seconds(search: Search, ctx: Context, settings: dict) -> float:
+    """A probe's fit on the inner-train images (1 - INNER_FRACTION of them), one per scale: what its answers on
+    the inner hold-out cost where a fine-tuning candidate is to be judged against them."""
+    scales = 2 if settings.get("probe_scale") else 1
+    return fit_seconds(search, ctx, settings) * (1 - INNER_FRACTION) * scales
 
 
 def step_seconds(search: Search, ctx: Context, settings: dict) -> float:

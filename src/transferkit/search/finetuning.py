@@ -43,15 +43,17 @@ def search_finetuning(search: Search, ctx: Context, probe: Candidate) -> Candida
     # against the probe's 0.8497. A --mode that fine-tunes, given, asks for a fine-tuned model: the candidate of
     # that mode wins if it ran.
     y, judged = ctx.y[ctx.inner[1]], {"metric": search.metric, "seed": cfg.seed, "n_classes": len(ctx.scan.classes)}
-    bar = -1.0 if "mode" in given else probe.holdout + standard_error(probe.holdout_pred, y, **judged)
-    if bar >= 1.0:  # the probe is right on every inner hold-out image: no fine-tuning score can be above it
+    pending = 0.0 if "mode" in given else _probe_answers(search, ctx, probe, kinds)
+    bar = -1.0 if "mode" in given else None if pending else \
+        probe.holdout + standard_error(probe.holdout_pred, y, **judged)
+    if bar is not None and bar >= 1.0:  # the probe is right on every inner hold-out image: nothing can score above
         why = "no fine-tuning: the probe is right on the whole inner hold-out"
         search.stopped = f"{search.stopped}; {why}" if search.stopped else why
         log.info("search: %s", why)
         return None
     best = None
     for kind in kinds:
-        cand = _finetune_candidate(search, ctx, probe, kind)
+        cand = _finetune_candidate(search, ctx, probe, kind, pending)  # skipped while the probe's answers are
         if cand.score is None:
             continue
         why_not = None if "mode" in given else not_clearly_better(cand, probe, bar, y, **judged)
@@ -66,6 +68,30 @@ def search_finetuning(search: Search, ctx: Context, probe: Candidate) -> Candida
                     "(or --recipe tutorial) fine-tunes", cfg.mode)
     return best
 
+
+
+def _probe_answers(search: Search, ctx: Context, probe: Candidate, kinds: list[str]) -> float:
+    """The probe's answers on the inner hold-out, which every fine-tuning candidate is judged against: fitted now
+    (probes.answer_hold_out; the ladder compares probes by CV alone, so no probe pays for this fit where nothing
+    fine-tunes) where that fit, the cheapest candidate and the final run fit in what is left. Returns the seconds
+    still owed for them: 0 once they are in, else the fit's estimate, which each candidate then adds to its own."""
+    from . import probes
+
+    seconds = costs.hold_out_seconds(search, ctx, probe.settings)
+    cheapest = min(_least_seconds(search, ctx, _finetune_settings(search, probe, kind)) for kind in kinds)
+    reserve = costs.final_reserve(search, ctx, probe.settings)
+    if seconds + cheapest + FIXED_OVERHEAD_S > search.left() or \
+            not probes.answer_hold_out(search, ctx, probe, search.deadline - reserve):
+        return max(seconds, 1.0)
+    return 0.0
+
+
+def _least_seconds(search: Search, ctx: Context, settings: dict) -> float:
+    """The least a fine-tuning candidate with these settings costs, before its step is timed: partial's
+    activations, or ~3 forward passes per image for the other kinds' fewest epochs (the inner run and the refit)."""
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
+    once = costs.activation_seconds(search, settings, n, m, ctx.cost)
+    return once or (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n * costs.view_seconds(search, ctx)
 
 def not_clearly_better(cand: Candidate, probe: Candidate, bar: float, y: np.ndarray, metric: str = "accuracy",
                         seed: int = 0, n_classes: int | None = None) -> str | None:
@@ -117,17 +143,22 @@ def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
     return settings
 
 
-def _finetune_candidate(search: Search, ctx: Context, probe: Candidate, kind: str) -> Candidate:
+def _finetune_candidate(search: Search, ctx: Context, probe: Candidate, kind: str,
+                        pending: float = 0.0) -> Candidate:
+    """`pending`: seconds the probe's inner hold-out answers still need (_probe_answers)."""
     from ..engine.fit import fit
 
     settings = _finetune_settings(search, probe, kind)
     cand = search.add(Candidate(f"{kind} from the probe's head", kind, settings))
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     once = costs.activation_seconds(search, settings, n, m, ctx.cost)
-    # At the least: partial's activations, or ~3 forward passes per step for the other kinds. If even that
-    # cannot fit, don't spend time timing a step.
-    cand.estimate_s = once or (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n * costs.view_seconds(search, ctx)
-    if not search.affords(cand, FIXED_OVERHEAD_S):
+    cand.estimate_s = _least_seconds(search, ctx, settings)
+    if pending:  # the probe's answers and the cheapest candidate did not fit together: this one does not either
+        cand.status = (f"skipped: needs ~{cand.estimate_s:.0f}s after the probe's inner hold-out fit (~{pending:.0f}s) "
+                       f"and with the final run, {search.left():.0f}s left")
+        log.info("search: %s %s", cand.name, cand.status)
+        return cand
+    if not search.affords(cand, FIXED_OVERHEAD_S):  # even its least: no time spent timing a step
         return cand
     step_s = costs.step_seconds(search, ctx, settings)
     per_epoch = step_s * n
@@ -164,8 +195,9 @@ def _finetune_candidate(search: Search, ctx: Context, probe: Candidate, kind: st
     settings["epochs"] = metrics["best_epoch"]
     cand.holdout_pred = answers.by_epoch.get(metrics["best_epoch"])
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
-    log.info("search: %s: inner hold-out %s %.4f at epoch %d (probe %.4f), %.0fs", cand.name,
-             metric_words(search.metric), cand.score, metrics["best_epoch"], probe.holdout, cand.seconds)
+    probe_text = "" if probe.holdout is None else f" (probe {probe.holdout:.4f})"  # a --mode given: not judged
+    log.info("search: %s: inner hold-out %s %.4f at epoch %d%s, %.0fs", cand.name, metric_words(search.metric),
+             cand.score, metrics["best_epoch"], probe_text, cand.seconds)
     return cand
 
 

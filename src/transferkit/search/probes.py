@@ -166,10 +166,10 @@ def _run_probe(search: Search, ctx: Context, cand: Candidate, reserve: float, op
 
 def _mlp_candidate(search: Search, ctx: Context, best: Candidate) -> Candidate | None:
     """The best probe's features with an MLP head (engine/probe.py fit_mlp) in place of the logistic
-    regression: no extraction, only its fits (3 CV folds, then the inner hold-out), planned from one timed
-    training step. Scored by the same 3-fold CV; it keeps the linear probe's settings (crop, views, pooling,
-    stages and C), so the later probes build on them as on the linear one's."""
-    from ..engine.probe import cross_validate_mlp, fit_probe, mlp_fit_seconds, predict_proba
+    regression: no extraction, only its fits (3 CV folds), planned from one timed training step. Scored by the
+    same 3-fold CV; it keeps the linear probe's settings (crop, views, pooling, stages and C), so the later probes
+    build on them as on the linear one's."""
+    from ..engine.probe import cross_validate_mlp, mlp_fit_seconds
     from ..engine.probe_train import PROBE_VIEWS
 
     if best.score is None or not ladder.tries_mlp(search):
@@ -187,19 +187,14 @@ def _mlp_candidate(search: Search, ctx: Context, best: Candidate) -> Candidate |
     t, n_classes, seed = time.perf_counter(), len(ctx.scan.classes), search.cfg.seed
     x = features.probe_features(search, ctx, s["crop_fraction"], views, reserve)  # cached by the probe it builds on
     columns = ctx.taps_for(s["crop_fraction"]).columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"])
-    deadline, (inner_train, inner_test) = search.deadline - reserve, ctx.inner
-    balanced = search.cfg.balanced_classes
-    score = cross_validate_mlp(x, ctx.y, columns, n_classes, seed=seed, deadline=deadline, balanced=balanced,
-                               metric=search.metric)
-    fit = None if score is None else fit_probe(x[inner_train], ctx.y[inner_train], columns, None, n_classes,
-                                               head="mlp", seed=seed, deadline=deadline, balanced=balanced)
+    score = cross_validate_mlp(x, ctx.y, columns, n_classes, seed=seed, deadline=search.deadline - reserve,
+                               balanced=search.cfg.balanced_classes, metric=search.metric)
     cand.seconds = time.perf_counter() - t
-    if fit is None:
+    if score is None:
         cand.status = "stopped: its fits ran slower than planned"
         log.info("search: %s %s", cand.name, cand.status)
         return cand
     cand.score, cand.status = score, "ran"
-    state.answered(search, ctx, cand, predict_proba(fit, x[inner_test]).argmax(1))
     log.info("search: %s: %s %.4f (the linear head's %.4f), %.0fs", cand.name, state.cv_name(search), score,
              best.score, cand.seconds)
     return cand
@@ -209,8 +204,9 @@ def _score_probe(search: Search, ctx: Context, cand: Candidate, x: np.ndarray, r
                  options=None) -> None:
     """Pooling/stages (those of `options`, else every one that is not given) and C by 3-fold CV on train,
     stopping where only `reserve` seconds would be left (the C grid runs from strong to weak regularization, the
-    slow end last); then the inner hold-out score, for comparing with fine-tuning."""
-    from ..engine.probe import cross_validate, fit_probe, predict_proba
+    slow end last). Its inner hold-out answers wait for a fine-tuning candidate to be judged against them
+    (answer_hold_out)."""
+    from ..engine.probe import cross_validate
     from ..engine.probe_train import C_GRID
 
     cfg, given, taps = search.cfg, search.given, ctx.taps_for(cand.settings["crop_fraction"])
@@ -233,12 +229,6 @@ def _score_probe(search: Search, ctx: Context, cand: Candidate, x: np.ndarray, r
             cand.settings.update(probe_pooling=pooling, probe_stages=stages or len(taps.widths), probe_c=cv.C,
                                  probe_pixels=pixels, cv_per_C=cv.per_C)
     search.cv_row_s = (time.perf_counter() - t) / (x.shape[0] * x.shape[1] * search.cv_repeats)
-    s = cand.settings
-    inner_train, inner_test = ctx.inner
-    fit = fit_probe(x[inner_train], ctx.y[inner_train],
-                    taps.columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"]), s["probe_c"], n_classes,
-                    balanced=cfg.balanced_classes)
-    state.answered(search, ctx, cand, predict_proba(fit, x[inner_test]).argmax(1))
 
 
 def _two_scale_candidate(search: Search, ctx: Context, best: Candidate) -> Candidate | None:
@@ -280,9 +270,9 @@ def _planned_two_scale(search: Search, ctx: Context, best: Candidate, view_set: 
 
 
 def _run_two_scale(search: Search, ctx: Context, cand: Candidate, best: Candidate, reserve: float) -> None:
-    """Extract the larger scale's views, then score the pair by 3-fold CV and on the inner hold-out. The native
-    scale keeps the best probe's C (chosen on the same images, with these views or more of them)."""
-    from ..engine.probe import cross_validate, cross_validate_stacked, fit_probe
+    """Extract the larger scale's views, then score the pair by 3-fold CV. The native scale keeps the best
+    probe's C (chosen on the same images, with these views or more of them)."""
+    from ..engine.probe import cross_validate, cross_validate_stacked
     from ..engine.probe_train import C_GRID, PROBE_VIEWS
 
     s, t = cand.settings, time.perf_counter()
@@ -301,11 +291,36 @@ def _run_two_scale(search: Search, ctx: Context, cand: Candidate, best: Candidat
     Cs = [large.C, s["probe_scale_c"]]
     s.update(probe_c=large.C, cv_at_larger_size=large.score)
     cand.score = cross_validate_stacked([x_large, x_native], ctx.y, columns, Cs, n_classes, seed=seed, **weighting)
-    inner_train, inner_test = ctx.inner
-    logits = sum(fit_probe(x[inner_train], ctx.y[inner_train], columns, C, n_classes, balanced=weighting["balanced"])
-                 .logits(x[inner_test]) for x, C in zip((x_large, x_native), Cs))
-    state.answered(search, ctx, cand, logits.mean(1).argmax(-1))
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
     log.info("search: %s: %s %.4f (%d px alone %.4f; best so far %.4f), %.0fs", cand.name, state.cv_name(search),
-             cand.score,
-             size, large.score, best.score, cand.seconds)
+             cand.score, size, large.score, best.score, cand.seconds)
+
+
+def answer_hold_out(search: Search, ctx: Context, probe: Candidate, deadline: float) -> bool:
+    """Fit the probe as its settings say (its C, its MLP head or its two scales) on the inner-train images and
+    record its answers on the inner hold-out, which fine-tuning candidates are judged against: done only where
+    one is (finetuning.py), since the ladder's probes are compared by CV alone. ctx: the probe's backbone's, whose
+    features are cached. False where an MLP head's fit would end past `deadline`."""
+    from ..engine.probe import fit_probe
+    from ..engine.probe_train import PROBE_VIEWS
+
+    s, (inner_train, inner_test) = probe.settings, ctx.inner
+    crop, views = s["crop_fraction"], PROBE_VIEWS[s["probe_views"]]
+    fitting = {"n_classes": len(ctx.scan.classes), "balanced": search.cfg.balanced_classes}
+    if s.get("probe_scale"):  # one probe per scale, their logits summed
+        columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"])
+        scales = [(features.train_features(search, ctx, crop, views, 0.0, size=s["image_size"]), s["probe_c"]),
+                  (features.train_features(search, ctx, crop, views, 0.0), s["probe_scale_c"])]
+    else:
+        columns = ctx.taps_for(crop).columns(s["probe_stages"], s["probe_pooling"], s["probe_pixels"])
+        scales = [(features.probe_features(search, ctx, crop, views, 0.0), s.get("probe_c"))]
+    head = s.get("probe_head", "linear")
+    logits = 0.0
+    for x, C in scales:
+        fit = fit_probe(x[inner_train], ctx.y[inner_train], columns, None if head == "mlp" else C, head=head,
+                        seed=search.cfg.seed, deadline=deadline, **fitting)
+        if fit is None:
+            return False
+        logits = logits + fit.logits(x[inner_test])
+    state.answered(search, ctx, probe, logits.mean(1).argmax(-1))
+    return True

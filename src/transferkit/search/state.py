@@ -36,7 +36,9 @@ class Candidate:
     estimate_s: float = 0.0
     # In the search's metric (TrainConfig.selection_metric): 3-fold CV (probes) or inner hold-out (fine-tuning)
     score: float | None = None
-    holdout: float | None = None  # probes: the score on the fine-tuning candidates' inner hold-out
+    # probes: the score on the fine-tuning candidates' inner hold-out; only the probe they are judged against has
+    # one (probes.answer_hold_out)
+    holdout: float | None = None
     # Its answer (a class index) for each inner hold-out image: fine-tuning is compared with the probe image by
     # image (finetuning.not_clearly_better). Not recorded in search.json.
     holdout_pred: np.ndarray | None = field(default=None, repr=False)
