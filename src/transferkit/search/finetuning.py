@@ -53,7 +53,7 @@ def search_finetuning(search: Search, ctx: Context, probe: Candidate) -> Candida
         return None
     best = None
     for kind in kinds:
-        cand = _finetune_candidate(search, ctx, probe, kind, pending)  # skipped while the probe's answers are
+        cand = _finetune_candidate(search, ctx, probe, kind, pending)  # skipped where the answers are owed
         if cand.score is None:
             continue
         why_not = None if "mode" in given else not_clearly_better(cand, probe, bar, y, **judged)
@@ -69,12 +69,12 @@ def search_finetuning(search: Search, ctx: Context, probe: Candidate) -> Candida
     return best
 
 
-
 def _probe_answers(search: Search, ctx: Context, probe: Candidate, kinds: list[str]) -> float:
     """The probe's answers on the inner hold-out, which every fine-tuning candidate is judged against: fitted now
     (probes.answer_hold_out; the ladder compares probes by CV alone, so no probe pays for this fit where nothing
-    fine-tunes) where that fit, the cheapest candidate and the final run fit in what is left. Returns the seconds
-    still owed for them: 0 once they are in, else the fit's estimate, which each candidate then adds to its own."""
+    fine-tunes) where that fit, the cheapest candidate and a final run's fixed costs fit in what is left. Returns
+    the seconds still owed for them: 0 once they are in, else the fit's estimate, and every candidate is then
+    skipped with it."""
     from . import probes
 
     seconds = costs.hold_out_seconds(search, ctx, probe.settings)
@@ -92,6 +92,7 @@ def _least_seconds(search: Search, ctx: Context, settings: dict) -> float:
     n, m = len(ctx.scan.train), len(ctx.scan.val)
     once = costs.activation_seconds(search, settings, n, m, ctx.cost)
     return once or (2 - INNER_FRACTION) * FT_EPOCHS[0] * 3 * n * costs.view_seconds(search, ctx)
+
 
 def not_clearly_better(cand: Candidate, probe: Candidate, bar: float, y: np.ndarray, metric: str = "accuracy",
                         seed: int = 0, n_classes: int | None = None) -> str | None:
