@@ -18,7 +18,6 @@ accuracy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cold_env, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import (benchmark_parser, cold_env, elpv, environment_line, stratified_subset, table,  # noqa: E402
+                    write_section)
 
 from transferkit.config import DEFAULT_TIME_BUDGET  # noqa: E402
 
@@ -149,8 +149,7 @@ def bench_set(name: str, work: Path, budgets: list[str], tutorial: bool = True, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True)
+    ap = benchmark_parser(__doc__, work=None)
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--budget", default=DEFAULT_TIME_BUDGET, help="the auto runs' budget (default: the CLI's)")
     ap.add_argument("--long", default="", help="sets that also run with --long-budget")

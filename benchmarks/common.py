@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
@@ -20,6 +21,25 @@ from transferkit.engine.environment import describe_environment
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Where the benchmarks materialize ELPV and their other folders unless told otherwise: one place, so that a second
+# benchmark reuses the first one's data.
+SHARED_WORK = Path(tempfile.gettempdir()) / "transferkit-bench"
+
+
+def benchmark_parser(doc: str, work: Path | None = SHARED_WORK,
+                     work_help: str = "folder for the data, runs and caches (shared with the other benchmarks)",
+                     model: bool = False) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its docstring's first line as description and the `--work` folder every
+    benchmark takes (required where `work` is None), as a Path; `model` adds `--model` (default
+    efficientnet_lite0) for the benchmarks that time one backbone."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if work is None:
+        ap.add_argument("--work", type=Path, required=True, help=work_help)
+    else:
+        ap.add_argument("--work", type=Path, default=work, help=f"{work_help}; default {work}")
+    if model:
+        ap.add_argument("--model", default="efficientnet_lite0")
+    return ap
 
 
 def elpv(out: Path, classes: int = 2) -> Path:

@@ -1,7 +1,7 @@
 """`transferkit data check` on ELPV (2 classes): what it finds, how long it takes warm, and whether a
 group-aware split changes the val accuracy of a cheap feature-extract recipe.
 
-    python benchmarks/datacheck.py [--data /tmp/elpv2] [--work /tmp/datacheck-bench] [--no-train]
+    python benchmarks/datacheck.py [--data /tmp/elpv2] [--work DIR] [--no-train]
 
 1. Materializes ELPV (`transferkit data elpv DATA --classes 2`) if missing, runs `transferkit data check`
    twice (the first may extract features; the second is the warm timing), and reads check.json.
@@ -16,7 +16,6 @@ benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import SHARED_WORK, benchmark_parser, environment_line, table, write_section  # noqa: E402
 
 GROUP_CORRELATION = "0.995"
 RECIPE = ["--recipe", "tutorial", "--mode", "feature-extract", "--epochs", "15"]  # no recipe search: one fixed run
@@ -40,9 +39,8 @@ def transferkit(*args: str) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchmark_parser(__doc__, work=SHARED_WORK / "datacheck")
     ap.add_argument("--data", default="/tmp/elpv2")
-    ap.add_argument("--work", default="/tmp/datacheck-bench")
     ap.add_argument("--no-train", action="store_true", help="skip the two training runs (section datacheck_split)")
     ap.add_argument("--no-check", action="store_true", help="skip the check runs (section datacheck)")
     args = ap.parse_args()

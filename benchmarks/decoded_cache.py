@@ -11,7 +11,6 @@ store is built before timing (its one-off build time is reported beside it).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -25,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import benchmark_parser, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.data.dataset import ImageListDataset, skip_broken_collate  # noqa: E402
 from transferkit.data.decoded import DecodedDataset, decode_missing, open_store  # noqa: E402
@@ -83,9 +82,7 @@ def measure(name: str, paths: list[str], pre, cache: Path, workers_list: list[in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default="/tmp/bench")
-    ap.add_argument("--model", default="efficientnet_lite0")
+    ap = benchmark_parser(__doc__, model=True)
     ap.add_argument("--photos", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--batch", type=int, default=32)

@@ -11,7 +11,6 @@ cores // nproc threads per process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cold_env, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import (benchmark_parser, cold_env, elpv, environment_line, stratified_subset, table,  # noqa: E402
+                    write_section)
 
 
 def extract_once(data: Path, nproc: int, work: Path, tag: str, threads: int | None = None) -> dict:
@@ -49,11 +49,10 @@ def median_s(rows: list[dict], processes: int, one_thread: bool) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchmark_parser(__doc__,
+                          work_help="where the ELPV folders are materialized (shared with the other benchmarks)")
     ap.add_argument("--images", type=int, default=160, help="train images (val: a quarter of that)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"),
-                    help="where the ELPV folders are materialized (shared with the other benchmarks)")
     args = ap.parse_args()
     env_line = environment_line()
     shared = Path(args.work)

@@ -10,18 +10,15 @@ work is the file's decode); the two run in turns, so a slow spell of a shared bo
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import benchmark_parser, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.data.images import load_rgb  # noqa: E402
 from transferkit.data.transforms import eval_crop  # noqa: E402
@@ -29,9 +26,7 @@ from transferkit.models.registry import get_spec  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
-    ap.add_argument("--model", default="efficientnet_lite0")
+    ap = benchmark_parser(__doc__, model=True)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     work = Path(args.work)

@@ -14,7 +14,6 @@ the extra CPU time extraction spends per image (decoding, cropping, copies, the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -26,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (cpu_seconds, elpv, environment_line, stratified_subset, table, thread_cpu_by_role,  # noqa: E402
-                    write_section)
+from common import (benchmark_parser, cpu_seconds, elpv, environment_line, stratified_subset, table,  # noqa: E402
+                    thread_cpu_by_role, write_section)
 
 from transferkit.data.images import load_rgb  # noqa: E402
 from transferkit.data.transforms import eval_transform  # noqa: E402
@@ -45,9 +44,7 @@ SPLIT_COLUMNS = [f"{role} CPU ms/image" for role in ("network", "decode", "main"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
-    ap.add_argument("--model", default="efficientnet_lite0")
+    ap = benchmark_parser(__doc__, model=True)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))

@@ -17,9 +17,7 @@ reported relative to their scale. A variant is worth keeping only where it is fa
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import benchmark_parser, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
 
 from transferkit.data.images import load_rgb  # noqa: E402
 from transferkit.data.transforms import eval_transform  # noqa: E402
@@ -124,9 +122,7 @@ def rate(engine: OrtEngine, x: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
-    ap.add_argument("--model", default="efficientnet_lite0")
+    ap = benchmark_parser(__doc__, model=True)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)

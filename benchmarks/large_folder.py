@@ -17,9 +17,7 @@ seconds, training images of the final model, the choice, and val accuracy with i
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cold_env, environment_line, table, write_section  # noqa: E402
+from common import benchmark_parser, cold_env, environment_line, table, write_section  # noqa: E402
 
 SIDE, CLASSES = 64, 10
 
@@ -75,8 +73,7 @@ def run(data: Path, out: Path, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md as it is")
     args = ap.parse_args()

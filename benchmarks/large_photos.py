@@ -18,7 +18,6 @@ no-op in that process only). Also the largest difference between the two arms' e
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cold_env, environment_line, table, write_section  # noqa: E402
+from common import SHARED_WORK, benchmark_parser, cold_env, environment_line, table, write_section  # noqa: E402
 
 from transferkit.data import images  # noqa: E402
 from transferkit.data.transforms import eval_crop  # noqa: E402
@@ -102,8 +101,7 @@ def cold_run(data: Path, work: Path, full: bool, tag: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench", "photos"))
+    ap = benchmark_parser(__doc__, work=SHARED_WORK / "photos")
     ap.add_argument("--per-class", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()

@@ -11,17 +11,15 @@ short epochs spent most of its time writing checkpoints until they were written 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cold_env, elpv, environment_line, stratified_subset, table, write_section  # noqa: E402
+from common import (benchmark_parser, cold_env, elpv, environment_line, stratified_subset, table,  # noqa: E402
+                    write_section)
 
 HEAD_SRC = Path(__file__).resolve().parents[1] / "src"
 RUNS = {  # name -> TrainConfig options (the tutorial recipe, no search)
@@ -69,11 +67,10 @@ def run_side(src: Path, options: dict, out: Path, cache: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--base", default="main", help="git revision to compare this tree's src/ with")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--runs", default="feature-extract", help="comma-separated prefixes of the runs to time")
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
     args = ap.parse_args()
     work = Path(args.work)
     data = stratified_subset(elpv(work / "elpv2", 2), work / "elpv2-seed-sized", 244, 153)

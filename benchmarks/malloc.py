@@ -10,9 +10,7 @@ and peak RSS per run. Prints, and writes its section of benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import os
 import shutil
 import statistics
 import sys
@@ -20,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import elpv, environment_line, run_cli, stratified_subset, table, write_section  # noqa: E402
+from common import (SHARED_WORK, benchmark_parser, elpv, environment_line, run_cli, stratified_subset,  # noqa: E402
+                    table, write_section)
 
 SETTINGS = {"kept (the program's)": {}, "glibc defaults": {"TRANSFERKIT_MALLOC": "default"}}
 
@@ -39,8 +38,8 @@ def run(data: Path, out: Path, options: list[str], env: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench-malloc"))
+    ap = benchmark_parser(__doc__, work=SHARED_WORK.with_name("transferkit-bench-malloc"),
+                          work_help="a folder of its own for the data and runs, whose caches must start cold")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--data", type=Path, help="an ELPV 2-class folder made elsewhere")

@@ -21,7 +21,6 @@ Each row: seconds, images/s, val accuracy, and the largest probability differenc
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cold_env, elpv, environment_line, table, write_section  # noqa: E402
+from common import benchmark_parser, cold_env, elpv, environment_line, table, write_section  # noqa: E402
 
 
 def train(data: Path, run: Path, cache: Path, views: str = "dihedral") -> dict:
@@ -55,8 +54,7 @@ def predicted(predictor, paths: list[str]) -> tuple[float, np.ndarray]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", required=True, help="folder for the data, the run and its feature caches")
+    ap = benchmark_parser(__doc__, work=None, work_help="folder for the data, the run and its feature caches")
     ap.add_argument("--classes", type=int, default=2, choices=(2, 4))
     args = ap.parse_args()
     work = Path(args.work)

@@ -15,9 +15,7 @@ benchmarks/scale_rows.json and the RESULTS.md table is rebuilt from all rows of 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, run_cli, table, write_section  # noqa: E402
+from common import benchmark_parser, environment_line, run_cli, table, write_section  # noqa: E402
 
 SIDE = 28
 CLASSES = 10
@@ -78,8 +76,7 @@ def run(data: Path, out: Path, cache: Path, extra: list[str]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--sizes", default="10000,30000,70000")
     ap.add_argument("--extra", default="", help="more `transferkit train` options, e.g. '--epochs 5'")
     ap.add_argument("--fresh", action="store_true", help="forget the rows recorded by earlier invocations")

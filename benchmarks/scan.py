@@ -16,7 +16,6 @@ fingerprints, both ways, in the same process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import benchmark_parser, environment_line, table, write_section  # noqa: E402
 from large_folder import generate  # noqa: E402
 
 MEASURE = """
@@ -59,8 +58,7 @@ def measure(data: Path, way: str, pairs: bool, records: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", required=True, help="folder for the generated images (reused when complete)")
+    ap = benchmark_parser(__doc__, work=None, work_help="folder for the generated images (reused when complete)")
     ap.add_argument("--images", default="10000,100000")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md as it is")

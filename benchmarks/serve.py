@@ -24,7 +24,6 @@ the cores than the bare one, so a verdict reached beside other work says so.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import json
@@ -32,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (elpv, environment_line, proc_cpu_seconds, table, thread_cpu_by_role,  # noqa: E402
+from common import (benchmark_parser, elpv, environment_line, proc_cpu_seconds, table, thread_cpu_by_role,  # noqa: E402
                     write_section)
 
 CLIENTS = (1, 4, 16)
@@ -51,9 +49,7 @@ SHARED_CORES = 0.25  # others' mean cores above which a pair was measured beside
 def main() -> None:
     from transferkit.serve import ServeOptions
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
-    ap.add_argument("--model", default="efficientnet_lite0")
+    ap = benchmark_parser(__doc__, model=True)
     ap.add_argument("--requests", type=int, default=300, help="requests per phase (at most)")
     ap.add_argument("--seconds", type=float, default=60, help="seconds per phase (at most)")
     ap.add_argument("--repeats", type=int, default=5, help="alternations of bare engine / 16 clients")

@@ -18,10 +18,8 @@ Prints, and writes its section of benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -34,8 +32,8 @@ import torch.nn as nn
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import (IMAGE_SUFFIXES, cpu_seconds, elpv, environment_line, run_cli, stratified_subset, table,  # noqa: E402
-                    write_section)
+from common import (IMAGE_SUFFIXES, benchmark_parser, cpu_seconds, elpv, environment_line, run_cli,  # noqa: E402
+                    stratified_subset, table, write_section)
 
 from transferkit.models.adapt import build_model  # noqa: E402
 from transferkit.models.registry import get_spec  # noqa: E402
@@ -186,8 +184,7 @@ def result_rows(mode, label, epochs, n_train, tut, tk, precision, rows) -> list[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "transferkit-bench"))
+    ap = benchmark_parser(__doc__)
     ap.add_argument("--fe-epochs", type=int, default=15, help="the tutorial's feature-extract epochs")
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--modes", default="feature-extract,finetune")
