@@ -7,7 +7,7 @@ that finds every file in the folder's scan record (data/scan_record.py), one sit
 The folder: benchmarks/large_folder.py's generated 64×64 grey gratings under noise (10 classes, 80/20 split;
 small PNGs, where the check of a file is mostly Python). Each measurement is `scan_dataset(DIR)` in a fresh
 Python process with torch imported first (as a `transferkit train` scans); the two ways alternate, and each
-row is the median of --repeats. "threads + buckets" sets folders.SCAN_PROCESSES_FROM and
+row is the median of --repeats. "threads + buckets" sets folders.checks.SCAN_PROCESSES_FROM and
 fingerprint.NEAR_SEARCH_FROM above the folder's size, which is the code before the change; both run with the
 scan record off (TRANSFERKIT_SCAN_CACHE=off). "re-scan" is the scan as it is with a record made by two untimed
 scans before (in a folder under --work). The pairs columns time `same_picture_pairs` alone on the scan's own
@@ -32,13 +32,13 @@ import json, sys, time
 import torch  # noqa: F401 - a training run has it loaded when it scans
 from transferkit.data import fingerprint, folders
 if sys.argv[2] == "before":
-    folders.SCAN_PROCESSES_FROM = fingerprint.NEAR_SEARCH_FROM = 10 ** 12
+    folders.checks.SCAN_PROCESSES_FROM = fingerprint.NEAR_SEARCH_FROM = 10 ** 12
 t = time.perf_counter()
 scan = folders.scan_dataset(sys.argv[1])
 result = {"scan s": time.perf_counter() - t, "images": len(scan.train) + len(scan.val)}
 if sys.argv[2] == "re-scan":
     from transferkit.data.scan_record import ScanRecord, scan_settings
-    settings = scan_settings(folders.MIN_SIDE, folders.SCAN_SHORTER_SIDE)
+    settings = scan_settings(folders.checks.MIN_SIDE, folders.checks.SCAN_SHORTER_SIDE)
     result["recorded"] = len(ScanRecord(scan.root, settings).entries)
 if sys.argv[3] == "pairs":
     for way, near_from in (("pairs s, buckets", 10 ** 12), ("pairs s, k-d tree", 2)):

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from transferkit.data import images
+from transferkit.data.folders.checks import verify_one
 from transferkit.data.folders import (
     INFORMATIONAL_KINDS,
     DataScan,
-    _verify_one as _real_verify_one,
     file_sha256,
     read_manifest,
     scan_dataset,
@@ -103,13 +103,13 @@ def test_every_file_is_either_used_or_reported(torture):
 
 
 def test_a_scan_in_processes_gives_what_the_threads_give(torture, monkeypatch):
-    """A large folder's files are checked in forked processes (folders.SCAN_PROCESSES_FROM); the scan must
+    """A large folder's files are checked in forked processes (folders.checks.SCAN_PROCESSES_FROM); the scan must
     be the same: samples, every problem, digests and fingerprints."""
     from transferkit.data import folders
 
     info, threaded = torture
-    monkeypatch.setattr(folders, "SCAN_PROCESSES_FROM", 1)
-    monkeypatch.setattr(folders, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
+    monkeypatch.setattr(folders.checks, "SCAN_PROCESSES_FROM", 1)
+    monkeypatch.setattr(folders.checks, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
     forked = scan_dataset(info["root"])
     assert (forked.train, forked.val, forked.classes) == (threaded.train, threaded.val, threaded.classes)
     assert forked.problems == threaded.problems
@@ -122,7 +122,7 @@ _SCANNING_PID = os.getpid()
 def _dies_in_a_scan_process(path, no_ext):
     if os.getpid() != _SCANNING_PID:
         os._exit(3)  # as a process killed for memory, or a decoder that crashes, would end
-    return _real_verify_one(path, no_ext)
+    return verify_one(path, no_ext)
 
 
 def test_a_scan_process_that_dies_leaves_the_checks_to_threads(tmp_path, monkeypatch, caplog):
@@ -131,9 +131,9 @@ def test_a_scan_process_that_dies_leaves_the_checks_to_threads(tmp_path, monkeyp
     root = _split(tmp_path / "data", {"a": 3, "b": 3}, {"a": 1, "b": 1})
     expected = scan_dataset(root)
     monkeypatch.setitem(globals(), "_SCANNING_PID", os.getpid())
-    monkeypatch.setattr(folders, "SCAN_PROCESSES_FROM", 1)
-    monkeypatch.setattr(folders, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
-    monkeypatch.setattr(folders, "_verify_one", _dies_in_a_scan_process)
+    monkeypatch.setattr(folders.checks, "SCAN_PROCESSES_FROM", 1)
+    monkeypatch.setattr(folders.checks, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
+    monkeypatch.setattr(folders.checks, "verify_one", _dies_in_a_scan_process)
     scan = scan_dataset(root)
     assert (scan.train, scan.val, scan.digests) == (expected.train, expected.val, expected.digests)
     assert "a data-scan process ended abnormally" in caplog.text
@@ -542,7 +542,7 @@ def test_valid_folder_is_the_val_split_next_to_train(tmp_path):
 
 
 def test_scan_of_large_jpegs_keeps_their_stored_size_and_finds_copies(tmp_path, monkeypatch):
-    """The scan decodes a large JPEG at a reduced scale (folders.SCAN_SHORTER_SIDE); its fingerprint still
+    """The scan decodes a large JPEG at a reduced scale (folders.checks.SCAN_SHORTER_SIDE); its fingerprint still
     carries the picture's own size, and it finds the same re-encoded copies as a full decode."""
     import numpy as np
 
@@ -559,7 +559,7 @@ def test_scan_of_large_jpegs_keeps_their_stored_size_and_finds_copies(tmp_path, 
                 img.save(path, "JPEG", quality=90 if split == "train" else 80)  # val: re-encoded copies
     reduced = scan_dataset(tmp_path)
     assert {fp.size for fp in reduced.fingerprints.values()} == {(1600, 1200)}
-    monkeypatch.setattr(folders, "SCAN_SHORTER_SIDE", None)
+    monkeypatch.setattr(folders.checks, "SCAN_SHORTER_SIDE", None)
     full = scan_dataset(tmp_path)
     copies = [e["path"] for e in reduced.problems["same_picture_across_splits"]]
     assert len(copies) >= 4 and copies == [e["path"] for e in full.problems["same_picture_across_splits"]]

@@ -20,15 +20,15 @@ def recording(tmp_path, monkeypatch):
 
 @pytest.fixture
 def checks(monkeypatch):
-    """The paths _verify_one is called on (threads: the scan of a small folder runs in this process)."""
+    """The paths verify_one is called on (threads: the scan of a small folder runs in this process)."""
     seen = []
-    real = folders._verify_one
+    real = folders.checks.verify_one
 
     def counted(path, no_ext):
         seen.append(path)
         return real(path, no_ext)
 
-    monkeypatch.setattr(folders, "_verify_one", counted)
+    monkeypatch.setattr(folders.checks, "verify_one", counted)
     return seen
 
 
@@ -126,7 +126,7 @@ def test_files_modified_just_before_the_scan_are_not_recorded(tmp_path, recordin
 def test_other_scan_settings_do_not_use_the_record(tmp_path, recording, checks, monkeypatch):
     root = _tiny(tmp_path / "data")
     scan_dataset(root)
-    monkeypatch.setattr(folders, "SCAN_SHORTER_SIDE", 64)  # the checks would decode JPEGs at another scale
+    monkeypatch.setattr(folders.checks, "SCAN_SHORTER_SIDE", 64)  # the checks would decode JPEGs at another scale
     checks.clear()
     scan_dataset(root)
     assert len(checks) == 12
@@ -148,7 +148,7 @@ def test_only_the_most_recent_records_are_kept(tmp_path, recording, monkeypatch)
         for record in recording.glob("*.npz"):  # distinct times, oldest first
             os.utime(record, ns=(record.stat().st_atime_ns, record.stat().st_mtime_ns - 10**9))
     assert len(list(recording.glob("*.npz"))) == 2
-    assert scan_record.ScanRecord(roots[0], scan_record.scan_settings(folders.MIN_SIDE, 128)).entries == {}
+    assert scan_record.ScanRecord(roots[0], scan_record.scan_settings(folders.checks.MIN_SIDE, 128)).entries == {}
 
 
 def test_an_unwritable_cache_folder_is_no_error(tmp_path, monkeypatch):
@@ -193,7 +193,7 @@ def test_a_stop_during_the_scan_ends_it_at_once_and_keeps_what_was_checked(tmp_p
 
     root = _tiny(tmp_path / "data", n=20)  # 80 files
     seen, pressed = [], []
-    real = folders._verify_one
+    real = folders.checks.verify_one
 
     def ctrl_c_after_ten(path, no_ext):
         seen.append(path)
@@ -202,8 +202,8 @@ def test_a_stop_during_the_scan_ends_it_at_once_and_keeps_what_was_checked(tmp_p
             signals._requested.append(2)  # what the handler of a first SIGINT does
         return real(path, no_ext)
 
-    monkeypatch.setattr(folders, "_verify_one", ctrl_c_after_ten)
-    monkeypatch.setattr(folders, "_scan_workers", lambda: 1)  # one file at a time: the stop lands at file 10
+    monkeypatch.setattr(folders.checks, "verify_one", ctrl_c_after_ten)
+    monkeypatch.setattr(folders.checks, "_scan_workers", lambda: 1)  # one file at a time: the stop lands at file 10
     try:
         with pytest.raises(signals.Interrupted, match="interrupted during the data scan") as stopped:
             scan_dataset(root)

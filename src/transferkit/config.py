@@ -70,12 +70,12 @@ class TrainConfig:
     view_kind: str = "dihedral"  # extra views: the square's symmetries, or random train augmentations
     image_size: int | None = None  # override the backbone's input size (keeps its crop fraction)
     crop_fraction: float | None = None  # eval crop / resize (1.0 = no crop, for objects filling the frame)
-    bit_depth: int | None = None  # bits a 16-bit grey image's values use (None: found by the scan, data/folders.py)
+    bit_depth: int | None = None  # bits a 16-bit grey image's values use (None: found by the scan, data/folders/)
     cache: bool = True  # feature-extract: run the frozen backbone once per image and cache features
     decoded_cache: bool = True  # image training: decode + resize each image once into a memory-mapped store
     cache_dtype: str = "float16"  # partial mode: dtype of cached activations of the frozen groups
     val_fraction: float = DEFAULT_VAL_FRACTION
-    # a seeded stratified random N of the training images (the first N of one seeded order, data/folders.py
+    # a seeded stratified random N of the training images (the first N of one seeded order, data/folders/
     # subsample_order: a smaller subsample is inside a larger one); the recipe search names it in its reproduce
     # command when its budget allowed fewer
     train_subsample: int | None = None
@@ -114,7 +114,7 @@ class TrainConfig:
     overwrite: bool = False  # replace a run already in `out` (finished or interrupted)
 
     def keep_bit_depth(self, found_white: int | None) -> None:
-        """The scan's white of 16-bit grey images (data/folders.py sixteen_bit_white) where --bit-depth was not
+        """The scan's white of 16-bit grey images (data/folders sixteen_bit_white) where --bit-depth was not
         given and it is not 16-bit's: kept in the config, so a resumed run and the reproduce command read the
         images as this run did."""
         if self.bit_depth is None and found_white not in (None, SIXTEEN_BIT_WHITE):

@@ -1,7 +1,7 @@
 """`transferkit data check`: what is wrong with a dataset before anyone trusts a score on it.
 
 Everything comes from two passes that training makes anyway: the data scan (sha256 and a picture
-fingerprint of every file, data/folders.py) and the cached backbone embedding of every image
+fingerprint of every file, data/folders/) and the cached backbone embedding of every image
 (engine/embeddings.py, the feature cache `train` shares). From them:
 
 - exact duplicates (same sha256) and near-duplicates (embedding cosine ≥ near_cosine among each image's
@@ -53,7 +53,7 @@ class Items:
     labels: np.ndarray
     splits: list[str]
     z: np.ndarray
-    sixteen_bit_white: int | None = None  # the scan's, for 16-bit grey images (data/folders.py sixteen_bit_white)
+    sixteen_bit_white: int | None = None  # the scan's, for 16-bit grey images (data/folders sixteen_bit_white)
 
     def describe(self, i: int) -> dict:
         return {"path": Path(os.path.relpath(self.paths[i], self.root)).as_posix(),

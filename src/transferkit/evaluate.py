@@ -84,7 +84,7 @@ def manifest_items(manifest: Path, classes: list[str], split: str = "val", data_
 
 def resolve_items(target: str | Path, classes: list[str], meta: dict) -> tuple[list[tuple[str, int]], str]:
     """What DATA_OR_SPLIT means: a split.csv (its val split), a data root with a val folder (as training finds
-    it: data/folders.py split_folders), or class folders."""
+    it: data/folders/walk.py split_folders), or class folders."""
     from .data.folders import split_folders
 
     target = Path(target)

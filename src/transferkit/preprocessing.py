@@ -24,7 +24,7 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     # Not the weights' but the data's: the value that is white in its 16-bit grey images (4095 for a 12-bit
-    # camera's frames), found by the scan (data/folders.py sixteen_bit_white) and kept with the run, so that
+    # camera's frames), found by the scan (data/folders sixteen_bit_white) and kept with the run, so that
     # predict, serve and the export read new images as training did.
     sixteen_bit_white: int = SIXTEEN_BIT_WHITE
 

@@ -1,7 +1,7 @@
 """A run folder's files: their names and layouts in one place (torch-free: serving reads run folders too).
 
     RUN/config.yaml          the TrainConfig the run trained with (TrainConfig.to_yaml)
-    RUN/split.csv            the train/val split (data/folders.py write_manifest)
+    RUN/split.csv            the train/val split (data/folders/manifest.py write_manifest)
     RUN/data_report.json     what the data scan found and skipped
     RUN/history.csv          one row per epoch
     RUN/metrics.json         the finished run's summary; its presence marks a run as finished

@@ -63,7 +63,7 @@ def load_rgb(path, keep_gray: bool = False, shorter_side: int | None = None,
     smaller, still at least DRAFT_MARGIN times that (see DRAFT_MARGIN).
 
     `sixteen_bit_white`: the value that is white in a 16-bit grey image (4095 for a 12-bit camera's frames;
-    the data set's, see data/folders.py sixteen_bit_white); larger values read as white.
+    the data set's, see data/folders sixteen_bit_white); larger values read as white.
 
     Raises ImageDecodeError with `kind` one of: empty_file, unreadable, not_an_image,
     decompression_bomb, corrupt.

@@ -98,7 +98,7 @@ def _extract_chunks(search: Search, ctx: Context, taps, todo, reserve: float, ke
 
 
 def keep_subsample(search: Search, ctx: Context, n: int, asked: bool = False) -> None:
-    """Only the first n training images in the search's random order (data/folders.py subsample_order): the
+    """Only the first n training images in the search's random order (data/folders/scan.py subsample_order): the
     budget allowed features of no more, or the caller asked for n (--train-subsample, or the comparison
     subsample of a large folder, which says so itself). The search and the final run go on
     with those, and the reproduce command names n: `transferkit train --train-subsample n` keeps the same

@@ -1,0 +1,84 @@
+"""A run's split as a CSV (path, class, split), and the split rebuilt from it."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from transferkit.errors import DataError
+
+from .checks import verify_one
+from .problems import Problems, relative
+from .scan import DataScan
+from .splits import assemble_given_split
+from .walk import check_root
+
+MANIFEST_COLUMNS = ("path", "class", "split")
+
+
+def write_manifest(scan: DataScan, path) -> None:
+    """CSV of every sample: path relative to the data root (posix), class name, split."""
+    with open(path, "w", newline="", encoding="utf-8") as fp:
+        writer = csv.writer(fp)
+        writer.writerow(MANIFEST_COLUMNS)
+        for split, samples in (("train", scan.train), ("val", scan.val)):
+            for sample_path, label in samples:
+                writer.writerow([relative(sample_path, scan.root), scan.classes[label], split])
+
+
+def read_manifest(path, root, *, verify_images=False) -> DataScan:
+    """Rebuild a run's exact split from its manifest; rows may not point outside `root`."""
+    root = check_root(root)
+    problems = Problems(root, strict=False)
+    by_split: dict[str, dict[str, list[tuple[str, None]]]] = {"train": {}, "val": {}}
+    for line, rel, name, split in _manifest_rows(path, root):
+        full = root.joinpath(*PurePosixPath(rel).parts)
+        by_split[split].setdefault(name, [])
+        if not full.is_file():
+            problems.add("missing", full, "listed in the manifest but not found")
+            continue
+        if verify_images:
+            kind, detail, *_ = verify_one(str(full), not full.suffix)
+            if kind is not None:
+                problems.add(kind, full, detail)
+                continue
+        by_split[split][name].append((str(full), None))
+    split_dirs = {"train": root / "train", "val": root / "val"}  # only used to word messages
+    scan = assemble_given_split(root, by_split["train"], by_split["val"], problems, split_dirs)
+    scan.split_source = "manifest"
+    scan.problems = dict(problems.items)
+    return scan
+
+
+def _manifest_rows(path, root: Path):
+    try:
+        fp = open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    with fp:
+        reader = csv.DictReader(fp)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"manifest {path} lacks column(s) {', '.join(missing)}; expected a header path,class,split")
+        for row in reader:
+            line = reader.line_num
+            rel, name, split = (row.get(c) or "" for c in MANIFEST_COLUMNS)
+            if split not in ("train", "val"):
+                raise DataError(f"manifest {path} line {line}: split must be train or val, got {split!r}")
+            if not rel or not name:
+                raise DataError(f"manifest {path} line {line}: empty path or class")
+            _refuse_escape(path, line, rel, root)
+            yield line, rel, name, split
+
+
+def _refuse_escape(manifest, line: int, rel: str, root: Path) -> None:
+    """Lexical check: a manifest may only name files under the data root."""
+    escapes = (
+        PurePosixPath(rel).is_absolute()
+        or PureWindowsPath(rel).drive != ""
+        or ".." in PurePosixPath(rel.replace("\\", "/")).parts
+    )
+    if escapes:
+        raise DataError(
+            f"manifest {manifest} line {line}: path {rel!r} points outside the data folder {root}; refusing it"
+        )
