@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from conftest import make_image_folder
@@ -40,3 +41,14 @@ def test_compare_writes_three_runs_a_table_and_the_figure(tmp_path, capsys):
     assert "holds a finished run; pass --overwrite" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert json.loads((out / "compare.json").read_text())["runs"].keys() == result["runs"].keys()
+
+
+def test_compare_refuses_a_bad_option_before_its_first_run(tmp_path, capsys, caplog):
+    """--epochs 0 is the user's mistake: one line and exit 2 before any training, not after the first run."""
+    data = make_image_folder(tmp_path / "data", n_train=2, n_val=1, size=40)
+    out = tmp_path / "cmp"
+    caplog.set_level(logging.INFO)
+    assert main(["compare", str(data), "--epochs", "0", "--out", str(out)]) == 2
+    assert "--epochs must be ≥ 1, not 0" in capsys.readouterr().err
+    assert not [r for r in caplog.records if "compare: training" in r.getMessage()]
+    assert not any(out.glob("*/best.safetensors"))

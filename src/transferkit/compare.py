@@ -28,10 +28,12 @@ def compare(data: str | Path, model: str, out: str | Path, epochs: int = 15, **o
 
     out = Path(out)
     base = TrainConfig(data=str(data), model=model, epochs=epochs, **options)
+    configs = {name: replace(base, out=str(out / name), **changes) for name, changes in VARIANTS.items()}
+    for cfg in configs.values():  # a bad option stops the comparison before its first run, not after it
+        replace(cfg).validate()
     runs = {}
-    for name, changes in VARIANTS.items():
+    for name, cfg in configs.items():
         log.info("compare: training %s", name)
-        cfg = replace(base, out=str(out / name), **changes)
         runs[name] = _summary(fit(cfg))
     figure = plot_compare({name: r["val_acc"] for name, r in runs.items()}, out / "compare.png",
                           title=f"{model}: validation accuracy per epoch")
