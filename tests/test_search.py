@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -183,6 +184,22 @@ def test_recipe_tutorial_is_the_seed_defaults(tmp_path):
     assert {k: getattr(cfg, k) for k in seeds} == seeds
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]) == 15
     assert not (tmp_path / "run" / "search.json").exists()
+
+
+@pytest.mark.slow
+def test_a_time_budget_given_with_the_tutorial_recipe_bounds_its_epochs(tmp_path, caplog):
+    """--time-budget with --recipe tutorial bounds the epochs as the search's deadline does (engine/callbacks.py
+    Deadline: once the epochs' pace says the next would end past the budget less the final overhead, the epoch under
+    way is the last; an 8 s budget leaves nothing after the first epoch's measured pace, so 2 of 40 run); without it,
+    every epoch runs (above)."""
+    data = _folder(tmp_path / "data")
+    run = tmp_path / "run"
+    caplog.set_level(logging.INFO)
+    assert cli.main(["train", str(data), "--recipe", "tutorial", "--epochs", "40", "--time-budget", "8s",
+                     "--out", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2 and (run / "best.safetensors").is_file()
+    assert "stopping after epoch 2: another epoch would end past the time budget" in caplog.text
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])

@@ -31,7 +31,8 @@ TRAIN_EXTRA_MODULES = {"torch", "torchvision", "timm", "safetensors", "sklearn",
 TRAIN_HELP = {
     "recipe": "auto: search for the best recipe within --time-budget, choosing on training images only "
               "(flags given fix their piece); tutorial: no search, the seed tutorials' values for what is not given",
-    "time_budget": "auto recipe: the whole run's time, e.g. 90s, 10m, 1h",
+    "time_budget": "auto recipe: the whole run's time, e.g. 90s, 10m, 1h; given with --recipe tutorial, the run stops "
+                   "before an epoch that would end past it",
     "rotation_safe": "the images have no 'up' (cells, tiles, micrographs): the search may use all 8 dihedral views",
     "head_init": "probe: start the head from a CV-tuned linear probe before fine-tuning (LP-FT)",
     "probe_stages": "linear-probe: pool the top N stages (default: every stage the backbone taps)",

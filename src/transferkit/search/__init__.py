@@ -40,7 +40,7 @@ from ..config import TrainConfig, parse_duration
 from ..engine import signals
 from ..engine.scores import metric_words
 from . import costs, features, final_run, finetuning, probes
-from .state import Context, Search
+from .state import FIXED_OVERHEAD_S, Context, Search
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,18 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
             refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
         if cfg.recipe == "auto" and not resume:
             return run(cfg, set(given))
-        return fit(cfg, resume=resume)
+        return fit(cfg, resume=resume, deadline=_configured_run_deadline(cfg, given, resume))
+
+
+def _configured_run_deadline(cfg: TrainConfig, given, resume: bool) -> float | None:
+    """A --time-budget given with --recipe tutorial bounds the configured run's epochs as it bounds the search's final
+    run (engine/callbacks.py Deadline: the epoch under way is the last once the next would end past it). Not given, the seeds' epochs all run
+    (the tutorial recipe stays the seeds' run); a resumed run goes on to its epochs."""
+    if resume or "time_budget" not in given:
+        return None
+    log.info("--time-budget %s: the run stops early, before an epoch that would end past it (of --epochs %d)",
+             cfg.time_budget, cfg.epochs)
+    return time.perf_counter() + parse_duration(cfg.time_budget) - FIXED_OVERHEAD_S
 
 
 def run(cfg: TrainConfig, given: set[str]) -> dict:
