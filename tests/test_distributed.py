@@ -88,6 +88,18 @@ def test_torchrun_sharded_extraction_equals_single_process_cache(odd_folder, tmp
     assert len(list(two.glob("shard-*.safetensors"))) == 4  # 2 ranks × (train, val), uniquely named
 
 
+@pytest.mark.slow  # two torch processes plus torchrun start up: ~25 s of CPU each
+def test_a_time_budget_under_torchrun_stops_every_rank_at_the_same_epoch(odd_folder, tmp_path):
+    """--time-budget with --recipe tutorial under torchrun: rank 0's clock decides when the run stops
+    (callbacks.Deadline), so both ranks leave the loop after the same epoch and the run ends, written once."""
+    args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--epochs", "40",
+            "--time-budget", "8s", "--engine", "torch", "--precision", "fp32", "--out", "run", "--nproc", "2"]
+    proc = _run(args, tmp_path, tmp_path / "feature-cache")
+    assert proc.stdout.count("Best val Acc") == 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and len(metrics["history"]) == 2
+
+
 def test_gather_eval_in_one_process_sorts_and_drops_repeats():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.9, 0.1]])
     labels, indices = torch.tensor([0, 1, 0, 0]), torch.tensor([2, 0, 1, 2])

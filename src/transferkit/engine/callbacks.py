@@ -205,8 +205,9 @@ class EarlyStopping(Callback):
 
 
 class Deadline(Callback):
-    """The recipe search's budget: no epoch is started that would end after `deadline` (a perf_counter
-    value); epochs are assumed to take as long as the slowest so far. The last one is scored on val."""
+    """The run's time budget (the recipe search's, or --time-budget given with --recipe tutorial): no epoch is
+    started that would end after `deadline` (a perf_counter value); epochs are assumed to take as long as the
+    slowest so far. The last one is scored on val."""
 
     def __init__(self, deadline: float | None):
         self.deadline = deadline
@@ -214,7 +215,10 @@ class Deadline(Callback):
     def on_epoch_start(self, trainer) -> None:
         history = trainer.state.history
         if self.deadline is not None and history:
-            if time.perf_counter() + 2 * max(row["seconds"] for row in history) > self.deadline:
+            # rank 0's clock decides for every rank (a --time-budget run under torchrun): a rank that stopped
+            # alone would leave the others waiting in the next epoch's collectives
+            late = time.perf_counter() + 2 * max(row["seconds"] for row in history) > self.deadline
+            if distributed.main_decides(late):
                 trainer.final = True
 
     def on_epoch_end(self, trainer, row: dict, val: dict) -> None:
