@@ -15,7 +15,7 @@ import torch
 from conftest import make_image_folder
 
 from transferkit import cli
-from transferkit.config import TrainConfig, parse_duration
+from transferkit.config import TrainConfig, parse_duration, unread_options
 from transferkit.errors import UsageError
 from transferkit.search import train
 
@@ -200,6 +200,31 @@ def test_a_time_budget_given_with_the_tutorial_recipe_bounds_its_epochs(tmp_path
     metrics = json.loads((run / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and (run / "best.safetensors").is_file()
     assert "stopping after epoch 2: another epoch would end past the time budget" in caplog.text
+
+
+@pytest.mark.parametrize("mode, flags, unread", [
+    ("linear-probe", ["--epochs", "3", "--lr", "0.1", "--probe-views", "flip"], "--epochs, --lr: not read by --mode "
+                                                                                 "linear-probe"),
+    ("feature-extract", ["--epochs", "1", "--probe-views", "flip", "--unfreeze", "1"], "--probe-views, --unfreeze: "
+                                                                                       "not read by --mode feature-extract"),
+])
+def test_options_the_tutorial_runs_mode_does_not_read_are_named(mode, flags, unread, tmp_path, caplog):
+    """--recipe tutorial with options its mode ignores: one warning names them (the run goes on); the options the
+    mode reads are not named."""
+    data = _folder(tmp_path / "data")
+    assert cli.main(["train", str(data), "--recipe", "tutorial", "--mode", mode, *flags,
+                     "--out", str(tmp_path / "run")]) == 0
+    named = [r.getMessage() for r in caplog.records if "not read by --mode" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith(unread)
+
+
+def test_unread_options_leave_out_what_the_mode_reads():
+    cfg = TrainConfig(data="d", recipe="tutorial", mode="finetune", head_init="probe")
+    assert unread_options(cfg, {"probe_c", "probe_stages", "lr", "epochs"}) == ["--probe-stages"]  # LP-FT's C
+    cfg.mode, cfg.head_init = "partial", "random"
+    assert unread_options(cfg, {"probe_c", "unfreeze", "augment"}) == ["--probe-c"]
+    cfg.mode = "my-plugin-mode"  # a plugin may read any option
+    assert unread_options(cfg, {"probe_c", "unfreeze", "epochs"}) == []
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])

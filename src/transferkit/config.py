@@ -291,6 +291,28 @@ def _yaml_number(key, value):
     return value
 
 
+# Options a built-in mode does not read (a plugin mode may read any): given with --recipe tutorial and that mode,
+# they are named in a warning (search/__init__.py) rather than dropped without a word.
+EPOCH_OPTIONS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
+                 "warmup_epochs", "lower_lr_factor", "patience", "label_smoothing", "augment", "views", "view_kind",
+                 "head_init", "batchnorm", "unfreeze")
+PROBE_OPTIONS = ("probe_stages", "probe_pooling", "probe_views")
+
+
+def unread_options(cfg: TrainConfig, given) -> list[str]:
+    """The flags among `given` (the options set explicitly) that cfg's built-in mode does not read: a linear probe
+    is one fit, with no epochs, optimizer or augmentation; the modes that train in epochs read no --probe-* option
+    (but --probe-c where --head-init probe fits a probe first) and only partial reads --unfreeze."""
+    if cfg.mode == "linear-probe":
+        unread = EPOCH_OPTIONS
+    elif cfg.mode in ("feature-extract", "finetune", "partial"):
+        unread = PROBE_OPTIONS + (() if cfg.head_init == "probe" else ("probe_c",)) \
+            + (() if cfg.mode == "partial" else ("unfreeze",))
+    else:
+        return []
+    return ["--" + name.replace("_", "-") for name in unread if name in given]
+
+
 def parse_duration(text) -> float:
     """'90s', '10m', '1h', '1h30m' or a number of seconds → seconds."""
     import re
