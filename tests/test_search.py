@@ -203,10 +203,10 @@ def test_a_time_budget_given_with_the_tutorial_recipe_bounds_its_epochs(tmp_path
 
 
 @pytest.mark.parametrize("mode, flags, unread", [
-    ("linear-probe", ["--epochs", "3", "--lr", "0.1", "--probe-views", "flip"], "--epochs, --lr: not read by --mode "
-                                                                                 "linear-probe"),
-    ("feature-extract", ["--epochs", "1", "--probe-views", "flip", "--unfreeze", "1"], "--probe-views, --unfreeze: "
-                                                                                       "not read by --mode feature-extract"),
+    ("linear-probe", ["--epochs", "3", "--lr", "0.1", "--probe-views", "flip", "--time-budget", "1m"],
+     "--epochs, --lr, --time-budget: not read by --mode linear-probe"),
+    ("feature-extract", ["--epochs", "1", "--probe-views", "flip", "--unfreeze", "1"],
+     "--probe-views, --unfreeze: not read by --mode feature-extract"),
 ])
 def test_options_the_tutorial_runs_mode_does_not_read_are_named(mode, flags, unread, tmp_path, caplog):
     """--recipe tutorial with options its mode ignores: one warning names them (the run goes on); the options the
