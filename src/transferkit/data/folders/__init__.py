@@ -26,7 +26,7 @@ from transferkit.preprocessing import SIXTEEN_BIT_WHITE
 from transferkit.errors import UsageError
 
 from . import checks
-from .checks import file_sha256, record_rows, usable
+from .checks import file_sha256, keep_usable, record_rows
 from .manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from .problems import INFORMATIONAL_KINDS, Problems
 from .scan import IMBALANCE_WARN_RATIO, DataScan, check_subsample, subsample_order, subsample_train
@@ -70,7 +70,8 @@ def scan_dataset(root, *, val_fraction=DEFAULT_VAL_FRACTION, seed=0, strict=Fals
     found: dict[str, dict[str, list[tuple[str, str | None]]]] = {}
     fingerprints: dict[str, Fingerprint] = {}
     for split, classes in walked.items():
-        found[split] = {name: usable(candidates, answers, problems, fingerprints) for name, candidates in classes.items()}
+        found[split] = {name: keep_usable(candidates, answers, problems, fingerprints)
+                        for name, candidates in classes.items()}
     digests = digests_of(found)
     pairs = record.pairs if record is not None and record.unchanged else same_picture_pairs(fingerprints)
     if record is not None:

@@ -39,7 +39,8 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def usable(candidates, checks, problems: Problems, fingerprints: dict[str, Fingerprint]) -> list[tuple[str, str | None]]:
+def keep_usable(candidates, checks, problems: Problems,
+                fingerprints: dict[str, Fingerprint]) -> list[tuple[str, str | None]]:
     """The candidates whose check (the next ones of `checks`, in order) found nothing wrong, as (path, sha256 or
     None); what is wrong goes to `problems`, the verified images' fingerprints to `fingerprints`."""
     usable = []
