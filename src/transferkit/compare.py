@@ -30,7 +30,7 @@ def compare(data: str | Path, model: str, out: str | Path, epochs: int = 15, **o
     base = TrainConfig(data=str(data), model=model, epochs=epochs, **options)
     configs = {name: replace(base, out=str(out / name), **changes) for name, changes in VARIANTS.items()}
     for cfg in configs.values():  # a bad option stops the comparison before its first run, not after it
-        replace(cfg).validate()
+        cfg.validate()
     runs = {}
     for name, cfg in configs.items():
         log.info("compare: training %s", name)

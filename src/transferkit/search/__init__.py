@@ -77,8 +77,8 @@ def _configured_run_deadline(cfg: TrainConfig, given, resume: bool) -> float | N
     """A --time-budget given with --recipe tutorial bounds the configured run's epochs as it bounds the search's
     final run (engine/callbacks.py Deadline: the epoch under way is the last once the next would end past it).
     Not given, the seeds' epochs all run (the tutorial recipe stays the seeds' run); a resumed run goes on to its
-    epochs; a linear probe is one fit, with no epochs to stop (unread_options names the flag)."""
-    if resume or "time_budget" not in given or cfg.mode == "linear-probe":
+    epochs; a mode that does not read the budget (a linear probe: one fit, unread_options) gets none."""
+    if resume or "time_budget" not in given or unread_options(cfg, {"time_budget"}):
         return None
     log.info("--time-budget %s: the run stops early, before an epoch that would end past it (of --epochs %d)",
              cfg.time_budget, cfg.epochs)

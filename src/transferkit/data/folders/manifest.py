@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from transferkit.errors import DataError
 
-from .checks import verify_one
+from . import checks
 from .problems import Problems, relative
 from .scan import DataScan
 from .splits import assemble_given_split
@@ -38,7 +38,7 @@ def read_manifest(path, root, *, verify_images=False) -> DataScan:
             problems.add("missing", full, "listed in the manifest but not found")
             continue
         if verify_images:
-            kind, detail, *_ = verify_one(str(full), not full.suffix)
+            kind, detail, *_ = checks.verify_one(str(full), not full.suffix)  # through the module, as the scan
             if kind is not None:
                 problems.add(kind, full, detail)
                 continue
