@@ -131,20 +131,11 @@ def _with_default(help_text: str | None, default) -> str:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from .config import (AUGMENT_PRESETS, BATCHNORM_MODES, BEST_METRICS, ENGINES, HEAD_INITS, OPTIMIZERS,
-                         POOLINGS, PROBE_HEADS, PROBE_VIEWS, RECIPES, SCHEDULERS, VIEW_KINDS, TrainConfig)
-    from .modes import mode_help, mode_names
+    from .config import SENSOR_BITS, TrainConfig, option_choices
+    from .modes import mode_help
 
     helps = {**TRAIN_HELP, "mode": mode_help()}
-    choices = {"mode": mode_names(), "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS, "augment": AUGMENT_PRESETS,
-               "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS, "engine": ENGINES,
-               "cache_dtype": ("float16", "float32"), "batchnorm": BATCHNORM_MODES,
-               "class_weights": ("none", "auto"), "scale_lr": ("none", "linear"), "recipe": RECIPES,
-               "head_init": HEAD_INITS, "probe_pooling": POOLINGS, "probe_views": PROBE_VIEWS,
-               "probe_head": PROBE_HEADS}
-    from .config import PRECISIONS, SENSOR_BITS
-
-    choices["precision"], choices["bit_depth"] = PRECISIONS, SENSOR_BITS
+    choices = {**option_choices(), "bit_depth": SENSOR_BITS}
     for f in fields(TrainConfig):
         if f.name == "data":
             continue

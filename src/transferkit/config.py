@@ -39,6 +39,21 @@ PRECISIONS = ("auto", "fp32", "bf16")  # engine/precision.py
 
 
 DEFAULT_VAL_FRACTION = 0.2  # of a folder without val/, held out for validation (--val-fraction)
+CLASS_WEIGHTS = ("none", "auto")
+# Whole-number options and their least value (those that may be None are checked only when set); the bools' and
+# the other numbers' checks are TrainConfig's.
+WHOLE_NUMBER_MINIMUMS = {"epochs": 1, "batch_size": 1, "views": 1, "step_size": 1, "patience": 0, "unfreeze": 0,
+                         "train_subsample": 1, "workers": 0, "probe_stages": 1, "probe_scale": 32, "image_size": 32}
+
+
+def option_choices() -> dict[str, tuple]:
+    """Each TrainConfig option that takes one of a few values, and those values: what validate checks and
+    what the CLI's --help lists (cli.py), in one place. A function, since plugins add modes."""
+    return {"recipe": RECIPES, "mode": mode_names(), "head_init": HEAD_INITS, "probe_pooling": POOLINGS,
+            "probe_views": PROBE_VIEWS, "probe_head": PROBE_HEADS, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+            "augment": AUGMENT_PRESETS, "view_kind": VIEW_KINDS, "best_metric": BEST_METRICS,
+            "class_weights": CLASS_WEIGHTS, "engine": ENGINES, "precision": PRECISIONS, "scale_lr": SCALE_LR,
+            "cache_dtype": CACHE_DTYPES, "batchnorm": BATCHNORM_MODES}
 
 
 @dataclass
@@ -126,46 +141,27 @@ class TrainConfig:
         return None if self.bit_depth is None else (1 << self.bit_depth) - 1
 
     def validate(self) -> "TrainConfig":
+        """Every option checked before any time is spent: a user's mistake is one line (UsageError)."""
         self._check_types()
-        _choice("recipe", self.recipe, RECIPES)
-        _choice("mode", self.mode, mode_names())
-        _choice("head-init", self.head_init, HEAD_INITS)
-        _choice("probe-pooling", self.probe_pooling, POOLINGS)
-        _choice("probe-views", self.probe_views, PROBE_VIEWS)
-        _choice("probe-head", self.probe_head, PROBE_HEADS)
+        for name, allowed in option_choices().items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{_flag(name)} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         parse_duration(self.time_budget)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        _choice("augment", self.augment, AUGMENT_PRESETS)
-        _choice("view-kind", self.view_kind, VIEW_KINDS)
-        _choice("best-metric", self.best_metric, BEST_METRICS)
-        _choice("class-weights", self.class_weights, ("none", "auto"))
-        _choice("engine", self.engine, ENGINES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("scale-lr", self.scale_lr, SCALE_LR)
-        _choice("cache-dtype", self.cache_dtype, CACHE_DTYPES)
-        _choice("batchnorm", self.batchnorm, BATCHNORM_MODES)
-        _at_least("epochs", self.epochs, 1)
-        _at_least("batch-size", self.batch_size, 1)
-        _at_least("views", self.views, 1)
-        _at_least("step-size", self.step_size, 1)
-        _at_least("patience", self.patience, 0)
-        if self.train_subsample is not None:
-            _at_least("train-subsample", self.train_subsample, 1)
-        _at_least("unfreeze", self.unfreeze, 0)
+        self._check_ranges()
+        self._check_combinations()
         if self.tensorboard:
             from .engine.tensorboard import require_tensorboard
 
             require_tensorboard()  # before any training time is spent
-        if self.view_kind == "dihedral" and self.views > 8:
-            raise UsageError("--views must be between 1 and 8 with --view-kind dihedral (a square has 8 symmetries)")
+        return self
+
+    def _check_ranges(self) -> None:
+        for name, low in WHOLE_NUMBER_MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value < low:  # None: an optional option left to its default
+                raise UsageError(f"--{_flag(name)} must be ≥ {low}, not {value}")
         if not 0 < self.lr < float("inf"):
             raise UsageError(f"--lr must be > 0 (and finite), not {self.lr}")
-        bad = [f.name for f in fields(self) if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool)]
-        if bad:
-            raise UsageError(f"{', '.join(bad)} must be true or false")
-        if self.workers is not None:
-            _at_least("workers", self.workers, 0)
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction}")
         if not 0 < self.lower_lr_factor <= 1:
@@ -180,32 +176,31 @@ class TrainConfig:
             raise UsageError(f"--gamma must be > 0 (StepLR multiplies the lr by it), not {self.gamma}")
         if not 0 <= self.seed < 2**32:  # a whole number: _check_types
             raise UsageError(f"--seed must be a whole number from 0 to 2**32 - 1, not {self.seed!r}")
-        if self.ema_epochs and self.recipe == "tutorial" and self.mode == "linear-probe":
-            raise UsageError("--ema-epochs goes with a mode that trains in epochs (a linear probe is one fit)")
         if self.bit_depth is not None and self.bit_depth not in SENSOR_BITS:
             raise UsageError(f"--bit-depth must be one of {', '.join(map(str, SENSOR_BITS))}, not {self.bit_depth}")
         if self.crop_fraction is not None and not 0.3 <= self.crop_fraction <= 1:
             raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {self.crop_fraction}")
-        for name, c in (("probe-c", self.probe_c), ("probe-scale-c", self.probe_scale_c)):
+        for name in ("probe_c", "probe_scale_c"):
+            c = getattr(self, name)
             if c is not None and not 0 < c < float("inf"):
-                raise UsageError(f"--{name} must be > 0, not {c}")
-        if self.probe_scale is not None and (self.recipe == "auto" or self.mode != "linear-probe"):
+                raise UsageError(f"--{_flag(name)} must be > 0, not {c}")
+
+    def _check_combinations(self) -> None:
+        """Options that are valid alone but not together."""
+        if self.view_kind == "dihedral" and self.views > 8:
+            raise UsageError("--views must be between 1 and 8 with --view-kind dihedral (a square has 8 symmetries)")
+        one_fit = self.recipe == "tutorial" and self.mode == "linear-probe"
+        trains_in_epochs = self.recipe == "tutorial" and self.mode != "linear-probe"
+        if self.ema_epochs and one_fit:
+            raise UsageError("--ema-epochs goes with a mode that trains in epochs (a linear probe is one fit)")
+        if self.probe_scale is not None and not one_fit:
             raise UsageError("--probe-scale goes with --recipe tutorial --mode linear-probe (the auto recipe "
                              "chooses the scales itself)")
-        if self.probe_pixels and ((self.recipe == "tutorial" and self.mode != "linear-probe")
-                                  or self.probe_scale is not None):
+        if self.probe_pixels and (trains_in_epochs or self.probe_scale is not None):
             raise UsageError("--probe-pixels goes with --mode linear-probe (or the auto recipe), without --probe-scale")
-        if self.probe_head == "mlp" and ((self.recipe == "tutorial" and self.mode != "linear-probe")
-                                         or self.probe_scale is not None or self.probe_c is not None):
+        if self.probe_head == "mlp" and (trains_in_epochs or self.probe_scale is not None or self.probe_c is not None):
             raise UsageError("--probe-head mlp goes with --mode linear-probe (or the auto recipe), without "
                              "--probe-scale or --probe-c (the two-scale probe and C are the linear head's)")
-        if self.probe_scale is not None and self.probe_scale < 32:
-            raise UsageError(f"--probe-scale must be ≥ 32, not {self.probe_scale}")
-        if self.probe_stages is not None:
-            _at_least("probe-stages", self.probe_stages, 1)
-        if self.image_size is not None and self.image_size < 32:
-            raise UsageError(f"--image-size must be ≥ 32, not {self.image_size}")
-        return self
 
     @property
     def balanced_classes(self) -> bool:
@@ -225,7 +220,8 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Each option of the kind its field holds (a config file or the Python API can give any value): "3" for
-        epochs ended in a TypeError comparing it with 1. Whole numbers pass as floats; bools are checked below."""
+        epochs ended in a TypeError comparing it with 1. Whole numbers pass as floats; a bool is none of
+        these, and true or false only."""
         kinds = {"int": (int,), "float": (int, float), "str": (str, os.PathLike)}  # paths: data, out, weights
         for f in fields(self):
             value, (kind, optional) = getattr(self, f.name), _kind_of(f)
@@ -233,7 +229,10 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, kinds[kind]):
                 wanted = {"int": "a whole number", "float": "a number", "str": "text"}[kind]
-                raise UsageError(f"--{f.name.replace('_', '-')} must be {wanted}, not {value!r}")
+                raise UsageError(f"--{_flag(f.name)} must be {wanted}, not {value!r}")
+        bad = [f.name for f in fields(self) if f.type in ("bool", bool) and not isinstance(getattr(self, f.name), bool)]
+        if bad:
+            raise UsageError(f"{', '.join(bad)} must be true or false")
 
     def check_paths(self) -> None:
         """Folders and files the config names exist and are of the right kind (exit code 2)."""
@@ -312,7 +311,7 @@ def unread_options(cfg: TrainConfig, given) -> list[str]:
             + (() if cfg.mode == "partial" else ("unfreeze",))
     else:
         return []
-    return ["--" + name.replace("_", "-") for name in unread if name in given]
+    return ["--" + _flag(name) for name in unread if name in given]
 
 
 def parse_duration(text) -> float:
@@ -330,14 +329,9 @@ def parse_duration(text) -> float:
     return seconds
 
 
-def _choice(option: str, value, choices) -> None:
-    if value not in choices:
-        raise UsageError(f"--{option} must be one of {', '.join(choices)}, not {value!r}")
-
-
-def _at_least(option: str, value: int, low: int) -> None:
-    if value is None or value < low:
-        raise UsageError(f"--{option} must be ≥ {low}, not {value}")
+def _flag(name: str) -> str:
+    """A TrainConfig field's command-line spelling, without the dashes: probe_scale_c -> probe-scale-c."""
+    return name.replace("_", "-")
 
 
 # `transferkit data check` (datacheck.py): its thresholds live here, torch-free, because the CLI parser
