@@ -147,12 +147,8 @@ def _finetune_settings(search: Search, probe: Candidate, kind: str) -> dict:
 def _finetune_candidate(search: Search, ctx: Context, probe: Candidate, kind: str,
                         pending: float = 0.0) -> Candidate:
     """`pending`: seconds the probe's inner hold-out answers still need (_probe_answers)."""
-    from ..engine.fit import fit
-
     settings = _finetune_settings(search, probe, kind)
     cand = search.add(Candidate(f"{kind} from the probe's head", kind, settings))
-    n, m = len(ctx.scan.train), len(ctx.scan.val)
-    once = costs.activation_seconds(search, settings, n, m, ctx.cost)
     cand.estimate_s = _least_seconds(search, ctx, settings)
     if pending:  # the probe's answers and the cheapest candidate did not fit together: this one does not either
         cand.status = (f"skipped: needs ~{cand.estimate_s:.0f}s after the probe's inner hold-out fit (~{pending:.0f}s) "
@@ -161,26 +157,48 @@ def _finetune_candidate(search: Search, ctx: Context, probe: Candidate, kind: st
         return cand
     if not search.affords(cand, FIXED_OVERHEAD_S):  # even its least: no time spent timing a step
         return cand
-    step_s = costs.step_seconds(search, ctx, settings)
-    per_epoch = step_s * n
     # Where it loses, the probe's final run follows its inner run (a --mode given: it cannot lose).
     probe_reserve = 0.0 if "mode" in search.given else costs.final_reserve(search, ctx, probe.settings)
+    epochs = _planned_epochs(search, ctx, cand, probe_reserve)
+    if epochs:
+        settings["epochs"] = epochs
+        _run_on_inner_split(search, ctx, cand, min(search.t0 + _inner_share(search), search.deadline - probe_reserve))
+        if cand.score is not None:
+            probe_text = "" if probe.holdout is None else f" (probe {probe.holdout:.4f})"  # a --mode given: not judged
+            log.info("search: %s: inner hold-out %s %.4f at epoch %d%s, %.0fs", cand.name,
+                     metric_words(search.metric), cand.score, settings["epochs"], probe_text, cand.seconds)
+    return cand
+
+
+def _planned_epochs(search: Search, ctx: Context, cand: Candidate, probe_reserve: float) -> int:
+    """The epochs the candidate can afford, its step timed now (its estimate set from them); 0, with the candidate
+    marked skipped, where not even FT_EPOCHS[0] and the refit fit."""
+    n, m = len(ctx.scan.train), len(ctx.scan.val)
+    once = costs.activation_seconds(search, cand.settings, n, m, ctx.cost)
+    step_s = costs.step_seconds(search, ctx, cand.settings)
+    per_epoch = step_s * n
     epochs = costs.affordable_epochs(search, per_epoch, val_pass=m * step_s / 3, once=once, probe_reserve=probe_reserve)
     if "epochs" in search.given:
         epochs = search.cfg.epochs if epochs >= FT_EPOCHS[0] else 0
     cand.estimate_s = once + (2 - INNER_FRACTION) * per_epoch * epochs  # the inner run and the refit
-    if epochs < FT_EPOCHS[0]:
-        first = f"activations ~{once:.0f}s once, then " if once else ""
-        cand.status = (f"skipped: {first}{FT_EPOCHS[0]} epochs (~{per_epoch:.0f}s each) and a refit do not fit in "
-                       f"{search.left():.0f}s")
-        log.info("search: %s %s", cand.name, cand.status)
-        return cand
-    settings["epochs"] = epochs
+    if epochs >= FT_EPOCHS[0]:
+        return epochs
+    first = f"activations ~{once:.0f}s once, then " if once else ""
+    cand.status = (f"skipped: {first}{FT_EPOCHS[0]} epochs (~{per_epoch:.0f}s each) and a refit do not fit in "
+                   f"{search.left():.0f}s")
+    log.info("search: %s %s", cand.name, cand.status)
+    return 0
+
+
+def _run_on_inner_split(search: Search, ctx: Context, cand: Candidate, deadline: float) -> None:
+    """Trains the candidate on inner-train and scores it on the inner hold-out (carved from the training images):
+    its score, best epoch (kept in its settings) and answers, or its failure in its status."""
+    from ..engine.fit import fit
+
     t = time.perf_counter()
-    inner_dir = Path(tempfile.mkdtemp(prefix=f"transferkit-inner-{kind}-"))  # a throwaway run folder
-    inner_cfg = state.candidate_config(search.cfg, settings, inner_dir, best_metric=search.metric)
+    inner_dir = Path(tempfile.mkdtemp(prefix=f"transferkit-inner-{cand.kind}-"))  # a throwaway run folder
+    inner_cfg = state.candidate_config(search.cfg, cand.settings, inner_dir, best_metric=search.metric)
     answers = _HoldoutAnswers(len(ctx.inner[1]))
-    deadline = min(search.t0 + _inner_share(search), search.deadline - probe_reserve)
     try:
         metrics = fit(inner_cfg, scan=_inner_scan(ctx), deadline=deadline, figures=False, callbacks=[answers])
     except signals.Interrupted:
@@ -188,18 +206,13 @@ def _finetune_candidate(search: Search, ctx: Context, probe: Candidate, kind: st
     except Exception as exc:  # noqa: BLE001 - a failing candidate is recorded; the probe still stands
         cand.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("search: %s %s", cand.name, cand.status)
-        return cand
+        return
     finally:
         shutil.rmtree(inner_dir, ignore_errors=True)
-    # the inner hold-out, carved from the training images
     cand.score = metrics["best_val_acc" if search.metric == "accuracy" else f"best_val_{search.metric}"]
-    settings["epochs"] = metrics["best_epoch"]
+    cand.settings["epochs"] = metrics["best_epoch"]
     cand.holdout_pred = answers.by_epoch.get(metrics["best_epoch"])
     cand.seconds, cand.status = time.perf_counter() - t, "ran"
-    probe_text = "" if probe.holdout is None else f" (probe {probe.holdout:.4f})"  # a --mode given: not judged
-    log.info("search: %s: inner hold-out %s %.4f at epoch %d%s, %.0fs", cand.name, metric_words(search.metric),
-             cand.score, metrics["best_epoch"], probe_text, cand.seconds)
-    return cand
 
 
 class _HoldoutAnswers(Callback):
