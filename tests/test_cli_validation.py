@@ -103,6 +103,27 @@ def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs", "≥ 1"])
     bad.write_text(f"data: {tiny_folder}\nepochs: three\n")  # was a TypeError comparing 'three' with 1
     _check_one_line(capsys, _run(["train", "--config", str(bad)]), ["--epochs must be a whole number, not 'three'"])
+    bad.write_text(f"data: {tiny_folder}\noptimizer: rmsprop\n")  # no argparse choices on this path
+    _check_one_line(capsys, _run(["train", "--config", str(bad)]),
+                    ["--optimizer must be one of sgd, adam, adamw, not 'rmsprop'"])
+
+
+def test_the_option_tables_name_train_options_whose_defaults_pass():
+    """option_choices (validate's and the CLI's choices) and WHOLE_NUMBER_MINIMUMS name TrainConfig fields: a
+    renamed field would otherwise fail only where the table is read, and a default outside its own choices would
+    refuse every run that leaves it alone."""
+    from dataclasses import fields
+
+    from transferkit.config import WHOLE_NUMBER_MINIMUMS, TrainConfig, option_choices
+
+    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
+    defaults = TrainConfig(data="x")
+    for name, allowed in option_choices().items():
+        assert getattr(defaults, name) in allowed, name
+    assert {kinds[name] for name in WHOLE_NUMBER_MINIMUMS} == {"int", "int | None"}
+    for name, low in WHOLE_NUMBER_MINIMUMS.items():
+        assert getattr(defaults, name) is None or getattr(defaults, name) >= low, name
+    assert defaults.validate() is defaults
 
 
 def test_an_out_folder_of_someone_else_s_files_is_refused_and_left_as_it_was(tiny_folder, tmp_path, capsys):

@@ -15,7 +15,8 @@ import torch
 from conftest import make_image_folder
 
 from transferkit import cli
-from transferkit.config import TrainConfig, parse_duration, unread_options
+from transferkit.config import TrainConfig, parse_duration
+from transferkit.modes import unread_options
 from transferkit.errors import UsageError
 from transferkit.search import train
 
@@ -223,8 +224,34 @@ def test_unread_options_leave_out_what_the_mode_reads():
     assert unread_options(cfg, {"probe_c", "probe_stages", "lr", "epochs"}) == ["--probe-stages"]  # LP-FT's C
     cfg.mode, cfg.head_init = "partial", "random"
     assert unread_options(cfg, {"probe_c", "unfreeze", "augment"}) == ["--probe-c"]
-    cfg.mode = "my-plugin-mode"  # a plugin may read any option
-    assert unread_options(cfg, {"probe_c", "unfreeze", "epochs"}) == []
+    cfg.mode = "linear-probe"
+    assert unread_options(cfg, {"probe_c", "unfreeze", "epochs", "time_budget"}) == \
+        ["--epochs", "--unfreeze", "--time-budget"]
+
+
+def test_a_plugin_mode_reads_every_option_unless_it_says_otherwise():
+    """Mode.unread_options is the mode's own declaration: a plugin that says nothing is warned about nothing, and
+    one that declares what it leaves alone gets the built-in modes' warning."""
+    from transferkit.modes import _ADDED, register_mode
+    from transferkit.modes.base import Mode
+
+    class Quiet(Mode):
+        name = "quiet-plugin"
+
+    class Declared(Mode):
+        name = "declared-plugin"
+
+        def unread_options(self):
+            return ("lower_lr_factor",)
+
+    try:
+        register_mode(Quiet), register_mode(Declared)
+        cfg = TrainConfig(data="d", recipe="tutorial", mode="quiet-plugin")
+        assert unread_options(cfg, {"probe_c", "unfreeze", "epochs"}) == []
+        cfg.mode = "declared-plugin"
+        assert unread_options(cfg, {"probe_c", "lower_lr_factor"}) == ["--lower-lr-factor"]
+    finally:
+        _ADDED.pop("quiet-plugin", None), _ADDED.pop("declared-plugin", None)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45)])

@@ -290,28 +290,12 @@ def _yaml_number(key, value):
     return value
 
 
-# Options that only the built-in modes training in epochs read, and options that only linear-probe reads: given
-# with --recipe tutorial and a mode that does not read them, they are named in a warning (search/__init__.py)
-# rather than dropped without a word. A plugin mode may read any option.
+# Options that only the built-in modes training in epochs read, and options that only linear-probe reads: each
+# mode says which it leaves alone (modes/base.py Mode.unread_options).
 EPOCH_OPTIONS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
                  "warmup_epochs", "lower_lr_factor", "patience", "label_smoothing", "augment", "views", "view_kind",
                  "head_init", "batchnorm", "unfreeze", "time_budget")
 PROBE_OPTIONS = ("probe_stages", "probe_pooling", "probe_views")
-
-
-def unread_options(cfg: TrainConfig, given) -> list[str]:
-    """The flags among `given` (the options set explicitly) that cfg's built-in mode does not read: a linear probe
-    is one fit, with no epochs, optimizer or augmentation, and nothing for a time budget to stop; the modes that
-    train in epochs read no --probe-* option (but --probe-c where --head-init probe fits a probe first), and only
-    partial reads --unfreeze."""
-    if cfg.mode == "linear-probe":
-        unread = EPOCH_OPTIONS
-    elif cfg.mode in ("feature-extract", "finetune", "partial"):
-        unread = PROBE_OPTIONS + (() if cfg.head_init == "probe" else ("probe_c",)) \
-            + (() if cfg.mode == "partial" else ("unfreeze",))
-    else:
-        return []
-    return ["--" + _flag(name) for name in unread if name in given]
 
 
 def parse_duration(text) -> float:

@@ -63,6 +63,12 @@ def make_mode(cfg):
     return get_mode(cfg.mode)(cfg)
 
 
+def unread_options(cfg, given) -> list[str]:
+    """The flags among `given` (the options set explicitly) that cfg's mode does not read (Mode.unread_options),
+    spelled as on the command line."""
+    return ["--" + name.replace("_", "-") for name in make_mode(cfg).unread_options() if name in given]
+
+
 def register_mode(cls):
     """Add a mode class (with its `name`) for this process; returns it, so it can decorate the class."""
     _ADDED[cls.name] = cls

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..config import PROBE_OPTIONS
 from ..models.adapt import ParamPlan, plan_params, set_train_mode
 
 
@@ -19,6 +20,22 @@ class Mode:
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    # ---- what it reads -----------------------------------------------------------------------------
+
+    def unread_options(self) -> tuple[str, ...]:
+        """TrainConfig options this mode does not read (config.EPOCH_OPTIONS, PROBE_OPTIONS): given explicitly
+        with --recipe tutorial they are named in a warning (search/__init__.py) rather than dropped without a
+        word. None by default: a plugin mode may read any option."""
+        return ()
+
+    # Why, in a few words, for that warning.
+    unread_why = ""
+
+    def _epoch_loop_unread(self) -> tuple[str, ...]:
+        """What the built-in modes that train in epochs leave alone: the --probe-* options (but --probe-c where
+        --head-init probe fits a probe first) and --unfreeze (partial's)."""
+        return PROBE_OPTIONS + (() if self.cfg.head_init == "probe" else ("probe_c",)) + ("unfreeze",)
 
     # ---- what trains ---------------------------------------------------------------------------
 

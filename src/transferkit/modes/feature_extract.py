@@ -8,6 +8,10 @@ from .base import Mode
 
 class FeatureExtract(Mode):
     name = "feature-extract"
+    unread_why = "the --probe-* options are --mode linear-probe's, --unfreeze partial's"
+
+    def unread_options(self) -> tuple[str, ...]:
+        return self._epoch_loop_unread()
 
     def make_source(self, state):
         if not self.cfg.cache:

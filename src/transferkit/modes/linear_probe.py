@@ -11,6 +11,7 @@ import time
 import numpy as np
 import torch.nn as nn
 
+from ..config import EPOCH_OPTIONS
 from ..engine import distributed
 from ..engine.checkpoint import save_checkpoint
 from ..models.adapt import ParamPlan
@@ -22,6 +23,11 @@ log = logging.getLogger(__name__)
 
 class LinearProbe(Mode):
     name = "linear-probe"
+    unread_why = "one fit, its C chosen by CV"
+
+    def unread_options(self) -> tuple[str, ...]:
+        # No epochs, optimizer or augmentation, and nothing for a time budget to stop.
+        return EPOCH_OPTIONS
 
     def train(self, state, t_start: float, figures: bool = True, **ignored) -> dict:
         from ..engine.fit import _finish, _meta, _nll, _summarize, _write_history

@@ -10,6 +10,10 @@ from .base import Mode
 class Partial(Mode):
     name = "partial"
     trains_backbone = True
+    unread_why = "the --probe-* options are --mode linear-probe's, --unfreeze partial's"
+
+    def unread_options(self) -> tuple[str, ...]:
+        return tuple(name for name in self._epoch_loop_unread() if name != "unfreeze")
 
     def first_trainable_group(self, n_groups: int, spec) -> int:
         unfreeze = self.cfg.unfreeze

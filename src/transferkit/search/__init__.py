@@ -36,7 +36,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..config import TrainConfig, parse_duration, unread_options
+from ..config import TrainConfig, parse_duration
+from ..modes import make_mode, unread_options
 from ..engine import signals
 from ..engine.scores import metric_words
 from . import costs, features, final_run, finetuning, probes
@@ -67,9 +68,7 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
             return run(cfg, set(given))
         unread = [] if resume else unread_options(cfg, given)
         if unread:
-            log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode,
-                        "one fit, its C chosen by CV" if cfg.mode == "linear-probe" else
-                        "the --probe-* options are --mode linear-probe's, --unfreeze partial's")
+            log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode, make_mode(cfg).unread_why)
         return fit(cfg, resume=resume, deadline=_configured_run_deadline(cfg, given, resume))
 
 

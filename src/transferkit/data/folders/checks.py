@@ -107,16 +107,36 @@ def _checked_now(candidates: list[tuple[str, bool, tuple]], check, done: list) -
 
 
 def _in_pool(pool, check, candidates, done: list, chunksize: int = 1) -> list[tuple]:
-    """The checks in order, appended to `done`. A stop asked for (the first Ctrl-C of a run: engine/signals.py)
-    ends the scan at the next file, not after the last one (a million small files: minutes)."""
+    """The checks in order, appended to `done`, `chunksize` files to a task. A stop asked for (the first Ctrl-C
+    of a run: engine/signals.py) ends the scan at the next file, not after the last one (a million small files:
+    minutes); the checks already under way finish, and those that follow the last one read on without a gap are
+    kept too (a worker runs ahead of the reading here), so the next scan does not check them again."""
+    paths, no_exts = [c[0] for c in candidates], [c[1] for c in candidates]
+    tasks = [pool.submit(_check_each, check, paths[i:i + chunksize], no_exts[i:i + chunksize])
+             for i in range(0, len(paths), chunksize)]
+    read = 0
     try:
-        for result in pool.map(check, [c[0] for c in candidates], [c[1] for c in candidates], chunksize=chunksize):
-            done.append(result)
+        for task in tasks:
+            done.extend(task.result())
+            read += 1
             signals.check_stop("the data scan", "run the same command to go on (the scan record keeps the files "
                                                 "checked so far)")
         return done
-    finally:  # a stop or a second Ctrl-C: the checks not started are dropped, not waited for
+    except signals.Interrupted:
+        pool.shutdown(wait=True, cancel_futures=True)  # the checks not started are dropped, not waited for
+        for task in tasks[read:]:
+            if task.cancelled() or task.exception() is not None:
+                break
+            done.extend(task.result())
+        raise
+    finally:  # a second Ctrl-C or a failed check: nothing more is waited for than the tasks under way
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_each(check, paths: list[str], no_exts: list[bool]) -> list[tuple]:
+    """One task of a scan's pool: `check` on each of a few files (a module-level function, so a forked process
+    can run it)."""
+    return [check(path, no_ext) for path, no_ext in zip(paths, no_exts)]
 
 
 def _scan_workers() -> int:
