@@ -1125,7 +1125,7 @@ def test_a_search_starved_of_images_fits_its_first_probe_on_more_before_trying_m
     monkeypatch.setattr(search_module.costs, "growth_seconds",
                         lambda search, ctx, settings: 1e4 * (real_growth(search, ctx, settings) > 0))
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
-    metrics, record = _search(data, tmp_path / "run", budget="2m")
+    metrics, record = _search(data, tmp_path / "run", budget="1m")
     ran = [c for c in record["candidates"] if c["status"] == "ran"]
     assert len(ran) == 1 and ran[0]["kind"] == "probe"
     assert all("skipped" in c["status"] for c in record["candidates"][1:])
@@ -1144,7 +1144,7 @@ def test_a_starved_search_with_time_beyond_the_growth_goes_on_up_its_ladder(tmp_
     monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None:
                         1e4 if search.cv_row_s is None else real(search, ctx, views, images))
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
-    metrics, record = _search(data, tmp_path / "run", budget="2m")
+    metrics, record = _search(data, tmp_path / "run", budget="1m")
     ran = [c for c in record["candidates"] if c["status"] == "ran"]
     assert len(ran) > 1 and all(c["kind"] == "probe" for c in ran)
     assert record["compared_on_images"] == 128 and "the budget paid for the first probe" in record["stopped"]
@@ -1159,7 +1159,8 @@ def test_a_starved_search_still_fits_an_mlp_head_that_was_asked_for(tmp_path, mo
     monkeypatch.setattr(search_module.costs, "cv_seconds", lambda search, ctx, views, images=None:
                         1e4 if search.cv_row_s is None else real(search, ctx, views, images))
     data = _mislabel(make_image_folder(tmp_path / "data", n_train=150, n_val=4, size=40), 10)
-    _, record = _search(data, tmp_path / "run", budget="2m", mode="linear-probe", probe_head="mlp")
+    _, record = _search(data, tmp_path / "run", budget="1m", mode="linear-probe", probe_head="mlp",
+                        probe_views="none")  # no view ladder: the head is what is asked about
     assert "the budget paid for the first probe" in record["stopped"]
     assert record["chosen_settings"]["probe_head"] == "mlp"
 
