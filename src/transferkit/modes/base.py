@@ -32,11 +32,6 @@ class Mode:
     # Why, in a few words, for that warning.
     unread_why = ""
 
-    def _epoch_loop_unread(self) -> tuple[str, ...]:
-        """What the built-in modes that train in epochs leave alone: the --probe-* options (but --probe-c where
-        --head-init probe fits a probe first) and --unfreeze (partial's)."""
-        return PROBE_OPTIONS + (() if self.cfg.head_init == "probe" else ("probe_c",)) + ("unfreeze",)
-
     # ---- what trains ---------------------------------------------------------------------------
 
     def first_trainable_group(self, n_groups: int, spec) -> int:
@@ -102,3 +97,13 @@ class Mode:
         from ..engine.trainer import Trainer
 
         return Trainer(state, t_start, **options).fit()
+
+
+class EpochLoopMode(Mode):
+    """The built-in modes that train in epochs (feature-extract, finetune, partial): what they leave alone."""
+
+    unread_why = "the --probe-* options are --mode linear-probe's, --unfreeze partial's"
+
+    def unread_options(self) -> tuple[str, ...]:
+        """The --probe-* options (but --probe-c where --head-init probe fits a probe first) and --unfreeze."""
+        return PROBE_OPTIONS + (() if self.cfg.head_init == "probe" else ("probe_c",)) + ("unfreeze",)

@@ -3,15 +3,11 @@ the frozen part runs once per (image, view) and epochs train the head on cached 
 
 from __future__ import annotations
 
-from .base import Mode
+from .base import EpochLoopMode
 
 
-class FeatureExtract(Mode):
+class FeatureExtract(EpochLoopMode):
     name = "feature-extract"
-    unread_why = "the --probe-* options are --mode linear-probe's, --unfreeze partial's"
-
-    def unread_options(self) -> tuple[str, ...]:
-        return self._epoch_loop_unread()
 
     def make_source(self, state):
         if not self.cfg.cache:

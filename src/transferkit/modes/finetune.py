@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from .base import Mode
+from .base import EpochLoopMode
 
 
-class Finetune(Mode):
+class Finetune(EpochLoopMode):
     name = "finetune"
     trains_backbone = True
-    unread_why = "the --probe-* options are --mode linear-probe's, --unfreeze partial's"
-
-    def unread_options(self) -> tuple[str, ...]:
-        return self._epoch_loop_unread()
 
     def first_trainable_group(self, n_groups: int, spec) -> int:
         return 0

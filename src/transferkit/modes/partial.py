@@ -4,16 +4,15 @@ the frozen lower groups run once per (image, view) and are cached (engine/activa
 from __future__ import annotations
 
 from ..errors import UsageError
-from .base import Mode
+from .base import EpochLoopMode
 
 
-class Partial(Mode):
+class Partial(EpochLoopMode):
     name = "partial"
     trains_backbone = True
-    unread_why = "the --probe-* options are --mode linear-probe's, --unfreeze partial's"
 
     def unread_options(self) -> tuple[str, ...]:
-        return tuple(name for name in self._epoch_loop_unread() if name != "unfreeze")
+        return tuple(name for name in super().unread_options() if name != "unfreeze")
 
     def first_trainable_group(self, n_groups: int, spec) -> int:
         unfreeze = self.cfg.unfreeze
