@@ -186,6 +186,49 @@ def test_look_alike_pairs_come_back_from_the_record_and_follow_changes(tmp_path,
     assert fingerprint.SAME_PICTURE_CORRELATION == scan_record.scan_settings(8, 128)["same_picture_correlation"]
 
 
+_REAL_VERIFY = folders.checks.verify_one
+_MARKS: list = []  # the folder where a scan process marks each file it checks (set by the test before the fork)
+
+
+def _marking_check(path, no_ext):
+    """verify_one in a scan process, leaving a mark per file checked: the parent cannot see a child's calls."""
+    with open(os.path.join(_MARKS[0], f"{os.getpid()}-{abs(hash(path))}"), "w"):
+        pass
+    return _REAL_VERIFY(path, no_ext)
+
+
+def test_a_stop_during_a_scan_in_processes_keeps_every_check_the_processes_finished(tmp_path, recording,
+                                                                                      monkeypatch):
+    """In forked processes a task checks 16 files or more, and the processes run ahead of the parent's reading:
+    at a stop (here: asked for before the first answer is read), every file a process checked is recorded, so the
+    next scan checks exactly the others. (Stopping answer by answer, the scan kept the one file it had read.)"""
+    from transferkit.engine import signals
+
+    root = _tiny(tmp_path / "data", n=20)  # 80 files: 5 tasks of 16
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setattr(folders.checks, "SCAN_PROCESSES_FROM", 1)
+    monkeypatch.setattr(folders.checks, "_scan_workers", lambda: 2)  # processes on a 1-core machine too
+    monkeypatch.setattr(folders.checks, "verify_one", _marking_check)
+    _MARKS.append(str(marks))
+    signals._requested.append(2)  # what the handler of a first SIGINT does
+    try:
+        with pytest.raises(signals.Interrupted, match="interrupted during the data scan"):
+            scan_dataset(root)
+    finally:
+        signals._requested.clear()
+        _MARKS.clear()
+    checked = len(list(marks.iterdir()))
+    assert 16 <= checked <= 80  # at least the task read (all 80 where the processes ran ahead that far)
+    seen = []
+    monkeypatch.setattr(folders.checks, "SCAN_PROCESSES_FROM", 10**9)  # threads now: the calls are seen here
+    monkeypatch.setattr(folders.checks, "verify_one", lambda path, no_ext: seen.append(path) or
+                        _REAL_VERIFY(path, no_ext))
+    scan = scan_dataset(root)
+    assert len(seen) == 80 - checked
+    assert len(scan.train) == 40 and len(scan.val) == 40
+
+
 def test_a_stop_during_the_scan_ends_it_at_once_and_keeps_what_was_checked(tmp_path, recording, monkeypatch):
     """The first Ctrl-C of a run asks the run to stop (engine/signals.py): the scan stops at the next file, and
     the next scan checks only the files the stopped one did not."""
