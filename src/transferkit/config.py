@@ -290,14 +290,6 @@ def _yaml_number(key, value):
     return value
 
 
-# Options that only the built-in modes training in epochs read, and options that only linear-probe reads: each
-# mode says which it leaves alone (modes/base.py Mode.unread_options).
-EPOCH_OPTIONS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
-                 "warmup_epochs", "lower_lr_factor", "patience", "label_smoothing", "augment", "views", "view_kind",
-                 "head_init", "batchnorm", "unfreeze", "time_budget")
-PROBE_OPTIONS = ("probe_stages", "probe_pooling", "probe_views")
-
-
 def parse_duration(text) -> float:
     """'90s', '10m', '1h', '1h30m' or a number of seconds → seconds."""
     import re

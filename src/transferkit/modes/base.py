@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import PROBE_OPTIONS
 from ..models.adapt import ParamPlan, plan_params, set_train_mode
 
 
@@ -24,7 +23,7 @@ class Mode:
     # ---- what it reads -----------------------------------------------------------------------------
 
     def unread_options(self) -> tuple[str, ...]:
-        """TrainConfig options this mode does not read (config.EPOCH_OPTIONS, PROBE_OPTIONS): given explicitly
+        """TrainConfig options this mode does not read (EpochLoopMode's, LinearProbe's): given explicitly
         with --recipe tutorial they are named in a warning (search/__init__.py) rather than dropped without a
         word. None by default: a plugin mode may read any option."""
         return ()
@@ -97,6 +96,10 @@ class Mode:
         from ..engine.trainer import Trainer
 
         return Trainer(state, t_start, **options).fit()
+
+
+# Options only linear-probe reads.
+PROBE_OPTIONS = ("probe_stages", "probe_pooling", "probe_views")
 
 
 class EpochLoopMode(Mode):

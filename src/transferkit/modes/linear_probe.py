@@ -11,7 +11,6 @@ import time
 import numpy as np
 import torch.nn as nn
 
-from ..config import EPOCH_OPTIONS
 from ..engine import distributed
 from ..engine.checkpoint import save_checkpoint
 from ..models.adapt import ParamPlan
@@ -20,13 +19,17 @@ from .base import Mode
 
 log = logging.getLogger(__name__)
 
+# Options only the modes that train in epochs read (a probe is one fit: nothing for a time budget to stop either).
+EPOCH_OPTIONS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
+                 "warmup_epochs", "lower_lr_factor", "patience", "label_smoothing", "augment", "views", "view_kind",
+                 "head_init", "batchnorm", "unfreeze", "time_budget")
+
 
 class LinearProbe(Mode):
     name = "linear-probe"
     unread_why = "one fit, its C chosen by CV"
 
     def unread_options(self) -> tuple[str, ...]:
-        # No epochs, optimizer or augmentation, and nothing for a time budget to stop.
         return EPOCH_OPTIONS
 
     def train(self, state, t_start: float, figures: bool = True, **ignored) -> dict:

@@ -69,15 +69,16 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
         unread = [] if resume else unread_options(cfg, given)
         if unread:
             log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode, make_mode(cfg).unread_why)
-        return fit(cfg, resume=resume, deadline=_configured_run_deadline(cfg, given, resume))
+        deadline = None if resume or "--time-budget" in unread else _configured_run_deadline(cfg, given)
+        return fit(cfg, resume=resume, deadline=deadline)
 
 
-def _configured_run_deadline(cfg: TrainConfig, given, resume: bool) -> float | None:
+def _configured_run_deadline(cfg: TrainConfig, given) -> float | None:
     """A --time-budget given with --recipe tutorial bounds the configured run's epochs as it bounds the search's
     final run (engine/callbacks.py Deadline: the epoch under way is the last once the next would end past it).
-    Not given, the seeds' epochs all run (the tutorial recipe stays the seeds' run); a resumed run goes on to its
-    epochs; a mode that does not read the budget (a linear probe: one fit, unread_options) gets none."""
-    if resume or "time_budget" not in given or unread_options(cfg, {"time_budget"}):
+    Not given, the seeds' epochs all run (the tutorial recipe stays the seeds' run). (A resumed run goes on to its
+    epochs, and a mode that does not read the budget, a linear probe, gets none: train.)"""
+    if "time_budget" not in given:
         return None
     log.info("--time-budget %s: the run stops early, before an epoch that would end past it (of --epochs %d)",
              cfg.time_budget, cfg.epochs)
