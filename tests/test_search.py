@@ -822,6 +822,31 @@ def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(mon
     assert cv.score == max(cv.per_C.values())
 
 
+def test_the_probes_fits_and_cv_run_in_one_blas_thread_and_give_the_threads_back(monkeypatch):
+    """A probe's QR, projections and L-BFGS run in one BLAS thread (thin products: a second thread barely helps
+    idle and stalls beside a busy process; benchmarks/probe_threads.py), and the process's BLAS threads are as
+    they were afterwards (numpy work elsewhere keeps them)."""
+    from threadpoolctl import threadpool_info
+
+    from transferkit.engine import probe
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    seen, real_fit = [], probe.fit_logistic
+    monkeypatch.setattr(probe, "fit_logistic", lambda *a, **k: seen.append(blas_threads()) or real_fit(*a, **k))
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 2
+    x = (rng.normal(size=(60, 2, 8)) + y[:, None, None]).astype(np.float32)
+    probe.cross_validate(x, y, np.arange(8), 2, [0.01, 0.1])  # loads scipy's BLAS too, if nothing had
+    before = blas_threads()
+    seen.clear()
+    probe.cross_validate(x, y, np.arange(8), 2, [0.01, 0.1])
+    probe.fit_probe(x, y, np.arange(8), 0.1, 2)
+    assert len(seen) >= 4 and all(threads and set(threads) == {1} for threads in seen)
+    assert blas_threads() == before
+
+
 def test_the_cv_pools_several_splits_on_few_images(monkeypatch):
     """On few images one 3-fold split moves a probe's CV by as much as candidates differ, so the CV runs with
     other folds (fold seeds seed, seed + 1, ...) about once per CV_IMAGES_PER_SPLIT images, up to CV_MAX_REPEATS,

@@ -24,6 +24,7 @@ where it wins the same 3-fold CV as the linear probes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -261,6 +262,28 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
     return full_weight, full_bias
 
 
+@functools.cache
+def _blas_pools():
+    import sklearn.linear_model  # noqa: F401  (loads scipy's BLAS, which the controller must see)
+    from threadpoolctl import ThreadpoolController  # (scikit-learn's own dependency)
+
+    return ThreadpoolController()
+
+
+def in_one_blas_thread(fn):
+    """Runs fn (a probe's fits and CV: QR, projections, L-BFGS) with one BLAS thread. Their products are thin
+    (many rows by a few columns of weights, or by a basis of a few hundred rows), work a second thread barely
+    speeds up, and OpenBLAS's threads stall on each other when another process holds a core. 3-fold CVs over the
+    C grid, 2-core EPYC, two runs of benchmarks/probe_threads.py (benchmarks/RESULTS.md, probe-threads and the
+    notes of session 42): idle, the library's 2 threads took 0.91-1.38 times as long as one thread; beside a
+    process busy on both cores, 1.24-10.4 times (128 rows: 3.3-8.5 s against 0.8-1.1 s)."""
+    @functools.wraps(fn)
+    def limited(*args, **kwargs):
+        with _blas_pools().limit(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+    return limited
+
+
 def _mlp_net(width: int, n_classes: int) -> nn.Sequential:
     """The head as trained: with dropout, which the deployed head (ProbeClassifier) leaves out."""
     return nn.Sequential(nn.Hardtanh(-MLP_INPUT_CLIP, MLP_INPUT_CLIP), nn.Dropout(MLP_DROPOUT[0]),
@@ -329,6 +352,7 @@ def fit_mlp(z: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0, deadlin
             (last.weight.detach().numpy().copy(), last.bias.detach().numpy().copy()))
 
 
+@in_one_blas_thread
 def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None, n_classes: int,
               head: str = "linear", seed: int = 0, deadline: float | None = None,
               scale_floor: float = 0.0, balanced: bool = False) -> ProbeFit | None:
@@ -387,6 +411,7 @@ class CVResult:
     per_C: dict = field(default_factory=dict)
 
 
+@in_one_blas_thread
 def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes: int, grid: list[float],
                    folds: int = 3, seed: int = 0, deadline: float | None = None, scale_floor: float = 0.0,
                    balanced: bool = False, metric: str = "accuracy") -> CVResult:
@@ -460,6 +485,7 @@ def _past_the_peak(scores: list[float]) -> bool:
     return max(scores[-CV_PATIENCE:]) < max(scores[:-CV_PATIENCE])
 
 
+@in_one_blas_thread
 def cross_validate_stacked(xs: list[np.ndarray], y: np.ndarray, columns: np.ndarray, Cs: list[float],
                            n_classes: int, folds: int = 3, seed: int = 0, balanced: bool = False,
                            metric: str = "accuracy") -> float:
