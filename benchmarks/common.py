@@ -134,6 +134,13 @@ def write_section(name: str, markdown: str) -> None:
     RESULTS.write_text(text, encoding="utf-8")
 
 
+def publish(name: str, markdown: str, record: bool = True) -> None:
+    """Print a benchmark's section and, where `record` (no --no-record), put it into RESULTS.md."""
+    print(markdown)
+    if record:
+        write_section(name, markdown)
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

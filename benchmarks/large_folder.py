@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import benchmark_parser, cold_env, environment_line, table, write_section  # noqa: E402
+from common import benchmark_parser, cold_env, environment_line, publish, table  # noqa: E402
 
 SIDE, CLASSES = 64, 10
 
@@ -93,9 +93,7 @@ def main() -> None:
             + table(rows, ["run", "wall s", "search s", "final model's training images", "val acc", "95% interval",
                            "chosen"])
             + f"\n\nDefault − same 2,000: {100 * gain:+.1f} points of val accuracy.")
-    print(text)
-    if not args.no_record:
-        write_section("large_folder", text)
+    publish("large_folder", text, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, run_cli, table, write_section  # noqa: E402
+from common import environment_line, publish, run_cli, table  # noqa: E402
 
 SIDE = 128
 SHAPES = ("ellipse", "rectangle", "triangle", "cross")
@@ -134,10 +134,8 @@ def main() -> None:
             f"cold feature cache. Command: `{command}`.\n\n"
             + table(rows, ["run", "wall s", "final model's training images", "compared on", "val acc",
                            "95% interval", "chosen"]) + "\n")
-    print(text)
-    if not args.no_record:
-        write_section("many_classes" + (f"_{args.classes}" if args.classes != 100 else "")
-                      + (f"_{args.budget}" if args.budget else ""), text)
+    publish("many_classes" + (f"_{args.classes}" if args.classes != 100 else "")
+            + (f"_{args.budget}" if args.budget else ""), text, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import environment_line, publish, table  # noqa: E402
 
 from transferkit.search.costs import CV_MEMORY_COPIES, FIT_MEMORY_COPIES  # noqa: E402
 
@@ -77,9 +77,7 @@ def main() -> None:
                 "process; extra = (peak RSS after - before) / the float32 features' bytes; total = 1 + extra, against "
                 "what search/costs.py budgets for them (fit: FIT_MEMORY_COPIES; CV: 1 + CV_MEMORY_COPIES per view held).\n\n"
                 + table(rows, columns))
-    print(markdown)
-    if not args.no_record:
-        write_section("probe_memory", markdown)
+    publish("probe_memory", markdown, record=not args.no_record)
 
 
 if __name__ == "__main__":

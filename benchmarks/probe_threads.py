@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment_line, table, write_section  # noqa: E402
+from common import environment_line, publish, table  # noqa: E402
 
 _MEASURE = r"""
 import contextlib, json, statistics, sys, time
@@ -98,9 +98,7 @@ def main() -> None:
                 "median of the timed 3-fold CVs over the C grid in a fresh process (synthetic standard-normal "
                 "features); busy = beside a process running a torch convolution on every core.\n\n"
                 + table(rows, columns))
-    print(markdown)
-    if not args.no_record:
-        write_section("probe_threads", markdown)
+    publish("probe_threads", markdown, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import benchmark_parser, environment_line, table, write_section  # noqa: E402
+from common import benchmark_parser, environment_line, publish, table  # noqa: E402
 from large_folder import generate  # noqa: E402
 
 MEASURE = """
@@ -91,9 +91,7 @@ def main() -> None:
             + table(rows, ["images", "threads + buckets s", "processes + k-d tree s", "speed-up", "re-scan s",
                            "re-scan speed-up", "pairs s, buckets",
                            "pairs s, k-d tree", "pairs found (buckets / k-d tree)"]))
-    print(text)
-    if not args.no_record:
-        write_section("scan", text)
+    publish("scan", text, record=not args.no_record)
 
 
 if __name__ == "__main__":

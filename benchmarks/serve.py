@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (benchmark_parser, elpv, environment_line, proc_cpu_seconds, table, thread_cpu_by_role,  # noqa: E402
-                    write_section)
+                    publish)
 
 CLIENTS = (1, 4, 16)
 PAIR_REQUESTS = 20_000  # the served half of a pair is bounded by --pair-seconds first, and by this
@@ -409,9 +409,7 @@ def report(args, rows: list[dict], pairs: list[dict], by_batch: dict, one_pass: 
               f"{best_served_rate:.1f} images/s) is {best_served_rate / best_bare:.2f}. With raw image bodies "
               f"(the same server and clients), the median fraction is {raw_fraction:.2f}; with `--access-log`, "
               f"{logged_fraction:.2f}.")
-    print(text)
-    if not args.no_record:
-        write_section("serve", text)
+    publish("serve", text, record=not args.no_record)
 
 
 if __name__ == "__main__":

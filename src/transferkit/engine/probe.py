@@ -25,6 +25,7 @@ where it wins the same 3-fold CV as the linear probes.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -264,8 +265,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
 
 @functools.cache
 def _blas_pools():
-    import sklearn.linear_model  # noqa: F401  (loads scipy's BLAS, which the controller must see)
     from threadpoolctl import ThreadpoolController  # (scikit-learn's own dependency)
+
+    importlib.import_module("sklearn.linear_model")  # loads scipy's BLAS, which the controller must see
 
     return ThreadpoolController()
 
