@@ -54,6 +54,12 @@ with torch.no_grad():
 """
 
 
+HEADING = "## Probe CV: one BLAS thread against the library's default"
+LEGEND = ("Each cell the median of the timed 3-fold CVs over the C grid in a fresh process (synthetic standard-normal "
+          "features); busy = beside a process running a torch convolution on every core.")
+COLUMNS = ["machine", "images × views × classes", "one BLAS thread s", "BLAS default s", "default / one"]
+
+
 def measure(policy: str, n: int, views: int, classes: int, width: int, repeats: int) -> float:
     out = subprocess.run([sys.executable, "-c", _MEASURE, policy, *map(str, (n, views, classes, width, repeats))],
                          capture_output=True, text=True, check=True)
@@ -92,13 +98,10 @@ def main() -> None:
     machine = environment_line()  # before the busy process loads it
     rows = [row for condition in args.conditions.split(",")
             for row in measure_condition(condition, shapes, args.features, args.repeats)]
-    columns = ["machine", "images × views × classes", "one BLAS thread s", "BLAS default s", "default / one"]
-    markdown = (f"## Probe CV: one BLAS thread against the library's default\n\n{machine}. Command: `python benchmarks/probe_threads.py --shapes {args.shapes} "
-                f"--features {args.features} --repeats {args.repeats} --conditions {args.conditions}`. Each cell the "
-                "median of the timed 3-fold CVs over the C grid in a fresh process (synthetic standard-normal "
-                "features); busy = beside a process running a torch convolution on every core.\n\n"
-                + table(rows, columns))
-    publish("probe_threads", markdown, record=not args.no_record)
+    command = (f"python benchmarks/probe_threads.py --shapes {args.shapes} --features {args.features} "
+               f"--repeats {args.repeats} --conditions {args.conditions}")
+    publish("probe_threads", f"{HEADING}\n\n{machine}. Command: `{command}`. {LEGEND}\n\n" + table(rows, COLUMNS),
+            record=not args.no_record)
 
 
 if __name__ == "__main__":
