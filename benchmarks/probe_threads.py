@@ -1,5 +1,5 @@
 """The probe's CV in one BLAS thread against the BLAS library's default, on an idle machine and beside another
-process that keeps every core busy: the measurement behind engine/probe.py's `in_one_blas_thread`.
+process that keeps every core busy: the measurement behind threads.py's `in_one_blas_thread`.
 
     python benchmarks/probe_threads.py [--shapes 128x1x2,1968x4x2,3000x1x100] [--features 4048] [--repeats 3]
                                        [--conditions idle,busy] [--no-record]
@@ -26,12 +26,13 @@ from common import environment_line, publish, table  # noqa: E402
 _MEASURE = r"""
 import contextlib, json, statistics, sys, time
 import numpy as np
+from transferkit import threads
 from transferkit.engine import probe
 from transferkit.engine.probe_train import C_GRID
 
 policy, n, views, classes, width, repeats = sys.argv[1], *map(int, sys.argv[2:7])
 if policy == "default":  # the decorator asks for its limiter at each call
-    probe._blas_pools = lambda: type("NoLimit", (), {"limit": lambda self, **_: contextlib.nullcontext()})()
+    threads._blas_pools = lambda: type("NoLimit", (), {"limit": lambda self, **_: contextlib.nullcontext()})()
 y = np.arange(n) % classes
 x = np.random.default_rng(0).standard_normal(size=(n, views, width), dtype=np.float32)
 x[:, :, :50] += (y[:, None, None] * 0.3).astype(np.float32)

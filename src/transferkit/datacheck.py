@@ -32,6 +32,7 @@ from .config import Thresholds  # torch-free: the CLI parser reads its defaults
 from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
 from .data.images import load_rgb
 from .preprocessing import SIXTEEN_BIT_WHITE
+from .threads import in_one_blas_thread
 from .errors import DataError
 from .io import atomic_write_json
 
@@ -226,6 +227,7 @@ def _label_errors(items: Items, th: Thresholds) -> list[dict]:
     return sorted(rows, key=lambda r: r["self_confidence"])
 
 
+@in_one_blas_thread  # (thin products, like the probes')
 def out_of_fold_probabilities(z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int) -> np.ndarray | None:
     """(n, n_classes) probabilities, each from a probe that did not see the image; None when a class
     has fewer than 2 images (no fold could hold it out)."""

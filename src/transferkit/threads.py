@@ -4,11 +4,14 @@ Python names its threads for itself only (before 3.14), so `top -H`, `ps -L`, pr
 every thread of a run or a server as "python". The pools here also give each thread its Python name at
 the OS level (Linux: prctl PR_SET_NAME, 15 bytes), so one can see, and a benchmark can measure, how much
 CPU the decode threads take beside the inference lanes (benchmarks/serve.py, benchmarks/extraction.py).
+
+`in_one_blas_thread` runs a function with BLAS (numpy's and scipy's OpenBLAS) in one thread: the probes' fits.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib
 import os
 import sys
@@ -86,3 +89,25 @@ def _import_quietly(names: list[str]) -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the command imports it again and reports what is wrong
             pass
+
+
+@functools.cache
+def _blas_pools():
+    from threadpoolctl import ThreadpoolController  # (scikit-learn's own dependency)
+
+    importlib.import_module("sklearn.linear_model")  # loads scipy's BLAS, which the controller must see
+    return ThreadpoolController()
+
+
+def in_one_blas_thread(fn):
+    """Runs fn (a probe's fits and CV: QR, projections, L-BFGS; engine/probe.py, datacheck.py) with one BLAS
+    thread. Their products are thin (many rows by a few columns of weights, or by a basis of a few hundred rows),
+    work a second thread barely speeds up, and OpenBLAS's threads stall on each other when another process holds
+    a core. 3-fold CVs over the C grid, 2-core EPYC, two runs of benchmarks/probe_threads.py (benchmarks/RESULTS.md,
+    probe-threads and the notes of session 42): idle, the library's 2 threads took 0.91-1.38 times as long as one
+    thread; beside a process busy on both cores, 1.24-10.4 times (128 rows: 3.3-8.5 s against 0.8-1.1 s)."""
+    @functools.wraps(fn)
+    def limited(*args, **kwargs):
+        with _blas_pools().limit(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+    return limited

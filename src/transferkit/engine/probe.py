@@ -24,8 +24,6 @@ where it wins the same 3-fold CV as the linear probes.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import signals
+from ..threads import in_one_blas_thread
 from .scores import cv_score
 
 log = logging.getLogger(__name__)
@@ -261,29 +260,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
     full_bias = np.full(n_classes, bias.min() - ABSENT_CLASS_MARGIN, dtype=np.float32)
     full_weight[present], full_bias[present] = weight, bias
     return full_weight, full_bias
-
-
-@functools.cache
-def _blas_pools():
-    from threadpoolctl import ThreadpoolController  # (scikit-learn's own dependency)
-
-    importlib.import_module("sklearn.linear_model")  # loads scipy's BLAS, which the controller must see
-
-    return ThreadpoolController()
-
-
-def in_one_blas_thread(fn):
-    """Runs fn (a probe's fits and CV: QR, projections, L-BFGS) with one BLAS thread. Their products are thin
-    (many rows by a few columns of weights, or by a basis of a few hundred rows), work a second thread barely
-    speeds up, and OpenBLAS's threads stall on each other when another process holds a core. 3-fold CVs over the
-    C grid, 2-core EPYC, two runs of benchmarks/probe_threads.py (benchmarks/RESULTS.md, probe-threads and the
-    notes of session 42): idle, the library's 2 threads took 0.91-1.38 times as long as one thread; beside a
-    process busy on both cores, 1.24-10.4 times (128 rows: 3.3-8.5 s against 0.8-1.1 s)."""
-    @functools.wraps(fn)
-    def limited(*args, **kwargs):
-        with _blas_pools().limit(limits=1, user_api="blas"):
-            return fn(*args, **kwargs)
-    return limited
 
 
 def _mlp_net(width: int, n_classes: int) -> nn.Sequential:
