@@ -1190,6 +1190,34 @@ def test_a_starved_search_still_fits_an_mlp_head_that_was_asked_for(tmp_path, mo
     assert record["chosen_settings"]["probe_head"] == "mlp"
 
 
+def test_an_asked_for_mlp_head_that_did_not_fit_in_the_budget_leaves_the_linear_probe(tmp_path, monkeypatch, caplog):
+    """--probe-head mlp given, and its fits stop for time (a slow or busy machine): the model is the linear
+    probe the search scored, as the warning says (this ended in a traceback: the final run got the asked-for
+    MLP head and the linear probe's C, a combination the options refuse)."""
+    from transferkit.engine import probe
+
+    monkeypatch.setattr(probe, "cross_validate_mlp", lambda *a, **k: None)  # past its deadline
+    data = _mislabel(make_image_folder(tmp_path / "data", n_train=20, n_val=4, size=40), 3)
+    metrics, record = _search(data, tmp_path / "run", budget="1m", mode="linear-probe", probe_head="mlp",
+                              probe_views="none")
+    mlp = [c for c in record["candidates"] if c["settings"].get("probe_head") == "mlp"]
+    assert [c["status"] for c in mlp] == ["stopped: its fits ran slower than planned"]
+    assert record["chosen_settings"].get("probe_head", "linear") == "linear" and metrics["best_val_acc"] is not None
+    assert "--probe-head" not in record["reproduce"] and "--probe-c" in record["reproduce"]
+    assert "no MLP head fitted in the budget" in caplog.text
+
+
+def test_an_asked_for_mlp_head_is_fitted_on_a_perfect_probe_too(tmp_path):
+    """A first probe right on every image ends the ladder, but --probe-head mlp, given, still gets its head
+    on that probe's features (this ended in a traceback: the MLP head asked for with the linear probe's C)."""
+    data = make_image_folder(tmp_path / "data", n_train=20, n_val=4, size=40)  # easy: the first CV is perfect
+    metrics, record = _search(data, tmp_path / "run", budget="1m", mode="linear-probe", probe_head="mlp",
+                              probe_views="none")
+    assert "scores 1.0 on the 3-fold CV" in record["stopped"]
+    assert record["chosen_settings"]["probe_head"] == "mlp" and "--probe-c" not in record["reproduce"]
+    assert metrics["best_val_acc"] is not None
+
+
 @pytest.mark.slow
 def test_train_subsample_is_kept_by_the_search_and_its_reproduce_command(tmp_path):
     data = _folder(tmp_path / "data")

@@ -56,8 +56,9 @@ def grown_scan(search: Search, winner: Candidate, ctx: Context, full):
 def final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
     subsample = {"train_subsample": search.subsample} if search.subsample else {}  # for the reproduce command
     if winner.kind == "probe":
-        settings = {k: winner.settings[k] for k in PROBE_PIECES if k in winner.settings}
-        if settings.get("probe_head") == "mlp":
+        # a linear winner has the linear head, also where --probe-head mlp was given and no MLP head was fitted
+        settings = {"probe_head": "linear", **{k: winner.settings[k] for k in PROBE_PIECES if k in winner.settings}}
+        if settings["probe_head"] == "mlp":
             settings.pop("probe_c", None)  # the linear probe's strength it was built on: an MLP head has none
         return state.candidate_config(search.cfg, settings, out, mode="linear-probe", **subsample)
     return state.candidate_config(search.cfg, winner.settings, out, best_metric="last", **subsample)
