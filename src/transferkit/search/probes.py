@@ -22,14 +22,14 @@ def search_probes(search: Search, ctx: Context) -> tuple[Candidate, Context]:
     best = None
     for crop in crops:  # eval crop, then the whole frame, on view 0
         if _perfect(best):
-            return _stopped_at(search, ctx, best), ctx
+            return _stopped_before_mlp(search, ctx, best), ctx
         best = state.better(best, _probe_candidate(search, ctx, crop, views[0]))
     if search.starved:  # the later steps run only where the final run's growth to every image compared still fits
         _starved_note(search)
     crop = best.settings["crop_fraction"]
     for view_set in views[1:]:  # then more views of the better crop, while they pay
         if _perfect(best):
-            return _stopped_at(search, ctx, best), ctx
+            return _stopped_before_mlp(search, ctx, best), ctx
         if view_set == "dihedral" and not cfg.rotation_safe and best.settings["probe_views"] != "turns":
             continue  # turning the image by 90° did not help (or did not fit): the other turns will not either
         cand = _probe_candidate(search, ctx, crop, view_set, options=ladder.carried_pooling(best))
@@ -37,17 +37,17 @@ def search_probes(search: Search, ctx: Context) -> tuple[Candidate, Context]:
             break  # a view that does not pay (a mirrored digit is another digit): turning it will not either
         best = state.better(best, cand)
     if _perfect(best):
-        return _stopped_at(search, ctx, best), ctx
+        return _stopped_before_mlp(search, ctx, best), ctx
     mlp = _mlp_candidate(search, ctx, best)
     if _asked_mlp_fitted(search, mlp):  # asked for: the later probes are linear ones
         return mlp, ctx
     best = state.better(best, mlp)
     if _perfect(best):
-        return _stopped_at(search, ctx, best), ctx
+        return _stopped_at(search, best), ctx
     if "image_size" not in given:
         best = state.better(best, _two_scale_candidate(search, ctx, best))
         if _perfect(best):
-            return _stopped_at(search, ctx, best), ctx
+            return _stopped_at(search, best), ctx
     return stronger_backbone(search, ctx, best)
 
 
@@ -87,16 +87,18 @@ def _perfect(best: Candidate | None) -> bool:
     return best is not None and best.score is not None and best.score >= 1.0
 
 
-def _stopped_at(search: Search, ctx: Context, best: Candidate) -> Candidate:
-    """The ladder ends at a perfect probe; a --probe-head mlp given still gets its head, on that probe's
-    features, where none was tried yet (a given flag fixes its piece of the recipe)."""
+def _stopped_at(search: Search, best: Candidate) -> Candidate:
     search.stopped = f"{best.name} scores 1.0 on the 3-fold CV: no other probe could score above it"
     log.info("search: %s", search.stopped)
-    if ladder.mlp_asked(search) and not any(c.settings.get("probe_head") == "mlp" for c in search.candidates):
-        mlp = _mlp_candidate(search, ctx, best)
-        if _asked_mlp_fitted(search, mlp):
-            return mlp
     return best
+
+
+def _stopped_before_mlp(search: Search, ctx: Context, best: Candidate) -> Candidate:
+    """A perfect probe before the MLP step ends the ladder; a --probe-head mlp given still gets its head on that
+    probe's features (a given flag fixes its piece of the recipe)."""
+    best = _stopped_at(search, best)
+    mlp = _mlp_candidate(search, ctx, best) if ladder.mlp_asked(search) else None
+    return mlp if _asked_mlp_fitted(search, mlp) else best
 
 
 def _starved_note(search: Search) -> None:
