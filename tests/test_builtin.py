@@ -91,7 +91,8 @@ def test_elpv_folder_scans_cleanly(elpv2):
     scan = scan_dataset(out, verify_images=False)
     assert scan.split_source == "folders"
     assert scan.class_counts() == summary["counts"]
-    assert set(scan.problems) <= {"outside_class_folder"}  # elpv.json itself
+    assert set(scan.problems) == {"dataset_manifest"}  # elpv.json itself: recorded, with no warning
+    assert scan.summary_lines() == []
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def test_good_images_are_kept_with_their_classes(torture):
     [
         "corrupt", "empty_file", "non_image", "not_an_image", "os_junk", "too_small", "decompression_bomb",
         "hidden", "outside_class_folder", "symlink_loop", "broken_symlink", "empty_class",
-        "val_class_not_in_train", "duplicate_across_splits", "no_extension", "unreadable",
+        "val_class_not_in_train", "duplicate_across_splits", "no_extension", "unreadable", "dataset_manifest",
     ],
 )
 def test_each_problem_kind_is_reported(torture, kind):
@@ -164,12 +164,16 @@ def test_summary_and_report(torture, tmp_path):
     lines = scan.summary_lines()
     assert "skipped 3 corrupt or truncated images (see data_report.json)" in lines
     assert any(line.startswith("found 1 validation image identical") for line in lines)
+    # The user's README.txt is worth a line; the manifest `transferkit data` wrote is recorded, not warned about.
+    assert "ignored 1 non-image file outside class folders (see data_report.json)" in lines
+    assert not any("manifest" in line or "elpv.json" in line for line in lines)
     scan.write_report(tmp_path / "data_report.json")
     report = json.loads((tmp_path / "data_report.json").read_text(encoding="utf-8"))
     assert report["classes"] == info["classes"]
     assert report["split_source"] == "folders"
     assert report["counts"] == scan.class_counts()
     assert report["problems"]["corrupt"] == scan.problems["corrupt"]
+    assert [e["path"] for e in report["problems"]["dataset_manifest"]] == ["elpv.json"]
     assert report["imbalance"] == pytest.approx(scan.imbalance_ratio(), rel=1e-3)
 
 

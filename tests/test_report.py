@@ -71,7 +71,8 @@ def run_dir(tmp_path):
     data_report = {
         "classes": CLASSES,
         "counts": {"train": {"cat": 10, "dog": 12, EVIL: 3}, "val": {"cat": 3, "dog": 4, EVIL: 1}},
-        "problems": {"unreadable": [{"path": "data/cat/<broken>.jpg", "detail": "cannot identify image"}], "duplicate": []},
+        "problems": {"unreadable": [{"path": "data/cat/<broken>.jpg", "detail": "cannot identify image"}], "duplicate": [],
+                     "dataset_manifest": [{"path": "elpv.json", "detail": "written by `transferkit data`"}]},
         "split_source": "folders",
     }
     (run / "data_report.json").write_text(json.dumps(data_report))
@@ -98,6 +99,7 @@ def test_report_is_self_contained_and_escaped(run_dir):
         assert heading in html
     assert "87.50%" in html  # best val acc
     assert "<details>" in html and "unreadable: 1 file(s)" in html
+    assert "dataset_manifest" not in html and "elpv.json" not in html  # the tool's own file is not a problem
     assert html.count("data:image/png;base64,") >= 2 + 6  # curves + confusion + thumbnails
     assert "resnet18" in html and "finetune" in html
     assert "not available" not in html

@@ -132,6 +132,7 @@ def make_torture_folder(root) -> dict:
     _write(root / "train" / ALPHA / ".hidden_folder" / "inside.png", encode(random_rgb(24), "PNG"))
     bad("hidden", f"train/{BETA}/.hidden_file.png", encode(random_rgb(25), "PNG"))
     bad("outside_class_folder", "README.txt", b"about this dataset\n")
+    bad("dataset_manifest", "elpv.json", b'{"format": 1}\n')  # what `transferkit data` writes beside train/
 
     locked = _write(a / "locked.jpg", encode(random_rgb(26), "JPEG"))
     locked.chmod(0)

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from transferkit.data.fingerprint import (SAME_PICTURE_CORRELATION, fingerprint, groups_of, one_side_per_group,
                                           same_picture_pairs)
+from transferkit.data.folders.walk import ELPV_MANIFEST
 from transferkit.data.images import load_rgb
 from transferkit.errors import DataError, UsageError
 from transferkit.io import staged_folder
 
 logger = logging.getLogger(__name__)
 
-ELPV_MANIFEST = "elpv.json"
 ELPV_FORMAT = 1
 ELPV_VAL_FRACTION = 0.25
 # Defect probabilities in the labels are 0, 1/3, 2/3 and 1.

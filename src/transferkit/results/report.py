@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 
+from transferkit.data.folders.problems import SILENT_KINDS
 from transferkit.errors import CheckpointError, DataError
 from transferkit.io import atomic_write_text
 from transferkit.preprocessing import SIXTEEN_BIT_WHITE
@@ -280,6 +281,8 @@ def _default_config() -> dict:
 
 
 def _problems(problems: Any) -> str:
+    if isinstance(problems, Mapping):
+        problems = {kind: entries for kind, entries in problems.items() if kind not in SILENT_KINDS}
     if not isinstance(problems, Mapping) or not any(problems.values()):
         return "<p>No data problems found.</p>"
     parts = ["<h3>Problems</h3>"]

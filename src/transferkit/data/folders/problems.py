@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 # Kinds that skip nothing the user meant to train on; strict mode does not stop on them.
 INFORMATIONAL_KINDS = frozenset({"no_extension", "hidden", "os_junk", "outside_class_folder", "unused_folder",
-                                 "test_folder", "run_folder"})
+                                 "test_folder", "run_folder", "dataset_manifest"})
+# Kinds recorded in data_report.json without a summary line: nothing the user needs to act on or know.
+SILENT_KINDS = frozenset({"dataset_manifest"})
 
 # Summary wording per kind, in report order; "{n}" is the count, the other fields are
 # nouns that agree with it.

@@ -11,7 +11,7 @@ from transferkit.data.fingerprint import Fingerprint
 from transferkit.errors import UsageError
 from transferkit.io import atomic_write_json
 
-from .problems import KIND_TEXT, kind_text
+from .problems import KIND_TEXT, SILENT_KINDS, kind_text
 
 IMBALANCE_WARN_RATIO = 3.0  # largest/smallest training class above which a scan says so
 
@@ -50,7 +50,7 @@ class DataScan:
 
     def summary_lines(self) -> list[str]:
         lines = []
-        kinds = list(KIND_TEXT) + sorted(set(self.problems) - set(KIND_TEXT))
+        kinds = list(KIND_TEXT) + sorted(set(self.problems) - set(KIND_TEXT) - SILENT_KINDS)
         for kind in kinds:
             n = len(self.problems.get(kind, ()))
             if n:
