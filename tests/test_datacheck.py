@@ -278,6 +278,7 @@ def test_train_prints_one_hint_line_on_leakage(tmp_path, capsys):
     assert code == 0
     hints = [line for line in out.splitlines() if "transferkit data check" in line]
     assert len(hints) == 1 and "1 val images are copies of train images" in hints[0]
+    assert hints[0].endswith(f"run `transferkit data check {data}` to see them")  # the folder, ready to paste
     assert train_hint(tmp_path / "nowhere") is None
 
 
@@ -370,3 +371,6 @@ def test_train_hint_counts_only_wrong_predictions(tmp_path):
     assert "data: 5 val images are misclassified" in train_hint(tmp_path)
     (tmp_path / "evaluation.json").write_text(json.dumps({"top_losses": wrong}))  # every listed loss a mistake
     assert "at least 5 val images are misclassified" in train_hint(tmp_path)
+    assert train_hint(tmp_path).endswith("run `transferkit data check DATA` to see them")  # a report without its root
+    (tmp_path / "data_report.json").write_text(json.dumps({"problems": {}, "root": str(tmp_path / "my data")}))
+    assert train_hint(tmp_path).endswith(f"run `transferkit data check '{tmp_path / 'my data'}'` to see them")

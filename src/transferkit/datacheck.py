@@ -378,4 +378,14 @@ def train_hint(run_dir) -> str | None:
                      "(possible label errors)")
     if not found:
         return None
-    return f"data: {'; '.join(found)}; run `transferkit data check DATA` to see them"
+    return f"data: {'; '.join(found)}; run `transferkit data check {_shown_path(report.get('root'))}` to see them"
+
+
+def _shown_path(root) -> str:
+    """The data folder as the user can paste it: relative to the working folder where it lies inside it."""
+    import shlex
+
+    if not root:
+        return "DATA"
+    path = Path(root)
+    return shlex.quote(str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path))
