@@ -69,7 +69,8 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
         unread = [] if resume else unread_options(cfg, given)
         if unread:
             log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode, make_mode(cfg).unread_why)
-        deadline = None if resume or "--time-budget" in unread else _configured_run_deadline(cfg, given)
+        reads_budget = "time_budget" not in make_mode(cfg).unread_options()  # a linear probe has no epochs to stop
+        deadline = _configured_run_deadline(cfg, given) if reads_budget and not resume else None
         return fit(cfg, resume=resume, deadline=deadline)
 
 
