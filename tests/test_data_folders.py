@@ -345,7 +345,7 @@ def test_train_folder_without_val_is_split_randomly(tmp_path):
 def test_the_train_summary_names_the_command_that_scores_the_test_folder(tmp_path, monkeypatch, capsys):
     from transferkit.cli import _print_test_folders
 
-    root = _flat(tmp_path / "data" / "train", {"a": 5, "b": 5}).parent
+    root = _flat(tmp_path / "my data" / "train", {"a": 5, "b": 5}).parent  # a space: quoted to paste
     _flat(root / "test", {"a": 2, "b": 2})
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
@@ -353,7 +353,7 @@ def test_the_train_summary_names_the_command_that_scores_the_test_folder(tmp_pat
     monkeypatch.chdir(tmp_path)
     _print_test_folders("runs/r")
     assert capsys.readouterr().out == ("held-out test folder, not read by this run: score it once with "
-                                       "`transferkit evaluate runs/r data/test`\n")
+                                       "`transferkit evaluate runs/r 'my data/test'`\n")
 
 
 def test_tiny_classes_still_get_a_val_image(tmp_path):

@@ -414,14 +414,14 @@ def _print_train_summary(m: dict) -> None:
 
 def _print_test_folders(run_dir: str) -> None:
     """The command that scores the run on the data's held-out test/ folder, which nothing in the run read."""
-    from .io import read_json_object
+    from .io import pasteable_path, read_json_object
     from .run_folder import RunFolder
 
     report = read_json_object(RunFolder(run_dir).data_report)
     for problem in report.get("problems", {}).get("test_folder", []):
         test = Path(report["root"]) / problem["path"]
-        test = test.relative_to(Path.cwd()) if test.is_relative_to(Path.cwd()) else test
-        print(f"held-out test folder, not read by this run: score it once with `transferkit evaluate {run_dir} {test}`")
+        print("held-out test folder, not read by this run: score it once with "
+              f"`transferkit evaluate {pasteable_path(run_dir)} {pasteable_path(test)}`")
 
 
 def cmd_models(args) -> int:

@@ -378,14 +378,7 @@ def train_hint(run_dir) -> str | None:
                      "(possible label errors)")
     if not found:
         return None
-    return f"data: {'; '.join(found)}; run `transferkit data check {_shown_path(report.get('root'))}` to see them"
+    from .io import pasteable_path
 
-
-def _shown_path(root) -> str:
-    """The data folder as the user can paste it: relative to the working folder where it lies inside it."""
-    import shlex
-
-    if not root:
-        return "DATA"
-    path = Path(root)
-    return shlex.quote(str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path))
+    folder = pasteable_path(report["root"]) if report.get("root") else "DATA"
+    return f"data: {'; '.join(found)}; run `transferkit data check {folder}` to see them"

@@ -118,3 +118,12 @@ def _remove(tmp: str) -> None:
         os.unlink(tmp)
     except OSError:
         pass
+
+
+def pasteable_path(path: str | os.PathLike) -> str:
+    """A path for a command line the user is told to run: relative to the working folder where it lies inside
+    it, and quoted for the shell (a folder name with spaces)."""
+    import shlex
+
+    path, here = Path(path), Path.cwd()
+    return shlex.quote(str(path.relative_to(here) if path.is_absolute() and path.is_relative_to(here) else path))
