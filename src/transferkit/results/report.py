@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 
-from transferkit.data.folders.problems import SILENT_KINDS
 from transferkit.errors import CheckpointError, DataError
 from transferkit.io import atomic_write_text
 from transferkit.preprocessing import SIXTEEN_BIT_WHITE
@@ -281,6 +280,8 @@ def _default_config() -> dict:
 
 
 def _problems(problems: Any) -> str:
+    from transferkit.data.folders.problems import SILENT_KINDS  # imported here: the data package would slow every import of the report
+
     if isinstance(problems, Mapping):
         problems = {kind: entries for kind, entries in problems.items() if kind not in SILENT_KINDS}
     if not isinstance(problems, Mapping) or not any(problems.values()):
