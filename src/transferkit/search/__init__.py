@@ -66,10 +66,11 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
             refuse_to_overwrite(Path(cfg.out), cfg.overwrite)
         if cfg.recipe == "auto" and not resume:
             return run(cfg, set(given))
+        mode = make_mode(cfg)
         unread = [] if resume else unread_options(cfg, given)
         if unread:
-            log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode, make_mode(cfg).unread_why)
-        reads_budget = "time_budget" not in make_mode(cfg).unread_options()  # a linear probe has no epochs to stop
+            log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode, mode.unread_why)
+        reads_budget = "time_budget" not in mode.unread_options()  # a linear probe has no epochs to stop
         deadline = _configured_run_deadline(cfg, given) if reads_budget and not resume else None
         return fit(cfg, resume=resume, deadline=deadline)
 

@@ -28,10 +28,9 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 TEST_DIR_NAMES = frozenset({"test", "testing", "holdout"})
 # __MACOSX: the folder of resource forks (`._name` files) a zip made on a Mac carries, a class folder to a flat scan
 OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
-# What `transferkit data` writes beside train/ and val/ (data/builtin.py): recorded in data_report.json but not
-# warned about, so `make demo`'s first line is not a warning about the tool's own file.
+# What `transferkit data elpv` writes beside train/ and val/ (data/builtin.py): recorded in data_report.json but
+# not warned about, so `make demo`'s first line is not a warning about the tool's own file.
 ELPV_MANIFEST = "elpv.json"
-OWN_DATA_MANIFESTS = frozenset({ELPV_MANIFEST})
 
 
 def check_root(root) -> Path:
@@ -90,7 +89,7 @@ def find_split_dirs(root: Path, problems: Problems) -> dict[str, Path]:
             problems.add("test_folder", path, "a held-out test split: not read by training or the recipe search")
         elif path.is_dir():
             problems.add("unused_folder", path, "only train/ and val/ are read when a train/ folder exists")
-        elif name in OWN_DATA_MANIFESTS:
+        elif name == ELPV_MANIFEST:
             problems.add("dataset_manifest", path, "written by `transferkit data`: where the images came from")
         else:
             _outside_class_folder(path, problems)
