@@ -1,5 +1,5 @@
-"""benchmarks/probe_memory.py and probe_threads.py: they measure the probe's fit and CV in processes of their
-own and print their tables."""
+"""benchmarks/probe_memory.py, probe_threads.py and probe_tolerance.py: they measure the probe's fit and CV in
+processes of their own and print their tables."""
 
 import subprocess
 import sys
@@ -28,3 +28,28 @@ def test_the_probe_threads_benchmark_times_both_thread_policies():
     assert len(rows) == 1 and rows[0][1] == "60 × 1 × 2"
     one, default, ratio = map(float, rows[0][2:5])
     assert one > 0 and default > 0 and abs(ratio - default / one) < 0.01 * ratio + 1e-3
+
+
+def test_the_probe_tolerance_benchmark_runs_a_nested_cv_per_tolerance_on_saved_calls(tmp_path):
+    """Saved cross_validate calls are replayed (no search runs); of two calls on the same features only the one
+    with more columns is kept, and each tolerance gets its accuracy, seconds and one C per outer fold."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = rng.standard_normal((90, 2, 40)).astype(np.float32)
+    x[:, :, :5] += y[:, None, None].astype(np.float32)  # a class signal the probe can find
+    saved = tmp_path / "probe_tolerance" / "tiny"
+    saved.mkdir(parents=True)
+    for i, columns in enumerate([np.arange(20), np.arange(40)]):
+        np.savez(saved / f"{i}.npz", x=x, y=y, columns=columns, n_classes=3, grid=np.array([0.01, 0.1, 1.0]))
+    out = subprocess.run([sys.executable, str(_BENCH / "probe_tolerance.py"), "--work", str(tmp_path), "--sets", "tiny",
+                          "--tols", "1e-3,1e-6", "--outer", "3", "--no-record"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+            if line.startswith("| tiny")]
+    assert len(rows) == 1 and rows[0][:2] == ["tiny (1)", "90 × 2 × 40"]
+    for acc, seconds, chosen in (rows[0][2:5], rows[0][5:8]):
+        assert 0.6 < float(acc) <= 1 and float(seconds) > 0
+        assert len(chosen.split()) == 3 and {float(c) for c in chosen.split()} <= {0.0001, 0.0003, 0.001, 0.003, 0.01, 0.1, 1.0}
+    assert "tol 1e-06 against 0.001: accuracy" in out.stdout
