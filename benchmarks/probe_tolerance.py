@@ -4,10 +4,10 @@ converged fits, in accuracy and in the seconds the search's CV takes.
     python benchmarks/probe_tolerance.py [--sets elpv2,elpv4,elpv2-seed-sized,digits] [--tols 1e-3,1e-6]
                                          [--outer 5] [--no-record]
 
-Why: engine/probe.py's `fit_logistic` stops L-BFGS at tol 1e-3, which leaves the weak-C fits unconverged, so on a
-flat CV curve the chosen C can move with the order of the BLAS sums (session 44: ELPV 2 classes, 8 views, C 0.1 in
-one BLAS thread, 0.01 in two). Converged fits choose the same C on every machine, at a price in time; this
-measures both sides.
+Why: engine/probe.py's `fit_logistic` stops L-BFGS at tol 1e-3 (FIT_TOL), which leaves the weak-C fits
+unconverged, so on a flat CV curve the chosen C can move with the order of the BLAS sums (session 44: ELPV 2
+classes, 8 views, C 0.1 in one BLAS thread, 0.01 in two). Converged fits depend far less on the rounding, at a price
+in time; this measures both sides.
 
 1. Inputs: per set, one cold default search (`transferkit train SET`, a fresh process, an empty feature cache)
    that saves the arguments of every `cross_validate` call it makes (features of every view, labels, columns, C
@@ -24,7 +24,6 @@ measures both sides.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -79,31 +78,27 @@ def feature_sets(paths: list[Path]) -> list[Path]:
 
 
 def with_tolerance(tol: float):
-    """engine/probe.py's fit_logistic with its LogisticRegression stopping at `tol` (max_iter raised so a
-    tight tol is reached); returns a function that restores the original."""
-    import sklearn.linear_model as linear_model
+    """engine/probe.py's fit_logistic stopping at `tol` (its iteration cap raised where tol is tighter than the
+    default, so that tol is reached); returns a function that restores both."""
+    from transferkit.engine import probe
 
-    original = linear_model.LogisticRegression
+    default = probe.FIT_TOL, probe.FIT_MAX_ITER
+    probe.FIT_TOL, probe.FIT_MAX_ITER = tol, default[1] if tol >= default[0] else 3000
 
-    def build(**options):
-        options["tol"] = tol
-        options["max_iter"] = max(options.get("max_iter", 100), 200 if tol >= 1e-3 else 3000)
-        return original(**options)
+    def restore() -> None:
+        probe.FIT_TOL, probe.FIT_MAX_ITER = default
 
-    linear_model.LogisticRegression = build  # fit_logistic imports it at each call
-    return lambda: setattr(linear_model, "LogisticRegression", original)
+    return restore
 
 
 def nested_cv(path: Path, outer: int) -> tuple[float, list[float]]:
-    from sklearn.model_selection import StratifiedKFold
-
     from transferkit.engine import probe
 
     with np.load(path) as saved:
         x, y, columns = saved["x"], saved["y"], saved["columns"]
         n_classes, grid = int(saved["n_classes"]), [float(c) for c in saved["grid"]]
     right, chosen = 0, []
-    for train, test in StratifiedKFold(outer, shuffle=True, random_state=100).split(np.zeros(len(y)), y):
+    for train, test in probe.stratified_folds(y, outer, seed=100):
         C = probe.cross_validate(x[train], y[train], columns, n_classes, grid).C
         fit = probe.fit_probe(x[train], y[train], columns, C, n_classes)
         right += int((probe.predict_proba(fit, x[test]).argmax(1) == y[test]).sum())
@@ -129,7 +124,6 @@ def main() -> None:
     ap.add_argument("--outer", type=int, default=5, help="outer folds")
     ap.add_argument("--no-record", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the search's CV runs (threads.in_one_blas_thread)
     machine, tols = environment_line(), [float(t) for t in args.tols.split(",")]
     groups = {name: list(capture(name, args.work).glob("*.npz")) for name in args.sets.split(",")}
     rows, columns = [], ["set", "images × views × columns"]

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 # A class absent from a fit's images gets a bias this far below the lowest present one (fit_logistic): its
 # probability is then e^-20 of the least likely class's, never predicted, and finite for ONNX and fine-tuning.
 ABSENT_CLASS_MARGIN = 20.0
+# fit_logistic's L-BFGS stop (gradient tolerance) and iteration cap. tol 1e-3 on standardized features: a 10-class
+# fit on 4,000 features takes a fraction of the default's iterations. It leaves weak-C fits unconverged, so a flat
+# CV curve's tie can follow the rounding; converged fits (tol 1e-6, 3,000 iterations) scored +0.15 point in a
+# nested CV on train at 2.9x the CV's time (benchmarks/probe_tolerance.py, which sets these; RESULTS.md, session 45).
+FIT_TOL, FIT_MAX_ITER = 1e-3, 200
 # The C sweep of cross_validate stops once this many C values in a row score below the best before them.
 CV_PATIENCE = 2
 # The probes' 3-fold CV runs once per this many training images, with other folds each time (fold seeds seed,
@@ -221,8 +226,7 @@ def standardizer(x: np.ndarray, scale_floor: float = 0.0) -> tuple[np.ndarray, n
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, max_iter: int = 200,
-                 balanced: bool = False):
+def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, balanced: bool = False):
     """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d); warm: an earlier (weight, bias) of
     this function to start from; balanced: each class's rows weighted by the inverse of its count (--class-weights
     auto). Returns (weight, bias) with one row per class of the run, also for a class absent from y (a CV fold or
@@ -239,9 +243,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
         full_bias = np.full(n_classes, -ABSENT_CLASS_MARGIN, dtype=np.float32)
         full_bias[present] = 0.0
         return full_weight, full_bias
-    # tol 1e-3 on standardized features: accuracy no longer moves, and a 10-class fit on 4,000 features
-    # takes a fraction of the default's iterations
-    clf = LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, warm_start=warm is not None,
+    clf = LogisticRegression(C=C, max_iter=FIT_MAX_ITER, tol=FIT_TOL, warm_start=warm is not None,
                              class_weight="balanced" if balanced else None)
     if warm is not None:
         weight, bias = warm[0][present], warm[1][present]
