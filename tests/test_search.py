@@ -800,14 +800,15 @@ def _probe_whose_accuracy_peaks_at(peak_C: float):
     return fit
 
 
-@pytest.mark.parametrize("peak_C, chosen, tried_below", [(1e-4, 1e-4, [3e-4, 1e-4, 3e-5]),
-                                                         (1e-3, 1e-3, [3e-4]), (1e-2, 1e-2, [])])
-def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(monkeypatch, peak_C, chosen,
-                                                                               tried_below):
-    """Few images and many features can want a stronger regularization than the grid's strongest C: the sweep
-    then goes on down (1-3 steps) while each step scores strictly better, and stops at the first that does not;
-    where the peak lies inside the grid, nothing below it is fitted. (A C with every image right ends the sweep:
-    test_a_perfect_cv_ends_the_c_sweep.)"""
+@pytest.mark.parametrize("peak_C, chosen, tried_beyond", [(1e-4, 1e-4, [3e-4, 1e-4, 3e-5]),
+                                                          (1e-3, 1e-3, [3e-4]), (1e-2, 1e-2, []),
+                                                          (0.3, 0.3, [0.1, 0.3, 1.0]), (0.03, 0.03, [0.1])])
+def test_the_c_sweep_goes_past_its_grid_only_while_the_next_c_keeps_winning(monkeypatch, peak_C, chosen,
+                                                                            tried_beyond):
+    """Few images and many features can want a stronger regularization than the grid's strongest C, many images
+    a weaker one than its weakest: the sweep then goes on past that end (1-3 steps) while each step scores
+    strictly better, and stops at the first that does not; where the peak lies inside the grid, nothing beyond it
+    is fitted. (A C with every image right ends the sweep: test_a_perfect_cv_ends_the_c_sweep.)"""
     from transferkit.engine import probe
 
     rng = np.random.default_rng(0)
@@ -818,7 +819,7 @@ def test_the_c_sweep_goes_below_its_grid_only_while_stronger_c_keeps_winning(mon
     monkeypatch.setattr(probe, "standardizer", lambda rows, *floor: (np.zeros(2), np.ones(2)))
     cv = probe.cross_validate(x, y, np.arange(2), 2, [0.001, 0.003, 0.01, 0.03])
     assert cv.C == pytest.approx(chosen)
-    assert [C for C in cv.per_C if C < 0.001] == pytest.approx(tried_below)
+    assert [C for C in cv.per_C if not 0.001 <= C <= 0.03] == pytest.approx(tried_beyond)
     assert cv.score == max(cv.per_C.values())
 
 
