@@ -793,7 +793,7 @@ def test_the_c_sweep_stops_past_its_peak():
 def _probe_whose_accuracy_peaks_at(peak_C: float):
     """A stand-in for fit_logistic: the head reads feature 0 (the label's sign) plus feature 1 (noise) with a
     weight that grows with |log C / peak_C|, so the CV accuracy is highest at peak_C and falls away on both sides."""
-    def fit(x, y, C, n_classes, warm=None, balanced=False):
+    def fit(x, y, C, n_classes, warm=None, balanced=False, directions=None):
         noise = abs(np.log10(C / peak_C))
         row = np.array([1.0, noise], dtype=np.float32)
         return np.stack([-row, row]), np.zeros(2, dtype=np.float32)

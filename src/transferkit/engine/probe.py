@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import signals
+from . import logistic, signals
 from ..threads import in_one_blas_thread
 from .scores import cv_score
 
@@ -44,10 +44,11 @@ ABSENT_CLASS_MARGIN = 20.0
 # fit_logistic's L-BFGS stop (gradient tolerance, scikit-learn's default) and an iteration cap that only a
 # pathological fit reaches. A looser tol leaves weak-C fits unconverged, stopped early like a stronger penalty, so the
 # grid's weak end is out of reach and a flat CV curve's tie follows the rounding. Nested CV on the training images
-# only (benchmarks/probe_tolerance.py; RESULTS.md, notes of sessions 45-46), against tol 1e-3: tol 1e-4 +0.25 point
-# on 10 feature sets of ELPV 2 classes and digits (-0.25 to +1.02; digits gains, ELPV 2 ties) at 2.1x the CV's time,
-# with the step above the grid (ABOVE_THE_GRID); tol 1e-6 +0.32 on the same sets at 3-6x (session 45, without it).
-# On ELPV 4 classes, measured afterwards, tol 1e-4 lost 0.20 point (-0.56 to +0.36 over 4 sets; +0.12 over all 14).
+# only (benchmarks/probe_tolerance.py; RESULTS.md, notes of sessions 45-47): scikit-learn's solver at tol 1e-4 against
+# 1e-3 +0.25 point on 10 feature sets of ELPV 2 classes and digits (-0.25 to +1.02) at 2.1x the CV's time, -0.20 on
+# 4 of ELPV 4 classes (session 46). engine/logistic.py's preconditioned solver at the same tol (session 47), against
+# scikit-learn's at 1e-4 on 13 sets of ELPV 2 and 4 classes and digits: +0.03 point (-0.25 to +0.30), the nested CV
+# 1.6x as fast (median; 1.1-6.5x, 3.2x in all), its objective as close to the optimum; at tol 1e-5 +0.03 at 1.0x.
 FIT_TOL, FIT_MAX_ITER = 1e-4, 3000
 # The C sweep of cross_validate stops once this many C values in a row score below the best before them.
 CV_PATIENCE = 2
@@ -233,37 +234,32 @@ def standardizer(x: np.ndarray, scale_floor: float = 0.0) -> tuple[np.ndarray, n
     return mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32)
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, balanced: bool = False):
-    """Multinomial L2 logistic regression (L-BFGS). x: standardized (n, d); warm: an earlier (weight, bias) of
-    this function to start from; balanced: each class's rows weighted by the inverse of its count (--class-weights
-    auto). Returns (weight, bias) with one row per class of the run, also for a class absent from y (a CV fold or
-    an inner split of a class with few images): a zero row whose bias is ABSENT_CLASS_MARGIN below the lowest, so
-    it is never predicted and the head keeps the run's shape."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    present = np.unique(y)
+def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=None, balanced: bool = False,
+                 directions=None):
+    """Multinomial L2 logistic regression (engine/logistic.py: scikit-learn's objective, preconditioned L-BFGS).
+    x: standardized (n, d); warm: an earlier (weight, bias) of this function to start from; balanced: each class's
+    rows weighted by the inverse of its count (--class-weights auto); directions: logistic.top_directions(x), where
+    the caller fits the same rows again (the C grid of a CV fold), else found here. Returns (weight, bias) with one
+    row per class of the run, also for a class absent from y (a CV fold or an inner split of a class with few
+    images): a zero row whose bias is ABSENT_CLASS_MARGIN below the lowest, so it is never predicted and the head
+    keeps the run's shape."""
+    present, labels = np.unique(y, return_inverse=True)
     full_weight = np.zeros((n_classes, x.shape[1]), dtype=np.float32)
     if len(present) == 1:  # a CV fold of a folder with one or two images per class: nothing to separate
         full_bias = np.full(n_classes, -ABSENT_CLASS_MARGIN, dtype=np.float32)
         full_bias[present] = 0.0
         return full_weight, full_bias
-    clf = LogisticRegression(C=C, max_iter=FIT_MAX_ITER, tol=FIT_TOL, warm_start=warm is not None,
-                             class_weight="balanced" if balanced else None)
+    start = None
     if warm is not None:
-        weight, bias = warm[0][present], warm[1][present]
-        if len(present) == 2:  # sklearn's binary form: one row, class 1's logit minus class 0's
-            weight, bias = weight[1:] - weight[:1], bias[1:] - bias[:1]
-        clf.coef_, clf.intercept_ = weight, bias
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter bounds the time; the fit is still usable
-        # many classes on few rows (a CV fold of a small folder): y is a class label, not a regression target
-        warnings.filterwarnings("ignore", "The number of unique classes is greater than 50%")
-        clf.fit(x, y)
-    weight, bias = clf.coef_, clf.intercept_
-    if weight.shape[0] == 1:  # sklearn's binary form: split evenly between the two classes
+        start = warm[0][present], warm[1][present]
+        if len(present) == 2:  # the binomial form: one row, class 1's logit minus class 0's
+            start = start[0][1:] - start[0][:1], start[1][1:] - start[1][:1]
+    counts = np.bincount(labels)
+    sample_weight = (len(y) / (len(present) * counts))[labels] if balanced else None
+    weight, bias = logistic.solve(x, labels, C, len(present), sample_weight, start,
+                                  logistic.top_directions(x) if directions is None else directions,
+                                  tol=FIT_TOL, max_iter=FIT_MAX_ITER)
+    if weight.shape[0] == 1:  # the binomial form, split evenly between the two classes
         weight = np.concatenate([-weight / 2, weight / 2])
         bias = np.concatenate([-bias / 2, bias / 2])
     full_bias = np.full(n_classes, bias.min() - ABSENT_CLASS_MARGIN, dtype=np.float32)
@@ -346,7 +342,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, columns: np.ndarray, C: float | None
     """x: (n, views, d) training features; every view of an image is a training row. head: linear (the
     logistic regression at strength C) or mlp (fit_mlp; None where it passed `deadline`). scale_floor: as
     standardizer's; balanced: classes weighted by the inverse of their counts (--class-weights auto)."""
-    rows = x[:, :, columns].reshape(-1, len(columns))  # a copy (integer indexing): standardized in place
+    rows = np.take(x, columns, axis=2).reshape(-1, len(columns))  # a copy, in row order: standardized in place
     labels = np.repeat(y, x.shape[1])
     mean, scale = standardizer(rows, scale_floor)
     rows -= mean  # in place: the fit peaks at ~3.5 times the features, not ~4.4 (search/costs.py FIT_MEMORY_COPIES)
@@ -411,23 +407,25 @@ def cross_validate(x: np.ndarray, y: np.ndarray, columns: np.ndarray, n_classes:
     splits = cv_splits(y, folds, seed)
     prepared = []
     for train_idx, test_idx in splits:
-        rows = x[train_idx][:, :, columns].reshape(-1, len(columns))  # copies (integer indexing): standardized
+        # copies (np.take keeps row order, which the solver's blocks of rows read): standardized
+        rows = np.take(x[train_idx], columns, axis=2).reshape(-1, len(columns))
         test = x[test_idx][:, :, columns]  # in place, as fit_probe does
         mean, scale = standardizer(rows, scale_floor)
         for part in (rows, test):
             part -= mean
             part /= scale
         xtr, xte = in_row_space(rows, test)
-        prepared.append((xtr, np.repeat(y[train_idx], x.shape[1]), xte, y[test_idx]))
+        # the fold's preconditioner, found once for every C
+        prepared.append((xtr, np.repeat(y[train_idx], x.shape[1]), xte, y[test_idx], logistic.top_directions(xtr)))
     per_C, warm = {}, [None] * len(splits)
 
     def score(C: float) -> None:
         pred = []
-        for f, (xtr, ytr, xte, yte) in enumerate(prepared):
-            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f], balanced=balanced)
+        for f, (xtr, ytr, xte, yte, directions) in enumerate(prepared):
+            warm[f] = fit_logistic(xtr, ytr, C, n_classes, warm=warm[f], balanced=balanced, directions=directions)
             logits = xte @ warm[f][0].T + warm[f][1]
             pred.append(logits.mean(1).argmax(-1))
-        per_C[C] = cv_score(np.concatenate(pred), np.concatenate([yte for *_, yte in prepared]), metric, n_classes)
+        per_C[C] = cv_score(np.concatenate(pred), np.concatenate([yte for *_, yte, _ in prepared]), metric, n_classes)
         signals.check_stop("the probe's cross-validation")  # Ctrl-C: a large CV takes tens of seconds
 
     def late() -> bool:
