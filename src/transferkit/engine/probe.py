@@ -254,8 +254,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, n_classes: int, warm=No
         start = warm[0][present], warm[1][present]
         if len(present) == 2:  # the binomial form: one row, class 1's logit minus class 0's
             start = start[0][1:] - start[0][:1], start[1][1:] - start[1][:1]
-    counts = np.bincount(labels)
-    sample_weight = (len(y) / (len(present) * counts))[labels] if balanced else None
+    sample_weight = balanced_class_weights(y, n_classes)[y] if balanced else None
     weight, bias = logistic.solve(x, labels, C, len(present), sample_weight, start,
                                   logistic.top_directions(x) if directions is None else directions,
                                   tol=FIT_TOL, max_iter=FIT_MAX_ITER)
