@@ -112,6 +112,23 @@ def test_elpv_refuses_a_foreign_non_empty_folder_and_bad_class_count(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
+def test_elpv_bad_seed_and_group_correlation_are_one_line_errors(tmp_path, monkeypatch):
+    with pytest.raises(UsageError, match="--seed must be a whole number from 0 to 2\\*\\*32 - 1, not -1"):
+        materialize_elpv(tmp_path / "a", seed=-1)  # was scikit-learn's InvalidParameterError
+    for bad in (float("nan"), 5.0, -3.0):  # nan made a folder no rerun matched; -3 one without val/
+        with pytest.raises(UsageError, match="--group-correlation must be a correlation between -1 and 1"):
+            materialize_elpv(tmp_path / "b", group_correlation=bad)
+
+    def one_group(data_dir, records, splits, threshold):  # what a correlation of 0 does to ELPV
+        splits.update({i: "train" for i in splits})
+        return {"enabled": True, "correlation": threshold}
+
+    monkeypatch.setattr(builtin, "_group_elpv", one_group)
+    with pytest.raises(UsageError, match="val/ gets no defective, functional image; use a value nearer 1"):
+        materialize_elpv(tmp_path / "c", group_correlation=0.0)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_link_falls_back_to_copy(tmp_path, monkeypatch):
     source = tmp_path / "a.png"
     source.write_bytes(b"png bytes")

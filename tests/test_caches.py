@@ -166,3 +166,10 @@ def test_the_default_cap_of_a_cache_not_made_yet_is_a_share_of_its_disk(tmp_path
     cap = caches.cache_cap(tmp_path / "not" / "made" / "yet", used=0)
     expected = caches.DEFAULT_CAP_FRACTION * shutil.disk_usage(tmp_path).free
     assert abs(cap - expected) < 1 << 24  # within 16 MB: other programs write to the disk meanwhile
+
+
+def test_an_infinite_or_negative_cap_is_refused_in_one_line(monkeypatch, capsys):
+    for text in ("inf", "1e400", "-5G"):  # inf was an OverflowError traceback; -5G a cap that evicted everything
+        monkeypatch.setenv(caches.CAP_ENV, text)
+        assert cli.main(["cache"]) == 2
+        assert f"TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not '{text}'" in capsys.readouterr().err

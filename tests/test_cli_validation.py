@@ -71,6 +71,8 @@ def test_bad_train_option(tiny_folder, tmp_path, capsys, options, words):
 def test_bad_paths(tiny_folder, tmp_path, capsys):
     a_file = tiny_folder / "train" / "ants" / "ants_train_0.png"
     (tmp_path / "data.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip archive
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("{{{: [")
     cases = [
         (["train", str(tmp_path / "missing")], ["DATA folder", "does not exist"]),
         (["train", str(a_file)], ["is a file", "expected a folder"]),
@@ -78,13 +80,27 @@ def test_bad_paths(tiny_folder, tmp_path, capsys):
         (["train", str(tiny_folder), "--out", str(a_file)], ["--out", "is a file"]),
         (["train", str(tiny_folder), "--weights", str(tmp_path / "none.pth")], ["--weights", "not a file"]),
         (["train", str(tiny_folder), "--config", str(tmp_path / "none.yaml")], ["cannot read config"]),
+        (["train", str(tiny_folder), "--config", str(a_file)], ["cannot read config", "not a UTF-8 text"]),  # was a
+        # UnicodeDecodeError traceback; PyYAML's five-line message is one line naming the spot:
+        (["train", str(tiny_folder), "--config", str(bad_yaml)], ["cannot read config", "(line 1, column 4)"]),
         (["train"], ["needs a DATA folder"]),
-        (["train", "--resume", str(tmp_path / "gone")], ["--resume", "not a folder"]),
         (["predict"], ["the following arguments are required"]),
         (["frobnicate"], ["invalid choice", "train"]),
     ]
     for argv, words in cases:
         _check_one_line(capsys, _run(argv), words)
+
+
+def test_a_missing_model_or_run_folder_is_exit_5_for_every_command(tmp_path, capsys):
+    """README's table: 5 is "a checkpoint or run folder that is missing"; predict and train --resume said 2."""
+    gone = str(tmp_path / "gone")
+    for argv, words in [(["predict", gone, str(tmp_path)], ["no such model"]),
+                        (["train", "--resume", gone], ["--resume", "not a folder"]),
+                        (["evaluate", gone, str(tmp_path)], []), (["export", gone], [])]:
+        code = _run(argv)
+        err = capsys.readouterr().err
+        assert code == 5 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (argv, code, err)
+        assert all(word in err for word in words), (argv, err)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -106,6 +122,22 @@ def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
     bad.write_text(f"data: {tiny_folder}\noptimizer: rmsprop\n")  # no argparse choices on this path
     _check_one_line(capsys, _run(["train", "--config", str(bad)]),
                     ["--optimizer must be one of sgd, adam, adamw, not 'rmsprop'"])
+
+
+def test_a_config_without_data_takes_data_from_the_command_line_or_says_it_is_missing(tiny_folder, tmp_path, capsys):
+    config = tmp_path / "options.yaml"
+    config.write_text("epochs: 1\n")  # no data: key: was a TypeError (TrainConfig missing 'data')
+    out = tmp_path / "run"
+    _check_one_line(capsys, _run(["train", "--config", str(config), "--out", str(out)]),
+                    ["train needs a DATA folder", "data: in the config"])
+    for text in ("data: ''\n", "data: 5\n"):  # '' was the working folder as DATA; 5 a TypeError
+        config.write_text(text)
+        _check_one_line(capsys, _run(["train", "--config", str(config), "--out", str(out)]),
+                        ["DATA folder" if "''" in text else "--data must be text, not 5"])
+    assert not out.exists()
+    config.write_text("epochs: 1\nrecipe: tutorial\nimage_size: 64\n")
+    assert _run(["train", str(tiny_folder), "--config", str(config), "--out", str(out)]) == 0
+    assert (out / "metrics.json").is_file()
 
 
 def test_the_option_tables_name_train_options_whose_defaults_pass():

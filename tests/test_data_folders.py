@@ -422,6 +422,16 @@ def test_symlinked_class_folder_is_followed(tmp_path):
     assert sum(scan.class_counts()["train"].values()) + sum(scan.class_counts()["val"].values()) == 6
 
 
+def test_a_class_folder_linked_to_a_parent_is_a_loop_not_a_class(tmp_path):
+    root = _flat(tmp_path / "data", {"a": 3, "b": 3})
+    for name, target in (("up", ".."), ("here", ".")):  # `up` was a class holding the whole data folder again
+        os.symlink(target, root / name)
+    scan = scan_dataset(root)
+    assert scan.classes == ["a", "b"]
+    assert sorted(p["path"] for p in scan.problems["symlink_loop"]) == ["here", "up"]
+    assert sum(scan.class_counts()["train"].values()) + sum(scan.class_counts()["val"].values()) == 6
+
+
 def test_verify_off_skips_decoding_but_sniffs_extensionless_files(tmp_path):
     root = _flat(tmp_path, {"a": 3, "b": 3})
     (root / "a" / "broken.png").write_bytes(b"garbage")

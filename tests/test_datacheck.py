@@ -374,3 +374,17 @@ def test_train_hint_counts_only_wrong_predictions(tmp_path):
     assert train_hint(tmp_path).endswith("run `transferkit data check DATA` to see them")  # a report without its root
     (tmp_path / "data_report.json").write_text(json.dumps({"problems": {}, "root": str(tmp_path / "my data")}))
     assert train_hint(tmp_path).endswith(f"run `transferkit data check '{tmp_path / 'my data'}'` to see them")
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--image-size", "5"], "--image-size must be ≥ 32, not 5"),  # taken, as --crop-fraction 7 was, unlike train
+    (["--crop-fraction", "7"], "--crop-fraction must be between 0.3 and 1, not 7.0"),
+    (["--model", "resnt18"], "unknown model 'resnt18'; did you mean resnet18?"),  # was said after the scan
+])
+def test_bad_check_options_are_refused_as_train_refuses_them_before_the_scan(tiny_folder, tmp_path, capsys,
+                                                                              options, words):
+    out = tmp_path / "check"
+    assert main(["data", "check", str(tiny_folder), "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "scanned" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

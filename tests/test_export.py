@@ -282,3 +282,31 @@ def test_a_same_padding_layer_run_at_two_sizes_keeps_its_dynamic_pads(tmp_path):
     onnx_export(net, x[:1], tmp_path / "two.onnx")
     with torch.no_grad():
         assert torch.allclose(OrtEngine(tmp_path / "two.onnx")(x), net(x), atol=1e-5)
+
+
+def test_export_out_that_is_a_file_is_one_line_and_a_refused_check_leaves_no_folder(tiny_run, tmp_path, capsys):
+    a_file = tmp_path / "model.onnx"
+    a_file.write_text("keep me")
+    assert main(["export", str(tiny_run[1]), "--out", str(a_file)]) == 2  # was a FileExistsError traceback
+    assert capsys.readouterr().err.strip().endswith(f"--out {a_file} is a file; expected a folder for the "
+                                                    "exported model")
+    assert main(["export", str(tiny_run[1]), "--out", str(a_file / "sub")]) == 8  # NotADirectoryError
+    assert "Traceback" not in capsys.readouterr().err and a_file.read_text() == "keep me"
+    assert main(["export", str(tiny_run[1]), "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none")]) == 7
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("classes", "{bad json", "Expecting property name"),  # was a JSONDecodeError traceback
+    ("preprocessing", "{}", "preprocessing must name input_size"),  # was a KeyError in every image's row
+])
+def test_an_onnx_model_with_damaged_metadata_is_a_one_line_error(onnx_export, tiny_run, tmp_path, capsys, key,
+                                                                  value, words):
+    model = onnx.load(onnx_export["path"])
+    next(p for p in model.metadata_props if p.key == key).value = value
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(model, str(damaged))
+    image = next((tiny_run[0] / "val").rglob("*.png"))
+    assert main(["predict", str(damaged), str(image)]) == 5
+    err = capsys.readouterr().err.strip()
+    assert "damaged transferkit metadata" in err and words in err and len(err.splitlines()) == 1, err

@@ -193,7 +193,7 @@ def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, c
         fh.write("train/ants/ants_train_0.png,ants,train\n")  # a duplicate row: another split
     assert cli.main(["train", "--resume", str(run)]) == 5
     assert "split.csv changed" in capsys.readouterr().err
-    assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2
+    assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 5  # a missing run folder: exit 5, as for predict
 
 
 class CtrlCInEpoch3(Callback):
@@ -240,6 +240,8 @@ def test_a_run_whose_data_folder_moved_resumes_from_its_place_now(tiny_folder, t
     with pytest.raises(UsageError, match=r"drop or match data \(saved: "):
         tk.resume(run, data=str(tiny_folder))  # another folder, while the run's own is still there
     moved = data.rename(tmp_path / "moved")
+    with pytest.raises(UsageError, match=r"data folder \S+/data-copy does not exist any more; if it has moved, give"):
+        tk.resume(run)  # not told where: the message says how
     with pytest.raises(UsageError, match=r"^DATA folder \S+/nowhere does not exist$"):
         tk.resume(run, data=str(tmp_path / "nowhere"))
     clf = tk.resume(run, data=str(moved))

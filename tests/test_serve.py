@@ -160,6 +160,9 @@ def _bad_requests(good: bytes) -> dict:
         "malformed multipart": (b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=y"}, "", 400,
                                 ["multipart"]),
         "bad top_k": (*files(("a.png", good)), "?top_k=zero", 400, ["top_k"]),
+        "non-ASCII digit top_k": (*files(("a.png", good)), "?top_k=%C2%B2", 400, ["top_k"]),  # was a 500
+        "JSON nested too deeply": (b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}, "", 400,
+                                   ["malformed JSON", "nested"]),  # was a 500 (RecursionError)
     }
 
 

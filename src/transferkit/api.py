@@ -155,6 +155,10 @@ def resume_run(run: str | Path, options: dict) -> dict:
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} (saved: {saved.get(k)})" for k in differ)
         raise UsageError(f"--resume continues {run} with the options in its {folder.CONFIG}; drop or match {shown}")
+    if not moved and saved["data"] and not Path(saved["data"]).exists():
+        raise UsageError(f"--resume: the run's data folder {saved['data']} does not exist any more; if it has moved, "
+                         f"give its new place (`transferkit train --resume {run} NEW_PLACE`; in Python "
+                         f"`tk.resume(run, data=NEW_PLACE)`)")
     cfg = replace(cfg, out=str(run), **({"data": moved} if moved else {}))  # either folder may have moved since
     cfg.check_paths()
     if moved:

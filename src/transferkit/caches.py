@@ -120,11 +120,14 @@ def cap_setting() -> int | None:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     scale = units.get(text[-1].upper(), 1)
     try:
-        return int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
+        size = int(float(text[:-1] if scale > 1 else text) * scale)
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
+        size = -1
+    if size < 0:
         from .errors import UsageError
 
-        raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}") from None
+        raise UsageError(f"{CAP_ENV} must be a size such as 500M or 20G, not {text!r}")
+    return size
 
 
 def cache_cap(root: Path, used: int) -> int:

@@ -478,7 +478,7 @@ def _predict_engine(checkpoint: str, engine: str) -> str:
     from .inference import model_kind
 
     if not Path(checkpoint).exists():
-        raise UsageError(f"no such model: {checkpoint} (a run folder, .safetensors checkpoint or .onnx model)")
+        raise CheckpointError(f"no such model: {checkpoint} (a run folder, .safetensors checkpoint or .onnx model)")
     kind = model_kind(checkpoint)
     if kind == "torchscript":
         raise CheckpointError(f"{checkpoint} is a TorchScript model; predict takes a run folder, a .safetensors "

@@ -236,6 +236,9 @@ class TrainConfig:
 
     def check_paths(self) -> None:
         """Folders and files the config names exist and are of the right kind (exit code 2)."""
+        if self.data is None or self.data == "":  # "": Path("") is the working folder
+            raise UsageError("train needs a DATA folder: give it on the command line or as data: in the config")
+        self._check_types()  # a config file's `data: 5` or `out: [a]` is not a path
         data = Path(self.data)
         if not data.exists():
             raise UsageError(f"DATA folder {data} does not exist")
@@ -257,7 +260,7 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UsageError(f"unknown config keys: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
-        return cls(**d)
+        return cls(**{"data": None, **d})  # a config without data: (DATA on the command line); check_paths
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -266,11 +269,21 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         try:
             d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:  # an image or a checkpoint given as the config
+            raise UsageError(f"cannot read config {path}: not a UTF-8 text (YAML) file") from None
         except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"cannot read config {path}: {exc}") from None
+            raise UsageError(f"cannot read config {path}: {yaml_problem(exc)}") from None
         if not isinstance(d, dict):
             raise UsageError(f"config {path} must be a mapping of option: value")
         return cls.from_dict({key: _yaml_number(key, value) for key, value in d.items()})
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML (or read) error in one line: PyYAML's own message spans five, with a caret under the spot."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def _kind_of(field: dataclasses.Field) -> tuple[str, bool]:

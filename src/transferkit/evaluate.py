@@ -71,7 +71,7 @@ def manifest_items(manifest: Path, classes: list[str], split: str = "val", data_
     config = RunFolder(manifest.parent).config
     root = moved_to or (TrainConfig.from_yaml(config).data if config.is_file() else data_root)
     if root is None:
-        raise DataError(f"cannot tell which data folder {manifest} refers to (no config.yaml beside it)")
+        raise DataError(f"cannot tell which data folder {manifest} refers to (no config.yaml with data: beside it)")
     scan = read_manifest(manifest, root)
     extra = sorted(set(scan.classes) - set(classes))
     if extra:

@@ -20,7 +20,7 @@ import torch
 from .errors import ExportError, UsageError
 from .engine.runtime import onnx_export
 from .inference import PROB_TOLERANCE, parity, read_batches
-from .io import atomic_write_json
+from .io import RunFolderError, atomic_write_json
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,14 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     checkpoint = resolve_checkpoint(run)
     model, meta = load_checkpoint(checkpoint)
     out = Path(out) if out else RunFolder(checkpoint.parent).export_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder for the exported model")
     val = _split_items(checkpoint, meta, "val", data)
     x = _load_batch(_spread(val, check_images), meta)
+    try:  # after the check images are found: a refused export leaves no empty folder
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way (a/file.txt/export), a read-only parent
+        raise RunFolderError(f"cannot write in {out}: {exc.strerror or exc}") from None
     eager = _torch_logits(model, x)
     if fmt == "onnx":
         path = export_onnx(model, meta, out / RunFolder.ONNX_MODEL, x[:1])

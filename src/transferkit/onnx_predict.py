@@ -23,6 +23,7 @@ from .inference import batched_proba, expand_inputs, ort_session, rows_from_prob
 log = logging.getLogger(__name__)
 
 METADATA_KEYS = ("classes", "preprocessing", "architecture")
+PREPROCESSING_KEYS = {"input_size", "resize_size", "interpolation", "mean", "std"}  # what preprocess_pil reads
 
 
 def preprocess_pil(img: Image.Image, pre: dict) -> np.ndarray:
@@ -49,8 +50,19 @@ def read_metadata(session, path) -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks transferkit metadata ({', '.join(missing)}); "
                               "export it with `transferkit export RUN --format onnx`")
-    return {"classes": json.loads(props["classes"]), "preprocessing": json.loads(props["preprocessing"]),
-            "architecture": props["architecture"]}
+    try:
+        classes, pre = json.loads(props["classes"]), json.loads(props["preprocessing"])
+    except ValueError as exc:  # metadata edited by hand, or written by another tool under the same keys
+        raise _damaged(path, str(exc)) from None
+    if not isinstance(classes, list) or not isinstance(pre, dict) or not PREPROCESSING_KEYS <= set(pre):
+        raise _damaged(path, "classes must be a list; preprocessing must name "  # was a KeyError in every row
+                       + ", ".join(sorted(PREPROCESSING_KEYS)))
+    return {"classes": classes, "preprocessing": pre, "architecture": props["architecture"]}
+
+
+def _damaged(path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} has damaged transferkit metadata ({why}); export it again with "
+                           "`transferkit export RUN --format onnx`")
 
 
 class OnnxClassifier:

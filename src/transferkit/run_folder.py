@@ -127,7 +127,7 @@ class RunFolder:
         """RUN/config.yaml, after checking the folder holds an interrupted run (a run stopped before its first
         epoch has no `last` and starts afresh; a finished one has nothing to resume)."""
         if not self.path.is_dir():
-            raise UsageError(f"--resume: {self.path} is not a folder (pass the run folder of an interrupted run)")
+            raise CheckpointError(f"--resume: {self.path} is not a folder (pass the run folder of an interrupted run)")
         for path in (self.config, self.split):
             if not path.is_file():
                 raise CheckpointError(f"--resume: {self.path} has no {path.name}; it is not a resumable "

@@ -59,6 +59,10 @@ def materialize_elpv(out, classes=2, seed=0, group_duplicates=True,
     copies of them rather than the files in place."""
     if classes not in (2, 4):
         raise UsageError(f"ELPV comes with 2 classes (functional/defective) or 4 (defect probability levels), not {classes}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:  # scikit-learn's range
+        raise UsageError(f"--seed must be a whole number from 0 to 2**32 - 1, not {seed!r}")
+    if group_duplicates and not -1 <= group_correlation <= 1:  # nan too: it made a folder no rerun matched
+        raise UsageError(f"--group-correlation must be a correlation between -1 and 1, not {group_correlation}")
     out = Path(out).expanduser()
     wanted = {"format": ELPV_FORMAT, "classes": classes, "seed": seed}
     if not group_duplicates or group_correlation != SAME_PICTURE_CORRELATION:
@@ -136,6 +140,13 @@ def _write_elpv(out: Path, data_dir: Path, records: list[dict], wanted: dict) ->
     )
     splits = {i: "train" for i in train_idx} | {i: "val" for i in val_idx}
     grouping = _group_elpv(data_dir, records, splits, wanted.get("group_correlation", SAME_PICTURE_CORRELATION))
+    names = {_elpv_class(r, wanted["classes"]) for r in records}
+    for split in ("train", "val"):  # a low correlation joins every image into one group, on one side
+        lacking = names - {_elpv_class(records[i], wanted["classes"]) for i, side in splits.items() if side == split}
+        if lacking:
+            raise UsageError(f"--group-correlation {grouping.get('correlation')} joins so many images into groups "
+                             f"that {split}/ gets no {', '.join(sorted(lacking))} image; use a value nearer 1 "
+                             f"(default {SAME_PICTURE_CORRELATION})")
     # Built next to OUT and renamed at the end, so an interrupted run leaves no half dataset in OUT.
     with staged_folder(out) as staging:
         methods = Counter()

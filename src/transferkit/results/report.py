@@ -67,7 +67,9 @@ def _read_config(path: Path) -> tuple[Any, str | None]:
 
         return yaml.safe_load(raw), raw
     except Exception as exc:  # bad YAML or no PyYAML: still show the text
-        log.warning("report: cannot parse %s (%s)", path, exc)
+        from transferkit.config import yaml_problem
+
+        log.warning("report: cannot parse %s (%s)", path, yaml_problem(exc))
         return None, raw
 
 

@@ -88,7 +88,7 @@ async def classify(served: ServedModel, batcher: DynamicBatcher, decoder: Thread
 
 def _top_k(request: Request) -> int:
     text = request.query_params.get("top_k", str(DEFAULT_TOP_K))
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # "²".isdigit(), but int("²") fails
         raise RequestError(400, f"top_k must be a whole number ≥ 1, not {text!r}")
     return int(text)  # more than there are classes: all of them, as `predict --top-k`
 

@@ -98,6 +98,8 @@ def _json(body: bytes, options: ServeOptions) -> list[Upload]:
         payload = json.loads(body)
     except ValueError as exc:  # JSONDecodeError and bad UTF-8 alike
         raise RequestError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:  # [[[[... nested deeper than the parser's stack
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list):
         raise RequestError(400, f"JSON must be {JSON_SHAPE}")
