@@ -146,7 +146,8 @@ def test_the_option_tables_name_train_options_whose_defaults_pass():
     refuse every run that leaves it alone."""
     from dataclasses import fields
 
-    from transferkit.config import WHOLE_NUMBER_MINIMUMS, TrainConfig, option_choices
+    from transferkit.config import WHOLE_NUMBER_MAXIMUMS, WHOLE_NUMBER_MINIMUMS, TrainConfig, option_choices
+    from transferkit.errors import UsageError
 
     kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
     defaults = TrainConfig(data="x")
@@ -155,6 +156,10 @@ def test_the_option_tables_name_train_options_whose_defaults_pass():
     assert {kinds[name] for name in WHOLE_NUMBER_MINIMUMS} == {"int", "int | None"}
     for name, low in WHOLE_NUMBER_MINIMUMS.items():
         assert getattr(defaults, name) is None or getattr(defaults, name) >= low, name
+    for name, high in WHOLE_NUMBER_MAXIMUMS.items():
+        assert kinds[name] in ("int", "int | None") and high > WHOLE_NUMBER_MINIMUMS[name], name
+        with pytest.raises(UsageError, match=f"^--{name.replace('_', '-')} must be ≤ {high} pixels, not {high + 1}$"):
+            TrainConfig(data="x", **{name: high + 1}).validate()  # 100000 px: 11 GB in one convolution
     assert defaults.validate() is defaults
 
 

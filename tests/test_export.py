@@ -68,6 +68,7 @@ def test_torchscript_matches_eager_and_keeps_classes(tiny_run, tmp_path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        onnx_first = ex.export_run(tiny_run[1], "onnx", out=tmp_path)  # both formats in one folder
         result = ex.export_run(tiny_run[1], "torchscript", out=tmp_path)
     # PyTorch's TorchScript deprecation warnings (trace, save, load) become one log line, not four warnings
     assert not [w for w in caught if "torch.jit" in str(w.message)]
@@ -77,7 +78,17 @@ def test_torchscript_matches_eager_and_keeps_classes(tiny_run, tmp_path):
     loaded = torch.jit.load(result["path"], _extra_files=extra)
     assert json.loads(extra["classes.json"]) == ["ants", "bees"]
     assert loaded(torch.zeros(3, 3, 96, 96)).shape == (3, 2)
-    assert json.loads((tmp_path / "export.json").read_text())["format"] == "torchscript"
+    record = json.loads((tmp_path / "export.json").read_text())
+    assert record["format"] == "torchscript"
+    # The ONNX file's check is kept beside the later export's: serve's model card of model.onnx still shows it
+    assert record["earlier"]["onnx"]["parity"] == onnx_first["parity"]
+    from transferkit.serve.model import _parity_of
+
+    assert _parity_of(record, Path(onnx_first["path"]))["format"] == "onnx"
+    assert _parity_of(record, Path(result["path"]))["format"] == "torchscript"
+    Path(onnx_first["path"]).unlink()  # a format whose file is gone is not carried on
+    ex.export_run(tiny_run[1], "torchscript", out=tmp_path)
+    assert "earlier" not in json.loads((tmp_path / "export.json").read_text())
 
 
 def test_a_run_whose_data_has_moved_exports_with_its_place_now(tiny_run, tmp_path):

@@ -209,6 +209,7 @@ def test_a_refused_int8_export_is_quiet_removed_and_recorded(flat_run, tmp_path)
     line = one_line_error(proc, 7, "int8 model agrees with float on only", "removed")
     assert "Increased scale" not in proc.stderr, line
     assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
+    assert proc.stdout.startswith("exported onnx to ") and "top-1 agreement" in proc.stdout  # the float model's check
     recorded = json.loads((out / "export.json").read_text())["int8"]
     assert recorded["refused"] in line and recorded["path"] is None and recorded["images"] > 0
 

@@ -196,6 +196,17 @@ def test_resume_refuses_changed_split_and_other_options(tiny_folder, tmp_path, c
     assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 5  # a missing run folder: exit 5, as for predict
 
 
+def test_a_run_stopped_before_its_first_epoch_resumes_from_epoch_1_and_says_so(tiny_folder, tmp_path, caplog):
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(tiny_folder), out=str(run), **{**FE, "epochs": 1}))
+    for name in ("metrics.json", "last.safetensors"):  # as if stopped before the first epoch's checkpoint
+        (run / name).unlink()
+    with caplog.at_level("INFO", logger="transferkit"):
+        assert cli.main(["train", "--resume", str(run)]) == 0
+    assert "has no last.safetensors (the run stopped before its first epoch); training from epoch 1" in caplog.text
+    assert (run / "metrics.json").is_file()
+
+
 class CtrlCInEpoch3(Callback):
     def on_batch_end(self, trainer, step):
         if step.epoch == 3:

@@ -59,7 +59,7 @@ TRAIN_HELP = {
     "lower_lr_factor": "each layer group below the head trains at this × the lr of the group above",
     "views": "feature-extract: cached views per training image (1 = the eval crop only)",
     "view_kind": "extra views: dihedral (flips/rotations, for rotation-safe data) or random augmentations",
-    "image_size": "input resolution (default: the backbone's own)",
+    "image_size": "input resolution, 32-2048 px (default: the backbone's own)",
     "crop_fraction": "eval crop as a fraction of the resize (default: the backbone's; 1.0 keeps the whole frame)",
     "bit_depth": "bits the values of 16-bit grey images use: 12 reads 4095 as white (default: found from a sample "
                  "of the training images)",
@@ -695,9 +695,16 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .errors import ExportError
     from .export import export_run, format_export
 
-    print(format_export(export_run(args.run, args.format, quantize=args.quantize, out=args.out, data=args.data)))
+    try:
+        result = export_run(args.run, args.format, quantize=args.quantize, out=args.out, data=args.data)
+    except ExportError as exc:
+        if getattr(exc, "result", None):  # a refused int8 model: the float model it was made from is exported
+            print(format_export({**exc.result, "int8": None}))
+        raise
+    print(format_export(result))
     return 0
 
 

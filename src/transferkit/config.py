@@ -44,6 +44,9 @@ CLASS_WEIGHTS = ("none", "auto")
 # the other numbers' checks are TrainConfig's.
 WHOLE_NUMBER_MINIMUMS = {"epochs": 1, "batch_size": 1, "views": 1, "step_size": 1, "patience": 0, "unfreeze": 0,
                          "train_subsample": 1, "workers": 0, "probe_stages": 1, "probe_scale": 32, "image_size": 32}
+# Input sides above this are typos, not resolutions: the largest ImageNet CNNs run at 600-800 px, and
+# --image-size 100000 grew to 11 GB in one convolution that ignored Ctrl-C for minutes.
+WHOLE_NUMBER_MAXIMUMS = {"probe_scale": 2048, "image_size": 2048}
 
 
 def option_choices() -> dict[str, tuple]:
@@ -160,6 +163,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < low:  # None: an optional option left to its default
                 raise UsageError(f"--{_flag(name)} must be ≥ {low}, not {value}")
+        for name, high in WHOLE_NUMBER_MAXIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value > high:
+                raise UsageError(f"--{_flag(name)} must be ≤ {high} pixels, not {value}")
         if not 0 < self.lr < float("inf"):
             raise UsageError(f"--lr must be > 0 (and finite), not {self.lr}")
         if not 0 < self.val_fraction < 1:

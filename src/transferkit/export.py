@@ -68,10 +68,25 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     _require_parity(result["parity"], fmt)
     if quantize:
         result["int8"] = quantize_int8(path, out / RunFolder.INT8_MODEL, checkpoint, meta, val)
-    atomic_write_json(out / RunFolder.EXPORT_RECORD, result)  # a refused int8 attempt is recorded too
+    atomic_write_json(out / RunFolder.EXPORT_RECORD, _record(out, result))  # a refused int8 attempt is recorded too
     if quantize and result["int8"]["refused"]:
-        raise ExportError(result["int8"]["refused"])
+        refusal = ExportError(result["int8"]["refused"])
+        refusal.result = result  # the float model stands: the CLI prints its check before the refusal
+        raise refusal
     return result
+
+
+def _record(out: Path, result: dict) -> dict:
+    """export.json's content: this export's result, and under "earlier" the records of the folder's other
+    formats whose files are still there (ONNX, then TorchScript into the same folder: serve's model card still
+    finds the ONNX file's parity check)."""
+    previous = RunFolder.read_json(out / RunFolder.EXPORT_RECORD) or {}
+    records = {**previous.get("earlier", {}), previous.get("format"): {k: v for k, v in previous.items()
+                                                                        if k != "earlier"}}
+    kept = {fmt: rec for fmt, rec in records.items()
+            if fmt not in (None, result["format"]) and isinstance(rec, dict)
+            and (out / Path(str(rec.get("path"))).name).is_file()}
+    return {**result, **({"earlier": kept} if kept else {})}
 
 
 # ---- the two formats ---------------------------------------------------------------------------

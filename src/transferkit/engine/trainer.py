@@ -97,10 +97,13 @@ class Trainer:
         state = self.state
         if distributed.is_main() or self.resume:  # rank 0 writes a new split's sha256 into `last`
             state.split_sha256 = file_sha256(RunFolder(state.out).split)
-        if self.resume and RunFolder(state.out).last.is_file():  # no `last`: stopped before training began
+        if self.resume and RunFolder(state.out).last.is_file():
             self.start_epoch, self.best, state.elapsed_before = restore_last(state, self.optimizer, self.schedule,
                                                                              self.source, self.averaging)
             self.restored = True
+        elif self.resume:  # no `last`: stopped before training began, or removed since
+            log.info("--resume: %s has no %s (the run stopped before its first epoch); training from epoch 1",
+                     state.out, RunFolder.LAST)
         self.t_start -= state.elapsed_before
 
     def _epoch(self, epoch: int) -> None:

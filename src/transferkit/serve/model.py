@@ -102,11 +102,13 @@ def _parity_of(export: dict | None, model: Path) -> dict | None:
     """The export check of this very file: the float model's parity or the int8 model's agreement."""
     if not export:
         return None
-    if Path(export.get("path") or "").name == model.name:
-        return {"format": export.get("format"), **export.get("parity", {})}
-    int8 = export.get("int8") or {}
-    if Path(int8.get("path") or "").name == model.name:  # None where the int8 model was refused and removed
-        return {"format": "onnx int8", **int8}
+    earlier = export.get("earlier")  # the folder's other formats, exported before the last one (export._record)
+    for record in [export, *(earlier.values() if isinstance(earlier, dict) else [])]:
+        if Path(record.get("path") or "").name == model.name:
+            return {"format": record.get("format"), **record.get("parity", {})}
+        int8 = record.get("int8") or {}
+        if Path(int8.get("path") or "").name == model.name:  # None where the int8 model was refused and removed
+            return {"format": "onnx int8", **int8}
     return None
 
 
