@@ -52,3 +52,9 @@ def test_compare_refuses_a_bad_option_before_its_first_run(tmp_path, capsys, cap
     assert "--epochs must be ≥ 1, not 0" in capsys.readouterr().err
     assert not [r for r in caplog.records if "compare: training" in r.getMessage()]
     assert not any(out.glob("*/best.safetensors"))
+    run = tmp_path / "a-run"  # a training run's folder is not compare's to fill
+    run.mkdir()
+    (run / "config.yaml").write_text("data: x\n")
+    assert main(["compare", str(data), "--epochs", "1", "--out", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]

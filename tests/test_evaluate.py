@@ -153,6 +153,22 @@ def test_split_csv_and_class_checks(tiny_run, tmp_path):
     assert evaluate_run(run, odd, out=tmp_path)["per_class"][1]["support"] == 0
 
 
+def test_missing_manifest_files_are_named_once_per_split_read(tiny_run, tmp_path, caplog):
+    from transferkit.evaluate import manifest_items
+
+    data, run = tiny_run
+    copy = shutil.copytree(data, tmp_path / "data")
+    shutil.copy(run / "split.csv", tmp_path / "split.csv")  # no config.yaml beside it: the root is given
+    gone = next((copy / "val" / "bees").iterdir())
+    gone.unlink()
+    with caplog.at_level("WARNING", logger="transferkit"):
+        train = manifest_items(tmp_path / "split.csv", ["ants", "bees"], "train", data_root=str(copy))
+        val = manifest_items(tmp_path / "split.csv", ["ants", "bees"], "val", data_root=str(copy))
+    assert len(val) == 11 and len(train) > 0
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("1 val files listed in") and f"val/bees/{gone.name}" in warned[0]
+
+
 def test_cli_prints_the_table_and_the_tta_gain(tiny_run, tmp_path, capsys):
     data, run = tiny_run
     assert main(["evaluate", str(run), str(data), "--tta", "--out", str(tmp_path)]) == 0

@@ -8,7 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import TrainConfig
+from .errors import UsageError
 from .io import atomic_write_json
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,9 @@ def compare(data: str | Path, model: str, out: str | Path, epochs: int = 15, **o
     from .results.plots import plot_compare
 
     out = Path(out)
+    if RunFolder(out).holds_run_files():  # its three runs and compare.json would land among another run's files
+        raise UsageError(f"--out {out} holds a training run; compare writes three runs of its own into "
+                         "OUT/<variant>/: choose another --out")
     base = TrainConfig(data=str(data), model=model, epochs=epochs, **options)
     configs = {name: replace(base, out=str(out / name), **changes) for name, changes in VARIANTS.items()}
     for cfg in configs.values():  # a bad option stops the comparison before its first run, not after it

@@ -77,8 +77,11 @@ def manifest_items(manifest: Path, classes: list[str], split: str = "val", data_
     if extra:
         raise DataError(f"{manifest} names class(es) {', '.join(extra)} that this model does not know")
     samples = scan.val if split == "val" else scan.train
-    if scan.problems.get("missing"):
-        log.warning("%d files listed in %s are missing", len(scan.problems["missing"]), manifest)
+    # This split's missing files alone (train and val are read one at a time), named, not just counted
+    missing = [p["path"] for p in scan.problems.get("missing", []) if f"'s {split} split" in p["detail"]]
+    if missing:
+        log.warning("%d %s files listed in %s are missing (skipped): %s", len(missing), split, manifest,
+                    ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return [(path, classes.index(scan.classes[label])) for path, label in samples]
 
 
