@@ -172,4 +172,6 @@ def test_an_infinite_or_negative_cap_is_refused_in_one_line(monkeypatch, capsys)
     for text in ("inf", "1e400", "-5G"):  # inf was an OverflowError traceback; -5G a cap that evicted everything
         monkeypatch.setenv(caches.CAP_ENV, text)
         assert cli.main(["cache"]) == 2
-        assert f"TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not '{text}'" in capsys.readouterr().err
+        captured = capsys.readouterr()
+        assert f"TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not '{text}'" in captured.err
+        assert captured.out == ""  # refused before the table, not after it

@@ -579,6 +579,7 @@ def cmd_cache(args) -> int:
     if unknown or (args.names and args.action != "clear"):
         raise UsageError(f"cache {args.action}: unknown cache {', '.join(unknown)}; one of {', '.join(NAMES)}"
                          if unknown else "cache list takes no names; `transferkit cache clear NAME...` clears some")
+    setting = cap_setting()  # a bad TRANSFERKIT_CACHE_MAX: its one line before any output, not after the table
     found = caches()
     if args.action == "clear":
         for name in args.names or DERIVED:
@@ -590,7 +591,7 @@ def cmd_cache(args) -> int:
         print(f"{name:<10}{cache.size / 1e6:>7.1f} MB  {len(cache.entries):>7}  {cache.folder}\n"
               f"{'':<31}{WHAT[name]}")
     used = sum(size for _, size, _ in capped_entries())
-    how = CAP_ENV if cap_setting() is not None else \
+    how = CAP_ENV if setting is not None else \
         f"{CAP_ENV} unset: {DEFAULT_CAP_FRACTION:.0%} of their size + the free disk"
     print(f"\nfeatures, decoded and scans: {used / 1e6:.1f} MB, cap {cache_cap(feature_root(), used) / 1e6:.1f} MB "
           f"({how})\n{'':<31}the least recently used entries are evicted first")
