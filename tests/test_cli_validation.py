@@ -36,6 +36,8 @@ BAD_TRAIN_OPTIONS = [
     (["--seed", "-1"], ["--seed", "2**32 - 1"]),  # were numpy's ValueError tracebacks
     (["--seed", "4294967296"], ["--seed", "2**32 - 1"]),
     (["--momentum", "1.5"], ["--momentum", "[0, 1)"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "finite"]),  # nan passed a `< 0` check
+    (["--ema-epochs", "inf"], ["--ema-epochs", "finite"]),
     (["--gamma", "0"], ["--gamma", "> 0"]),
     (["--train-subsample", "1"], ["--train-subsample 1", "fewer training images than there are classes (2)"]),
     (["--recipe", "tutorial", "--train-subsample", "1"], ["--train-subsample 1", "than there are classes"]),
@@ -199,6 +201,33 @@ def test_the_api_names_an_option_of_the_wrong_kind(tiny_folder, tmp_path, option
     with pytest.raises(UsageError, match=words.replace("(", r"\(")):
         tk.train(tiny_folder, recipe="tutorial", out=tmp_path / "run", **options)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_api_takes_paths_and_numpy_numbers_and_names_a_config_or_data_of_the_wrong_kind(tiny_folder, tmp_path):
+    """out=Path(...) passed validation and then failed writing config.yaml (yaml's RepresenterError); numpy numbers
+    (a sweep over np.arange) were "must be a whole number, not np.int64(1)"; config={...} was dataclasses'
+    TypeError; data=5 was looked for as the folder "5"."""
+    import numpy as np
+    import yaml
+
+    import transferkit as tk
+    from transferkit.config import TrainConfig
+    from transferkit.errors import UsageError
+
+    clf = tk.train(tiny_folder, recipe="tutorial", epochs=np.int64(1), lr=np.float64(0.01), cache=np.bool_(True),
+                   out=tmp_path / "run", verbose=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert clf.run_dir_ == tmp_path / "run" and saved["out"] == str(tmp_path / "run")
+    assert (type(saved["epochs"]), saved["lr"], saved["cache"]) == (int, 0.01, True)
+    with pytest.raises(UsageError, match=r"^config must be a transferkit.TrainConfig \(TrainConfig.from_yaml"):
+        tk.train(tiny_folder, config={"epochs": 1})
+    with pytest.raises(UsageError, match="^data must be text, not 5$"):
+        tk.train(5, recipe="tutorial")
+    with pytest.raises(UsageError, match="^run must be a path"):
+        tk.resume(None)
+    cfg = TrainConfig(data=tiny_folder, recipe="tutorial", epochs=1, out=tmp_path / "again")
+    tk.train(config=cfg, verbose=False)  # a config's paths too
+    assert yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())["data"] == str(tiny_folder)
 
 
 def test_collector_settings_belong_to_the_program_not_to_main(tmp_path):

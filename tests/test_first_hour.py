@@ -348,6 +348,43 @@ def test_a_loaded_run_says_what_it_is_evaluates_and_exports(flat_run, tmp_path, 
 
 
 @pytest.mark.slow
+def test_the_api_names_an_argument_of_the_wrong_kind_in_one_line(flat_run, tmp_path, monkeypatch):
+    """Each was a TypeError or torch's RuntimeError from inside, or silently wrong: a 3×H×W torch tensor was three
+    grey images, an H×W×3 one H images; a 0×0 image was classified; include_train="no" scored the training
+    images; top_k=np.int64(2) was "must be ≥ 1"."""
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(flat_run.cache))
+    for call, words in ((lambda: tk.load(None), "^run_or_checkpoint must be a path"),
+                        (lambda: tk.load(flat_run.run, device=None), "^device must be text"),
+                        (lambda: tk.load(flat_run.run, device="gpu"), "^device must be auto, cpu, cuda or cuda:N"),
+                        (lambda: tk.load(flat_run.run, device="cuda"), "^device cuda: no CUDA GPU is available")):
+        with pytest.raises(UsageError, match=words):
+            call()
+    clf = tk.load(flat_run.run)
+    files = sorted(str(p) for p in flat_run.data.rglob("*.png"))[:2]
+    pixels = np.array(Image.open(files[0]).convert("RGB"))
+    for images, words in ((None, "^images must be a path, a PIL image, a numpy array or a list of them, not None"),
+                          ([files[0], None], "^images holds a path, a PIL image or a numpy array each, not NoneType"),
+                          (Path(files[0]).read_bytes(), r"not bytes \(a file's bytes: PIL.Image.open"),
+                          (np.zeros((0, 0), np.uint8), r"^an image array has no pixels: shape \(0, 0\)"),
+                          (Image.new("L", (0, 0)), "^an image has no pixels: size 0×0"),
+                          (torch.from_numpy(pixels).permute(2, 0, 1), "channels last"),
+                          (torch.zeros(8, 8, 3, requires_grad=True), r"tensor.detach\(\).cpu\(\).numpy\(\)")):
+        with pytest.raises(UsageError, match=words):
+            clf.predict(images)
+    assert np.allclose(clf.predict_proba(torch.from_numpy(pixels)), clf.predict_proba(pixels), atol=1e-6)
+    assert np.array_equal(clf.predict_proba(np.array(files)), clf.predict_proba(files))  # df["path"].values
+    assert len(clf.predict_table(files[0], top_k=np.int64(2))[0]["top_k"]) == 2
+    with pytest.raises(UsageError, match="^top_k must be a whole number, not 1.0$"):
+        clf.predict_table(files[0], top_k=1.0)
+    for call, words in ((lambda: clf.evaluate(None), "^data must be a path"),
+                        (lambda: clf.evaluate(flat_run.data, out=5), "^out must be a path"),
+                        (lambda: clf.evaluate(flat_run.data, include_train="no"), "^include_train must be True or"),
+                        (lambda: clf.export("onnx", out=5), "^out must be a path")):
+        with pytest.raises(UsageError, match=words):
+            call()
+
+
+@pytest.mark.slow
 def test_tk_train_says_what_it_does_unless_told_not_or_the_program_has_set_up_logging(flat_run, tmp_path):
     def started(name: str, setup: str, call: str) -> subprocess.Popen:
         code = (f"import logging, transferkit as tk\n{setup}\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -40,7 +41,9 @@ class Classifier:
     """A trained classifier. Learned attributes end in `_` (scikit-learn style)."""
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu"):
-        self.checkpoint_ = resolve_checkpoint(checkpoint)
+        if not isinstance(device, str):  # torch's own TypeError, or a CUDA index 0 taken on a box without one
+            raise UsageError(f"device must be text (auto, cpu, cuda or cuda:N), not {device!r}")
+        self.checkpoint_ = resolve_checkpoint(_path("checkpoint", checkpoint))
         self.run_dir_ = self.checkpoint_.parent
         if model_kind(self.checkpoint_) == "onnx":
             self._predictor = _onnx_predictor(self.checkpoint_, device)
@@ -48,6 +51,10 @@ class Classifier:
                           "classes": self._predictor.classes, "preprocessing": self._predictor.preprocessing}
             self.preprocessing_ = Preprocessing.from_dict(self._predictor.preprocessing)
         else:
+            from .engine.environment import pick_device
+
+            with _api_wording():  # one line for a device that is not there or not a device, as the CLI's
+                device = str(pick_device(device))
             self._predictor = Predictor(self.checkpoint_, device=device)
             self.meta_ = self._predictor.meta
             self.preprocessing_ = self._predictor.preprocessing
@@ -85,7 +92,8 @@ class Classifier:
     def predict_table(self, images, top_k: int = 3) -> list[dict]:
         """One row per image as `transferkit predict` writes it; `path` is "<image N>" for one held in memory."""
         items, names = _items(images)
-        rows = self._predictor.predict_rows(items, top_k=top_k)
+        with _api_wording():
+            rows = self._predictor.predict_rows(items, top_k=top_k)
         for row, name in zip(rows, names):
             row["path"] = name
         return rows
@@ -97,6 +105,11 @@ class Classifier:
         from .evaluate import evaluate_run
 
         self._needs_checkpoint("evaluate")
+        _path("data", data)
+        if out is not None:
+            _path("out", out)
+        if not isinstance(include_train, (bool, np.bool_)):  # "no" would be true, and score the training images
+            raise UsageError(f"include_train must be True or False, not {include_train!r}")
         with _api_wording():
             return evaluate_run(self.checkpoint_, data, tta=tta, out=out, include_train=include_train)
 
@@ -107,6 +120,9 @@ class Classifier:
         from .export import export_run
 
         self._needs_checkpoint("export")
+        for name, value in (("out", out), ("data", data)):
+            if value is not None:
+                _path(name, value)
         with _api_wording():
             return export_run(self.checkpoint_, format, quantize=quantize, out=out, data=data)
 
@@ -137,7 +153,7 @@ def resume(run: str | Path, *, verbose: bool = True, **options) -> Classifier:
     """Continue an interrupted run from RUN/last.safetensors with the options in RUN/config.yaml (options
     given must equal the saved ones: a run is one config); the run then ends as an uninterrupted one would."""
     with _messages(verbose), _api_wording():
-        metrics = resume_run(run, options)
+        metrics = resume_run(_path("run", run), options)
         return _trained(metrics)
 
 
@@ -185,11 +201,31 @@ def _same_option(key: str, given, saved) -> bool:
 
 
 def _configured(config: TrainConfig | None, data, options: dict) -> TrainConfig:
-    """A new TrainConfig: `config`'s fields (or the defaults), then `data` and the options."""
-    known = _known_options(options)
+    """A new TrainConfig: `config`'s fields (or the defaults), then `data` and the options; paths as text (what
+    config.yaml can hold) and numpy numbers as Python's (a sweep over np.arange), the rest as given for validate."""
+    known = {name: _plain(value) for name, value in _known_options(options).items()}
     if config is None:
-        return TrainConfig(data=str(data), **known)
-    return replace(config, **known, **({"data": str(data)} if data is not None else {}))
+        return TrainConfig(data=_plain(data), **known)
+    if not isinstance(config, TrainConfig):
+        raise UsageError(f"config must be a transferkit.TrainConfig (TrainConfig.from_yaml(PATH) reads a config "
+                         f"file), not {type(config).__name__}")
+    cfg = replace(config, **known, **({"data": _plain(data)} if data is not None else {}))
+    return replace(cfg, **{f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)})
+
+
+def _plain(value):
+    """A path as text and a numpy scalar as the Python number it holds; anything else as it is."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _path(name: str, value):
+    """A path argument (str or os.PathLike) as given; anything else is a UsageError naming it, not pathlib's
+    TypeError from inside."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise UsageError(f"{name} must be a path (str or pathlib.Path), not {value!r}")
+    return value
 
 
 def _trained(metrics: dict) -> Classifier:
@@ -258,7 +294,7 @@ def api_wording(message: str) -> str:
 
 def load(run_or_checkpoint: str | Path, device: str = "cpu") -> Classifier:
     """A run folder, a .safetensors checkpoint, or an exported .onnx model (predicts with ONNX Runtime alone)."""
-    return Classifier(run_or_checkpoint, device=device)
+    return Classifier(_path("run_or_checkpoint", run_or_checkpoint), device=device)
 
 
 def _onnx_predictor(path: Path, device: str):
@@ -276,7 +312,13 @@ def _items(images) -> tuple[list, list[str]]:
     uint8, or floats in 0-1), or a batch of arrays (N×H×W×C)."""
     from PIL import Image
 
-    one = isinstance(images, (str, Path, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4)
+    # An array: numpy's, or one that converts to it (a torch tensor, which was iterated: a 3×H×W one made 3 grey
+    # images). A 1-D array of paths (a pandas column of them: df["path"].values) is a list.
+    listed = getattr(getattr(images, "dtype", None), "kind", "") in ("O", "U", "S") and images.ndim == 1
+    one = isinstance(images, (str, os.PathLike, Image.Image, bytes)) or (_is_array(images) and images.ndim < 4
+                                                                          and not listed)
+    if not one and not hasattr(images, "__iter__"):
+        raise UsageError(f"images must be a path, a PIL image, a numpy array or a list of them, not {images!r}")
     items, names, paths = [], [], []
 
     def flush_paths():
@@ -286,9 +328,15 @@ def _items(images) -> tuple[list, list[str]]:
         paths.clear()
 
     for item in [images] if one else list(images):
-        if isinstance(item, (str, Path)):
-            paths.append(str(item))
+        if isinstance(item, (str, os.PathLike)):
+            paths.append(os.fspath(item))
             continue
+        if not isinstance(item, Image.Image) and not _is_array(item):
+            hint = " (a file's bytes: PIL.Image.open(io.BytesIO(data)))" if isinstance(item, bytes) else ""
+            raise UsageError(f"images holds a path, a PIL image or a numpy array each, not {type(item).__name__}"
+                             f"{hint}")
+        if isinstance(item, Image.Image) and 0 in item.size:  # Pillow resizes it to a blank crop, then classified
+            raise UsageError(f"an image has no pixels: size {item.size[0]}×{item.size[1]}")
         flush_paths()  # files in the order given, each folder expanded in place
         items.append(item if isinstance(item, Image.Image) else _array_image(item))
         names.append(f"<image {len(names)}>")
@@ -296,16 +344,26 @@ def _items(images) -> tuple[list, list[str]]:
     return items, names
 
 
+def _is_array(value) -> bool:
+    return isinstance(value, np.ndarray) or (hasattr(value, "__array__") and hasattr(value, "ndim"))
+
+
 def _array_image(array):
     """A numpy image as a PIL image, the way it would have been saved to a file."""
     from PIL import Image
 
-    a = np.asarray(array)
+    try:
+        a = np.asarray(array)
+    except (TypeError, RuntimeError, ValueError) as exc:  # a torch tensor on a GPU, or one that requires grad
+        raise UsageError(f"cannot read this {type(array).__name__} as an image array ({str(exc).splitlines()[0]}); "
+                         "pass it as a numpy array (tensor.detach().cpu().numpy())") from None
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise UsageError(f"an image array is H×W (grey) or H×W×3/4 (RGB/RGBA, channels last), not shape {a.shape}; "
                          "several images: a list of arrays, or one N×H×W×C array")
+    if a.size == 0:
+        raise UsageError(f"an image array has no pixels: shape {a.shape}")
     if a.dtype == np.bool_ or a.dtype.kind not in "uif":
         raise UsageError(f"an image array holds numbers (uint8 0-255, or floats 0-1), not {a.dtype}")
     if a.dtype != np.uint8:

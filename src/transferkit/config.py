@@ -175,8 +175,9 @@ class TrainConfig:
             raise UsageError(f"--lower-lr-factor must be in (0, 1], not {self.lower_lr_factor}")
         if not 0 <= self.label_smoothing < 1:
             raise UsageError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
-        if self.weight_decay < 0 or self.momentum < 0 or self.warmup_epochs < 0 or self.ema_epochs < 0:
-            raise UsageError("--weight-decay, --momentum, --warmup-epochs and --ema-epochs must be ≥ 0")
+        if not all(0 <= x < float("inf") for x in (self.weight_decay, self.momentum, self.warmup_epochs,
+                                                      self.ema_epochs)):  # nan passed a `< 0` check
+            raise UsageError("--weight-decay, --momentum, --warmup-epochs and --ema-epochs must be ≥ 0 (and finite)")
         if self.momentum >= 1:  # the step's running sum would grow without bound
             raise UsageError(f"--momentum must be in [0, 1), not {self.momentum}")
         if not 0 < self.gamma < float("inf"):

@@ -15,6 +15,7 @@ on an unreadable file) and `infer(list of inputs)` (their (n, C) outputs).
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import deque
 from dataclasses import dataclass
@@ -75,9 +76,12 @@ def model_kind(path: str | Path) -> str:
 
 
 def check_top_k(top_k: int) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    """A whole number ≥ 1 (numpy's too), as an int; 1.0 was "must be ≥ 1, not 1.0"."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise UsageError(f"--top-k must be a whole number, not {top_k!r}")
+    if top_k < 1:
         raise UsageError(f"--top-k must be ≥ 1, not {top_k!r}")
-    return top_k
+    return int(top_k)
 
 
 def rows_from_probs(paths, probs, errors, classes, top_k: int, novelty=None, threshold: float | None = None
