@@ -377,8 +377,8 @@ def test_train_hint_counts_only_wrong_predictions(tmp_path):
 
 
 @pytest.mark.parametrize("options, words", [
-    (["--image-size", "5"], "--image-size must be from 32 to 2048, not 5"),  # taken, as --crop-fraction 7 was
-    (["--image-size", "100000"], "--image-size must be from 32 to 2048, not 100000"),
+    (["--image-size", "5"], "--image-size must be ≥ 32, not 5"),  # taken, as --crop-fraction 7 was, unlike train
+    (["--image-size", "100000"], "--image-size must be ≤ 2048 pixels, not 100000"),
     (["--crop-fraction", "7"], "--crop-fraction must be between 0.3 and 1, not 7.0"),
     (["--model", "resnt18"], "unknown model 'resnt18'; did you mean resnet18?"),  # was said after the scan
 ])

@@ -67,20 +67,15 @@ def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Threshol
     from .engine.embeddings import embed_images  # torch: imported only when a check runs
     from .results.check_html import write_check_html
 
-    from .config import WHOLE_NUMBER_MAXIMUMS, WHOLE_NUMBER_MINIMUMS
-    from .errors import UsageError
+    from .config import TrainConfig
     from .models.registry import get_spec
 
     t0 = time.perf_counter()
     th = (thresholds or Thresholds()).validate()
-    # As train checks them: --crop-fraction 7 or --image-size 5 was taken and embedded at a size no run trains at.
-    if image_size is not None and not WHOLE_NUMBER_MINIMUMS["image_size"] <= image_size <= \
-            WHOLE_NUMBER_MAXIMUMS["image_size"]:
-        raise UsageError(f"--image-size must be from {WHOLE_NUMBER_MINIMUMS['image_size']} to "
-                         f"{WHOLE_NUMBER_MAXIMUMS['image_size']}, not {image_size}")
-    if crop_fraction is not None and not 0.3 <= crop_fraction <= 1:
-        raise UsageError(f"--crop-fraction must be between 0.3 and 1, not {crop_fraction}")
-    get_spec(model)  # an unknown model fails before the scan
+    # Checked as train checks them, before the scan: --crop-fraction 7 or --image-size 5 was taken and embedded
+    # at a size no run trains at, and an unknown model was reported after the scan.
+    TrainConfig(data=str(data), model=model, image_size=image_size, crop_fraction=crop_fraction).validate()
+    get_spec(model)
     scan = scan_dataset(data)
     samples = scan.train + scan.val
     splits = ["train"] * len(scan.train) + ["val"] * len(scan.val)
