@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transferkit import cli
 from transferkit.config import TrainConfig
 from transferkit.engine.checkpoint import load_checkpoint
-from transferkit.errors import CheckpointError, DataError, UsageError, WeightsError
+from transferkit.errors import CheckpointError, DataError, WeightsError
 from transferkit.models.weights import load_state_file
 
 
@@ -105,5 +105,7 @@ def test_resume_refuses_manifest_paths_outside_the_data_folder(tmp_path, tiny_fo
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, tiny_folder, capsys):
     assert cli.main(["train", "--resume", str(tiny_folder)]) == CheckpointError.exit_code
     assert "not a resumable transferkit run" in _last_line(capsys)
-    assert cli.main(["train", "--resume", str(tiny_folder / "train/ants/ants_train_0.png")]) == UsageError.exit_code
-    assert "--resume" in _last_line(capsys)
+    # a file, not a run folder: exit 5 as for a missing one (README's table), not 2
+    assert cli.main(["train", "--resume", str(tiny_folder / "train/ants/ants_train_0.png")]) == CheckpointError.exit_code
+    line = _last_line(capsys)
+    assert "--resume" in line and "is not a folder" in line
