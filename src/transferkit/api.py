@@ -106,8 +106,7 @@ class Classifier:
 
         self._needs_checkpoint("evaluate")
         _path("data", data)
-        if out is not None:
-            _path("out", out)
+        _path("out", out, optional=True)
         if not isinstance(include_train, (bool, np.bool_)):  # "no" would be true, and score the training images
             raise UsageError(f"include_train must be True or False, not {include_train!r}")
         with _api_wording():
@@ -120,9 +119,8 @@ class Classifier:
         from .export import export_run
 
         self._needs_checkpoint("export")
-        for name, value in (("out", out), ("data", data)):
-            if value is not None:
-                _path(name, value)
+        _path("out", out, optional=True)
+        _path("data", data, optional=True)
         with _api_wording():
             return export_run(self.checkpoint_, format, quantize=quantize, out=out, data=data)
 
@@ -220,10 +218,10 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _path(name: str, value):
-    """A path argument (str or os.PathLike) as given; anything else is a UsageError naming it, not pathlib's
-    TypeError from inside."""
-    if not isinstance(value, (str, os.PathLike)):
+def _path(name: str, value, optional: bool = False):
+    """A path argument (str or os.PathLike; also None where `optional`) as given; anything else is a UsageError
+    naming it, not pathlib's TypeError from inside."""
+    if not isinstance(value, (str, os.PathLike)) and not (optional and value is None):
         raise UsageError(f"{name} must be a path (str or pathlib.Path), not {value!r}")
     return value
 

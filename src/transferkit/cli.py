@@ -702,7 +702,7 @@ def cmd_export(args) -> int:
     try:
         result = export_run(args.run, args.format, quantize=args.quantize, out=args.out, data=args.data)
     except ExportError as exc:
-        if getattr(exc, "result", None):  # a refused int8 model: the float model it was made from is exported
+        if exc.result:  # a refused int8 model: the float model it was made from is exported
             print(format_export({**exc.result, "int8": None}))
         raise
     print(format_export(result))

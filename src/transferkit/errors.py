@@ -45,3 +45,4 @@ class ExportError(TransferkitError):
     """An exported model disagrees with the eager model beyond tolerance, or export failed."""
 
     exit_code = 7
+    result: dict | None = None  # a refused int8 model: the export of the float model it was made from, which stands

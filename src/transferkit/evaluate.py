@@ -78,7 +78,7 @@ def manifest_items(manifest: Path, classes: list[str], split: str = "val", data_
         raise DataError(f"{manifest} names class(es) {', '.join(extra)} that this model does not know")
     samples = scan.val if split == "val" else scan.train
     # This split's missing files alone (train and val are read one at a time), named, not just counted
-    missing = [p["path"] for p in scan.problems.get("missing", []) if f"'s {split} split" in p["detail"]]
+    missing = [p["path"] for p in scan.problems.get("missing", []) if p.get("split") == split]
     if missing:
         log.warning("%d %s files listed in %s are missing (skipped): %s", len(missing), split, manifest,
                     ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))

@@ -71,7 +71,7 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     atomic_write_json(out / RunFolder.EXPORT_RECORD, _record(out, result))  # a refused int8 attempt is recorded too
     if quantize and result["int8"]["refused"]:
         refusal = ExportError(result["int8"]["refused"])
-        refusal.result = result  # the float model stands: the CLI prints its check before the refusal
+        refusal.result = result  # the CLI prints the float model's check before the refusal
         raise refusal
     return result
 

@@ -93,16 +93,17 @@ class _Objective:
             self.directions = (vectors, np.sqrt(floor / (LOSS_CURVATURE * values + self.penalty)))
 
     def to_w(self, v: np.ndarray) -> np.ndarray:
-        if self.directions is None:
-            return v
-        vectors, shrink = self.directions
-        return v + ((v @ vectors) * (shrink - 1)) @ vectors.T
+        return self._along_directions(v, 1)
 
     def to_v(self, w: np.ndarray) -> np.ndarray:
+        return self._along_directions(w, -1)
+
+    def _along_directions(self, m: np.ndarray, power: int) -> np.ndarray:
+        """m with its component along each top direction scaled by shrink**power (P m for 1, P⁻¹ m for -1)."""
         if self.directions is None:
-            return w
+            return m
         vectors, shrink = self.directions
-        return w + ((w @ vectors) * (1 / shrink - 1)) @ vectors.T
+        return m + ((m @ vectors) * (shrink ** power - 1)) @ vectors.T
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         width = self.x.shape[1]

@@ -35,7 +35,7 @@ def read_manifest(path, root, *, verify_images=False) -> DataScan:
         full = root.joinpath(*PurePosixPath(rel).parts)
         by_split[split].setdefault(name, [])
         if not full.is_file():
-            problems.add("missing", full, f"listed in the manifest's {split} split but not found")
+            problems.add("missing", full, f"listed in the manifest's {split} split but not found", split=split)
             continue
         if verify_images:
             kind, detail, *_ = checks.verify_one(str(full), not full.suffix)  # through the module, as the scan

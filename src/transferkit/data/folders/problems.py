@@ -66,9 +66,10 @@ class Problems:
         self.strict = strict
         self.items: dict[str, list[dict]] = defaultdict(list)
 
-    def add(self, kind: str, path, detail: str) -> None:
+    def add(self, kind: str, path, detail: str, split: str | None = None) -> None:
+        """split: the split a manifest listed the file in, where that is known before the file is read."""
         rel = relative(path, self.root)
-        self.items[kind].append({"path": rel, "detail": detail})
+        self.items[kind].append({"path": rel, "detail": detail, **({"split": split} if split else {})})
         logger.debug("%s: %s: %s", kind, rel, detail)
         if self.strict and kind not in INFORMATIONAL_KINDS:
             raise DataError(
