@@ -186,3 +186,15 @@ def test_read_only_run_folder_is_one_line(tiny_folder, tmp_path, capsys):
         assert not list(run.iterdir())
     finally:
         run.chmod(0o755)
+
+
+def test_a_file_in_the_way_of_a_folder_is_named(tmp_path):
+    """Where a file stands in the place of a folder to write in, or of one of its parents, the message names
+    that file; the OS says only "File exists" (mkdir of the file itself) or "Not a directory" (below it)."""
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("mine")
+    for target in (blocker / "evaluation.json", blocker / "deeper" / "evaluation.json"):
+        with pytest.raises(io.RunFolderError) as caught:
+            io.atomic_write_json(target, {"a": 1})
+        assert str(caught.value) == f"cannot write in {target.parent}: {blocker} is a file, not a folder"
+    assert blocker.read_text() == "mine"

@@ -20,7 +20,7 @@ import torch
 from .errors import ExportError, UsageError
 from .engine.runtime import onnx_export
 from .inference import PROB_TOLERANCE, parity, read_batches
-from .io import RunFolderError, atomic_write_json
+from .io import RunFolderError, atomic_write_json, why_not_writable
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     try:  # after the check images are found: a refused export leaves no empty folder
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file on the way (a/file.txt/export), a read-only parent
-        raise RunFolderError(f"cannot write in {out}: {exc.strerror or exc}") from None
+        raise RunFolderError(f"cannot write in {out}: {why_not_writable(out, exc)}") from None
     eager = _torch_logits(model, x)
     if fmt == "onnx":
         path = export_onnx(model, meta, out / RunFolder.ONNX_MODEL, x[:1])

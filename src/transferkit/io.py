@@ -21,6 +21,15 @@ class RunFolderError(TransferkitError):
     exit_code = 8
 
 
+def why_not_writable(folder: Path, exc: OSError) -> str:
+    """The reason to show for a folder that could not be made or written in: a file standing where the folder
+    or one of its parents should be is named (the OS says only "File exists" or "Not a directory")."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            return f"{place} is a file, not a folder" if not place.is_dir() else (exc.strerror or str(exc))
+    return exc.strerror or str(exc)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)` to produce the file, then move it into place atomically."""
     path = Path(path)
@@ -29,7 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise RunFolderError(f"cannot write in {path.parent}: {exc.strerror or exc}") from None
+        raise RunFolderError(f"cannot write in {path.parent}: {why_not_writable(path.parent, exc)}") from None
     try:
         write(tmp)
         with open(tmp, "rb") as fh:

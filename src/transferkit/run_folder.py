@@ -207,7 +207,7 @@ def _undo_claim(out: Path, made: Path | None) -> None:
 def _lock(out: Path, fcntl) -> int:
     """The locked descriptor of OUT/.lock. The file stays with the run (a process that opened it just before a
     deletion would lock a file no one else sees); it goes only where the run wrote nothing (_undo_claim)."""
-    from .io import RunFolderError
+    from .io import RunFolderError, why_not_writable
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; expected a run folder (new or existing)")
@@ -215,7 +215,7 @@ def _lock(out: Path, fcntl) -> int:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise RunFolderError(f"cannot write in {out}: {exc.strerror or exc}") from None
+        raise RunFolderError(f"cannot write in {out}: {why_not_writable(out, exc)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
