@@ -1714,3 +1714,18 @@ def test_fine_tuning_waits_for_the_probes_hold_out_answers_and_skips_without_the
                for c in tuned)
     assert all(c["holdout"] is None for c in search["candidates"])
     assert search["chosen"].startswith("probe") and metrics["best_val_acc"] is not None
+
+
+def test_one_training_image_a_class_keeps_the_first_probe_and_says_why(tmp_path, caplog):
+    """Every class with one training image (a smoke-test folder): each CV fold tests images whose class its
+    training part lacks, so every candidate scores 0. The ladder had ranked its candidates on those zeros (an MLP
+    head of a million weights chosen on a tie-break) and fine-tuned towards a hold-out of one image. Now the
+    first probe is kept, nothing else runs, and the log and search.json say why."""
+    data = make_image_folder(tmp_path / "data", n_train=1, n_val=1, size=40)
+    with caplog.at_level(logging.WARNING):
+        metrics, record = _search(data, tmp_path / "run", budget="1m")
+    assert [c["status"] for c in record["candidates"]] == ["ran"]
+    assert record["chosen"] == record["candidates"][0]["name"]
+    assert "every class has one training image" in record["stopped"]
+    assert "every class has one training image" in caplog.text
+    assert metrics["best_val_acc"] is not None

@@ -24,6 +24,8 @@ def search_probes(search: Search, ctx: Context) -> tuple[Candidate, Context]:
         if _perfect(best):
             return _stopped_before_mlp(search, ctx, best), ctx
         best = state.better(best, _probe_candidate(search, ctx, crop, views[0]))
+        if one_image_a_class(ctx):
+            return _stopped_uncomparable(search, best), ctx
     if search.starved:  # the later steps run only where the final run's growth to every image compared still fits
         _starved_note(search)
     crop = best.settings["crop_fraction"]
@@ -85,6 +87,22 @@ def _perfect(best: Candidate | None) -> bool:
     """A probe right on every training image in the CV: no candidate can score above it, and a candidate must
     to win, so the probe ladder ends there (easy sets: seconds instead of minutes)."""
     return best is not None and best.score is not None and best.score >= 1.0
+
+
+def one_image_a_class(ctx: Context) -> bool:
+    """Every class has a single training image: each CV fold (and an inner hold-out) then scores images whose
+    class its training part lacks, so every candidate scores 0 and no comparison says anything."""
+    return int(np.bincount(ctx.y).max()) < 2
+
+
+def _stopped_uncomparable(search: Search, best: Candidate) -> Candidate:
+    """Two photos of a folder of smoke-test images: the ladder had ranked its candidates on those zeros (a 2-class
+    folder of 2 images a class chose an MLP head of a million weights on a tie-break) and then fine-tuned towards
+    a hold-out of one image. The first probe is kept, and the log says why nothing else ran."""
+    search.stopped = (f"every class has one training image, so no cross-validation can compare recipes (each "
+                      f"fold's images belong to classes its training part lacks); {best.name} is kept")
+    log.warning("search: %s", search.stopped)
+    return best
 
 
 def _stopped_at(search: Search, best: Candidate) -> Candidate:
