@@ -64,6 +64,25 @@ def test_cache_names_are_checked(capsys):
     assert cli.main(["cache", "list", "features"]) == 2
 
 
+def test_clear_keeps_a_users_folder_that_only_has_a_stores_name(tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "home-cache"))
+    features = tmp_path / "feature-cache"  # conftest's TRANSFERKIT_FEATURE_CACHE, pointed at the user's folder
+    theirs = features / "0123456789abcdef0123"  # 20 hex digits: a store's name, but the user's files
+    theirs.mkdir(parents=True)
+    (theirs / "identity.json").write_text("{}")
+    (theirs / "thesis.txt").write_text("keep me")
+    store = features / "fedcba9876543210fedc"  # a store as engine/features.py writes one, interrupted mid-write
+    store.mkdir()
+    for name in ("identity.json", "shard-0a1b2c.safetensors", "shard-0a1b2c.json", ".shard-0a1b2c.json.x1y2.tmp"):
+        (store / name).write_bytes(b"\0" * 10)
+    (features / "00112233445566778899").write_text("a file of the user's with a store's name")
+    assert cli.main(["cache", "clear", "features"]) == 0
+    assert (theirs / "thesis.txt").read_text() == "keep me" and (theirs / "identity.json").is_file()  # was rmtree'd
+    assert (features / "00112233445566778899").is_file()  # was unlinked
+    assert not store.exists()
+    assert f"kept {theirs}: it holds thesis.txt" in caplog.text
+
+
 def _age(paths, seconds: float = 3600) -> None:
     for path in paths:
         info = path.stat()
@@ -175,3 +194,28 @@ def test_an_infinite_or_negative_cap_is_refused_in_one_line(monkeypatch, capsys)
         captured = capsys.readouterr()
         assert f"TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not '{text}'" in captured.err
         assert captured.out == ""  # refused before the table, not after it
+
+
+def test_cache_folders_given_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", "~/features")  # quoted in a shell: no ~ expanded there
+    assert caches.feature_root() == tmp_path / "features"  # was ./~/features
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", "")
+    monkeypatch.setenv("TRANSFERKIT_CACHE", "~/tk")
+    assert caches.feature_root() == tmp_path / "tk" / "features"
+    assert caches.caches()["weights"].folder == tmp_path / "tk" / "weights"
+
+
+def test_a_feature_cache_that_is_a_file_costs_speed_not_the_command(tmp_path, monkeypatch):
+    from transferkit.engine.features import frozen_onnx_path, store_for
+
+    (tmp_path / "oops").write_text("a file, not a folder")
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(tmp_path / "oops"))
+    identity = {"model": "efficientnet_lite0", "preprocessing": {"input_size": 32}}
+    assert frozen_onnx_path(identity).name == "frozen.onnx"  # was NotADirectoryError: a traceback in data check
+    assert store_for(identity)._in_memory is not None  # the features are kept in memory instead
+
+
+def test_a_cache_named_twice_is_cleared_and_said_once(capsys):
+    assert cli.main(["cache", "clear", "decoded", "decoded"]) == 0
+    assert capsys.readouterr().out.count("cleared decoded") == 1

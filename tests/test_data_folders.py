@@ -229,6 +229,51 @@ def test_no_images_at_all(tmp_path):
     assert "found 0 classes with usable images" in _fatal(tmp_path)
 
 
+def test_classes_whose_every_file_is_skipped_are_named_with_why(tmp_path):
+    """Class folders whose files are all unusable (1×400 px strips, files that are no image): the message names
+    the folders and what was skipped, not "put each class's images in its own subfolder", which they are."""
+    for name in ("a", "b"):
+        (tmp_path / "strips" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (1, 400) if i % 2 else (400, 1)).save(tmp_path / "strips" / name / f"{i}.png")
+    message = _fatal(tmp_path / "strips")
+    assert "the class folders a, b held no usable image (skipped 6 images with a side under 8 pixels" in message
+    assert "its own subfolder" not in message
+    _flat(tmp_path / "fake", {"good": 3})
+    (tmp_path / "fake" / "bad").mkdir()
+    (tmp_path / "fake" / "bad" / "0.png").write_bytes(b"not a png")
+    message = _fatal(tmp_path / "fake")
+    assert "found 1 class with usable images" in message and "the class folder bad held no usable image" in message
+
+
+def test_a_val_fraction_that_leaves_no_training_image_is_named(tmp_path):
+    message = _fatal(_flat(tmp_path, {"a": 6, "b": 6}), val_fraction=0.99)  # was "too few ...; add images"
+    assert message == "--val-fraction 0.99 leaves 0 of the 12 usable images for training, fewer than one per class " \
+                      "(2); lower --val-fraction"
+
+
+def test_copies_of_one_picture_everywhere_keep_a_val_split(tmp_path, caplog):
+    picture = random_rgb(7, (32, 32))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            picture.save(tmp_path / name / f"{i}.png")
+    scan = scan_dataset(tmp_path)  # the group-aware split moved all 8 to train: "no image could be read" in training
+    assert len(scan.val) == 2 and scan.grouping["not_used"] == "it left a split empty"
+    assert "group-aware split not used" in caplog.text
+
+
+def test_a_run_folder_passed_as_data_is_named_as_one(tmp_path):
+    """`data check runs/x` or `train runs/`: "put each class's images in its own subfolder" was the advice."""
+    for run in ("r1", "r2"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "config.yaml").write_text("data: mydata\n")
+        (tmp_path / "runs" / run / "split.csv").write_text("path,label,split\n")
+        random_rgb(0, (32, 32)).save(tmp_path / "runs" / run / "curves.png")
+    assert "this is a transferkit run folder; pass the data folder the run trained on" in _fatal(tmp_path / "runs/r1")
+    assert "its folders are transferkit run folders; pass the data folder" in _fatal(tmp_path / "runs")
+
+
 def test_images_named_by_class_get_the_folders_to_make(tmp_path):
     """Kaggle's dogs-vs-cats: train/cat.0.jpg, train/dog.0.jpg, no class folders."""
     for name in ("cat.0.jpg", "cat.1.jpg", "dog.0.jpg", "dog.1.jpg", "dog12.jpg", "IMG_1.jpg"):

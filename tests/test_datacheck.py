@@ -381,6 +381,7 @@ def test_train_hint_counts_only_wrong_predictions(tmp_path):
     (["--image-size", "100000"], "--image-size must be ≤ 2048 pixels, not 100000"),
     (["--crop-fraction", "7"], "--crop-fraction must be between 0.3 and 1, not 7.0"),
     (["--model", "resnt18"], "unknown model 'resnt18'; did you mean resnet18?"),  # was said after the scan
+    (["--outlier-z", "nan"], "--outlier-z must be > 0, not nan"),  # was taken: no image was ever an outlier
 ])
 def test_bad_check_options_are_refused_as_train_refuses_them_before_the_scan(tiny_folder, tmp_path, capsys,
                                                                               options, words):
@@ -389,3 +390,28 @@ def test_bad_check_options_are_refused_as_train_refuses_them_before_the_scan(tin
     err = capsys.readouterr().err
     assert words in err and "scanned" not in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_folds_beyond_the_smallest_class_are_said_and_recorded_as_used(tmp_path, capsys, caplog):
+    data = make_image_folder(tmp_path / "data", n_train=3, n_val=1)  # 4 images a class: at most 4 folds
+    out = tmp_path / "check"
+    assert main(["data", "check", str(data), "--out", str(out), "--folds", "10", "--image-size", "32"]) == 0
+    captured = capsys.readouterr()
+    assert "(4-fold linear probe)" in captured.out and "10-fold" not in captured.out  # said 10-fold, fitted 4
+    assert "label-error probe: 4 folds, not 10" in caplog.text
+    assert json.loads((out / "check.json").read_text())["label_error_folds"] == 4
+    assert "4-fold linear probe" in (out / "check.html").read_text()
+    for extra in [*(data / "val" / "bees").iterdir(), *sorted((data / "train" / "bees").iterdir())[1:]]:
+        extra.unlink()  # bees: 1 image, no fold can hold it out
+    assert main(["data", "check", str(data), "--out", str(out), "--image-size", "32"]) == 0
+    assert "(not searched: a class has only 1 image)" in capsys.readouterr().out  # said "a 1-fold linear probe"
+    assert json.loads((out / "check.json").read_text())["label_error_folds"] is None
+
+
+def test_a_class_whose_every_file_is_unusable_is_named_in_the_summary(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_train=3, n_val=1, with_val=False)
+    (data / "train" / "wasps").mkdir()
+    (data / "train" / "wasps" / "0.png").write_bytes(b"not a png")
+    assert main(["data", "check", str(data), "--out", str(tmp_path / "check"), "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 1 class folder with no usable image: train/wasps (their files are listed under unusable files)" in out

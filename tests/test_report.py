@@ -195,3 +195,34 @@ def test_a_searched_probe_run_reads_as_one(run_dir):
     assert "momentum" not in changed and "epochs" not in changed  # the defaults' values: in the fold only
     assert "all 6 settings" in html
     assert "One epoch: nothing to draw" in html and not (run_dir / "curves.png").exists()
+
+
+def test_report_command_writes_only_in_a_run_folder(run_dir, tmp_path, capsys):
+    from transferkit.cli import main
+
+    assert main(["report", str(run_dir)]) == 0  # no best.safetensors (an interrupted run): was "no checkpoint"
+    assert (run_dir / "report.html").is_file()
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    (mine / "report.html").write_text("my own report")
+    capsys.readouterr()
+    assert main(["report", str(mine / "notes.txt")]) == CheckpointError.exit_code  # wrote notes/report.html
+    assert "is not a file in a transferkit run folder" in capsys.readouterr().err
+    assert main(["report", str(mine)]) == CheckpointError.exit_code
+    assert (mine / "report.html").read_text() == "my own report"
+
+
+def test_report_of_damaged_files_shows_the_rest(run_dir, caplog):
+    (run_dir / "history.csv").write_bytes("epoch,train_loss\n1,0.5\n".encode("utf-16"))  # saved again by a spreadsheet
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    evaluation.update(per_class="x", top_losses=[1, 2], classes=5, confusion_matrix=5)  # valid JSON, wrong shapes
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["best_val_acc_interval"] = {"low": 0.5}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    damaged = "not available: a file of the run it is drawn from is damaged"
+    assert html.count(damaged) == 3  # the headline, the confusion matrix and the top losses
+    assert "Environment" in html and "train_loss" in html  # the history from metrics.json
+    assert "section Top losses not available" in caplog.text

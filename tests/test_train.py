@@ -203,3 +203,24 @@ def test_large_jpegs_predict_as_they_were_scored_in_training(tmp_path):
         # same pixels: equal to float rounding (a full decode in predict moved them by ~2e-3)
         assert torch_row[t] == pytest.approx(scored[p], abs=1e-4)
         assert onnx_row[t] == pytest.approx(scored[p], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["finetune", "partial"])
+def test_a_last_batch_of_one_image_is_left_out_where_batchnorm_trains(mode, tmp_path):
+    """9 training images in batches of 4 leave a last batch of one: BatchNorm in training mode cannot normalize
+    one image on the 1×1 maps of a 32 px input, and the run ended in "Expected more than 1 value per channel"
+    (inception_v3's auxiliary head does the same at its own 299 px). That image is left out of the epoch."""
+    data = make_image_folder(tmp_path / "data", n_train=3, n_val=1, classes=("a", "b", "c"))
+    m = _train(data, tmp_path / "run", recipe="tutorial", mode=mode, image_size=32, batch_size=4, epochs=2)
+    assert [row["epoch"] for row in m["history"]] == [1, 2]
+
+
+def test_only_a_lone_last_image_with_batchnorm_is_left_out():
+    import torch.nn as nn
+
+    from transferkit.engine.sources import drops_a_lone_image
+
+    with_bn, without = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Linear(4, 2)
+    assert drops_a_lone_image(9, 4, with_bn) and drops_a_lone_image(33, 32)
+    assert not drops_a_lone_image(9, 4, without)  # a linear head normalizes nothing: every image trains
+    assert not any(drops_a_lone_image(n, 4, with_bn) for n in (1, 4, 8, 10, 11))  # never the only batch

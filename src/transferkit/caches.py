@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 FEATURES_ENV = "TRANSFERKIT_FEATURE_CACHE"
 _STORE = re.compile(r"[0-9a-f]{20}")  # engine/features.py and data/decoded.py name their stores so
 _RECORD = re.compile(r"[0-9a-f]{24}\.npz")  # data/scan_record.py
+# The files a store folder holds (engine/features.py, data/decoded.py, engine/runtime.py's exports and engine choice,
+# and their writers' temporary files): what `clear` removes from a folder of store name.
+_STORE_FILE = re.compile(r"identity\.json|engine-choice\.json|shard-[0-9a-f]+\.(json|safetensors|u8)|frozen[\w-]*\.onnx"
+                         r"|\..+\.tmp")
 # Under the feature cache's folder, beside the feature stores (the writers use these names too):
 DECODED_DIR = "decoded"  # data/decoded.py's stores
 ENGINES_DIR = "engines"  # engine/features.py's exported frozen parts and engine choices
@@ -52,7 +56,8 @@ WHAT = {"features": "backbone features and activations of images",
 
 def feature_root() -> Path:
     """Where feature stores live (and the decoded-image store under decoded/, the engines under engines/)."""
-    return Path(os.environ.get(FEATURES_ENV) or cache_dir() / "features")
+    # expanduser: TRANSFERKIT_FEATURE_CACHE="~/x" (quoted, so no shell expands it) made a folder named ~ here
+    return Path(os.environ.get(FEATURES_ENV) or cache_dir() / "features").expanduser()
 
 
 @dataclass
@@ -69,12 +74,27 @@ class Cache:
         """Remove the entries; bytes freed."""
         freed = 0
         for entry in self.entries:
-            freed += _size(entry)
             if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
+                freed += _clear_store(entry)
             else:
+                freed += _size(entry)
                 entry.unlink(missing_ok=True)
         return freed
+
+
+def _clear_store(folder: Path) -> int:
+    """Remove a store's folder where it holds only files a store writes; bytes freed. A folder of the user's that
+    only has a store's name (20 hex digits, in TRANSFERKIT_FEATURE_CACHE=~/data) is left as it is."""
+    try:
+        foreign = [p.name for p in folder.iterdir() if not (_STORE_FILE.fullmatch(p.name) and p.is_file())]
+    except OSError:  # removed meanwhile, or unreadable: nothing to free here
+        return 0
+    if foreign:
+        log.warning("kept %s: it holds %s, which transferkit does not write", folder, ", ".join(sorted(foreign)[:3]))
+        return 0
+    freed = _size(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return freed
 
 
 def caches() -> dict[str, Cache]:
@@ -83,13 +103,19 @@ def caches() -> dict[str, Cache]:
     root = feature_root()
     scans = records_folder()
     return {
-        "features": Cache("features", root, _named(root, _STORE)),
-        "decoded": Cache("decoded", root / DECODED_DIR, _named(root / DECODED_DIR, _STORE)),
+        "features": Cache("features", root, _stores(root)),
+        "decoded": Cache("decoded", root / DECODED_DIR, _stores(root / DECODED_DIR)),
         "engines": Cache("engines", root / ENGINES_DIR,
-                         _named(root / ENGINES_DIR, _STORE) + [p for p in [root / DEPTHWISE_FILE] if p.exists()]),
+                         _stores(root / ENGINES_DIR) + [p for p in [root / DEPTHWISE_FILE] if p.exists()]),
         "scans": Cache("scans", scans or Path("(off)"), _named(scans, _RECORD) if scans else []),
         "weights": Cache("weights", cache_dir() / "weights", sorted((cache_dir() / "weights").glob("*.safetensors"))),
     }
+
+
+def _stores(folder: Path) -> list[Path]:
+    """The store folders in `folder`; a file of a store's name is not one (a user's, in a folder they pointed the
+    cache at)."""
+    return [p for p in _named(folder, _STORE) if p.is_dir()]
 
 
 def _named(folder: Path, pattern: re.Pattern) -> list[Path]:

@@ -582,7 +582,7 @@ def cmd_cache(args) -> int:
     setting = cap_setting()  # a bad TRANSFERKIT_CACHE_MAX: its one line before any output, not after the table
     found = caches()
     if args.action == "clear":
-        for name in args.names or DERIVED:
+        for name in dict.fromkeys(args.names or DERIVED):  # each once, in the order given
             freed = found[name].clear()
             print(f"cleared {name}: {freed / 1e6:.1f} MB freed ({found[name].folder})")
         return 0
@@ -710,11 +710,27 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .engine.checkpoint import resolve_checkpoint
     from .results.report import write_report
 
-    print(write_report(resolve_checkpoint(args.run).parent))
+    print(write_report(_report_folder(args.run)))
     return 0
+
+
+def _report_folder(given: str) -> Path:
+    """The run folder `report RUN` writes report.html in: RUN, or the folder of a file in it (RUN/best.safetensors).
+    Only a run's folder: the folder of any file (`report notes.txt`) got a report.html, replacing one there."""
+    from .errors import CheckpointError
+    from .run_folder import RunFolder
+
+    path = Path(given)
+    if not path.exists():
+        raise CheckpointError(f"no run folder at {path}; pass the folder a training run wrote")
+    folder = path if path.is_dir() else path.parent
+    if not RunFolder(folder).is_run():
+        what = "a transferkit run folder" if path.is_dir() else "a file in a transferkit run folder"
+        raise CheckpointError(f"{path} is not {what} (no config.yaml with the run's split or metrics); pass the "
+                              "folder a training run wrote")
+    return folder
 
 
 COMMANDS.update(evaluate=cmd_evaluate, compare=cmd_compare, export=cmd_export, report=cmd_report)

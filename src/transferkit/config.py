@@ -345,7 +345,7 @@ class Thresholds:
         for name in ("near_cosine", "near_pixel"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be between -1 and 1, not {getattr(self, name)}")
-        if self.outlier_z <= 0:
+        if not self.outlier_z > 0:  # not `<= 0`: nan passes that, and then no image is ever an outlier
             raise UsageError(f"--outlier-z must be > 0, not {self.outlier_z}")
         if self.folds < 2:
             raise UsageError(f"--folds must be ≥ 2, not {self.folds}")

@@ -99,6 +99,7 @@ def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Threshol
         "exact_duplicates": _exact_duplicates(items, scan.digests),
         "near_duplicates": _near_duplicates(items, neighbours, scan.digests, th),
         "label_errors": _label_errors(items, th),
+        "label_error_folds": probe_folds(items.labels, th.folds),  # fewer than --folds where a class is smaller
         "outliers": _outliers(items, neighbours, th),
         "unusable_files": _unusable(scan),
     }
@@ -243,18 +244,33 @@ def out_of_fold_probabilities(z: np.ndarray, labels: np.ndarray, n_classes: int,
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    counts = np.bincount(labels, minlength=n_classes)
-    smallest = counts[counts > 0].min()
-    if smallest < 2:
+    n_splits = probe_folds(labels, folds)
+    if n_splits is None:
         log.warning("label-error search skipped: a class has only 1 image")
         return None
-    cv = StratifiedKFold(n_splits=int(min(folds, smallest)), shuffle=True, random_state=0)
+    if n_splits < folds:
+        log.warning("label-error probe: %d folds, not %d: the smallest class has %d images", n_splits, folds, n_splits)
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
     # Strong regularisation: on ELPV C=0.01 is both faster to fit and more accurate out of fold than 0.1.
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=300))
     present = np.unique(labels)
     probs = np.zeros((len(labels), n_classes))
     probs[:, present] = cross_val_predict(probe, z, labels, cv=cv, method="predict_proba")
     return probs
+
+
+def probe_folds(labels: np.ndarray, folds: int) -> int | None:
+    """The folds the label-error probe uses: --folds, or fewer where the smallest class has fewer images (each
+    fold must hold one of its images out); None where a class has only 1 image (no search)."""
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min()) if len(labels) else 0
+    return min(folds, smallest) if smallest >= 2 else None
+
+
+def label_error_method(report: dict) -> str:
+    """How the label errors were searched, for the summary and check.html."""
+    folds = report.get("label_error_folds", report["thresholds"]["folds"])  # a check.json from before: --folds
+    return f"{folds}-fold linear probe" if folds else "not searched: a class has only 1 image"
 
 
 def _neighbours_in_class(items: Items, i: int, label: int) -> list[dict]:
@@ -343,10 +359,14 @@ def summary_lines(report: dict) -> list[str]:
         f"thumbnail correlation >= {th['near_pixel']} under mild crops)",
         f"  of all duplicate pairs: {c['leakage_pairs']} across train/val (leakage, {c['val_images_with_train_copy']} "
         f"val images), {c['conflict_pairs']} across classes (conflict), {c['within_class_pairs']} within a class",
-        f"likely label errors: {c['label_errors']} by confident learning, {c['label_disagreements']} where a "
-        f"{th['folds']}-fold linear probe favours another class",
+        f"likely label errors: {c['label_errors']} by confident learning, {c['label_disagreements']} where the "
+        f"linear probe favours another class ({label_error_method(report)})",
         f"outliers: {c['outliers']} (kNN distance robust z >= {th['outlier_z']}); unusable files: {c['unusable_files']}",
     ]
+    dropped = [row["path"] for row in report["unusable_files"] if row["kind"] == "empty_class"]
+    if dropped:  # a class that is gone is easy to miss in the per-class counts
+        lines.append(f"dropped {len(dropped)} class folder{'s' * (len(dropped) > 1)} with no usable image: "
+                     f"{', '.join(dropped)} (their files are listed under unusable files)")
     for kind, title in (("label_errors", "worst label error"), ("outliers", "worst outlier")):
         if report[kind]:
             row = report[kind][0]

@@ -296,7 +296,10 @@ def engine_folder(identity: dict) -> Path:
     network["input_size"] = identity.get("preprocessing", {}).get("input_size")
     network["graph"] = EXPORT_VERSION  # a better export of the same network is exported (and measured) again
     folder = feature_root() / ENGINES_DIR / _digest(network)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only cache, or a file where it should be: the export fails and torch runs the part
+        pass
     return folder
 
 

@@ -137,7 +137,11 @@ class CachedFeatureSource(BatchSource):
         return one_thread()
 
     def steps_per_epoch(self) -> int:
-        return (len(self.train_items) + self.state.cfg.batch_size - 1) // self.state.cfg.batch_size
+        return (self._images_per_epoch() + self.state.cfg.batch_size - 1) // self.state.cfg.batch_size
+
+    def _images_per_epoch(self) -> int:
+        n = len(self.train_items)
+        return n - 1 if drops_a_lone_image(n, self.state.cfg.batch_size, self.head) else n
 
     def set_train_mode(self) -> None:
         self.head.train()
@@ -161,7 +165,7 @@ class CachedFeatureSource(BatchSource):
         else:
             order = rng.permutation(n)
         view = rng.integers(0, self.train_x.shape[1], size=n)
-        for start in range(0, n, cfg.batch_size):
+        for start in range(0, self._images_per_epoch(), cfg.batch_size):
             idx = torch.from_numpy(order[start:start + cfg.batch_size])
             v = torch.from_numpy(view[start:start + cfg.batch_size])
             yield self.train_x[idx, v].to(self.state.device), self.train_y[idx].to(self.state.device)
@@ -198,19 +202,21 @@ class ImageBatchSource(BatchSource):
         # Re-seeded per epoch in train_batches, so a resumed run shuffles exactly as an uninterrupted one.
         self.generator = generator = torch.Generator().manual_seed(cfg.seed)
         train_ds = self._dataset(self.train_items, self.train_tf, store)
+        batchnorm = has_batchnorm(self.state.model)
+        drop_last = batchnorm and drops_a_lone_image(len(train_ds), cfg.batch_size)
         if cfg.balanced_sampler:
             w = self._balanced_weights([y for _, y in self.train_items])
             sampler = WeightedRandomSampler(torch.as_tensor(w), len(w), generator=generator)
-            self.train_loader = DataLoader(train_ds, cfg.batch_size, sampler=sampler,
+            self.train_loader = DataLoader(train_ds, cfg.batch_size, sampler=sampler, drop_last=drop_last,
                                            worker_init_fn=_seed_worker, **common)
         else:
             self.train_loader = DataLoader(train_ds, cfg.batch_size, shuffle=True, generator=generator,
-                                           worker_init_fn=_seed_worker, **common)
+                                           drop_last=drop_last, worker_init_fn=_seed_worker, **common)
         self.val_loader = DataLoader(self._dataset(self.val_items, self.eval_tf, store), cfg.batch_size, **common)
         self.data_parallel = distributed.active()
         if self.data_parallel:  # torchrun: each rank reads its shard, DDP averages the gradients
             self.train_loader, self.val_loader = distributed.sharded_loaders(
-                train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator)
+                train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator, batchnorm)
         self.net = distributed.wrap_model(self.state.model, self.state.device, self.state.spec)
 
     def _decoded_store(self):
@@ -288,6 +294,19 @@ class ImageBatchSource(BatchSource):
     def describe(self) -> dict:
         return {"kind": "image-batches", "workers": self.train_loader.num_workers,
                 "decoded_cache": self.decode_stats, "precision": self.precision}
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def drops_a_lone_image(n: int, batch_size: int, module: nn.Module | None = None) -> bool:
+    """Whether an epoch of n training images leaves out its last batch: where that batch would hold one image
+    (and `module`, the part that trains, has BatchNorm layers). BatchNorm in training mode cannot normalize a
+    single image on a 1×1 map ("Expected more than 1 value per channel when training" ended such runs:
+    inception_v3's auxiliary head at its own 299 px, any backbone's top at --image-size 32). The order is
+    reshuffled every epoch, so the image left out is another one each time."""
+    return n > batch_size and n % batch_size == 1 and (module is None or has_batchnorm(module))
 
 
 def _workers(state, n_images: int, decoded: bool = False) -> int:

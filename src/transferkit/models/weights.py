@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def cache_dir() -> Path:
     root = os.environ.get("TRANSFERKIT_CACHE") or Path.home() / ".cache" / "transferkit"
-    return Path(root)
+    return Path(root).expanduser()  # "~/x" quoted in a shell: as TRANSFERKIT_SCAN_CACHE reads it
 
 
 def torchvision_file(spec: BackboneSpec) -> Path:

@@ -17,6 +17,8 @@ _EXTRA_CSS = """
 
 
 def write_check_html(report: dict, path: Path) -> Path:
+    from ..datacheck import label_error_method
+
     root = _Pictures(Path(report["data"]), report.get("sixteen_bit_white") or SIXTEEN_BIT_WHITE)
     th = report["thresholds"]
     sections = [
@@ -29,8 +31,8 @@ def write_check_html(report: dict, path: Path) -> Path:
         _section(f"Near-duplicates (embedding cosine ≥ {th['near_cosine']}, thumbnail correlation ≥ "
                  f"{th['near_pixel']} under mild crops)", report, "near_duplicates",
                  lambda r: _pair_row(root, r, f"cosine {r['cosine']}, pixels {r['pixel']}")),
-        _section(f"Likely label errors ({th['folds']}-fold linear probe, lowest self-confidence first; shown "
-                 "with the nearest images of the class the probe believes)", report, "label_errors",
+        _section(f"Likely label errors ({label_error_method(report)}; lowest self-confidence first, shown with the "
+                 "nearest images of the class the probe believes)", report, "label_errors",
                  lambda r: _label_row(root, r)),
         _section(f"Outliers (kNN distance, robust z ≥ {th['outlier_z']})", report, "outliers",
                  lambda r: _row([_figure(root, r)], f"distance {r['knn_distance']}, z {r['robust_z']}; "

@@ -90,7 +90,7 @@ def _read_history(run: RunFolder, metrics: dict | None) -> list[dict]:
         try:
             with path.open(newline="", encoding="utf-8") as f:
                 return [{k: _number(v) for k, v in row.items() if k} for row in csv.DictReader(f)]
-        except (OSError, csv.Error) as exc:
+        except (OSError, csv.Error, ValueError) as exc:  # ValueError: not UTF-8 (saved again by a spreadsheet)
             log.warning("report: cannot read %s (%s)", path, exc)
     history = (metrics or {}).get("history")
     return [dict(row) for row in history if isinstance(row, dict)] if isinstance(history, list) else []
@@ -101,11 +101,20 @@ def _ensure_figures(run: RunFolder, history: list[dict], evaluation: dict | None
     if plots.has_curve(history) and not run.curves.is_file():
         plots.plot_history(history, run.curves)
     cm = (evaluation or {}).get("confusion_matrix")
-    if cm and classes and len(cm) == len(classes) and not run.confusion.is_file():
+    if isinstance(cm, list) and classes and len(cm) == len(classes) and not run.confusion.is_file():
         try:
             plots.plot_confusion(cm, classes, run.confusion)
         except ValueError as exc:  # malformed matrix: report it as unavailable
             log.warning("report: cannot draw confusion matrix (%s)", exc)
+
+
+def _classes(*records: dict | None) -> list[str]:
+    """The class names of the first record that lists them (a damaged record's other value is passed over)."""
+    for record in records:
+        names = (record or {}).get("classes")
+        if isinstance(names, list) and names:
+            return [str(c) for c in names]
+    return []
 
 
 # ---------------------------------------------------------------- small HTML helpers
@@ -444,6 +453,17 @@ def _environment(metrics: dict | None) -> str:
 # ---------------------------------------------------------------- entry point
 
 
+def _section(name: str, render, *args, **kwargs) -> str:
+    """One section, or "not available" where a file it reads holds valid JSON of another shape than a run writes
+    (edited by hand, or by another tool): the rest of the report still comes."""
+    try:
+        return render(*args, **kwargs)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        log.warning("report: section %s not available: a file of the run is damaged (%s: %s)", name,
+                    type(exc).__name__, exc)
+        return f"<h2>{_e(name)}</h2>" + _na("not available: a file of the run it is drawn from is damaged")
+
+
 def write_report(run_dir: str | Path, announce: bool = True) -> Path:
     """Write RUN/report.html from whatever the run folder holds and return its path. announce=False: no
     log line (a report rewritten with more in it, already announced once)."""
@@ -455,26 +475,23 @@ def write_report(run_dir: str | Path, announce: bool = True) -> Path:
     data_report = RunFolder.read_json(run.data_report)
     parsed_config, raw_config = _read_config(run.config)
     history = _read_history(run, metrics)
-    classes = [
-        str(c)
-        for c in ((evaluation or {}).get("classes") or (metrics or {}).get("classes") or (data_report or {}).get("classes") or [])
-    ]
+    classes = _classes(evaluation, metrics, data_report)
     _ensure_figures(run, history, evaluation, classes)
 
     title = f"{(metrics or {}).get('model', 'run')} — {run.path.name}"
     search = RunFolder.read_json(run.search)
     body = "".join(
         [
-            _title(run, metrics),
-            _headline(metrics, evaluation, history, search),
-            _search(search),  # an auto run's story: what was tried, and why this model
-            _config(parsed_config, raw_config, searched=isinstance(search, Mapping)),
-            _data_summary(run, data_report),
-            _curves(run, history),
-            _confusion(run, evaluation),
-            _top_losses(run, evaluation),
-            _timing(metrics, history),
-            _environment(metrics),
+            _section("Run", _title, run, metrics),
+            _section("Headline", _headline, metrics, evaluation, history, search),
+            _section("Search", _search, search),  # an auto run's story: what was tried, and why this model
+            _section("Config", _config, parsed_config, raw_config, searched=isinstance(search, Mapping)),
+            _section("Data", _data_summary, run, data_report),
+            _section("Training curves", _curves, run, history),
+            _section("Confusion matrix", _confusion, run, evaluation),
+            _section("Top losses", _top_losses, run, evaluation),
+            _section("Timing", _timing, metrics, history),
+            _section("Environment", _environment, metrics),
         ]
     )
     html = (

@@ -14,8 +14,9 @@ from pathlib import Path
 from transferkit.data.fingerprint import one_side_per_group
 from transferkit.data.images import has_image_extension
 from transferkit.errors import DataError
+from transferkit.run_folder import RunFolder
 
-from .problems import Problems, relative
+from .problems import INFORMATIONAL_KINDS, Problems, kind_text, relative
 from .scan import DataScan
 from .walk import TEST_DIR_NAMES, TRAIN_DIR_NAMES, VAL_DIR_NAMES
 
@@ -40,7 +41,7 @@ def assemble_given_split(root: Path, train: dict, val: dict, problems: Problems,
             for path, _ in val[name]:
                 problems.add("val_class_not_in_train", path,
                              f"class {name!r} has no {train_dir.name}/{name}/ folder{hint}; skipped")
-    _require_two_classes(root, classes, train_dir)
+    _require_two_classes(root, classes, train_dir, problems)
     for name in classes:
         if not val.get(name):
             problems.add("no_val_images", val_dir / name, f"class {name!r} has no validation images")
@@ -62,7 +63,7 @@ def assemble_random_split(
         if not train[name]:
             problems.add("empty_class", train_dir / name, "no usable images; class dropped")
     classes = sorted(name for name in train if train[name])
-    _require_two_classes(root, classes, train_dir)
+    _require_two_classes(root, classes, train_dir, problems)
     _say_split_like_classes(classes, train_dir)
     for name in classes:
         if len(train[name]) < 2:
@@ -101,6 +102,9 @@ def _stratified_split(paths, labels, n_classes, val_fraction, seed):
     # Every class needs at least one val and one train image, so the val count has a floor.
     n_val = max(n_classes, math.ceil(val_fraction * n))
     if n - n_val < n_classes:
+        if n >= 2 * n_classes:  # enough images: it is the fraction that leaves too few for training
+            raise DataError(f"--val-fraction {val_fraction:g} leaves {n - n_val} of the {n} usable images for "
+                            f"training, fewer than one per class ({n_classes}); lower --val-fraction")
         raise DataError(
             f"only {n} usable images for {n_classes} classes: too few to split into train and val; add images"
         )
@@ -116,7 +120,7 @@ def _sample_key(sample: tuple[str, int]) -> tuple[int, str]:
     return sample[1], sample[0]
 
 
-def _require_two_classes(root: Path, classes: list[str], class_parent: Path) -> None:
+def _require_two_classes(root: Path, classes: list[str], class_parent: Path, problems: Problems) -> None:
     if len(classes) < 2:
         found = ", ".join(classes) if classes else "none"
         wrapper = class_parent / classes[0] if classes else None
@@ -124,9 +128,29 @@ def _require_two_classes(root: Path, classes: list[str], class_parent: Path) -> 
             # An unzipped archive often wraps the data in one more folder: DATA/<name>/{train,val}/ or DATA/<name>/<class>/.
             raise DataError(f"found 1 class in {root}, {classes[0]}/, whose images are all in subfolders of its own: "
                             f"if those are the classes (or train/ and val/), pass {wrapper} as the data folder")
-        advice = _named_by_class(class_parent) or "put each class's images in its own subfolder, e.g. cats/ and dogs/"
+        dropped = [Path(row["path"]).name for row in problems.items.get("empty_class", [])]
+        if dropped:
+            # The class folders are there but their files were all skipped: "put each class's images in its own
+            # subfolder" would send the user looking for a mistake they did not make.
+            skipped = [kind_text(kind, len(rows)) for kind, rows in problems.items.items()
+                       if kind not in INFORMATIONAL_KINDS and kind != "empty_class"]
+            why = f"{'; '.join(skipped)}; `transferkit -v` names each file" if skipped else "no image files"
+            raise DataError(f"found {len(classes)} class{'es' * (len(classes) != 1)} with usable images in {root} "
+                            f"({found}); need at least 2: the class folder{'s' * (len(dropped) != 1)} "
+                            f"{', '.join(dropped)} held no usable image ({why})")
+        advice = (_named_by_class(class_parent) or _runs_advice(root, class_parent, classes, problems)
+                  or "put each class's images in its own subfolder, e.g. cats/ and dogs/")
         raise DataError(f"found {len(classes)} class{'es' * (len(classes) != 1)} with usable images in {root} "
                         f"({found}); need at least 2: {advice}")
+
+
+def _runs_advice(root: Path, class_parent: Path, classes: list[str], problems: Problems) -> str | None:
+    """Where DATA is a run folder, or holds only run folders (runs/, a compare's --out): the data is elsewhere."""
+    if RunFolder(root).is_run() or RunFolder(class_parent).is_run():
+        return "this is a transferkit run folder; pass the data folder the run trained on (`data:` in its config.yaml)"
+    if not classes and problems.items.get("run_folder"):
+        return "its folders are transferkit run folders; pass the data folder the runs trained on"
+    return None
 
 
 def _named_by_class(folder: Path) -> str | None:
@@ -194,10 +218,16 @@ def keep_groups_together(scan: DataScan, groups: list[list[str]]) -> None:
     """Group-aware split: copies of one picture all go to the side most of them drew."""
     side = {path: "train" for path, _ in scan.train} | {path: "val" for path, _ in scan.val}
     moved = set(one_side_per_group(side, groups))
+    scan.grouping = {"groups": len(groups), "images_in_groups": sum(map(len, groups)), "moved": len(moved)}
+    empty = {"train", "val"} - set(side.values())
+    if empty:  # all copies of a few pictures: training found no val images ("no image could be read")
+        logger.warning("group-aware split not used: keeping the copies of each picture on one side left no %s "
+                       "images; the plain stratified split has copies on both sides (leakage)", empty.pop())
+        scan.grouping.update(moved=0, not_used="it left a split empty")
+        return
     samples = sorted(scan.train + scan.val, key=_sample_key)
     scan.train = [s for s in samples if side[s[0]] == "train"]
     scan.val = [s for s in samples if side[s[0]] == "val"]
-    scan.grouping = {"groups": len(groups), "images_in_groups": sum(map(len, groups)), "moved": len(moved)}
     if groups:
         logger.info("group-aware split: %d groups of copies (%d images) kept on one side each; %d images moved",
                     len(groups), scan.grouping["images_in_groups"], len(moved))
