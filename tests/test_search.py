@@ -219,6 +219,30 @@ def test_options_the_tutorial_runs_mode_does_not_read_are_named(mode, flags, unr
     assert len(named) == 1 and named[0].startswith(unread)
 
 
+def test_schedule_options_the_tutorial_runs_scheduler_does_not_read_are_named(tmp_path, caplog):
+    """--warmup-epochs with --scheduler step (or --step-size with cosine) changed nothing without a word."""
+    data = _folder(tmp_path / "data")
+    assert cli.main(["train", str(data), "--recipe", "tutorial", "--epochs", "1", "--scheduler", "step",
+                     "--warmup-epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert "--warmup-epochs: not read by --scheduler step" in caplog.text
+
+
+def test_schedule_warnings_name_what_shapes_nothing():
+    from transferkit.engine.optim import schedule_warnings
+
+    cfg = TrainConfig(data="d", recipe="tutorial", scheduler="cosine", epochs=2, warmup_epochs=1.0)
+    assert schedule_warnings(cfg, {"warmup_epochs", "epochs"}) == []
+    assert schedule_warnings(cfg, {"step_size", "gamma"})[0].startswith("--step-size, --gamma: not read by --scheduler")
+    cfg.warmup_epochs = 2.0  # as long as the run: the lr only rises
+    assert "the lr rises for the whole run" in schedule_warnings(cfg, {"warmup_epochs"})[0]
+    cfg.scheduler, cfg.step_size = "step", 7
+    assert schedule_warnings(cfg, set()) == []  # the seeds' step 7 at a few epochs was not asked for
+    assert "never steps down" in schedule_warnings(cfg, {"step_size"})[0]
+    cfg.scheduler = "onecycle"
+    assert schedule_warnings(cfg, {"gamma"}) == ["--gamma: not read by --scheduler onecycle (step reads --step-size "
+                                                 "and --gamma, cosine --warmup-epochs)"]
+
+
 def test_unread_options_leave_out_what_the_mode_reads():
     cfg = TrainConfig(data="d", recipe="tutorial", mode="finetune", head_init="probe")
     assert unread_options(cfg, {"probe_c", "probe_stages", "lr", "epochs"}) == ["--probe-stages"]  # LP-FT's C
@@ -1520,8 +1544,27 @@ def test_the_partial_step_timing_probes_activations_where_the_model_is():
     model = build_model(spec, 2, pretrained=False).to(meta)
     ctx = Context(TrainConfig(data="d"), None, spec, model, meta, np.zeros(4, int), (np.arange(2), np.arange(2, 4)),
                    np.arange(4))
-    shape = _activation_shape(ctx)
+    shape = _activation_shape(ctx, 2)
     assert len(shape) == 3 and shape[1] == shape[2] < ctx.pre(None).input_size
+
+
+@pytest.mark.parametrize("unfreeze", [1, 3])
+def test_the_partial_step_timing_feeds_the_top_the_cut_of_the_given_unfreeze(unfreeze):
+    """`--mode partial --unfreeze 1` under the auto recipe timed its top group on the activations of the cut at 2
+    ("expected input[12, 192, 1, 1] to have 320 channels"): the timing input is the given cut's output."""
+    from transferkit.engine.activations import split_stages
+    from transferkit.models.adapt import build_model
+    from transferkit.models.registry import get_spec
+    from transferkit.search.costs import _activation_shape
+    from transferkit.search.state import Context
+
+    spec = get_spec("efficientnet_lite0")
+    meta = torch.device("meta")
+    model = build_model(spec, 2, pretrained=False).to(meta).eval()
+    ctx = Context(TrainConfig(data="d"), None, spec, model, meta, np.zeros(4, int), (np.arange(2), np.arange(2, 4)),
+                  np.arange(4))
+    _, top, _ = split_stages(model, spec, unfreeze)
+    assert top(torch.zeros(2, *_activation_shape(ctx, unfreeze), device=meta)).shape == (2, 2)
 
 
 def test_a_later_probe_leaves_the_best_probes_final_run_its_time(monkeypatch):
@@ -1729,3 +1772,21 @@ def test_one_training_image_a_class_keeps_the_first_probe_and_says_why(tmp_path,
     assert "every class has one training image" in record["stopped"]
     assert "every class has one training image" in caplog.text
     assert metrics["best_val_acc"] is not None
+
+
+def test_a_probe_winner_runs_without_a_given_ema(tmp_path):
+    """`transferkit train DATA --ema-epochs 1` (the auto recipe): where a probe won, its final run carried the EMA
+    into a linear-probe config, which refuses it, and the run ended after the whole search."""
+    import time
+
+    from transferkit.search.final_run import final_config
+    from transferkit.search.state import Candidate, Search
+
+    cfg = TrainConfig(data="d", ema_epochs=1.0)
+    search = Search(cfg, {"ema_epochs"}, deadline=time.perf_counter() + 60, t0=time.perf_counter())
+    final = final_config(search, Candidate("probe crop=own views=none", "probe", {"probe_views": "none"}),
+                         tmp_path / "run")
+    assert final.mode == "linear-probe" and final.ema_epochs == 0.0
+    final.validate()
+    tuned = final_config(search, Candidate("finetune", "finetune", {"mode": "finetune"}), tmp_path / "run")
+    assert tuned.ema_epochs == 1.0  # a fine-tuning winner keeps it

@@ -224,3 +224,14 @@ def test_only_a_lone_last_image_with_batchnorm_is_left_out():
     assert drops_a_lone_image(9, 4, with_bn) and drops_a_lone_image(33, 32)
     assert not drops_a_lone_image(9, 4, without)  # a linear head normalizes nothing: every image trains
     assert not any(drops_a_lone_image(n, 4, with_bn) for n in (1, 4, 8, 10, 11))  # never the only batch
+
+
+@pytest.mark.parametrize("mode", ["finetune", "partial"])
+def test_batch_size_one_where_batchnorm_trains_on_1x1_maps_is_a_usage_error(mode, tmp_path):
+    """--batch-size 1 makes every batch one image: at 32 px BatchNorm in training mode sees 1×1 maps and torch's
+    "Expected more than 1 value per channel" ended the run in a traceback. One line now names what to change."""
+    from transferkit.errors import UsageError
+
+    data = make_image_folder(tmp_path / "data", n_train=2, n_val=1)
+    with pytest.raises(UsageError, match="--batch-size 1: BatchNorm .*--batchnorm frozen"):
+        _train(data, tmp_path / "run", recipe="tutorial", mode=mode, image_size=32, batch_size=1)

@@ -8,6 +8,29 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, StepLR
 
 
+# What each --scheduler reads of the schedule options; given to another, they would change nothing without a word.
+SCHEDULE_OPTIONS = {"step": ("step_size", "gamma"), "cosine": ("warmup_epochs",), "onecycle": (), "none": ()}
+
+
+def schedule_warnings(cfg, given) -> list[str]:
+    """Lines for schedule options given that shape nothing: read by another --scheduler than cfg's, a step as long
+    as the run, or a cosine warm-up as long as the run (the lr only rises, the cosine never runs)."""
+    lines = []
+    read = SCHEDULE_OPTIONS.get(cfg.scheduler)  # None: a scheduler of a plugin's, not judged here
+    unread = [name for name in ("step_size", "gamma", "warmup_epochs")
+              if name in given and read is not None and name not in read]
+    if unread:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        lines.append(f"{flags}: not read by --scheduler {cfg.scheduler} (step reads --step-size and --gamma, "
+                     "cosine --warmup-epochs)")
+    if cfg.scheduler == "step" and "step_size" in given and cfg.step_size >= cfg.epochs:
+        lines.append(f"--step-size {cfg.step_size} is not shorter than --epochs {cfg.epochs}: the lr never steps down")
+    if cfg.scheduler == "cosine" and cfg.warmup_epochs >= cfg.epochs:
+        lines.append(f"--warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the lr rises "
+                     "for the whole run and never decays")
+    return lines
+
+
 def make_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     """--optimizer over the param groups the run's mode gives (modes/base.Mode.param_groups)."""
     if cfg.optimizer == "sgd":

@@ -4,7 +4,8 @@ SIGINT/SIGTERM set a flag; every phase of a run (decoding, feature extraction, e
 the report) checks it after each batch and stops with `Interrupted`; what was computed stays in the caches.
 The run's `last` checkpoint (written atomically at the end of every epoch) is what `--resume` continues
 from, so an interruption loses at most the epoch in progress. A second Ctrl-C stops at once.
-CUDA out-of-memory becomes a `TrainingError` that names the batch size and suggests a smaller one.
+CUDA out-of-memory becomes a `TrainingError` that names the batch size and suggests a smaller one;
+BatchNorm's refusal of a one-image batch a `UsageError` that names what to change.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from ..errors import TrainingError, TransferkitError
+from ..errors import TrainingError, TransferkitError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,18 @@ def oom_as_training_error(cfg, epoch: int, run_dir):
             f"out of GPU memory in epoch {epoch} with --batch-size {cfg.batch_size}; {hint} "
             f"(checkpoints so far are kept in {run_dir})"
         ) from None
+
+
+@contextmanager
+def lone_image_as_usage_error(cfg):
+    """--batch-size 1 where BatchNorm trains and the network's top map is 1×1 (--image-size 32): every batch
+    is one image, which BatchNorm cannot normalize (sources.drops_a_lone_image covers only an epoch's last
+    batch) → one line naming what to change instead of torch's ValueError."""
+    try:
+        yield
+    except ValueError as exc:
+        if "Expected more than 1 value per channel when training" not in str(exc):
+            raise
+        raise UsageError(
+            f"--batch-size {cfg.batch_size}: BatchNorm cannot train on a single image whose feature map is 1×1; "
+            "use --batch-size 2 or more, --batchnorm frozen, or a larger --image-size") from None

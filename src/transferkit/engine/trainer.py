@@ -26,7 +26,7 @@ from .optim import make_optimizer, make_schedule
 from .probe import balanced_class_weights
 from .progress import progress
 from .resume import fresh_best, restore_last
-from .signals import oom_as_training_error
+from .signals import lone_image_as_usage_error, oom_as_training_error
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,11 @@ class Trainer:
 
     @contextmanager
     def _computing(self, epoch: int):
-        """Around the epoch's training and its evaluation: out of memory as a one-line error, the source's
-        compute threads."""
-        with oom_as_training_error(self.state.cfg, epoch, self.state.out), self.source.compute_threads():
+        """Around the epoch's training and its evaluation: out of memory and BatchNorm's one-image refusal as
+        one-line errors, the source's compute threads."""
+        cfg = self.state.cfg
+        with oom_as_training_error(cfg, epoch, self.state.out), lone_image_as_usage_error(cfg), \
+                self.source.compute_threads():
             yield
 
     def _train_phase(self, epoch: int) -> tuple[float, float]:

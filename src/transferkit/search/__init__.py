@@ -39,6 +39,7 @@ from pathlib import Path
 from ..config import TrainConfig, parse_duration
 from ..modes import make_mode, unread_options
 from ..engine import signals
+from ..engine.optim import schedule_warnings
 from ..engine.scores import metric_words
 from . import costs, features, final_run, finetuning, probes
 from .state import FIXED_OVERHEAD_S, Context, Search
@@ -70,6 +71,9 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
         unread = [] if resume else unread_options(cfg, given)
         if unread:
             log.warning("%s: not read by --mode %s (%s)", ", ".join(unread), cfg.mode, mode.unread_why)
+        if not resume and "scheduler" not in mode.unread_options():  # a linear probe's were named just above
+            for line in schedule_warnings(cfg, given):
+                log.warning("%s", line)
         reads_budget = "time_budget" not in mode.unread_options()  # a linear probe has no epochs to stop
         deadline = _configured_run_deadline(cfg, given) if reads_budget and not resume else None
         return fit(cfg, resume=resume, deadline=deadline)

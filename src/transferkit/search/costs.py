@@ -339,7 +339,7 @@ def step_seconds(search: Search, ctx: Context, settings: dict) -> float:
         from ..engine.activations import split_stages
 
         _, model, _ = split_stages(model, ctx.spec, cfg.unfreeze)
-        x = torch.randn(batch, *_activation_shape(ctx))
+        x = torch.randn(batch, *_activation_shape(ctx, cfg.unfreeze))
     else:
         size = ctx.pre(settings["crop_fraction"]).input_size
         x = torch.randn(batch, 3, size, size)
@@ -366,12 +366,14 @@ def step_seconds(search: Search, ctx: Context, settings: dict) -> float:
     return min(times[2:]) / len(x) * 1.15  # + data loading and the per-epoch evaluation share
 
 
-def _activation_shape(ctx: Context) -> tuple:
+def _activation_shape(ctx: Context, unfreeze: int) -> tuple:
+    """The cached input of the top `unfreeze` groups: the candidate's own cut (a given --unfreeze 1 timed its
+    top on the output of the cut at 2 and failed on the channels)."""
     import torch
 
     from ..engine.activations import split_stages
 
-    prefix, _, _ = split_stages(ctx.model, ctx.spec, 2)
+    prefix, _, _ = split_stages(ctx.model, ctx.spec, unfreeze)
     size = ctx.pre(None).input_size
     with torch.inference_mode():  # the probe image where the model's weights are (a GPU run's too)
         return tuple(prefix(torch.zeros(1, 3, size, size, device=ctx.device)).shape[1:])

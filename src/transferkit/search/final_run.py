@@ -60,7 +60,9 @@ def final_config(search: Search, winner: Candidate, out: Path) -> TrainConfig:
         settings = {"probe_head": "linear", **{k: winner.settings[k] for k in PROBE_PIECES if k in winner.settings}}
         if settings["probe_head"] == "mlp":
             settings.pop("probe_c", None)  # the linear probe's strength it was built on: an MLP head has none
-        return state.candidate_config(search.cfg, settings, out, mode="linear-probe", **subsample)
+        # A probe is one fit: a given --ema-epochs was for a fine-tuning the search might have chosen (a linear
+        # probe's config refuses it, which ended the run after the whole search).
+        return state.candidate_config(search.cfg, settings, out, mode="linear-probe", ema_epochs=0.0, **subsample)
     return state.candidate_config(search.cfg, winner.settings, out, best_metric="last", **subsample)
 
 
