@@ -1790,3 +1790,22 @@ def test_a_probe_winner_runs_without_a_given_ema(tmp_path):
     final.validate()
     tuned = final_config(search, Candidate("finetune", "finetune", {"mode": "finetune"}), tmp_path / "run")
     assert tuned.ema_epochs == 1.0  # a fine-tuning winner keeps it
+
+
+def test_a_config_file_s_settings_fix_their_piece_as_flags_do(tmp_path):
+    """`train --config FILE` under the auto recipe: the file's `probe_views: none` was not taken as given, so the
+    search tried the mirror view anyway; as a flag it fixes the views. A file that lists every field (a run's
+    saved config.yaml) gives only the fields away from their defaults."""
+    from argparse import Namespace
+
+    from transferkit.cli import _set_in_config_file
+
+    data = _mislabel(_folder(tmp_path / "data"), 2)  # no perfect first probe: the ladder climbs
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {data}\nmode: linear-probe\nprobe_views: none\nimage_size: 64\ntime_budget: 60s\n")
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert {c["settings"].get("probe_views") for c in record["candidates"]} == {"none"}
+    assert record["chosen_settings"]["probe_views"] == "none"
+    config.write_text(TrainConfig(data=str(data), mode="linear-probe", probe_views="flip").to_yaml())
+    assert set(_set_in_config_file(Namespace(config=str(config)))) == {"mode", "probe_views"}
