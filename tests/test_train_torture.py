@@ -82,6 +82,7 @@ def _cached_source(balanced: bool, labels: list[int]) -> CachedFeatureSource:
     source.state, source.train_items = state, [(f"{i}.png", y) for i, y in enumerate(labels)]
     source.train_x = torch.zeros(len(labels), 1, 4)
     source.train_y = torch.tensor(labels)
+    source.head = torch.nn.Linear(4, 2)  # what trains: a linear head, as in feature-extract
     return source
 
 
