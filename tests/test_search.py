@@ -1796,9 +1796,7 @@ def test_a_config_file_s_settings_fix_their_piece_as_flags_do(tmp_path):
     """`train --config FILE` under the auto recipe: the file's `probe_views: none` was not taken as given, so the
     search tried the mirror view anyway; as a flag it fixes the views. A file that lists every field (a run's
     saved config.yaml) gives only the fields away from their defaults."""
-    from argparse import Namespace
-
-    from transferkit.cli import _set_in_config_file
+    from transferkit.cli import _set_in_file
 
     data = _mislabel(_folder(tmp_path / "data"), 2)  # no perfect first probe: the ladder climbs
     config = tmp_path / "run.yaml"
@@ -1808,4 +1806,4 @@ def test_a_config_file_s_settings_fix_their_piece_as_flags_do(tmp_path):
     assert {c["settings"].get("probe_views") for c in record["candidates"]} == {"none"}
     assert record["chosen_settings"]["probe_views"] == "none"
     config.write_text(TrainConfig(data=str(data), mode="linear-probe", probe_views="flip").to_yaml())
-    assert set(_set_in_config_file(Namespace(config=str(config)))) == {"mode", "probe_views"}
+    assert set(_set_in_file(TrainConfig.read_yaml(config))) == {"mode", "probe_views"}

@@ -221,7 +221,7 @@ def test_only_a_lone_last_image_with_batchnorm_is_left_out():
     from transferkit.engine.sources import drops_a_lone_image
 
     with_bn, without = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Linear(4, 2)
-    assert drops_a_lone_image(9, 4, with_bn) and drops_a_lone_image(33, 32)
+    assert drops_a_lone_image(9, 4, with_bn) and drops_a_lone_image(33, 32, with_bn)
     assert not drops_a_lone_image(9, 4, without)  # a linear head normalizes nothing: every image trains
     assert not any(drops_a_lone_image(n, 4, with_bn) for n in (1, 4, 8, 10, 11))  # never the only batch
 

@@ -329,8 +329,7 @@ def cmd_train(args) -> int:
     from .engine.signals import stop_on_signals
 
     with stop_on_signals():  # Ctrl-C/SIGTERM: finish the batch, keep `last`, exit 130/143
-        metrics = _resume(args, options) if args.resume else \
-            train(_config(args, options), given={**_set_in_config_file(args), **options})
+        metrics = _resume(args, options) if args.resume else train(*_config(args, options))
     if metrics.get("written", True):
         _print_train_summary(metrics)
         from .datacheck import train_hint
@@ -355,38 +354,36 @@ def _device_asked(args, options: dict) -> str:
 
 
 def _config(args, options: dict):
-    """The TrainConfig the command line describes: --config FILE's fields, then DATA and the flags given."""
+    """The TrainConfig the command line describes (--config FILE's fields, then DATA and the flags given), and the
+    options given: the flags and the fields the file sets (_set_in_file)."""
     from dataclasses import replace
 
     from .config import TrainConfig
 
     if args.config:
-        cfg = replace(TrainConfig.from_yaml(args.config), **options)
+        in_file = TrainConfig.read_yaml(args.config)
+        cfg = replace(TrainConfig.from_dict(in_file), **options)
         cfg = replace(cfg, data=args.data or cfg.data)
+        given = {**_set_in_file(in_file), **options}
     else:
-        cfg = TrainConfig(data=args.data, **options)
+        cfg, given = TrainConfig(data=args.data, **options), options
     cfg.check_paths()
-    return cfg
+    return cfg, given
 
 
-def _set_in_config_file(args) -> dict:
+def _set_in_file(in_file: dict) -> dict:
     """The fields a --config file sets: given, as flags are, so each fixes its piece of the auto recipe (a YAML
     `probe_views: flip` was searched over) and is named where the mode does not read it. A file that lists every
     field (a run's saved config.yaml) gives only those away from their defaults: the rest leave the search free."""
-    if not args.config:
-        return {}
     from dataclasses import fields
-
-    import yaml
 
     from .config import TrainConfig
 
-    listed = set(yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {})  # read once already: valid
-    saved, default, names = TrainConfig.from_yaml(args.config), TrainConfig(data=None), \
-        [f.name for f in fields(TrainConfig) if f.name not in ("data", "out")]
-    every_field = set(names) <= listed
-    return {name: getattr(saved, name) for name in names if name in listed
-            and (not every_field or getattr(saved, name) != getattr(default, name))}
+    default = TrainConfig(data=None)
+    names = [f.name for f in fields(TrainConfig) if f.name not in ("data", "out")]
+    every_field = set(names) <= set(in_file)
+    return {name: in_file[name] for name in names if name in in_file
+            and (not every_field or in_file[name] != getattr(default, name))}
 
 
 def _resume(args, options: dict) -> dict:

@@ -275,6 +275,12 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(cls.read_yaml(path))
+
+    @staticmethod
+    def read_yaml(path: str | Path) -> dict:
+        """A config file's fields as it sets them (numbers written without a dot read as numbers); one-line errors
+        for a file that is not a YAML mapping. from_dict refuses unknown keys."""
         try:
             d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError:  # an image or a checkpoint given as the config
@@ -283,7 +289,7 @@ class TrainConfig:
             raise UsageError(f"cannot read config {path}: {yaml_problem(exc)}") from None
         if not isinstance(d, dict):
             raise UsageError(f"config {path} must be a mapping of option: value")
-        return cls.from_dict({key: _yaml_number(key, value) for key, value in d.items()})
+        return {key: _yaml_number(key, value) for key, value in d.items()}
 
 
 def yaml_problem(exc: Exception) -> str:

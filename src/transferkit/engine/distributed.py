@@ -224,10 +224,10 @@ def gather_eval(probs: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     return p[first], y[first], idx[first], loss[first]
 
 
-def sharded_loaders(train_ds, val_ds, cfg, common: dict, worker_init_fn, generator, batchnorm: bool = True):
+def sharded_loaders(train_ds, val_ds, cfg, common: dict, worker_init_fn, generator, model):
     """DataLoaders reading this rank's shard: train reshuffled per epoch (set_epoch), val in order
-    (DistributedSampler pads it by repeating the first samples; gather_eval drops them). batchnorm: the model
-    has BatchNorm layers, so a shard's last batch of one image is left out (sources.drops_a_lone_image)."""
+    (DistributedSampler pads it by repeating the first samples; gather_eval drops them). A shard's last batch of
+    one image is left out where `model` has BatchNorm layers (sources.drops_a_lone_image)."""
     from .sources import drops_a_lone_image
 
     if cfg.balanced_sampler:
@@ -236,7 +236,7 @@ def sharded_loaders(train_ds, val_ds, cfg, common: dict, worker_init_fn, generat
     r, n = dist.get_rank(), dist.get_world_size()
     train_sampler = DistributedSampler(train_ds, num_replicas=n, rank=r, shuffle=True, seed=cfg.seed)
     val_sampler = DistributedSampler(val_ds, num_replicas=n, rank=r, shuffle=False)
-    drop_last = batchnorm and drops_a_lone_image(len(train_sampler), cfg.batch_size)  # every rank's shard is as long
+    drop_last = drops_a_lone_image(len(train_sampler), cfg.batch_size, model)  # every rank's shard is as long
     train = DataLoader(train_ds, cfg.batch_size, sampler=train_sampler, generator=generator, drop_last=drop_last,
                        worker_init_fn=worker_init_fn, **common)
     val = DataLoader(val_ds, cfg.batch_size, sampler=val_sampler, **common)

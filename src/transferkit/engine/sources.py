@@ -202,8 +202,7 @@ class ImageBatchSource(BatchSource):
         # Re-seeded per epoch in train_batches, so a resumed run shuffles exactly as an uninterrupted one.
         self.generator = generator = torch.Generator().manual_seed(cfg.seed)
         train_ds = self._dataset(self.train_items, self.train_tf, store)
-        batchnorm = has_batchnorm(self.state.model)
-        drop_last = batchnorm and drops_a_lone_image(len(train_ds), cfg.batch_size)
+        drop_last = drops_a_lone_image(len(train_ds), cfg.batch_size, self.state.model)
         if cfg.balanced_sampler:
             w = self._balanced_weights([y for _, y in self.train_items])
             sampler = WeightedRandomSampler(torch.as_tensor(w), len(w), generator=generator)
@@ -216,7 +215,7 @@ class ImageBatchSource(BatchSource):
         self.data_parallel = distributed.active()
         if self.data_parallel:  # torchrun: each rank reads its shard, DDP averages the gradients
             self.train_loader, self.val_loader = distributed.sharded_loaders(
-                train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator, batchnorm)
+                train_ds, self.val_loader.dataset, cfg, common, _seed_worker, generator, self.state.model)
         self.net = distributed.wrap_model(self.state.model, self.state.device, self.state.spec)
 
     def _decoded_store(self):
@@ -296,17 +295,14 @@ class ImageBatchSource(BatchSource):
                 "decoded_cache": self.decode_stats, "precision": self.precision}
 
 
-def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def drops_a_lone_image(n: int, batch_size: int, module: nn.Module | None = None) -> bool:
+def drops_a_lone_image(n: int, batch_size: int, module: nn.Module) -> bool:
     """Whether an epoch of n training images leaves out its last batch: where that batch would hold one image
-    (and `module`, the part that trains, has BatchNorm layers). BatchNorm in training mode cannot normalize a
+    and `module`, the part that trains, has BatchNorm layers. BatchNorm in training mode cannot normalize a
     single image on a 1×1 map ("Expected more than 1 value per channel when training" ended such runs:
     inception_v3's auxiliary head at its own 299 px, any backbone's top at --image-size 32). The order is
     reshuffled every epoch, so the image left out is another one each time."""
-    return n > batch_size and n % batch_size == 1 and (module is None or has_batchnorm(module))
+    return n > batch_size and n % batch_size == 1 and \
+        any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 def _workers(state, n_images: int, decoded: bool = False) -> int:

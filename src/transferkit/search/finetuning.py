@@ -34,10 +34,8 @@ LOWER_LR_FACTOR = 0.8
 def search_finetuning(search: Search, ctx: Context, probe: Candidate) -> Candidate | None:
     """LP-FT candidates scored on the inner hold-out; the winner if one beats the probe there."""
     cfg, given = search.cfg, search.given
-    from .probes import one_image_a_class
-
     kinds = ladder.finetune_kinds(search, ctx)
-    if not kinds or ((search.starved or one_image_a_class(ctx)) and "mode" not in given):
+    if not kinds or ((search.starved or state.one_image_a_class(ctx)) and "mode" not in given):
         return None  # starved: the rest goes to more images; one image a class: no hold-out can judge
     # Fine-tuning costs more and its hold-out score is noisier than the probe's 3-fold CV: it replaces the probe
     # only when it is clearly better on the inner hold-out (not_clearly_better). ELPV seed-sized (49 hold-out

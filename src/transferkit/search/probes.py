@@ -24,7 +24,7 @@ def search_probes(search: Search, ctx: Context) -> tuple[Candidate, Context]:
         if _perfect(best):
             return _stopped_before_mlp(search, ctx, best), ctx
         best = state.better(best, _probe_candidate(search, ctx, crop, views[0]))
-        if one_image_a_class(ctx):
+        if state.one_image_a_class(ctx):
             return _stopped_uncomparable(search, best), ctx
     if search.starved:  # the later steps run only where the final run's growth to every image compared still fits
         _starved_note(search)
@@ -87,12 +87,6 @@ def _perfect(best: Candidate | None) -> bool:
     """A probe right on every training image in the CV: no candidate can score above it, and a candidate must
     to win, so the probe ladder ends there (easy sets: seconds instead of minutes)."""
     return best is not None and best.score is not None and best.score >= 1.0
-
-
-def one_image_a_class(ctx: Context) -> bool:
-    """Every class has a single training image: each CV fold (and an inner hold-out) then scores images whose
-    class its training part lacks, so every candidate scores 0 and no comparison says anything."""
-    return int(np.bincount(ctx.y).max()) < 2
 
 
 def _stopped_uncomparable(search: Search, best: Candidate) -> Candidate:

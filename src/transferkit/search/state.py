@@ -227,6 +227,13 @@ def cv_name(search: Search) -> str:
     return f"CV {metric_words(search.metric)}"
 
 
+def one_image_a_class(ctx: Context) -> bool:
+    """Every class has a single training image: each CV fold (and an inner hold-out) then scores images whose
+    class its training part lacks, so every candidate scores 0 and no comparison says anything (the probes stop
+    at the first, and nothing fine-tunes)."""
+    return int(np.bincount(ctx.y).max()) < 2
+
+
 def answered(search: Search, ctx: Context, cand: Candidate, pred: np.ndarray) -> None:
     """A probe's predictions for the inner hold-out images, scored in the search's metric."""
     cand.answered(pred, ctx.y[ctx.inner[1]], search.metric, len(ctx.scan.classes))
