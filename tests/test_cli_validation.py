@@ -41,6 +41,10 @@ BAD_TRAIN_OPTIONS = [
     (["--gamma", "0"], ["--gamma", "> 0"]),
     (["--train-subsample", "1"], ["--train-subsample 1", "fewer training images than there are classes (2)"]),
     (["--recipe", "tutorial", "--train-subsample", "1"], ["--train-subsample 1", "than there are classes"]),
+    # were used as every stage the backbone taps (6), while config.yaml said 99
+    (["--mode", "linear-probe", "--probe-stages", "99"], ["--probe-stages", "between 1 and 6", "efficientnet_lite0"]),
+    (["--probe-stages", "7"], ["--probe-stages", "between 1 and 6"]),
+    (["--model", "alexnet", "--mode", "linear-probe", "--probe-stages", "2"], ["--probe-stages", "between 1 and 1"]),
 ]
 
 

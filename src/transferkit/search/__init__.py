@@ -37,6 +37,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ..config import TrainConfig, parse_duration
+from ..errors import UsageError
 from ..modes import make_mode, unread_options
 from ..engine import signals
 from ..engine.optim import schedule_warnings
@@ -45,6 +46,14 @@ from . import costs, features, final_run, finetuning, probes
 from .state import FIXED_OVERHEAD_S, Context, Search
 
 log = logging.getLogger(__name__)
+
+
+def _check_probe_stages(spec, stages: int | None) -> None:
+    """--probe-stages beyond the stages the backbone taps would pool them all while config.yaml and the reproduce
+    command said the number given."""
+    if stages is not None and stages > spec.probe_taps:
+        raise UsageError(f"--probe-stages must be between 1 and {spec.probe_taps} for {spec.name} "
+                         f"(it taps {spec.probe_taps} stage{'s' if spec.probe_taps > 1 else ''})")
 
 
 def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
@@ -61,6 +70,7 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
         cfg.validate()
         cap_setting()
         check_freeze(get_spec(cfg.model), cfg.mode, cfg.unfreeze)
+        _check_probe_stages(get_spec(cfg.model), cfg.probe_stages)
     # The whole search holds --out, not just its final run (under torchrun rank 0 alone: fit).
     with claimed(Path(cfg.out)) if cfg.out and distributed.is_main() else nullcontext():
         if cfg.out and not resume:
