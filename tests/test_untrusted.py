@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transferkit import cli
 from transferkit.config import TrainConfig
 from transferkit.engine.checkpoint import load_checkpoint
-from transferkit.errors import CheckpointError, DataError, WeightsError
+from transferkit.errors import CheckpointError, DataError, UsageError, WeightsError
 from transferkit.models.weights import load_state_file
 
 
@@ -79,6 +79,36 @@ def test_checkpoint_with_wrong_metadata_is_refused(tmp_path, capsys, metadata, m
         load_checkpoint(path)
     assert cli.main(["predict", str(path), str(path)]) == CheckpointError.exit_code
     assert message in _last_line(capsys)
+
+
+def _checkpoint_naming(path: Path, source: str) -> Path:
+    meta = {"format": "transferkit-checkpoint", "architecture": "x", "architecture_source": source,
+            "classes": ["a", "b"], "preprocessing": {}}
+    return _safetensors_with(path, {"transferkit": json.dumps(meta)})
+
+
+def test_a_checkpoint_cannot_choose_library_code_to_run(tmp_path, capsys, monkeypatch):
+    """A checkpoint names a plugin's backbone by import path; one naming a function of the standard library or an
+    installed package (imported and called with no arguments: tempfile.mkdtemp made a folder) is refused before it
+    is imported, unless the user trusts it."""
+    import tempfile
+
+    calls = []
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda: calls.append(1))
+    path = _checkpoint_naming(tmp_path / "ckpt.safetensors", "tempfile:mkdtemp")
+    with pytest.raises(CheckpointError, match="TRANSFERKIT_TRUSTED_BACKBONES=tempfile:mkdtemp"):
+        load_checkpoint(path)
+    assert cli.main(["predict", str(path), str(path)]) == CheckpointError.exit_code
+    assert "must not choose code to run" in _last_line(capsys)
+    for source in ("os:abort", "timm.models:create_model", "transferkit.cli:program"):
+        with pytest.raises(CheckpointError, match="standard library or an installed package"):
+            load_checkpoint(_checkpoint_naming(tmp_path / "other.safetensors", source))
+    assert calls == []
+    # the user's word follows it (and the function's answer, not a backbone, is refused as ever)
+    monkeypatch.setenv("TRANSFERKIT_TRUSTED_BACKBONES", "json, tempfile:mkdtemp")
+    with pytest.raises(UsageError, match="not a transferkit BackboneSpec"):
+        load_checkpoint(path)
+    assert calls == [1]
 
 
 def _fake_run(tmp_path, data: Path, manifest_rows: list[str]) -> Path:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from ..errors import CheckpointError
 from ..io import atomic_write, atomic_write_json
 from ..models.adapt import build_model
-from ..models.registry import get_spec
+from ..models.registry import spec_named_by_checkpoint
 from ..preprocessing import Preprocessing
 from ..run_folder import RunFolder
 
@@ -74,7 +74,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model (no pretrained download: the checkpoint has every weight) in eval mode."""
     path = resolve_checkpoint(path)
     meta = read_meta(path)
-    spec = get_spec(meta.get("architecture_source") or meta["architecture"])
+    spec = spec_named_by_checkpoint(meta["architecture"], meta.get("architecture_source"), path)
     model = build_model(spec, len(meta["classes"]), pretrained=False)
     if isinstance(meta.get("probe"), dict):  # --mode linear-probe: the probe around the backbone
         from .probe import rebuild_probe
