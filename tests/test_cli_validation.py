@@ -306,6 +306,33 @@ def test_predict_on_a_device_that_is_not_there_or_with_an_onnx_model_is_one_line
     assert "ants" in capsys.readouterr().out
 
 
+def test_predict_out_never_replaces_an_image_and_writes_into_links_and_pipes(tmp_path, capsys):
+    """`predict RUN photo.png --out photo.png` replaced the photo with CSV (checked before the model loads); --out
+    a symlink replaced the link with a file, and /dev/stdout (a link to a pipe) was replaced itself as root."""
+    import os
+    import threading
+
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    before = photo.read_bytes()
+    _check_one_line(capsys, _run(["predict", str(tmp_path / "no-run"), str(photo), "--out", str(photo)]),
+                    ["--out", "existing binary file", "choose another file"])
+    assert photo.read_bytes() == before
+    (tmp_path / "rows.csv").write_text("earlier rows\n")  # text: an earlier predict's, replaced
+    os.symlink("rows.csv", tmp_path / "link.csv")
+    assert cli._write_rows(tmp_path / "link.csv", "new rows\n") is False
+    assert (tmp_path / "link.csv").is_symlink() and (tmp_path / "rows.csv").read_text() == "new rows\n"
+    os.mkfifo(tmp_path / "pipe")
+    read = []
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "pipe").read_text()))
+    reader.start()
+    assert cli._write_rows(tmp_path / "pipe", "piped rows\n") is True  # a stream: its "wrote" line to stderr
+    reader.join(30)
+    assert read == ["piped rows\n"] and not (tmp_path / "pipe").is_file()
+
+
 def test_program_skips_the_teardown_but_not_what_an_exit_owes(tmp_path):
     """`transferkit` (cli.program) ends with os._exit after the command: the exit code and every line of
     output still arrive, atexit handlers still run, and a thread still working, or a profiler, makes it take

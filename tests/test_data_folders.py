@@ -448,6 +448,34 @@ def test_manifest_needs_its_columns(tmp_path):
         read_manifest(tmp_path / "m.csv", tmp_path)
 
 
+def test_manifest_saved_by_excel_or_in_another_encoding(tmp_path):
+    """A split.csv saved by Excel as "CSV UTF-8" starts with a byte-order mark: its path column was not found. A
+    UTF-16 one (Excel's "Unicode text"), given to `evaluate`, was a UnicodeDecodeError traceback."""
+    root = _flat(tmp_path / "data", {"a": 6, "b": 6})
+    scan = scan_dataset(root)
+    write_manifest(scan, tmp_path / "split.csv")
+    text = (tmp_path / "split.csv").read_text(encoding="utf-8")
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")
+    again = read_manifest(tmp_path / "bom.csv", root)
+    assert (again.train, again.val) == (scan.train, scan.val)
+    (tmp_path / "u16.csv").write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match="^cannot read manifest .*u16.csv: not a UTF-8 text CSV"):
+        read_manifest(tmp_path / "u16.csv", root)
+
+
+def test_a_file_name_that_is_not_utf8_goes_through_the_manifest(tmp_path):
+    """A Latin-1 zip's café.png (the byte 0xE9 in its name): writing split.csv as a run began was a
+    UnicodeEncodeError traceback; the name is kept as its bytes and read back as the same file."""
+    root = _flat(tmp_path / "data", {"a": 6, "b": 6})
+    source = root / "a" / "a_000.png"
+    os.rename(source, os.path.join(os.fsencode(root / "a"), b"caf\xe9.png"))
+    scan = scan_dataset(root)
+    assert any("caf\udce9.png" in str(p) for p, _ in scan.train + scan.val)
+    write_manifest(scan, tmp_path / "split.csv")
+    again = read_manifest(tmp_path / "split.csv", root)
+    assert (again.train, again.val) == (scan.train, scan.val)
+
+
 def test_duplicates_within_a_split_and_imbalance(tmp_path):
     root = _flat(tmp_path, {"a": 16, "b": 3})
     (root / "b" / "copy.png").write_bytes((root / "a" / "a_000.png").read_bytes())

@@ -103,6 +103,19 @@ def test_a_class_folder_named_in_another_case_is_refused_with_the_rename(tmp_pat
         folder_items(tmp_path, ["ants", "bees"])
 
 
+def test_a_symlink_loop_beside_the_class_folders_is_no_class(tmp_path):
+    """A loop (l1 -> l2 -> l1) among the class folders raised OSError (ELOOP) out of evaluate: a traceback."""
+    import os
+
+    from transferkit.evaluate import folder_items
+
+    (tmp_path / "ants").mkdir()
+    (tmp_path / "ants" / "a.png").write_bytes(b"")
+    os.symlink("l2", tmp_path / "l1")
+    os.symlink("l1", tmp_path / "l2")
+    assert folder_items(tmp_path, ["ants", "bees"]) == [(str(tmp_path / "ants" / "a.png"), 0)]
+
+
 def test_a_data_root_of_training_and_testing_points_at_its_test_folder(tmp_path):
     from transferkit.evaluate import folder_items
 
@@ -110,6 +123,18 @@ def test_a_data_root_of_training_and_testing_points_at_its_test_folder(tmp_path)
         (tmp_path / name / "ants").mkdir(parents=True)
         (tmp_path / name / "ants" / "a.png").write_bytes(b"")
     with pytest.raises(DataError, match=f"to score the held-out split, pass {tmp_path / 'Testing'}$"):
+        folder_items(tmp_path, ["ants", "bees"])
+
+
+def test_a_data_root_of_a_train_folder_alone_points_at_it(tmp_path):
+    """DATA/train/<class>/* without val/ (a run draws its val split from it): `evaluate RUN DATA` said only that
+    `train` is no class of the model."""
+    from transferkit.evaluate import folder_items
+
+    (tmp_path / "train" / "ants").mkdir(parents=True)
+    (tmp_path / "train" / "ants" / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match=f"has no val/ folder: pass {tmp_path / 'train'} to score its images the "
+                                        "run did not train on"):
         folder_items(tmp_path, ["ants", "bees"])
 
 

@@ -307,6 +307,21 @@ def test_export_out_that_is_a_file_is_one_line_and_a_refused_check_leaves_no_fol
     assert not (tmp_path / "x").exists()
 
 
+def test_a_run_still_training_is_exported_only_as_a_snapshot_elsewhere(tmp_path, capsys):
+    """Exported while training went on, RUN/export kept that epoch's model after the run ended, passing for the
+    finished run's (predict RUN --engine onnx, serve, a copied model.onnx); --out elsewhere is a snapshot."""
+    from transferkit.run_folder import claimed
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"\0" * 16)  # refused before it is read
+    with claimed(run):  # as the training process holds it
+        assert main(["export", str(run)]) == 2
+        assert f"{run} is still training (process " in capsys.readouterr().err
+        assert main(["export", str(run), "--out", str(tmp_path / "snapshot")]) == 5  # read: this one is no checkpoint
+    assert main(["export", str(run)]) == 5  # the run has ended: exported (were it a checkpoint)
+
+
 @pytest.mark.parametrize("key, value, words", [
     ("classes", "{bad json", "Expecting property name"),  # was a JSONDecodeError traceback
     ("preprocessing", "{}", "preprocessing must name input_size"),  # was a KeyError in every image's row

@@ -119,6 +119,27 @@ def test_disk_full_inside_safetensors_is_the_same_one_line_error(tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
+def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path):
+    """mkstemp makes 0600 files: renamed into place, every checkpoint, config.yaml, metrics.json, report.html and
+    predict --out was readable by its owner alone, whatever the umask (a teammate, `serve` under another user)."""
+    old = os.umask(0o022)
+    os.umask(old)
+    save_checkpoint(tmp_path / "best.safetensors", torch.nn.Linear(3, 2), {"architecture": "x"})
+    io.atomic_write_text(tmp_path / "rows.csv", "path\n")
+    for name in ("best.safetensors", "best.json", "rows.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~old, name
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_it_is_on_disk(tmp_path):
+    """A Latin-1 zip's café.png reaches Python as caf\\udce9.png: predict --out and evaluate's evaluation.json
+    ended in a UnicodeEncodeError traceback. Rows keep the name's bytes; JSON escapes it and reads back the same."""
+    name = os.fsdecode(b"caf\xe9.png")
+    io.atomic_write_text(tmp_path / "rows.csv", f"path\n{name}\n")
+    assert (tmp_path / "rows.csv").read_bytes() == b"path\ncaf\xe9.png\n"
+    io.atomic_write_json(tmp_path / "evaluation.json", {"path": name, "class": "é"})
+    assert json.loads((tmp_path / "evaluation.json").read_text(encoding="utf-8")) == {"path": name, "class": "é"}
+
+
 def test_a_feature_cache_that_cannot_be_written_keeps_the_features_in_memory(tmp_path, monkeypatch, caplog):
     """A full or read-only cache disk costs the run its cache, not the run: one warning for the folder, the
     features kept in memory for this run, nothing left on the disk (it ended the run in a one-line error, and

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +26,7 @@ from transferkit import cli
 from transferkit.config import TrainConfig
 from transferkit.engine import signals
 from transferkit.engine.fit import fit
-from transferkit.errors import UsageError
+from transferkit.errors import CheckpointError, DataError, UsageError
 from transferkit.predict import Predictor
 
 SMALL = ["--epochs", "2", "--lr", "0.01", "--image-size", "96"]
@@ -121,6 +123,14 @@ def test_a_finished_run_is_not_overwritten_without_overwrite(flat_run, tmp_path)
     assert not any((copy / name).exists() for name in ("export", "search.json", "curves.png", "last.safetensors",
                                                          "tensorboard"))
     assert (copy / "notes.txt").read_text() == "mine" and (copy / "metrics.json").is_file()
+
+    # A replacing run refused on its way (its data folder holds one class) leaves the old run: the folder was
+    # cleared as the run started, before its scan, and the old run was lost with no new one in its place.
+    one_class = make_image_folder(tmp_path / "one", n_train=4, classes=("ants",), with_val=False) / "train"
+    for recipe in ("tutorial", "auto"):
+        with pytest.raises(DataError, match="need at least 2"):
+            tk.train(one_class, out=str(copy), recipe=recipe, overwrite=True, verbose=False)
+        assert (copy / "metrics.json").is_file() and (copy / "best.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -314,7 +324,15 @@ def test_api_names_arguments_suggests_close_names_and_tells_the_run_folder(flat_
         tk.train(flat_run.data, epochs=0, out=str(tmp_path / "r"))
     with pytest.raises(UsageError, match="pass overwrite=True"):
         tk.train(flat_run.data, out=str(flat_run.run))
+    # Path("") is the working folder: its every subfolder was trained on as a class
+    with pytest.raises(UsageError, match="^data must name the data folder, not ''$"):
+        tk.train("", recipe="tutorial", out=str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()
+    # the library's other errors in argument names too, of their own class: "--resume: RUN already finished"
+    with pytest.raises(CheckpointError, match=f"^resume: {flat_run.run} already finished"):
+        tk.resume(flat_run.run)
+    with pytest.raises(DataError, match="^data folder .*/my--data does not exist"):  # a path's -- is no flag
+        tk.train(tmp_path / "my--data", recipe="tutorial")
     assert tk.load(flat_run.run).run_dir_ == flat_run.run
 
 
@@ -343,6 +361,11 @@ def test_a_loaded_run_says_what_it_is_evaluates_and_exports(flat_run, tmp_path, 
     for items in (files, images):
         np.testing.assert_allclose(exported.predict_proba(items), clf.predict_proba(items), atol=1e-4)
     assert [row["path"] for row in exported.predict_table(images)] == ["<image 0>", "<image 1>"]
+    # Pickled (joblib, multiprocessing) as where it loads from: the engine and ONNX Runtime's session did not pickle.
+    for model in (clf, exported):
+        again = pickle.loads(pickle.dumps(model))
+        assert again.classes_ == model.classes_ and again.metrics_ == model.metrics_
+        np.testing.assert_allclose(again.predict_proba(files), model.predict_proba(files), atol=1e-6)
     with pytest.raises(UsageError, match="^evaluate needs the run folder or its .safetensors checkpoint"):
         exported.evaluate(flat_run.data)
 
@@ -356,9 +379,17 @@ def test_the_api_names_an_argument_of_the_wrong_kind_in_one_line(flat_run, tmp_p
     for call, words in ((lambda: tk.load(None), "^run_or_checkpoint must be a path"),
                         (lambda: tk.load(flat_run.run, device=None), "^device must be text"),
                         (lambda: tk.load(flat_run.run, device="gpu"), "^device must be auto, cpu, cuda or cuda:N"),
+                        # devices torch knows and transferkit does not run on: torch's RuntimeError from inside
+                        (lambda: tk.load(flat_run.run, device="mps"), "^device must be auto, cpu, cuda or cuda:N"),
+                        (lambda: tk.load(flat_run.run, device="meta"), "^device must be auto, cpu, cuda or cuda:N"),
                         (lambda: tk.load(flat_run.run, device="cuda"), "^device cuda: no CUDA GPU is available")):
         with pytest.raises(UsageError, match=words):
             call()
+    torchscript = tmp_path / "model.pt"  # as export(format="torchscript") writes it: a zip holding code/
+    with zipfile.ZipFile(torchscript, "w") as zf:
+        zf.writestr("model/code/__torch__.py", "")
+    with pytest.raises(CheckpointError, match="model.pt is a TorchScript export .*torch.jit.load"):
+        tk.load(torchscript)  # was "not a safetensors checkpoint (... header too large)"
     clf = tk.load(flat_run.run)
     files = sorted(str(p) for p in flat_run.data.rglob("*.png"))[:2]
     pixels = np.array(Image.open(files[0]).convert("RGB"))
@@ -367,6 +398,8 @@ def test_the_api_names_an_argument_of_the_wrong_kind_in_one_line(flat_run, tmp_p
                           (Path(files[0]).read_bytes(), r"not bytes \(a file's bytes: PIL.Image.open"),
                           (np.zeros((0, 0), np.uint8), r"^an image array has no pixels: shape \(0, 0\)"),
                           (Image.new("L", (0, 0)), "^an image has no pixels: size 0×0"),
+                          ("", "^images holds an empty path ''$"),  # was the working folder, walked for images
+                          ([files[0], ""], "^images holds an empty path ''$"),
                           (torch.from_numpy(pixels).permute(2, 0, 1), "channels last"),
                           (torch.zeros(8, 8, 3, requires_grad=True), r"tensor.detach\(\).cpu\(\).numpy\(\)")):
         with pytest.raises(UsageError, match=words):
@@ -382,6 +415,36 @@ def test_the_api_names_an_argument_of_the_wrong_kind_in_one_line(flat_run, tmp_p
                         (lambda: clf.export("onnx", out=5), "^out must be a path")):
         with pytest.raises(UsageError, match=words):
             call()
+
+
+@pytest.mark.slow
+def test_a_16_bit_grey_array_is_predicted_as_its_file(flat_run, tmp_path, monkeypatch):
+    """An H×W uint16 array (cv2.IMREAD_UNCHANGED, tifffile) was refused above 255 and taken for 8-bit below: it is
+    16-bit grey, read against the run's 16-bit white as its PNG is."""
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(flat_run.cache))
+    clf = tk.load(flat_run.run)
+    rng = np.random.default_rng(0)
+    for peak in (200, 40000):
+        values = rng.integers(0, peak + 1, (48, 48)).astype(np.uint16)
+        Image.fromarray(values).save(tmp_path / f"{peak}.png")
+        from_file = clf.predict_proba(str(tmp_path / f"{peak}.png"))
+        for array in (values, values.astype(">u2")):
+            np.testing.assert_allclose(clf.predict_proba(array), from_file, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_lazily_opened_image_given_many_times_is_decoded_once(flat_run, tmp_path, monkeypatch):
+    """Image.open decodes on first use: the reader threads decoding one image object at once raced on its file, and
+    a row or two of [image] * 100 came back an error with no words (Pillow's bare AssertionError)."""
+    monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(flat_run.cache))
+    clf = tk.load(flat_run.run)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(path)
+    once = clf.predict_proba(Image.open(path))
+    for _ in range(2):
+        rows = clf.predict_table([Image.open(path)] * 100)
+        assert [row["error"] for row in rows] == [None] * 100
+        assert all(row["probability"] == pytest.approx(float(once.max()), abs=1e-6) for row in rows)
 
 
 @pytest.mark.slow

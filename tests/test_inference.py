@@ -121,3 +121,34 @@ def test_a_file_that_is_not_onnx_is_a_checkpoint_error(tmp_path):
     path.write_bytes(b"\x08 not a model")
     with pytest.raises(CheckpointError, match="not a loadable ONNX model"):
         ort_session(path)
+
+
+
+def test_a_folder_is_walked_for_the_images_training_would_use(tmp_path):
+    """Symlinked folders followed (each once, none that points back up), an extensionless image kept, and an
+    extensionless text or pipe and a run folder skipped, as the data scan does; predict and evaluate dropped the
+    first two and classified a run's figures."""
+    import os
+
+    from PIL import Image
+
+    from transferkit.inference import expand_inputs
+
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    (photos / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "linked.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "beside.png")  # beside photos/: no image of it
+    Image.new("RGB", (8, 8)).save(photos / "camera_dump", format="JPEG")
+    (photos / "README").write_text("not an image\n")
+    os.mkfifo(photos / "PIPE")  # opening it to look would block
+    os.symlink(elsewhere, photos / "link")
+    os.symlink(elsewhere, photos / "sub" / "again")  # the same folder twice: its images once
+    os.symlink("..", photos / "sub" / "up")  # back up to photos
+    os.symlink(tmp_path, elsewhere / "top")  # photos/link/top: the parent of photos and elsewhere
+    run = photos / "run"  # a run folder trained from here: its figures are no photos (as the data scan skips it)
+    run.mkdir()
+    for name in ("config.yaml", "split.csv"):
+        (run / name).write_text("x\n")
+    Image.new("RGB", (8, 8)).save(run / "curves.png")
+    assert expand_inputs([str(photos)]) == [str(photos / "camera_dump"), str(photos / "link" / "linked.png")]

@@ -207,6 +207,45 @@ def test_a_run_stopped_before_its_first_epoch_resumes_from_epoch_1_and_says_so(t
     assert (run / "metrics.json").is_file()
 
 
+def test_a_run_trained_on_a_relative_data_folder_resumes_from_another_folder(tiny_folder, tmp_path, monkeypatch):
+    """config.yaml kept DATA as given (`data: data`), so --resume, evaluate of split.csv and export's check run
+    from another working folder found no data folder there, or another folder of that name."""
+    monkeypatch.chdir(tiny_folder.parent)
+    fit(TrainConfig(data=tiny_folder.name, out=str(tmp_path / "run"), **{**FE, "epochs": 1}))
+    (tmp_path / "run" / "metrics.json").unlink()  # pretend it was interrupted
+    monkeypatch.chdir(tmp_path / "run")
+    assert TrainConfig.from_yaml("config.yaml").data == str(tiny_folder)
+    assert cli.main(["train", "--resume", "."]) == 0
+
+
+def test_a_resume_removes_the_export_of_the_interrupted_run(tiny_folder, tmp_path, caplog):
+    """RUN/export made from an interrupted run's best checkpoint stayed after the resume replaced that checkpoint:
+    `predict RUN --engine onnx` and `serve` gave the old model's answers for the finished run's."""
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(tiny_folder), out=str(run), **{**FE, "epochs": 1}))
+    (run / "metrics.json").unlink()  # pretend it was interrupted, then exported
+    (run / "export").mkdir()
+    (run / "export" / "model.onnx").write_bytes(b"the interrupted run's model")
+    with caplog.at_level("WARNING", logger="transferkit"):
+        assert cli.main(["train", "--resume", str(run)]) == 0
+    assert not (run / "export").exists() and f"removed {run / 'export'}" in caplog.text
+
+
+def test_a_damaged_last_or_a_missing_best_says_how_to_go_on(tiny_folder, tmp_path, capsys):
+    """A missing best.safetensors said "no checkpoint at RUN/best.safetensors (pass a run folder ...)" to a
+    command that had passed the run folder; a damaged `last` said only that it was damaged."""
+    run = tmp_path / "run"
+    fit(TrainConfig(data=str(tiny_folder), out=str(run), **{**FE, "epochs": 1}))
+    (run / "metrics.json").unlink()  # pretend it was interrupted
+    (run / "best.safetensors").rename(tmp_path / "best.safetensors")
+    assert cli.main(["train", "--resume", str(run)]) == 5
+    assert "best epoch so far (epoch 1), is missing or damaged" in capsys.readouterr().err
+    (tmp_path / "best.safetensors").rename(run / "best.safetensors")
+    (run / "last.safetensors").write_bytes(b"\0" * 100)
+    assert cli.main(["train", "--resume", str(run)]) == 5
+    assert "remove it to train the run again from epoch 1 with --resume" in capsys.readouterr().err
+
+
 class CtrlCInEpoch3(Callback):
     def on_batch_end(self, trainer, step):
         if step.epoch == 3:
@@ -306,6 +345,35 @@ def test_a_run_folder_in_use_by_another_process_is_refused_in_one_line(tiny_fold
     with claimed(run), claimed(run):  # nested claims of one process share the lock
         pass
     assert cli.main([*train, "--overwrite"]) == 0 and (run / "metrics.json").is_file()
+
+
+def test_a_run_folder_in_use_by_another_thread_is_refused(tmp_path):
+    """tk.train from two threads into one folder (with overwrite=True): the claims of one process were one shared
+    claim, so both runs wrote into the folder at once. Nested claims share it on their own thread only."""
+    import threading
+
+    from transferkit.errors import UsageError
+    from transferkit.run_folder import claimed
+
+    run, held, done = tmp_path / "run", threading.Event(), threading.Event()
+
+    def hold():
+        with claimed(run):
+            held.set()
+            done.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(UsageError, match=f"^--out {run} is in use by another transferkit run"):
+            with claimed(run):
+                pass
+    finally:
+        done.set()
+        holder.join()
+    with claimed(run), claimed(run):  # free again, and nested claims of one thread still share the lock
+        pass
 
 
 def test_a_file_system_without_locks_does_not_stop_a_run(tmp_path, monkeypatch):

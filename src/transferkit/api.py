@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import TrainConfig
-from .errors import UsageError
+from .errors import CheckpointError, TransferkitError, UsageError
 from .engine.checkpoint import resolve_checkpoint
 from .inference import model_kind
 from .predict import Predictor, expand_inputs
@@ -45,7 +45,11 @@ class Classifier:
             raise UsageError(f"device must be text (auto, cpu, cuda or cuda:N), not {device!r}")
         self.checkpoint_ = resolve_checkpoint(_path("checkpoint", checkpoint))
         self.run_dir_ = self.checkpoint_.parent
-        if model_kind(self.checkpoint_) == "onnx":
+        kind = model_kind(self.checkpoint_)
+        if kind == "torchscript":  # was "not a safetensors checkpoint (... header too large)"
+            raise CheckpointError(f"{self.checkpoint_} is a TorchScript export (torch.jit.load reads it); tk.load "
+                                  "takes a run folder, its .safetensors checkpoint or an exported .onnx model")
+        if kind == "onnx":
             self._predictor = _onnx_predictor(self.checkpoint_, device)
             self.meta_ = {"format": "onnx", "architecture": self._predictor.architecture,
                           "classes": self._predictor.classes, "preprocessing": self._predictor.preprocessing}
@@ -70,6 +74,12 @@ class Classifier:
         kind = "format='onnx'" if self._is_onnx else f"mode={self.meta_.get('mode')!r}"
         return (f"Classifier({str(self.checkpoint_)!r}, model={self.meta_.get('architecture')!r}, {kind}, "
                 f"classes={self.classes_!r}{shown})")
+
+    def __reduce__(self):
+        """Pickled (joblib, multiprocessing) as what it was loaded from, and loaded again from there when unpickled:
+        the torch model's frozen-part engine and an ONNX Runtime session do not pickle (a PicklingError)."""
+        device = "cpu" if self._is_onnx else str(self._predictor.device)
+        return Classifier, (self.checkpoint_.resolve(), device), {"metrics_": self.metrics_}
 
     @property
     def model_(self):
@@ -143,6 +153,8 @@ def train(data: str | Path | None = None, config: TrainConfig | None = None, *, 
         if config is None and data is None:
             raise UsageError("train() needs the data folder (or config=)")
         cfg = _configured(config, data, options)
+        if cfg.data == "":  # Path(""): the working folder, each of its subfolders taken for a class
+            raise UsageError("data must name the data folder, not ''")
         metrics = train_run(cfg, given=options)
         return _trained(metrics)
 
@@ -189,7 +201,8 @@ def resume_run(run: str | Path, options: dict) -> dict:
 def _data_moved_to(given, saved) -> str | None:
     """The data folder given to a resumed run in place of its saved one, where that one is gone (split.csv lists
     the images relative to it, and the caches know them by content), else None; check_paths checks it."""
-    return str(given) if given and saved and not Path(saved).exists() else None
+    # absolute: config.yaml records it for commands run from other folders
+    return os.path.abspath(given) if given and saved and not Path(saved).exists() else None
 
 
 def _same_option(key: str, given, saved) -> bool:
@@ -256,11 +269,13 @@ def _messages(verbose: bool):
 
 @contextmanager
 def _api_wording():
-    """A UsageError raised inside is reworded for Python: argument names, not flags (api_wording)."""
+    """An error of ours raised inside is reworded for Python: argument names, not flags (api_wording). The same
+    exception, its class and attributes kept: a CheckpointError said "--resume: RUN already finished"."""
     try:
         yield
-    except UsageError as exc:
-        raise UsageError(api_wording(str(exc))) from None
+    except TransferkitError as exc:
+        exc.args = (api_wording(str(exc)),)
+        raise
 
 
 def _known_options(options: dict) -> dict:
@@ -286,7 +301,7 @@ def api_wording(message: str) -> str:
         return name
 
     parts = message.split("`")
-    parts[::2] = [re.sub(r"--(no-)?([a-z][a-z0-9-]*)", argument, part) for part in parts[::2]]
+    parts[::2] = [re.sub(r"(?<![\w-])--(no-)?([a-z][a-z0-9-]*)", argument, part) for part in parts[::2]]
     return "`".join(parts)
 
 
@@ -307,7 +322,7 @@ def _onnx_predictor(path: Path, device: str):
 def _items(images) -> tuple[list, list[str]]:
     """What Predictor reads (file paths, folders walked; PIL images), and a name per item for the rows. `images`:
     one of, or a list of: a path (file or folder), a PIL image, a numpy array (H×W grey, H×W×3 RGB, H×W×4 RGBA;
-    uint8, or floats in 0-1), or a batch of arrays (N×H×W×C)."""
+    uint8, or floats in 0-1; H×W uint16 is 16-bit grey), or a batch of arrays (N×H×W×C)."""
     from PIL import Image
 
     # An array: numpy's, or one that converts to it (a torch tensor, which was iterated: a 3×H×W one made 3 grey
@@ -317,7 +332,7 @@ def _items(images) -> tuple[list, list[str]]:
                                                                           and not listed)
     if not one and not hasattr(images, "__iter__"):
         raise UsageError(f"images must be a path, a PIL image, a numpy array or a list of them, not {images!r}")
-    items, names, paths = [], [], []
+    items, names, paths, pil_ids = [], [], [], set()
 
     def flush_paths():
         for path in expand_inputs(paths) if paths else []:
@@ -327,6 +342,8 @@ def _items(images) -> tuple[list, list[str]]:
 
     for item in [images] if one else list(images):
         if isinstance(item, (str, os.PathLike)):
+            if os.fspath(item) == "":  # Path(""): the working folder, whose every image was predicted
+                raise UsageError("images holds an empty path ''")
             paths.append(os.fspath(item))
             continue
         if not isinstance(item, Image.Image) and not _is_array(item):
@@ -336,10 +353,23 @@ def _items(images) -> tuple[list, list[str]]:
         if isinstance(item, Image.Image) and 0 in item.size:  # Pillow resizes it to a blank crop, then classified
             raise UsageError(f"an image has no pixels: size {item.size[0]}×{item.size[1]}")
         flush_paths()  # files in the order given, each folder expanded in place
+        if isinstance(item, Image.Image):
+            if id(item) in pil_ids:  # decoded before the reader threads start; one given once is decoded there
+                _decoded(item)
+            pil_ids.add(id(item))
         items.append(item if isinstance(item, Image.Image) else _array_image(item))
         names.append(f"<image {len(names)}>")
     flush_paths()
     return items, names
+
+
+def _decoded(image) -> None:
+    """A lazily opened PIL image (Image.open) given more than once, decoded here: the reader threads decoding one
+    image object at once raced on its file, and a row came back an error with no words."""
+    try:
+        image.load()
+    except Exception:  # noqa: BLE001 - a damaged file: the reader decodes it again, and its row says why
+        pass
 
 
 def _is_array(value) -> bool:
@@ -364,6 +394,9 @@ def _array_image(array):
         raise UsageError(f"an image array has no pixels: shape {a.shape}")
     if a.dtype == np.bool_ or a.dtype.kind not in "uif":
         raise UsageError(f"an image array holds numbers (uint8 0-255, or floats 0-1), not {a.dtype}")
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2 and a.ndim == 2:  # 16-bit grey (as cv2 or tifffile read it)
+        # as its PNG reads, against the run's 16-bit white: 60000 was refused, a dark 100 taken for 8-bit 100
+        return Image.fromarray(a.astype(np.uint16))  # mode I;16 (native byte order)
     if a.dtype != np.uint8:
         low, high = float(np.nanmin(a)), float(np.nanmax(a))
         if a.dtype.kind == "f" and 0.0 <= low and high <= 1.0:

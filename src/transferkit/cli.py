@@ -458,6 +458,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if args.out:
+        _check_rows_out(Path(args.out))
     engine = _predict_engine(args.checkpoint, args.engine)
     if engine == "onnx":
         from . import onnx_predict
@@ -477,10 +479,8 @@ def cmd_predict(args) -> int:
         rows = predictor.predict_rows(expand_inputs(args.paths), top_k=args.top_k)
     text = _format_rows(rows, args.format)
     if args.out:
-        from .io import atomic_write_text
-
-        atomic_write_text(args.out, text)
-        print(f"wrote {len(rows)} rows to {args.out}")
+        stream = _write_rows(Path(args.out), text)
+        print(f"wrote {len(rows)} rows to {args.out}", file=sys.stderr if stream else sys.stdout)
     else:
         sys.stdout.write(text)
     unreadable = sum(r["error"] is not None for r in rows)
@@ -488,6 +488,40 @@ def cmd_predict(args) -> int:
         log.warning("%d of %d files could not be read (their rows carry the error; exit code 1)",
                     unreadable, len(rows))
     return 0 if not unreadable else 1
+
+
+def _check_rows_out(out: Path) -> None:
+    """An existing --out is replaced only where it holds text (an earlier predict's rows): `--out photo.jpg`, a
+    slip for an input, replaced the photo with CSV, and so would it a checkpoint or an ONNX model."""
+    from .errors import UsageError
+
+    if not out.is_file():  # new; a folder, /dev/stdout or a pipe (never read: that blocks): as written
+        return
+    try:
+        with open(out, "rb") as fh:
+            binary = b"\0" in fh.read(8192)
+    except OSError:  # unreadable: atomic_write_text says whether it can be written
+        return
+    if binary:
+        raise UsageError(f"--out {out} is an existing binary file (an image or a model?), not earlier rows; "
+                         "predict writes its rows as text: choose another file (e.g. predictions.csv)")
+
+
+def _write_rows(out: Path, text: str) -> bool:
+    """Write the rows to --out; True where it is a stream. A file is replaced atomically; /dev/stdout, /dev/fd/N
+    (a shell's `>(...)`), a pipe or a symlink are written into, as a shell's `>` does: replaced, the link or
+    device became a plain file (as root: /dev/stdout itself) or its folder (/dev) could not be written."""
+    from .io import RunFolderError, atomic_write_text
+
+    if not out.is_symlink() and (out.is_file() or not out.exists()):
+        atomic_write_text(out, text)
+        return False
+    try:
+        with open(out, "w", encoding="utf-8", errors="surrogateescape") as fh:  # as atomic_write_text
+            fh.write(text)
+    except OSError as exc:
+        raise RunFolderError(f"could not write {out}: {exc.strerror or exc}") from None
+    return not out.is_file()
 
 
 def _predict_engine(checkpoint: str, engine: str) -> str:

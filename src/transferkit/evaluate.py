@@ -28,9 +28,9 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order. A class folder
     with no images is skipped with a warning, as training drops it; one with images of a class the model does
     not know is refused."""
-    from .data.folders import TEST_DIR_NAMES, case_twins
+    from .data.folders import TEST_DIR_NAMES, TRAIN_DIR_NAMES, case_twins
 
-    subdirs = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    subdirs = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and _is_folder(e))
     if not subdirs:
         raise DataError(f"{folder} has no class subfolders; evaluation needs {folder}/<class>/<image>")
     found = {name: _images_in(folder / name) for name in subdirs}
@@ -39,8 +39,12 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
         renames = [f"{name} → {known}" for name, known in case_twins(unknown, classes).items()]
         hint = f"; rename {', '.join(renames)} (class names are case-sensitive)" if renames else ""
         splits = [name for name in unknown if name.lower() in TEST_DIR_NAMES]  # Training/ and Testing/: a data root
+        trains = [name for name in unknown if name.lower() in TRAIN_DIR_NAMES]  # DATA/train alone: no val/ here
         if splits and not renames:
             hint = f"; to score the held-out split, pass {folder / splits[0]}"
+        elif trains and not renames:
+            hint = (f"; {folder} has no val/ folder: pass {folder / trains[0]} to score its images the run did not "
+                    "train on (its val split, where the run drew one from it)")
         raise DataError(f"class folder(s) {', '.join(unknown)} in {folder} are not classes of this model "
                         f"({', '.join(classes)}){hint}")
     empty = [name for name in subdirs if not found[name]]
@@ -50,6 +54,14 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     if not items:
         raise DataError(f"no images found under {folder}")
     return items
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), where a symlink that loops (is_dir raises ELOOP for it) is no folder, as for the data scan."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def _images_in(folder: Path) -> list[str]:

@@ -45,6 +45,10 @@ def export_run(run: str | Path, fmt: str = "onnx", quantize: str | None = None, 
     if quantize is not None and fmt != "onnx":
         raise UsageError(f"--quantize {quantize} works with --format onnx only")
     checkpoint = resolve_checkpoint(run)
+    training = None if out else RunFolder(checkpoint.parent).training_process()
+    if training:  # RUN/export would hold an epoch's model that the run goes on to replace, passing for its last
+        raise UsageError(f"{checkpoint.parent} is still training (process {training}): export it when the run ends, "
+                         "or give --out to export this epoch's best as a snapshot")
     model, meta = load_checkpoint(checkpoint)
     out = Path(out) if out else RunFolder(checkpoint.parent).export_dir
     if out.exists() and not out.is_dir():

@@ -21,6 +21,18 @@ class RunFolderError(TransferkitError):
     exit_code = 8
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The mode a file made by open() gets: mkstemp's temp files are 0600, and renamed into place they left every
+# checkpoint, config, report and predict --out readable by their owner alone (a teammate, `serve` under a service
+# account). Read once, at import: setting the umask to read it is not safe beside threads creating files.
+FILE_MODE = 0o666 & ~_umask()
+
+
 def why_not_writable(folder: Path, exc: OSError) -> str:
     """The reason to show for a folder that could not be made or written in: a file standing where the folder
     or one of its parents should be is named (the OS says only "File exists" or "Not a directory")."""
@@ -43,6 +55,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as exc:
         _remove(tmp)
@@ -72,14 +85,21 @@ def os_error_of(exc: BaseException) -> OSError | None:
 
 def atomic_write_text(path, text: str) -> Path:
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
+        # surrogateescape: a file name that is not UTF-8 (a Latin-1 zip's café.jpg, read by Python as caf\udce9.jpg)
+        # is written as the bytes it has on disk, as `ls > file` does, where it was a UnicodeEncodeError traceback
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(text)
 
     return atomic_write(path, write)
 
 
 def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=2, default=str, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # such a file name: escaped (\udce9), valid JSON that json.loads gives back as it was
+        text = json.dumps(obj, indent=2, default=str)
+    return atomic_write_text(path, text + "\n")
 
 
 def read_json_object(path) -> dict:

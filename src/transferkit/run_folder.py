@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -95,6 +96,26 @@ class RunFolder:
         """Whether the folder is a run's (its config is written first, then the scan's report and split)."""
         return self.config.is_file() and any(p.is_file() for p in (self.data_report, self.split, self.metrics))
 
+    def training_process(self) -> str | None:
+        """The process id of a run training into this folder now (RUN/.lock held: `claimed`), else None."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): nothing is locked, nothing to tell
+            return None
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close
+            return None
+        except BlockingIOError:
+            return os.read(fd, 32).decode(errors="replace").strip() or "?"
+        except OSError:  # a file system without locks
+            return None
+        finally:
+            os.close(fd)
+
     def holds_run_files(self) -> bool:
         """Whether anything a run, its evaluations or its exports write is here."""
         return any((self.path / name).exists() for name in (*self.WRITTEN, self.EXPORT))
@@ -150,10 +171,10 @@ def onnx_model_path(path: str | Path) -> Path:
     return path
 
 
-# Run folders this process trains into: the lock's file descriptor, how many nested claims hold it (the search's
-# claim and its final run's), the first folder of the path the first claim made (None: it made none), and whether
-# it made the lock file.
-_HELD: dict[Path, list] = {}
+# Run folders this process trains into, by folder and claiming thread: the lock's file descriptor, how many nested
+# claims hold it (the search's claim and its final run's), the first folder of the path the first claim made (None:
+# it made none), and whether it made the lock file.
+_HELD: dict[tuple[Path, int], list] = {}
 
 
 @contextmanager
@@ -161,15 +182,17 @@ def claimed(out: Path) -> Iterator[None]:
     """Hold RUN/.lock for the block, so that no other process trains into RUN meanwhile: a second `train --out
     RUN` (with --overwrite or not) or `train --resume RUN` while a run is writing there is refused in one line
     (both wrote into the folder at once). An advisory lock of the operating system (flock), released when the
-    block ends or the process dies; nested claims of one process share it. Where there is no flock (Windows),
-    nothing is locked."""
+    block ends or the process dies; nested claims of one thread share it (another thread is refused, as another
+    process is). Where there is no flock (Windows), nothing is locked."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     out = Path(out)
-    key = out.resolve()
+    # per thread: a claim nests within its own thread's (the search's, then its final run's); two threads training
+    # into one folder (tk.train on a thread pool) both wrote into it, as two processes did
+    key = (out.resolve(), threading.get_ident())
     if key in _HELD:
         _HELD[key][1] += 1
     else:

@@ -17,9 +17,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}") from None
+        device = None
+    # torch knows more device types (mps, meta, xpu) than transferkit runs on: each failed inside torch, in
+    # training after the run folder had its first files
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    return device
 
 
 def cpu_model() -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -120,9 +121,12 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
     model = build_model(spec, len(scan.classes), pretrained=cfg.pretrained, weights_path=cfg.weights)
     mode = make_mode(cfg)
     plan = mode.freeze(model, spec)
-    # Only now, with every option checked, does the run folder get its first files.
+    # Only now, with every option checked, does the run folder get its first files (and lose an old run's).
     if distributed.is_main() and not resume:
-        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+        _clear_replaced_run(out)
+        # data as an absolute path: evaluate (of split.csv), export's check and --resume read it from any folder,
+        # where a relative one named no folder, or another one of that name
+        atomic_write_text(out / "config.yaml", replace(cfg, data=os.path.abspath(cfg.data)).to_yaml())
         write_manifest(scan, out / "split.csv")
         scan.write_report(out / "data_report.json")
     signals.note_run_dir(out)
@@ -134,19 +138,29 @@ def prepare(cfg: TrainConfig, resume: bool = False, scan: DataScan | None = None
 
 
 def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
-    """A run folder that holds a run (finished, or resumable) is replaced only when asked to."""
-    finished, started = (out / "metrics.json").is_file(), (out / "last.safetensors").is_file()
-    if not (finished or started):
+    """A run folder that holds a run (finished, or resumable) is replaced only when asked to; the new run clears
+    it as it writes its first files (prepare: _clear_replaced_run)."""
+    if not _holds_a_run(out):
         _refuse_a_foreign_folder(out)
         return
     if not overwrite:
-        if finished:
+        if RunFolder(out).finished():
             raise UsageError(f"--out {out} holds a finished run; pass --overwrite to replace it, "
                              "or choose another --out")
         raise UsageError(f"--out {out} holds an interrupted run; continue it with `transferkit train --resume "
                          f"{out}`, or pass --overwrite to replace it")
-    log.warning("replacing the run in %s (--overwrite)", out)
-    if distributed.is_main():  # nothing of the old run stays to pass for the new one's (nor a finished look)
+
+
+def _holds_a_run(out: Path) -> bool:
+    return RunFolder(out).finished() or RunFolder(out).last.is_file()
+
+
+def _clear_replaced_run(out: Path) -> None:
+    """--overwrite: nothing of the old run stays to pass for the new one's (nor a finished look). Cleared here, not
+    when the run starts: a new run refused on its way (a data folder of one class, Ctrl-C in the recipe search)
+    left the folder empty, the old run lost."""
+    if _holds_a_run(out):
+        log.warning("replacing the run in %s (--overwrite)", out)
         RunFolder(out).clear()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from ..errors import CheckpointError
 from ..run_folder import RunFolder
+from . import distributed
 from .checkpoint import RESUME_PREFIX, read_meta, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,10 @@ def save_last(state, meta: dict, optimizer, schedule, best: dict, source, elapse
 def restore_last(state, optimizer, schedule, source, averaging=None) -> tuple[int, dict, float]:
     """Load RUN/last.safetensors into the live objects; return (next epoch, best, elapsed seconds)."""
     path = RunFolder(state.out).last
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+    except CheckpointError as exc:  # say how to go on: a run without `last` resumes from epoch 1
+        raise CheckpointError(f"--resume: {exc}; remove it to train the run again from epoch 1 with --resume") from None
     resume = meta.get("resume")
     if not isinstance(resume, dict):
         raise CheckpointError(f"{path} holds no resume state (it was not written by a resumable run)")
@@ -90,9 +95,19 @@ def restore_last(state, optimizer, schedule, source, averaging=None) -> tuple[in
     if epoch:
         source.take_skipped()  # files skipped while preparing were counted before the interruption
     log.info("resuming %s after epoch %d of %d", state.out, epoch, state.cfg.epochs)
+    _drop_stale_export(RunFolder(state.out))
     patience = state.cfg.patience
     stopped = bool(patience and epoch - best["epoch"] >= patience)  # killed right after early stopping
     return (state.cfg.epochs + 1 if stopped else epoch + 1), best, float(resume.get("elapsed_seconds", 0.0))
+
+
+def _drop_stale_export(run: RunFolder) -> None:
+    """RUN/export of an interrupted run holds its best checkpoint so far, which the resumed run goes on to replace;
+    left there, it passed for the finished run's model (`predict RUN --engine onnx`, `serve`, a copied model.onnx),
+    as `--overwrite` removes it for the same reason."""
+    if distributed.is_main() and run.export_dir.is_dir():
+        shutil.rmtree(run.export_dir, ignore_errors=True)
+        log.warning("removed %s, exported before this resume: export the finished run again", run.export_dir)
 
 
 def _restore_averaging(averaging, resume: dict, extra: dict) -> None:
@@ -122,7 +137,12 @@ def _restore_best(state, saved: dict, extra: dict) -> dict:
     if not best["epoch"]:
         return best
     best_path = RunFolder(state.out).best
-    on_disk = read_meta(best_path).get("epoch")
+    try:
+        on_disk = read_meta(best_path).get("epoch")
+    except CheckpointError:  # its own words ("pass a run folder") misled here, where the run folder was given
+        raise CheckpointError(f"--resume: {best_path}, the run's best epoch so far (epoch {best['epoch']}), is missing "
+                              "or damaged, so the run cannot end as it would have; train it again with --overwrite"
+                              ) from None
     if on_disk != best["epoch"]:
         # Written after `last` (killed between the two writes, or kept when an error or a signal stopped the
         # run): a better epoch than the recorded one, which the resumed epochs redo (on CPU they find it again

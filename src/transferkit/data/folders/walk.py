@@ -117,13 +117,13 @@ def _skip_special(name: str, path: Path, problems: Problems) -> bool:
             what = "loops back on itself" if kind == "symlink_loop" else "points to nothing"
             problems.add(kind, path, f"symlink to {os.readlink(path)} {what}")
             return True
-        if _points_to_a_parent(path):  # a class folder linked to `..`: the data root again, as one class
+        if points_to_a_parent(path):  # a class folder linked to `..`: the data root again, as one class
             problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
             return True
     return False
 
 
-def _points_to_a_parent(path: Path) -> bool:
+def points_to_a_parent(path: Path) -> bool:
     """A symlink to the folder it sits in or to a folder above it (a loop the walk would enter once)."""
     target, here = os.path.realpath(path), os.path.realpath(path.parent)
     return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
@@ -199,7 +199,7 @@ def _keep_dir(parent: Path, name: str, problems: Problems) -> bool:
     if name.startswith("."):
         problems.add("hidden", path, "hidden folder (contents not read)")
         return False
-    if path.is_symlink() and _points_to_a_parent(path):
+    if path.is_symlink() and points_to_a_parent(path):
         problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
         return False
     if RunFolder(path).is_run():
