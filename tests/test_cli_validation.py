@@ -304,6 +304,8 @@ def test_predict_on_a_device_that_is_not_there_or_with_an_onnx_model_is_one_line
         _check_one_line(capsys, _run(["predict", str(run), image, "--device", "cuda"]), ["no CUDA GPU"])
     assert _run(["predict", str(run), image, "--device", "cpu"]) == 0
     assert "ants" in capsys.readouterr().out
+    # '' is the working folder to Path: every image under it was predicted
+    _check_one_line(capsys, _run(["predict", str(run), image, ""]), ["empty path", "names no file or folder"])
 
 
 def test_predict_out_never_replaces_an_image_and_writes_into_links_and_pipes(tmp_path, capsys):

@@ -24,6 +24,16 @@ def test_a_bad_item_in_the_middle_keeps_the_labels_of_the_others():
     assert batch.errors == [None, None, "cannot read bad3", None, None]
 
 
+def test_an_error_without_words_is_named_by_its_kind():
+    """Pillow raises a bare AssertionError on some damaged files: the row's error was empty, as if it had none."""
+    def preprocess(item):
+        if item == "x":
+            raise AssertionError  # bare, as Pillow's
+        return 1.0
+
+    assert read_batch(["a", "x"], preprocess).errors == [None, "AssertionError"]
+
+
 def test_chunks_put_each_row_where_its_file_was():
     items = ["a1", "bad2", "a3", "a4", "bad5", "a6", "a7"]
 

@@ -38,6 +38,8 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     error."""
     out: list[str] = []
     for item in inputs:
+        if not str(item):  # Path("") is the working folder, whose every image was predicted
+            raise UsageError("an empty path ('') names no file or folder")
         path = Path(item)
         if path.is_dir():
             out += _images_under(path)
@@ -187,7 +189,7 @@ def _read_one(preprocess, item) -> tuple[object, str | None]:
     try:
         return preprocess(item), None
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-        return None, str(exc)
+        return None, str(exc) or type(exc).__name__  # Pillow's bare AssertionError left the row's error empty
 
 
 def _batch_of(results: list[tuple[object, str | None]]) -> Batch:
