@@ -185,6 +185,10 @@ def test_predict_engine_onnx_with_a_run_folder_uses_its_export(tiny_run, tmp_pat
     by_folder = json.loads(capsys.readouterr().out)
     assert main(["predict", str(copy / "export" / "model.onnx"), image, "--format", "json"]) == 0
     assert by_folder == json.loads(capsys.readouterr().out) and by_folder[0]["label"] in ("ants", "bees")
+    # the export folder given for the run: it said "no checkpoint at RUN/export/best.safetensors"
+    assert main(["predict", str(copy / "export"), image]) == 5
+    assert f"{copy / 'export'} holds an exported model, not a run: pass {copy / 'export' / 'model.onnx'}" in \
+        capsys.readouterr().err
 
 
 # ---- an unreadable file in the middle of a batch shifts no label (predict, evaluate, export's check) ----

@@ -43,7 +43,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder means its best checkpoint; a file is taken as is."""
     path = Path(path)
     if path.is_dir():
-        path = RunFolder(path).best
+        folder, path = path, RunFolder(path).best
+        exported = sorted(folder.glob("*.onnx")) if not path.exists() else []
+        if exported:  # RUN/export given for the run: "no checkpoint at RUN/export/best.safetensors" named no way on
+            raise CheckpointError(f"{folder} holds an exported model, not a run: pass {exported[0]}")
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} (pass a run folder or a .safetensors file)")
     return path
