@@ -120,7 +120,10 @@ def test_the_api_classifies_images_held_in_memory_as_it_does_their_files(tiny_fo
     rows = clf.predict_table([rgb[0], tiny_folder / "val"], top_k=1)
     assert [r["path"] for r in rows[:2]] == ["<image 0>", str(files[0])] and len(rows) == 1 + len(files)
     for bad, why in ((np.zeros((3, 40, 40), np.uint8), "channels last"), (rgb[0] * 2.0, "spans"),
-                     (rgb[0] > 9, "not bool")):
+                     (rgb[0] > 9, "not bool"),
+                     # NaN pixels were read as black, and an all-NaN image "spanned nan to nan"
+                     (np.where(rgb[0] > 128, np.nan, rgb[0] / 255.0), "NaN or infinite values"),
+                     (np.full((8, 8), np.nan), "holds 64 NaN or infinite values of 64")):
         with pytest.raises(UsageError, match=why):
             clf.predict(bad)
 

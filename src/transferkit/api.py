@@ -397,10 +397,13 @@ def _array_image(array):
     if a.dtype.kind == "u" and a.dtype.itemsize == 2 and a.ndim == 2:  # 16-bit grey (as cv2 or tifffile read it)
         # as its PNG reads, against the run's 16-bit white: 60000 was refused, a dark 100 taken for 8-bit 100
         return Image.fromarray(a.astype(np.uint16))  # mode I;16 (native byte order)
+    if a.dtype.kind == "f" and not np.isfinite(a).all():  # NaN pixels were read as black, an all-NaN image
+        raise UsageError(f"an image array holds {np.count_nonzero(~np.isfinite(a))} NaN or infinite values of "
+                         f"{a.size}; fill or drop them first")  # as "spans nan to nan" with numpy's warning
     if a.dtype != np.uint8:
-        low, high = float(np.nanmin(a)), float(np.nanmax(a))
+        low, high = float(a.min()), float(a.max())
         if a.dtype.kind == "f" and 0.0 <= low and high <= 1.0:
-            a = np.rint(np.nan_to_num(a) * 255.0)
+            a = np.rint(a * 255.0)
         elif not (a.dtype.kind in "iu" and 0 <= low and high <= 255):
             raise UsageError(f"an image array holds uint8 0-255 or floats 0-1; this {a.dtype} one spans "
                              f"{low:g} to {high:g}")
