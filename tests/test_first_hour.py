@@ -348,6 +348,10 @@ def test_a_loaded_run_says_what_it_is_evaluates_and_exports(flat_run, tmp_path, 
     assert ev["trained_on"]["left_out"] == saved["train_images"] and ev["n"] == saved["val_images"]
     assert ev["accuracy"] == pytest.approx(saved["best_val_acc"], abs=1.01 / ev["n"])
     assert (tmp_path / "ev" / "evaluation.json").exists()
+    # tta=True as the CLI's bare --tta (auto: the mirror here), False as none; True was refused
+    with_tta = clf.evaluate(flat_run.data, tta=True, out=tmp_path / "ev")["tta"]
+    assert with_tta["kind"] != "none" and with_tta == clf.evaluate(flat_run.data, tta="auto", out=tmp_path / "ev")["tta"]
+    assert clf.evaluate(flat_run.data, tta=False, out=tmp_path / "ev")["accuracy"] == ev["accuracy"]
     result = clf.export("onnx", out=tmp_path / "export")
     assert Path(result["path"]).is_file() and result["parity"]["top1_agreement"] == 1.0
     with pytest.raises(UsageError, match="^format must be one of onnx, torchscript, not 'tflite'$"):
@@ -412,6 +416,7 @@ def test_the_api_names_an_argument_of_the_wrong_kind_in_one_line(flat_run, tmp_p
     for call, words in ((lambda: clf.evaluate(None), "^data must be a path"),
                         (lambda: clf.evaluate(flat_run.data, out=5), "^out must be a path"),
                         (lambda: clf.evaluate(flat_run.data, include_train="no"), "^include_train must be True or"),
+                        (lambda: tk.train(flat_run.data, verbose="no"), "^verbose must be True or False"),
                         (lambda: clf.export("onnx", out=5), "^out must be a path")):
         with pytest.raises(UsageError, match=words):
             call()

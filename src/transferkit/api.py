@@ -119,6 +119,8 @@ class Classifier:
         _path("out", out, optional=True)
         if not isinstance(include_train, (bool, np.bool_)):  # "no" would be true, and score the training images
             raise UsageError(f"include_train must be True or False, not {include_train!r}")
+        if isinstance(tta, bool):  # as the CLI's bare --tta: auto; False as none (it was refused)
+            tta = "auto" if tta else None
         with _api_wording():
             return evaluate_run(self.checkpoint_, data, tta=tta, out=out, include_train=include_train)
 
@@ -251,6 +253,8 @@ def _messages(verbose: bool):
     """What the run does (the scan, the search's plan and candidates, the result) on stderr, as the CLI prints
     it, where the program calling has not set up logging: without a handler Python shows warnings only, and a
     notebook user would wait minutes before a word. A program that has set up logging keeps its own handlers."""
+    if not isinstance(verbose, (bool, np.bool_)):  # "no" was true
+        raise UsageError(f"verbose must be True or False, not {verbose!r}")
     logger = logging.getLogger("transferkit")
     if not verbose or logger.hasHandlers():
         yield
