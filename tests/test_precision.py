@@ -286,3 +286,16 @@ def test_predict_auto_precision_is_the_one_the_run_scored_its_val_images_in(tmp_
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     metrics_file.unlink()  # an unfinished or copied run: nothing says how its numbers were computed
     assert Predictor(run).precision == "fp32"
+
+
+@pytest.mark.parametrize("metrics", [{"precision": "bf16"}, {"precision": {"resolved": "bf16"}, "source": "x"}, [1]])
+def test_a_hand_edited_metrics_file_predicts_in_fp32(tmp_path, metrics):
+    """metrics.json sections written otherwise than the run writes them (a hand-edited `"precision": "bf16"`)
+    were an AttributeError traceback in every predict; a run folder that does not say means fp32."""
+    from transferkit.predict import run_precision
+
+    (tmp_path / "best.safetensors").write_bytes(b"")  # only its place is read here
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    expected = precision.resolve("auto", torch.device("cpu")) if isinstance(metrics, dict) and \
+        metrics.get("source") == "x" else "fp32"
+    assert run_precision(tmp_path, torch.device("cpu")) == expected

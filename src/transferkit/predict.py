@@ -76,10 +76,17 @@ def run_precision(checkpoint: str | Path, device: torch.device) -> str:
     0.8643 on the val images its run reported at 0.8674) and where the run folder does not say (a copied
     checkpoint, an unfinished run)."""
     metrics = RunFolder.read_json(RunFolder(resolve_checkpoint(checkpoint).parent).metrics) or {}
-    trained = (metrics.get("precision") or {}).get("resolved")
-    frozen = (metrics.get("source") or {}).get("engine")  # features and activations: the engine that made them
+    trained = _field(metrics, "precision", "resolved")
+    frozen = _field(metrics, "source", "engine")  # features and activations: the engine that made them
     in_bf16 = trained == "bf16" and (frozen is None or str(frozen).endswith("bf16"))
     return precisions.resolve("auto", device) if in_bf16 else "fp32"
+
+
+def _field(metrics: dict, section: str, key: str):
+    """metrics.json's section[key], None where the file does not have it as written (a hand-edited `"precision":
+    "bf16"` was an AttributeError traceback)."""
+    part = metrics.get(section)
+    return part.get(key) if isinstance(part, dict) else None
 
 
 class Predictor:
