@@ -57,3 +57,21 @@ def _no_gpu_unless_marked(request, monkeypatch):
 def _isolated_cache(tmp_path, monkeypatch):
     """Feature caches go to a per-test folder; converted pretrained weights are shared (read-only use)."""
     monkeypatch.setenv("TRANSFERKIT_FEATURE_CACHE", str(tmp_path / "feature-cache"))
+
+
+def wait_for_epoch(run: Path, proc, epoch: int, timeout: float = 240) -> None:
+    """Until the training process `proc` has written RUN/last.json for `epoch` (then a test stops it mid-run)."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if json.loads((run / "last.json").read_text())["epoch"] >= epoch:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no last checkpoint for epoch {epoch} within {timeout}s")

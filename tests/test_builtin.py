@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import threading
+import time
 import zipfile
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -112,6 +113,24 @@ def test_elpv_refuses_a_foreign_non_empty_folder_and_bad_class_count(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
+def test_elpv_a_folder_grouped_otherwise_is_not_taken_for_the_asked_split(tmp_path):
+    """A folder made with --group-correlation 0.995 (images moved across the split) was returned as the default
+    split: the grouping was compared only where the rerun asked for one."""
+    out = tmp_path / "elpv"
+    (out / "train").mkdir(parents=True)
+    made = {"format": builtin.ELPV_FORMAT, "classes": 2, "seed": 0}
+    (out / "elpv.json").write_text(json.dumps({**made, "group_correlation": 0.995}))
+    with pytest.raises(UsageError, match=r"\(it holds ELPV made with classes=2, seed=0, group_correlation=0.995\)"):
+        materialize_elpv(out, classes=2, seed=0)
+    (out / "elpv.json").write_text(json.dumps({**made, "group_correlation": None}))  # no grouping: the same split
+    assert materialize_elpv(out, classes=2, seed=0)["created"] is False
+    with pytest.raises(UsageError, match="made with classes=2, seed=0, group_correlation=0.995 \\(it holds"):
+        materialize_elpv(out, classes=2, seed=0, group_correlation=0.995)
+    (out / "elpv.json").write_text("[1]")  # JSON, but no summary: refused in one line
+    with pytest.raises(UsageError, match="choose another folder"):
+        materialize_elpv(out, classes=2, seed=0)
+
+
 def test_elpv_bad_seed_and_group_correlation_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="--seed must be a whole number from 0 to 2\\*\\*32 - 1, not -1"):
         materialize_elpv(tmp_path / "a", seed=-1)  # was scikit-learn's InvalidParameterError
@@ -181,6 +200,11 @@ class _RangeHandler(BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if srv.stall_after is not None:  # sends some, then nothing: the client's read times out
+            self.wfile.write(body[:srv.stall_after])
+            self.wfile.flush()
+            time.sleep(1.5)
+            return
         if srv.drop_after is not None:
             cut, srv.drop_after = srv.drop_after, None
             self.wfile.write(body[:cut])
@@ -194,7 +218,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    srv.payload, srv.seen, srv.honour_range, srv.drop_after = _zip_bytes(), [], True, None
+    srv.payload, srv.seen, srv.honour_range, srv.drop_after, srv.stall_after = _zip_bytes(), [], True, None, None
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}/hymenoptera_data.zip"
@@ -240,6 +264,17 @@ def test_interrupted_download_is_resumed_on_the_next_call(server, tmp_path):
     path = download_hymenoptera(tmp_path, url=server.url, sha256=_sha(server.payload), timeout=5)
     _assert_extracted(path, tmp_path)
     assert server.seen == [None, f"bytes={len(server.payload) // 3}-"]
+
+
+def test_a_download_that_times_out_midway_says_a_rerun_resumes_it(server, tmp_path, monkeypatch):
+    """A read timeout kept the .part, but the message only said to download by hand."""
+    monkeypatch.setattr(builtin, "_CHUNK", 50)  # blocks of 50 bytes: the two before the stall are written
+    server.stall_after = 100
+    with pytest.raises(DataError, match="timed out after 100 bytes \\(run again to resume\\)"):
+        download_hymenoptera(tmp_path, url=server.url, sha256=_sha(server.payload), timeout=0.5)
+    server.stall_after = None
+    _assert_extracted(download_hymenoptera(tmp_path, url=server.url, sha256=_sha(server.payload), timeout=5), tmp_path)
+    assert server.seen == [None, "bytes=100-"]
 
 
 def test_server_without_range_support_restarts_cleanly(server, tmp_path):

@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from conftest import make_image_folder
+from conftest import make_image_folder, wait_for_epoch
 
 from transferkit.cli import main
 from transferkit.compare import VARIANTS
@@ -58,3 +58,33 @@ def test_compare_refuses_a_bad_option_before_its_first_run(tmp_path, capsys, cap
     assert main(["compare", str(data), "--epochs", "1", "--out", str(run)]) == 2
     assert "holds a training run" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.slow
+def test_a_stopped_compare_goes_on_with_the_same_command(tmp_path, capsys):
+    """SIGTERM during the second run killed compare at once, and the same command then refused the finished
+    first run (--overwrite trained all three again). Now the batch finishes, the exit code is 143, and the same
+    command keeps the finished run, resumes the stopped one and trains the last."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    data = make_image_folder(tmp_path / "data", n_train=4, n_val=2, size=40)
+    out = tmp_path / "cmp"
+    args = ["compare", str(data), "--epochs", "3", "--image-size", "64", "--batch-size", "4", "--out", str(out)]
+    env = {**os.environ, "TRANSFERKIT_TEST_BATCH_DELAY": "0.4"}
+    proc = subprocess.Popen([sys.executable, "-m", "transferkit", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(out / "pretrained-finetune", proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith("run the same compare command again to continue it "
+                                                 "(finished runs are kept)")
+    first = (out / "pretrained-feature-extract" / "metrics.json").stat().st_mtime_ns
+    assert not (out / "pretrained-finetune" / "metrics.json").exists()
+    assert main(args) == 0
+    assert (out / "pretrained-feature-extract" / "metrics.json").stat().st_mtime_ns == first  # kept, not retrained
+    result = json.loads((out / "compare.json").read_text())
+    assert [len(run["val_acc"]) for run in result["runs"].values()] == [3, 3, 3]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder
+from conftest import make_image_folder, wait_for_epoch
 from tiny_run import evaluate_on_cpu
 from transferkit import cli
 from transferkit.config import TrainConfig
@@ -109,9 +109,59 @@ def test_gather_eval_in_one_process_sorts_and_drops_repeats():
     np.testing.assert_allclose(loss, [0.2, 0.3, 0.1])
 
 
+@pytest.mark.slow  # two runs of two processes under torchrun
+def test_sigterm_to_the_nproc_launcher_stops_its_workers_and_the_run_resumes(odd_folder, tmp_path):
+    """SIGTERM to `train --nproc 2` (kill PID, a scheduler) ended that process alone: torchrun and the workers
+    trained on unseen. Now they stop after the batch, keep `last`, and the launcher exits 143 without a traceback."""
+    import signal
+
+    from transferkit.run_folder import RunFolder
+
+    args = [sys.executable, "-m", "transferkit", "train", str(odd_folder), "--recipe", "tutorial", "--mode",
+            "finetune", "--epochs", "4", "--no-pretrained", "--batch-size", "2", "--out", "run", "--nproc", "2",
+            "--precision", "fp32"]
+    env = {**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(tmp_path / "cache"), "TRANSFERKIT_DIST_TIMEOUT_MIN": "2",
+           "TRANSFERKIT_TEST_BATCH_DELAY": "0.3"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(tmp_path / "run", proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert "resume with: transferkit train --resume run --nproc 2" in err  # one process: half the global batch
+    assert RunFolder(tmp_path / "run").training_process() is None  # no worker trains on
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    _run([sys.executable, "-m", "transferkit", "train", "--resume", "run", "--nproc", "2"], tmp_path,
+         tmp_path / "cache")
+    history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert [h["epoch"] for h in history] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.slow  # two torch processes start
+def test_a_rank_s_one_line_error_ends_the_nproc_job_with_its_exit_code_and_no_traceback(tmp_path):
+    """torchrun answered a worker's DataError with exit code 1, a traceback and a failure report."""
+    make_image_folder(tmp_path / "one", n_train=3, n_val=0, size=32, classes=("ants",), with_val=False)
+    proc = subprocess.run([sys.executable, "-m", "transferkit", "train", str(tmp_path / "one" / "train"), "--recipe",
+                           "tutorial", "--out", str(tmp_path / "run"), "--nproc", "2"], cwd=tmp_path,
+                          env={**os.environ, "TRANSFERKIT_FEATURE_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 3 and "need at least 2" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+def test_the_resume_command_of_a_stopped_rank_keeps_its_processes(monkeypatch):
+    from transferkit.engine.signals import resume_command
+
+    assert resume_command("run") == "transferkit train --resume run"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command("run") == "transferkit train --resume run --nproc 2"
+    monkeypatch.setenv("WORLD_SIZE", "16")  # two machines of 8: only torchrun starts that again
+    assert resume_command("run").endswith("under the same torchrun command")
+
+
 def test_torchrun_command_drops_nproc_and_checks_it():
     cmd = distributed.torchrun_command(3, ["-v", "train", "D", "--nproc", "3", "--epochs", "2", "--nproc=3"])
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    assert cmd[1:6] == ["-m", "transferkit.engine.launcher", "--standalone", "--nproc_per_node", "3"]
     assert cmd[6:] == ["-m", "transferkit", "-v", "train", "D", "--epochs", "2"]
     with pytest.raises(distributed.UsageError):
         distributed.torchrun_command(0, [])
@@ -124,14 +174,24 @@ def test_linear_lr_scaling_only_with_several_data_parallel_ranks():
         TrainConfig(data="d", scale_lr="sqrt").validate()
 
 
-def test_a_lost_or_stalled_peer_is_one_clear_training_error():
+def test_a_lost_or_stalled_peer_is_one_clear_training_error(tmp_path):
     @distributed.session
     def stalled(cfg):
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
                            "6000ms for recv operation to complete")
 
-    with pytest.raises(distributed.TrainingError, match="lost contact with the other processes"):
+    with pytest.raises(distributed.TrainingError, match="lost contact with the other processes") as info:
         stalled(TrainConfig(data="d"))
+    assert "resume with" not in str(info.value)  # no run folder yet
+    from transferkit.engine import signals
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.safetensors").write_bytes(b"")
+    signals.note_run_dir(tmp_path / "run")  # a rank killed midway: the run goes on from `last`
+    with pytest.raises(distributed.TrainingError, match=f"minutes; resume with: transferkit train --resume "
+                                                        f"{tmp_path / 'run'}$"):
+        stalled(TrainConfig(data="d"))
+    signals._run_dir.clear()
 
     @distributed.session
     def bug(cfg):
@@ -155,7 +215,7 @@ def test_nproc_counts_gpus_for_the_device_the_processes_will_use(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     launched = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    monkeypatch.setattr(distributed, "launch", lambda cmd: launched.append(cmd) or 0)
     config = tmp_path / "cpu.yaml"
     config.write_text(f"data: {tmp_path}\nrecipe: tutorial\ndevice: cpu\n")
     assert cli.main(["train", "--config", str(config), "--nproc", "2"]) == 0 and launched

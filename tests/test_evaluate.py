@@ -178,6 +178,28 @@ def test_split_csv_and_class_checks(tiny_run, tmp_path):
     assert evaluate_run(run, odd, out=tmp_path)["per_class"][1]["support"] == 0
 
 
+def test_training_images_are_recognised_in_a_copy_of_the_data_folder(tiny_run, tmp_path):
+    """Matched by path alone, a copy's training images were scored as new ones (0 left out, a flattering score)."""
+    data, run = tiny_run
+    flat = shutil.copytree(data / "train", tmp_path / "flat")  # train and val images side by side, other paths
+    for cls in ("ants", "bees"):
+        for image in (data / "val" / cls).iterdir():
+            shutil.copy(image, flat / cls / image.name)
+    ev = evaluate_run(run, flat, out=tmp_path)
+    assert ev["trained_on"] == {"left_out": 16, "included": 0, "known": True} and ev["n"] == 12
+    copy = shutil.copytree(data, tmp_path / "copy")
+    with pytest.raises(DataError, match="every image"):
+        evaluate_run(run, copy / "train", out=tmp_path)
+
+
+def test_a_run_folder_inside_the_data_folder_is_no_class(tiny_run, tmp_path):
+    """train DATA --out DATA/run: training's scan skips the run folder, and so does evaluate."""
+    data, run = tiny_run
+    folder = shutil.copytree(data / "val", tmp_path / "flat")
+    shutil.copytree(run, folder / "myrun")
+    assert evaluate_run(run, folder, out=tmp_path)["n"] == 12
+
+
 def test_missing_manifest_files_are_named_once_per_split_read(tiny_run, tmp_path, caplog):
     from transferkit.evaluate import manifest_items
 

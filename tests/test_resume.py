@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import wait_for_epoch
 from transferkit import cli
 from transferkit.config import TrainConfig
 from transferkit.engine import callbacks, signals
@@ -53,20 +53,6 @@ def _assert_same_run(resumed: dict, reference: dict, run: Path) -> None:
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
 
 
-def _wait_for_epoch(run: Path, proc: subprocess.Popen, epoch: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        try:
-            if json.loads((run / "last.json").read_text())["epoch"] >= epoch:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no last checkpoint for epoch {epoch} within {timeout}s")
-
-
 def _start_cli(data: Path, run: Path, opts: dict) -> subprocess.Popen:
     env = {**os.environ, signals.BATCH_DELAY_ENV: "0.4"}  # test-only: makes mid-epoch kills observable
     return subprocess.Popen([sys.executable, "-m", "transferkit", *_cli_args(data, run, opts)], env=env,
@@ -84,7 +70,7 @@ def test_killed_and_terminated_runs_resume_exactly(tiny_folder, tmp_path, capsys
 
     killed = tmp_path / "killed"
     proc = _start_cli(tiny_folder, killed, FE)
-    _wait_for_epoch(killed, proc, 1)
+    wait_for_epoch(killed, proc, 1)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     done = read_meta(killed / "last.safetensors")["epoch"]
@@ -93,7 +79,7 @@ def test_killed_and_terminated_runs_resume_exactly(tiny_folder, tmp_path, capsys
 
     stopped = tmp_path / "stopped"
     proc = _start_cli(tiny_folder, stopped, FE)
-    _wait_for_epoch(stopped, proc, 1)
+    wait_for_epoch(stopped, proc, 1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]

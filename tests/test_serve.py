@@ -157,6 +157,8 @@ def _bad_requests(good: bytes) -> dict:
         "raw body not an image": (b"hello", {"Content-Type": "image/jpeg"}, "?name=a.jpg", 422,
                                   ["a.jpg", "not an image"]),
         "raw body too large": (good + b"\0" * 300_001, {"Content-Type": "image/png"}, "", 413, ["--max-image-bytes"]),
+        "a newline in the name": (good + b"\0" * 300_001, {"Content-Type": "image/png"}, "?name=a%0AINFO:%20b.png", 413,
+                                  ["a\ufffdINFO: b.png"]),  # was two lines, the second a forged log line
         "malformed multipart": (b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=y"}, "", 400,
                                 ["multipart"]),
         "bad top_k": (*files(("a.png", good)), "?top_k=zero", 400, ["top_k"]),
@@ -228,6 +230,115 @@ def test_a_chunked_body_is_cut_off_at_the_limit_without_content_length(server):
         conn.close()
     assert request(server.url + "health")[0] == 200
     assert server.log.read_text().count(refused) == before + 1  # logged when the 413 was sent
+
+
+def _wait_for_line(server, line: str, count: int, timeout: float = 10) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while server.log.read_text().count(line) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.log.read_text()
+
+
+@pytest.mark.parametrize("content_type, start", [
+    ("image/png", b"\x89PNG\r\n\x1a\n"),
+    ("multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\n\r\n'),
+    ("application/json", b'{"images": ['),
+])
+def test_a_client_that_goes_away_mid_upload_is_one_log_line(server, content_type, start):
+    """Starlette's ClientDisconnect was a 500: a traceback (twice) in the log for a client that closed early."""
+    import socket
+    from urllib.parse import urlsplit
+
+    gone = "client went away during POST /predict"
+    before, failed = server.log.read_text().count(gone), server.log.read_text().count("POST /predict failed")
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                     "Content-Length: 100000\r\n\r\n".encode() + start)  # and then no more
+    log = _wait_for_line(server, gone, before + 1)
+    assert log.count(gone) == before + 1 and log.count("POST /predict failed") == failed
+    assert request(server.url + "health")[0] == 200
+
+
+def test_a_json_name_with_a_lone_surrogate_or_a_control_character_is_answered(server, exported):
+    """JSON allows "\\ud800" (no UTF-8 for it); echoing it as the row's path was a 500 (UnicodeEncodeError).
+    A control character ("\\n", ESC) is no part of a name either: each becomes U+FFFD."""
+    good = base64.b64encode(val_images(exported[0])[0].read_bytes())
+    body = (b'{"images": [{"name": "a\\ud800.png", "data": "' + good + b'"}, {"name": "\\udfff", "data": "AAAA"}, '
+            b'{"name": "b\\n\\u001b.png", "data": "' + good + b'"}]}')
+    status, answer = request(server.url + "predict", body, {"Content-Type": "application/json"})
+    assert status == 200, answer
+    assert [row["path"] for row in answer["predictions"]] == ["a\ufffd.png", "\ufffd", "b\ufffd\ufffd.png"]
+    assert answer["predictions"][0]["label"] and "\ufffd" in answer["predictions"][1]["error"]
+
+
+@pytest.mark.parametrize("top_k, shown", [("9" * 5000, 2), ("0" * 5000 + "1", 1), ("12345678901", 2)])
+def test_a_top_k_of_any_length_is_answered(server, exported, top_k, shown):
+    """More than 4300 digits was a 500 (int() refuses them); past the classes, top_k means all of them."""
+    good = val_images(exported[0])[0].read_bytes()
+    status, answer = request(server.url + f"predict?top_k={top_k}", good, {"Content-Type": "image/png"})
+    assert status == 200, answer
+    assert len(answer["predictions"][0]["top_k"]) == shown  # of the 2 classes
+
+
+def test_image_headers_are_read_off_the_event_loop(monkeypatch):
+    """Pillow walks some headers byte by byte (a JPEG of 10 MB of empty markers took 4.5 s to open): read on
+    the event loop, for the pixel limit, they stalled every other request, GET /health included."""
+    import time
+
+    from starlette.requests import Request
+
+    from transferkit.serve import ServeOptions, uploads
+
+    monkeypatch.setattr(uploads, "header_size", lambda data: time.sleep(0.5) or (1, 1))  # a slow header
+
+    async def scenario():
+        messages = [{"type": "http.request", "body": b"x", "more_body": False}]
+
+        async def receive():
+            return messages.pop(0)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
+                 "headers": [(b"content-type", b"image/png")]}
+        gaps = []
+
+        async def ticker():
+            while True:
+                start = time.monotonic()
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - start)
+
+        tick = asyncio.create_task(ticker())
+        got = await uploads.read_uploads(Request(scope, receive), ServeOptions())
+        tick.cancel()
+        return got, max(gaps)
+
+    got, longest_stall = asyncio.run(scenario())
+    assert got == [uploads.Upload("image-0", b"x")]
+    assert longest_stall < 0.3  # the loop kept running while the header was read
+
+
+@pytest.mark.slow
+def test_sigterm_is_not_held_up_by_a_client_that_stalls_its_upload(exported, tmp_path):
+    """A client that sent half its body and waits kept the server from exiting on SIGTERM until the client
+    itself gave up (uvicorn waits for every connection): the process manager's SIGKILL ended it instead."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from transferkit.serve import GRACEFUL_SHUTDOWN_S
+
+    proc = ServerProcess.transferkit(exported[2], log_dir=tmp_path)
+    url = urlsplit(proc.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+                     + b"\0" * 10)
+        assert request(proc.url + "health")[0] == 200  # the stalled request is in flight
+        start = time.monotonic()
+        assert proc.stop(), proc.log.read_text()  # within stop()'s 30 s, and cleanly
+        assert time.monotonic() - start < GRACEFUL_SHUTDOWN_S + 10
 
 
 @pytest.mark.parametrize("method, path, status", [("GET", "predict", 405), ("GET", "nowhere", 404),

@@ -9,7 +9,6 @@ import gc
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 from dataclasses import fields
@@ -318,7 +317,7 @@ def cmd_train(args) -> int:
                          "recipe's flags (the recipe search runs in one process: see its reproduce command)")
     if args.nproc != 1 and not distributed.launched():
         distributed.check_gpu_count(args.nproc, _device_asked(args, options))
-        return subprocess.call(distributed.torchrun_command(args.nproc, args.argv))
+        return distributed.launch(distributed.torchrun_command(args.nproc, args.argv))
     if not distributed.is_main():  # one rank speaks; errors still print on every rank
         for name in ("", "transferkit"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -741,7 +740,10 @@ def cmd_compare(args) -> int:
     options = {k: getattr(args, k) for k in COMPARE_OPTIONS if hasattr(args, k)}
     if args.overwrite:
         options["overwrite"] = True
-    result = compare(args.data, model, out, epochs=args.epochs, **options)
+    from .engine.signals import stop_on_signals
+
+    with stop_on_signals():  # Ctrl-C/SIGTERM: the batch finishes, its run keeps `last`, the same command goes on
+        result = compare(args.data, model, out, epochs=args.epochs, **options)
     print(format_compare_table(result))
     print(f"figure: {result['figure']}")
     return 0

@@ -8,8 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import UsageError
-from .io import atomic_write_json
+from .engine.signals import Interrupted
+from .errors import TransferkitError, UsageError
+from .io import atomic_write_json, read_json_object
 from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ VARIANTS = {
 
 def compare(data: str | Path, model: str, out: str | Path, epochs: int = 15, **options) -> dict:
     """Train the three variants into OUT/<variant>/; write OUT/compare.json and OUT/compare.png."""
-    from .engine.fit import fit
     from .results.plots import plot_compare
 
     out = Path(out)
@@ -37,15 +37,54 @@ def compare(data: str | Path, model: str, out: str | Path, epochs: int = 15, **o
     for cfg in configs.values():  # a bad option stops the comparison before its first run, not after it
         cfg.validate()
     runs = {}
-    for name, cfg in configs.items():
-        log.info("compare: training %s", name)
-        runs[name] = _summary(fit(cfg))
+    # An earlier compare into OUT that stopped partway (no compare.json): its finished runs are kept and its
+    # interrupted one resumed, so the same command continues it; before, it was refused (or --overwrite
+    # trained all three again)
+    again = not base.overwrite and not (out / "compare.json").exists()
+    try:
+        for name, cfg in configs.items():
+            runs[name] = _summary(_run_variant(name, cfg, again))
+    except Interrupted as exc:
+        raise Interrupted(f"{str(exc).split(';')[0]}; run the same compare command again to continue it "
+                          "(finished runs are kept)", exc.exit_code - 128) from None
     figure = plot_compare({name: r["val_acc"] for name, r in runs.items()}, out / "compare.png",
                           title=f"{model}: validation accuracy per epoch")
     result = {"data": str(data), "model": model, "epochs": epochs, "options": options,
               "runs": runs, "figure": str(figure)}
     atomic_write_json(out / "compare.json", result)
     return result
+
+
+def _run_variant(name: str, cfg: TrainConfig, again: bool) -> dict:
+    """The variant's metrics: trained, or where `again` and its folder holds a run of the same options, that
+    finished run's or that interrupted run's resumed."""
+    from .api import resume_run
+    from .engine.fit import fit
+
+    folder = RunFolder(cfg.out)
+    if again and _same_options(folder, cfg):
+        metrics = read_json_object(folder.metrics)  # {} where damaged: trained again, as fit decides
+        if "history" in metrics:
+            log.info("compare: %s already trained in %s (kept)", name, cfg.out)
+            return metrics
+        if not folder.finished() and folder.last.is_file():
+            log.info("compare: resuming %s in %s", name, cfg.out)
+            return resume_run(cfg.out, {})
+    log.info("compare: training %s", name)
+    return fit(cfg)
+
+
+def _same_options(folder: RunFolder, cfg: TrainConfig) -> bool:
+    """Whether the run in FOLDER was made with CFG's options (the data folder resolved: config.yaml holds it
+    absolute)."""
+    try:
+        saved = TrainConfig.from_yaml(folder.config).to_dict()
+    except (OSError, ValueError, TransferkitError):  # no config (an empty folder) or not one of ours
+        return False
+    wanted = cfg.to_dict()
+    if Path(saved.pop("data") or "").resolve() != Path(wanted.pop("data") or "").resolve():
+        return False
+    return all(saved.get(k) == v for k, v in wanted.items() if k not in ("out", "overwrite"))
 
 
 def _summary(metrics: dict) -> dict:

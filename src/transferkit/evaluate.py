@@ -28,9 +28,11 @@ def folder_items(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) for every image under FOLDER/<class>/, labels in the checkpoint's class order. A class folder
     with no images is skipped with a warning, as training drops it; one with images of a class the model does
     not know is refused."""
-    from .data.folders import TEST_DIR_NAMES, TRAIN_DIR_NAMES, case_twins
+    from .data.folders import TEST_DIR_NAMES, TRAIN_DIR_NAMES, case_twins, holds_runs
 
-    subdirs = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and _is_folder(e))
+    # A run folder (train DATA --out DATA/run) is no class: training's scan skipped it too
+    subdirs = sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and _is_folder(e)
+                     and not holds_runs(Path(e.path)))
     if not subdirs:
         raise DataError(f"{folder} has no class subfolders; evaluation needs {folder}/<class>/<image>")
     found = {name: _images_in(folder / name) for name in subdirs}
@@ -216,21 +218,61 @@ def _as_seen_from(folder: Path, path: Path) -> str:
 
 
 def _without_training_images(items, checkpoint: Path, meta: dict, include_train: bool):
-    """Items minus those the run trained on (its split.csv's train rows, matched by resolved path):
-    scoring them would flatter the model. Returns the items kept and the counts for the report."""
+    """Items minus those the run trained on (its split.csv's train rows, matched by resolved path, else by
+    content: a copy or moved copy of the data folder holds them under other paths): scoring them would flatter
+    the model. Returns the items kept and the counts for the report."""
     manifest = RunFolder(checkpoint.parent).split
-    trained = set()
+    trained = []
     if manifest.is_file():
         try:
-            trained = {os.path.realpath(p) for p, _ in
-                       manifest_items(manifest, meta["classes"], "train", meta.get("config", {}).get("data"))}
+            trained = [os.path.realpath(p) for p, _ in
+                       manifest_items(manifest, meta["classes"], "train", meta.get("config", {}).get("data"))]
         except DataError as exc:
             log.warning("cannot tell which images the run trained on (%s); none are left out", exc)
-    seen = [os.path.realpath(p) in trained for p, _ in items]
+    by_path = set(trained)
+    seen = [os.path.realpath(p) in by_path for p, _ in items]
+    if trained and not any(seen) and not _under(items, meta.get("config", {}).get("data")):
+        # another folder than the run's data: maybe a copy of it, whose files only their bytes tell
+        by_content = _same_content(trained, [p for p, _ in items])
+        seen = [p in by_content for p, _ in items]
     n = sum(seen)
     if include_train or not n:
         return items, {"left_out": 0, "included": n, "known": bool(trained)}
     return [it for it, s in zip(items, seen) if not s], {"left_out": n, "included": 0, "known": True}
+
+
+def _under(items, root) -> bool:
+    """Whether the images are in the run's data folder (its test/ or val/ as the run saw it): matched by path."""
+    if not root or not items:
+        return False
+    top = os.path.realpath(root)
+    return os.path.realpath(items[0][0]).startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _same_content(trained: list[str], paths: list[str]) -> set[str]:
+    """The paths whose bytes equal a training file's. Only files of a size that some training file has are
+    hashed (a stat each otherwise), so a folder of other images costs no more than before."""
+    from .data.folders import file_sha256
+
+    def sizes(files):
+        out = {}
+        for f in files:
+            try:
+                out[f] = os.path.getsize(f)
+            except OSError:  # gone meanwhile: cannot match
+                pass
+        return out
+
+    def digest(f):
+        try:
+            return file_sha256(f)
+        except OSError:
+            return None
+
+    train_sizes, sizes_here = sizes(trained), sizes(paths)
+    shared = set(train_sizes.values()) & set(sizes_here.values())
+    hashes = {digest(f) for f, n in train_sizes.items() if n in shared} - {None}
+    return {f for f, n in sizes_here.items() if n in shared and digest(f) in hashes}
 
 
 def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):

@@ -93,13 +93,22 @@ def _existing_elpv(out: Path, wanted: dict) -> dict | None:
         summary = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = None
-    if summary and all(summary.get(k) == v for k, v in wanted.items()) and (out / "train").is_dir():
+    summary = summary if isinstance(summary, dict) else None  # a JSON list there was an AttributeError
+    # group_correlation is compared even where not asked for (absent: the default split, as None is): a folder
+    # grouped at 0.995 (images moved) was taken for the default split
+    if (summary and all(summary.get(k) == wanted.get(k) for k in {*wanted, "group_correlation"})
+            and (out / "train").is_dir()):
         summary.pop("files", None)
         return {**summary, "out": str(out), "created": False}
-    raise UsageError(
-        f"{out} is not empty and does not hold ELPV made with classes={wanted['classes']}, seed={wanted['seed']}; "
-        "choose another folder"
-    )
+    held = f" (it holds ELPV made with {_elpv_options(summary)})" if summary and "seed" in summary else ""
+    raise UsageError(f"{out} is not empty and does not hold ELPV made with {_elpv_options(wanted)}{held}; "
+                     "choose another folder")
+
+
+def _elpv_options(made: dict) -> str:
+    """classes=2, seed=0 and the grouping where it is not the default (that split was made otherwise)."""
+    grouping = f", group_correlation={made['group_correlation']}" if made.get("group_correlation") else ""
+    return f"classes={made.get('classes')}, seed={made.get('seed')}{grouping}"
 
 
 def _elpv_data_dir() -> Path:
@@ -242,8 +251,10 @@ def _download(url: str, part: Path, out: Path, timeout: float) -> None:
             return  # nothing past what we have: the .part is complete; the checksum decides
         raise _download_error(url, out, f"HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise _download_error(url, out, str(reason)) from None
+        reason = str(getattr(exc, "reason", None) or exc)
+        if part.is_file() and part.stat().st_size > have:  # a timeout mid-body: what came is kept
+            reason += f" after {part.stat().st_size} bytes (run again to resume)"
+        raise _download_error(url, out, reason) from None
 
 
 def _save(response, part: Path, have: int, url: str, out: Path) -> None:

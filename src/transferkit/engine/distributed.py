@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import TrainingError, UsageError
+from . import signals
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def session(fit):
             raise TrainingError(
                 f"rank {rank()}: lost contact with the other processes ({first}); another rank probably "
                 f"failed (see its message) or stalled longer than {TIMEOUT_ENV}={minutes:g} minutes"
+                f"{signals.resume_hint()}"  # a rank killed (the OOM killer): the run goes on from `last`
             ) from None
         finally:
             if joined:
@@ -309,6 +311,32 @@ def worker_result(state) -> dict:
     return {"rank": rank(), "run_dir": str(state.out), "written": False}
 
 
+def launch(cmd: list[str]) -> int:
+    """Run the torchrun job of `--nproc` and return its exit code (128 + signal where a signal stopped it).
+    SIGINT/SIGTERM/SIGHUP sent to this process are passed on to torchrun, which stops its workers as a signal
+    stops one process (batch finished, `last` kept). Before, a SIGTERM to this process (kill PID, a scheduler)
+    ended it alone and the workers trained on unseen; and Ctrl-C made subprocess.call SIGKILL torchrun before it
+    could stop them. torchrun gets its own session so that a terminal's Ctrl-C reaches it once, through here."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        proc.send_signal(signum)
+
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    previous = {s: signal.signal(s, forward) for s in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received and code != 0 else code
+
+
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """`transferkit ... --nproc N` as a single-node torchrun job (a free port is picked by --standalone),
     without --nproc, which torchrun's own parser would take for its --nproc-per-node."""
@@ -322,5 +350,5 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
         skip = arg == "--nproc"
         if not skip:
             rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    return [sys.executable, "-m", "transferkit.engine.launcher", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "transferkit", *rest]

@@ -85,8 +85,28 @@ def check_stop(phase: str, next_step: str | None = None) -> None:
         if next_step is None:
             next_step = "what was computed is kept in the cache"
             if _run_dir:
-                next_step += f"; resume with: transferkit train --resume {_run_dir[0]}"
+                next_step += f"; resume with: {resume_command(_run_dir[0])}"
         raise Interrupted(f"interrupted during {phase}; {next_step}", _requested[0])
+
+
+def resume_command(run_dir) -> str:
+    """The command that continues RUN_DIR as it ran: with --nproc N under torchrun, where one process would
+    train on a smaller global batch (batch size × processes) and end unlike the run it continues."""
+    processes = int(os.environ.get("WORLD_SIZE") or 1)
+    if processes == 1:
+        return f"transferkit train --resume {run_dir}"
+    if int(os.environ.get("LOCAL_WORLD_SIZE") or processes) == processes:  # one machine: what --nproc starts
+        return f"transferkit train --resume {run_dir} --nproc {processes}"
+    return f"transferkit train --resume {run_dir}, under the same torchrun command"
+
+
+def resume_hint() -> str:
+    """"; resume with: ..." where the run being guarded can be resumed (its `last` is written), else ""."""
+    from ..run_folder import RunFolder
+
+    if not _run_dir or not RunFolder(_run_dir[0]).last.is_file():
+        return ""
+    return f"; resume with: {resume_command(_run_dir[0])}"
 
 
 def _test_delay() -> None:
@@ -103,7 +123,7 @@ def after_batch(epoch: int, run_dir) -> None:
 
     if not distributed.all_true(not _requested):
         code = _requested[0] if _requested else 128 + signal.SIGTERM
-        raise Interrupted(f"interrupted at epoch {epoch}; resume with: transferkit train --resume {run_dir}",
+        raise Interrupted(f"interrupted at epoch {epoch}; resume with: {resume_command(run_dir)}",
                           code)
 
 

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("onnx", "torch")
 PRECISIONS = ("auto", "fp32", "bf16")  # engine/precision.py, which imports torch
+# On SIGTERM, how long requests in flight may take before they are cut off. Without a bound a client that
+# stops sending in the middle of its body holds the shutdown forever (until the process manager's SIGKILL);
+# a request whose body has arrived takes a forward pass. Under `docker stop`'s 10 s before its SIGKILL.
+GRACEFUL_SHUTDOWN_S = 8
 
 
 @dataclass
@@ -89,7 +93,8 @@ def run_server(model: str, options: ServeOptions, announce: Callable[[str], None
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(served, options), log_level="info", server_header=False,
-                                           access_log=options.access_log))
+                                           access_log=options.access_log,
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     shown = f"[{host}]" if ":" in host else host
     announce(f"serving {served.card['architecture']} ({len(served.card['classes'])} classes, {served.engine} "
              f"engine) from {served.path} at http://{shown}:{port}/")

@@ -13,7 +13,7 @@ from importlib import resources
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
@@ -45,7 +45,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
 
     async def predict(request: Request) -> JSONResponse:
         top_k = _top_k(request)
-        uploads = await read_uploads(request, options)
+        uploads = await read_uploads(request, options, decoder)
         rows = await classify(served, batcher, decoder, uploads, top_k)
         if all(row["error"] for row in rows):
             first = rows[0]["error"]
@@ -65,7 +65,7 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
 
     routes = [Route("/", index), Route("/health", health), Route("/model", model),
               Route("/predict", predict, methods=["POST"])]
-    handlers = {RequestError: _refused, HTTPException: _http_error, Exception: _bug}
+    handlers = {RequestError: _refused, HTTPException: _http_error, ClientDisconnect: _gone, Exception: _bug}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
@@ -88,9 +88,12 @@ async def classify(served: ServedModel, batcher: DynamicBatcher, decoder: Thread
 
 def _top_k(request: Request) -> int:
     text = request.query_params.get("top_k", str(DEFAULT_TOP_K))
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:  # "²".isdigit(), but int("²") fails
+    digits = text.lstrip("0")
+    if not (text.isascii() and text.isdigit()) or not digits:  # "²".isdigit(), but int("²") fails
         raise RequestError(400, f"top_k must be a whole number ≥ 1, not {text!r}")
-    return int(text)  # more than there are classes: all of them, as `predict --top-k`
+    # More than there are classes: all of them, as `predict --top-k`. Past 9 digits every value means
+    # that, and int() refuses a string of over 4300 digits (a ValueError, which was a 500).
+    return int(digits) if len(digits) <= 9 else 10**9
 
 
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
@@ -102,6 +105,13 @@ async def _refused(request: Request, exc: RequestError) -> JSONResponse:
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"}, exc.status_code,
                         headers=exc.headers)
+
+
+async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # The client closed the connection before its body was all sent: nothing to answer and nothing wrong
+    # here, so one line (not a traceback and a 500). The answer goes nowhere; 499 as nginx logs it.
+    log.info("client went away during %s %s before its body was read", request.method, request.url.path)
+    return JSONResponse({"error": "client closed the connection before the body was read"}, 499)
 
 
 async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -11,11 +11,14 @@ An image that is present but unreadable is not a request error: its row says why
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
 import json
+import re
 import warnings
+from concurrent.futures import Executor
 from typing import NamedTuple
 
 from PIL import Image
@@ -25,6 +28,10 @@ from starlette.requests import Request
 
 from . import ServeOptions
 
+# What a client's name for an image must not carry into a one-line error or the log: control characters
+# (a "\n" in ?name= forged a log line) and lone surrogates (JSON allows "\ud800", which has no UTF-8, so the
+# answer echoing it was a 500; json.loads joins the valid pairs).
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 JSON_SHAPE = '{"images": [{"name": "a.jpg", "data": "<base64>"}, ...]}'
 
 
@@ -41,7 +48,8 @@ class Upload(NamedTuple):
     data: bytes
 
 
-async def read_uploads(request: Request, options: ServeOptions) -> list[Upload]:
+async def read_uploads(request: Request, options: ServeOptions, executor: Executor | None = None) -> list[Upload]:
+    """The request's images, refused (RequestError) past a limit; the headers are read in `executor`."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = capped(request, options.max_request_bytes)
     if kind == "multipart/form-data":
@@ -50,14 +58,16 @@ async def read_uploads(request: Request, options: ServeOptions) -> list[Upload]:
         uploads = _json(await body.body(), options)
     elif kind.startswith("image/") or kind == "application/octet-stream":
         data = await body.body()
-        uploads = [Upload(request.query_params.get("name") or "image-0", data)] if data else []
+        uploads = [Upload(printable(request.query_params.get("name") or "image-0"), data)] if data else []
     else:
         raise RequestError(415, f"Content-Type must be multipart/form-data (files), application/json "
                                 f"({JSON_SHAPE}) or image/* (one image as the body), not {kind or 'none'}")
     if not uploads:
         raise RequestError(400, f"no images in the request: send multipart files, JSON {JSON_SHAPE} or one "
                                 "image as the body")
-    _refuse_oversized(uploads, options)
+    # In a thread, not on the event loop: Pillow walks some headers byte by byte (a JPEG of 10 MB of
+    # empty markers before its size took 4.5 s), and the loop must keep answering everyone else meanwhile.
+    await asyncio.get_running_loop().run_in_executor(executor, _refuse_oversized, uploads, options)
     return uploads
 
 
@@ -88,7 +98,7 @@ async def _multipart(request: Request, options: ServeOptions) -> list[Upload]:
         raise RequestError(400, f"cannot read the multipart body: {exc.detail}") from None
     try:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-        return [Upload(f.filename or f"image-{i}", await f.read()) for i, f in enumerate(files)]
+        return [Upload(printable(f.filename or f"image-{i}"), await f.read()) for i, f in enumerate(files)]
     finally:
         await form.close()
 
@@ -117,7 +127,12 @@ def _json_image(i: int, item) -> Upload:
     except (binascii.Error, ValueError):
         raise RequestError(400, f"images[{i}].data is not valid base64") from None
     name = item.get("name")
-    return Upload(name if isinstance(name, str) and name else f"image-{i}", data)
+    return Upload(printable(name) if isinstance(name, str) and name else f"image-{i}", data)
+
+
+def printable(text: str) -> str:
+    """`text` with UNPRINTABLE characters as U+FFFD (as undecodable bytes in ?name= already are)."""
+    return UNPRINTABLE.sub("\ufffd", text)
 
 
 def _refuse_oversized(uploads: list[Upload], options: ServeOptions) -> None:

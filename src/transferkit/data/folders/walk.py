@@ -151,11 +151,16 @@ def class_dirs(split_dir: Path, problems: Problems) -> list[tuple[str, Path]]:
             continue
         if not path.is_dir():
             _outside_class_folder(path, problems)
-        elif RunFolder(path).is_run() or _holds_only_runs(path):  # --out inside DATA, or runs/ of `train .`
+        elif holds_runs(path):
             problems.add("run_folder", path, "transferkit's run folder(s), not training data")
         else:
             classes.append((name, path))
     return classes
+
+
+def holds_runs(path: Path) -> bool:
+    """A run folder (--out inside DATA) or `runs/` of `train .`: no class, for training and evaluate alike."""
+    return RunFolder(path).is_run() or _holds_only_runs(path)
 
 
 def _holds_only_runs(path: Path) -> bool:
