@@ -26,7 +26,6 @@ import numpy as np
 
 from .data.images import has_image_extension
 from .errors import CheckpointError, DataError, UsageError
-from .run_folder import RunFolder
 from .threads import named_pool
 
 # A float export must match the eager model's probabilities to this (and every clear top-1 label).
@@ -52,56 +51,27 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
-def _points_up(path: Path) -> bool:
-    """A symlink to the folder it sits in or to one above it: walked, it read the parent's other folders too."""
-    from .data.folders.walk import points_to_a_parent
-
-    return path.is_symlink() and points_to_a_parent(path)
-
-
 def _images_under(folder: Path) -> list[str]:
-    """The image files under a folder, as the data scan (data/folders/walk.py) counts them, so that predict and
-    evaluate see the images training saw: symlinked folders are followed (each folder once, none that points
-    back up), hidden entries and run folders skipped, and a file without an extension kept where Pillow
-    identifies it."""
-    found: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        try:
-            info = os.stat(root)
-        except OSError:  # removed meanwhile
-            dirs[:] = []
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _points_up(Path(root) / d)
-                         and not RunFolder(Path(root) / d).is_run())  # its figures: no photos of yours
-        found += [str(Path(root) / f) for f in sorted(files) if _is_image_file(Path(root) / f)]
-    return found
+    """The image files under a folder, walked as training's scan walks a class folder (data/folders/walk.py:
+    symlinked folders followed once, hidden ones, links back up and run folders skipped), so that predict and
+    evaluate see the images training saw; a file without an extension kept where Pillow identifies it. Files the
+    scan would refuse (empty, unreadable) stay: their rows say why."""
+    from .data.folders.problems import Problems
+    from .data.folders.walk import folders_under
+
+    return [os.path.join(root, name) for root, names in folders_under(folder, Problems(folder, strict=False))
+            for name in names if _is_image_file(os.path.join(root, name), name)]
 
 
-def _is_image_file(path: Path) -> bool:
-    """Not hidden, and an image extension, or none and an image inside (as training uses it)."""
-    if path.name.startswith("."):
+def _is_image_file(path: str, name: str) -> bool:
+    """Not hidden, and an image extension, or none and a regular file Pillow identifies (a pipe would block)."""
+    from .data.folders.checks import identifies_an_image
+
+    if name.startswith("."):
         return False
-    if has_image_extension(path.name):
+    if has_image_extension(name):
         return True
-    return not os.path.splitext(path.name)[1].lstrip(".") and _identified_image(path)
-
-
-def _identified_image(path: Path) -> bool:
-    """Whether Pillow identifies a regular file as an image (its header only; a pipe would block the open)."""
-    from PIL import Image
-
-    try:
-        if not path.is_file():
-            return False
-        with Image.open(path):
-            return True
-    except Exception:  # noqa: BLE001 - anything Pillow cannot identify is not an image here
-        return False
+    return not os.path.splitext(name)[1].lstrip(".") and os.path.isfile(path) and identifies_an_image(path)
 
 
 def model_kind(path: str | Path) -> str:

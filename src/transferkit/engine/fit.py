@@ -152,7 +152,8 @@ def refuse_to_overwrite(out: Path, overwrite: bool) -> None:
 
 
 def _holds_a_run(out: Path) -> bool:
-    return RunFolder(out).finished() or RunFolder(out).last.is_file()
+    run = RunFolder(out)
+    return run.finished() or run.last.is_file()
 
 
 def _clear_replaced_run(out: Path) -> None:

@@ -69,8 +69,9 @@ def train(cfg: TrainConfig, given=(), resume: bool = False) -> dict:
     if not resume:  # what can be refused is refused before any search time is spent
         cfg.validate()
         cap_setting()
-        check_freeze(get_spec(cfg.model), cfg.mode, cfg.unfreeze)
-        _check_probe_stages(get_spec(cfg.model), cfg.probe_stages)
+        spec = get_spec(cfg.model)
+        check_freeze(spec, cfg.mode, cfg.unfreeze)
+        _check_probe_stages(spec, cfg.probe_stages)
     # The whole search holds --out, not just its final run (under torchrun rank 0 alone: fit).
     with claimed(Path(cfg.out)) if cfg.out and distributed.is_main() else nullcontext():
         if cfg.out and not resume:

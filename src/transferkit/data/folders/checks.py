@@ -169,10 +169,15 @@ def verify_one(path: str, no_ext: bool) -> tuple[str | None, str, str | None, Fi
 
 def _sniff_one(path: str, no_ext: bool) -> tuple[str | None, str, None, None]:
     """Without verification only extension-less files are opened, to see if they are images."""
-    if not no_ext:
+    if not no_ext or identifies_an_image(path):
         return None, "", None, None
+    return "non_image", "no file extension and not an image", None, None
+
+
+def identifies_an_image(path: str) -> bool:
+    """Whether Pillow identifies the file as an image from its header (for a file without an extension)."""
     try:
         with Image.open(path):
-            return None, "", None, None
-    except Exception:  # anything Pillow cannot even identify is not an image for us
-        return "non_image", "no file extension and not an image", None, None
+            return True
+    except Exception:  # noqa: BLE001 - anything Pillow cannot even identify is not an image for us
+        return False

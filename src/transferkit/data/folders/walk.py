@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from transferkit.data.images import IMAGE_EXTENSIONS, has_image_extension
 from transferkit.data.scan_record import file_key
@@ -117,13 +118,13 @@ def _skip_special(name: str, path: Path, problems: Problems) -> bool:
             what = "loops back on itself" if kind == "symlink_loop" else "points to nothing"
             problems.add(kind, path, f"symlink to {os.readlink(path)} {what}")
             return True
-        if points_to_a_parent(path):  # a class folder linked to `..`: the data root again, as one class
+        if _points_to_a_parent(path):  # a class folder linked to `..`: the data root again, as one class
             problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
             return True
     return False
 
 
-def points_to_a_parent(path: Path) -> bool:
+def _points_to_a_parent(path: Path) -> bool:
     """A symlink to the folder it sits in or to a folder above it (a loop the walk would enter once)."""
     target, here = os.path.realpath(path), os.path.realpath(path.parent)
     return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
@@ -172,14 +173,25 @@ def _holds_only_runs(path: Path) -> bool:
 def walk_class(class_dir: Path, problems: Problems) -> list[tuple[str, bool, tuple]]:
     """Candidate image files under a class folder as (path, has_no_extension, file key), sorted."""
     candidates = []
+    for dirpath, filenames in folders_under(class_dir, problems):
+        for name in filenames:
+            candidate = _classify_file(os.path.join(dirpath, name), problems)
+            if candidate is not None:
+                candidates.append(candidate)
+    return sorted(candidates)
+
+
+def folders_under(top: Path, problems: Problems) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its file names sorted) for every folder under `top` a scan reads, top-down: hidden folders, run
+    folders and links back up skipped, each folder once (recorded in `problems`). Following symlinked folders lets
+    class folders be links into other disks; the checks in _keep_dir and the `visited` set keep loops from making
+    this walk endless. Training's scan and predict's folders (inference.expand_inputs) walk alike."""
     visited: set[tuple[int, int]] = set()
 
     def on_error(exc: OSError) -> None:
-        problems.add("unreadable", exc.filename or class_dir, f"cannot list folder: {exc.strerror or exc}")
+        problems.add("unreadable", exc.filename or top, f"cannot list folder: {exc.strerror or exc}")
 
-    # Following symlinked folders lets class folders be links into other disks; the checks
-    # in _keep_dir and the `visited` set keep loops from making this walk endless.
-    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=on_error, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(top, onerror=on_error, followlinks=True):
         try:
             info = os.stat(dirpath)
         except OSError as exc:  # removed while scanning, or a permission change
@@ -192,11 +204,7 @@ def walk_class(class_dir: Path, problems: Problems) -> list[tuple[str, bool, tup
             continue
         visited.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if _keep_dir(Path(dirpath), d, problems))
-        for name in sorted(filenames):
-            candidate = _classify_file(os.path.join(dirpath, name), problems)
-            if candidate is not None:
-                candidates.append(candidate)
-    return sorted(candidates)
+        yield dirpath, sorted(filenames)
 
 
 def _keep_dir(parent: Path, name: str, problems: Problems) -> bool:
@@ -204,7 +212,7 @@ def _keep_dir(parent: Path, name: str, problems: Problems) -> bool:
     if name.startswith("."):
         problems.add("hidden", path, "hidden folder (contents not read)")
         return False
-    if path.is_symlink() and points_to_a_parent(path):
+    if path.is_symlink() and _points_to_a_parent(path):
         problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
         return False
     if RunFolder(path).is_run():
