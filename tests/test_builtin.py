@@ -131,12 +131,19 @@ def test_elpv_a_folder_grouped_otherwise_is_not_taken_for_the_asked_split(tmp_pa
         materialize_elpv(out, classes=2, seed=0)
 
 
-def test_elpv_bad_seed_and_group_correlation_are_one_line_errors(tmp_path, monkeypatch):
+def test_elpv_bad_seed_and_group_correlation_are_one_line_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(UsageError, match="--seed must be a whole number from 0 to 2\\*\\*32 - 1, not -1"):
         materialize_elpv(tmp_path / "a", seed=-1)  # was scikit-learn's InvalidParameterError
     for bad in (float("nan"), 5.0, -3.0):  # nan made a folder no rerun matched; -3 one without val/
         with pytest.raises(UsageError, match="--group-correlation must be a correlation between -1 and 1"):
             materialize_elpv(tmp_path / "b", group_correlation=bad)
+
+    from transferkit.cli import main
+
+    assert main(["data", "elpv", str(tmp_path / "c"), "--no-group-duplicates", "--group-correlation", "5"]) == 2
+    assert ("--group-correlation sets how alike images are grouped, and --no-group-duplicates turns the grouping "
+            "off: drop one of them") in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
     def one_group(data_dir, records, splits, threshold):  # what a correlation of 0 does to ELPV
         splits.update({i: "train" for i in splits})
@@ -282,6 +289,19 @@ def test_server_without_range_support_restarts_cleanly(server, tmp_path):
     (tmp_path / ".hymenoptera_data.zip.part").write_bytes(server.payload[:100])
     path = download_hymenoptera(tmp_path, url=server.url, sha256=_sha(server.payload), timeout=5)
     _assert_extracted(path, tmp_path)
+
+
+def test_an_archive_without_val_leaves_nothing_behind(server, tmp_path):
+    """A zip with train/ but no val/ was unzipped half, then refused; the next call refused the half folder."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("hymenoptera_data/train/ants/0.jpg", encode(random_rgb(1, (48, 48)), "JPEG"))
+    server.payload = buf.getvalue()
+    for _ in range(2):  # the same answer again: nothing was left to trip over
+        with pytest.raises(DataError, match="did not contain hymenoptera_data/train and /val \\(the download was "
+                                            "deleted\\); download it by hand"):
+            download_hymenoptera(tmp_path, url=server.url, sha256=_sha(server.payload), timeout=5)
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_checksum_mismatch_deletes_the_download(server, tmp_path):

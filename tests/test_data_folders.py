@@ -10,6 +10,7 @@ from PIL import Image
 from transferkit.data import images
 from transferkit.data.folders.checks import verify_one
 from transferkit.data.folders import (
+    CHECK_FILES,
     INFORMATIONAL_KINDS,
     DataScan,
     file_sha256,
@@ -328,8 +329,26 @@ def test_run_folders_inside_the_data_are_not_classes(tmp_path):
     assert len(used) == 12 and not any("confusion" in p for p in used)
     assert [e["path"] for e in scan.problems["run_folder"]] == ["run1", "runs", "a/sub/run9"]
     assert "run_folder" in INFORMATIONAL_KINDS
-    assert any(line.startswith("ignored 3 transferkit run folders inside the data folder")
+    assert any(line.startswith("ignored 3 folders of transferkit's output (runs, data checks) inside the data folder")
                for line in scan.summary_lines())
+
+
+def test_data_check_output_inside_the_data_is_no_class(tmp_path):
+    """`transferkit data check DATA --out DATA/chk` (or `data check .` run in DATA, which writes runs/check-DATA):
+    the next scan of DATA read chk/ as a class whose check.json and check.html were unusable files, and the check
+    counted them among its findings. A folder holding both files the check writes is skipped as run folders are,
+    alone, beside runs in runs/, or nested in a class; a class holding only one of the two names is still a class."""
+    root = _flat(tmp_path / "data", {"a": 6, "b": 6})
+    for out in (root / "chk", root / "runs" / "check-data", root / "a" / "sub" / "chk2"):
+        out.mkdir(parents=True)
+        for name in CHECK_FILES:
+            (out / name).write_text("{}")
+    (root / "b" / "check.json").write_text("{}")  # a class folder with a stray check.json stays a class
+    scan = scan_dataset(root)
+    assert scan.classes == ["a", "b"]
+    assert len(_paths(scan.train) + _paths(scan.val)) == 12
+    assert [e["path"] for e in scan.problems["run_folder"]] == ["chk", "runs", "a/sub/chk2"]
+    assert not scan.problems.get("empty_class")
 
 
 def test_a_mac_zip_s_resource_fork_folder_is_not_a_class(tmp_path):

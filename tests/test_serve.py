@@ -23,7 +23,7 @@ pytest.importorskip("multipart")
 from serve_client import ServerProcess, multipart, post_files, request  # noqa: E402
 from tiny_run import export_tiny  # noqa: E402
 
-from transferkit.serve.batching import DynamicBatcher  # noqa: E402
+from transferkit.serve.batching import DynamicBatcher, InferenceFailed  # noqa: E402
 
 # Small limits so that each one is cheap to cross.
 LIMITS = ["--max-files", "12", "--max-image-bytes", "300000", "--max-request-bytes", "2000000",
@@ -461,8 +461,9 @@ def test_batcher_runs_a_partial_batch_after_max_wait_and_survives_an_error():
         batcher.start()
         first = await asyncio.wait_for(asyncio.gather(batcher.submit([1, 2]), batcher.submit([3])), 10)
         batcher.infer = lambda inputs: 1 / 0
-        with pytest.raises(ZeroDivisionError):
+        with pytest.raises(InferenceFailed, match="inference failed \\(ZeroDivisionError: division by zero\\)") as err:
             await asyncio.wait_for(batcher.submit([4]), 10)
+        assert isinstance(err.value.__cause__, ZeroDivisionError)
         batcher.infer = lambda inputs: np.zeros((len(inputs), 2))
         after = await asyncio.wait_for(batcher.submit([5]), 10)
         await batcher.stop()
@@ -471,6 +472,66 @@ def test_batcher_runs_a_partial_batch_after_max_wait_and_survives_an_error():
     sizes, first, after, stats = asyncio.run(scenario())
     assert sizes == [3] and [r[:, 0].tolist() for r in first] == [[1, 2], [3]]
     assert after.shape == (1, 2) and stats["batches"] == 2 and stats["images"] == 4
+
+
+async def _asgi_post(app, body: bytes) -> tuple[int, dict]:
+    """POST /predict to `app` as an ASGI server would (lifespan around it): (status, JSON answer). An error the
+    app raises on after answering (Starlette does, for the server to log its traceback) is raised here."""
+    lifespan_in: asyncio.Queue = asyncio.Queue()
+    lifespan_out: list[dict] = []
+    await lifespan_in.put({"type": "lifespan.startup"})
+
+    async def lifespan_send(message):
+        lifespan_out.append(message)
+
+    lifespan = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_in.get,
+                                       lifespan_send))
+    while not lifespan_out:
+        await asyncio.sleep(0.01)
+    body_parts = [{"type": "http.request", "body": body, "more_body": False}]
+    answer: list[dict] = []
+
+    async def receive():
+        return body_parts.pop(0) if body_parts else {"type": "http.disconnect"}
+
+    async def send(message):
+        answer.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    try:
+        await app(scope, receive, send)
+    finally:
+        await lifespan_in.put({"type": "lifespan.shutdown"})
+        await lifespan
+    status = next(m["status"] for m in answer if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body"))
+
+
+def test_a_failed_forward_pass_is_one_traceback_in_the_log_and_a_500(exported, caplog):
+    """An engine that raised mid-batch left three tracebacks per request in the server log: the batcher's, the
+    app's error handler's, and uvicorn's (Starlette raised the handled error on). Now the batcher's alone, one
+    line per request, and the answer a one-line 500."""
+    from transferkit.serve import ServeOptions
+    from transferkit.serve.app import create_app
+    from transferkit.serve.model import load_served_model
+
+    served = load_served_model(str(exported[2]))
+
+    def exploding(inputs):
+        raise RuntimeError("engine exploded")
+
+    served.classifier.table_of = exploding
+    image = next(p for p in exported[0].rglob("*") if p.suffix.lower() in (".png", ".jpg")).read_bytes()
+    with caplog.at_level("INFO", logger="transferkit"):
+        status, answer = asyncio.run(_asgi_post(create_app(served, ServeOptions()), image))  # nothing raised on
+    assert status == 500 and answer == {"error": "internal error (RuntimeError); see the server log"}
+    ours = [r for r in caplog.records if r.name.startswith("transferkit.serve")]
+    assert sum(r.exc_info is not None for r in ours) == 1
+    assert any(r.getMessage() == "POST /predict failed: inference failed (RuntimeError: engine exploded)"
+               for r in ours)
 
 
 def test_two_lanes_run_batches_side_by_side_and_one_lane_never_does():

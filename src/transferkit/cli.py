@@ -603,6 +603,11 @@ def cmd_data(args) -> int:
     if args.dataset == "check":
         return cmd_data_check(args)
     if args.dataset == "elpv":
+        if args.group_correlation is not None and not args.group_duplicates:  # was taken and silently unused
+            from .errors import UsageError
+
+            raise UsageError("--group-correlation sets how alike images are grouped, and --no-group-duplicates "
+                             "turns the grouping off: drop one of them")
         grouping = {} if args.group_correlation is None else {"group_correlation": args.group_correlation}
         summary = builtin.materialize_elpv(args.out, classes=args.classes, seed=args.seed,
                                            group_duplicates=args.group_duplicates, **grouping)

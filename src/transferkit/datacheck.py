@@ -29,7 +29,7 @@ import numpy as np
 
 from .data.fingerprint import CROP_SOURCE_SIDE, aligned_similarity, crop_thumbnails
 from .config import Thresholds  # torch-free: the CLI parser reads its defaults
-from .data.folders import INFORMATIONAL_KINDS, DataScan, scan_dataset
+from .data.folders import CHECK_FILES, INFORMATIONAL_KINDS, DataScan, scan_dataset
 from .data.images import load_rgb
 from .preprocessing import SIXTEEN_BIT_WHITE
 from .threads import in_one_blas_thread
@@ -109,8 +109,9 @@ def run_check(data, out, model: str = "efficientnet_lite0", thresholds: Threshol
         report[kind] = report[kind][:th.top]
     report["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(out)
-    atomic_write_json(out / "check.json", report)
-    write_check_html(report, out / "check.html")
+    report_json, report_html = (out / name for name in CHECK_FILES)  # a scan of a folder holding OUT skips it
+    atomic_write_json(report_json, report)
+    write_check_html(report, report_html)
     return {**report, "written_to": str(out)}
 
 

@@ -232,10 +232,8 @@ def download_hymenoptera(out, url=HYMENOPTERA_URL, sha256=HYMENOPTERA_SHA256, ti
     part = out / f".{Path(urllib.parse.urlsplit(url).path).name or 'download.zip'}.part"
     _download(url, part, out, timeout)
     _verify_download(part, sha256, url)
-    _safe_extract(part, out, HYMENOPTERA_FOLDER)
+    _safe_extract(part, out, HYMENOPTERA_FOLDER, needs=("train", "val"), url=url)
     part.unlink()
-    if not ((result / "train").is_dir() and (result / "val").is_dir()):
-        raise DataError(f"{url} did not contain {HYMENOPTERA_FOLDER}/train and /val; download it by hand and unzip into {out}")
     return result
 
 
@@ -303,8 +301,10 @@ def _verify_download(part: Path, sha256: str | None, url: str) -> None:
         )
 
 
-def _safe_extract(archive: Path, out: Path, top: str) -> None:
-    """Unzip only `top`/ into OUT, refusing members that would land outside OUT."""
+def _safe_extract(archive: Path, out: Path, top: str, needs: tuple[str, ...], url: str) -> None:
+    """Unzip only `top`/ into OUT, refusing members that would land outside OUT, and only where `top`/ holds
+    the folders `needs` names: an archive without them leaves nothing behind (it was unzipped half, and the
+    next call refused the folder it left)."""
     base = out.resolve()
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -323,8 +323,11 @@ def _safe_extract(archive: Path, out: Path, top: str) -> None:
             staging = Path(tempfile.mkdtemp(prefix=".extract.", dir=out))
             try:
                 zf.extractall(staging, members=[m for m in zf.infolist() if m.filename.split("/")[0] == top])
-                if (staging / top).is_dir():
-                    os.replace(staging / top, out / top)
+                if not all((staging / top / name).is_dir() for name in needs):
+                    archive.unlink()
+                    raise DataError(f"{url} did not contain {top}/{' and /'.join(needs)} (the download was "
+                                    f"deleted); download it by hand and unzip into {out}")
+                os.replace(staging / top, out / top)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from ..inference import read_batch
 from ..threads import named_pool
 from . import ServeOptions
-from .batching import DynamicBatcher
+from .batching import DynamicBatcher, InferenceFailed
 from .model import ServedModel
 from .uploads import RequestError, Upload, read_uploads
 
@@ -65,7 +65,8 @@ def create_app(served: ServedModel, options: ServeOptions) -> Starlette:
 
     routes = [Route("/", index), Route("/health", health), Route("/model", model),
               Route("/predict", predict, methods=["POST"])]
-    handlers = {RequestError: _refused, HTTPException: _http_error, ClientDisconnect: _gone, Exception: _bug}
+    handlers = {RequestError: _refused, HTTPException: _http_error, ClientDisconnect: _gone,
+                InferenceFailed: _failed_batch, Exception: _bug}
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
 
 
@@ -114,6 +115,17 @@ async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
     return JSONResponse({"error": "client closed the connection before the body was read"}, 499)
 
 
+async def _failed_batch(request: Request, exc: InferenceFailed) -> JSONResponse:
+    # Its traceback is in the log once, from the batcher, however many requests shared the batch.
+    log.error("%s %s failed: %s", request.method, request.url.path, exc)
+    return _internal_error(exc.__cause__ or exc)
+
+
 async def _bug(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    # Starlette raises the error on after this answer, and the ASGI server logs its traceback: one line here.
+    log.error("%s %s failed: %s: %s (traceback follows)", request.method, request.url.path, type(exc).__name__, exc)
+    return _internal_error(exc)
+
+
+def _internal_error(exc: BaseException) -> JSONResponse:
     return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"}, 500)

@@ -27,6 +27,11 @@ from ..threads import named_pool
 log = logging.getLogger(__name__)
 
 
+class InferenceFailed(RuntimeError):
+    """A batch's forward pass raised: logged once with its traceback here, then given to each request of the
+    batch (chained to the error), whose answer is a 500 of one line (serve/app.py)."""
+
+
 class DynamicBatcher:
     """`await submit(inputs)` -> their (n, C) probabilities, computed in batches shared with other callers.
 
@@ -92,7 +97,9 @@ class DynamicBatcher:
             log.exception("inference failed on a batch of %d", len(batch))
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    failed = InferenceFailed(f"inference failed ({type(exc).__name__}: {exc})")
+                    failed.__cause__ = exc
+                    future.set_exception(failed)
             return
         finally:
             self._free_lanes.release()

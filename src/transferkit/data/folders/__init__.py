@@ -32,11 +32,11 @@ from .problems import INFORMATIONAL_KINDS, Problems
 from .scan import IMBALANCE_WARN_RATIO, DataScan, check_subsample, subsample_order, subsample_train
 from .splits import (assemble_given_split, assemble_random_split, case_twins, digests_of, keep_groups_together,
                      report_duplicates, report_same_pictures)
-from .walk import (TEST_DIR_NAMES, TRAIN_DIR_NAMES, VAL_DIR_NAMES, check_root, class_dirs, find_split_dirs,
-                   holds_runs, say_val_beside, split_folders, walk_class)
+from .walk import (CHECK_FILES, TEST_DIR_NAMES, TRAIN_DIR_NAMES, VAL_DIR_NAMES, check_root, class_dirs,
+                   find_split_dirs, holds_runs, say_val_beside, split_folders, walk_class)
 
 # What the rest of transferkit uses, importable from here as before the module became a package.
-__all__ = ["BIT_DEPTH_SAMPLE", "IMBALANCE_WARN_RATIO", "INFORMATIONAL_KINDS", "MANIFEST_COLUMNS", "TEST_DIR_NAMES",
+__all__ = ["BIT_DEPTH_SAMPLE", "CHECK_FILES", "IMBALANCE_WARN_RATIO", "INFORMATIONAL_KINDS", "MANIFEST_COLUMNS", "TEST_DIR_NAMES",
            "TRAIN_DIR_NAMES", "VAL_DIR_NAMES", "DataScan", "case_twins", "check_subsample", "file_sha256",
            "holds_runs", "read_manifest", "scan_dataset", "sixteen_bit_white", "split_folders", "subsample_order",
            "subsample_train", "write_manifest"]

@@ -45,7 +45,7 @@ KIND_TEXT = {
     "unused_folder": "ignored {n} {folders} that {are} neither train nor val",
     "test_folder": "kept {n} test {folders} out of training and the recipe search (score a run on it once with "
                    "`transferkit evaluate RUN DATA/test`)",
-    "run_folder": "ignored {n} transferkit run {folders} inside the data folder",
+    "run_folder": "ignored {n} {folders} of transferkit's output (runs, data checks) inside the data folder",
 }
 
 

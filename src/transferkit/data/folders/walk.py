@@ -32,6 +32,7 @@ OS_JUNK_NAMES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini
 # What `transferkit data elpv` writes beside train/ and val/ (data/builtin.py): recorded in data_report.json but
 # not warned about, so `make demo`'s first line is not a warning about the tool's own file.
 ELPV_MANIFEST = "elpv.json"
+CHECK_FILES = ("check.json", "check.html")  # what `data check` writes (datacheck.run_check)
 
 
 def check_root(root) -> Path:
@@ -153,7 +154,7 @@ def class_dirs(split_dir: Path, problems: Problems) -> list[tuple[str, Path]]:
         if not path.is_dir():
             _outside_class_folder(path, problems)
         elif holds_runs(path):
-            problems.add("run_folder", path, "transferkit's run folder(s), not training data")
+            problems.add("run_folder", path, "transferkit's output (runs or a data check), not training data")
         else:
             classes.append((name, path))
     return classes
@@ -161,13 +162,19 @@ def class_dirs(split_dir: Path, problems: Problems) -> list[tuple[str, Path]]:
 
 def holds_runs(path: Path) -> bool:
     """A run folder (--out inside DATA) or `runs/` of `train .`: no class, for training and evaluate alike."""
-    return RunFolder(path).is_run() or _holds_only_runs(path)
+    return is_output_folder(path) or _holds_only_runs(path)
+
+
+def is_output_folder(path: Path) -> bool:
+    """A folder transferkit wrote: a run's, or a `data check`'s (its --out inside DATA, or runs/check-* of
+    `data check .`), whose check.json and check.html would read as a class of unusable files."""
+    return RunFolder(path).is_run() or all((path / name).is_file() for name in CHECK_FILES)
 
 
 def _holds_only_runs(path: Path) -> bool:
-    """`runs/` of the default `--out`: run folders and nothing else (hidden entries aside)."""
+    """`runs/` of the default `--out`: run and check folders and nothing else (hidden entries aside)."""
     entries = [p for name, p in _sorted_entries(path) if not name.startswith(".")]
-    return bool(entries) and all(p.is_dir() and RunFolder(p).is_run() for p in entries)
+    return bool(entries) and all(p.is_dir() and is_output_folder(p) for p in entries)
 
 
 def walk_class(class_dir: Path, problems: Problems) -> list[tuple[str, bool, tuple]]:
@@ -215,8 +222,8 @@ def _keep_dir(parent: Path, name: str, problems: Problems) -> bool:
     if path.is_symlink() and _points_to_a_parent(path):
         problems.add("symlink_loop", path, f"symlink to {os.readlink(path)} points back to a parent folder")
         return False
-    if RunFolder(path).is_run():
-        problems.add("run_folder", path, "transferkit's run folder, not training data")
+    if is_output_folder(path):
+        problems.add("run_folder", path, "transferkit's output (a run or a data check), not training data")
         return False
     return True
 
