@@ -4,12 +4,14 @@ cap over the caches that grow with the data (TRANSFERKIT_CACHE_MAX)."""
 import logging
 import os
 
+import pytest
 import torch
 
 from transferkit import caches, cli
 from transferkit.config import TrainConfig
 from transferkit.data import scan_record
 from transferkit.engine.features import FeatureStore, View, cached_features
+from transferkit.errors import UsageError
 from transferkit.preprocessing import Preprocessing
 from transferkit.search import train
 from conftest import make_image_folder
@@ -194,6 +196,18 @@ def test_an_infinite_or_negative_cap_is_refused_in_one_line(monkeypatch, capsys)
         captured = capsys.readouterr()
         assert f"TRANSFERKIT_CACHE_MAX must be a size such as 500M or 20G, not '{text}'" in captured.err
         assert captured.out == ""  # refused before the table, not after it
+
+
+def test_a_cap_written_with_bytes_in_its_unit_is_read_as_written(monkeypatch):
+    """"5GB" and "5 GiB" (as people write sizes) were refused, only "5G" read."""
+    for text, size in (("5GB", 5 << 30), ("5 GiB", 5 << 30), ("500 mb", 500 << 20), ("5G", 5 << 30),
+                       ("1.5t", int(1.5 * (1 << 40))), ("100B", 100), ("100", 100)):
+        monkeypatch.setenv(caches.CAP_ENV, text)
+        assert caches.cap_setting() == size, text
+    for text in ("GB", "5 G B", "5GiBs", "10%"):
+        monkeypatch.setenv(caches.CAP_ENV, text)
+        with pytest.raises(UsageError, match="must be a size such as 500M or 20G"):
+            caches.cap_setting()
 
 
 def test_cache_folders_given_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):

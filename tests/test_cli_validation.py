@@ -130,6 +130,19 @@ def test_config_file_is_validated_too(tiny_folder, tmp_path, capsys):
                     ["--optimizer must be one of sgd, adam, adamw, not 'rmsprop'"])
 
 
+def test_a_config_file_s_odd_keys_are_named_in_one_line(tiny_folder, tmp_path, capsys):
+    """A key that is not text (`1: 2`, `null: x`) was a TypeError traceback listing the unknown keys; a key given
+    twice was taken silently, the last one winning (`epochs: 1` then `epochs: 20` trained 20 epochs)."""
+    bad = tmp_path / "bad.yaml"
+    for text, words in ((f"data: {tiny_folder}\n1: 2\n", ["unknown config keys: 1 "]),
+                        (f"data: {tiny_folder}\nnull: 2\n", ["unknown config keys: None "]),
+                        (f"data: {tiny_folder}\nepochs: 1\nepochs: 20\n",
+                         ["cannot read config", "duplicate key 'epochs' (line 3, column 1)"])):
+        bad.write_text(text)
+        _check_one_line(capsys, _run(["train", "--config", str(bad), "--out", str(tmp_path / "run")]), words)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_config_without_data_takes_data_from_the_command_line_or_says_it_is_missing(tiny_folder, tmp_path, capsys):
     config = tmp_path / "options.yaml"
     config.write_text("epochs: 1\n")  # no data: key: was a TypeError (TrainConfig missing 'data')
@@ -273,6 +286,18 @@ def test_top_level_help_tells_a_user_what_the_tool_does_and_how_to_start(capsys)
     assert "exported image classifier" in out and "quick start:" in out
     assert "transferkit train data/elpv" in out and "transferkit predict" in out
     assert cli.__doc__.strip() not in out
+
+
+@pytest.mark.parametrize("command", ["train", "models", "predict", "serve", "data", "data check", "evaluate",
+                                     "compare", "export", "report", "cache"])
+def test_help_shows_no_default_it_does_not_have(command, capsys):
+    """`transferkit serve --help` ended options that say their default in words with "(default: None)" too:
+    "--threads ... (default: 1, or all cores with --lanes 1) (default: None)"."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command.split(), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and "--help" in text
+    assert "(default: None)" not in text and ") (default: False)" not in text
 
 
 def test_the_train_summary_gives_the_val_accuracy_with_its_interval(capsys):

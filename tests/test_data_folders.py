@@ -685,3 +685,47 @@ def test_scanning_a_folder_with_val_imports_no_scikit_learn(tmp_path):
             f"scan = scan_dataset({str(tmp_path)!r})\nprint(len(scan.train), len(scan.val), 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["2", "2", "False"]
+
+
+def test_jfif_pbm_and_avif_files_are_images(tmp_path):
+    """A browser's .jfif download, Netpbm's .pbm/.pnm and (where this Pillow reads it) .avif are images Pillow reads:
+    they were skipped as "non-image files" (extension .jfif is not an image type read here), and predict and
+    evaluate walked past them."""
+    from PIL import features
+
+    from transferkit.inference import expand_inputs
+
+    names = ["a/photo.jfif", "a/scan.pbm", "b/frame.pnm", "b/plain.png"]
+    formats = {"jfif": "JPEG", "pbm": "PPM", "pnm": "PPM", "png": "PNG", "avif": "AVIF"}
+    if features.check("avif"):
+        names.append("b/phone.avif")
+    for i, name in enumerate(names):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        img = random_rgb(i, (24, 24))
+        (img.convert("1") if name.endswith(".pbm") else img).save(path, formats[name.rsplit(".", 1)[1]])
+    scan = scan_dataset(tmp_path, val_fraction=0.5)
+    assert _paths(scan.train + scan.val) == sorted(str(tmp_path / name) for name in names)
+    assert "non_image" not in scan.problems
+    assert sorted(expand_inputs([str(tmp_path)])) == sorted(str(tmp_path / name) for name in names)
+
+
+def test_heic_photos_are_named_as_such_not_as_non_image_files(tmp_path):
+    """An iPhone's .HEIC photos were "skipped 3 non-image files", predict's folder walk passed them by unsaid, and
+    predict named on one said "not an image file": they are photos that Pillow here cannot decode."""
+    from transferkit.data.folders.problems import kind_text
+    from transferkit.data.images import ImageDecodeError, load_rgb
+    from transferkit.inference import expand_inputs
+
+    _flat(tmp_path, {"cats": 3, "dogs": 3})
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # the header of one: no decoder here
+    for i in range(2):
+        (tmp_path / "cats" / f"IMG_{i}.HEIC").write_bytes(heic)
+    scan = scan_dataset(tmp_path, val_fraction=0.34)
+    assert _problem_paths(scan, "heic", tmp_path) == [str(tmp_path / "cats" / f"IMG_{i}.HEIC") for i in range(2)]
+    assert "non_image" not in scan.problems
+    assert kind_text("heic", 2) == ("skipped 2 HEIC/HEIF images, which Pillow here cannot decode: convert them to "
+                                    "JPEG or PNG")
+    assert str(tmp_path / "cats" / "IMG_0.HEIC") in expand_inputs([str(tmp_path / "cats")])
+    with pytest.raises(ImageDecodeError, match="a HEIC/HEIF photo, which Pillow here cannot decode"):
+        load_rgb(tmp_path / "cats" / "IMG_0.HEIC")

@@ -118,6 +118,10 @@ def test_bomb_beyond_twice_the_limit_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ImageDecodeError) as info:
         load_rgb(_save(tmp_path, "big.png", encode(random_rgb(4, (64, 64)), "PNG")))
     assert info.value.kind == "decompression_bomb"
+    # in the words of the bomb under 2× the limit, naming the limit itself: Pillow's "Image size (4096 pixels)
+    # exceeds limit of 2000 pixels, could be decompression bomb DOS attack." named twice the limit
+    assert info.value.reason == ("decompression bomb: 4096 pixels exceeds Pillow's limit of 1000 pixels "
+                                 "(Image.MAX_IMAGE_PIXELS); downscale the image if it is genuine")
 
 
 def test_truncated_images_setting_is_left_alone(tmp_path):
@@ -157,6 +161,46 @@ def test_animated_gif_gives_first_frame(tmp_path):
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     assert load_rgb(_save(tmp_path, "anim.gif", buf.getvalue())).size == (10, 10)
 
+
+
+def _tiff_with_a_bad_tag() -> bytes:
+    """A TIFF whose PlanarConfiguration tag (284) claims two values: Pillow warns "Metadata Warning, tag 284 had too
+    many entries" and reads the picture all the same."""
+    import struct
+
+    data = bytearray(encode(random_rgb(8, (40, 30)), "TIFF"))
+    assert data[:2] == b"II"
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 284:
+            data[entry + 4:entry + 8] = struct.pack("<I", 2)
+    return bytes(data)
+
+
+def test_pillow_warnings_about_a_file_stay_out_of_the_terminal(tmp_path):
+    # They reached the user as "…/PIL/TiffImagePlugin.py:773: UserWarning: Metadata Warning, tag 284 had too many
+    # entries: 2, expected 1" plus Pillow's source line, from predict, the scan and data check alike.
+    import warnings
+
+    from transferkit.data.folders import sixteen_bit_white
+    from transferkit.data.images import load_rgb_bytes, read_for_model
+    from transferkit.search.state import _median_shorter_side
+
+    data = _tiff_with_a_bad_tag()
+    path = _save(tmp_path, "tagged.tif", data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_rgb(path).size == (40, 30)
+        assert load_rgb_bytes(data, "upload.tif").size == (40, 30)
+        assert read_for_model(str(path), 64).size == (40, 30)
+        # the scan's 16-bit sample and the recipe search's size look read headers of training images too
+        assert sixteen_bit_white([str(path)]) is None and _median_shorter_side([str(path)]) == 30
+    assert [str(w.message) for w in caught] == []
+    with warnings.catch_warnings(record=True) as caught:  # the user's own warnings filters are as they were
+        warnings.simplefilter("always")
+        Image.open(path).load()
+    assert any("Metadata Warning" in str(w.message) for w in caught)
 
 def _photo(width=1600, height=1200) -> Image.Image:
     """A smooth 'photo': large enough that a reduced-scale JPEG decode applies (images.DRAFT_MARGIN)."""

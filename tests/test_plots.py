@@ -100,3 +100,54 @@ def test_thumbnails_follow_exif_orientation_and_shrink_large_jpegs(tmp_path):
     thumb = _load_thumbnail(path, 64)
     assert thumb.shape == (64, 48, 3)
     assert _load_thumbnail(tmp_path / "missing.jpg", 64) is None
+
+
+def test_small_pictures_get_cells_wide_enough_for_their_titles(tmp_path):
+    """32-px images made 38-px cells whose titles kept 8 characters ("ants / …": the prediction cut off); they are
+    enlarged by whole pixels into cells of at least 128 px."""
+    rng = np.random.default_rng(2)
+    items = []
+    for i in range(4):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)).save(path)
+        items.append({"path": str(path), "true": "ants", "predicted": "bees", "probability_of_predicted": 0.6})
+    with Image.open(plot_top_losses(items, tmp_path / "top_losses.png")) as img:
+        assert img.width >= 4 * 128
+        pixels = np.asarray(img.convert("RGB"))
+    first = pixels[:, : img.width // 4]
+    assert len(np.unique(first.reshape(-1, 3), axis=0)) > 20  # the picture is there, enlarged
+
+
+def test_a_title_of_wide_letters_stays_over_its_own_picture(tmp_path):
+    grey = np.zeros((2, 3, 64, 64), dtype=np.float32)
+    out = plot_image_grid(grey, ["W" * 40, ""], tmp_path / "grid.png", (0.5,) * 3, (1.0,) * 3, ncols=2)
+    pixels = np.asarray(Image.open(out).convert("L"))
+    title_band = pixels[:18]
+    assert title_band[:, : pixels.shape[1] // 2].min() < 100  # the title is drawn...
+    assert title_band[:, pixels.shape[1] // 2:].min() > 200  # ...and none of it over the second picture
+
+
+def test_confusion_axis_labels_tell_apart_names_alike_in_their_first_characters(tmp_path, monkeypatch):
+    """Names were cut to their first 20 characters: two classes that differ after them had the same label."""
+    from matplotlib.axes import Axes
+
+    seen = []
+    real = Axes.set_yticks
+    monkeypatch.setattr(Axes, "set_yticks", lambda ax, ticks, labels=None, **kw: (seen.append(labels),
+                                                                                   real(ax, ticks, labels, **kw)))
+    classes = ["photos_of_category_number_1", "photos_of_category_number_2", "photos_of_category_number_3", "cat",
+               "\u202ebee"]  # a right-to-left override was obeyed: "eeb"
+    plot_confusion(np.eye(5), classes, tmp_path / "confusion.png")
+    assert len(set(seen[-1])) == 5 and seen[-1][-2:] == ["cat", "[U+202E]bee"]
+    assert all(len(label) <= 20 for label in seen[-1])
+
+
+def test_a_character_the_font_lacks_is_no_warning(tmp_path):
+    """A class named "bees 🐝" printed matplotlib's UserWarning, with plots.py's path, in a run's output."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion(np.eye(2), ["bees 🐝", "ants 🐜"], tmp_path / "confusion.png")
+        plot_compare({"bees 🐝": [0.5, 0.6]}, tmp_path / "compare.png")
+    assert not [w for w in caught if "missing from font" in str(w.message)]

@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +165,53 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         pixels = np.asarray(img.convert("RGB"))
     assert pixels.std() > 10, "screenshot is blank"
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
+
+
+LONG = "L" * 210  # a class folder name with no place to break a line
+
+
+def overflow_px(page, tmp_path, width=1200,
+                script="return document.documentElement.scrollWidth - window.innerWidth"):
+    """How many pixels `page` is wider than a `width`-px window in headless chromium (or what else `script`
+    returns there), through selenium; the test skips without chromium and chromium-driver."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium, driver = find_chromium(), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (`make browser` installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--hide-scrollbars", f"--window-size={width},1000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    try:
+        session.get(Path(page).resolve().as_uri())
+        return session.execute_script(script)
+    finally:
+        session.quit()
+
+
+def test_a_long_class_name_wraps_inside_the_page(run_dir, tmp_path):
+    """A 210-character class name pushed the class table's counts and the per-class metrics off the page's
+    right edge (the table grew to the name's width): names and captions now wrap anywhere, numbers never."""
+    for name in ("metrics.json", "data_report.json", "evaluation.json"):
+        path = run_dir / name
+        path.write_text(path.read_text().replace(json.dumps(EVIL)[1:-1], LONG))
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert LONG in html
+    assert overflow_px(run_dir / "report.html", tmp_path) <= 0
+
+
+def test_bidi_controls_in_names_are_shown_not_obeyed(run_dir):
+    """A class folder named "\u202eevil" showed as "live" in the report, and without its closing control turned
+    the rest of a caption around: the controls are written as their code points."""
+    for name in ("metrics.json", "data_report.json", "evaluation.json"):
+        path = run_dir / name
+        path.write_text(path.read_text().replace("dog", "\\u202edog"))
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert "\u202e" not in html and "[U+202E]dog" in html
 
 
 def test_a_searched_probe_run_reads_as_one(run_dir):

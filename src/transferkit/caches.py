@@ -138,15 +138,17 @@ def _size(path: Path) -> int:
 
 
 def cap_setting() -> int | None:
-    """TRANSFERKIT_CACHE_MAX in bytes (a number, or with K/M/G/T), None where unset; a UsageError where it is not
-    a size (`train` checks it before any work, not at its first extraction's end)."""
+    """TRANSFERKIT_CACHE_MAX in bytes (a number, or with K/M/G/T, KB...TB or KiB...TiB, all binary), None where
+    unset; a UsageError where it is not a size (`train` checks it before any work, not at its first extraction's
+    end)."""
     text = os.environ.get(CAP_ENV, "").strip()
     if not text:
         return None
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    scale = units.get(text[-1].upper(), 1)
+    # "5G", and as people write it: "5GB", "5 GiB", "500 MB" (binary units all: 1G = 2**30 bytes)
+    number, unit = re.fullmatch(r"(.*?)\s*([KMGT]?)(?:i?B)?", text, re.IGNORECASE).groups()
     try:
-        size = int(float(text[:-1] if scale > 1 else text) * scale)
+        size = int(float(number) * units.get(unit.upper(), 1))
     except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         size = -1
     if size < 0:

@@ -562,8 +562,7 @@ def _add_serve_command(sub) -> None:
     from .serve import ENGINES, PRECISIONS, ServeOptions
 
     d = ServeOptions()
-    p = sub.add_parser("serve", help="serve a run or an exported .onnx model over HTTP: predictions API and a page",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("serve", help="serve a run or an exported .onnx model over HTTP: predictions API and a page")
     p.add_argument("model", help="run folder, .safetensors checkpoint or exported .onnx model")
     p.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (the printed URL names it)")

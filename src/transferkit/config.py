@@ -265,7 +265,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(key) for key in set(d) - known)  # str: `1: 2` or `null: x` in a config file
         if unknown:
             raise UsageError(f"unknown config keys: {', '.join(unknown)} (valid: {', '.join(sorted(known))})")
         return cls(**{"data": None, **d})  # a config without data: (DATA on the command line); check_paths
@@ -282,7 +282,7 @@ class TrainConfig:
         """A config file's fields as it sets them (numbers written without a dot read as numbers); one-line errors
         for a file that is not a YAML mapping. from_dict refuses unknown keys."""
         try:
-            d = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            d = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except UnicodeDecodeError:  # an image or a checkpoint given as the config
             raise UsageError(f"cannot read config {path}: not a UTF-8 text (YAML) file") from None
         except (OSError, yaml.YAMLError) as exc:
@@ -290,6 +290,22 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise UsageError(f"config {path} must be a mapping of option: value")
         return {key: _yaml_number(key, value) for key, value in d.items()}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so
+    `epochs: 1` ... `epochs: 20` trained 20 epochs with no word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                    seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
 
 def yaml_problem(exc: Exception) -> str:

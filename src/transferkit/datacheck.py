@@ -338,14 +338,23 @@ def _counts(report: dict) -> dict:
     }
 
 
+SUMMARY_CLASSES = 12  # classes named one by one in the summary's first line; past them, the range of their sizes
+
+
 def summary_lines(report: dict) -> list[str]:
     """The one-screen terminal summary."""
     c, th, s = report["counts"], report["thresholds"], report["summary"]
     counts = s["counts"]
-    per_class = ", ".join(f"{name} {counts['train'][name]}/{counts['val'][name]}" for name in report["classes"])
+    if len(report["classes"]) <= SUMMARY_CLASSES:
+        per_class = "train/val per class: " + ", ".join(f"{name} {counts['train'][name]}/{counts['val'][name]}"
+                                                        for name in report["classes"])
+    else:  # 60 classes made this line 1,700 characters: a screen of its own
+        train, val = ([counts[split][name] for name in report["classes"]] for split in ("train", "val"))
+        span = [f"{min(n)}" if min(n) == max(n) else f"{min(n)}-{max(n)}" for n in (train, val)]
+        per_class = f"{len(train)} classes of {span[0]} train / {span[1]} val images (check.html lists each)"
     feats = report["features"]
     lines = [
-        f"checked {s['images']} images in {report['data']} ({report['split_source']} split; train/val per class: "
+        f"checked {s['images']} images in {report['data']} ({report['split_source']} split; "
         f"{per_class}; largest/smallest class {s['imbalance']:.2f})",
         f"features: {feats['model']}, {feats['hits']} cached, {feats['computed']} computed; "
         f"check took {report['seconds']:.1f}s",

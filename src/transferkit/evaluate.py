@@ -295,14 +295,18 @@ def cached_view_probs(predictor, paths: list[str], views: tuple[int, ...]):
     needed = sorted({dihedral_after(j, k) for k in views for j in split.views})
     with torch.inference_mode():
         features, ok, stats = cached_features(engine, store, paths, [View(m) for m in needed],
-                                              predictor.preprocessing, desc="evaluation features")
+                                              predictor.preprocessing, desc="evaluation features",
+                                              left_out_of="the evaluation")
         per_view = np.full((len(views), len(paths), len(predictor.classes)), np.nan, dtype=np.float32)
         if features is not None:
             for v, k in enumerate(views):
                 own = [features[:, needed.index(dihedral_after(j, k))] for j in split.views]
                 logits = split.logits(split.head_inputs(own))
                 per_view[v, np.flatnonzero(ok)] = torch.softmax(logits.float(), dim=1).numpy()
-    errors = [None if good else "cannot be read" for good in ok]
+    # Each skipped file's own reason, as predict's rows and the uncached path give it (was "cannot be read" for all)
+    why = stats.get("errors", {})
+    errors = [None if good else f"{path}: {why[path]}" if path in why else "cannot be read"
+              for path, good in zip(paths, ok)]
     return per_view, errors, {"cached": stats["hits"], "computed": stats["computed"]}
 
 

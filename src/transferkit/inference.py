@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.images import has_image_extension
+from .data.images import HEIF_EXTENSIONS, has_image_extension
 from .errors import CheckpointError, DataError, UsageError
 from .threads import named_pool
 
@@ -64,12 +64,13 @@ def _images_under(folder: Path) -> list[str]:
 
 
 def _is_image_file(path: str, name: str) -> bool:
-    """Not hidden, and an image extension, or none and a regular file Pillow identifies (a pipe would block)."""
+    """Not hidden, and an image extension, or none and a regular file Pillow identifies (a pipe would block). A
+    HEIC/HEIF photo too, which its row says cannot be read here (it was left out unsaid)."""
     from .data.folders.checks import identifies_an_image
 
     if name.startswith("."):
         return False
-    if has_image_extension(name):
+    if has_image_extension(name) or os.path.splitext(name)[1].lower().lstrip(".") in HEIF_EXTENSIONS:
         return True
     return not os.path.splitext(name)[1].lstrip(".") and os.path.isfile(path) and identifies_an_image(path)
 

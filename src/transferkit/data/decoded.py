@@ -283,14 +283,14 @@ def decode_missing(store: DecodedStore, paths: list[str], digests: dict[str, str
     return keys, stats
 
 
-def warn_undecodable(failed: dict[str, str]) -> None:
-    """One warning naming the files (path -> why) that could not be decoded."""
+def warn_undecodable(failed: dict[str, str], left_out_of: str = "training") -> None:
+    """One warning naming the files (path -> why) that could not be decoded, and what they are `left_out_of`."""
     if not failed:
         return
     listed = "\n  ".join(f"{p}: {why}" for p, why in list(failed.items())[:MAX_LISTED])
     if len(failed) > MAX_LISTED:
         listed += f"\n  ... and {len(failed) - MAX_LISTED} more"
-    log.warning("%d image(s) could not be decoded and are left out of training:\n  %s", len(failed), listed)
+    log.warning("%d image(s) could not be decoded and are left out of %s:\n  %s", len(failed), left_out_of, listed)
 
 
 def content_sha256(path: str, digests: dict[str, str] | None) -> str | None:

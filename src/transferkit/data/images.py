@@ -10,8 +10,11 @@ import io
 import logging
 import math
 import os
+import re
 import stat
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,7 +24,27 @@ from transferkit.preprocessing import SIXTEEN_BIT_WHITE
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm"})
+
+def _pillow_reads_avif() -> bool:
+    """Whether this Pillow has its AVIF decoder (recent wheels ship it), told without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("PIL._avif") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# .jfif is what browsers on Windows name a downloaded JPEG, .pbm/.pnm are Netpbm's siblings of .ppm/.pgm, and .avif
+# is a phone's and the web's photo format where this Pillow reads it: left out, a folder of them read as "non-image
+# files" in training and predict and evaluate walked past them, while the same file named on the command line was
+# predicted.
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "jfif", "png", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm", "pbm",
+                              "pnm"} | ({"avif"} if _pillow_reads_avif() else set()))
+
+# An iPhone's photos: Pillow decodes them only with a plugin (pillow-heif) that transferkit does not load.
+HEIF_EXTENSIONS = frozenset({"heic", "heif"})
+HEIF_WORDS = "a HEIC/HEIF photo, which Pillow here cannot decode; convert it to JPEG or PNG"
 
 
 def has_image_extension(name: str) -> bool:
@@ -82,7 +105,7 @@ def read_rgb(path, keep_gray: bool = False, shorter_side: int | None = None,
             raise ImageDecodeError(path, "unreadable", "not a regular file")
         if info.st_size == 0:
             raise ImageDecodeError(path, "empty_file", "empty file (0 bytes)")
-        with open(path, "rb") as fp:
+        with open(path, "rb") as fp, quiet_pillow():
             # Orient and convert while the file is open: some plugins read EXIF lazily.
             img, size = _decode(fp, path, shorter_side)
             decoded = img.size
@@ -98,14 +121,17 @@ def read_rgb(path, keep_gray: bool = False, shorter_side: int | None = None,
 
 
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# An image enlarged to a longer side over this many times the resize size: center_crop resamples the crop's square
+# alone (see there).
+MAX_CROP_ASPECT = 64
 
 
 def center_crop(image: Image.Image, resize_size: int, input_size: int, interpolation: str) -> Image.Image:
     """The eval crop's geometry on a PIL image: shorter side to `resize_size` (the longer side as torchvision rounds
     it), then the centre `input_size` square; torchvision's Resize + CenterCrop pixel for pixel wherever
-    resize_size ≥ input_size (tests/test_eval_crop.py). A square image is resized and cut in one Pillow call that
-    computes only the pixels the crop keeps (a 300 px ELPV cell: 0.39 ms instead of 0.52,
-    benchmarks/eval_crop.py)."""
+    resize_size ≥ input_size (tests/test_eval_crop.py), but for a strip enlarged past MAX_CROP_ASPECT. A square
+    image is resized and cut in one Pillow call that computes only the pixels the crop keeps (a 300 px ELPV cell:
+    0.39 ms instead of 0.52, benchmarks/eval_crop.py)."""
     box = _square_crop_box(image, resize_size, input_size)
     if box is not None:
         return image.resize((input_size, input_size), RESAMPLE[interpolation], box=box)
@@ -113,9 +139,18 @@ def center_crop(image: Image.Image, resize_size: int, input_size: int, interpola
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(resize_size * long / short)  # torchvision's rounding of the longer side
     size = (resize_size, new_long) if w <= h else (new_long, resize_size)
+    left, top = int(round((size[0] - input_size) / 2.0)), int(round((size[1] - input_size) / 2.0))
+    if short < resize_size and new_long > MAX_CROP_ASPECT * resize_size and resize_size >= input_size:
+        # A strip (8×60,000 px, a 4 KB PNG) enlarged whole was 256×1,920,000 px: 2.2 GB and 4.6 s to predict it,
+        # and 8×1,000,000 ran out of memory. Only the square the crop keeps is resampled, from where it lies in the
+        # file's pixels: the same kernels at the same centres; Pillow may run its two passes in the other order,
+        # so a pixel can round otherwise (a grey level, more at sharp edges). Every path crops PIL images
+        # here (the decoded store hands out an image under the resize size as one), so they agree.
+        sx, sy = w / size[0], h / size[1]
+        return image.resize((input_size, input_size), RESAMPLE[interpolation],
+                            box=(left * sx, top * sy, (left + input_size) * sx, (top + input_size) * sy))
     if size != image.size:
         image = image.resize(size, RESAMPLE[interpolation])
-    left, top = int(round((size[0] - input_size) / 2.0)), int(round((size[1] - input_size) / 2.0))
     return image.crop((left, top, left + input_size, top + input_size))
 
 
@@ -140,7 +175,8 @@ def read_for_model(item, shorter_side: int, sixteen_bit_white: int = SIXTEEN_BIT
     called `name`), as a run reads new images to predict them (8-bit grey kept as one band; its preprocessing's
     shorter side and 16-bit white)."""
     if isinstance(item, Image.Image):
-        return to_rgb(item, keep_gray=True, sixteen_bit_white=sixteen_bit_white)
+        with quiet_pillow():
+            return to_rgb(item, keep_gray=True, sixteen_bit_white=sixteen_bit_white)
     if isinstance(item, (bytes, bytearray)):
         return load_rgb_bytes(item, name, keep_gray=True, shorter_side=shorter_side,
                               sixteen_bit_white=sixteen_bit_white)
@@ -160,22 +196,20 @@ def load_rgb_bytes(data: bytes, name: str, keep_gray: bool = False, shorter_side
     """`load_rgb` for an image held in memory (an upload), with the same checks and error kinds."""
     if not data:
         raise ImageDecodeError(name, "empty_file", "empty file (0 bytes)")
-    with io.BytesIO(data) as fp:
+    with io.BytesIO(data) as fp, quiet_pillow():
         return to_rgb(_decode(fp, name, shorter_side)[0], name, keep_gray, sixteen_bit_white)
 
 
 def _decode(fp, path, shorter_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """The image, fully decoded (at a reduced scale where `_draft` allows), and its stored size."""
     try:
-        # Pillow only warns between 1x and 2x its pixel limit; we refuse all of it below with
-        # the real size, so silence the warning here instead of letting it reach the user.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+        img = Image.open(fp)
     except UnidentifiedImageError:
+        if os.path.splitext(str(path))[1].lower().lstrip(".") in HEIF_EXTENSIONS:  # predict named one
+            raise ImageDecodeError(path, "not_an_image", HEIF_WORDS) from None
         raise ImageDecodeError(path, "not_an_image", "not an image file (Pillow cannot identify it)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(path, "decompression_bomb", f"decompression bomb: {exc}") from None
+        raise ImageDecodeError(path, "decompression_bomb", _bomb_reason(exc)) from None
     except Exception as exc:  # a malformed header can raise almost anything inside a Pillow plugin
         raise ImageDecodeError(path, "corrupt", f"corrupt image header: {_reason(exc)}") from None
     _refuse_bomb(img, path)
@@ -188,6 +222,19 @@ def _decode(fp, path, shorter_side: int | None = None) -> tuple[Image.Image, tup
     except Exception as exc:  # decoder errors are OSError, SyntaxError, ValueError, zlib.error, ...
         raise ImageDecodeError(path, "corrupt", f"corrupt or truncated image: {_reason(exc)}") from None
     return img, size
+
+
+@contextmanager
+def quiet_pillow() -> Iterator[None]:
+    """Pillow's warnings about one file stay out of the user's terminal, where they read as Python warnings with
+    Pillow's source lines (`TiffImagePlugin.py:982: UserWarning: Corrupt EXIF data...`, once per file and thread):
+    a damaged EXIF block or TIFF tag ("Metadata Warning") costs nothing but that metadata, and the file is used or
+    refused with its own one-line reason. The pixel limit's warning (1× to 2× the limit) is refused below with the
+    real size."""
+    with warnings.catch_warnings():  # one per file: catch_warnings is not thread-safe, so it filters Pillow's alone
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+        yield
 
 
 def _draft(img: Image.Image, shorter_side: int | None) -> None:
@@ -204,12 +251,20 @@ def _refuse_bomb(img: Image.Image, path) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     width, height = img.size
     if limit is not None and width * height > limit:
-        raise ImageDecodeError(
-            path,
-            "decompression_bomb",
-            f"decompression bomb: {width}×{height} pixels exceeds Pillow's limit of {limit} pixels "
-            "(Image.MAX_IMAGE_PIXELS); downscale the image if it is genuine",
-        )
+        raise ImageDecodeError(path, "decompression_bomb", _bomb_words(f"{width}×{height}", limit))
+
+
+def _bomb_words(pixels: str, limit) -> str:
+    return (f"decompression bomb: {pixels} pixels exceeds Pillow's limit of {limit} pixels (Image.MAX_IMAGE_PIXELS); "
+            "downscale the image if it is genuine")
+
+
+def _bomb_reason(exc: Exception) -> str:
+    """Pillow's own refusal, over twice its limit, in the words of _refuse_bomb: it said "Image size (2500000000
+    pixels) exceeds limit of 178956970 pixels, could be decompression bomb DOS attack.", twice the limit that the
+    next file's reason names."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return _bomb_words(found.group(1), Image.MAX_IMAGE_PIXELS) if found else f"decompression bomb: {exc}"
 
 
 def _reason(exc: BaseException) -> str:

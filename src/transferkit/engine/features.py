@@ -318,12 +318,14 @@ def cached_features(
     desc: str = "features",
     sharding=None,
     digests: dict[str, str] | None = None,
+    left_out_of: str = "training",
 ) -> tuple[torch.Tensor | None, list[bool], dict]:
     """Features of every (path, view): a tensor (len(paths), len(views), ...) and which paths worked.
 
     Only what is not in the store is computed. `digests` are the files' sha256 where the caller already
     has them (the data scan hashes every file); others are hashed here. Returns stats: hits, computed,
-    skipped, seconds, and the caches' size against their cap (caches.evict_to_cap, run after the features are
+    skipped, seconds, errors where some file could not be decoded now (path -> why; warned about as left out of
+    `left_out_of`), and the caches' size against their cap (caches.evict_to_cap, run after the features are
     read: never evicting this call's). With `sharding` (engine/distributed.py) each rank computes its share of
     the missing images, then sees every rank's."""
     sha = {p: content_sha256(p, digests) for p in paths}  # None: the file cannot be read any more
@@ -332,7 +334,7 @@ def cached_features(
     for attempt in range(3):
         try:
             features, ok, stats = _features_once(extract, store, paths, views, keys, flat_keys, sha, pre, batch_size,
-                                                 workers, desc, sharding)
+                                                 workers, desc, sharding, left_out_of)
             break
         except KeyError as exc:  # a shard evicted by another run, or damaged, between the check and the read
             if attempt == 2:
@@ -342,19 +344,21 @@ def cached_features(
     return features, ok, stats
 
 
-def _features_once(extract, store, paths, views, keys, flat_keys, sha, pre, batch_size, workers, desc, sharding):
+def _features_once(extract, store, paths, views, keys, flat_keys, sha, pre, batch_size, workers, desc, sharding,
+                   left_out_of):
     store.verify(flat_keys)  # damaged shards drop out here and are recomputed
     todo = [(p, [(v, k) for v, k in zip(views, row) if k not in store]) for p, row in zip(paths, keys) if row]
     todo = [(p, missing) for p, missing in todo if missing]
     stats = {"hits": sum(1 for row in keys for k in row if k in store), "computed": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     mine = sharding.take(todo) if sharding else todo
-    if mine:
-        _extract_missing(extract, store, mine, sha, pre, batch_size, workers, desc)
+    failed = _extract_missing(extract, store, mine, sha, pre, batch_size, workers, desc, left_out_of) if mine else {}
+    if failed:
+        stats["errors"] = failed
     if sharding:
         sharding.sync(store)
     stats["seconds"] = time.perf_counter() - t0
-    stats["computed"] = sum(len(missing) for _, missing in mine)
+    stats["computed"] = sum(len(missing) for p, missing in mine if p not in failed)  # a file that failed: none
     ok = [bool(row) and all(k in store for k in row) for row in keys]
     stats["skipped"] = ok.count(False)
     good_keys = [row for row, good in zip(keys, ok) if good]
@@ -364,12 +368,12 @@ def _features_once(extract, store, paths, views, keys, flat_keys, sha, pre, batc
     return flat.reshape(len(good_keys), len(views), *flat.shape[1:]), ok, stats
 
 
-def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) -> None:
+def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc, left_out_of="training") -> dict:
     """todo: (path, [(view, key), ...]) per image. Views of the eval crop (its symmetries included) are
     computed once and never re-cropped, so their images stream from the files: decoded and cropped by
     threads while the network runs here, nothing kept but the features. Seeded random views re-crop the
     full image, so those images go through the decoded-image store (data/decoded.py), which later runs
-    (finetune, other views) read again."""
+    (finetune, other views) read again. Returns why each file that could not be decoded failed (path -> why)."""
     # Batches hold every view of each image; keep the tensor batch near `batch_size` rows.
     per_batch = max(1, batch_size // max(len(missing) for _, missing in todo))
     if any(v.index and v.kind != "dihedral" for _, missing in todo for v, _ in missing):
@@ -407,7 +411,8 @@ def _extract_missing(extract, store, todo, sha, pre, batch_size, workers, desc) 
             signals.check_stop(desc)
     if pending_keys:
         store.put(pending_keys, torch.cat(pending))
-    warn_undecodable(failed)
+    warn_undecodable(failed, left_out_of)
+    return failed
 
 
 def _stored_views(todo, sha, pre, workers, desc) -> "ViewDataset":

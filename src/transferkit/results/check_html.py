@@ -12,7 +12,8 @@ from .report import _CSS, _e, _table, _thumbnail_uri
 
 _EXTRA_CSS = """
 .row{display:flex;gap:.6em;align-items:flex-start;margin:.6em 0;padding:.4em;border-bottom:1px solid #eef1f6}
-.row .why{min-width:14em;font-size:.85em}.leakage{color:#b3261e;font-weight:600}.conflict{color:#a05a00;font-weight:600}
+.row .why{min-width:14em;flex:0 1 auto;font-size:.85em}.row figure{flex:none}
+.leakage{color:#b3261e;font-weight:600}.conflict{color:#a05a00;font-weight:600}
 """
 
 

@@ -227,6 +227,17 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{float(value):.{digits}f}"
 
 
+CLASS_COLUMN = 40  # a 210-character class name padded every row of the table to 250 columns: each wrapped
+
+
+def _clip(name: str, limit: int = CLASS_COLUMN) -> str:
+    """`name` in at most `limit` characters, its start and end kept (names alike often differ at the end)."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "…" + name[len(name) - (limit - 1 - head):]
+
+
 def format_metrics_table(metrics: dict) -> str:
     """A plain-text table: overall numbers, then one row per class."""
     overall = [
@@ -246,7 +257,7 @@ def format_metrics_table(metrics: dict) -> str:
     if per_class:
         headers = ["class", "precision", "recall", "f1", "support"]
         rows = [
-            [str(r["class"]), _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), str(r["support"])]
+            [_clip(str(r["class"])), _fmt(r["precision"]), _fmt(r["recall"]), _fmt(r["f1"]), str(r["support"])]
             for r in per_class
         ]
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]

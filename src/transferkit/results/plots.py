@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,14 +27,25 @@ from ..run_folder import RunFolder  # noqa: E402
 log = logging.getLogger(__name__)
 
 DPI = 100
+MIN_CELL_PX = 128  # the narrowest cell of an image mosaic: ~21 characters of its title
 # Class names and paths are user text: a "$" in them must not start matplotlib mathtext,
 # which would garble the label or raise a parse error.
 _RC = {"text.parse_math": False} if "text.parse_math" in matplotlib.rcParams else {}
 
 
+@contextmanager
+def _drawing():
+    """matplotlib's settings for user text, and quiet about characters its font lacks: a class named
+    "bees 🐝" printed a UserWarning with plots.py's path in the middle of a run's output (the figure draws a box)."""
+    with plt.rc_context(_RC), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        yield
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     try:
-        return _write(path, lambda to: fig.savefig(to, dpi=DPI, format="png"))
+        with _drawing():
+            return _write(path, lambda to: fig.savefig(to, dpi=DPI, format="png"))
     finally:
         plt.close(fig)
 
@@ -72,7 +85,7 @@ def has_curve(history: Sequence[Mapping[str, Any]]) -> bool:
 
 def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Two panels, loss and accuracy, with train and val lines against epoch."""
-    with plt.rc_context(_RC):
+    with _drawing():
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, metric in zip(axes, ("loss", "acc")):
             for split, style in (("train", "-o"), ("val", "-s")):
@@ -90,10 +103,29 @@ def plot_history(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     return _save(fig, path)
 
 
+# Bidirectional embedding, override and isolate controls, shown as their code points in figures and reports: a class
+# or file named "\u202eevil" was drawn "live", and one without its closing control turned the rest of its caption
+# around ("a / b" read as "b / a").
+BIDI_CONTROLS = {cp: f"[U+{cp:04X}]" for cp in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
 def _shorten(name: Any, limit: int = 20) -> str:
     """Long class names would squeeze the heatmap to nothing; the report has the full names."""
-    text = str(name)
+    text = str(name).translate(BIDI_CONTROLS)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _axis_labels(classes: Sequence[Any], limit: int = 20) -> list[str]:
+    """The classes shortened (_shorten) for the heatmap's axes, each still told apart: names that share their first
+    `limit` characters ("photos_of_category_1", "photos_of_category_2") keep their ends, else their number."""
+    short = [_shorten(c, limit) for c in classes]
+    head = (limit - 1) // 2
+    labels = [label if short.count(label) == 1 else name[:head] + "…" + name[-(limit - 1 - head):]
+              for name, label in zip((str(c).translate(BIDI_CONTROLS) for c in classes), short)]
+    for i, label in enumerate(labels):
+        if labels.count(label) > 1:
+            labels[i] = f"{i}: {label}"
+    return labels
 
 
 def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize: bool = True) -> Path:
@@ -111,11 +143,11 @@ def plot_confusion(cm: Any, classes: Sequence[str], path: str | Path, normalize:
     shown = fractions if normalize else counts
 
     side = min(max(4.0, 0.6 * n + 2.5), 20.0)
-    with plt.rc_context(_RC):
+    with _drawing():
         fig, ax = plt.subplots(figsize=(side, side))
         image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        labels = [_shorten(c) for c in classes]
+        labels = _axis_labels(classes)
         ax.set_xticks(range(n), labels, rotation=45, ha="right")
         ax.set_yticks(range(n), labels)
         ax.set_xlabel("predicted")
@@ -175,7 +207,13 @@ def _mosaic(pictures: Sequence[np.ndarray], titles: Sequence[str], path: str | P
     from PIL import ImageDraw
 
     fitted = [_fit_picture(p, cell_px) for p in pictures]
-    cell_px = max((max(p.shape[:2]) for p in fitted), default=cell_px)  # no wider than the largest picture
+    largest = max([1] + [max(p.shape[:2]) for p in fitted]) if fitted else cell_px
+    # Small pictures (32-64 px data) made cells so narrow that a title kept ~8 characters: "ants / b…", the
+    # prediction cut off. They are enlarged by whole pixels, and a cell is at least MIN_CELL_PX wide.
+    zoom = max(1, min(cell_px, MIN_CELL_PX) // largest)
+    if zoom > 1:
+        fitted = [p.repeat(zoom, axis=0).repeat(zoom, axis=1) for p in fitted]
+    cell_px = max(largest * zoom, min(cell_px, MIN_CELL_PX))  # no wider than the largest picture, or the minimum
     n = max(len(fitted), 1)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
@@ -195,11 +233,21 @@ def _mosaic(pictures: Sequence[np.ndarray], titles: Sequence[str], path: str | P
     draw, font = ImageDraw.Draw(image), _title_font()
     max_chars = max(8, cell_px // 6)  # ~5.5 px per character at 11 px: keep a title over its own picture
     for spot, title in zip(spots, titles):
-        text = "\n".join(_shorten(line, max_chars) for line in str(title).split("\n"))
+        text = "\n".join(_fit_line(draw, font, line, max_chars, cell_w - 2) for line in str(title).split("\n"))
         draw.multiline_text(spot, text, fill="black", font=font, anchor="mm", align="center", spacing=2)
     if not fitted and empty_text:
         draw.text((canvas.shape[1] / 2, canvas.shape[0] / 2), empty_text, fill="black", font=font, anchor="mm")
     return _write(path, lambda to: image.save(to, format="png"))
+
+
+def _fit_line(draw, font, line: str, max_chars: int, width_px: int) -> str:
+    """`line` shortened (_shorten) to at most max_chars, then until it is drawn no wider than width_px: wide
+    letters ("LLLL…", "WWWW…") ran over the neighbouring titles."""
+    text = _shorten(line, max_chars)
+    while max_chars > 2 and draw.textlength(text, font=font) > width_px:
+        max_chars -= 1
+        text = _shorten(line, max_chars)
+    return text
 
 
 def _title_font():
@@ -256,7 +304,7 @@ def plot_compare(
     title: str | None = None,
 ) -> Path:
     """One line per run against epoch (1-based), e.g. pretrained vs from scratch."""
-    with plt.rc_context(_RC):
+    with _drawing():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, values in curves.items():
             ys = [float(v) for v in values]

@@ -49,6 +49,7 @@ img.fig{max-width:100%;height:auto;border:1px solid #eef1f6}
 .gallery{display:flex;flex-wrap:wrap;gap:.8em}
 figure{margin:0;width:180px;font-size:.8em}figure img{display:block;margin-bottom:.2em}
 figcaption code{word-break:break-all}
+p,td:not(.num),figcaption,summary,.why{overflow-wrap:anywhere}
 pre{background:#f5f7fb;padding:.8em;overflow:auto}pre.command{white-space:pre-wrap}pre.command span{white-space:nowrap}
 details{margin:.3em 0}summary{cursor:pointer}
 """
@@ -121,7 +122,7 @@ def _classes(*records: dict | None) -> list[str]:
 
 
 def _e(value: Any) -> str:
-    return escape(str(value), quote=True)
+    return escape(str(value).translate(plots.BIDI_CONTROLS), quote=True)
 
 
 def _na(what: str = "not available") -> str:

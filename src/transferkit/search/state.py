@@ -206,10 +206,12 @@ def inner_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _median_shorter_side(paths: list[str]) -> int:
     from PIL import Image
 
+    from ..data.images import quiet_pillow
+
     sides = []
     for path in paths:
         try:
-            with Image.open(path) as image:  # reads the header only
+            with quiet_pillow(), Image.open(path) as image:  # reads the header only (Pillow's warnings kept quiet)
                 sides.append(min(image.size))
         except OSError:
             continue

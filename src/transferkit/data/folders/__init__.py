@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from transferkit.data.fingerprint import Fingerprint, groups_of, same_picture_pairs
-from transferkit.data.images import SIXTEEN_BIT_MODES
+from transferkit.data.images import SIXTEEN_BIT_MODES, quiet_pillow
 from transferkit.data.scan_record import ScanRecord, scan_settings
 from transferkit.config import DEFAULT_VAL_FRACTION, SENSOR_BITS
 from transferkit.preprocessing import SIXTEEN_BIT_WHITE
@@ -103,7 +103,7 @@ def sixteen_bit_white(paths: list[str]) -> int | None:
     peaks = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with quiet_pillow(), Image.open(path) as image:  # a damaged TIFF tag: Pillow's warning was printed
                 if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
                     peaks.append(int(np.asarray(image).max()))
         except (OSError, ValueError):

@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from PIL import Image
 
 from transferkit.data.fingerprint import Fingerprint, fingerprint
-from transferkit.data.images import ImageDecodeError, read_rgb
+from transferkit.data.images import ImageDecodeError, quiet_pillow, read_rgb
 from transferkit.data.scan_record import ScanRecord
 from transferkit.engine import signals
 
@@ -175,9 +175,13 @@ def _sniff_one(path: str, no_ext: bool) -> tuple[str | None, str, None, None]:
 
 
 def identifies_an_image(path: str) -> bool:
-    """Whether Pillow identifies the file as an image from its header (for a file without an extension)."""
+    """Whether Pillow identifies the file as an image from its header (for a file without an extension). One over
+    Pillow's pixel limit is an image, refused when it is read with the reason why (it was "not an image", or
+    dropped from predict's folder walk, and one under twice the limit printed Pillow's DecompressionBombWarning)."""
     try:
-        with Image.open(path):
+        with quiet_pillow(), Image.open(path):
             return True
+    except Image.DecompressionBombError:
+        return True
     except Exception:  # noqa: BLE001 - anything Pillow cannot even identify is not an image for us
         return False

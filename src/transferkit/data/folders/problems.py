@@ -23,6 +23,7 @@ KIND_TEXT = {
     "corrupt": "skipped {n} corrupt or truncated {images}",
     "not_an_image": "skipped {n} {files} with an image extension but no image inside",
     "non_image": "skipped {n} non-image {files}",
+    "heic": "skipped {n} HEIC/HEIF {images}, which Pillow here cannot decode: convert them to JPEG or PNG",
     "empty_file": "skipped {n} empty (0-byte) {files}",
     "unreadable": "skipped {n} unreadable {files} (permission denied or not a regular file)",
     "missing": "skipped {n} {files} listed in the manifest that no longer exist",

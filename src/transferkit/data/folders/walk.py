@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from transferkit.data.images import IMAGE_EXTENSIONS, has_image_extension
+from transferkit.data.images import HEIF_EXTENSIONS, HEIF_WORDS, IMAGE_EXTENSIONS, has_image_extension
 from transferkit.data.scan_record import file_key
 from transferkit.errors import DataError
 from transferkit.run_folder import RunFolder
@@ -252,6 +252,9 @@ def _classify_file(path: str, problems: Problems) -> tuple[str, bool, tuple] | N
         problems.add("empty_file", path, "empty file (0 bytes)")
         return None
     ext = os.path.splitext(name)[1].lower().lstrip(".")
+    if ext in HEIF_EXTENSIONS:  # an iPhone's photos: they were "non-image files"
+        problems.add("heic", path, HEIF_WORDS)
+        return None
     if ext and ext not in IMAGE_EXTENSIONS:
         problems.add("non_image", path, f"extension .{ext} is not an image type read here")
         return None
